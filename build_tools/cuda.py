@@ -1,0 +1,117 @@
+"""CUDA toolchain: compile every CUDA variant ahead of time with nvcc.
+
+Per variant: `nvcc -ptx` once for the lowest listed arch, then `ptxas` turns that PTX into one
+cubin per listed arch (ptxas is ~10x cheaper than a full nvcc call), plus one PTX for the PTX
+arch that the driver can JIT on GPUs newer than every cubin. One small binary per variant keeps
+MLX's per-launch cost low: its CUDA custom-kernel primitive hashes the whole binary on each eval.
+
+Environment (documented in README): MHC_AOT_CUDA_ARCHS="80,86,89,90" (cubin archs),
+MHC_AOT_CUDA_PTX_ARCH (default: the newest listed), NVCC (path to nvcc), MHC_AOT_BUILD_JOBS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .variants import VARIANTS, KernelVariant
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "cuda_src"
+DEFAULT_ARCHS = "80,86,89,90"
+NVCC_FLAGS = ["-O3", "-std=c++17", "--extra-device-vectorization", "-Xptxas=-O3"]
+
+
+def find_nvcc() -> str | None:
+    if os.environ.get("NVCC"):
+        return os.environ["NVCC"]
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+def archs() -> tuple[list[int], int]:
+    listed = sorted({int(a.strip().removeprefix("sm_")) for a in
+                     os.environ.get("MHC_AOT_CUDA_ARCHS", DEFAULT_ARCHS).split(",") if a.strip()})
+    if not listed:
+        raise ValueError("MHC_AOT_CUDA_ARCHS is empty: expected e.g. '80,86,89,90'")
+    ptx = int(os.environ.get("MHC_AOT_CUDA_PTX_ARCH", listed[-1]))
+    return listed, ptx
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"CUDA kernel build failed: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+
+
+def _source_hash(v: KernelVariant) -> str:
+    h = hashlib.sha256()
+    for f in sorted(SRC.glob("*.cu*")):  # the kernel and every header it may include
+        h.update(f.name.encode() + f.read_bytes())
+    h.update(repr(sorted(v.defines().items())).encode())
+    h.update(repr(NVCC_FLAGS).encode())
+    return h.hexdigest()
+
+
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1] if out.strip() else "unknown"
+
+
+def _build_variant(nvcc: str, ptxas: str, v: KernelVariant, out_dir: Path, cache: Path,
+                   cubin_archs: list[int], ptx_arch: int) -> dict:
+    key = _source_hash(v)
+    cdir = cache / f"{v.name}-{key[:16]}-{'_'.join(map(str, cubin_archs))}-{ptx_arch}"
+    defines = [f"-D{k}={val}" for k, val in v.defines().items()]
+    src = SRC / f"{v.source}.cu"
+    files = {f"sm_{a}": f"{v.name}.sm_{a}.cubin" for a in cubin_archs}
+    files["ptx"] = f"{v.name}.compute_{ptx_arch}.ptx"
+    if not all((cdir / f).exists() for f in files.values()):
+        cdir.mkdir(parents=True, exist_ok=True)
+        base = [nvcc, *NVCC_FLAGS, "-I", str(SRC), *defines, "-ptx", str(src)]
+        low_ptx = cdir / f"{v.name}.compute_{cubin_archs[0]}.lowptx"
+        _run(base[:-2] + [f"-arch=compute_{cubin_archs[0]}", "-ptx", str(src), "-o", str(low_ptx)])
+        for a in cubin_archs:
+            _run([ptxas, "-O3", f"-arch=sm_{a}", str(low_ptx), "-o", str(cdir / files[f"sm_{a}"])])
+        if ptx_arch == cubin_archs[0]:
+            shutil.copy(low_ptx, cdir / files["ptx"])
+        else:
+            _run(base[:-2] + [f"-arch=compute_{ptx_arch}", "-ptx", str(src), "-o", str(cdir / files["ptx"])])
+    entry = {**v.row(), "backend": "cuda", "source_sha256": key, "files": {}, "sha256": {}}
+    for tag, f in files.items():
+        data = (cdir / f).read_bytes()
+        (out_dir / f).write_bytes(data)
+        entry["files"][tag] = f"cuda/{f}"
+        entry["sha256"][tag] = hashlib.sha256(data).hexdigest()
+    return entry
+
+
+def build(kernels_dir: Path, cache: Path, log=print) -> tuple[dict, list[dict]]:
+    """Compile all CUDA variants into kernels_dir/cuda. Returns (toolchain facts, manifest rows)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        log("mhc-aot: nvcc not found (set NVCC or CUDA_HOME): CUDA kernels skipped")
+        return {"found": False, "reason": "nvcc not found"}, []
+    ptxas = str(Path(nvcc).with_name("ptxas"))
+    cubin_archs, ptx_arch = archs()
+    out_dir = kernels_dir / "cuda"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    todo = [v for v in VARIANTS if (SRC / f"{v.source}.cu").exists()]
+    jobs = int(os.environ.get("MHC_AOT_BUILD_JOBS", os.cpu_count() or 2))
+    log(f"mhc-aot: nvcc building {len(todo)} CUDA variants for sm_{','.join(map(str, cubin_archs))}"
+        f" + compute_{ptx_arch} PTX with {jobs} jobs")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows = list(pool.map(lambda v: _build_variant(nvcc, ptxas, v, out_dir, cache, cubin_archs, ptx_arch), todo))
+    facts = {"found": True, "nvcc": nvcc, "version": nvcc_version(nvcc), "flags": NVCC_FLAGS,
+             "archs": [f"sm_{a}" for a in cubin_archs], "ptx_arch": f"compute_{ptx_arch}"}
+    return facts, rows

@@ -1,0 +1,65 @@
+"""The one KernelVariant table: drives the CUDA and Metal builds, the manifest, the loader's checks
+and `mhc info`. Pure Python with no dependencies, so it runs inside pip's isolated build.
+
+Each kernel source (`cuda_src/<source>.cu`, `metal_src/<source>.metal`) is a template compiled
+once per variant with macros MHC_NAME, MHC_DTYPE (f32 / f16 / bf16) and MHC_NMAX (compile-time
+upper bound on n; 0 = generic loop). A kernel with NMAX serves every n <= NMAX, so any n and C
+run: n above the largest NMAX goes to the generic (column) strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+DTYPES = ("f32", "f16", "bf16")
+NMAX_VALUES = (2, 4, 8, 16, 32, 64)  # DESIGN.md section 4
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    op: str  # Python op it serves: sinkhorn, mhc_forward, mhc_backward, stream_mix_add
+    source: str  # file stem in cuda_src/ and metal_src/
+    strategy: str  # dispatch strategy name
+    dtype: str | None  # None: float32 parameters only (Sinkhorn)
+    nmax: int  # 0 = generic n
+
+    @property
+    def name(self) -> str:
+        parts = [self.source]
+        if self.dtype:
+            parts.append(self.dtype)
+        if self.nmax:
+            parts.append(f"n{self.nmax}")
+        return "_".join(parts)
+
+    def defines(self) -> dict[str, str]:
+        return {"MHC_NAME": self.name, "MHC_DTYPE": self.dtype or "f32", "MHC_NMAX": str(self.nmax)}
+
+    def row(self) -> dict:
+        return {**asdict(self), "name": self.name}
+
+
+def _table() -> tuple[KernelVariant, ...]:
+    v = [
+        KernelVariant("sinkhorn", "mhc_sinkhorn_fwd", "sinkhorn", None, 0),
+        KernelVariant("sinkhorn", "mhc_sinkhorn_bwd", "sinkhorn", None, 0),
+    ]
+    for dt in DTYPES:
+        for nmax in NMAX_VALUES:
+            v.append(KernelVariant("mhc_forward", "mhc_forward_fused", "fused", dt, nmax))
+            v.append(KernelVariant("mhc_backward", "mhc_backward_fused", "fused", dt, nmax))
+            v.append(KernelVariant("stream_mix_add", "mhc_stream_mix_add", "mix_add", dt, nmax))
+        v.append(KernelVariant("mhc_forward", "mhc_forward_column", "column", dt, 0))
+        v.append(KernelVariant("mhc_backward", "mhc_backward_column", "column", dt, 0))
+        v.append(KernelVariant("stream_mix_add", "mhc_stream_mix_add", "mix_add", dt, 0))
+    # dtype-independent reductions of the backward's per-CTA partial sums
+    v.append(KernelVariant("mhc_backward", "mhc_backward_reduce", "reduce", None, 0))
+    return tuple(v)
+
+
+VARIANTS: tuple[KernelVariant, ...] = _table()
+
+
+def sources() -> list[str]:
+    """Distinct source stems, in table order."""
+    return list(dict.fromkeys(v.source for v in VARIANTS))

@@ -1,0 +1,1 @@
+"""The `mhc` command line (installed as mhc_aot.cli)."""
