@@ -11,6 +11,11 @@ app = typer.Typer(help="mhc-aot: Manifold-Constrained Hyper-Connections for MLX,
 app.command("info", help=info.__doc__)(info.info)
 
 
+@app.callback()
+def _root() -> None:
+    """mhc-aot command line: info, bench, validate, profile."""
+
+
 def main() -> None:
     app()
 
