@@ -55,7 +55,7 @@ def _run(cmd: list[str]) -> None:
 
 def _source_hash(v: KernelVariant) -> str:
     h = hashlib.sha256()
-    for f in sorted(SRC.glob("*.cu*")):  # the kernel and every header it may include
+    for f in [SRC / f"{v.source}.cu", *sorted(SRC.glob("*.cuh"))]:  # the kernel and every header it may include
         h.update(f.name.encode() + f.read_bytes())
     h.update(repr(sorted(v.defines().items())).encode())
     h.update(repr(NVCC_FLAGS).encode())

@@ -3,8 +3,8 @@ and `mhc info`. Pure Python with no dependencies, so it runs inside pip's isolat
 
 Each kernel source (`cuda_src/<source>.cu`, `metal_src/<source>.metal`) is a template compiled
 once per variant with macros MHC_NAME, MHC_DTYPE (f32 / f16 / bf16) and MHC_NMAX (compile-time
-upper bound on n; 0 = generic loop). A kernel with NMAX serves every n <= NMAX, so any n and C
-run: n above the largest NMAX goes to the generic (column) strategy.
+upper bound on n; 0 = generic loop). A kernel with NMAX serves every n <= NMAX; n above the
+largest NMAX takes the generic kernel (NMAX 0) of the same source, so any n and C run.
 """
 
 from __future__ import annotations
@@ -45,15 +45,15 @@ def _table() -> tuple[KernelVariant, ...]:
         KernelVariant("sinkhorn", "mhc_sinkhorn_bwd", "sinkhorn", None, 0),
     ]
     for dt in DTYPES:
-        for nmax in NMAX_VALUES:
+        for nmax in NMAX_VALUES + (0,):
             v.append(KernelVariant("mhc_forward", "mhc_forward_fused", "fused", dt, nmax))
             v.append(KernelVariant("mhc_backward", "mhc_backward_fused", "fused", dt, nmax))
             v.append(KernelVariant("stream_mix_add", "mhc_stream_mix_add", "mix_add", dt, nmax))
+        v.append(KernelVariant("mhc_forward", "mhc_forward_column_rms", "column", dt, 0))
         v.append(KernelVariant("mhc_forward", "mhc_forward_column", "column", dt, 0))
-        v.append(KernelVariant("mhc_backward", "mhc_backward_column", "column", dt, 0))
-        v.append(KernelVariant("stream_mix_add", "mhc_stream_mix_add", "mix_add", dt, 0))
-    # dtype-independent reductions of the backward's per-CTA partial sums
-    v.append(KernelVariant("mhc_backward", "mhc_backward_reduce", "reduce", None, 0))
+        v.append(KernelVariant("mhc_backward", "mhc_backward_dm", "fused", dt, 0))
+    # dtype-independent: sums the backward's per-CTA partials, applies the activations' derivatives
+    v.append(KernelVariant("mhc_backward", "mhc_backward_reduce", "fused", None, 0))
     return tuple(v)
 
 

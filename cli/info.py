@@ -56,14 +56,14 @@ def info(dispatch_table: bool = typer.Option(False, "--dispatch", help="Print th
     except manifest.KernelArtifactError as e:
         t.add_row("kernel manifest", f"[red]{e}[/red]")
         code = 1
-    for n, C in ((4, 4096), (32, 2048), (100, 64)):
-        t.add_row(f"dispatch n={n} C={C}", dispatch.explain("mhc_forward", n, C))
+    for B, n, C in ((1, 32, 2048), (4096, 4, 4096), (1024, 100, 64)):
+        t.add_row(f"dispatch B={B} n={n} C={C}", dispatch.explain("mhc_forward", n, C, B=B))
     out.print(t)
     if dispatch_table:
         rt = Table(title="dispatch rules (first match wins)")
-        for col in ("backend", "op", "strategy", "max_token_elems", "why"):
+        for col in ("backend", "op", "strategy", "max_B", "max_C", "why"):
             rt.add_column(col)
         for r in dispatch.rules_table():
-            rt.add_row(*(str(r[c]) for c in ("backend", "op", "strategy", "max_token_elems", "why")))
+            rt.add_row(*(str(r[c]) for c in ("backend", "op", "strategy", "max_B", "max_C", "why")))
         out.print(rt)
     raise typer.Exit(code)

@@ -1,7 +1,7 @@
 """Which implementation runs an op, decided by rules that are data.
 
-A rule names a backend (cpu, cuda, metal), an op, a strategy, the largest token it serves
-(n * C elements; None = no limit) and why. The first matching rule wins; `explain()` says which
+A rule names a backend (cpu, cuda, metal), an op, a strategy, the largest B and C it serves
+(None = no limit) and why. The first matching rule wins; `explain()` says which
 rule matched and why, and `mhc info --dispatch` prints `RULES`. The reference never appears
 here: it runs only when a caller passes backend="reference".
 """
@@ -19,31 +19,45 @@ STRATEGIES = ("portable", "fused", "column", "sinkhorn", "mix_add")
 @dataclass(frozen=True)
 class Rule:
     backend: str  # device backend the rule applies to
-    op: str  # "mhc_forward", "stream_mix_add" or "sinkhorn"
+    op: str  # "sinkhorn", "mhc_forward", "mhc_backward" or "stream_mix_add"
     strategy: str  # what runs
-    max_token_elems: int | None  # n * C at most; None = any
+    max_B: int | None  # tokens at most (None = any)
+    max_C: int | None  # channels at most (None = any)
     why: str
 
+    def matches(self, B: int | None, C: int) -> bool:
+        return (self.max_B is None or (B is not None and B <= self.max_B)) and (self.max_C is None or C <= self.max_C)
 
-# Measured on the H100 with MLX 0.32.4 (see README "Results"): one CTA per token keeps a token
-# of up to FUSED_MAX_TOKEN_ELEMS values in registers, so x is read once; beyond that the
-# register budget spills and tiles of C over several CTAs (column) are faster.
-FUSED_MAX_TOKEN_ELEMS = 32 * 1024
+
+# `fused` runs one CTA per token and keeps agg (C floats) in shared memory: up to FUSED_MAX_C
+# channels. With fewer than COLUMN_MAX_B + 1 tokens one CTA per token leaves most SMs idle, so
+# `column` spreads each token's columns over CTAs (x read twice, cheap at that size).
+# The fused backward keeps 3 C floats per CTA in shared memory: up to BACKWARD_MAX_C channels;
+# wider rows take MLX's own VJP of the portable graph (documented here, shown by `mhc info`).
+FUSED_MAX_C = 49152
+COLUMN_MAX_B = 7
+BACKWARD_MAX_C = 16384
+
+_GPU_RULES = (
+    ("sinkhorn", "sinkhorn", None, None, "one CTA runs all iterations of the tiny [n, n] problem in one launch"),
+    ("mhc_forward", "column", COLUMN_MAX_B, None,
+     f"B <= {COLUMN_MAX_B}: too few tokens to fill the GPU one CTA each; tiles of C across CTAs"),
+    ("mhc_forward", "fused", None, FUSED_MAX_C,
+     "one CTA per token: aggregate, RMS, mix and add with x read from memory once"),
+    ("mhc_forward", "column", None, None, f"C > {FUSED_MAX_C}: agg does not fit one CTA's shared memory"),
+    ("mhc_backward", "fused", None, BACKWARD_MAX_C,
+     "one pass per token for dx, per-CTA partial parameter gradients, one deterministic reduce"),
+    ("mhc_backward", "portable", None, None,
+     f"C > {BACKWARD_MAX_C}: too wide for the fused backward's shared memory; MLX's VJP of the portable graph"),
+    ("stream_mix_add", "mix_add", None, None, "one pass: out = M x + bias, tiles of C across CTAs"),
+)
 
 RULES: tuple[Rule, ...] = (
-    Rule("cuda", "sinkhorn", "sinkhorn", None, "one CTA runs all iterations of the tiny [n, n] problem"),
-    Rule("cuda", "mhc_forward", "fused", FUSED_MAX_TOKEN_ELEMS,
-         "token fits one CTA's registers: aggregate, RMS, mix and add in one pass over x"),
-    Rule("cuda", "mhc_forward", "column", None,
-         "token too large for one CTA: RMS reduction pass, then tiles of C across CTAs"),
-    Rule("cuda", "stream_mix_add", "mix_add", None, "one elementwise-like pass: out = M x + bias"),
-    Rule("metal", "sinkhorn", "sinkhorn", None, "same design as CUDA (never run: no Apple hardware here)"),
-    Rule("metal", "mhc_forward", "fused", FUSED_MAX_TOKEN_ELEMS, "same thresholds as CUDA until measured on Apple GPUs"),
-    Rule("metal", "mhc_forward", "column", None, "same thresholds as CUDA until measured on Apple GPUs"),
-    Rule("metal", "stream_mix_add", "mix_add", None, "same design as CUDA"),
-    Rule("cpu", "sinkhorn", "portable", None, "MLX has no custom-kernel primitive on its CPU backend"),
-    Rule("cpu", "mhc_forward", "portable", None, "MLX has no custom-kernel primitive on its CPU backend"),
-    Rule("cpu", "stream_mix_add", "portable", None, "MLX has no custom-kernel primitive on its CPU backend"),
+    *(Rule("cuda", *r) for r in _GPU_RULES),
+    # Metal: the same kernels and thresholds, written for Apple GPUs but never run here
+    *(Rule("metal", *r) for r in _GPU_RULES),
+    *(Rule("cpu", op, "portable", None, None, "MLX has no custom-kernel primitive on its CPU backend")
+      for op in ("sinkhorn", "mhc_forward", "mhc_backward", "stream_mix_add")),
 )
 
 
@@ -66,8 +80,8 @@ def device_backend(device: mx.Device | None = None) -> str:
     return "cpu"
 
 
-def choose(op: str, n: int, C: int, backend: str = "auto") -> Choice:
-    """Pick the strategy for `op` on a token of n x C values.
+def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None) -> Choice:
+    """Pick the strategy for `op` on B tokens of n x C values.
 
     backend: "auto" follows MLX's default device; "cpu"/"portable" force MLX ops; "reference"
     forces the readable reference; "cuda"/"metal" force kernels of that backend.
@@ -80,19 +94,20 @@ def choose(op: str, n: int, C: int, backend: str = "auto") -> Choice:
         return Choice("cpu", "portable", None, "backend='portable' was asked for explicitly")
     device = device_backend() if backend == "auto" else backend
     for rule in RULES:
-        if rule.backend != device or rule.op != op:
-            continue
-        if rule.max_token_elems is not None and n * C > rule.max_token_elems:
-            continue
-        return Choice(device, rule.strategy, rule, rule.why)
+        if rule.backend == device and rule.op == op and rule.matches(B, C):
+            return Choice(device, rule.strategy, rule, rule.why)
     raise ValueError(f"no dispatch rule for op={op!r} on backend={device!r}")
 
 
-def explain(op: str, n: int, C: int, backend: str = "auto") -> str:
+def choose_backward(n: int, C: int, backend: str = "cuda") -> Choice:
+    return choose("mhc_backward", n, C, backend)
+
+
+def explain(op: str, n: int, C: int, backend: str = "auto", B: int | None = None) -> str:
     """One line: what runs for this op and shape, and why."""
-    c = choose(op, n, C, backend)
-    limit = "" if c.rule is None or c.rule.max_token_elems is None else f" (n*C={n * C} <= {c.rule.max_token_elems})"
-    return f"{op}(n={n}, C={C}) on {c.backend}: {c.strategy}{limit} - {c.reason}"
+    c = choose(op, n, C, backend, B)
+    shape = f"B={B}, n={n}, C={C}" if B is not None else f"n={n}, C={C}"
+    return f"{op}({shape}) on {c.backend}: {c.strategy} - {c.reason}"
 
 
 def rules_table() -> list[dict]:

@@ -67,14 +67,11 @@ def variants(backend: str) -> list[Variant]:
 
 
 def find(backend: str, source: str, dtype: str | None = None, n: int | None = None) -> Variant:
-    """The variant of kernel `source` for dtype (tag) and the smallest compile-time NMAX >= n;
-    NMAX 0 (generic) when n is None."""
+    """The variant of kernel `source` for dtype (tag) with the smallest compile-time NMAX >= n,
+    else (n above every NMAX, or n None) its generic NMAX-0 variant."""
     candidates = [v for v in variants(backend) if v.row["source"] == source and v.row["dtype"] == dtype]
-    if n is not None:
-        fitting = sorted((v for v in candidates if v.nmax >= n), key=lambda v: v.nmax)
-        candidates = fitting[:1]
-    else:
-        candidates = [v for v in candidates if v.nmax == 0]
+    fitting = sorted((v for v in candidates if n is not None and v.nmax >= n), key=lambda v: v.nmax)
+    candidates = fitting[:1] or [v for v in candidates if v.nmax == 0]
     if not candidates:
         raise KernelArtifactError(f"no shipped {backend} kernel {source} for dtype={dtype}, n={n}: {REINSTALL_HINT}")
     return candidates[0]

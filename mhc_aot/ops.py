@@ -78,15 +78,19 @@ def _portable_sinkhorn(iters: int, eps: float):
     return mx.compile(functools.partial(reference.mixing_matrix, iters=iters, eps=eps))
 
 
-def _forward_graph(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps):
+def _forward_graph_from_M(x, M, H_pre_raw, H_post_raw, rms_weight, eps):
     """out = M x + H_post y with y = RMSNorm(H_pre x): two matmuls and one fused norm."""
     H_pre, H_post = reference.activate_pre_post(H_pre_raw, H_post_raw)
-    M = reference.mixing_matrix(H_res_raw, iters, eps)
     xf = x.astype(mx.float32)
     agg = H_pre[None, :] @ xf  # [B, 1, C]
     y = mx.fast.rms_norm(agg, rms_weight.astype(mx.float32), eps)
     out = M @ xf + H_post[:, None] * y
     return out.astype(x.dtype)
+
+
+def _forward_graph(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps):
+    M = reference.mixing_matrix(H_res_raw, iters, eps)
+    return _forward_graph_from_M(x, M, H_pre_raw, H_post_raw, rms_weight, eps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,7 +138,7 @@ def mhc_forward(x: mx.array, H_pre_raw: mx.array, H_post_raw: mx.array, H_res_ra
     x3 = x.reshape(-1, n, C)
     if x3.shape[0] == 0:
         return mx.zeros(x.shape, x.dtype)
-    choice = dispatch.choose("mhc_forward", n, C, backend)
+    choice = dispatch.choose("mhc_forward", n, C, backend, B=x3.shape[0])
     if choice.strategy == "reference":
         out = reference.mhc_forward(x3, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps).astype(x.dtype)
     elif choice.strategy == "portable":
@@ -154,7 +158,7 @@ def stream_mix_add(x: mx.array, M: mx.array, bias: mx.array, *, backend: str = "
     x3, b3 = x.reshape(-1, n, C), bias.reshape(-1, n, C)
     if x3.shape[0] == 0:
         return mx.zeros(x.shape, x.dtype)
-    choice = dispatch.choose("stream_mix_add", n, C, backend)
+    choice = dispatch.choose("stream_mix_add", n, C, backend, B=x3.shape[0])
     if choice.strategy == "reference":
         out = reference.stream_mix_add(x3, M, b3).astype(x.dtype)
     elif choice.strategy == "portable":

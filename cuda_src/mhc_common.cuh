@@ -1,0 +1,117 @@
+// Shared by every mhc-aot CUDA kernel: element types, 16-byte vector I/O with float32 math,
+// block reductions, and the compile-time constants of the variant table (build_tools/variants.py).
+// Mirrored by metal_src/mhc_common.h.
+//
+// Variant macros, set by build_tools/cuda.py: MHC_NAME (the extern "C" entry point),
+// MHC_DTYPE (f32 | f16 | bf16: the type of x, out and their gradients; parameters are always
+// float32) and MHC_NMAX (compile-time upper bound on n so loops over streams unroll; 0 = generic).
+//
+// MLX calling convention (mx.fast.precompiled_cuda_kernel): input pointers, output pointers,
+// then scalars; the grid is given in threads; dynamic shared memory comes from `shared_memory=`.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace mhc {
+
+using f32 = float;
+using f16 = __half;
+using bf16 = __nv_bfloat16;
+
+#ifdef MHC_DTYPE
+using T = MHC_DTYPE;
+#endif
+#ifndef MHC_NMAX
+#define MHC_NMAX 0
+#endif
+constexpr int NMAX = MHC_NMAX;
+
+// Threads per CTA of the token kernels; pass-2 work items put IB output rows of one 16-byte
+// column vector in registers, so every x load feeds IB * VEC fused multiply-adds.
+constexpr int THREADS = 256;
+constexpr int IB = (NMAX == 0 || NMAX >= 8) ? 8 : NMAX;
+
+template <typename E>
+struct Vec {
+  static constexpr int N = 16 / sizeof(E);  // elements per 16-byte load: 4 (f32) or 8 (f16, bf16)
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename E>
+__device__ __forceinline__ E from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// One 16-byte load of Vec<E>::N elements, widened to float32.
+template <typename E>
+__device__ __forceinline__ void load_vec(const E* p, float (&v)[Vec<E>::N]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const E* e = reinterpret_cast<const E*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Vec<E>::N; ++k) v[k] = to_float(e[k]);
+}
+
+// Round to E (nearest even) and store 16 bytes.
+template <typename E>
+__device__ __forceinline__ void store_vec(E* p, const float (&v)[Vec<E>::N]) {
+  uint4 raw;
+  E* e = reinterpret_cast<E*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Vec<E>::N; ++k) e[k] = from_float<E>(v[k]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// The 16-byte path needs C to be a multiple of the vector width and every row base aligned;
+// anything else (odd C, an offset view) takes the scalar path of the same kernel.
+template <typename E>
+__device__ __forceinline__ bool vec_ok(int C, const void* a, const void* b, const void* c = nullptr) {
+  const uintptr_t mask = 15;
+  return C % Vec<E>::N == 0 && ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
+                                 reinterpret_cast<uintptr_t>(c)) & mask) == 0;
+}
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the CTA; every thread gets the total. `scratch` holds 32 floats. Ends synchronised.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : 0.0f;
+  return warp_sum(v);
+}
+
+// Calls body(j) for streams j = 0..n-1. With a compile-time bound NM (> 0) the loop unrolls by
+// up to 8 (enough independent loads in flight without bloating the binary); NM = 0 keeps it
+// rolled: scalar paths use that, because MLX hashes a kernel's whole binary on every launch.
+template <int NM, typename Body>
+__device__ __forceinline__ void for_streams(int n, Body body) {
+  if constexpr (NM > 0) {
+#pragma unroll 8
+    for (int j = 0; j < NM; ++j) {
+      if (j < n) body(j);
+    }
+  } else {
+#pragma unroll 1
+    for (int j = 0; j < n; ++j) body(j);
+  }
+}
+
+}  // namespace mhc

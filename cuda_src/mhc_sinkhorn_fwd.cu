@@ -1,0 +1,26 @@
+// Sinkhorn-Knopp forward in one launch (paper eq. 9): M = sinkhorn(exp(L - rowmax(L))).
+// `iters` rounds of row normalisation (a row whose sum is <= eps stays) then column
+// normalisation (a column whose sum is <= eps becomes zero), all in float32.
+// One CTA; the [n, n] matrix lives in shared memory when the launcher gives n*n floats of it
+// (use_smem = 1), else it is worked on in place in M (global, L1-resident): any n works.
+// Launch: grid (THREADS, 1, 1), threadgroup (THREADS, 1, 1).
+#include "mhc_sinkhorn_common.cuh"
+
+using namespace mhc;
+
+extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(const float* __restrict__ L, float* __restrict__ M,
+                                                                 int n, int iters, float eps, int use_smem) {
+  extern __shared__ float smem[];
+  float* P = use_smem ? smem : M;
+  exp_shifted_rows(L, P, n);
+  __syncthreads();
+  for (int t = 0; t < iters; ++t) {
+    normalize_rows(P, n, eps, nullptr);
+    __syncthreads();
+    normalize_cols(P, n, eps, nullptr);
+    __syncthreads();
+  }
+  if (use_smem) {
+    for (int k = threadIdx.x; k < n * n; k += blockDim.x) M[k] = P[k];
+  }
+}

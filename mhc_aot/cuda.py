@@ -1,0 +1,206 @@
+"""CUDA backend: the precompiled kernels (cuda_src/, built by build_tools/cuda.py) launched
+through `mx.fast.precompiled_cuda_kernel`, so every launch is an MLX primitive: lazy, on MLX's
+own stream, traced by `mx.compile`. Gradients come from `mx.custom_function` VJPs that launch
+the backward kernels.
+
+Launch geometry mirrors the kernels' headers: THREADS threads per CTA, TILE_C columns per CTA
+for the tiled kernels; the grid is given in threads (MLX divides by the threadgroup).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+
+from . import device, dispatch, manifest, testing
+
+THREADS = 256  # cuda_src/mhc_common.cuh
+TILE_C = 1024  # cuda_src/mhc_column_common.cuh
+DM_CHUNK = 32  # cuda_src/mhc_backward_dm.cu
+IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
+SMEM_LIMIT = 227 * 1024  # Hopper/Ampere opt-in maximum per CTA
+F32 = mx.float32
+
+
+def _arch_tag() -> str:
+    arch = str(mx.device_info().get("architecture", ""))
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return f"sm_{digits}" if digits else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _binary(source: str, dtype: str | None, n: int | None) -> tuple[str, bytes, int]:
+    """(entry name, cubin for this GPU or else the PTX, compile-time NMAX) of a variant.
+    Read and sha256-checked once per process."""
+    v = manifest.find("cuda", source, dtype, n)
+    tag = _arch_tag()
+    if tag not in v.row["files"]:
+        tag = "ptx"  # the driver JIT-compiles it for GPUs newer than every shipped cubin
+    return v.name, v.read(tag, verify=True), v.nmax
+
+
+def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes, output_dtypes, scalars,
+            grid, shared_floats: int = 0):
+    name, binary, _ = _binary(source, dtype, n)
+    smem = 4 * shared_floats
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"{name} needs {smem} bytes of shared memory (> {SMEM_LIMIT}): "
+                         f"this shape is outside the kernel's range; pass backend='portable'")
+    return mx.fast.precompiled_cuda_kernel(
+        name=name, compiled_source=binary, inputs=inputs, output_shapes=output_shapes,
+        output_dtypes=output_dtypes, scalars=scalars, grid=grid, threadgroup=(THREADS, 1, 1),
+        shared_memory=smem, init_value=float("nan") if testing.poison_requested() else None,
+        ensure_row_contiguous=True)
+
+
+def _tag(dtype: mx.Dtype) -> str:
+    return manifest.DTYPE_TAGS[str(dtype).split(".")[-1]]
+
+
+def _pad(n: int, nmax: int) -> int:
+    ib = IB if nmax == 0 or nmax >= 8 else nmax
+    return -(-n // ib) * ib
+
+
+def _single(cotangents):
+    return cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
+
+
+# ---------------------------------------------------------------- sinkhorn
+def _sinkhorn_fwd(L: mx.array, iters: int, eps: float) -> mx.array:
+    n = L.shape[0]
+    use_smem = int(4 * n * n <= 160 * 1024)
+    (M,) = _launch("mhc_sinkhorn_fwd", None, None, [L], [(n, n)], [F32], [n, iters, eps, use_smem],
+                   (THREADS, 1, 1), n * n if use_smem else 0)
+    return M
+
+
+def _sinkhorn_bwd(L: mx.array, dM: mx.array, iters: int, eps: float) -> mx.array:
+    n = L.shape[0]
+    ws = n * n * (iters + 2) + 2 * n * iters
+    dL, _ = _launch("mhc_sinkhorn_bwd", None, None, [L, dM.astype(F32)], [(n, n), (max(ws, 1),)], [F32, F32],
+                    [n, iters, eps], (THREADS, 1, 1))
+    return dL
+
+
+@functools.lru_cache(maxsize=None)
+def _sinkhorn_fn(iters: int, eps: float):
+    @mx.custom_function
+    def f(L):
+        return _sinkhorn_fwd(L, iters, eps)
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        return (_sinkhorn_bwd(primals[0], _single(cotangents), iters, eps),)
+
+    return f
+
+
+def sinkhorn(H_res_raw: mx.array, iters: int, eps: float) -> mx.array:
+    return _sinkhorn_fn(iters, eps)(H_res_raw.astype(F32))
+
+
+# ---------------------------------------------------------------- static forward / backward
+def _forward_fused(x, M, hpre_raw, hpost_raw, w, eps):
+    B, n, C = x.shape
+    _, _, nmax = _binary("mhc_forward_fused", _tag(x.dtype), n)
+    pad = _pad(n, nmax)
+    return _launch("mhc_forward_fused", _tag(x.dtype), n, [x, M, hpre_raw, hpost_raw, w],
+                   [(B, n, C), (B,)], [x.dtype, F32], [n, C, eps], (B * THREADS, 1, 1),
+                   n * pad + 2 * pad + 32 + C)
+
+
+def _forward_column(x, M, hpre_raw, hpost_raw, w, eps):
+    B, n, C = x.shape
+    pad = _pad(n, 0)
+    ntiles = -(-C // TILE_C)
+    (partial,) = _launch("mhc_forward_column_rms", _tag(x.dtype), None, [x, hpre_raw], [(B, ntiles)], [F32],
+                         [n, C], (ntiles * THREADS, B, 1), pad + 32)
+    return _launch("mhc_forward_column", _tag(x.dtype), None, [x, M, hpre_raw, hpost_raw, w, partial],
+                   [(B, n, C), (B,)], [x.dtype, F32], [n, C, eps], (ntiles * THREADS, B, 1),
+                   n * pad + 2 * pad + 32 + TILE_C)
+
+
+def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
+    B, n, C = x.shape
+    tag = _tag(x.dtype)
+    _, _, nmax = _binary("mhc_backward_fused", tag, n)
+    pad = _pad(n, nmax)
+    sms = device.sm_count()
+    G = min(B, 2 * sms)
+    P = n * n + 2 * n + C
+    nwarps = THREADS // 32
+    dx, partial = _launch("mhc_backward_fused", tag, n, [x, dout, M, hpre_raw, hpost_raw, w, inv_rms],
+                          [(B, n, C), (G, P)], [x.dtype, F32], [n, C, B], (G * THREADS, 1, 1),
+                          n * pad + 2 * pad + 32 + n * n + 2 * pad + nwarps * pad + 3 * C)
+    if nmax in (2, 4):  # dM accumulated in registers by the fused kernel (n <= 4)
+        partial_dm, G_dm = mx.zeros((1,), F32), 0
+    else:
+        G_dm = min(B * -(-C // DM_CHUNK), 2 * sms)
+        (partial_dm,) = _launch("mhc_backward_dm", tag, None, [x, dout], [(G_dm, n * n)], [F32], [n, C, B],
+                                (G_dm * THREADS, 1, 1), 2 * n * (DM_CHUNK + 1) + n * n)
+    dM, dpre, dpost, dw = _launch("mhc_backward_reduce", None, None, [partial, partial_dm, hpre_raw, hpost_raw],
+                                  [(n, n), (n,), (n,), (C,)], [F32] * 4, [G, G_dm, n, C], (P, 1, 1))
+    return dx, dM, dpre, dpost, dw
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_fn(strategy: str, eps: float):
+    launch = _forward_fused if strategy == "fused" else _forward_column
+
+    @mx.custom_function
+    def f(x, M, hpre_raw, hpost_raw, w):
+        return tuple(launch(x, M, hpre_raw, hpost_raw, w, eps))
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        x, M, hpre_raw, hpost_raw, w = primals
+        dout = cotangents[0].astype(x.dtype)
+        C = x.shape[-1]
+        if dispatch.choose_backward(x.shape[1], C).strategy == "portable":
+            # documented rule (dispatch.BACKWARD_MAX_C): rows too wide for the fused backward's
+            # shared memory take MLX's own VJP of the portable graph
+            from .ops import _forward_graph_from_M
+
+            _, vjps = mx.vjp(lambda *a: _forward_graph_from_M(*a, eps), list(primals), [dout])
+            return tuple(vjps)
+        return _backward(x, M, hpre_raw, hpost_raw, w, outputs[1], dout)
+
+    return f
+
+
+def mhc_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps, strategy):
+    M = sinkhorn(H_res_raw, iters, eps)
+    out, _ = _forward_fn(strategy, eps)(x, M, H_pre_raw.astype(F32), H_post_raw.astype(F32),
+                                        rms_weight.astype(F32))
+    return out
+
+
+# ---------------------------------------------------------------- stream_mix_add
+def _mix_add(x, M, bias):
+    B, n, C = x.shape
+    _, _, nmax = _binary("mhc_stream_mix_add", _tag(x.dtype), n)
+    ntiles = -(-C // TILE_C)
+    (out,) = _launch("mhc_stream_mix_add", _tag(x.dtype), n, [x, M, bias], [(B, n, C)], [x.dtype], [n, C],
+                     (ntiles * THREADS, B, 1), n * _pad(n, nmax))
+    return out
+
+
+@mx.custom_function
+def _mix_add_fn(x, M, bias):
+    return _mix_add(x, M, bias)
+
+
+@_mix_add_fn.vjp
+def _mix_add_vjp(primals, cotangents, outputs):
+    # out = M x + bias: dx = M^T dout (one more mix kernel, zero bias), dM = sum dout x^T, dbias = dout.
+    x, M, bias = primals
+    dout = _single(cotangents).astype(x.dtype)
+    dx = _mix_add(dout, M.T, mx.zeros_like(dout))
+    dM = mx.einsum("bic,bjc->ij", dout.astype(F32), x.astype(F32))
+    return dx, dM, dout.astype(bias.dtype)
+
+
+def stream_mix_add(x, M, bias):
+    return _mix_add_fn(x, M.astype(F32), bias.astype(x.dtype))

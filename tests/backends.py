@@ -1,0 +1,123 @@
+"""What every test file shares: the backends to parametrize over, seeds, and the checks.
+
+BACKENDS always holds "portable" and "reference"; "cuda" and "metal" are listed too, marked
+`gpu`, and skipped with the reason when MLX reports no such device, so kernel backends plug in
+by existing. Forward calls go through `run_forward`, which poisons outputs (kernel launchers fill
+them with NaN first) and evaluates inside the poisoned block.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mhc_aot import testing
+
+GPU_AVAILABLE = {"cuda": mx.cuda.is_available(), "metal": mx.metal.is_available()}
+GPU_BACKENDS = tuple(GPU_AVAILABLE)
+DTYPE_NAMES = tuple(testing.DTYPES)  # float32, float16, bfloat16
+
+
+def gpu_param(backend: str):
+    reason = f"MLX reports no {backend} device (mx.{backend}.is_available() is False)"
+    return pytest.param(backend, id=backend,
+                        marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU_AVAILABLE[backend], reason=reason)])
+
+
+KERNEL_BACKENDS = [gpu_param(b) for b in GPU_BACKENDS]
+BACKENDS = [pytest.param("portable", id="portable"), pytest.param("reference", id="reference"), *KERNEL_BACKENDS]
+
+
+def seed_of(*parts) -> int:
+    """A seed that differs per parameter set and is stable across runs."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def run_forward(fn, *args, **kwargs) -> mx.array:
+    """fn(*args, **kwargs) built and evaluated with outputs poisoned (NaN where not written)."""
+    with testing.poisoned_outputs():
+        out = fn(*args, **kwargs)
+        mx.eval(out)
+    return out
+
+
+def to64(a) -> np.ndarray:
+    return np.asarray(a.astype(mx.float32) if isinstance(a, mx.array) else a, dtype=np.float64)
+
+
+def rel_error64(out, ref64) -> float:
+    """||out - ref|| / ||ref|| in float64 against a float64 reference; inf on any NaN/inf."""
+    o, r = to64(out), np.asarray(ref64, dtype=np.float64)
+    assert o.shape == r.shape, f"shape {o.shape} != reference shape {r.shape}"
+    if not np.all(np.isfinite(o)):
+        return float("inf")
+    denom = np.linalg.norm(r)
+    num = np.linalg.norm(o - r)
+    return float(num / denom) if denom > 0 else float(num)
+
+
+def assert_close(out, ref64, dtype: mx.Dtype, what: str) -> float:
+    """Relative error against the float64 reference within DESIGN.md's tolerance for `dtype`."""
+    err = rel_error64(out, ref64)
+    tol = testing.tolerance(dtype)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.0e} ({dtype})"
+    return err
+
+
+def assert_bf16_factor(err: float, ref_err: float, what: str) -> None:
+    """bfloat16: the tested path's error is at most BF16_REFERENCE_FACTOR x the reference's own
+    error when the reference runs on the same bfloat16 inputs (both against float64)."""
+    bound = testing.BF16_REFERENCE_FACTOR * ref_err
+    assert err <= bound or err == 0.0, (
+        f"{what}: bfloat16 error {err:.3e} > {testing.BF16_REFERENCE_FACTOR} x reference error {ref_err:.3e}")
+
+
+def leading(B) -> tuple[int, ...]:
+    return tuple(B) if isinstance(B, tuple) else (B,)
+
+
+def import_mhc_mlx():
+    """The seed package `mhc-mlx` (its reference and layer), or a clean skip saying why not."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns that Linux runs its pure-MLX path
+        mhc_mlx = pytest.importorskip("mhc_mlx", reason="mhc-mlx is not installed (pip install 'mhc-aot[test]')")
+        import mhc_mlx.reference  # noqa: F401
+    return mhc_mlx
+
+
+def random_M(n: int, seed: int) -> mx.array:
+    """A dense float32 [n, n] mixing matrix with both signs (stream_mix_add takes any M)."""
+    return mx.random.normal((n, n), key=mx.random.key(seed + 104729))
+
+
+def dispatch_edges(op: str, n: int = 2) -> list[tuple[int, int, int]]:
+    """(B, n, C) on both sides of every limit that the GPU dispatch rules of `op` set, read from
+    `dispatch.RULES` so the tables follow the rules. C limits are probed with more tokens than
+    any B limit, so the rule that owns the C limit is the one in play."""
+    from mhc_aot import dispatch
+
+    rules = [r for r in dispatch.RULES if r.backend == "cuda" and r.op == op]
+    b_limits = sorted({r.max_B for r in rules if getattr(r, "max_B", None)})
+    c_limits = sorted({r.max_C for r in rules if getattr(r, "max_C", None)})
+    many = b_limits[-1] + 1 if b_limits else 2
+    shapes = [(b + d, n, 64) for b in b_limits for d in (0, 1)]
+    shapes += [(many, n, c + d) for c in c_limits for d in (0, 1)]
+    return shapes
+
+
+def strategies_of(op: str, shapes, backend: str = "cuda") -> set[str]:
+    """The strategies that dispatch picks for `op` over a shape table of (B, n, C)."""
+    from mhc_aot import dispatch
+
+    return {dispatch.choose(op, n, C, backend, B=int(np.prod(leading(B)))).strategy for B, n, C in shapes}
+
+
+def gpu_strategies(op: str, backend: str = "cuda") -> set[str]:
+    from mhc_aot import dispatch
+
+    return {r.strategy for r in dispatch.RULES if r.backend == backend and r.op == op}

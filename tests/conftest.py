@@ -1,0 +1,45 @@
+"""Suite-wide setup: test the installed mhc_aot, and say which one in the report header.
+
+`python -m pytest` puts the current directory on sys.path. Run from the repo root, the source
+tree's `mhc_aot/` would then shadow the installed package, whose compiled kernels, manifest and
+shim the source tree lacks. So the repo root is dropped from sys.path whenever an installed
+mhc_aot can be found without it (an editable install maps back to the source tree anyway).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _is_root(entry: str) -> bool:
+    try:
+        return Path(entry or os.getcwd()).resolve() == ROOT
+    except OSError:
+        return False
+
+
+def _prefer_installed_package() -> None:
+    if "mhc_aot" in sys.modules:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if not _is_root(p)]
+    if importlib.util.find_spec("mhc_aot") is None:
+        sys.path[:] = saved  # not installed: the source tree is all there is
+
+
+_prefer_installed_package()
+
+
+def pytest_report_header(config):
+    import mlx.core as mx
+
+    import mhc_aot
+
+    gpus = [name for name, ok in (("cuda", mx.cuda.is_available()), ("metal", mx.metal.is_available())) if ok]
+    return [f"mhc_aot {mhc_aot.__version__} from {Path(mhc_aot.__file__).parent}",
+            f"mlx {mx.__version__}, default device {mx.default_device()}, GPU backends: {', '.join(gpus) or 'none'}"]

@@ -1,0 +1,149 @@
+"""ops.mhc_forward on every backend against the float64 numpy reference (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from backends import (BACKENDS, DTYPE_NAMES, KERNEL_BACKENDS, assert_bf16_factor, assert_close, dispatch_edges,
+                      gpu_strategies, leading, rel_error64, run_forward, seed_of, strategies_of, to64)
+from mhc_aot import dispatch, ops, reference, testing
+
+# ---------------------------------------------------------------- shape table
+# (leading dims, n, C): n in 1, 2, 3, 4, 8, 32, 64, 100; C odd and even from 1 to 8192; B = 1 and
+# larger; extra leading dims; plus B and C on both sides of every limit in dispatch.RULES
+# (today B = COLUMN_MAX_B | + 1 and C = FUSED_MAX_C | + 1: column | fused | column).
+SHAPES = [
+    (1, 1, 1), (3, 1, 8), (5, 1, 8192),
+    (2, 2, 1), (256, 2, 16), (1, 2, 4095),
+    (1, 3, 33), (7, 3, 2),
+    (4, 4, 128), ((2, 3), 4, 65), (64, 4, 256), (9, 4, 8191),
+    (3, 8, 1000), ((2, 2, 2), 8, 31), (16, 8, 4097),
+    (2, 32, 1), (8, 32, 1024), (1, 32, 1025),
+    (2, 64, 7), (8, 64, 512), (1, 64, 513),
+    (3, 100, 3), (8, 100, 327), (1, 100, 329),
+    *dispatch_edges("mhc_forward"),
+]
+# Run on GPU backends only (large for a CPU reference run): n = 1 and 100, C = 1 and 12288,
+# B = 1 and 8192, on both strategies.
+GPU_EXTRA_SHAPES = [
+    (1, 1, 1), (8192, 1, 1), (8192, 1, 12288), (1, 100, 1), (1, 100, 12288), (2, 64, 12288),
+    (1, 4, 12288), (8192, 4, 1024), (8192, 4, 12288 // 4), (64, 32, 12288),
+]
+
+# ---------------------------------------------------------------- tolerance table
+TOL = testing.TOLERANCES  # rel. error vs float64, per dtype of x
+BF16_FACTOR = testing.BF16_REFERENCE_FACTOR  # bfloat16 error <= this x the bfloat16 reference's error
+
+
+# ---------------------------------------------------------------- reference: float64 numpy
+numpy_forward = testing.numpy_forward  # DESIGN.md section 1 in float64
+
+
+def _inputs(tag, B, n, C, dtype_name):
+    seed = seed_of(tag, B, n, C, dtype_name)
+    return testing.random_params(n, C, seed), testing.random_input((*leading(B), n, C), testing.DTYPES[dtype_name], seed)
+
+
+def _check(backend, B, n, C, dtype_name, tag="forward", **kw):
+    params, x = _inputs((tag, backend), B, n, C, dtype_name)
+    out = run_forward(ops.mhc_forward, x, **params, **kw, backend=backend)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    ref64 = numpy_forward(x.reshape(-1, n, C), **params, **kw).reshape(x.shape)
+    what = f"mhc_forward[{backend}] B={B} n={n} C={C} {dtype_name}"
+    err = assert_close(out, ref64, x.dtype, what)
+    if x.dtype == mx.bfloat16:
+        ref_bf16 = reference.mhc_forward(x.reshape(-1, n, C), **params, **kw).astype(mx.bfloat16)
+        assert_bf16_factor(err, rel_error64(ref_bf16, ref64.reshape(-1, n, C)), what)
+
+
+def test_shape_table_straddles_dispatch():
+    assert strategies_of("mhc_forward", SHAPES) == gpu_strategies("mhc_forward")
+    assert {n for _, n, _ in SHAPES} >= {1, 2, 3, 4, 8, 32, 64, 100}
+    Cs = {C for _, _, C in SHAPES}
+    assert min(Cs) == 1 and 8192 in Cs and any(c % 2 for c in Cs) and any(c % 2 == 0 for c in Cs)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("B,n,C", SHAPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vs_numpy64(backend, B, n, C, dtype_name):
+    _check(backend, B, n, C, dtype_name)
+
+
+@pytest.mark.parametrize("iters,eps", [(0, 1e-5), (1, 1e-3), (50, 1e-6)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_iters_eps(backend, iters, eps):
+    _check(backend, 3, 5, 17, "float32", tag=("iters", iters, eps), iters=iters, eps=eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_tokens(backend):
+    params, x = _inputs("empty", (0, 3), 4, 16, "float16")
+    out = run_forward(ops.mhc_forward, x, **params, backend=backend)
+    assert out.shape == (0, 3, 4, 16) and out.dtype == mx.float16
+
+
+def _views(seed, B, n, C, dt):
+    """Non-contiguous x of shape (B, n, C): a transpose, a strided slice, a batch-strided slice."""
+    base_t = testing.random_input((C, n, B), dt, seed).transpose(2, 1, 0)
+    base_s = testing.random_input((B, n, 2 * C + 1), dt, seed + 1)[..., 1::2]
+    base_b = testing.random_input((2 * B, n + 1, C), dt, seed + 2)[::2, 1:]
+    return {"transposed": base_t, "sliced_C": base_s, "sliced_B_n": base_b}
+
+
+@pytest.mark.parametrize("view", ["transposed", "sliced_C", "sliced_B_n"])
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs(backend, dtype_name, view):
+    B, n, C = 6, 4, 67
+    seed = seed_of("views", backend, dtype_name, view)
+    x = _views(seed, B, n, C, testing.DTYPES[dtype_name])[view]
+    p = testing.random_params(n, 2 * C, seed)
+    params = {"H_pre_raw": p["H_pre_raw"], "H_post_raw": p["H_post_raw"],
+              "H_res_raw": p["H_res_raw"].T, "rms_weight": p["rms_weight"][::2]}  # strided parameters too
+    out = run_forward(ops.mhc_forward, x, **params, backend=backend)
+    assert_close(out, numpy_forward(x, **params), x.dtype, f"mhc_forward[{backend}] {view} {dtype_name}")
+
+
+@pytest.mark.parametrize("B,n,C", [(3, 4, 64), (2, 8, 4097)])
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend, dtype_name, B, n, C):
+    params, x = _inputs(("determinism", backend), B, n, C, dtype_name)
+    first = to64(run_forward(ops.mhc_forward, x, **params, backend=backend))
+    for _ in range(3):
+        again = to64(run_forward(ops.mhc_forward, x, **params, backend=backend))
+        assert np.array_equal(first, again), "repeated calls are not bit-identical"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_matches(backend):
+    params, x = _inputs(("compile", backend), 4, 4, 96, "float32")
+
+    def f(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight):
+        return ops.mhc_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, backend=backend)
+
+    eager = run_forward(f, x, **params)
+    compiled = run_forward(mx.compile(f), x, **params)
+    assert_close(compiled, to64(eager), x.dtype, f"mx.compile(mhc_forward[{backend}])")
+    assert_close(compiled, numpy_forward(x, **params), x.dtype, f"mx.compile(mhc_forward[{backend}])")
+
+
+def test_auto_follows_default_device():
+    params, x = _inputs("auto", 3, 4, 64, "float32")
+    device = dispatch.device_backend()
+    out = run_forward(ops.mhc_forward, x, **params, backend="auto")
+    assert_close(out, numpy_forward(x, **params), x.dtype, f"mhc_forward[auto on {device}]")
+    if device == "cpu":
+        same = run_forward(ops.mhc_forward, x, **params, backend="portable")
+        assert np.array_equal(to64(out), to64(same)), "auto on CPU must run the portable path"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("B,n,C", GPU_EXTRA_SHAPES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gpu_extra_shapes(backend, B, n, C, dtype_name):
+    _check(backend, B, n, C, dtype_name, tag="gpu-extra")
