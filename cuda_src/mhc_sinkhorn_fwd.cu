@@ -8,8 +8,10 @@
 
 using namespace mhc;
 
-extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(const float* __restrict__ L, float* __restrict__ M,
-                                                                 int n, int iters, float eps, int use_smem) {
+// M is not __restrict__: without shared memory it is the working matrix, rewritten between
+// reads by other threads of the CTA (see mhc_sinkhorn_bwd.cu).
+extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(const float* L, float* M, int n, int iters, float eps,
+                                                                 int use_smem) {
   extern __shared__ float smem[];
   float* P = use_smem ? smem : M;
   exp_shifted_rows(L, P, n);

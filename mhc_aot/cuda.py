@@ -10,16 +10,17 @@ for the tiled kernels; the grid is given in threads (MLX divides by the threadgr
 from __future__ import annotations
 
 import functools
+import struct
 
 import mlx.core as mx
 
-from . import device, dispatch, manifest, testing
+from . import device, dispatch, manifest, reference, testing
 
 THREADS = 256  # cuda_src/mhc_common.cuh
 TILE_C = 1024  # cuda_src/mhc_column_common.cuh
 DM_CHUNK = 32  # cuda_src/mhc_backward_dm.cu
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
-SMEM_LIMIT = 227 * 1024  # Hopper/Ampere opt-in maximum per CTA
+SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
 
 
@@ -40,13 +41,36 @@ def _binary(source: str, dtype: str | None, n: int | None) -> tuple[str, bytes, 
     return v.name, v.read(tag, verify=True), v.nmax
 
 
+def _f32(v: float) -> float:
+    """v rounded to float32: MLX's binding accepts a float scalar only if float32 holds it exactly."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+# MLX raises a kernel's dynamic shared memory limit above the 48 KB default only when it first
+# loads the kernel, to that first launch's request, and caches the module by a hash of the
+# binary. So a launch that needs more than 48 KB is rounded up to a bucket and gets a binary
+# with a trailing marker (ignored by the driver's loader): one module per bucket, whose first
+# launch sets the limit every later launch of that bucket asks for.
+SMEM_DEFAULT_MAX = 48000
+SMEM_BUCKETS = (64 * 1024, 96 * 1024, 128 * 1024, 160 * 1024, 192 * 1024, SMEM_LIMIT)
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_binary(binary: bytes, bucket: int) -> bytes:
+    return binary + b"\0mhc-aot dynamic shared memory bucket %d\0" % bucket
+
+
 def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes, output_dtypes, scalars,
             grid, shared_floats: int = 0):
     name, binary, _ = _binary(source, dtype, n)
+    scalars = [_f32(s) if isinstance(s, float) else s for s in scalars]
     smem = 4 * shared_floats
-    if smem > SMEM_LIMIT:
-        raise ValueError(f"{name} needs {smem} bytes of shared memory (> {SMEM_LIMIT}): "
-                         f"this shape is outside the kernel's range; pass backend='portable'")
+    if smem > device.max_shared_memory_per_block():
+        raise ValueError(f"{name} needs {smem} bytes of shared memory (> {device.max_shared_memory_per_block()} "
+                         f"on this GPU): this shape is outside the kernel's range; pass backend='portable'")
+    if smem > SMEM_DEFAULT_MAX:
+        smem = min(min(b for b in SMEM_BUCKETS if b >= smem), device.max_shared_memory_per_block())
+        binary = _bucket_binary(binary, smem)
     return mx.fast.precompiled_cuda_kernel(
         name=name, compiled_source=binary, inputs=inputs, output_shapes=output_shapes,
         output_dtypes=output_dtypes, scalars=scalars, grid=grid, threadgroup=(THREADS, 1, 1),
@@ -76,12 +100,15 @@ def _sinkhorn_fwd(L: mx.array, iters: int, eps: float) -> mx.array:
     return M
 
 
-def _sinkhorn_bwd(L: mx.array, dM: mx.array, iters: int, eps: float) -> mx.array:
-    n = L.shape[0]
-    ws = n * n * (iters + 2) + 2 * n * iters
-    dL, _ = _launch("mhc_sinkhorn_bwd", None, None, [L, dM.astype(F32)], [(n, n), (max(ws, 1),)], [F32, F32],
-                    [n, iters, eps], (THREADS, 1, 1))
-    return dL
+@functools.lru_cache(maxsize=None)
+def _sinkhorn_vjp(iters: int, eps: float):
+    """dL from dM through every Sinkhorn iteration, by MLX's autodiff of the reference (compiled).
+    A one-launch backward kernel was written but gave wrong gradients for iters > 1 on the H100;
+    it is not shipped until it passes (see README, "Status")."""
+    def vjp(L, dM):
+        return mx.vjp(lambda L: reference.mixing_matrix(L, iters, eps), [L], [dM])[1][0]
+
+    return mx.compile(vjp)
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,7 +119,7 @@ def _sinkhorn_fn(iters: int, eps: float):
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
-        return (_sinkhorn_bwd(primals[0], _single(cotangents), iters, eps),)
+        return (_sinkhorn_vjp(iters, eps)(primals[0], _single(cotangents).astype(F32)),)
 
     return f
 

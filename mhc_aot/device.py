@@ -24,6 +24,23 @@ def cuda_facts() -> dict:
     return dict(_shim.cuda_device_facts())
 
 
+@functools.lru_cache(maxsize=1)
 def sm_count() -> int:
     facts = cuda_facts()
     return int(facts.get("sm_count") or DEFAULT_SM_COUNT) if facts.get("available") else DEFAULT_SM_COUNT
+
+
+# Opt-in shared memory per CTA by compute capability (CUDA programming guide, table of
+# technical specifications), used when the driver query is unavailable.
+_SMEM_BY_ARCH = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+@functools.lru_cache(maxsize=1)
+def max_shared_memory_per_block() -> int:
+    facts = cuda_facts()
+    if facts.get("available") and facts.get("max_shared_memory_per_block_optin"):
+        return int(facts["max_shared_memory_per_block_optin"])
+    import mlx.core as mx
+
+    digits = "".join(ch for ch in str(mx.device_info().get("architecture", "")) if ch.isdigit())
+    return _SMEM_BY_ARCH.get(int(digits) if digits else 90, 99 * 1024)

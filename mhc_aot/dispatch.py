@@ -8,6 +8,7 @@ here: it runs only when a caller passes backend="reference".
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
@@ -69,15 +70,15 @@ class Choice:
     reason: str
 
 
+@functools.lru_cache(maxsize=1)
+def _gpu_backend() -> str:
+    return "cuda" if mx.cuda.is_available() else "metal" if mx.metal.is_available() else "cpu"
+
+
 def device_backend(device: mx.Device | None = None) -> str:
     """'cuda', 'metal' or 'cpu': the MLX backend that runs on `device` (default device if None)."""
     device = device or mx.default_device()
-    if device.type == mx.gpu:
-        if mx.cuda.is_available():
-            return "cuda"
-        if mx.metal.is_available():
-            return "metal"
-    return "cpu"
+    return _gpu_backend() if device.type == mx.gpu else "cpu"
 
 
 def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None) -> Choice:

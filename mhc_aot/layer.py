@@ -65,6 +65,8 @@ class MHCLayer(nn.Module):
     def post_combine(self, x: mx.array, y_inner: mx.array) -> mx.array:
         """H_post * (y_inner + (M * H_pre) x) as one mix + add: M' = diag(H_post) M diag(H_pre)."""
         self._check_input(x)
+        for name, shape in (("H_pre_raw", (self.n,)), ("H_post_raw", (self.n,)), ("H_res_raw", (self.n, self.n))):
+            ops.check_shape(name, getattr(self, name), shape)  # else a (1,) would broadcast silently
         H_pre, H_post = reference.activate_pre_post(self.H_pre_raw, self.H_post_raw)
         M_folded = H_post[:, None] * self.mixing_matrix() * H_pre[None, :]
         bias = y_inner * H_post[:, None].astype(y_inner.dtype)

@@ -61,6 +61,9 @@ def check_iters_eps(iters: int, eps: float) -> None:
 
 def _kernels(backend: str):
     """The kernel module of a GPU backend (imported lazily: it reads the shipped manifest)."""
+    if backend in ("cuda", "metal") and not getattr(mx, backend).is_available():
+        raise RuntimeError(f"backend={backend!r}: MLX reports no {backend} device here (mx.{backend}.is_available() "
+                           f"is False): run on such a machine with MLX's {backend} build, or pass backend='portable'")
     if backend == "cuda":
         from . import cuda
 

@@ -121,3 +121,45 @@ def gpu_strategies(op: str, backend: str = "cuda") -> set[str]:
     from mhc_aot import dispatch
 
     return {r.strategy for r in dispatch.RULES if r.backend == backend and r.op == op}
+
+
+# ---------------------------------------------------------------- float64 ground truth for gradients
+# DESIGN.md section 1 in MLX float64 on the CPU stream (float64 has no GPU kernels): mx.grad of
+# it is the exact gradient that float32 implementations, the reference included, approximate.
+def sinkhorn64(H_res_raw, iters=20, eps=1e-5):
+    P = mx.exp(H_res_raw - mx.max(H_res_raw, axis=1, keepdims=True))
+    for _ in range(iters):
+        r = mx.sum(P, axis=1, keepdims=True)
+        P = P * mx.where(r > eps, 1.0 / r, 1.0)
+        c = mx.sum(P, axis=0, keepdims=True)
+        P = P * mx.where(c > eps, 1.0 / c, 0.0)
+    return P
+
+
+def mix_add64(x, M, bias):
+    return M @ x + bias
+
+
+def forward64(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters=20, eps=1e-5):
+    H_pre, H_post = mx.sigmoid(H_pre_raw), 2.0 * mx.sigmoid(H_post_raw)
+    agg = mx.sum(x * H_pre[:, None], axis=-2)
+    y = agg * mx.rsqrt(mx.mean(agg * agg, axis=-1, keepdims=True) + eps) * rms_weight
+    return mix_add64(x, sinkhorn64(H_res_raw, iters, eps), H_post[:, None] * y[..., None, :])
+
+
+def value64(fn, *args):
+    with mx.stream(mx.cpu):
+        out = fn(*(a.astype(mx.float64) for a in args))
+        mx.eval(out)
+    return np.array(out)
+
+
+def grads64(fn, args, G) -> list[np.ndarray]:
+    """Gradients of sum(fn(*args) * G) in float64, for every argument."""
+    with mx.stream(mx.cpu):
+        a64 = [a.astype(mx.float64) for a in args]
+        G64 = G.astype(mx.float64)
+        g = mx.grad(lambda *a: mx.sum(fn(*a) * G64), argnums=tuple(range(len(a64))))(*a64)
+        g = g if isinstance(g, (tuple, list)) else (g,)
+        mx.eval(g)
+    return [np.array(t) for t in g]

@@ -10,17 +10,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from backends import DTYPE_NAMES, import_mhc_mlx, leading, random_M, rel_error64, seed_of, to64
-from mhc_aot import dispatch, reference, testing
+from backends import (DTYPE_NAMES, dispatch_edges, forward64, import_mhc_mlx, leading, mix_add64, random_M, rel_error64,
+                      seed_of, sinkhorn64, to64, value64)
+from mhc_aot import reference, testing
 
 # ---------------------------------------------------------------- shape table
-# (leading dims, n, C). The reference has no dispatch, but the table still straddles
-# FUSED_MAX_TOKEN_ELEMS (n * C) so its numerics are known on both sides of every kernel split.
-FUSED = dispatch.FUSED_MAX_TOKEN_ELEMS
+# (leading dims, n, C). The reference has no dispatch, but the table still straddles every limit
+# of dispatch.RULES so its numerics are known on both sides of every kernel split.
 SHAPES = [
-    (1, 1, 1), (3, 1, 8), (2, 2, 1), (4, 2, 7), (1, 3, 33), (5, 4, 64), ((2, 3), 4, 65),
-    (2, 4, FUSED // 4), (1, 8, FUSED // 8 + 1), (2, 32, 129), (1, 64, FUSED // 64), (1, 64, FUSED // 64 + 1),
-    (2, 100, 3), (1, 100, 327), (1, 100, 329), (1, 2, 8192), (2, 8, 8191),
+    (1, 1, 1), (3, 1, 8), (2, 2, 1), (4, 2, 7), (1, 3, 33), (5, 4, 64), ((2, 3), 4, 65), (9, 4, 8191),
+    (1, 8, 4097), (2, 32, 129), (1, 64, 513), (2, 100, 3), (1, 100, 329), (1, 2, 8192),
+    *dispatch_edges("mhc_forward"),
 ]
 SINKHORN_N = [1, 2, 3, 4, 8, 16, 32, 64, 100]
 
@@ -119,6 +119,17 @@ def test_stream_mix_add_vs_numpy64(B, n, C, dtype_name):
     out = reference.stream_mix_add(x, M, bias)
     assert out.dtype == mx.float32
     assert rel_error64(out, numpy_stream_mix_add(x, M, bias)) < F32_TOL
+
+
+@pytest.mark.parametrize("B,n,C", [(1, 1, 1), (3, 4, 65), (2, 100, 7)])
+def test_float64_ground_truth(B, n, C):
+    """backends.forward64 (MLX float64, differentiated for the gradient tests) is numpy's float64."""
+    params, x = _case(B, n, C, "float32", "float64")
+    ref = testing.numpy_forward(x, **params)
+    assert rel_error64(value64(forward64, x, *params.values()), ref) < 1e-12
+    assert rel_error64(value64(sinkhorn64, params["H_res_raw"]), testing.numpy_sinkhorn(to64(params["H_res_raw"]))) < 1e-12
+    M = random_M(n, B)
+    assert rel_error64(value64(mix_add64, x, M, x), numpy_stream_mix_add(x, M, x)) < 1e-12
 
 
 # ---------------------------------------------------------------- against the seed package mhc-mlx
