@@ -42,6 +42,7 @@ class KernelVariant:
 def _table() -> tuple[KernelVariant, ...]:
     v = [
         KernelVariant("sinkhorn", "mhc_sinkhorn_fwd", "sinkhorn", None, 0),
+        KernelVariant("sinkhorn", "mhc_sinkhorn_bwd", "sinkhorn", None, 0),
     ]
     for dt in DTYPES:
         for nmax in NMAX_VALUES + (0,):

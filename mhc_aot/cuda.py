@@ -14,7 +14,7 @@ import struct
 
 import mlx.core as mx
 
-from . import device, dispatch, manifest, reference, testing
+from . import device, dispatch, manifest, testing
 
 THREADS = 256  # cuda_src/mhc_common.cuh
 TILE_C = 1024  # cuda_src/mhc_column_common.cuh
@@ -87,8 +87,9 @@ def _pad(n: int, nmax: int) -> int:
     return -(-n // ib) * ib
 
 
-def _single(cotangents):
-    return cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
+def _single(arrays):
+    """The array of a one-input/one-output custom_function: MLX passes it bare, not in a tuple."""
+    return arrays[0] if isinstance(arrays, (list, tuple)) else arrays
 
 
 # ---------------------------------------------------------------- sinkhorn
@@ -100,15 +101,12 @@ def _sinkhorn_fwd(L: mx.array, iters: int, eps: float) -> mx.array:
     return M
 
 
-@functools.lru_cache(maxsize=None)
-def _sinkhorn_vjp(iters: int, eps: float):
-    """dL from dM through every Sinkhorn iteration, by MLX's autodiff of the reference (compiled).
-    A one-launch backward kernel was written but gave wrong gradients for iters > 1 on the H100;
-    it is not shipped until it passes (see README, "Status")."""
-    def vjp(L, dM):
-        return mx.vjp(lambda L: reference.mixing_matrix(L, iters, eps), [L], [dM])[1][0]
-
-    return mx.compile(vjp)
+def _sinkhorn_bwd(L: mx.array, dM: mx.array, iters: int, eps: float) -> mx.array:
+    n = L.shape[0]
+    ws = n * n * (iters + 2) + 2 * n * iters
+    dL, _ = _launch("mhc_sinkhorn_bwd", None, None, [L, dM.astype(F32)], [(n, n), (max(ws, 1),)], [F32, F32],
+                    [n, iters, eps], (THREADS, 1, 1))
+    return dL
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,7 +117,7 @@ def _sinkhorn_fn(iters: int, eps: float):
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
-        return (_sinkhorn_vjp(iters, eps)(primals[0], _single(cotangents).astype(F32)),)
+        return (_sinkhorn_bwd(_single(primals), _single(cotangents), iters, eps),)
 
     return f
 
@@ -149,6 +147,12 @@ def _forward_column(x, M, hpre_raw, hpost_raw, w, eps):
                    n * pad + 2 * pad + 32 + TILE_C)
 
 
+def _backward_smem_floats(n: int, C: int) -> int:
+    _, _, nmax = _binary("mhc_backward_fused", "f32", n)
+    pad = _pad(n, nmax)
+    return n * pad + 2 * pad + 32 + n * n + 2 * pad + (THREADS // 32) * pad + 3 * C
+
+
 def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
     tag = _tag(x.dtype)
@@ -157,10 +161,9 @@ def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     sms = device.sm_count()
     G = min(B, 2 * sms)
     P = n * n + 2 * n + C
-    nwarps = THREADS // 32
     dx, partial = _launch("mhc_backward_fused", tag, n, [x, dout, M, hpre_raw, hpost_raw, w, inv_rms],
                           [(B, n, C), (G, P)], [x.dtype, F32], [n, C, B], (G * THREADS, 1, 1),
-                          n * pad + 2 * pad + 32 + n * n + 2 * pad + nwarps * pad + 3 * C)
+                          _backward_smem_floats(n, C))
     if nmax in (2, 4):  # dM accumulated in registers by the fused kernel (n <= 4)
         partial_dm, G_dm = mx.zeros((1,), F32), 0
     else:
@@ -185,9 +188,10 @@ def _forward_fn(strategy: str, eps: float):
         x, M, hpre_raw, hpost_raw, w = primals
         dout = cotangents[0].astype(x.dtype)
         C = x.shape[-1]
-        if dispatch.choose_backward(x.shape[1], C).strategy == "portable":
-            # documented rule (dispatch.BACKWARD_MAX_C): rows too wide for the fused backward's
-            # shared memory take MLX's own VJP of the portable graph
+        if (dispatch.choose_backward(x.shape[1], C).strategy == "portable"
+                or 4 * _backward_smem_floats(x.shape[1], C) > device.max_shared_memory_per_block()):
+            # documented rule (dispatch.BACKWARD_MAX_C, or n * n + 3 C floats over the GPU's shared
+            # memory): such tokens take MLX's own VJP of the portable graph
             from .ops import _forward_graph_from_M
 
             _, vjps = mx.vjp(lambda *a: _forward_graph_from_M(*a, eps), list(primals), [dout])

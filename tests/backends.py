@@ -59,20 +59,18 @@ def rel_error64(out, ref64) -> float:
     return float(num / denom) if denom > 0 else float(num)
 
 
-def assert_close(out, ref64, dtype: mx.Dtype, what: str) -> float:
-    """Relative error against the float64 reference within DESIGN.md's tolerance for `dtype`."""
+def assert_close(out, ref64, tol: float, what: str) -> float:
+    """Relative error against the float64 reference below `tol` (a file's tolerance table entry)."""
     err = rel_error64(out, ref64)
-    tol = testing.tolerance(dtype)
-    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.0e} ({dtype})"
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.0e}"
     return err
 
 
-def assert_bf16_factor(err: float, ref_err: float, what: str) -> None:
-    """bfloat16: the tested path's error is at most BF16_REFERENCE_FACTOR x the reference's own
-    error when the reference runs on the same bfloat16 inputs (both against float64)."""
-    bound = testing.BF16_REFERENCE_FACTOR * ref_err
-    assert err <= bound or err == 0.0, (
-        f"{what}: bfloat16 error {err:.3e} > {testing.BF16_REFERENCE_FACTOR} x reference error {ref_err:.3e}")
+def assert_bf16_factor(err: float, ref_err: float, factor: float, what: str) -> None:
+    """bfloat16: the tested path's error is at most `factor` x the reference's own error when the
+    reference runs on the same bfloat16 inputs (both against float64)."""
+    assert err <= factor * ref_err or err == 0.0, (
+        f"{what}: bfloat16 error {err:.3e} > {factor} x the bfloat16 reference's error {ref_err:.3e}")
 
 
 def leading(B) -> tuple[int, ...]:
@@ -126,8 +124,25 @@ def gpu_strategies(op: str, backend: str = "cuda") -> set[str]:
 # ---------------------------------------------------------------- float64 ground truth for gradients
 # DESIGN.md section 1 in MLX float64 on the CPU stream (float64 has no GPU kernels): mx.grad of
 # it is the exact gradient that float32 implementations, the reference included, approximate.
+def exp64(v):
+    """exp in float64 arithmetic. MLX's CPU exp (and sigmoid) is only float32-accurate even on
+    float64 arrays, so: Taylor series of exp(v / 1024), then squared 10 times (rel. error ~1e-13)."""
+    y = v / 1024.0
+    term = total = mx.ones_like(y)
+    for k in range(1, 14):
+        term = term * y / k
+        total = total + term
+    for _ in range(10):
+        total = total * total
+    return total
+
+
+def sigmoid64(v):
+    return 1.0 / (1.0 + exp64(-v))
+
+
 def sinkhorn64(H_res_raw, iters=20, eps=1e-5):
-    P = mx.exp(H_res_raw - mx.max(H_res_raw, axis=1, keepdims=True))
+    P = exp64(H_res_raw - mx.max(H_res_raw, axis=1, keepdims=True))
     for _ in range(iters):
         r = mx.sum(P, axis=1, keepdims=True)
         P = P * mx.where(r > eps, 1.0 / r, 1.0)
@@ -141,7 +156,7 @@ def mix_add64(x, M, bias):
 
 
 def forward64(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters=20, eps=1e-5):
-    H_pre, H_post = mx.sigmoid(H_pre_raw), 2.0 * mx.sigmoid(H_post_raw)
+    H_pre, H_post = sigmoid64(H_pre_raw), 2.0 * sigmoid64(H_post_raw)
     agg = mx.sum(x * H_pre[:, None], axis=-2)
     y = agg * mx.rsqrt(mx.mean(agg * agg, axis=-1, keepdims=True) + eps) * rms_weight
     return mix_add64(x, sinkhorn64(H_res_raw, iters, eps), H_post[:, None] * y[..., None, :])

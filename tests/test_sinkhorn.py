@@ -65,7 +65,8 @@ def test_input_dtypes(backend, dtype_name):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_iters_eps(backend, iters, eps):
     for n in (4, 33):
-        _check(backend, _logits(("iters", backend, iters, eps), n), f"sinkhorn[{backend}] iters={iters}", iters=iters, eps=eps)
+        H = _logits(("iters", backend, iters, eps), n)
+        _check(backend, H, f"sinkhorn[{backend}] n={n} iters={iters} eps={eps}", iters=iters, eps=eps)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

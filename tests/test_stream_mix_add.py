@@ -46,11 +46,11 @@ def _check(backend, B, n, C, dtype_name, tag="mix-add", bias_dtype_name=None):
     assert out.shape == x.shape and out.dtype == x.dtype
     ref64 = numpy_mix_add(x, M, bias)
     what = f"stream_mix_add[{backend}] B={B} n={n} C={C} {dtype_name} (bias {bias_dtype_name or dtype_name})"
-    err = assert_close(out, ref64, x.dtype, what)
+    err = assert_close(out, ref64, TOL[x.dtype], what)
     if x.dtype == mx.bfloat16:
         n_, C_ = x.shape[-2:]
         ref_bf16 = reference.stream_mix_add(x.reshape(-1, n_, C_), M, bias.reshape(-1, n_, C_)).astype(mx.bfloat16)
-        assert_bf16_factor(err, rel_error64(ref_bf16, ref64.reshape(-1, n_, C_)), what)
+        assert_bf16_factor(err, rel_error64(ref_bf16, ref64.reshape(-1, n_, C_)), BF16_FACTOR, what)
 
 
 def test_shape_table_straddles_dispatch():
@@ -77,7 +77,7 @@ def test_sinkhorn_mixing(backend):
     x, _, bias = _inputs(("sinkhorn-M", backend), 6, 8, 40, "float32")
     M = ops.sinkhorn(testing.random_params(8, 1, seed_of("sinkhorn-M", backend))["H_res_raw"], backend="reference")
     out = run_forward(ops.stream_mix_add, x, M, bias, backend=backend)
-    assert_close(out, numpy_mix_add(x, M, bias), x.dtype, f"stream_mix_add[{backend}] with a Sinkhorn M")
+    assert_close(out, numpy_mix_add(x, M, bias), TOL[x.dtype], f"stream_mix_add[{backend}] with a Sinkhorn M")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,9 +97,9 @@ def test_noncontiguous_inputs(backend, dtype_name):
     bias = testing.random_input((2 * B, n, 2 * C), dt, seed + 1)[::2, :, 1::2]
     M = random_M(2 * n, seed)[::2, 1::2]
     out = run_forward(ops.stream_mix_add, x, M, bias, backend=backend)
-    assert_close(out, numpy_mix_add(x, M, bias), x.dtype, f"stream_mix_add[{backend}] strided views {dtype_name}")
+    assert_close(out, numpy_mix_add(x, M, bias), TOL[x.dtype], f"stream_mix_add[{backend}] strided views {dtype_name}")
     out_t = run_forward(ops.stream_mix_add, x, M.T, bias, backend=backend)
-    assert_close(out_t, numpy_mix_add(x, M.T, bias), x.dtype, f"stream_mix_add[{backend}] transposed M")
+    assert_close(out_t, numpy_mix_add(x, M.T, bias), TOL[x.dtype], f"stream_mix_add[{backend}] transposed M")
 
 
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
@@ -111,7 +111,7 @@ def test_deterministic_and_compiled(backend, dtype_name):
         again = to64(run_forward(ops.stream_mix_add, x, M, bias, backend=backend))
         assert np.array_equal(first, again), "repeated calls are not bit-identical"
     compiled = run_forward(mx.compile(lambda *a: ops.stream_mix_add(*a, backend=backend)), x, M, bias)
-    assert_close(compiled, numpy_mix_add(x, M, bias), x.dtype, f"mx.compile(stream_mix_add[{backend}])")
+    assert_close(compiled, numpy_mix_add(x, M, bias), TOL[x.dtype], f"mx.compile(stream_mix_add[{backend}])")
 
 
 @pytest.mark.gpu
