@@ -53,7 +53,7 @@ def test_forward_bad_dtypes(backend, dtype):
         forward(x_of(dtype=dtype), backend=backend)
     for name in ("H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"):
         with pytest.raises(ValueError, match=f"{name} has dtype"):
-            forward(backend=backend, **{name: params()[name].astype(dtype)})
+            forward(backend=backend, **{name: params()[name].astype(dtype, stream=mx.cpu)})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,7 +99,7 @@ def test_sinkhorn_bad_shape(backend, shape):
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
 def test_sinkhorn_bad_dtype(backend, dtype):
     with pytest.raises(ValueError, match="H_res_raw has dtype"):
-        ops.sinkhorn(mx.zeros((n, n), dtype=dtype), backend=backend)
+        ops.sinkhorn(mx.zeros((n, n), dtype=dtype, stream=mx.cpu), backend=backend)
 
 
 # ---------------------------------------------------------------- stream_mix_add
@@ -131,7 +131,7 @@ def test_stream_mix_add_bad_dtypes(backend, dtype):
     with pytest.raises(ValueError, match="x has dtype"):
         mix_add(x_of(dtype=dtype), backend=backend)
     with pytest.raises(ValueError, match="M has dtype"):
-        mix_add(M=mx.eye(n).astype(dtype), backend=backend)
+        mix_add(M=mx.eye(n).astype(dtype, stream=mx.cpu), backend=backend)
     with pytest.raises(ValueError, match="bias has dtype"):
         mix_add(bias=mx.zeros((B, n, C), dtype=dtype), backend=backend)
 
@@ -223,7 +223,7 @@ def test_layer_bad_dtype(backend, dtype):
     layer = MHCLayer(n, C, backend=backend)
     with pytest.raises(ValueError, match="x has dtype"):
         layer(x_of(dtype=dtype))
-    layer.rms_weight = layer.rms_weight.astype(dtype)
+    layer.rms_weight = layer.rms_weight.astype(dtype, stream=mx.cpu)
     with pytest.raises(ValueError, match="rms_weight has dtype"):
         layer(x_of())
 
