@@ -11,7 +11,8 @@
 // pass B re-reads them from L1/L2 and writes dx.
 // partial[g] = [dM (n*n) | dH_pre (n) | dH_post (n) | dw (C)], activations' derivatives not applied.
 // Launch: grid (G * THREADS, 1, 1), threadgroup (THREADS, 1, 1);
-// shared: M[n * pad] + hpre[pad] + hpost[pad] + 32 + red[n * n + 2 * pad + (THREADS / 32) * pad] + 3 * C floats.
+// shared: M[n * pad] + hpre[pad] + hpost[pad] + 32 + red[n * n + 2 * pad + (THREADS / 32) * pad]
+//         + THREAD_SLOTS + 3 * C floats (mhc_aot/cuda.py: _backward_smem_floats).
 #include "mhc_token_passes.cuh"
 
 using namespace mhc;
@@ -19,8 +20,11 @@ using namespace mhc;
 constexpr bool DM_IN_REGISTERS = NMAX > 0 && NMAX <= 4;  // n^2 <= 16 accumulators; more would spill
 
 struct Smem {
-  float *Mr, *hpre, *hpost, *scratch, *dM, *dhpre, *dhpost, *warp_dhpost, *agg, *g, *dw;
+  float *Mr, *hpre, *hpost, *scratch, *dM, *dhpre, *dhpost, *warp_dhpost, *thread_dhpre, *warp_dm, *agg, *g, *dw;
 };
+
+// Per-thread dH_pre slots and per-warp dM slots (fixed-order reductions, no atomics).
+constexpr int THREAD_SLOTS = THREADS * IB + (THREADS / 32) * (DM_IN_REGISTERS ? NMAX * IB : 0);
 
 template <int W>
 __device__ __forceinline__ void backward_tokens(const T* x, const T* dout, T* dx, const float* w, const float* inv_rms,
@@ -30,17 +34,11 @@ __device__ __forceinline__ void backward_tokens(const T* x, const T* dout, T* dx
   const int pad = padded_streams(n), nib = pad / IB, nvec = C / W;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float dm[DM_IN_REGISTERS ? NMAX : 1][DM_IN_REGISTERS ? IB : 1] = {};
+  // Pass B gives each thread one fixed row block j0 (threads past per_block * nib idle there), so
+  // dH_pre accumulates in registers and is reduced in a fixed order at the end: deterministic.
+  const int per_block = blockDim.x / nib, active = per_block * nib;
+  const int j0 = (threadIdx.x % nib) * IB;
   float dhpre[IB] = {};
-  int cur_j0 = -1;
-  auto flush_dhpre = [&]() {
-    if (cur_j0 >= 0) {
-#pragma unroll
-      for (int q = 0; q < IB; ++q) {
-        if (cur_j0 + q < n) atomicAdd(&s.dhpre[cur_j0 + q], dhpre[q]);
-        dhpre[q] = 0.0f;
-      }
-    }
-  };
   for (int b = blockIdx.x; b < B; b += gridDim.x) {
     const size_t off = (size_t)b * n * C;
     const T* xb = x + off;
@@ -88,12 +86,8 @@ __device__ __forceinline__ void backward_tokens(const T* x, const T* dout, T* dx
     dot = block_sum(dot, s.scratch);  // also publishes agg and g
     const float k = r * r * r * dot / C;
     // pass B: IB streams j of one column vector per work item
-    for (int item = threadIdx.x; item < nvec * nib; item += blockDim.x) {
-      const int c = (item / nib) * W, j0 = (item % nib) * IB;
-      if (j0 != cur_j0) {
-        flush_dhpre();
-        cur_j0 = j0;
-      }
+    for (int v = threadIdx.x / nib; threadIdx.x < active && v < nvec; v += per_block) {
+      const int c = v * W;
       float dagg[W], acc[IB][W], xj[IB][W];
 #pragma unroll
       for (int e = 0; e < W; ++e) dagg[e] = r * s.g[c + e] - k * s.agg[c + e];
@@ -135,21 +129,35 @@ __device__ __forceinline__ void backward_tokens(const T* x, const T* dout, T* dx
     }
     __syncthreads();  // agg and g are rewritten by the next token
   }
-  flush_dhpre();
+#pragma unroll
+  for (int q = 0; q < IB; ++q) s.thread_dhpre[threadIdx.x * IB + q] = threadIdx.x < active ? dhpre[q] : 0.0f;
   if constexpr (DM_IN_REGISTERS) {
-    // dm[i][q] belongs to (i, j0 + q) for this thread's last j0; with NMAX <= 4 there is one row block
+    // nib == 1 here, so dm[i][q] is entry (i, q); butterfly within the warp, then per-warp slots
 #pragma unroll
     for (int i = 0; i < NMAX; ++i) {
 #pragma unroll
       for (int q = 0; q < IB; ++q) {
         const float v = warp_sum(dm[i][q]);
-        if (lane == 0 && i < n && q < n) atomicAdd(&s.dM[i * n + q], v);
+        if (lane == 0) s.warp_dm[warp * NMAX * IB + i * IB + q] = v;
       }
+    }
+  }
+  __syncthreads();
+  // fixed-order sums over threads (dH_pre) and warps (dM)
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    float v = 0.0f;
+    for (int t = (j / IB) % nib; t < active; t += nib) v += s.thread_dhpre[t * IB + j % IB];
+    s.dhpre[j] = v;
+  }
+  if constexpr (DM_IN_REGISTERS) {
+    for (int k = threadIdx.x; k < n * n; k += blockDim.x) {
+      float v = 0.0f;
+      for (int q = 0; q < THREADS / 32; ++q) v += s.warp_dm[q * NMAX * IB + (k / n) * IB + k % n];
+      s.dM[k] = v;
     }
   }
 }
 
-// Two CTAs per SM: pass A of one token overlaps pass B of another.
 extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
     const T* __restrict__ x, const T* __restrict__ dout, const float* __restrict__ M,
     const float* __restrict__ H_pre_raw, const float* __restrict__ H_post_raw, const float* __restrict__ w,
@@ -165,7 +173,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
   s.dhpre = s.dM + n * n;
   s.dhpost = s.dhpre + pad;
   s.warp_dhpost = s.dhpost + pad;
-  s.agg = s.warp_dhpost + nwarps * pad;
+  s.thread_dhpre = s.warp_dhpost + nwarps * pad;
+  s.warp_dm = s.thread_dhpre + THREADS * IB;
+  s.agg = s.thread_dhpre + THREAD_SLOTS;
   s.g = s.agg + C;
   s.dw = s.g + C;
   stage_params(M, H_pre_raw, H_post_raw, n, s.Mr, s.hpre, s.hpost, /*transpose=*/false);
@@ -177,7 +187,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
   } else {
     backward_tokens<1>(x, dout, dx, w, inv_rms, s, n, C, B);
   }
-  __syncthreads();
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     float v = 0.0f;
     for (int q = 0; q < nwarps; ++q) v += s.warp_dhpost[q * pad + i];

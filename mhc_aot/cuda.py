@@ -14,7 +14,7 @@ import struct
 
 import mlx.core as mx
 
-from . import device, dispatch, manifest, testing
+from . import device, dispatch, manifest, reference, testing
 
 THREADS = 256  # cuda_src/mhc_common.cuh
 TILE_C = 1024  # cuda_src/mhc_column_common.cuh
@@ -82,9 +82,12 @@ def _tag(dtype: mx.Dtype) -> str:
     return manifest.DTYPE_TAGS[str(dtype).split(".")[-1]]
 
 
+def _ib(nmax: int) -> int:
+    return IB if nmax == 0 or nmax >= 8 else nmax
+
+
 def _pad(n: int, nmax: int) -> int:
-    ib = IB if nmax == 0 or nmax >= 8 else nmax
-    return -(-n // ib) * ib
+    return -(-n // _ib(nmax)) * _ib(nmax)
 
 
 def _single(arrays):
@@ -148,9 +151,20 @@ def _forward_column(x, M, hpre_raw, hpost_raw, w, eps):
 
 
 def _backward_smem_floats(n: int, C: int) -> int:
+    """Shared memory of mhc_backward_fused (layout in its header), in floats."""
     _, _, nmax = _binary("mhc_backward_fused", "f32", n)
-    pad = _pad(n, nmax)
-    return n * pad + 2 * pad + 32 + n * n + 2 * pad + (THREADS // 32) * pad + 3 * C
+    pad, ib, nwarps = _pad(n, nmax), _ib(nmax), THREADS // 32
+    thread_slots = THREADS * ib + (nwarps * nmax * ib if nmax in (2, 4) else 0)
+    return n * pad + 2 * pad + 32 + n * n + 2 * pad + nwarps * pad + thread_slots + 3 * C
+
+
+def _dm_partials(x, dout):
+    """Per-CTA partial sums [G, n*n] of dM[i, j] = sum over tokens and columns of dout[i] x[j]."""
+    B, n, C = x.shape
+    G = min(B * -(-C // DM_CHUNK), 2 * device.sm_count())
+    (partial,) = _launch("mhc_backward_dm", _tag(x.dtype), None, [x, dout], [(G, n * n)], [F32], [n, C, B],
+                         (G * THREADS, 1, 1), 2 * n * (DM_CHUNK + 1) + n * n)
+    return partial
 
 
 def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
@@ -167,12 +181,17 @@ def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     if nmax in (2, 4):  # dM accumulated in registers by the fused kernel (n <= 4)
         partial_dm, G_dm = mx.zeros((1,), F32), 0
     else:
-        G_dm = min(B * -(-C // DM_CHUNK), 2 * sms)
-        (partial_dm,) = _launch("mhc_backward_dm", tag, None, [x, dout], [(G_dm, n * n)], [F32], [n, C, B],
-                                (G_dm * THREADS, 1, 1), 2 * n * (DM_CHUNK + 1) + n * n)
+        partial_dm = _dm_partials(x, dout)
+        G_dm = partial_dm.shape[0]
     dM, dpre, dpost, dw = _launch("mhc_backward_reduce", None, None, [partial, partial_dm, hpre_raw, hpost_raw],
                                   [(n, n), (n,), (n,), (C,)], [F32] * 4, [G, G_dm, n, C], (P, 1, 1))
     return dx, dM, dpre, dpost, dw
+
+
+def _reference_graph_from_M(x, M, hpre_raw, hpost_raw, w, eps):
+    H_pre, H_post = reference.activate_pre_post(hpre_raw, hpost_raw)
+    y = reference.rms_norm(reference.stream_aggregate(x, H_pre), w, eps)
+    return (reference.stream_mix(x, M) + reference.stream_distribute(y, H_post)).astype(x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,11 +209,10 @@ def _forward_fn(strategy: str, eps: float):
         C = x.shape[-1]
         if (dispatch.choose_backward(x.shape[1], C).strategy == "portable"
                 or 4 * _backward_smem_floats(x.shape[1], C) > device.max_shared_memory_per_block()):
-            # documented rule (dispatch.BACKWARD_MAX_C, or n * n + 3 C floats over the GPU's shared
-            # memory): such tokens take MLX's own VJP of the portable graph
-            from .ops import _forward_graph_from_M
-
-            _, vjps = mx.vjp(lambda *a: _forward_graph_from_M(*a, eps), list(primals), [dout])
+            # documented rule (dispatch.BACKWARD_MAX_C, or the fused backward's shared memory over
+            # the GPU's): MLX's own VJP of the reference's matmul-free graph, exact in float32
+            # (MLX's float32 matmuls use TF32 on CUDA by default)
+            _, vjps = mx.vjp(lambda *a: _reference_graph_from_M(*a, eps), list(primals), [dout])
             return tuple(vjps)
         return _backward(x, M, hpre_raw, hpost_raw, w, outputs[1], dout)
 
@@ -225,11 +243,12 @@ def _mix_add_fn(x, M, bias):
 
 @_mix_add_fn.vjp
 def _mix_add_vjp(primals, cotangents, outputs):
-    # out = M x + bias: dx = M^T dout (one more mix kernel, zero bias), dM = sum dout x^T, dbias = dout.
+    # out = M x + bias: dx = M^T dout (one more mix kernel, zero bias), dM = sum dout x^T (the
+    # backward's dM kernel; not an MLX matmul, which is TF32 on CUDA), dbias = dout.
     x, M, bias = primals
     dout = _single(cotangents).astype(x.dtype)
     dx = _mix_add(dout, M.T, mx.zeros_like(dout))
-    dM = mx.einsum("bic,bjc->ij", dout.astype(F32), x.astype(F32))
+    dM = _dm_partials(x, dout).sum(axis=0).reshape(M.shape)
     return dx, dM, dout.astype(bias.dtype)
 
 

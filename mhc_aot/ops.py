@@ -169,3 +169,4 @@ def stream_mix_add(x: mx.array, M: mx.array, bias: mx.array, *, backend: str = "
     else:
         out = _kernels(choice.backend).stream_mix_add(x3, M, b3)
     return out.reshape(*lead, n, C)
+from .dynamic import mhc_coeffs, mhc_coeffs_pre, mhc_post_res, mhc_pre  # noqa: E402,F401  (dynamic mHC)

@@ -133,7 +133,7 @@ def test_stream_mix_add_bad_dtypes(backend, dtype):
     with pytest.raises(ValueError, match="M has dtype"):
         mix_add(M=mx.eye(n).astype(dtype, stream=mx.cpu), backend=backend)
     with pytest.raises(ValueError, match="bias has dtype"):
-        mix_add(bias=mx.zeros((B, n, C), dtype=dtype), backend=backend)
+        mix_add(bias=mx.zeros((B, n, C), dtype=dtype, stream=mx.cpu), backend=backend)
 
 
 # ---------------------------------------------------------------- backend names and dispatch

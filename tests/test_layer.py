@@ -154,12 +154,15 @@ def test_matches_mhc_mlx_rewire(backend):
     mhc_mlx = import_mhc_mlx()
     n, dims = 4, 48
     seed = seed_of("mhc-mlx-rewire", backend)
-    ours = MHCRewire(nn.Linear(dims, dims), dims=dims, n=n, backend=backend)
+    ours = MHCRewire(Affine(dims, seed), dims=dims, n=n, backend=backend)
     ours.mhc.update(testing.random_params(n, dims // n, seed))
     theirs = mhc_mlx.MHCRewire(ours.inner, dims=dims, n=n, use_metal=False)
     theirs.mhc.update(dict(ours.mhc.parameters()))
     x = testing.random_input((5, dims), mx.float32, seed)
-    err = rel_error64(run_forward(ours, x), to64(theirs(x)))
+    with mx.stream(mx.cpu):  # mhc-mlx mixes with einsum: TF32 on CUDA; exact float32 on the CPU
+        ref = theirs(x)
+        mx.eval(ref)
+    err = rel_error64(run_forward(ours, x), to64(ref))
     assert err < TOL[mx.float32], f"MHCRewire[{backend}] vs mhc_mlx.MHCRewire: {err:.3e}"
 
 
@@ -178,14 +181,28 @@ def test_post_combine(backend, dtype_name):
     assert_close(out, numpy_post_combine(layer, x, y_inner), TOL[dt], f"MHCLayer[{backend}].post_combine {dtype_name}")
 
 
-class NumpyLinear:
-    """The float64 twin of an nn.Linear, for the direct formula."""
+class Affine(nn.Module):
+    """An elementwise inner block F(v) = v * weight + bias. Not nn.Linear: MLX computes float32
+    matmuls in TF32 on CUDA by default, which would put F's own rounding into a check of mHC."""
 
-    def __init__(self, linear: nn.Linear):
-        self.W, self.b = to64(linear.weight), to64(linear.bias)
+    def __init__(self, dims: int, seed: int):
+        super().__init__()
+        k = mx.random.split(mx.random.key(seed), 2)
+        self.weight = mx.random.normal((dims,), key=k[0])
+        self.bias = mx.random.normal((dims,), key=k[1])
 
     def __call__(self, v):
-        return v @ self.W.T + self.b
+        return v * self.weight.astype(v.dtype) + self.bias.astype(v.dtype)
+
+
+class NumpyAffine:
+    """The float64 twin of Affine, for the direct formula."""
+
+    def __init__(self, inner: Affine):
+        self.w, self.b = to64(inner.weight), to64(inner.bias)
+
+    def __call__(self, v):
+        return v * self.w + self.b
 
 
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
@@ -195,7 +212,7 @@ def test_rewire_vs_direct_formula(backend, lead, n, dims, dtype_name):
     """out = H_post * (F(H_pre * x) + (M * H_pre) @ x) on x viewed as [..., n, dims / n]."""
     seed = seed_of("rewire", backend, lead, n, dims, dtype_name)
     mx.random.seed(seed)
-    rewire = MHCRewire(nn.Linear(dims, dims), dims=dims, n=n, backend=backend)
+    rewire = MHCRewire(Affine(dims, seed), dims=dims, n=n, backend=backend)
     rewire.mhc.update(testing.random_params(n, dims // n, seed))
     dt = testing.DTYPES[dtype_name]
     x = testing.random_input((*lead, dims), dt, seed)
@@ -204,7 +221,7 @@ def test_rewire_vs_direct_formula(backend, lead, n, dims, dtype_name):
 
     H_pre, H_post, M = numpy_activations(rewire.mhc)
     streams = to64(x).reshape(*lead, n, dims // n)
-    F = NumpyLinear(rewire.inner)
+    F = NumpyAffine(rewire.inner)
     y_inner = F((H_pre[:, None] * streams).reshape(*lead, dims)).reshape(streams.shape)
     direct = H_post[:, None] * (y_inner + np.einsum("ij,...jc->...ic", M * H_pre[None, :], streams))
     assert_close(out, direct.reshape(x.shape), TOL[dt], f"MHCRewire[{backend}] {lead} n={n} dims={dims} {dtype_name}")

@@ -1,0 +1,531 @@
+"""Dynamic mHC (mhc_aot.dynamic: mhc_coeffs, mhc_pre, mhc_post_res, DynamicMHC) on every backend.
+
+Reference: Liger-Kernel's LigerMHC written in float64 numpy, forward AND backward, ported line by
+line from its autograd functions (src/liger_kernel/ops/mhc.py: LigerMHCCoeffsFunction,
+_mhc_sinkhorn_bwd_kernel, mhc_mm_norm_bwd, _mhc_pre_bwd_kernel, _mhc_post_res_bwd_kernel), so
+matching it is the interchangeability test (torch is not installed here). The port itself is
+checked against float64 central finite differences.
+
+Shape table (leading dims, n, C): n in 1, 2, 4, 8, 16; C = 1, odd, even and 8192; T = 1 to 16384
+(SHAPES, GRAD_SHAPES); the cuda backend adds GPU_EXTRA_SHAPES (run on the GPU only).
+
+Tolerance table, relative error ||out - ref|| / ||ref|| against float64:
+  coefficients (float32 outputs, computed from x's exact values): TOL[float32] for every x dtype
+  x_in, x_out (x's dtype): TOL[dtype] (DESIGN.md section 5); bfloat16 also <= 2 x the error of the
+    reference run on the same bfloat16 inputs
+  gradients: GRAD_TOL[dtype of the gradient]: float32 5e-5 (a float32 Sinkhorn backward through 20
+    iterations and sums over up to 16384 tokens; measured <= 1e-5 here), float16 2e-3, bfloat16 1e-2
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from backends import assert_bf16_factor, gpu_param, leading, rel_error64, seed_of, to64
+from mhc_aot import DynamicMHC, dispatch, dynamic, ops, testing
+from mhc_aot import dynamic_reference as ref
+
+BACKENDS = [pytest.param("portable", id="portable"), pytest.param("reference", id="reference"), gpu_param("cuda")]
+DTYPE_NAMES = tuple(testing.DTYPES)
+
+# ---------------------------------------------------------------- shape table
+SHAPES = [
+    (1, 1, 1), (3, 1, 7), (5, 2, 33), ((2, 3), 4, 64), (1, 4, 4097), (2, 4, 8192), (7, 8, 129),
+    (2, 16, 31), (16384, 2, 8), (300, 4, 17),
+]
+GRAD_SHAPES = [(1, 1, 1), (3, 2, 9), ((2, 2), 4, 33), (1, 4, 4096), (4, 8, 15), (2, 16, 7), (16384, 1, 4)]
+GPU_EXTRA_SHAPES = [(8192, 4, 4096), (1, 4, 32768), (64, 16, 1025), (8192, 1, 1), (2048, 8, 2048)]
+
+# ---------------------------------------------------------------- tolerance table
+TOL = testing.TOLERANCES
+GRAD_TOL = {mx.float32: 5e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}
+BF16_FACTOR = testing.BF16_REFERENCE_FACTOR
+CFG = dict(tmax=20, rms_eps=1e-6, pre_eps=0.0, sinkhorn_eps=1e-6, post_mult=2.0)  # LigerMHC's defaults
+
+
+# ---------------------------------------------------------------- reference: LigerMHC in float64 numpy
+def _sig(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def liger_sinkhorn64(logits, tmax, eps):
+    """_mhc_split_sinkhorn_fwd_kernel (ops/mhc.py:471-490) on [T, n, n]."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    mat = e / e.sum(axis=-1, keepdims=True) + eps
+    mat = mat / (mat.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(tmax - 1):
+        mat = mat / (mat.sum(axis=-1, keepdims=True) + eps)
+        mat = mat / (mat.sum(axis=-2, keepdims=True) + eps)
+    return mat
+
+
+def liger_sinkhorn_bwd64(logits, g, tmax, eps):
+    """_mhc_sinkhorn_bwd_kernel (ops/mhc.py:536-584), the recompute variant, batched over tokens."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    row_sum0 = e.sum(axis=-1)
+    p = e / row_sum0[..., :, None]
+    p_eps = p + eps
+    col_sum0 = p_eps.sum(axis=-2)
+    mat0 = p_eps / (col_sum0[..., None, :] + eps)
+    for t in range(tmax - 1, 0, -1):
+        mat, rs_t, cs_t, mat_t = mat0, row_sum0, col_sum0, mat0
+        for s in range(1, tmax):
+            rs = mat.sum(axis=-1)
+            mat = mat / (rs[..., :, None] + eps)
+            cs = mat.sum(axis=-2)
+            mat = mat / (cs[..., None, :] + eps)
+            if s == t:
+                mat_t, rs_t, cs_t = mat, rs, cs
+        denom_col = cs_t + eps
+        dot_col = (g * mat_t).sum(axis=-2)
+        g_row = (g - dot_col[..., None, :]) / denom_col[..., None, :]
+        m_row = mat_t * denom_col[..., None, :]
+        dot_row = (g_row * m_row).sum(axis=-1)
+        g = (g_row - dot_row[..., :, None]) / (rs_t + eps)[..., :, None]
+    dot_col0 = (g * mat0).sum(axis=-2)
+    g_p = (g - dot_col0[..., None, :]) / (col_sum0 + eps)[..., None, :]
+    dot_soft = (g_p * p).sum(axis=-1)
+    return p * (g_p - dot_soft[..., :, None])
+
+
+def liger_coeffs64(x, phi, b, ap, apo, ar, tmax=20, rms_eps=1e-6, pre_eps=0.0, sinkhorn_eps=1e-6, post_mult=2.0):
+    """LigerMHCCoeffsFunction.forward on x [T, n, C]: (h_pre, h_post, h_res, saved for backward)."""
+    T, n, C = x.shape
+    x_mat = x.reshape(T, n * C)
+    invr = 1.0 / np.sqrt((x_mat ** 2).mean(axis=-1) + rms_eps)  # ops/mhc.py:110
+    mix = (x_mat @ phi) * invr[:, None]  # ops/mhc.py:111
+    pre_l = mix[:, :n] * ap + b[:n]
+    post_l = mix[:, n:2 * n] * apo + b[n:2 * n]
+    res_l = mix[:, 2 * n:].reshape(T, n, n) * ar + b[2 * n:].reshape(n, n)
+    saved = (x_mat, mix, invr, pre_l, post_l, res_l)
+    return _sig(pre_l) + pre_eps, _sig(post_l) * post_mult, liger_sinkhorn64(res_l, tmax, sinkhorn_eps), saved
+
+
+def liger_coeffs_bwd64(saved, phi, ap, apo, ar, gh_pre, gh_post, gh_res, n, tmax=20, sinkhorn_eps=1e-6,
+                       post_mult=2.0, **_):
+    """LigerMHCCoeffsFunction.backward (ops/mhc.py:1520-1593) + mhc_mm_norm_bwd (ops/mhc.py:186-308):
+    (dx [T, n C], dphi, db, dalpha_pre, dalpha_post, dalpha_res)."""
+    x_mat, mix, invr, pre_l, post_l, res_l = saved
+    T, K = x_mat.shape
+    grl = liger_sinkhorn_bwd64(res_l, gh_res, tmax, sinkhorn_eps).reshape(T, n * n)
+    s = _sig(pre_l)
+    gpl = gh_pre * s * (1 - s)
+    s = _sig(post_l)
+    gpol = gh_post * (post_mult * s * (1 - s))
+    grad_mix = np.concatenate([gpl * ap, gpol * apo, grl * ar], axis=1)
+    db = np.concatenate([gpl.sum(0), gpol.sum(0), grl.sum(0)])
+    da = ((gpl * mix[:, :n]).sum(), (gpol * mix[:, n:2 * n]).sum(), (grl * mix[:, 2 * n:]).sum())
+    grad_z = grad_mix * invr[:, None]
+    g = (grad_mix * mix).sum(axis=1) / invr
+    factor = (-g * invr ** 3) / K
+    dx = grad_z @ phi.T + x_mat * factor[:, None]
+    return dx, x_mat.T @ grad_z, db, *da
+
+
+def liger_pre64(x, h_pre):
+    return np.einsum("tj,tjc->tc", h_pre, x)
+
+
+def liger_pre_bwd64(x, h_pre, go):
+    """_mhc_pre_bwd_kernel: dx = go h_pre, dh_pre = sum_c go x."""
+    return go[:, None, :] * h_pre[:, :, None], np.einsum("tc,tjc->tj", go, x)
+
+
+def liger_post_res64(x, f, h_post, h_res):
+    return np.einsum("toi,tic->toc", h_res, x) + h_post[:, :, None] * f[:, None, :]
+
+
+def liger_post_res_bwd64(x, f, h_post, h_res, go):
+    """_mhc_post_res_bwd_kernel: (dx, df, dh_post, dh_res)."""
+    return (np.einsum("toi,toc->tic", h_res, go), np.einsum("toc,to->tc", go, h_post),
+            np.einsum("toc,tc->to", go, f), np.einsum("toc,tic->toi", go, x))
+
+
+# ---------------------------------------------------------------- inputs
+def _params(n, C, seed, phi_scale=None):
+    """Non-trivial parameters (not Liger's init: b != 0, alphas != 1) with O(1) logits."""
+    k = mx.random.split(mx.random.key(seed), 5)
+    M = n * n + 2 * n
+    phi = mx.random.normal((n * C, M), key=k[0]) * (phi_scale or 1.5 / np.sqrt(n * C))
+    b = 0.5 * mx.random.normal((M,), key=k[1])
+    a = 0.5 + mx.random.uniform(shape=(3,), key=k[2])
+    return phi, b, a[0], a[1], a[2]
+
+
+def _x(shape, dtype_name, seed):
+    return testing.random_input(shape, testing.DTYPES[dtype_name], seed)
+
+
+def _np_params(phi, b, ap, apo, ar):
+    return to64(phi), to64(b), float(ap.item()), float(apo.item()), float(ar.item())
+
+
+def _flat64(x):
+    n, C = x.shape[-2:]
+    return to64(x).reshape(-1, n, C)
+
+
+def _err_ok(out, ref64, tol, what):
+    err = rel_error64(out, ref64)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.0e}"
+    return err
+
+
+def _run(fn, *args, **kw):
+    with testing.poisoned_outputs():
+        out = fn(*args, **kw)
+        mx.eval(out)
+    return out
+
+
+# ---------------------------------------------------------------- the float64 port is exact
+def test_liger_port_gradients_match_finite_differences():
+    rng = np.random.default_rng(0)
+    T, n, C = 2, 3, 4
+    M = n * n + 2 * n
+    x, f = rng.normal(size=(T, n, C)), rng.normal(size=(T, C))
+    phi, b = rng.normal(size=(n * C, M)) * 0.4, rng.normal(size=M) * 0.5
+    al = (0.7, 1.3, 0.9)
+    cfg = dict(tmax=5, rms_eps=1e-6, pre_eps=0.1, sinkhorn_eps=1e-3, post_mult=2.0)
+    G = [rng.normal(size=s) for s in ((T, n), (T, n), (T, n, n))]
+
+    def loss(x, phi, b, ap, apo, ar):
+        h = liger_coeffs64(x, phi, b, ap, apo, ar, **cfg)
+        return sum((hh * g).sum() for hh, g in zip(h[:3], G))
+
+    _, _, _, saved = liger_coeffs64(x, phi, b, *al, **cfg)
+    analytic = liger_coeffs_bwd64(saved, phi, *al, *G, n, **cfg)
+    args = [x, phi, b, *al]
+    for i, g in enumerate(analytic):
+        base = np.array(args[i], dtype=np.float64)
+        fd = np.zeros(base.shape)
+        for idx in np.ndindex(base.shape):
+            for sgn in (1, -1):
+                a = base.copy()
+                a[idx] += sgn * 1e-6
+                fd[idx] += sgn * loss(*[a if j == i else args[j] for j in range(6)]) / 2e-6
+        np.testing.assert_allclose(np.reshape(g, fd.shape), fd, rtol=1e-6, atol=1e-8)
+    # pre and post_res backward by the same check
+    h_pre, h_post, h_res = rng.uniform(size=(T, n)), rng.uniform(size=(T, n)), rng.uniform(size=(T, n, n))
+    go_pre, go_post = rng.normal(size=(T, C)), rng.normal(size=(T, n, C))
+    dx, dh = liger_pre_bwd64(x, h_pre, go_pre)  # the loss is linear in each argument: g . a == loss
+    assert np.isclose((dx * x).sum(), (liger_pre64(x, h_pre) * go_pre).sum())
+    assert np.isclose((dh * h_pre).sum(), (liger_pre64(x, h_pre) * go_pre).sum())
+    lin = lambda x, f, hp, hr: (liger_post_res64(x, f, hp, hr) * go_post).sum()  # noqa: E731
+    grads = liger_post_res_bwd64(x, f, h_post, h_res, go_post)
+    dots = [(g * a).sum() for g, a in zip(grads, [x, f, h_post, h_res])]  # bilinear terms (Euler)
+    assert np.isclose(dots[0], dots[3]) and np.isclose(dots[1], dots[2])
+    assert np.isclose(dots[0] + dots[1], lin(x, f, h_post, h_res))
+
+
+# ---------------------------------------------------------------- forward
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("B,n,C", SHAPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_vs_liger64(backend, B, n, C, dtype_name):
+    _check_forward(backend, B, n, C, dtype_name)
+
+
+def _check_forward(backend, B, n, C, dtype_name, cfg=CFG):
+    seed = seed_of("fwd", backend, B, n, C, dtype_name)
+    x = _x((*leading(B), n, C), dtype_name, seed)
+    params = _params(n, C, seed)
+    lead = tuple(x.shape[:-2])
+    h_pre, h_post, h_res, x_in = _run(ops.mhc_coeffs_pre, x, *params, **cfg, backend=backend)
+    assert h_pre.shape == (*lead, n) and h_res.shape == (*lead, n, n) and x_in.shape == (*lead, C)
+    assert h_pre.dtype == h_post.dtype == h_res.dtype == mx.float32 and x_in.dtype == x.dtype
+    x64 = _flat64(x)
+    e_pre, e_post, e_res, _ = liger_coeffs64(x64, *_np_params(*params), **cfg)
+    what = f"[{backend}] B={B} n={n} C={C} {dtype_name}"
+    _err_ok(h_pre.reshape(-1, n), e_pre, TOL[mx.float32], "h_pre " + what)
+    _err_ok(h_post.reshape(-1, n), e_post, TOL[mx.float32], "h_post " + what)
+    _err_ok(h_res.reshape(-1, n, n), e_res, TOL[mx.float32], "h_res " + what)
+    # the separate ops give the same coefficients
+    h2 = _run(ops.mhc_coeffs, x, *params, **cfg, backend=backend)
+    for a, b in zip(h2, (h_pre, h_post, h_res)):
+        assert rel_error64(a, to64(b)) < 1e-6
+    # pre and post_res on the exact (float64) coefficients, so each op is tested on its own
+    hp64, hpo64, hr64 = (a.astype(np.float32) for a in (e_pre, e_post, e_res))
+    f = _x((*lead, C), dtype_name, seed + 1)
+    mlx_h = [mx.array(a).reshape(s) for a, s in ((hp64, (*lead, n)), (hpo64, (*lead, n)), (hr64, (*lead, n, n)))]
+    xin = _run(ops.mhc_pre, x, mlx_h[0], backend=backend)
+    out = _run(ops.mhc_post_res, x, f, mlx_h[1], mlx_h[2], backend=backend)
+    assert xin.dtype == x.dtype and out.dtype == x.dtype and out.shape == x.shape
+    xin64 = liger_pre64(x64, hp64.astype(np.float64))
+    out64 = liger_post_res64(x64, _flat64(f[..., None, :])[:, 0], hpo64.astype(np.float64), hr64.astype(np.float64))
+    err_in = _err_ok(xin.reshape(-1, C), xin64, TOL[x.dtype], "x_in " + what)
+    err_out = _err_ok(out.reshape(-1, n, C), out64, TOL[x.dtype], "x_out " + what)
+    _err_ok(x_in.reshape(-1, C), liger_pre64(x64, e_pre), TOL[x.dtype], "fused x_in " + what)
+    if x.dtype == mx.bfloat16:
+        x3, f2 = x.reshape(-1, n, C), f.reshape(-1, C)
+        ref_in = ref.mhc_pre(x3, mlx_h[0].reshape(-1, n)).astype(mx.bfloat16)
+        ref_out = ref.mhc_post_res(x3, f2, mlx_h[1].reshape(-1, n), mlx_h[2].reshape(-1, n, n)).astype(mx.bfloat16)
+        assert_bf16_factor(err_in, rel_error64(ref_in, xin64), BF16_FACTOR, "x_in " + what)
+        assert_bf16_factor(err_out, rel_error64(ref_out, out64), BF16_FACTOR, "x_out " + what)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("B,n,C", GPU_EXTRA_SHAPES)
+def test_forward_gpu_extra(B, n, C, dtype_name):
+    _check_forward("cuda", B, n, C, dtype_name)
+
+
+@pytest.mark.parametrize("cfg", [dict(tmax=1, rms_eps=1e-3, pre_eps=0.25, sinkhorn_eps=1e-3, post_mult=1.0),
+                                 dict(tmax=7, rms_eps=1e-6, pre_eps=1e-4, sinkhorn_eps=1e-6, post_mult=3.0),
+                                 dict(tmax=50, rms_eps=1e-5, pre_eps=0.0, sinkhorn_eps=1e-8, post_mult=2.0)],
+                         ids=["tmax1", "tmax7", "tmax50"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_config(backend, cfg):
+    _check_forward(backend, 6, 4, 37, "float32", cfg)
+
+
+# ---------------------------------------------------------------- gradients
+def _loss_coeffs(backend, G):
+    def loss(x, phi, b, ap, apo, ar):
+        h_pre, h_post, h_res, x_in = ops.mhc_coeffs_pre(x, phi, b, ap, apo, ar, **CFG, backend=backend)
+        return (mx.sum(h_pre * G[0]) + mx.sum(h_post * G[1]) + mx.sum(h_res * G[2])
+                + mx.sum(x_in.astype(mx.float32) * G[3]))
+    return loss
+
+
+def _grad_check(got, want, dtype, what):
+    err = rel_error64(got, want)
+    assert err < GRAD_TOL[dtype], f"{what}: relative error {err:.3e} >= {GRAD_TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("B,n,C", GRAD_SHAPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_vs_liger64(backend, B, n, C, dtype_name):
+    seed = seed_of("grad", backend, B, n, C, dtype_name)
+    x = _x((*leading(B), n, C), dtype_name, seed)
+    lead = tuple(x.shape[:-2])
+    params = _params(n, C, seed)
+    k = mx.random.split(mx.random.key(seed + 3), 6)
+    G = [mx.random.normal(s, key=kk) for s, kk in
+         (((*lead, n), k[0]), ((*lead, n), k[1]), ((*lead, n, n), k[2]), ((*lead, C), k[3]))]
+    what = f"[{backend}] B={B} n={n} C={C} {dtype_name}"
+    with testing.poisoned_outputs():
+        grads = mx.grad(_loss_coeffs(backend, G), argnums=tuple(range(6)))(x, *params)
+        mx.eval(grads)
+    assert grads[0].dtype == x.dtype and grads[0].shape == x.shape and grads[1].dtype == params[0].dtype
+    # float64: coefficients backward + the pre path (x_in's cotangent flows to h_pre and to x)
+    x64 = _flat64(x)
+    p64 = _np_params(*params)
+    G64 = [to64(g).reshape(-1, *g.shape[len(lead):]) for g in G]
+    h_pre, _, _, saved = liger_coeffs64(x64, *p64, **CFG)
+    dx_pre, dh_pre = liger_pre_bwd64(x64, h_pre, G64[3])
+    want = list(liger_coeffs_bwd64(saved, p64[0], *p64[2:], G64[0] + dh_pre, G64[1], G64[2], n, **CFG))
+    want[0] = want[0].reshape(x64.shape) + dx_pre
+    names = ("dx", "dphi", "db", "dalpha_pre", "dalpha_post", "dalpha_res")
+    for g, w, nm in zip(grads, want, names):
+        _grad_check(g.reshape(np.shape(w)), w, x.dtype if nm == "dx" else mx.float32, f"{nm} {what}")
+
+    # post_res: every gradient
+    f = _x((*lead, C), dtype_name, seed + 1)
+    hp = mx.random.uniform(shape=(*lead, n), key=k[4]) * 2
+    hr = mx.random.uniform(shape=(*lead, n, n), key=k[5])
+    Go = mx.random.normal(x.shape, key=mx.random.key(seed + 5))
+
+    def loss_pr(x, f, hp, hr):
+        return mx.sum(ops.mhc_post_res(x, f, hp, hr, backend=backend).astype(mx.float32) * Go)
+
+    with testing.poisoned_outputs():
+        g_pr = mx.grad(loss_pr, argnums=(0, 1, 2, 3))(x, f, hp, hr)
+        mx.eval(g_pr)
+    want_pr = liger_post_res_bwd64(x64, to64(f).reshape(-1, C), to64(hp).reshape(-1, n), to64(hr).reshape(-1, n, n),
+                                   to64(Go).reshape(-1, n, C))
+    for g, w, nm, dt in zip(g_pr, want_pr, ("dx", "df", "dh_post", "dh_res"), (x.dtype, x.dtype, mx.float32, mx.float32)):
+        assert g.dtype == dt
+        _grad_check(g.reshape(w.shape), w, dt, f"post_res {nm} {what}")
+
+    # pre on its own: dx and dh_pre
+    def loss_pre(x, h):
+        return mx.sum(ops.mhc_pre(x, h, backend=backend).astype(mx.float32) * G[3])
+
+    with testing.poisoned_outputs():
+        g_pre = mx.grad(loss_pre, argnums=(0, 1))(x, hp)
+        mx.eval(g_pre)
+    want_pre = liger_pre_bwd64(x64, to64(hp).reshape(-1, n), G64[3])
+    _grad_check(g_pre[0].reshape(want_pre[0].shape), want_pre[0], x.dtype, f"pre dx {what}")
+    _grad_check(g_pre[1].reshape(want_pre[1].shape), want_pre[1], mx.float32, f"pre dh_pre {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alpha_shape_1_and_phi_dtypes(backend):
+    """alpha_* of shape (1,) work and get (1,) gradients; phi in float16 / bfloat16 is used exactly."""
+    n, C = 4, 16
+    x = _x((5, n, C), "bfloat16", 11)
+    phi, b, ap, apo, ar = _params(n, C, 12)
+    for phi_dt in (mx.float16, mx.bfloat16):
+        p = phi.astype(phi_dt)
+        h = _run(ops.mhc_coeffs, x, p, b, ap.reshape(1), apo, ar, backend=backend)
+        e = liger_coeffs64(_flat64(x), to64(p), to64(b), ap.item(), apo.item(), ar.item())
+        for a, w in zip(h, e[:3]):
+            _err_ok(a, w, TOL[mx.float32], f"phi {phi_dt}")
+        g = mx.grad(lambda p, a: mx.sum(ops.mhc_coeffs(x, p, b, a, apo, ar, backend=backend)[2] ** 2),
+                    argnums=(0, 1))(p, ap.reshape(1))
+        assert g[0].dtype == phi_dt and g[1].shape == (1,)
+
+
+# ---------------------------------------------------------------- the layer
+def _layer(n, C, seed, backend, dtype=mx.float32, **kw):
+    mx.random.seed(seed)
+    F = nn.Linear(C, C)
+    F.set_dtype(dtype)
+    m = DynamicMHC(F, n, C, backend=backend, **kw)
+    phi, b, ap, apo, ar = _params(n, C, seed)
+    m.update({"phi": phi, "b": b, "alpha_pre": ap, "alpha_post": apo, "alpha_res": ar})
+    return m
+
+
+def _layer64(m, x64, G64=None):
+    """DynamicMHC / LigerMHC.forward (transformers/mhc.py:136-158) in float64, and its backward."""
+    sd = {k: np.asarray(v, np.float64) for k, v in dynamic.to_liger_state_dict(m).items()}
+    W, bias = sd["layer.weight"], sd["layer.bias"]
+    h_pre, h_post, h_res, saved = liger_coeffs64(x64, sd["phi"], sd["b"], float(sd["alpha_pre"]),
+                                                 float(sd["alpha_post"]), float(sd["alpha_res"]))
+    x_in = liger_pre64(x64, h_pre)
+    f = x_in @ W.T + bias
+    out = liger_post_res64(x64, f, h_post, h_res)
+    if G64 is None:
+        return out
+    dx1, df, dh_post, dh_res = liger_post_res_bwd64(x64, f, h_post, h_res, G64)
+    dW, dbias, dx_in = df.T @ x_in, df.sum(0), df @ W
+    dx2, dh_pre = liger_pre_bwd64(x64, h_pre, dx_in)
+    dx3, dphi, db, *da = liger_coeffs_bwd64(saved, sd["phi"], float(sd["alpha_pre"]), float(sd["alpha_post"]),
+                                            float(sd["alpha_res"]), dh_pre, dh_post, dh_res, x64.shape[1])
+    return out, {"x": dx1 + dx2 + dx3.reshape(x64.shape), "phi": dphi, "b": db, "alpha_pre": da[0],
+                 "alpha_post": da[1], "alpha_res": da[2], "layer.weight": dW, "layer.bias": dbias}
+
+
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("B,n,C", [(1, 1, 1), ((2, 3), 4, 32), (5, 8, 17), (2, 16, 8)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_vs_liger64(backend, B, n, C, dtype_name):
+    seed = seed_of("layer", backend, B, n, C, dtype_name)
+    dtype = testing.DTYPES[dtype_name]
+    m = _layer(n, C, seed, backend)
+    x = _x((*leading(B), n, C), dtype_name, seed)
+    out = _run(m, x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    x64 = _flat64(x)
+    G = mx.random.normal(x.shape, key=mx.random.key(seed))
+    want_out, want = _layer64(m, x64, to64(G).reshape(x64.shape))
+    what = f"DynamicMHC[{backend}] B={B} n={n} C={C} {dtype_name}"
+    # x_in is rounded to x's dtype before F (LigerMHCPreFunction returns x's dtype): 2 x the tolerance
+    _err_ok(out.reshape(x64.shape), want_out, 2 * TOL[dtype], what)
+
+    def loss(params, x):
+        m.update(params)
+        return mx.sum(m(x).astype(mx.float32) * G)
+
+    with testing.poisoned_outputs():
+        g_params, g_x = mx.grad(loss, argnums=(0, 1))(m.trainable_parameters(), x)
+        mx.eval(g_params, g_x)
+    got = dict(tree_flatten(g_params))
+    got["x"] = g_x
+    for k, w in want.items():
+        tol = 2 * GRAD_TOL[dtype] if dtype != mx.float32 else 1e-4
+        err = rel_error64(got[k].reshape(np.shape(w)), w)
+        assert err < tol, f"grad {k} {what}: relative error {err:.3e} >= {tol:.0e}"
+
+
+def tree_flatten(t):
+    from mlx.utils import tree_flatten as tf
+
+    return tf(t)
+
+
+def test_layer_defaults_match_liger():
+    """LigerMHC(layer, hc, c) defaults (transformers/mhc.py:86-126): tmax 20, rms_eps 1e-6, pre_eps 0,
+    sinkhorn_eps 1e-6, post_mult 2; phi ~ 0.02 N(0, 1), b = 0, alphas = 1 (0-d float32)."""
+    m = DynamicMHC(nn.Linear(64, 64), 4, 64, key=mx.random.key(0))
+    assert m.config == dynamic.Config(20, 1e-6, 0.0, 1e-6, 2.0)
+    assert m.phi.shape == (256, 24) and abs(float(mx.std(m.phi).item()) - 0.02) < 2e-3
+    assert m.b.shape == (24,) and float(mx.abs(m.b).max().item()) == 0.0
+    for k in ("alpha_pre", "alpha_post", "alpha_res"):
+        a = getattr(m, k)
+        assert a.shape == () and a.dtype == mx.float32 and a.item() == 1.0
+    assert {k for k, _ in tree_flatten(m.trainable_parameters())} == {
+        "phi", "b", "alpha_pre", "alpha_post", "alpha_res", "layer.weight", "layer.bias"}
+
+
+def test_liger_state_dict_round_trip():
+    m = _layer(4, 32, 5, "portable")
+    sd = dynamic.to_liger_state_dict(m)
+    assert set(sd) == {"phi", "b", "alpha_pre", "alpha_post", "alpha_res", "layer.weight", "layer.bias"}
+    assert sd["phi"].shape == (128, 24) and sd["alpha_pre"].shape == () and all(isinstance(v, np.ndarray)
+                                                                               for v in sd.values())
+    m2 = DynamicMHC(nn.Linear(32, 32), 4, 32, phi_dtype=mx.bfloat16, backend="portable")
+    dynamic.load_liger_state_dict(m2, {k: v.astype(np.float16) if k == "phi" else v for k, v in sd.items()})
+    assert m2.phi.dtype == mx.bfloat16 and m2.alpha_res.shape == ()
+    m3 = DynamicMHC(nn.Linear(32, 32), 4, 32, backend="portable")
+    dynamic.load_liger_state_dict(m3, sd)
+    x = _x((3, 4, 32), "float32", 9)
+    assert float(mx.abs(m3(x) - m(x)).max().item()) == 0.0
+    with pytest.raises(ValueError, match="missing keys"):
+        dynamic.load_liger_state_dict(m3, {"phi": sd["phi"]})
+    with pytest.raises(ValueError, match="shape"):
+        dynamic.load_liger_state_dict(m3, {**sd, "b": np.zeros(5, np.float32)})
+
+
+def test_layer_casts_x_in_to_layer_dtype_and_compiles():
+    """LigerMHC casts x_in to F's parameter dtype (transformers/mhc.py:151-156); the layer traces
+    under mx.compile."""
+    seen = {}
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = mx.ones((8,), mx.float16)
+
+        def __call__(self, v):
+            seen["dtype"] = v.dtype
+            return v * self.w
+
+    m = DynamicMHC(Probe(), 2, 8, backend="portable")
+    x = _x((3, 2, 8), "float32", 1)
+    out = m(x)
+    assert seen["dtype"] == mx.float16 and out.dtype == mx.float32
+    compiled = mx.compile(m)
+    assert float(mx.abs(compiled(x) - out).max().item()) < 1e-6
+
+
+# ---------------------------------------------------------------- errors and dispatch
+def test_errors_name_the_fix():
+    x = mx.zeros((2, 4, 8))
+    phi, b, ap, apo, ar = _params(4, 8, 0)
+    with pytest.raises(ValueError, match=r"phi has shape \(31, 24\): expected \(32, 24\)"):
+        ops.mhc_coeffs(x, phi[:31], b, ap, apo, ar)
+    with pytest.raises(ValueError, match="tmax=0"):
+        ops.mhc_coeffs(x, phi, b, ap, apo, ar, tmax=0)
+    with pytest.raises(ValueError, match="alpha_pre has shape"):
+        ops.mhc_coeffs(x, phi, b, mx.ones((2,)), apo, ar)
+    with pytest.raises(ValueError, match=r"h_res has shape"):
+        ops.mhc_post_res(x, mx.zeros((2, 8)), mx.zeros((2, 4)), mx.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"expected \[\.\.\., 4, 8\]"):
+        DynamicMHC(nn.Identity(), 4, 8)(mx.zeros((2, 3, 8)))
+    with pytest.raises(ValueError, match="backend="):
+        ops.mhc_pre(x, mx.zeros((2, 4)), backend="gpu")
+    if not mx.cuda.is_available():
+        with pytest.raises(RuntimeError, match="mx.cuda.is_available"):
+            ops.mhc_pre(x, mx.zeros((2, 4)), backend="cuda")
+
+
+def test_empty_and_auto():
+    x = mx.zeros((0, 3, 4, 8))
+    phi, b, ap, apo, ar = _params(4, 8, 0)
+    h = ops.mhc_coeffs_pre(x, phi, b, ap, apo, ar)
+    assert [a.shape for a in h] == [(0, 3, 4), (0, 3, 4), (0, 3, 4, 4), (0, 3, 8)]
+    assert ops.mhc_post_res(x, h[3], h[1], h[2]).shape == x.shape
+    # "auto" on the CPU is the portable path (with or without the dispatch rows of the dynamic ops)
+    for op in dynamic.DYNAMIC_OPS:
+        c = dynamic._choose(op, 4, 8, "cpu", 3)
+        assert (c.backend, c.strategy) == ("cpu", "portable")
+        assert c.rule is None or c.rule in dispatch.RULES
