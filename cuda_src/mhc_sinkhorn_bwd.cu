@@ -6,9 +6,11 @@
 //   da_i = sum_j dQ_ij P_{t-1,ij};   dP_{t-1,ij} = dQ_ij a_i - [r_i > eps] da_i a_i^2
 // and finally through P_0 = exp(L - rowmax): dL_ij = G_ij P0_ij - share_ij * sum_k G_ik P0_ik,
 // where the rowmax gradient is split equally among tied maxima (as MLX's max does).
-// One CTA; everything lives in the float32 workspace output `ws` (n*n*(iters+2) + 2*n*iters):
-// global but tiny and L1-resident, so any n and iters work.
-// Launch: grid (THREADS, 1, 1), threadgroup (THREADS, 1, 1).
+// One CTA. n <= 32 with SMALL_THREADS threads and use_smem = 1: thread (i, j) keeps P and G in
+// registers, the history P_{t-1} (iters * TILE floats) and the sums (2 * iters * SMALL_N) in
+// shared memory (plus TILE + SMALL_N for column sums). Otherwise everything lives in the float32
+// workspace output `ws` (n*n*(iters+2) + 2*n*iters): global, L1-resident, any n and iters.
+// Launch: grid = threadgroup = (SMALL_THREADS or THREADS, 1, 1).
 #include "mhc_sinkhorn_common.cuh"
 
 using namespace mhc;
@@ -17,7 +19,45 @@ using namespace mhc;
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(const float* __restrict__ L,
                                                                  const float* __restrict__ dM,
                                                                  float* __restrict__ dL, float* ws,
-                                                                 int n, int iters, float eps) {
+                                                                 int n, int iters, float eps, int use_smem) {
+  extern __shared__ float smem[];
+  if (n <= SMALL_N && blockDim.x == SMALL_THREADS && use_smem) {
+    const int i = threadIdx.x >> 5, j = threadIdx.x & 31;
+    const bool ok = i < n && j < n;
+    float* T = smem;
+    float* col = T + TILE;
+    float* hist = col + SMALL_N;                  // hist[t * TILE + i * 33 + j] = P_{t-1}[i, j]
+    float* rs = hist + (size_t)iters * TILE;      // rs[t * 32 + i]
+    float* cs = rs + (size_t)iters * SMALL_N;     // cs[t * 32 + j]
+    const float l = ok ? L[i * n + j] : -INFINITY;
+    const float m = warp_max(l);
+    const float p0 = ok ? expf(l - m) : 0.0f;
+    float p = p0;
+    for (int t = 0; t < iters; ++t) {
+      hist[t * TILE + i * (SMALL_N + 1) + j] = p;
+      const float r = warp_sum(p);
+      if (j == 0) rs[t * SMALL_N + i] = r;
+      p *= r > eps ? 1.0f / r : 1.0f;
+      const float c = column_sum(p, T, col);
+      if (i == 0) cs[t * SMALL_N + j] = c;
+      p = ok ? p * (c > eps ? 1.0f / c : 0.0f) : 0.0f;
+    }
+    float g = ok ? dM[i * n + j] : 0.0f;
+    for (int t = iters - 1; t >= 0; --t) {
+      __syncthreads();  // rs / cs of step t were written by other threads
+      const float pp = hist[t * TILE + i * (SMALL_N + 1) + j];
+      const float r = ok ? rs[t * SMALL_N + i] : 1.0f, c = ok ? cs[t * SMALL_N + j] : 1.0f;
+      const float a = r > eps ? 1.0f / r : 1.0f, b = c > eps ? 1.0f / c : 0.0f;
+      const float db = column_sum(g * a * pp, T, col);
+      g = ok ? g * b + (c > eps ? -db * b * b : 0.0f) : 0.0f;
+      const float da = warp_sum(g * pp);
+      g = ok ? g * a + (r > eps ? -da * a * a : 0.0f) : 0.0f;
+    }
+    const float dot = warp_sum(g * p0);
+    const float ties = warp_sum(ok && l == m ? 1.0f : 0.0f);
+    if (ok) dL[i * n + j] = g * p0 - (l == m ? dot / ties : 0.0f);
+    return;
+  }
   const int nn = n * n;
   float* hist = ws;                       // hist[t * nn]: P before row step t (t = 0..iters-1); hist[iters*nn]: P0 copy
   float* G = ws + (size_t)(iters + 1) * nn;  // running gradient

@@ -43,4 +43,31 @@ __device__ __forceinline__ void normalize_cols(float* P, int n, float eps, float
   }
 }
 
+// ---------------------------------------------------------------- n <= 32: one warp per row
+// With n <= 32 and SMALL_THREADS threads, thread (i = warp, j = lane) keeps P[i, j] in a register:
+// row sums are warp shuffles; column sums go through a transposed shared tile T[j * 33 + i]
+// (padded: no bank conflicts) and a shuffle by the warp that owns the column. Two barriers per
+// iteration instead of a serial pass per column.
+constexpr int SMALL_N = 32;
+constexpr int SMALL_THREADS = 32 * SMALL_N;
+constexpr int TILE = SMALL_N * (SMALL_N + 1);
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Column sums of the register tile: returns sum_i P[i, j] to every thread of column j.
+// `T` holds TILE floats, `col` SMALL_N floats.
+__device__ __forceinline__ float column_sum(float p, float* T, float* col) {
+  const int i = threadIdx.x >> 5, j = threadIdx.x & 31;
+  T[j * (SMALL_N + 1) + i] = p;
+  __syncthreads();
+  const float s = warp_sum(T[i * (SMALL_N + 1) + j]);  // warp i sums column i
+  if (j == 0) col[i] = s;
+  __syncthreads();
+  return col[j];
+}
+
 }  // namespace mhc

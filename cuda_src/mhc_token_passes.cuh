@@ -56,7 +56,8 @@ template <typename E, int W>
 __device__ __forceinline__ float aggregate_pass(const E* xb, const float* hpre, int n, int C, int c0, int c1,
                                                 float* agg) {
   float ss = 0.0f;
-  for (int c = c0 + threadIdx.x * W; c < c1; c += blockDim.x * W) {
+#pragma unroll 2
+  for (int c = c0 + threadIdx.x * W; c < c1; c += blockDim.x * W) {  // two vectors' loads in flight
     float a[W] = {};
     for_streams<(W == 1 ? 0 : NMAX)>(n, [&](int j) {
       float xv[W];

@@ -61,7 +61,7 @@ def _bucket_binary(binary: bytes, bucket: int) -> bytes:
 
 
 def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes, output_dtypes, scalars,
-            grid, shared_floats: int = 0):
+            grid, shared_floats: int = 0, threads: int = THREADS):
     name, binary, _ = _binary(source, dtype, n)
     scalars = [_f32(s) if isinstance(s, float) else s for s in scalars]
     smem = 4 * shared_floats
@@ -73,7 +73,7 @@ def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes
         binary = _bucket_binary(binary, smem)
     return mx.fast.precompiled_cuda_kernel(
         name=name, compiled_source=binary, inputs=inputs, output_shapes=output_shapes,
-        output_dtypes=output_dtypes, scalars=scalars, grid=grid, threadgroup=(THREADS, 1, 1),
+        output_dtypes=output_dtypes, scalars=scalars, grid=grid, threadgroup=(threads, 1, 1),
         shared_memory=smem, init_value=float("nan") if testing.poison_requested() else None,
         ensure_row_contiguous=True)
 
@@ -96,19 +96,33 @@ def _single(arrays):
 
 
 # ---------------------------------------------------------------- sinkhorn
+# n <= SMALL_N: one warp per row, the matrix in registers (cuda_src/mhc_sinkhorn_common.cuh)
+SMALL_N = 32
+SMALL_THREADS = 32 * SMALL_N
+TILE = SMALL_N * (SMALL_N + 1)
+
+
 def _sinkhorn_fwd(L: mx.array, iters: int, eps: float) -> mx.array:
     n = L.shape[0]
-    use_smem = int(4 * n * n <= 160 * 1024)
+    if n <= SMALL_N:
+        threads, smem, use_smem = SMALL_THREADS, TILE + SMALL_N, 1
+    else:
+        use_smem = int(4 * n * n <= 160 * 1024)
+        threads, smem = THREADS, n * n if use_smem else 0
     (M,) = _launch("mhc_sinkhorn_fwd", None, None, [L], [(n, n)], [F32], [n, iters, eps, use_smem],
-                   (THREADS, 1, 1), n * n if use_smem else 0)
+                   (threads, 1, 1), smem, threads)
     return M
 
 
 def _sinkhorn_bwd(L: mx.array, dM: mx.array, iters: int, eps: float) -> mx.array:
     n = L.shape[0]
-    ws = n * n * (iters + 2) + 2 * n * iters
+    small_smem = TILE + SMALL_N + iters * TILE + 2 * iters * SMALL_N
+    if n <= SMALL_N and 4 * small_smem <= device.max_shared_memory_per_block():
+        threads, smem, ws, use_smem = SMALL_THREADS, small_smem, 1, 1
+    else:
+        threads, smem, ws, use_smem = THREADS, 0, n * n * (iters + 2) + 2 * n * iters, 0
     dL, _ = _launch("mhc_sinkhorn_bwd", None, None, [L, dM.astype(F32)], [(n, n), (max(ws, 1),)], [F32, F32],
-                    [n, iters, eps], (THREADS, 1, 1))
+                    [n, iters, eps, use_smem], (threads, 1, 1), smem, threads)
     return dL
 
 

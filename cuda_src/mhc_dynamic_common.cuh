@@ -1,0 +1,235 @@
+// Shared by the dynamic-mHC kernels (cuda_src/mhc_dynamic_*.cu): block reductions of several
+// values at once, the per-token stream dot products, and Liger-Kernel's per-token Sinkhorn
+// (src/liger_kernel/ops/mhc.py:471-490 forward, :536-584 backward) on an n x n matrix in shared
+// memory. Built on mhc_common.cuh (element types, 16-byte vector I/O, THREADS, for_streams).
+//
+// Conventions as every mhc-aot kernel: float32 math, x / f / their gradients in MHC_DTYPE,
+// coefficients and parameters float32; one CTA of mhc::THREADS threads.
+#pragma once
+
+#include "mhc_common.cuh"
+
+namespace mhc {
+namespace dyn {
+
+constexpr int WARPS = THREADS / 32;
+
+// Sums R values over the CTA: out[q] (shared, R floats) = sum over threads of v[q]. `scratch`
+// holds WARPS * R floats. Starts and ends synchronised; every thread must call it.
+template <int R>
+__device__ __forceinline__ void block_sum_n(float (&v)[R], float* scratch, float* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int q = 0; q < R; ++q) v[q] = warp_sum(v[q]);
+  __syncthreads();
+  if (lane == 0) {
+#pragma unroll
+    for (int q = 0; q < R; ++q) scratch[warp * R + q] = v[q];
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < R; q += THREADS) {
+    float s = 0.0f;
+    for (int w = 0; w < WARPS; ++w) s += scratch[w * R + q];
+    out[q] = s;
+  }
+  __syncthreads();
+}
+
+// dots[j] = sum_c g[c] * x[j, c] for j < n, one token: x [n, C], g [C] (both E, row-major).
+// Compile-time NM >= n: one pass over the token with NM accumulators per thread; NM = 0: one
+// block reduction per stream (x re-read per stream from cache). `scratch`: WARPS * max(NM, 1)
+// floats. Result in shared `dots` (n floats). Every thread must call it.
+template <int NM, typename E>
+__device__ __forceinline__ void stream_dots(const E* __restrict__ x, const E* __restrict__ g, int n, int C,
+                                            float* scratch, float* dots) {
+  constexpr int V = Vec<E>::N;
+  const bool vec = vec_ok<E>(C, x, g);
+  if constexpr (NM > 0) {
+    float acc[NM];
+#pragma unroll
+    for (int j = 0; j < NM; ++j) acc[j] = 0.0f;
+    if (vec) {
+      for (int v = threadIdx.x; v < C / V; v += THREADS) {
+        float gv[V];
+        load_vec(g + v * V, gv);
+#pragma unroll
+        for (int j = 0; j < NM; ++j) {
+          if (j < n) {
+            float xv[V];
+            load_vec(x + (size_t)j * C + v * V, xv);
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[j] += gv[e] * xv[e];
+          }
+        }
+      }
+    } else {
+      for (int c = threadIdx.x; c < C; c += THREADS) {
+        const float gc = to_float(g[c]);
+#pragma unroll
+        for (int j = 0; j < NM; ++j)
+          if (j < n) acc[j] += gc * to_float(x[(size_t)j * C + c]);
+      }
+    }
+    block_sum_n<NM>(acc, scratch, scratch + WARPS * NM);
+    for (int j = threadIdx.x; j < n; j += THREADS) dots[j] = scratch[WARPS * NM + j];
+    __syncthreads();
+  } else {
+    for (int j = 0; j < n; ++j) {
+      float acc[1] = {0.0f};
+      const E* xj = x + (size_t)j * C;
+      if (vec) {
+        for (int v = threadIdx.x; v < C / V; v += THREADS) {
+          float gv[V], xv[V];
+          load_vec(g + v * V, gv);
+          load_vec(xj + v * V, xv);
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[0] += gv[e] * xv[e];
+        }
+      } else {
+        for (int c = threadIdx.x; c < C; c += THREADS) acc[0] += to_float(g[c]) * to_float(xj[c]);
+      }
+      block_sum_n<1>(acc, scratch, scratch + WARPS);
+      if (threadIdx.x == 0) dots[j] = scratch[WARPS];
+      __syncthreads();
+    }
+  }
+}
+
+// x_in[c] = sum_j h[j] x[j, c] for one token (h in shared memory), stored as E. Liger's order:
+// acc starts at 0 and adds stream 0, 1, ... (ops/mhc.py:878-890).
+template <int NM, typename E>
+__device__ __forceinline__ void aggregate_token(const E* __restrict__ x, const float* h, E* __restrict__ out,
+                                                int n, int C, int c_begin, int c_step) {
+  constexpr int V = Vec<E>::N;
+  if (vec_ok<E>(C, x, out)) {
+    for (int v = c_begin; v < C / V; v += c_step) {
+      float acc[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] = 0.0f;
+      for_streams<NM>(n, [&](int j) {
+        float xv[V];
+        load_vec(x + (size_t)j * C + v * V, xv);
+        const float hj = h[j];
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[e] += xv[e] * hj;
+      });
+      store_vec(out + v * V, acc);
+    }
+  } else {
+    for (int c = c_begin; c < C; c += c_step) {
+      float acc = 0.0f;
+      for_streams<0>(n, [&](int j) { acc += to_float(x[(size_t)j * C + c]) * h[j]; });
+      out[c] = from_float<E>(acc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- Liger's Sinkhorn, per token
+// Shared-memory layout of one token's Sinkhorn (sinkhorn_floats(n, tmax) floats):
+//   H(0) = softmax p, H(1 + t) = mat_t for t = 0 .. tmax-1   ((tmax + 1) n n floats)
+//   rs[t][i] for t = 1 .. tmax-1, cs[t][j] for t = 0 .. tmax-1  (2 tmax n floats)
+// Rows are processed by thread i < n, columns by thread j < n: every phase is one thread per
+// row or column doing the serial sums in Liger's order, then one __syncthreads.
+__host__ __device__ constexpr int sinkhorn_floats(int n, int tmax) { return (tmax + 1) * n * n + 2 * tmax * n; }
+
+struct SinkhornSmem {
+  float* base;
+  int n, tmax;
+  __device__ float* H(int s) const { return base + (size_t)s * n * n; }
+  __device__ float* rs(int t) const { return base + (size_t)(tmax + 1) * n * n + (size_t)t * n; }
+  __device__ float* cs(int t) const { return base + (size_t)(tmax + 1) * n * n + (size_t)(tmax + t) * n; }
+};
+
+// Forward on logits L (shared, n n floats, read only). With `keep_history` false only H(0) and
+// H(1) are used (H(1) is updated in place) and the result is in H(1); with it, mat_t is kept in
+// H(1 + t) and the result is in H(tmax). Returns the slot holding the result.
+__device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem s, float eps, bool keep_history) {
+  const int n = s.n, tid = threadIdx.x;
+  float* P = s.H(1);
+  for (int i = tid; i < n; i += THREADS) {  // row softmax (max-subtracted), then + eps
+    const float* Li = L + i * n;
+    float mx = Li[0];
+    for (int j = 1; j < n; ++j) mx = fmaxf(mx, Li[j]);
+    float sum = 0.0f;
+    for (int j = 0; j < n; ++j) {
+      const float e = expf(Li[j] - mx);
+      s.H(0)[i * n + j] = e;
+      sum += e;
+    }
+    for (int j = 0; j < n; ++j) {
+      const float p = s.H(0)[i * n + j] / sum;
+      s.H(0)[i * n + j] = p;
+      P[i * n + j] = p + eps;
+    }
+  }
+  __syncthreads();
+  for (int j = tid; j < n; j += THREADS) {  // first column normalisation
+    float cs = 0.0f;
+    for (int i = 0; i < n; ++i) cs += P[i * n + j];
+    s.cs(0)[j] = cs;
+    for (int i = 0; i < n; ++i) P[i * n + j] = P[i * n + j] / (cs + eps);
+  }
+  __syncthreads();
+  for (int t = 1; t < s.tmax; ++t) {
+    const float* src = P;
+    float* dst = keep_history ? s.H(1 + t) : P;
+    for (int i = tid; i < n; i += THREADS) {
+      float rs = 0.0f;
+      for (int j = 0; j < n; ++j) rs += src[i * n + j];
+      s.rs(t)[i] = rs;
+      for (int j = 0; j < n; ++j) dst[i * n + j] = src[i * n + j] / (rs + eps);
+    }
+    __syncthreads();
+    for (int j = tid; j < n; j += THREADS) {
+      float cs = 0.0f;
+      for (int i = 0; i < n; ++i) cs += dst[i * n + j];
+      s.cs(t)[j] = cs;
+      for (int i = 0; i < n; ++i) dst[i * n + j] = dst[i * n + j] / (cs + eps);
+    }
+    __syncthreads();
+    P = dst;
+  }
+  return P;
+}
+
+// Backward (after sinkhorn_forward with keep_history): G (shared, n n) holds dL/dh_res on entry
+// and dL/dlogits on exit. _mhc_sinkhorn_bwd_kernel's formulas, ops/mhc.py:551-584.
+__device__ __forceinline__ void sinkhorn_backward(float* G, SinkhornSmem s, float eps) {
+  const int n = s.n, tid = threadIdx.x;
+  for (int t = s.tmax - 1; t >= 1; --t) {
+    const float* mat = s.H(1 + t);
+    const float* cst = s.cs(t);
+    for (int j = tid; j < n; j += THREADS) {  // undo the column normalisation of step t
+      const float denom = cst[j] + eps;
+      float dot = 0.0f;
+      for (int i = 0; i < n; ++i) dot += G[i * n + j] * mat[i * n + j];
+      for (int i = 0; i < n; ++i) G[i * n + j] = (G[i * n + j] - dot) / denom;
+    }
+    __syncthreads();
+    for (int i = tid; i < n; i += THREADS) {  // undo the row normalisation of step t
+      float dot = 0.0f;
+      for (int j = 0; j < n; ++j) dot += G[i * n + j] * (mat[i * n + j] * (cst[j] + eps));
+      const float denom = s.rs(t)[i] + eps;
+      for (int j = 0; j < n; ++j) G[i * n + j] = (G[i * n + j] - dot) / denom;
+    }
+    __syncthreads();
+  }
+  const float* mat0 = s.H(1);
+  for (int j = tid; j < n; j += THREADS) {  // the first column normalisation
+    const float denom = s.cs(0)[j] + eps;
+    float dot = 0.0f;
+    for (int i = 0; i < n; ++i) dot += G[i * n + j] * mat0[i * n + j];
+    for (int i = 0; i < n; ++i) G[i * n + j] = (G[i * n + j] - dot) / denom;
+  }
+  __syncthreads();
+  const float* p = s.H(0);
+  for (int i = tid; i < n; i += THREADS) {  // the row softmax
+    float dot = 0.0f;
+    for (int j = 0; j < n; ++j) dot += G[i * n + j] * p[i * n + j];
+    for (int j = 0; j < n; ++j) G[i * n + j] = p[i * n + j] * (G[i * n + j] - dot);
+  }
+  __syncthreads();
+}
+
+}  // namespace dyn
+}  // namespace mhc

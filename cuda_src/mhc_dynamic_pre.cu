@@ -1,0 +1,35 @@
+// x_in[t, c] = sum_j h_pre[t, j] x[t, j, c] in float32, stored in MHC_DTYPE: LigerMHCPreFunction
+// (src/liger_kernel/ops/mhc.py:878-890) on its own (the layer takes it from mhc_dynamic_coeffs).
+// Inputs: x [T, n, C], h_pre [T, n] (float32). Output: x_in [T, C].
+// Grid (threads): (ceil(ceil(C / VEC) / THREADS) * THREADS, T, 1); each thread one 16-byte
+// column vector (VEC columns) of one token.
+#include "mhc_dynamic_common.cuh"
+
+using namespace mhc;
+
+extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
+    const T* __restrict__ x, const float* __restrict__ h_pre, T* __restrict__ x_in, int n, int C) {
+  __shared__ float hp[64];
+  const int t = blockIdx.y;
+  const float* h = h_pre + (size_t)t * n;
+  const float* hs = h;
+  if (n <= 64) {
+    for (int j = threadIdx.x; j < n; j += THREADS) hp[j] = h[j];
+    __syncthreads();
+    hs = hp;
+  }
+  constexpr int V = Vec<T>::N;
+  const int v = blockIdx.x * THREADS + threadIdx.x;
+  const T* xt = x + (size_t)t * n * C;
+  T* out = x_in + (size_t)t * C;
+  if (vec_ok<T>(C, xt, out)) {
+    if (v < C / V) dyn::aggregate_token<NMAX>(xt, hs, out, n, C, v, C / V);
+  } else {
+    // scalar path: this thread's V columns v * V .. v * V + V - 1
+    for (int c = v * V; c < min(C, v * V + V); ++c) {
+      float acc = 0.0f;
+      for_streams<0>(n, [&](int j) { acc += to_float(xt[(size_t)j * C + c]) * hs[j]; });
+      out[c] = from_float<T>(acc);
+    }
+  }
+}
