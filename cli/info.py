@@ -1,69 +1,174 @@
-"""Versions, device, toolchains found at build time and the shipped kernel manifest.
+"""Versions, device, build toolchains, the shipped kernel manifest and what dispatch picks.
 
-Examples:
-  mhc info
-  mhc info --dispatch
+Exits 1 (with the fix in the message) when shipped kernels are missing or corrupted.
 """
 
 from __future__ import annotations
 
 import platform
 import sys
+from collections import Counter
+from typing import Annotated
 
 import mlx.core as mx
 import typer
-from rich.console import Console
-from rich.table import Table
 
 import mhc_aot
-from mhc_aot import dispatch, manifest
+from mhc_aot import device, dispatch, manifest
+
+from . import output
+from .options import FormatOpt, OutOpt, QuietOpt
+
+HELP = """Print versions, the MLX device and backend, GPU facts, the toolchains found at build time,
+a summary of the shipped kernel manifest (variants per backend and architecture, sha256 checked)
+and what dispatch picks for a few standard shapes, and why.
+
+Exits 1 when a shipped kernel is missing or corrupted; the message says how to fix it."""
+
+EPILOG = """Examples:
+
+  mhc info
+
+  mhc info --dispatch
+
+  mhc info --format json --out info.json"""
+
+# (label, B, n, C): the seed README's tables, the large suite, and shapes past each limit
+STANDARD_SHAPES = (
+    ("latency", 1, 32, 2048),
+    ("throughput", 32, 32, 2048),
+    ("large", 4096, 4, 4096),
+    ("large", 1024, 32, 2048),
+    ("wide C", 16, 4, dispatch.FUSED_MAX_C + 1024),
+    ("n > 64", 1024, 100, 64),
+)
 
 
-def _device_rows() -> list[tuple[str, str]]:
-    rows = [("MLX default device", str(mx.default_device())), ("MLX backend", dispatch.device_backend())]
-    if dispatch.device_backend() != "cpu":
+def _gib(v) -> str:
+    return f"{v / 2**30:.1f} GiB" if isinstance(v, (int, float)) else str(v)
+
+
+def _device_facts() -> dict:
+    facts = {"default device": str(mx.default_device()), "backend": dispatch.device_backend()}
+    try:
         info = mx.device_info()
-        for key in ("device_name", "architecture", "memory_size"):
-            if key in info:
-                rows.append((f"GPU {key}", str(info[key])))
-    return rows
+    except Exception as e:  # noqa: BLE001 - a fact we can report, not a reason to stop
+        info = {"error": str(e)}
+    for k, v in info.items():
+        facts[k] = _gib(v) if k.endswith("memory_size") or k in ("memory_size", "total_memory") else v
+    if dispatch.device_backend() == "cuda":
+        cuda = device.cuda_facts()  # mhc_aot._shim.cuda_device_facts, when this build has it
+        if cuda.get("available"):
+            for k, v in cuda.items():
+                if k != "available":
+                    facts[f"cuda {k}"] = v
+        else:
+            facts["cuda driver query"] = cuda.get("reason", "unavailable")
+    return facts
 
 
-def info(dispatch_table: bool = typer.Option(False, "--dispatch", help="Print the full dispatch rule table.")) -> None:
-    out = Console()
-    t = Table(title="mhc-aot", show_header=False)
-    t.add_column("what", style="bold")
-    t.add_column("value")
-    t.add_row("mhc-aot", mhc_aot.__version__)
-    t.add_row("MLX", mx.__version__)
-    t.add_row("Python", sys.version.split()[0])
-    t.add_row("OS", f"{platform.system()} {platform.release()} {platform.machine()}")
-    for k, v in _device_rows():
-        t.add_row(k, v)
-    code = 0
+def _shim_facts() -> dict:
+    try:
+        from mhc_aot import _shim
+    except ImportError as e:
+        return {"shim": f"not importable ({e})"}
+    facts = {}
+    if hasattr(_shim, "build_info"):
+        facts.update({f"shim {k}": v for k, v in dict(_shim.build_info()).items()})
+    return facts
+
+
+def _manifest_facts() -> tuple[dict, list[str], list[str]]:
+    """(facts, problems (exit 1), toolchain rows)."""
+    facts: dict = {}
+    problems: list[str] = []
     try:
         m = manifest.load()
-        for name, facts in m["toolchains"].items():
-            t.add_row(f"toolchain {name}", "found" if facts.get("found") else f"absent ({facts.get('reason', '')})")
-        counts: dict[str, int] = {}
-        for r in m["variants"]:
-            counts[r["backend"]] = counts.get(r["backend"], 0) + 1
-        t.add_row("kernel variants", ", ".join(f"{b}: {c}" for b, c in counts.items()) or "none")
-        problems = manifest.verify_all()
-        t.add_row("kernel files", "all match their sha256" if not problems else f"{len(problems)} problems")
-        if problems:
-            code = 1
     except manifest.KernelArtifactError as e:
-        t.add_row("kernel manifest", f"[red]{e}[/red]")
-        code = 1
-    for B, n, C in ((1, 32, 2048), (4096, 4, 4096), (1024, 100, 64)):
-        t.add_row(f"dispatch B={B} n={n} C={C}", dispatch.explain("mhc_forward", n, C, B=B))
-    out.print(t)
-    if dispatch_table:
-        rt = Table(title="dispatch rules (first match wins)")
-        for col in ("backend", "op", "strategy", "max_B", "max_C", "why"):
-            rt.add_column(col)
-        for r in dispatch.rules_table():
-            rt.add_row(*(str(r[c]) for c in ("backend", "op", "strategy", "max_B", "max_C", "why")))
-        out.print(rt)
-    raise typer.Exit(code)
+        return {"manifest": "missing or unreadable"}, [str(e)], []
+    facts["manifest"] = str(manifest.MANIFEST_PATH)
+    facts["built at"] = f"{m.get('built_at', '?')} ({m.get('build_seconds', '?')} s)"
+    facts["built for"] = f"mhc-aot {m.get('package_version', '?')}, MLX {m.get('mlx_version', '?')}"
+    if m.get("mlx_version") and m["mlx_version"] != mx.__version__:
+        facts["MLX mismatch"] = (f"kernels built for MLX {m['mlx_version']}, running {mx.__version__}: "
+                                 f"pip install mlx=={m['mlx_version']}")
+    toolchains = {}
+    for name, t in m.get("toolchains", {}).items():
+        if t.get("found"):
+            detail = ", ".join(str(t[k]) if k != "archs" else "/".join(t[k])
+                               for k in ("compiler", "nvcc", "version", "archs", "ptx_arch") if t.get(k))
+            toolchains[name] = f"found: {detail}" if detail else "found"
+        else:
+            toolchains[name] = f"absent ({t.get('reason', 'not found')})"
+    rows = m.get("variants", [])
+    by_backend = Counter(r["backend"] for r in rows)
+    for b, count in sorted(by_backend.items()):
+        archs = Counter(tag for r in rows if r["backend"] == b for tag in r.get("files", {}))
+        families = len({(r["op"], r["strategy"], r["source"]) for r in rows if r["backend"] == b})
+        facts[f"{b} variants"] = (f"{count} variants in {families} families; files per arch: "
+                                  + ", ".join(f"{a}: {c}" for a, c in sorted(archs.items())))
+    if not rows:
+        facts["variants"] = "none shipped (no GPU toolchain at build time): the portable path serves every op"
+    current = dispatch.device_backend()
+    if current != "cpu" and not by_backend.get(current):
+        problems.append(f"MLX runs on {current} but this install ships no {current} kernels: {manifest.REINSTALL_HINT}")
+    verify = manifest.verify_all()
+    nfiles = sum(len(r.get("files", {})) for r in rows)
+    facts["sha256"] = (f"all {nfiles} kernel files match the manifest" if not verify
+                       else f"{len(verify)} of {nfiles} kernel files missing or corrupted")
+    problems += verify
+    return facts, problems, toolchains
+
+
+def _dispatch_facts() -> dict:
+    facts = {}
+    for label, B, n, C in STANDARD_SHAPES:
+        fwd = dispatch.choose("mhc_forward", n, C, "auto", B=B)
+        bwd = dispatch.choose("mhc_backward", n, C, "auto", B=B)
+        facts[f"{label} B={B} n={n} C={C}"] = (f"forward {fwd.backend}:{fwd.strategy} ({fwd.reason}); "
+                                               f"backward {bwd.strategy} ({bwd.reason})")
+    if dispatch.device_backend() == "cpu":
+        facts["note"] = "on MLX's CPU backend backend='auto' is the portable path (MLX ops, mx.compile'd)"
+    return facts
+
+
+def collect(with_rules: bool = False) -> tuple[output.Result, list[str]]:
+    sections = {
+        "versions": {"mhc-aot": mhc_aot.__version__, "MLX": mx.__version__, "Python": sys.version.split()[0]},
+        "system": {"OS": f"{platform.system()} {platform.release()}", "machine": platform.machine()},
+        "device": _device_facts(),
+        "shim": _shim_facts(),
+    }
+    kernel_facts, problems, toolchains = _manifest_facts()
+    sections["build toolchains"] = toolchains
+    sections["kernels"] = kernel_facts
+    sections["dispatch"] = _dispatch_facts()
+    if with_rules:
+        sections["dispatch rules"] = {
+            f"{i + 1}. {r['backend']} {r['op']}": (f"{r['strategy']} (max_B={r['max_B']}, max_C={r['max_C']}): {r['why']}")
+            for i, r in enumerate(dispatch.rules_table())}
+    rows = [{"section": s, "what": k, "value": v} for s, facts in sections.items() for k, v in facts.items()]
+    meta = {s: facts for s, facts in sections.items()}
+    if with_rules:
+        meta["dispatch rules"] = dispatch.rules_table()
+    meta["problems"] = problems
+    cols = [output.Column("section", "section", justify="left"), output.Column("what", "what", justify="left"),
+            output.Column("value", "value", justify="left")]
+    return output.Result("mhc-aot info", rows, cols, meta=meta, command="info"), problems
+
+
+def info(
+    dispatch_table: Annotated[bool, typer.Option("--dispatch", help="Also print the full dispatch rule table.")] = False,
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    result, problems = collect(dispatch_table)
+    output.emit(result, fmt, out, quiet)
+    if problems:
+        extra = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        output.fail(problems[0] + extra, code=1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info", help=HELP, epilog=EPILOG)(info)

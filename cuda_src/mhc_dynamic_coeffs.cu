@@ -10,7 +10,7 @@
 // Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alphas [3] (pre, post, res).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre),
 //          mix [T, M], invr [T]. Grid (threads): (T * THREADS, 1, 1).
-// Shared memory: M + n n + n + sinkhorn_floats(n, tmax) floats (history not kept: 2 n n used).
+// Shared memory: M + n n + n + sinkhorn_floats(n, tmax, 2) floats.
 #include "mhc_dynamic_common.cuh"
 
 using namespace mhc;
@@ -28,7 +28,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
   float* mixs = smem;          // M
   float* L = mixs + M;         // n n residual logits
   float* hp = L + n * n;       // n
-  dyn::SinkhornSmem sk{hp + n, n, tmax};
+  dyn::SinkhornSmem sk{hp + n, n, tmax, 2};
 
   float ss = 0.0f;
   for (int s = 0; s < S; ++s) ss += sq[(size_t)s * Tn + t];

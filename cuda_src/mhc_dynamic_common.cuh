@@ -125,23 +125,24 @@ __device__ __forceinline__ void aggregate_token(const E* __restrict__ x, const f
 }
 
 // ---------------------------------------------------------------- Liger's Sinkhorn, per token
-// Shared-memory layout of one token's Sinkhorn (sinkhorn_floats(n, tmax) floats):
-//   H(0) = softmax p, H(1 + t) = mat_t for t = 0 .. tmax-1   ((tmax + 1) n n floats)
+// Shared-memory layout of one token's Sinkhorn (sinkhorn_floats(n, tmax, slots) floats):
+//   H(0) = softmax p, H(1 + t) = mat_t for t = 0 .. slots-2   (slots n n floats: tmax + 1 slots
+//   keep the whole history for the backward, 2 slots are enough for the forward)
 //   rs[t][i] for t = 1 .. tmax-1, cs[t][j] for t = 0 .. tmax-1  (2 tmax n floats)
 // Rows are processed by thread i < n, columns by thread j < n: every phase is one thread per
 // row or column doing the serial sums in Liger's order, then one __syncthreads.
-__host__ __device__ constexpr int sinkhorn_floats(int n, int tmax) { return (tmax + 1) * n * n + 2 * tmax * n; }
+__host__ __device__ constexpr int sinkhorn_floats(int n, int tmax, int slots) { return slots * n * n + 2 * tmax * n; }
 
 struct SinkhornSmem {
   float* base;
-  int n, tmax;
+  int n, tmax, slots;
   __device__ float* H(int s) const { return base + (size_t)s * n * n; }
-  __device__ float* rs(int t) const { return base + (size_t)(tmax + 1) * n * n + (size_t)t * n; }
-  __device__ float* cs(int t) const { return base + (size_t)(tmax + 1) * n * n + (size_t)(tmax + t) * n; }
+  __device__ float* rs(int t) const { return base + (size_t)slots * n * n + (size_t)t * n; }
+  __device__ float* cs(int t) const { return base + (size_t)slots * n * n + (size_t)(tmax + t) * n; }
 };
 
-// Forward on logits L (shared, n n floats, read only). With `keep_history` false only H(0) and
-// H(1) are used (H(1) is updated in place) and the result is in H(1); with it, mat_t is kept in
+// Forward on logits L (shared, n n floats, read only). With `keep_history` false (2 slots) only
+// H(0) and H(1) are used (H(1) is updated in place) and the result is in H(1); with it, mat_t is kept in
 // H(1 + t) and the result is in H(tmax). Returns the slot holding the result.
 __device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem s, float eps, bool keep_history) {
   const int n = s.n, tid = threadIdx.x;
@@ -193,7 +194,7 @@ __device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem 
 }
 
 // Backward (after sinkhorn_forward with keep_history): G (shared, n n) holds dL/dh_res on entry
-// and dL/dlogits on exit. _mhc_sinkhorn_bwd_kernel's formulas, ops/mhc.py:551-584.
+// and dL/dlogits on exit; needs tmax + 1 slots. _mhc_sinkhorn_bwd_kernel's formulas, ops/mhc.py:551-584.
 __device__ __forceinline__ void sinkhorn_backward(float* G, SinkhornSmem s, float eps) {
   const int n = s.n, tid = threadIdx.x;
   for (int t = s.tmax - 1; t >= 1; --t) {

@@ -2,7 +2,7 @@
 // MHC_DTYPE: LigerMHCPostResFunction (src/liger_kernel/ops/mhc.py:1096-1110, same order: the
 // h_post f term first, then streams i = 0, 1, ...). x and f are read once, x_out written once.
 // Inputs: x [T, n, C], f [T, C] (MHC_DTYPE), h_post [T, n], h_res [T, n, n] (float32).
-// Output: x_out [T, n, C]. Grid (threads): (ceil(ceil(C / VEC) / THREADS) * THREADS, T, 1); each
+// Output: x_out [T, n, C]. Grid (threads): (T * THREADS, ceil(ceil(C / VEC) / THREADS), 1); each
 // thread one 16-byte column vector of every stream of one token. Compile-time NMAX >= n keeps
 // the token's n vectors in registers; NMAX = 0 re-reads them per output stream (L1 hits).
 // Shared memory: n n + n floats.
@@ -16,12 +16,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
   extern __shared__ float smem[];
   float* hr = smem;        // n n
   float* hpo = hr + n * n; // n
-  const int t = blockIdx.y, tid = threadIdx.x;
+  const int t = blockIdx.x, tid = threadIdx.x;
   for (int e = tid; e < n * n; e += THREADS) hr[e] = h_res[(size_t)t * n * n + e];
   for (int e = tid; e < n; e += THREADS) hpo[e] = h_post[(size_t)t * n + e];
   __syncthreads();
   constexpr int V = Vec<T>::N;
-  const int v = blockIdx.x * THREADS + tid;
+  const int v = blockIdx.y * THREADS + tid;
   const T* xt = x + (size_t)t * n * C;
   const T* ft = f + (size_t)t * C;
   T* ot = out + (size_t)t * n * C;
@@ -30,7 +30,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     float fv[V];
     load_vec(ft + v * V, fv);
     if constexpr (NMAX > 0) {
-      float xv[NMAX][V];
+      float xv[NMAX > 0 ? NMAX : 1][V];
 #pragma unroll
       for (int i = 0; i < NMAX; ++i)
         if (i < n) load_vec(xt + (size_t)i * C + v * V, xv[i]);

@@ -69,7 +69,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
 #pragma unroll
     for (int q = 0; q < R; ++q) acc[q] = 0.0f;
     for (int u = tid; u < units; u += THREADS) {
-      float fv[V], g[NMAX][V], xv[NMAX][V];
+      constexpr int NA = NMAX > 0 ? NMAX : 1;
+      float fv[V], g[NA][V], xv[NA][V];
       load(ft, u, fv);
 #pragma unroll
       for (int o = 0; o < NMAX; ++o)

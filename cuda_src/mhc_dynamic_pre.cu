@@ -1,7 +1,7 @@
 // x_in[t, c] = sum_j h_pre[t, j] x[t, j, c] in float32, stored in MHC_DTYPE: LigerMHCPreFunction
 // (src/liger_kernel/ops/mhc.py:878-890) on its own (the layer takes it from mhc_dynamic_coeffs).
 // Inputs: x [T, n, C], h_pre [T, n] (float32). Output: x_in [T, C].
-// Grid (threads): (ceil(ceil(C / VEC) / THREADS) * THREADS, T, 1); each thread one 16-byte
+// Grid (threads): (T * THREADS, ceil(ceil(C / VEC) / THREADS), 1); each thread one 16-byte
 // column vector (VEC columns) of one token.
 #include "mhc_dynamic_common.cuh"
 
@@ -10,7 +10,7 @@ using namespace mhc;
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ h_pre, T* __restrict__ x_in, int n, int C) {
   __shared__ float hp[64];
-  const int t = blockIdx.y;
+  const int t = blockIdx.x;
   const float* h = h_pre + (size_t)t * n;
   const float* hs = h;
   if (n <= 64) {
@@ -19,7 +19,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     hs = hp;
   }
   constexpr int V = Vec<T>::N;
-  const int v = blockIdx.x * THREADS + threadIdx.x;
+  const int v = blockIdx.y * THREADS + threadIdx.x;
   const T* xt = x + (size_t)t * n * C;
   T* out = x_in + (size_t)t * C;
   if (vec_ok<T>(C, xt, out)) {

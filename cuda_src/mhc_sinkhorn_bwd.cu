@@ -16,7 +16,7 @@
 using namespace mhc;
 
 // No __restrict__ on ws: it is rewritten between reads by other threads of the CTA.
-extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(const float* __restrict__ L,
+extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float* __restrict__ L,
                                                                  const float* __restrict__ dM,
                                                                  float* __restrict__ dL, float* ws,
                                                                  int n, int iters, float eps, int use_smem) {

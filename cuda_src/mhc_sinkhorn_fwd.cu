@@ -12,7 +12,7 @@ using namespace mhc;
 
 // M is not __restrict__: without shared memory it is the working matrix, rewritten between
 // reads by other threads of the CTA (see mhc_sinkhorn_bwd.cu).
-extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(const float* L, float* M, int n, int iters, float eps,
+extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float* L, float* M, int n, int iters, float eps,
                                                                  int use_smem) {
   extern __shared__ float smem[];
   if (n <= SMALL_N && blockDim.x == SMALL_THREADS) {

@@ -94,6 +94,9 @@ def _choose(op: str, n: int, C: int, backend: str, T: int) -> dispatch.Choice:
     """dispatch.choose, except that while dispatch.RULES has no row for a dynamic op on the CPU
     (the rows are the lead's to add), the CPU runs the portable path: the only thing it can run."""
     device = dispatch.device_backend() if backend == "auto" else backend
+    if device in ("cuda", "metal") and not getattr(mx, device).is_available():
+        raise RuntimeError(f"backend={device!r}: MLX reports no {device} device here (mx.{device}.is_available() "
+                           f"is False): run on such a machine with MLX's {device} build, or pass backend='portable'")
     if device == "cpu" and not any(r.op == op and r.backend == "cpu" for r in dispatch.RULES):
         return dispatch.Choice("cpu", "portable", None, "MLX has no custom-kernel primitive on its CPU backend")
     return dispatch.choose(op, n, C, backend, B=T)

@@ -317,7 +317,8 @@ def test_gradients_vs_liger64(backend, B, n, C, dtype_name):
     # float64: coefficients backward + the pre path (x_in's cotangent flows to h_pre and to x)
     x64 = _flat64(x)
     p64 = _np_params(*params)
-    G64 = [to64(g).reshape(-1, *g.shape[len(lead):]) for g in G]
+    # MLX (like torch) hands x_in's cotangent back in x's dtype: round it the same way
+    G64 = [to64(g.astype(x.dtype) if i == 3 else g).reshape(-1, *g.shape[len(lead):]) for i, g in enumerate(G)]
     h_pre, _, _, saved = liger_coeffs64(x64, *p64, **CFG)
     dx_pre, dh_pre = liger_pre_bwd64(x64, h_pre, G64[3])
     want = list(liger_coeffs_bwd64(saved, p64[0], *p64[2:], G64[0] + dh_pre, G64[1], G64[2], n, **CFG))
@@ -339,7 +340,7 @@ def test_gradients_vs_liger64(backend, B, n, C, dtype_name):
         g_pr = mx.grad(loss_pr, argnums=(0, 1, 2, 3))(x, f, hp, hr)
         mx.eval(g_pr)
     want_pr = liger_post_res_bwd64(x64, to64(f).reshape(-1, C), to64(hp).reshape(-1, n), to64(hr).reshape(-1, n, n),
-                                   to64(Go).reshape(-1, n, C))
+                                   to64(Go.astype(x.dtype)).reshape(-1, n, C))
     for g, w, nm, dt in zip(g_pr, want_pr, ("dx", "df", "dh_post", "dh_res"), (x.dtype, x.dtype, mx.float32, mx.float32)):
         assert g.dtype == dt
         _grad_check(g.reshape(w.shape), w, dt, f"post_res {nm} {what}")
@@ -416,7 +417,7 @@ def test_layer_vs_liger64(backend, B, n, C, dtype_name):
     assert out.shape == x.shape and out.dtype == x.dtype
     x64 = _flat64(x)
     G = mx.random.normal(x.shape, key=mx.random.key(seed))
-    want_out, want = _layer64(m, x64, to64(G).reshape(x64.shape))
+    want_out, want = _layer64(m, x64, to64(G.astype(dtype)).reshape(x64.shape))
     what = f"DynamicMHC[{backend}] B={B} n={n} C={C} {dtype_name}"
     # x_in is rounded to x's dtype before F (LigerMHCPreFunction returns x's dtype): 2 x the tolerance
     _err_ok(out.reshape(x64.shape), want_out, 2 * TOL[dtype], what)
