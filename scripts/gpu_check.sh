@@ -9,7 +9,8 @@ mkdir -p "$out"
 export MHC_AOT_BUILD_JOBS=${MHC_AOT_BUILD_JOBS:-16} PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 mhc info > "$out/info.txt" 2>&1; cat "$out/info.txt"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -25
+# MHC_GPU_TESTS narrows the run (default: every test file); each test may take 120 s at most (pytest-timeout, present on the GPU image)
+timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=120 ${MHC_GPU_TESTS:-tests} 2>&1 | tee "$out/gpu_tests.log" | tail -25
 status=${PIPESTATUS[0]}
-python3 scripts/gpu_timings.py "$out/timings.json"
+timeout 240 python3 scripts/gpu_timings.py "$out/timings.json"
 exit "$status"
