@@ -54,7 +54,31 @@ def _table() -> tuple[KernelVariant, ...]:
         v.append(KernelVariant("mhc_backward", "mhc_backward_dm", "fused", dt, 0))
     # dtype-independent: sums the backward's per-CTA partials, applies the activations' derivatives
     v.append(KernelVariant("mhc_backward", "mhc_backward_reduce", "fused", None, 0))
+    v += _dynamic_variants()  # dynamic mHC (issue 6): see _dynamic_variants below
     return tuple(v)
+
+
+# ---------------------------------------------------------------- dynamic mHC (issue 6)
+# cuda_src/mhc_dynamic_*.cu. Compile-time n = 4 (the paper's and the benchmark's) where
+# registers hold a token's streams, plus the generic-n kernel; the GEMM-like kernels
+# (skinny, dx) and the reduce do not depend on n.
+DYNAMIC_NMAX = (4, 0)
+
+
+def _dynamic_variants() -> list[KernelVariant]:
+    v = [KernelVariant("mhc_coeffs", "mhc_dynamic_colsum", "fused", None, 0),
+         KernelVariant("mhc_coeffs", "mhc_dynamic_proj_tc", "fused", "bf16", 0),  # tensor cores: bfloat16 x
+         KernelVariant("mhc_coeffs", "mhc_dynamic_dphi_tc", "fused", "bf16", 0)]
+    for dt in DTYPES:
+        for src in ("mhc_dynamic_skinny", "mhc_dynamic_dx", "mhc_dynamic_coeffs_bwd"):
+            v.append(KernelVariant("mhc_coeffs", src, "fused", dt, 0))
+        v.append(KernelVariant("mhc_pre", "mhc_dynamic_pre_bwd", "fused", dt, 0))
+        for nmax in DYNAMIC_NMAX:
+            v.append(KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs", "fused", dt, nmax))
+            v.append(KernelVariant("mhc_pre", "mhc_dynamic_pre", "fused", dt, nmax))
+            v.append(KernelVariant("mhc_post_res", "mhc_dynamic_post_res", "fused", dt, nmax))
+            v.append(KernelVariant("mhc_post_res", "mhc_dynamic_post_res_bwd", "fused", dt, nmax))
+    return v
 
 
 VARIANTS: tuple[KernelVariant, ...] = _table()

@@ -44,6 +44,9 @@ STANDARD_SHAPES = (
 )
 
 
+BYTE_KEYS = ("memory_size", "total_memory", "free_memory", "max_buffer_size", "max_recommended_working_set_size")
+
+
 def _gib(v) -> str:
     return f"{v / 2**30:.1f} GiB" if isinstance(v, (int, float)) else str(v)
 
@@ -55,9 +58,12 @@ def _device_facts() -> dict:
     except Exception as e:  # noqa: BLE001 - a fact we can report, not a reason to stop
         info = {"error": str(e)}
     for k, v in info.items():
-        facts[k] = _gib(v) if k.endswith("memory_size") or k in ("memory_size", "total_memory") else v
+        facts[k] = _gib(v) if k in BYTE_KEYS and isinstance(v, int) else v
     if dispatch.device_backend() == "cuda":
-        cuda = device.cuda_facts()  # mhc_aot._shim.cuda_device_facts, when this build has it
+        try:
+            cuda = device.cuda_facts()  # mhc_aot._shim.cuda_device_facts, when this build has it
+        except Exception as e:  # noqa: BLE001 - a fact we can report, not a reason to stop
+            cuda = {"available": False, "reason": f"{type(e).__name__}: {e}"}
         if cuda.get("available"):
             for k, v in cuda.items():
                 if k != "available":
@@ -110,6 +116,16 @@ def _manifest_facts() -> tuple[dict, list[str], list[str]]:
     if not rows:
         facts["variants"] = "none shipped (no GPU toolchain at build time): the portable path serves every op"
     current = dispatch.device_backend()
+    metal_rows = [r for r in rows if r["backend"] == "metal"]
+    if current == "metal" and metal_rows:
+        try:  # the MLX-internal cache key the Metal preload depends on (DESIGN.md section 7)
+            from mhc_aot import metal
+
+            key = metal.kernel_key(metal_rows[0])
+            facts["metal preload key"] = f"{metal_rows[0]['name']}: library {key.get('library_name')}"
+        except Exception as e:  # noqa: BLE001 - reported, and the sha256 / load checks still run
+            problems.append(f"Metal preload key of {metal_rows[0]['name']} could not be computed ({e}): "
+                            f"{manifest.REINSTALL_HINT}")
     if current != "cpu" and not by_backend.get(current):
         problems.append(f"MLX runs on {current} but this install ships no {current} kernels: {manifest.REINSTALL_HINT}")
     verify = manifest.verify_all()
@@ -125,8 +141,11 @@ def _dispatch_facts() -> dict:
     for label, B, n, C in STANDARD_SHAPES:
         fwd = dispatch.choose("mhc_forward", n, C, "auto", B=B)
         bwd = dispatch.choose("mhc_backward", n, C, "auto", B=B)
-        facts[f"{label} B={B} n={n} C={C}"] = (f"forward {fwd.backend}:{fwd.strategy} ({fwd.reason}); "
-                                               f"backward {bwd.strategy} ({bwd.reason})")
+        if fwd.reason == bwd.reason:
+            text = f"forward {fwd.backend}:{fwd.strategy}, backward {bwd.strategy}: {fwd.reason}"
+        else:
+            text = f"forward {fwd.backend}:{fwd.strategy} ({fwd.reason}); backward {bwd.strategy} ({bwd.reason})"
+        facts[f"{label} B={B} n={n} C={C}"] = text
     if dispatch.device_backend() == "cpu":
         facts["note"] = "on MLX's CPU backend backend='auto' is the portable path (MLX ops, mx.compile'd)"
     return facts
@@ -145,7 +164,8 @@ def collect(with_rules: bool = False) -> tuple[output.Result, list[str]]:
     sections["dispatch"] = _dispatch_facts()
     if with_rules:
         sections["dispatch rules"] = {
-            f"{i + 1}. {r['backend']} {r['op']}": (f"{r['strategy']} (max_B={r['max_B']}, max_C={r['max_C']}): {r['why']}")
+            f"{i + 1}. {r['backend']} {r['op']}":
+                f"{r['strategy']} (max_B={r['max_B']}, max_C={r['max_C']}): {r['why']}"
             for i, r in enumerate(dispatch.rules_table())}
     rows = [{"section": s, "what": k, "value": v} for s, facts in sections.items() for k, v in facts.items()]
     meta = {s: facts for s, facts in sections.items()}
@@ -158,7 +178,8 @@ def collect(with_rules: bool = False) -> tuple[output.Result, list[str]]:
 
 
 def info(
-    dispatch_table: Annotated[bool, typer.Option("--dispatch", help="Also print the full dispatch rule table.")] = False,
+    dispatch_table: Annotated[bool, typer.Option(
+        "--dispatch", help="Also print the full dispatch rule table.")] = False,
     fmt: FormatOpt = None,
     out: OutOpt = None,
     quiet: QuietOpt = False,
@@ -171,4 +192,5 @@ def info(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("info", help=HELP, epilog=EPILOG)(info)
+    app.command("info", help=HELP, epilog=EPILOG,
+                short_help="Versions, device, build toolchains, kernel manifest and dispatch choices.")(info)

@@ -33,13 +33,17 @@ class OneLineErrors(TyperGroup):
                     sys.stdout.write(e.format_message() + "\n")
                     code = 0
                 else:
-                    sys.stderr.write(f"mhc: error: {message} (see mhc --help)\n")
+                    ctx = getattr(e, "ctx", None)
+                    where = getattr(ctx, "command_path", None) or "mhc"
+                    sys.stderr.write(f"mhc: error: {message} (see {where} --help)\n")
                     code = e.exit_code
             elif type(e).__name__ == "Abort":
                 sys.stderr.write("mhc: aborted\n")
                 code = 1
             else:
                 raise
+            sys.stdout.flush()
+            sys.stderr.flush()  # click < 8.2's CliRunner reads stderr without flushing it
             if not standalone_mode:
                 return code
             sys.exit(code)

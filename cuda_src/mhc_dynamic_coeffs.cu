@@ -23,7 +23,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     int n, int C, int Tn, int S, int tmax, float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult,
     int with_pre) {
   extern __shared__ float smem[];
-  const int t = blockIdx.x, tid = threadIdx.x;
+  // tokens in reverse: the projection kernel read the last tokens last, some are still in L2
+  const int t = gridDim.x - 1 - blockIdx.x, tid = threadIdx.x;
   const int M = n * n + 2 * n;
   float* mixs = smem;          // M
   float* L = mixs + M;         // n n residual logits

@@ -26,16 +26,44 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
   const int m0 = blockIdx.x * MB, r0 = blockIdx.y * RB, s = blockIdx.z;
   const int j_begin = s * jsplit, j_end = min(J, j_begin + jsplit);
   const bool rows_contiguous = sj != 1;  // lanes along r (dphi) or along j (projection)
+  constexpr int V = Vec<T>::N;
+  // the vector path: the strided dimension's stride and the base keep every vector 16-byte aligned
+  const bool vec_a = (rows_contiguous ? sr == 1 && sj % V == 0 : sj == 1 && sr % V == 0) &&
+                     (reinterpret_cast<uintptr_t>(A) & 15) == 0 && (rows_contiguous || jsplit % V == 0);
   float acc[4][2] = {};
   float sqacc = 0.0f;
 
   for (int j0 = j_begin; j0 < j_end; j0 += JC) {
     __syncthreads();  // the previous stage is consumed
-    for (int e = tid; e < RB * JC; e += THREADS) {
-      const int rr = rows_contiguous ? e % RB : e / JC;
-      const int jj = rows_contiguous ? e / RB : e % JC;
-      const int r = r0 + rr, j = j0 + jj;
-      As[jj][rr] = (r < R && j < j_end) ? to_float(A[(size_t)r * sr + (size_t)j * sj]) : 0.0f;
+    if (vec_a) {  // 16-byte loads along the contiguous dimension (r0, j0 are multiples of V)
+      for (int e = tid; e < RB * JC / V; e += THREADS) {
+        const int rr = rows_contiguous ? (e % (RB / V)) * V : e / (JC / V);
+        const int jj = rows_contiguous ? e / (RB / V) : (e % (JC / V)) * V;
+        const int r = r0 + rr, j = j0 + jj;
+        const T* p = A + (size_t)r * sr + (size_t)j * sj;
+        float v[V];
+        if (rows_contiguous ? (j < j_end && r + V <= R) : (r < R && j + V <= j_end)) {
+          load_vec(p, v);
+        } else {
+#pragma unroll
+          for (int q = 0; q < V; ++q) {
+            const bool in = rows_contiguous ? (j < j_end && r + q < R) : (r < R && j + q < j_end);
+            v[q] = in ? to_float(p[q]) : 0.0f;  // p walks the contiguous dimension
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          if (rows_contiguous) As[jj][rr + q] = v[q];
+          else As[jj + q][rr] = v[q];
+        }
+      }
+    } else {
+      for (int e = tid; e < RB * JC; e += THREADS) {
+        const int rr = rows_contiguous ? e % RB : e / JC;
+        const int jj = rows_contiguous ? e / RB : e % JC;
+        const int r = r0 + rr, j = j0 + jj;
+        As[jj][rr] = (r < R && j < j_end) ? to_float(A[(size_t)r * sr + (size_t)j * sj]) : 0.0f;
+      }
     }
     for (int e = tid; e < JC * MB; e += THREADS) {
       const int jj = e / MB, mm = e % MB, j = j0 + jj, m = m0 + mm;

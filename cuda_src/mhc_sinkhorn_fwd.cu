@@ -19,7 +19,8 @@ extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float
     const int i = threadIdx.x >> 5, j = threadIdx.x & 31;
     const bool ok = i < n && j < n;
     const float l = ok ? L[i * n + j] : -INFINITY;
-    float p = ok ? expf(l - warp_max(l)) : 0.0f;
+    const float m = warp_max(l);  // every lane shuffles: never inside a lane-dependent branch
+    float p = ok ? expf(l - m) : 0.0f;
     for (int t = 0; t < iters; ++t) {
       const float r = warp_sum(p);
       p *= r > eps ? 1.0f / r : 1.0f;

@@ -91,14 +91,11 @@ def _tokens(a: mx.array, lead: tuple[int, ...], tail: tuple[int, ...]) -> mx.arr
 
 
 def _choose(op: str, n: int, C: int, backend: str, T: int) -> dispatch.Choice:
-    """dispatch.choose, except that while dispatch.RULES has no row for a dynamic op on the CPU
-    (the rows are the lead's to add), the CPU runs the portable path: the only thing it can run."""
+    """dispatch.choose, refusing a GPU backend that MLX does not have here."""
     device = dispatch.device_backend() if backend == "auto" else backend
     if device in ("cuda", "metal") and not getattr(mx, device).is_available():
         raise RuntimeError(f"backend={device!r}: MLX reports no {device} device here (mx.{device}.is_available() "
                            f"is False): run on such a machine with MLX's {device} build, or pass backend='portable'")
-    if device == "cpu" and not any(r.op == op and r.backend == "cpu" for r in dispatch.RULES):
-        return dispatch.Choice("cpu", "portable", None, "MLX has no custom-kernel primitive on its CPU backend")
     return dispatch.choose(op, n, C, backend, B=T)
 
 
@@ -115,12 +112,19 @@ def _kernels(choice: dispatch.Choice):
 
 
 # ---------------------------------------------------------------- portable path
+def _projection(x3, phi, rms_eps):
+    """(v @ phi) * rsqrt(mean(v^2) + eps) as one matmul (the reference writes the product out)."""
+    v = x3.reshape(x3.shape[0], -1).astype(F32)
+    invr = mx.rsqrt(mx.mean(v * v, axis=-1) + rms_eps)
+    return (v @ phi.astype(F32)) * invr[:, None], invr
+
+
 def _coeffs_graph(x3, phi, b, ap, apo, ar, cfg: Config):
-    """The reference's formulas are already the fast MLX form: one matmul for the projection, the
-    RMS scale on its [T, M] result, element-wise activations and the batched [T, n, n] Sinkhorn,
-    which mx.compile fuses into a few kernels."""
+    """The reference's formulas with the projection as a matmul: the RMS scale on its [T, M]
+    result, element-wise activations and the batched [T, n, n] Sinkhorn, which mx.compile fuses
+    into a few kernels. (On CUDA MLX runs float32 matmuls in TF32 unless MLX_ENABLE_TF32=0.)"""
     return ref.mhc_coeffs(x3, phi, b, ap, apo, ar, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps,
-                          cfg.post_mult)
+                          cfg.post_mult, projection=_projection)
 
 
 def _pre_graph(x3, h_pre):

@@ -40,7 +40,11 @@ def rms_projection(x: mx.array, phi: mx.array, rms_eps: float = DEFAULT_RMS_EPS)
     T = x.shape[0]
     v = x.reshape(T, -1).astype(F32)
     invr = mx.rsqrt(mx.mean(v * v, axis=-1) + rms_eps)
-    return (v @ phi.astype(F32)) * invr[:, None], invr
+    # one sum of products per column, not a matmul: MLX's float32 matmuls are TF32 on CUDA by
+    # default, and a [T, K, M] broadcast would hold M copies of x
+    phi = phi.astype(F32)
+    z = mx.stack([mx.sum(v * phi[:, m], axis=-1) for m in range(phi.shape[1])], axis=-1)
+    return z * invr[:, None], invr
 
 
 def split_logits(mix: mx.array, b: mx.array, alpha_pre, alpha_post, alpha_res, n: int):
@@ -74,11 +78,12 @@ def sinkhorn(logits: mx.array, tmax: int = DEFAULT_TMAX, eps: float = DEFAULT_SI
 
 def mhc_coeffs(x: mx.array, phi: mx.array, b: mx.array, alpha_pre, alpha_post, alpha_res,
                tmax: int = DEFAULT_TMAX, rms_eps: float = DEFAULT_RMS_EPS, pre_eps: float = DEFAULT_PRE_EPS,
-               sinkhorn_eps: float = DEFAULT_SINKHORN_EPS, post_mult: float = DEFAULT_POST_MULT):
+               sinkhorn_eps: float = DEFAULT_SINKHORN_EPS, post_mult: float = DEFAULT_POST_MULT, projection=None):
     """h_pre = sigmoid + pre_eps [T, n], h_post = post_mult sigmoid [T, n], h_res = Sinkhorn [T, n, n]
-    (ops/mhc.py:455-456 and 471-498; LigerMHCCoeffsFunction, ops/mhc.py:1382)."""
+    (ops/mhc.py:455-456 and 471-498; LigerMHCCoeffsFunction, ops/mhc.py:1382). `projection`
+    replaces rms_projection (the portable path passes its matmul form)."""
     n = x.shape[-2]
-    mix, _ = rms_projection(x, phi, rms_eps)
+    mix, _ = (projection or rms_projection)(x, phi, rms_eps)
     pre, post, res = split_logits(mix, b, alpha_pre, alpha_post, alpha_res, n)
     return mx.sigmoid(pre) + pre_eps, mx.sigmoid(post) * post_mult, sinkhorn(res, tmax, sinkhorn_eps)
 

@@ -1,0 +1,263 @@
+// CPU emulation of the CUDA subset that the dynamic-mHC kernels (mhc_dynamic_*.cu) and
+// mhc_common.cuh use, for tests on machines without a GPU (tests/test_dynamic.py compiles each
+// kernel with g++ -include this file and runs it through a fake mx.fast.precompiled_cuda_kernel).
+// Not part of any GPU build (a .h, so build_tools/cuda.py neither compiles nor hashes it).
+//
+// Semantics: one CTA at a time, its threads fibers run round-robin; __syncthreads is a barrier
+// over the CTA, warp shuffles exchange through a per-warp buffer between two warp barriers; a
+// thread that returns drops out of both (as an exited GPU thread does); __shared__
+// variables are function statics (shared by the CTA's threads); dynamic shared memory is one
+// buffer per launch. __half / __nv_bfloat16 are 16-bit storage with round-to-nearest-even.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <ucontext.h>
+
+#include <cmath>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __restrict__
+
+using std::max;
+using std::min;
+
+struct emu_dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline emu_dim3 threadIdx, blockIdx;  // set by the scheduler before it resumes a thread
+inline emu_dim3 blockDim, gridDim;
+
+struct uint4 {
+  unsigned x, y, z, w;
+};
+struct float4 {
+  float x, y, z, w;
+};
+struct float2 {
+  float x, y;
+};
+
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t(0x7fc0)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {uint16_t(u >> 16)};
+}
+inline float __half2float(__half h) {
+  const uint32_t s = (h.bits >> 15) & 1u, e = (h.bits >> 10) & 0x1fu, m = h.bits & 0x3ffu;
+  float v;
+  if (e == 0) v = std::ldexp(float(m), -24);
+  else if (e == 31) v = m ? NAN : INFINITY;
+  else v = std::ldexp(float(m | 0x400u), int(e) - 25);
+  return s ? -v : v;
+}
+inline __half __float2half_rn(float f) {
+  // exact round-to-nearest-even through double arithmetic on the representable grid
+  const uint16_t sign = std::signbit(f) ? 0x8000 : 0;
+  float a = std::fabs(f);
+  if (std::isnan(f)) return {uint16_t(0x7e00)};
+  if (a >= 65520.0f) return {uint16_t(sign | 0x7c00)};
+  int e;
+  std::frexp(a, &e);            // a = m * 2^e, m in [0.5, 1)
+  int exp16 = std::max(e - 1, -14);  // unbiased exponent of the half result (subnormals: -14)
+  double q = std::ldexp(double(a), 10 - exp16);  // a in units of the half's last place
+  double r = std::nearbyint(q);  // default rounding mode: nearest-even
+  uint32_t mant = uint32_t(r);
+  if (mant >= 2048) {  // rounded up into the next binade
+    mant >>= 1;
+    exp16 += 1;
+  }
+  if (mant < 1024) return {uint16_t(sign | mant)};  // subnormal (exp16 == -14)
+  return {uint16_t(sign | uint32_t(exp16 + 15) << 10 | (mant & 0x3ffu))};
+}
+
+// WMMA (mma.h) as its documented semantics: each thread holds the whole 16 x 16 tile (the
+// warp-collective calls are made by all 32 lanes with the same arguments, so every lane computes
+// the same values); loads and stores follow ldm and the layout tag, products accumulate in float.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int m, int n, int k, typename E, typename Layout = void>
+struct fragment {
+  float v[16 * 16];
+};
+template <typename F>
+inline void fill_fragment(F& f, float value) {
+  for (float& e : f.v) e = value;
+}
+template <typename Use, typename E, typename Layout, typename P>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, E, Layout>& f, const P* p, unsigned ldm) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      const P& e = std::is_same_v<Layout, row_major> ? p[i * ldm + j] : p[j * ldm + i];
+      if constexpr (std::is_same_v<P, __nv_bfloat16>) f.v[i * 16 + j] = __bfloat162float(e);
+      else if constexpr (std::is_same_v<P, __half>) f.v[i * 16 + j] = __half2float(e);
+      else f.v[i * 16 + j] = float(e);
+    }
+}
+template <typename E, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, E, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, E, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[16 * 16];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.v[i * 16 + j];
+      for (int k = 0; k < 16; ++k) s += a.v[i * 16 + k] * b.v[k * 16 + j];
+      out[i * 16 + j] = s;
+    }
+  for (int e = 0; e < 256; ++e) d.v[e] = out[e];
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) (l == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.v[i * 16 + j];
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
+template <typename P>
+inline P __ldg(const P* p) {
+  return *p;
+}
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+
+// One CTA: its threads are fibers (ucontext) run round-robin on one OS thread; a thread that
+// waits at a barrier yields until the barrier's generation moves on.
+struct EmuBarrier {
+  int count = 0, expected = 0;
+  unsigned gen = 0;
+  void drop() {  // a thread exited: it no longer takes part (as an exited GPU thread)
+    --expected;
+    if (count > 0 && count >= expected) release();
+  }
+  void release() {
+    count = 0;
+    ++gen;
+  }
+};
+
+struct EmuFiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  bool done = false;
+};
+
+struct EmuCta {
+  std::vector<EmuFiber> fibers;
+  ucontext_t sched;
+  int cur = 0;
+  EmuBarrier bar;
+  std::vector<EmuBarrier> warp;
+  std::vector<float> shfl;
+  std::function<void()> body;
+};
+inline EmuCta* emu_cta = nullptr;
+inline float* emu_dyn_smem = nullptr;
+inline emu_dim3 emu_block;
+
+inline void emu_yield() { swapcontext(&emu_cta->fibers[emu_cta->cur].ctx, &emu_cta->sched); }
+
+inline void emu_wait(EmuBarrier& b) {
+  const unsigned g = b.gen;
+  if (++b.count >= b.expected) {
+    b.release();
+    return;
+  }
+  while (b.gen == g) emu_yield();
+}
+
+inline void __syncthreads() { emu_wait(emu_cta->bar); }
+
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+  const int tid = int(threadIdx.x), w = tid / 32, lane = tid % 32;
+  float* buf = emu_cta->shfl.data() + 32 * w;
+  buf[lane] = v;
+  emu_wait(emu_cta->warp[w]);
+  const float r = buf[lane ^ o];
+  emu_wait(emu_cta->warp[w]);
+  return r;
+}
+
+inline void emu_trampoline() {
+  EmuCta* c = emu_cta;
+  c->body();
+  const int t = c->cur;
+  c->fibers[t].done = true;
+  c->warp[t / 32].drop();
+  c->bar.drop();
+}  // returns to uc_link: the scheduler
+
+// Runs body() as grid x threads: one CTA at a time.
+template <typename Body>
+inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, Body body) {
+  std::vector<float> dyn(smem_bytes / 4 + 64, NAN);  // poisoned: a read before a write shows
+  emu_dyn_smem = dyn.data();
+  blockDim = {unsigned(threads), 1, 1};
+  gridDim = {unsigned(gx), unsigned(gy), unsigned(gz)};
+  EmuCta cta;
+  cta.fibers.resize(threads);
+  for (auto& f : cta.fibers) f.stack.resize(128 * 1024);
+  const int nwarps = (threads + 31) / 32;
+  cta.warp.resize(nwarps);
+  cta.shfl.assign(size_t(nwarps) * 32, 0.0f);
+  cta.body = body;
+  emu_cta = &cta;
+  for (int z = 0; z < gz; ++z)
+    for (int y = 0; y < gy; ++y)
+      for (int x = 0; x < gx; ++x) {
+        cta.bar = EmuBarrier{0, threads, 0};
+        for (int w = 0; w < nwarps; ++w) cta.warp[w] = EmuBarrier{0, std::min(32, threads - 32 * w), 0};
+        for (int t = 0; t < threads; ++t) {
+          EmuFiber& f = cta.fibers[t];
+          f.done = false;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.data();
+          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_link = &cta.sched;
+          makecontext(&f.ctx, emu_trampoline, 0);
+        }
+        blockIdx = {unsigned(x), unsigned(y), unsigned(z)};
+        for (int live = threads; live > 0;) {
+          live = 0;
+          for (int t = 0; t < threads; ++t) {
+            if (cta.fibers[t].done) continue;
+            cta.cur = t;
+            threadIdx = {unsigned(t), 0, 0};
+            swapcontext(&cta.sched, &cta.fibers[t].ctx);
+            live += !cta.fibers[t].done;
+          }
+        }
+      }
+}

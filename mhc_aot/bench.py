@@ -1,0 +1,578 @@
+"""The one benchmark (DESIGN.md section 6): shape tables, implementations, timing, byte model.
+
+`mhc bench` wraps this module; scripts call `run()` the same way, so every number the project
+quotes comes from one place.
+
+Shapes (the seed `mhc-mlx` README's tables, plus a large suite):
+  latency     B = 1, n = 32, C in 256, 1024, 2048, 4096, 8192
+  throughput  B = 32 with (n, C) in (32, 2048), (32, 512), (4, 4096)
+  large       (B, n, C) in (4096, 4, 4096), (1024, 32, 2048)
+  dynamic     (--layer dynamic) the paper's n = 4: latency B = 1, C as above; throughput B = 32,
+              C in 512, 2048, 4096; large as above
+
+Modes:
+  latency     every call evaluated (`mx.eval`) before the next; one sample per call.
+  throughput  `iters` calls queued with `mx.async_eval` and one synchronise at the end; one
+              sample (elapsed / iters) per batch, `repeats` batches. Outputs are not kept alive,
+              so memory stays at about one call's worth.
+Each row reports the median and the 20th / 80th percentiles of its samples in microseconds.
+
+Byte model (effective GB/s = bytes / median time), with s = itemsize of x's dtype, E = B * n * C:
+  forward            x read once + out written once                                  = 2 E s
+  forward+backward   forward (x read, out written) + backward (x and dout read, dx written)
+                                                                                      = 5 E s
+  dynamic layer      adds phi [n C, n n + 2 n] in float32 (P elements): + 4 P forward (read
+                     once), + 12 P forward+backward (read in each pass, dphi written); the
+                     per-token coefficients and x_in / f_out ([B, C]) are left out.
+  Static parameters, M and per-token scalars are O(n^2 + C) and left out. This is the traffic of an
+  ideal fused implementation, the same for every implementation, so GB/s ranks them on one
+  footing. `copy_fraction` divides it by the copy bandwidth measured once per run (a float32
+  buffer, `y = x + 1`: read once + written once), not by a datasheet number.
+
+Implementations:
+  kernels    ops.mhc_forward(backend="auto"): the precompiled kernels on a GPU backend; on MLX's
+             CPU backend "auto" IS the portable path (MLX has no custom-kernel primitive there).
+  portable   backend="portable": MLX ops, mx.compile'd per static argument set.
+  reference  mx.compile of mhc_aot.reference.mhc_forward (the readable reference), as DESIGN.md
+             section 6 asks; its backward is mx.compile(mx.value_and_grad(...)).
+  seed       mhc-mlx's compiled reference: MHCLayer(n, C, use_metal=False, compile_reference=True).
+  torch      a torch.compile'd PyTorch implementation of the same layer, on CUDA when PyTorch
+             sees a GPU, else on its CPU.
+With --layer dynamic the rows time DynamicMHC(nn.Identity(), n, C) (the mHC machinery alone) with
+backend auto / portable / reference; seed and torch have no dynamic layer.
+Backward = forward + backward: value_and_grad of sum(out * dout) (dout fixed, x's dtype) with
+respect to x and all four parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+
+from . import dispatch, ops, reference, testing
+
+LATENCY_C = (256, 1024, 2048, 4096, 8192)
+LATENCY_SHAPES = tuple((1, 32, C) for C in LATENCY_C)
+THROUGHPUT_SHAPES = ((32, 32, 2048), (32, 32, 512), (32, 4, 4096))
+LARGE_SHAPES = ((4096, 4, 4096), (1024, 32, 2048))
+SUITES = {"latency": LATENCY_SHAPES, "throughput": THROUGHPUT_SHAPES, "large": LARGE_SHAPES}
+# Dynamic mHC (--layer dynamic): the paper's n = 4; phi is [n C, n n + 2 n], 1 GiB at n = 32, C = 8192.
+DYNAMIC_SUITES = {"latency": tuple((1, 4, C) for C in LATENCY_C),
+                  "throughput": ((32, 4, 512), (32, 4, 2048), (32, 4, 4096)), "large": LARGE_SHAPES}
+LAYERS = ("static", "dynamic")
+
+MODES = ("latency", "throughput")
+IMPLEMENTATIONS = ("kernels", "portable", "reference", "seed", "torch")
+COMPARISONS = IMPLEMENTATIONS[1:]
+DEFAULT_COMPARE = ("reference",)
+DEFAULT_DTYPE = "bfloat16"
+PARAM_NAMES = ("H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight")
+
+
+class BenchError(ValueError):
+    """A request that cannot run (shape too large for memory, comparison not installed): the
+    message names the cause and the fix."""
+
+
+def default_shapes(mode: str, layer: str = "static") -> tuple[tuple[int, int, int], ...]:
+    return (DYNAMIC_SUITES if layer == "dynamic" else SUITES)[mode]
+
+
+@dataclass(frozen=True)
+class Settings:
+    iters: int  # latency: timed calls; throughput: calls per batch
+    warmup: int
+    repeats: int  # throughput batches (latency: 1)
+
+
+def default_settings(mode: str, backend: Optional[str] = None) -> Settings:
+    """Modest on MLX's CPU backend (the default tables finish in well under a minute there),
+    enough calls on a GPU for stable medians."""
+    gpu = (backend or dispatch.device_backend()) != "cpu"
+    if mode == "latency":
+        return Settings(iters=200 if gpu else 15, warmup=20 if gpu else 2, repeats=1)
+    return Settings(iters=50 if gpu else 5, warmup=10 if gpu else 1, repeats=7 if gpu else 5)
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    B: int
+    n: int
+    C: int
+    dtype: str = DEFAULT_DTYPE
+    backward: bool = False
+    layer: str = "static"  # "static" (MHCLayer / ops.mhc_forward) or "dynamic" (DynamicMHC, F = identity)
+
+    @property
+    def elements(self) -> int:
+        return self.B * self.n * self.C
+
+    @property
+    def phi_elements(self) -> int:
+        return self.n * self.C * (self.n * self.n + 2 * self.n) if self.layer == "dynamic" else 0
+
+    @property
+    def itemsize(self) -> int:
+        return testing.DTYPES[self.dtype].size
+
+    @property
+    def bytes_moved(self) -> int:
+        """The byte model of the module docstring: 2 E s forward, 5 E s forward+backward; the
+        dynamic layer adds phi (float32): read once forward, read again and dphi written backward."""
+        x_bytes = (5 if self.backward else 2) * self.elements * self.itemsize
+        return x_bytes + (3 if self.backward else 1) * 4 * self.phi_elements
+
+    @property
+    def label(self) -> str:
+        layer = " dynamic" if self.layer == "dynamic" else ""
+        return f"B={self.B} n={self.n} C={self.C} {self.dtype}{layer}{' fwd+bwd' if self.backward else ''}"
+
+
+# ---------------------------------------------------------------- memory
+def estimate_bytes(case: Case, impl: str) -> int:
+    """Rough peak bytes of one call: x (and dout), out (and dx) in x's dtype plus float32
+    temporaries; the readable reference (and the seed's) also materialises an [B, n, n, C]
+    float32 broadcast in its stream mix."""
+    E, s = case.elements, case.itemsize
+    per = (4 * s + 32) if case.backward else (2 * s + 12)
+    total = E * per + 4 * case.phi_elements * (3 if case.backward else 1)
+    if impl in ("reference", "seed"):
+        total += E * case.n * 4 * (2 if case.backward else 1)
+    return total
+
+
+def available_memory() -> tuple[Optional[int], str]:
+    """(bytes the benchmark may use, where that number comes from); (None, why) if unknown."""
+    if dispatch.device_backend() != "cpu":
+        info = mx.device_info()
+        for key in ("free_memory", "memory_size", "total_memory"):  # CUDA reports free_memory
+            if isinstance(info.get(key), int) and info[key] > 0:
+                return int(info[key]), f"mx.device_info()['{key}']"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    info = mx.device_info()
+    if isinstance(info.get("memory_size"), int):
+        return int(info["memory_size"]), "mx.device_info()['memory_size']"
+    return None, "unknown"
+
+
+MEMORY_HEADROOM = 0.9  # use at most this fraction of what is available
+
+
+def check_memory(cases, impls) -> None:
+    """BenchError naming the first (case, implementation) whose estimate does not fit."""
+    avail, source = available_memory()
+    if avail is None:
+        return
+    for case in cases:
+        for impl in impls:
+            need = estimate_bytes(case, impl)
+            if need > MEMORY_HEADROOM * avail:
+                fix = ("drop it from --compare or pick a smaller shape" if impl != "kernels"
+                       else "pick smaller --B/--n/--C")
+                raise BenchError(f"{case.label} needs ~{need / 2**30:.1f} GiB for {impl} but "
+                                 f"{avail / 2**30:.1f} GiB is available ({source}): {fix}")
+
+
+# ---------------------------------------------------------------- timing
+def percentile(values, q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default), q in [0, 100]."""
+    v = sorted(values)
+    if not v:
+        return math.nan
+    k = (len(v) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+@dataclass
+class Timing:
+    samples_s: list[float]
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.samples_s) * 1e6
+
+    @property
+    def p20_us(self) -> float:
+        return percentile(self.samples_s, 20) * 1e6
+
+    @property
+    def p80_us(self) -> float:
+        return percentile(self.samples_s, 80) * 1e6
+
+
+@dataclass
+class Runner:
+    """One implementation bound to one case's inputs: what to call and how to wait for it."""
+    name: str
+    call: Callable[[], Any]
+    evaluate: Callable[[Any], None] = mx.eval  # block until this call's result exists
+    enqueue: Callable[[Any], None] = mx.async_eval  # start it without waiting
+    synchronize: Callable[[], None] = mx.synchronize  # wait for everything queued
+    note: str = ""
+
+
+def time_runner(runner: Runner, mode: str, iters: int, warmup: int, repeats: int = 1) -> Timing:
+    for _ in range(warmup):
+        runner.evaluate(runner.call())
+    runner.synchronize()
+    samples = []
+    if mode == "latency":
+        for _ in range(iters * max(1, repeats)):
+            t0 = time.perf_counter()
+            runner.evaluate(runner.call())
+            samples.append(time.perf_counter() - t0)
+    else:
+        for _ in range(repeats):
+            runner.synchronize()
+            t0 = time.perf_counter()
+            out = None
+            for _ in range(iters):
+                out = runner.call()
+                runner.enqueue(out)
+            runner.evaluate(out)
+            runner.synchronize()
+            samples.append((time.perf_counter() - t0) / iters)
+    return Timing(samples)
+
+
+def measure_copy_bandwidth(nbytes: Optional[int] = None, iters: int = 10) -> float:
+    """GB/s of `y = x + 1` on a float32 buffer (read once + written once), evaluated per call:
+    the device's practical copy bandwidth, measured once per run."""
+    gpu = dispatch.device_backend() != "cpu"
+    nbytes = nbytes or (256 if gpu else 64) * 2**20
+    x = mx.random.uniform(shape=(nbytes // 4,))
+    mx.eval(x)
+    runner = Runner("copy", lambda: x + 1)
+    t = time_runner(runner, "latency", iters, 2)
+    return 2 * nbytes / (t.median_us * 1e-6) / 1e9
+
+
+# ---------------------------------------------------------------- implementations
+@dataclass
+class Inputs:
+    x: mx.array
+    params: dict
+    dout: mx.array
+
+    @property
+    def args(self) -> tuple:
+        return (self.x, *(self.params[k] for k in PARAM_NAMES))
+
+
+def make_inputs(case: Case, seed: int = 0) -> Inputs:
+    """Non-trivial parameters (not the identity init) and x, dout in the case's dtype."""
+    p = testing.random_params(case.n, case.C, seed)
+    x = testing.random_input((case.B, case.n, case.C), testing.DTYPES[case.dtype], seed)
+    dout = testing.random_input(x.shape, x.dtype, seed + 1)
+    mx.eval(x, dout, *p.values())
+    return Inputs(x, p, dout)
+
+
+def _value_and_grad(fn, dout, compile_it: bool):
+    def loss(*args):
+        return mx.sum(fn(*args) * dout)
+
+    vg = mx.value_and_grad(loss, argnums=tuple(range(1 + len(PARAM_NAMES))))
+    return mx.compile(vg) if compile_it else vg
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    return mx.compile(lambda x, *p: reference.mhc_forward(x, *p).astype(x.dtype))
+
+
+def _mlx_runner(name: str, fn, case: Case, inp: Inputs, compile_backward: bool, note: str = "") -> Runner:
+    if case.backward:
+        vg = _value_and_grad(fn, inp.dout, compile_backward)
+        return Runner(name, lambda: vg(*inp.args), note=note)
+    return Runner(name, lambda: fn(*inp.args), note=note)
+
+
+def availability(name: str, layer: str = "static") -> Optional[str]:
+    """None if implementation `name` can run here, else why not and the fix."""
+    if layer == "dynamic":
+        import mhc_aot
+
+        if not hasattr(mhc_aot, "DynamicMHC"):
+            return "this build of mhc-aot has no DynamicMHC"
+        if name in ("seed", "torch"):
+            return f"{name} has no dynamic mHC layer to compare with: use portable or reference"
+    if name in ("kernels", "portable", "reference"):
+        return None
+    if name == "seed":
+        try:
+            _import_seed()
+        except ImportError:
+            return "mhc-mlx is not installed: pip install 'mhc-mlx==0.6.3' (or mhc-aot[test])"
+        return None
+    if name == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return "PyTorch is not installed: pip install torch"
+        return None
+    return f"unknown implementation {name!r}: expected one of {', '.join(IMPLEMENTATIONS)}"
+
+
+def _import_seed():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns that Linux runs its pure-MLX path
+        import mhc_mlx
+    return mhc_mlx
+
+
+def _strategy_of(op: str, case: Case) -> str:
+    try:
+        return dispatch.choose(op, case.n, case.C, "auto", B=case.B).strategy
+    except ValueError:  # dynamic ops have no CPU rows yet: the CPU runs their portable path
+        return "portable" if dispatch.device_backend() == "cpu" else "no rule"
+
+
+def kernels_note(case: Case) -> str:
+    """What backend='auto' runs for this case (dispatch's choice)."""
+    if case.layer == "dynamic":
+        return f"{dispatch.device_backend()}:" + "/".join(
+            _strategy_of(op, case) for op in ("mhc_coeffs", "mhc_pre", "mhc_post_res"))
+    c = dispatch.choose("mhc_forward", case.n, case.C, "auto", B=case.B)
+    text = f"{c.backend}:{c.strategy}"
+    if case.backward:
+        b = dispatch.choose("mhc_backward", case.n, case.C, "auto", B=case.B)
+        text += f" / bwd {b.strategy}"
+    return text
+
+
+def make_runner(name: str, case: Case, inp: Inputs) -> Runner:
+    why = availability(name, case.layer)
+    if why:
+        raise BenchError(why)
+    if case.layer == "dynamic":
+        return _dynamic_runner(name, case, inp)
+    if name in ("kernels", "portable"):
+        backend = "auto" if name == "kernels" else "portable"
+
+        def fn(x, *p):
+            return ops.mhc_forward(x, *p, backend=backend)
+
+        return _mlx_runner(name, fn, case, inp, compile_backward=False,
+                           note=kernels_note(case) if name == "kernels" else f"{dispatch.device_backend()}:portable")
+    if name == "reference":
+        return _mlx_runner(name, _compiled_reference(), case, inp, compile_backward=True, note="mx.compile")
+    if name == "seed":
+        return _seed_runner(case, inp)
+    return _torch_runner(case, inp)
+
+
+def _seed_runner(case: Case, inp: Inputs) -> Runner:
+    mhc_mlx = _import_seed()
+    layer = mhc_mlx.MHCLayer(case.n, case.C, use_metal=False, compile_reference=True)
+    layer.update({k: inp.params[k] for k in PARAM_NAMES})
+    note = f"mhc-mlx {getattr(mhc_mlx, '__version__', '')} compiled reference".replace("  ", " ")
+    if not case.backward:
+        return Runner("seed", lambda: layer(inp.x), note=note)
+    params0 = {k: inp.params[k] for k in PARAM_NAMES}
+
+    def loss(x, params):
+        layer.update(params)  # what nn.value_and_grad does: parameters as traced inputs
+        return mx.sum(layer(x) * inp.dout)
+
+    vg = mx.value_and_grad(loss, argnums=(0, 1))
+    return Runner("seed", lambda: vg(inp.x, params0), note=note)
+
+
+def _dynamic_runner(name: str, case: Case, inp: Inputs) -> Runner:
+    """DynamicMHC around F = identity, so only the mHC machinery is timed; non-trivial b and alphas."""
+    import mlx.nn as nn
+
+    from . import DynamicMHC
+
+    backend = {"kernels": "auto", "portable": "portable", "reference": "reference"}[name]
+    layer = DynamicMHC(nn.Identity(), case.n, case.C, backend=backend, key=mx.random.key(1))
+    M = case.n * case.n + 2 * case.n
+    layer.b = 0.5 * mx.random.normal((M,), key=mx.random.key(2))
+    layer.alpha_pre, layer.alpha_post, layer.alpha_res = (mx.array(a, mx.float32) for a in (1.1, 0.9, 1.3))
+    params = layer.trainable_parameters()
+    mx.eval(params)
+
+    def fn(x, p):
+        layer.update(p)  # parameters as traced inputs, as nn.value_and_grad does
+        return layer(x)
+
+    if name == "reference":
+        fn = mx.compile(fn)
+    note = (kernels_note(case) if name == "kernels" else "mx.compile" if name == "reference"
+            else f"{dispatch.device_backend()}:portable")
+    if case.backward:
+        vg = mx.value_and_grad(lambda x, p: mx.sum(fn(x, p) * inp.dout), argnums=(0, 1))
+        return Runner(name, lambda: vg(inp.x, params), note=note)
+    return Runner(name, lambda: fn(inp.x, params), note=note)
+
+
+def torch_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int = reference.DEFAULT_ITERS,
+                  eps: float = reference.DEFAULT_EPS):
+    """DESIGN.md section 1 in PyTorch (float32 accumulation, output in x's dtype)."""
+    import torch
+
+    xf = x.float()
+    H_pre, H_post = torch.sigmoid(H_pre_raw), 2.0 * torch.sigmoid(H_post_raw)
+    P = torch.exp(H_res_raw - H_res_raw.amax(dim=1, keepdim=True))
+    for _ in range(iters):
+        r = P.sum(dim=1, keepdim=True)
+        P = P * torch.where(r > eps, 1.0 / r, torch.ones_like(r))
+        c = P.sum(dim=0, keepdim=True)
+        P = P * torch.where(c > eps, 1.0 / c, torch.zeros_like(c))
+    agg = torch.matmul(H_pre, xf)  # [B, C]
+    y = agg * torch.rsqrt(agg.pow(2).mean(dim=-1, keepdim=True) + eps) * rms_weight
+    out = torch.matmul(P, xf) + H_post[None, :, None] * y[:, None, :]
+    return out.to(x.dtype)
+
+
+def _torch_runner(case: Case, inp: Inputs) -> Runner:
+    import numpy as np
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[case.dtype]
+
+    def to_torch(a, dtype, grad=False):
+        t = torch.from_numpy(np.array(a.astype(mx.float32))).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    x = to_torch(inp.x, tdtype, case.backward)
+    params = [to_torch(inp.params[k], torch.float32, case.backward) for k in PARAM_NAMES]
+    dout = to_torch(inp.dout, tdtype)
+    fwd = torch.compile(torch_forward)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    if case.backward:
+        def call():
+            out = fwd(x, *params)
+            return torch.autograd.grad((out * dout).sum(), [x, *params])
+    else:
+        def call():
+            with torch.no_grad():
+                return fwd(x, *params)
+
+    return Runner("torch", call, evaluate=lambda _: sync(), enqueue=lambda _: None, synchronize=sync,
+                  note=f"torch {torch.__version__} torch.compile on {device}")
+
+
+# ---------------------------------------------------------------- the benchmark
+def make_cases(mode: str, shapes, dtypes, backward: bool, layer: str = "static") -> list[Case]:
+    return [Case(mode, B, n, C, dt, backward, layer) for dt in dtypes for (B, n, C) in shapes]
+
+
+@dataclass
+class Run:
+    rows: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def run_meta(copy_gbps: float, settings: Settings, compare) -> dict:
+    info = mx.device_info()
+    return {
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "backend": dispatch.device_backend(),
+        "device_name": info.get("device_name", ""),
+        "architecture": info.get("architecture", ""),
+        "copy_GBps": copy_gbps,
+        "compare": list(compare),
+        **asdict(settings),
+    }
+
+
+def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
+        on_step: Optional[Callable[[str], None]] = None, copy_gbps: Optional[float] = None) -> Run:
+    """Time the kernels row and every comparison on every case. One row per (case, implementation);
+    the kernels row carries `speedup_vs_<name>` = median(name) / median(kernels) for each comparison."""
+    compare = [c for c in dict.fromkeys(compare) if c != "kernels"]
+    cases = list(cases)
+    for c in ["kernels", *compare]:
+        for layer in {case.layer for case in cases}:
+            why = availability(c, layer)
+            if why:
+                raise BenchError(f"--compare {c}: {why}" if c != "kernels" else why)
+    impls = ["kernels", *compare]
+    check_memory(cases, impls)
+    step = on_step or (lambda _msg: None)
+    step("measuring copy bandwidth")
+    copy_gbps = copy_gbps or measure_copy_bandwidth()
+    result = Run()
+    for case in cases:
+        s = settings or default_settings(case.mode)
+        inp = make_inputs(case)
+        medians = {}
+        case_rows = []
+        for impl in impls:
+            step(f"{case.label}: {impl}")
+            runner = make_runner(impl, case, inp)
+            t = time_runner(runner, case.mode, s.iters, s.warmup, s.repeats)
+            gbps = case.bytes_moved / (t.median_us * 1e-6) / 1e9
+            medians[impl] = t.median_us
+            case_rows.append({
+                "mode": case.mode, "layer": case.layer, "impl": impl,
+                "B": case.B, "n": case.n, "C": case.C, "dtype": case.dtype,
+                "pass": "forward+backward" if case.backward else "forward",
+                "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
+                "GBps": gbps, "copy_fraction": gbps / copy_gbps, "samples": len(t.samples_s), "note": runner.note,
+            })
+            del runner
+        for c in compare:
+            case_rows[0][f"speedup_vs_{c}"] = medians[c] / medians["kernels"]
+        result.rows += case_rows
+    result.meta = run_meta(copy_gbps, settings or default_settings(cases[0].mode if cases else "latency"), compare)
+    return result
+
+
+def plot_speedup(rows: list[dict], path, title: str = "") -> None:
+    """Speedup of the kernels row over each comparison, by C (one line per comparison, n, B,
+    dtype and pass). Needs matplotlib (the `plot` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("speedup_vs_"):
+                label = (f"vs {k[len('speedup_vs_'):]} (B={r['B']}, n={r['n']}, {r['dtype']}"
+                         f"{', fwd+bwd' if r['pass'] != 'forward' else ''})")
+                series.setdefault(label, []).append((r["C"], v))
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log", base=2)
+    Cs = sorted({p[0] for pts in series.values() for p in pts})
+    if Cs:
+        ax.set_xticks(Cs)
+        ax.set_xticklabels([str(c) for c in Cs])
+        ax.minorticks_off()
+    ax.set_xlabel("C (channels per stream)")
+    ax.set_ylabel("speedup of kernels (x)")
+    ax.set_title(title or "mhc-aot kernels speedup by C")
+    if series:
+        ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), format="png")
+    plt.close(fig)

@@ -1,0 +1,261 @@
+"""CUDA launchers of dynamic mHC (cuda_src/mhc_dynamic_*.cu) through the launch helper of
+`mhc_aot.cuda` (cubin for this GPU, else PTX; NaN-poisoned outputs under
+`testing.poisoned_outputs()`; shared-memory buckets). Gradients: `mx.custom_function` VJPs
+that launch the backward kernels.
+
+Kernels per op (geometry mirrors each kernel's header comment; grids are given in threads):
+  mhc_coeffs    forward  proj_tc (bfloat16 x, n <= 4: tensor cores) or skinny (z = vec(x) @ phi,
+                         K split S ways, + sum of squares)
+                         -> coeffs (one CTA per token: RMS scale, activations, Sinkhorn, x_in)
+                backward coeffs_bwd (one CTA per token: dx_in . x, sigmoid and Sinkhorn backward)
+                         -> dx (token-tiled dz @ phi^T + RMS term + h_pre dx_in)
+                         -> dphi_tc (bfloat16 x, n <= 4: tensor cores) or skinny (dphi = x^T dz,
+                            tokens split S ways) -> colsum (dphi, db, dalpha)
+  mhc_pre       pre / pre_bwd (per token)
+  mhc_post_res  post_res (x and f read once) / post_res_bwd (per token)
+Nothing accumulates with atomics: per-CTA (or per-token) partials and a fixed-order reduce.
+Documented exits to the portable graph (MLX ops): a per-token Sinkhorn that does not fit one
+CTA's shared memory (forward: 2 n n + 2 tmax n floats, backward with its history: (tmax + 1) n n
++ 2 tmax n floats; large n only), and F's output in a dtype other than x's (post_res).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+
+from . import cuda, device, manifest
+
+F32 = mx.float32
+THREADS = cuda.THREADS  # cuda_src/mhc_common.cuh
+WARPS = THREADS // 32
+SK_RB, SK_MB, SK_JC = 64, 32, 32  # cuda_src/mhc_dynamic_skinny.cu
+DX_TT, DX_KB = 64, 64  # cuda_src/mhc_dynamic_dx.cu
+TC_TB, TC_MP, TC_KC = 128, 32, 64  # cuda_src/mhc_dynamic_proj_tc.cu
+DPHI_KB, DPHI_TC = 128, 64  # cuda_src/mhc_dynamic_dphi_tc.cu
+POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
+COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
+
+
+def _launch(*args, **kwargs):
+    """The lead's launch helper (`cuda.launch`, or `cuda._launch` before it was made public)."""
+    return (getattr(cuda, "launch", None) or cuda._launch)(*args, **kwargs)
+
+
+def _tag(dtype: mx.Dtype) -> str:
+    return manifest.DTYPE_TAGS[str(dtype).split(".")[-1]]
+
+
+def _nmax(source: str, tag: str | None, n: int) -> int:
+    return cuda._binary(source, tag, n)[2]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sinkhorn_floats(n: int, tmax: int, slots: int) -> int:
+    return slots * n * n + 2 * tmax * n  # cuda_src/mhc_dynamic_common.cuh
+
+
+def _fits(floats: int) -> bool:
+    return 4 * floats <= device.max_shared_memory_per_block()
+
+
+# ---------------------------------------------------------------- shared building blocks
+def _skinny(A: mx.array, B: mx.array, R: int, J: int, Mc: int, sr: int, sj: int, want_sq: bool, tag: str):
+    """part [S, R, Mc] (and sq [S, R]) of sum_j A(r, j) B(j, m) over S splits of j: enough
+    CTAs for ~4 per SM whatever R is."""
+    rt, mt = _cdiv(R, SK_RB), _cdiv(Mc, SK_MB)
+    S = max(1, min(_cdiv(J, SK_JC), _cdiv(4 * device.sm_count(), rt * mt)))
+    jsplit = _cdiv(_cdiv(J, S), SK_JC) * SK_JC
+    S = _cdiv(J, jsplit)
+    part, sq = _launch("mhc_dynamic_skinny", tag, None, [A, B], [(S, R, Mc), (S, R) if want_sq else (1,)],
+                       [F32, F32], [R, J, Mc, sr, sj, jsplit, int(want_sq)], (mt * THREADS, rt, S))
+    return part, sq, S
+
+
+def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str):
+    """part [S, T, M] and sq [S, T] of z = vec(x) @ phi: tensor cores for bfloat16 x and M <= 32
+    (n <= 4), else the CUDA-core skinny kernel."""
+    if tag != "bf16" or M > TC_MP:
+        return _skinny(xk, phi32, T, K, M, K, 1, True, tag)
+    tiles = _cdiv(T, TC_TB)
+    S = max(1, min(_cdiv(K, TC_KC), _cdiv(4 * device.sm_count(), tiles)))
+    ksplit = _cdiv(_cdiv(K, S), TC_KC) * TC_KC
+    S = _cdiv(K, ksplit)
+    part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, phi32], [(S, T, M), (S, T)], [F32, F32],
+                       [T, K, M, ksplit], (THREADS, S, tiles))
+    return part, sq, S
+
+
+def _dphi_partials(xk: mx.array, dz: mx.array, T: int, K: int, M: int, tag: str):
+    """part [S, K, M] of dphi = x^T dz over S splits of the tokens: tensor cores for bfloat16 x and
+    M <= 32 (n <= 4), else the CUDA-core skinny kernel."""
+    if tag != "bf16" or M > TC_MP:
+        part, _, S = _skinny(xk, dz, K, T, M, 1, K, False, tag)
+        return part, S
+    tiles = _cdiv(K, DPHI_KB)
+    S = max(1, min(_cdiv(T, DPHI_TC), _cdiv(4 * device.sm_count(), tiles)))
+    tsplit = _cdiv(_cdiv(T, S), DPHI_TC) * DPHI_TC
+    S = _cdiv(T, tsplit)
+    (part,) = _launch("mhc_dynamic_dphi_tc", "bf16", None, [xk, dz], [(S, K, M)], [F32], [T, K, M, tsplit],
+                      (THREADS, tiles, S))
+    return part, S
+
+
+def _colsum(part: mx.array, R: int, N: int) -> mx.array:
+    """sum over the R rows of part [R, N]: a thread per column for few rows, a CTA per column for many."""
+    per_cta = R > COLSUM_CTA_ROWS
+    grid = (N * THREADS, 1, 1) if per_cta else (_cdiv(N, THREADS) * THREADS, 1, 1)
+    (out,) = _launch("mhc_dynamic_colsum", None, None, [part], [(N,)], [F32], [R, N, int(per_cta)], grid)
+    return out
+
+
+# ---------------------------------------------------------------- mhc_coeffs (+ pre)
+def _coeffs_fwd(x3, phi32, b32, al, cfg, with_pre: bool):
+    T, n, C = x3.shape
+    K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
+    part, sq, S = _projection(x3.reshape(T, K), phi32, T, K, M, tag)
+    smem = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
+    return _launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, al],
+                   [(T, n), (T, n), (T, n, n), (T, C) if with_pre else (1,), (T, M), (T,)],
+                   [F32, F32, F32, x3.dtype, F32, F32],
+                   [n, C, T, S, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre)],
+                   (T * THREADS, 1, 1), smem)
+
+
+def _coeffs_bwd_smem(n: int, tmax: int, nmax: int) -> int:
+    M, nr = n * n + 2 * n, max(nmax, 1)
+    return 2 * M + n * n + n + WARPS * nr + nr + sinkhorn_floats(n, tmax, tmax + 1)
+
+
+def _portable_coeffs_vjp(primals, cotangents, cfg, with_pre: bool):
+    """MLX's VJP of the portable graph (the documented exit: Sinkhorn history over shared memory)."""
+    from . import dynamic
+
+    def graph(x3, phi32, b32, al):
+        h = dynamic._coeffs_graph(x3, phi32, b32, al[0], al[1], al[2], cfg)
+        return (*h, dynamic._pre_graph(x3, h[0])) if with_pre else h
+
+    cots = list(cotangents[:4] if with_pre else cotangents[:3])
+    _, vjps = mx.vjp(graph, list(primals), cots)
+    return tuple(vjps)
+
+
+def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
+    x3, phi32, b32, al = primals
+    dh_pre, dh_post, dh_res, dx_in = cotangents[:4]
+    h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
+    T, n, C = x3.shape
+    K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
+    smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
+    if not _fits(smem):
+        return _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
+    g_in = dx_in.astype(x3.dtype) if with_pre else mx.zeros((1,), x3.dtype)
+    dz, factor, rows = _launch(
+        "mhc_dynamic_coeffs_bwd", tag, n,
+        [x3, mix, invr, b32, al, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in],
+        [(T, M), (T,), (T, M + 3)], [F32, F32, F32],
+        [n, C, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre)], (T * THREADS, 1, 1), smem)
+    xk = x3.reshape(T, K)
+    (dx,) = _launch("mhc_dynamic_dx", tag, None, [xk, dz, phi32, factor, h_pre, g_in], [(T, K)], [x3.dtype],
+                    [T, K, M, C, n, int(with_pre)], (_cdiv(K, DX_KB) * THREADS, _cdiv(T, DX_TT), 1))
+    part, S = _dphi_partials(xk, dz, T, K, M, tag)
+    dphi = _colsum(part.reshape(S, K * M), S, K * M).reshape(K, M)
+    sums = _colsum(rows, T, M + 3)
+    return dx.reshape(T, n, C), dphi, sums[:M], sums[M:]
+
+
+@functools.lru_cache(maxsize=None)
+def _coeffs_fn(cfg, with_pre: bool):
+    @mx.custom_function
+    def f(x3, phi32, b32, al):
+        return tuple(_coeffs_fwd(x3, phi32, b32, al, cfg, with_pre))
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        return _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre)
+
+    return f
+
+
+def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, strategy: str = "fused"):
+    """(h_pre, h_post, h_res[, x_in]) of x3 [T, n, C]; dynamic.Config cfg."""
+    n = x3.shape[1]
+    if not _fits(n * n + 2 * n + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)):
+        # the per-token Sinkhorn of a very large n does not fit one CTA's shared memory: MLX ops
+        from . import dynamic
+
+        return dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
+    al = mx.stack([alpha_pre, alpha_post, alpha_res]).astype(F32)
+    outs = _coeffs_fn(cfg, with_pre)(x3, phi.astype(F32), b.astype(F32), al)
+    return tuple(outs[:4]) if with_pre else tuple(outs[:3])
+
+
+# ---------------------------------------------------------------- mhc_pre
+def _pre_fwd(x3, hp):
+    T, n, C = x3.shape
+    chunks = _cdiv(_cdiv(C, 16 // x3.itemsize), THREADS)
+    (out,) = _launch("mhc_dynamic_pre", _tag(x3.dtype), n, [x3, hp], [(T, C)], [x3.dtype], [n, C],
+                     (T * THREADS, chunks, 1))
+    return out
+
+
+@mx.custom_function
+def _pre_fn(x3, hp):
+    return _pre_fwd(x3, hp)
+
+
+@_pre_fn.vjp
+def _pre_vjp(primals, cotangents, outputs):
+    x3, hp = primals
+    T, n, C = x3.shape
+    tag = _tag(x3.dtype)
+    nr = max(_nmax("mhc_dynamic_pre_bwd", tag, n), 1)
+    g = cuda._single(cotangents).astype(x3.dtype)
+    dx, dh = _launch("mhc_dynamic_pre_bwd", tag, n, [x3, hp, g], [(T, n, C), (T, n)], [x3.dtype, F32], [n, C],
+                     (T * THREADS, 1, 1), 2 * n + WARPS * nr + nr)
+    return dx, dh
+
+
+def pre(x3, h_pre, strategy: str = "fused"):
+    return _pre_fn(x3, h_pre.astype(F32))
+
+
+# ---------------------------------------------------------------- mhc_post_res
+def _post_res_fwd(x3, f2, hp, hr):
+    T, n, C = x3.shape
+    chunks = _cdiv(_cdiv(C, 16 // x3.itemsize), THREADS)
+    (out,) = _launch("mhc_dynamic_post_res", _tag(x3.dtype), n, [x3, f2, hp, hr], [(T, n, C)], [x3.dtype], [n, C],
+                     (T * THREADS, chunks, 1), n * n + n)
+    return out
+
+
+@mx.custom_function
+def _post_res_fn(x3, f2, hp, hr):
+    return _post_res_fwd(x3, f2, hp, hr)
+
+
+@_post_res_fn.vjp
+def _post_res_vjp(primals, cotangents, outputs):
+    x3, f2, hp, hr = primals
+    T, n, C = x3.shape
+    tag = _tag(x3.dtype)
+    nmax = _nmax("mhc_dynamic_post_res_bwd", tag, n)
+    R = nmax + nmax * nmax if nmax else POST_RES_BWD_CHUNK + 1
+    g = cuda._single(cotangents).astype(x3.dtype)
+    dx, df, dhp, dhr = _launch("mhc_dynamic_post_res_bwd", tag, n, [x3, f2, hp, hr, g],
+                               [(T, n, C), (T, C), (T, n), (T, n, n)], [x3.dtype, x3.dtype, F32, F32], [n, C],
+                               (T * THREADS, 1, 1), n * n + n + WARPS * R + R)
+    return dx, df, dhp, dhr
+
+
+def post_res(x3, f2, h_post, h_res, strategy: str = "fused"):
+    if f2.dtype != x3.dtype:
+        # the kernels read f in x's dtype; Liger reads f in its own dtype: keep its values exact
+        from . import dynamic
+
+        return dynamic._portable_post_res(x3, f2, h_post, h_res)
+    return _post_res_fn(x3, f2, h_post.astype(F32), h_res.astype(F32))

@@ -1,0 +1,103 @@
+"""mhc_aot.bench, the benchmark library behind `mhc bench`: shape tables, byte model, timing loops,
+memory check and the speedup plot. Tiny shapes only; timings themselves are not asserted."""
+
+from __future__ import annotations
+
+import pytest
+
+from mhc_aot import bench
+
+
+def test_default_tables_are_the_seed_readme_tables():
+    assert bench.default_shapes("latency") == tuple((1, 32, C) for C in (256, 1024, 2048, 4096, 8192))
+    assert bench.default_shapes("throughput") == ((32, 32, 2048), (32, 32, 512), (32, 4, 4096))
+    assert bench.SUITES["large"] == ((4096, 4, 4096), (1024, 32, 2048))
+    assert all(n == 4 for _, n, _ in bench.default_shapes("latency", "dynamic"))
+
+
+def test_byte_model():
+    fwd = bench.Case("latency", 2, 4, 8, "bfloat16")
+    assert fwd.bytes_moved == 2 * 2 * 4 * 8 * 2  # x read + out written, 2 bytes each
+    bwd = bench.Case("latency", 2, 4, 8, "float32", backward=True)
+    assert bwd.bytes_moved == 5 * 2 * 4 * 8 * 4  # + x, dout read and dx written
+    dyn = bench.Case("latency", 2, 4, 8, "float32", layer="dynamic")
+    assert dyn.bytes_moved == 2 * 2 * 4 * 8 * 4 + 4 * (4 * 8) * (16 + 8)  # + phi read once
+
+
+def test_percentile_interpolates():
+    assert bench.percentile([1, 2, 3, 4, 5], 50) == 3
+    assert bench.percentile([1, 2, 3, 4, 5], 20) == pytest.approx(1.8)
+    assert bench.percentile([7], 80) == 7
+
+
+class _Counting:
+    def __init__(self):
+        self.calls = self.evals = self.enqueued = self.syncs = 0
+
+    def runner(self):
+        def call():
+            self.calls += 1
+            return self.calls
+
+        def ev(_):
+            self.evals += 1
+
+        def enq(_):
+            self.enqueued += 1
+
+        def sync():
+            self.syncs += 1
+
+        return bench.Runner("fake", call, evaluate=ev, enqueue=enq, synchronize=sync)
+
+
+def test_latency_evaluates_every_call():
+    c = _Counting()
+    t = bench.time_runner(c.runner(), "latency", iters=5, warmup=2)
+    assert len(t.samples_s) == 5 and c.calls == 7 and c.evals == 7 and c.enqueued == 0
+    assert t.p20_us <= t.median_us <= t.p80_us
+
+
+def test_throughput_queues_then_synchronises_once_per_batch():
+    c = _Counting()
+    t = bench.time_runner(c.runner(), "throughput", iters=4, warmup=1, repeats=3)
+    assert len(t.samples_s) == 3
+    assert c.calls == 1 + 12 and c.enqueued == 12
+    assert c.evals == 1 + 3  # warmup, then the last call of each batch
+
+
+def test_run_rows_and_speedups():
+    cases = bench.make_cases("throughput", [(2, 4, 16)], ["float32"], backward=True)
+    res = bench.run(cases, ["portable", "reference"], bench.Settings(iters=2, warmup=1, repeats=2), copy_gbps=1.0)
+    assert [r["impl"] for r in res.rows] == ["kernels", "portable", "reference"]
+    k = res.rows[0]
+    assert k["pass"] == "forward+backward" and k["samples"] == 2
+    for c in ("portable", "reference"):
+        assert k[f"speedup_vs_{c}"] > 0
+    assert res.meta["copy_GBps"] == 1.0 and res.meta["compare"] == ["portable", "reference"]
+
+
+def test_dynamic_layer_runs():
+    cases = bench.make_cases("latency", [(2, 2, 8)], ["bfloat16"], backward=True, layer="dynamic")
+    res = bench.run(cases, ["portable"], bench.Settings(iters=2, warmup=1, repeats=1), copy_gbps=1.0)
+    assert [r["layer"] for r in res.rows] == ["dynamic", "dynamic"]
+    with pytest.raises(bench.BenchError, match="seed has no dynamic"):
+        bench.run(cases, ["seed"], bench.Settings(iters=1, warmup=0, repeats=1), copy_gbps=1.0)
+
+
+def test_memory_check_names_the_shape_and_the_fix():
+    huge = bench.Case("latency", 1, 100_000, 100_000)
+    with pytest.raises(bench.BenchError, match=r"B=1 n=100000 C=100000 .* GiB .*pick smaller"):
+        bench.check_memory([huge], ["kernels"])
+    bench.check_memory([bench.Case("latency", 1, 4, 8)], ["kernels", "reference"])
+
+
+def test_plot_speedup_png(tmp_path):
+    mpl_image = pytest.importorskip("matplotlib.image", reason="matplotlib (the plot extra) is not installed")
+    rows = [{"B": 1, "n": 32, "C": C, "dtype": "bfloat16", "pass": "forward", "speedup_vs_reference": s}
+            for C, s in ((256, 1.0), (1024, 2.0), (4096, 3.5))]
+    path = tmp_path / "speedup.png"
+    bench.plot_speedup(rows, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpl_image.imread(str(path))
+    assert img.shape[0] > 100 and img.shape[1] > 100

@@ -1,0 +1,333 @@
+"""The `mhc` command line: every command in every format, through Typer's CliRunner and as a
+subprocess; bad options end as one line with exit code 2; validate names a broken variant.
+
+Tiny shapes and --iters 3 --warmup 1 everywhere, so the file runs in well under a minute on a
+2-core CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from mhc_aot import bench, dispatch, manifest
+from mhc_aot.cli.main import app
+
+TINY = ["--B", "2", "--n", "4", "--C", "64", "--iters", "3", "--warmup", "1"]
+FORMATS = ("table", "json", "csv")
+ON_CPU = dispatch.device_backend() == "cpu"
+
+
+def _runner() -> CliRunner:
+    try:
+        return CliRunner(mix_stderr=False)  # click < 8.2: keep stderr apart
+    except TypeError:
+        return CliRunner()  # click >= 8.2 (and Typer's bundled copy): stderr is always apart
+
+
+def invoke(*args: str):
+    return _runner().invoke(app, list(args))
+
+
+def parse(fmt: str, text: str):
+    if fmt == "json":
+        return json.loads(text)
+    if fmt == "csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    return text
+
+
+def _assert_info_exit(code: int, stderr: str) -> None:
+    """0, or 1 with the fix when this install's kernel files are missing or corrupted (a build
+    tree being rewritten counts: `mhc info` reads the files as they are)."""
+    assert code == 0 or (code == 1 and "reinstall" in stderr and stderr.count("\n") == 1), (code, stderr)
+
+
+# ---------------------------------------------------------------- help
+@pytest.mark.parametrize("command", ["info", "bench", "validate", "profile"])
+def test_help_has_examples(command):
+    r = invoke(command, "--help")
+    assert r.exit_code == 0, r.output
+    assert "Examples" in r.stdout and f"mhc {command}" in r.stdout
+
+
+def test_root_help_lists_commands():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for command in ("info", "bench", "validate", "profile"):
+        assert command in r.stdout
+
+
+# ---------------------------------------------------------------- info
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_info_formats(fmt):
+    r = invoke("info", "--dispatch", "--format", fmt)
+    _assert_info_exit(r.exit_code, r.stderr)
+    data = parse(fmt, r.stdout)
+    if fmt == "json":
+        assert data["meta"]["versions"]["MLX"]
+        assert data["meta"]["device"]["backend"] == dispatch.device_backend()
+        assert data["meta"]["dispatch rules"] == dispatch.rules_table()
+        assert any(k.startswith("latency B=1 n=32") for k in data["meta"]["dispatch"])
+    elif fmt == "csv":
+        sections = {row["section"] for row in data}
+        assert {"versions", "device", "kernels", "dispatch", "dispatch rules"} <= sections
+    else:
+        assert "MLX" in data and "dispatch" in data and "FUSED" not in data
+
+
+def test_info_fails_with_the_fix_when_kernels_are_corrupted(monkeypatch):
+    bad = (f"kernel file x.cubin of variant mhc_forward_fused_f32 does not match its sha256 in the manifest "
+           f"(corrupted): {manifest.REINSTALL_HINT}")
+    monkeypatch.setattr(manifest, "verify_all", lambda backend=None: [bad])
+    r = invoke("info")
+    assert r.exit_code == 1
+    assert "mhc_forward_fused_f32" in r.stderr and "reinstall" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- bench
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bench_formats(fmt):
+    r = invoke("bench", *TINY, "--format", fmt, "--compare", "reference")
+    assert r.exit_code == 0, r.stderr
+    data = parse(fmt, r.stdout)
+    if fmt == "json":
+        rows = data["rows"]
+        assert [x["impl"] for x in rows] == ["kernels", "reference"]
+        k = rows[0]
+        assert k["p20_us"] <= k["median_us"] <= k["p80_us"] and k["GBps"] > 0 and k["speedup_vs_reference"] > 0
+        assert data["meta"]["copy_GBps"] > 0
+    elif fmt == "csv":
+        assert data[0]["impl"] == "kernels" and float(data[0]["speedup_vs_reference"]) > 0
+    else:
+        assert "kernels" in data and "vs reference" in data
+        if ON_CPU:
+            assert "IS the portable path" in data
+
+
+def test_bench_throughput_backward_and_out_file(tmp_path):
+    out = tmp_path / "b.json"
+    r = invoke("bench", "--mode", "throughput", "--config", "2:4:64,2:4:32", "--backward", "--repeats", "2",
+               "--iters", "3", "--warmup", "1", "--compare", "portable", "--out", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == "" and "wrote json" in r.stderr  # format from the suffix; data only in the file
+    data = json.loads(out.read_text())
+    assert {x["pass"] for x in data["rows"]} == {"forward+backward"}
+    assert [(x["C"], x["impl"]) for x in data["rows"]] == [(64, "kernels"), (64, "portable"), (32, "kernels"),
+                                                           (32, "portable")]
+    assert all(x["samples"] == 2 for x in data["rows"])
+
+
+def test_bench_default_shapes():
+    from mhc_aot.cli.bench import resolve_shapes
+
+    assert resolve_shapes("latency", [], [], [], [], None) == list(bench.LATENCY_SHAPES)
+    assert resolve_shapes("throughput", [32], [], [], [], None) == list(bench.THROUGHPUT_SHAPES)
+    assert resolve_shapes("throughput", [8], [], [], ["32:2048", "4:4096"], None) == [(8, 32, 2048), (8, 4, 4096)]
+    assert resolve_shapes("latency", [], [], [512], [], None) == [(1, 32, 512)]
+    assert resolve_shapes("latency", [], [], [], [], "large") == list(bench.LARGE_SHAPES)
+
+
+def test_bench_compare_seed():
+    pytest.importorskip("mhc_mlx", reason="mhc-mlx is not installed (pip install 'mhc-aot[test]')")
+    r = invoke("bench", *TINY, "--compare", "seed", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    assert rows[1]["impl"] == "seed" and rows[0]["speedup_vs_seed"] > 0
+
+
+def test_bench_dynamic_layer():
+    r = invoke("bench", "--layer", "dynamic", *TINY, "--compare", "portable", "--format", "json", "--backward")
+    assert r.exit_code == 0, r.stderr
+    assert {x["layer"] for x in json.loads(r.stdout)["rows"]} == {"dynamic"}
+
+
+def test_bench_plot_png(tmp_path):
+    mpl_image = pytest.importorskip("matplotlib.image", reason="matplotlib (the plot extra) is not installed")
+    png = tmp_path / "speedup.png"
+    r = invoke("bench", "--B", "1", "--n", "4", "--C", "32,64", "--iters", "3", "--warmup", "1",
+               "--plot", str(png), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    h, w = mpl_image.imread(str(png)).shape[:2]
+    assert h > 100 and w > 100
+
+
+def test_bench_plot_without_matplotlib(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    r = invoke("bench", *TINY, "--plot", "x.png")
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and "pip install 'mhc-aot[plot]'" in r.stderr
+
+
+# ---------------------------------------------------------------- validate
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_validate_quick(fmt):
+    r = invoke("validate", "--quick", "--format", fmt)
+    assert r.exit_code == 0, r.stderr
+    data = parse(fmt, r.stdout)
+    if fmt == "json":
+        rows = data["rows"]
+        assert rows and all(x["result"] == "pass" for x in rows)
+        assert {"sinkhorn", "mhc_forward", "mhc_backward", "stream_mix_add"} <= {x["op"] for x in rows}
+        assert {"float32", "bfloat16"} <= {x["dtype"] for x in rows}
+        assert max(x["n"] for x in rows) > 64  # above the largest compile-time NMAX: the generic kernel
+        assert "portable" in {x["backend"] for x in rows}
+    elif fmt == "csv":
+        assert all(x["result"] == "pass" for x in data)
+    elif ON_CPU:
+        assert "portable path" in data and "is what is validated" in data
+
+
+def test_validate_names_a_broken_variant(monkeypatch):
+    """A portable forward made wrong on purpose: exit 1, the variant and op named."""
+    from mhc_aot import ops
+
+    real = ops._portable_forward
+
+    def broken(iters, eps):
+        good = real(iters, eps)
+        return lambda x, *p: (good(x, *p).astype(ops.mx.float32) * 1.001).astype(x.dtype)
+
+    monkeypatch.setattr(ops, "_portable_forward", broken)
+    r = invoke("validate", "--quick", "--format", "json", "--quiet")
+    assert r.exit_code == 1
+    rows = json.loads(r.stdout)["rows"]
+    failed = {(x["variant"], x["op"]) for x in rows if x["result"] != "pass"}
+    assert ("portable", "mhc_forward") in failed and ("portable", "mhc_backward") in failed
+    assert all(x["result"] == "pass" for x in rows if x["op"] in ("sinkhorn", "stream_mix_add"))
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "portable (portable mhc_forward)" in r.stderr
+
+
+# ---------------------------------------------------------------- profile
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_profile_trace(tmp_path, fmt):
+    out = tmp_path / "prof"
+    r = invoke("profile", *TINY, "--out", str(out), "--no-ncu", "--format", fmt)
+    assert r.exit_code == 0, r.stderr
+    trace = json.loads((out / "trace.json").read_text())
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    timed = [e for e in events if e["cat"] == "mhc"]
+    assert {e["name"] for e in timed} == {"sinkhorn", "forward", "backward"}
+    assert all(e["dur"] > 0 and e["ts"] >= 0 for e in events)
+    assert sum(e["name"] == "forward" for e in timed) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert [x["stage"] for x in summary["rows"]] == ["sinkhorn", "forward", "backward"]
+    data = parse(fmt, r.stdout)
+    if fmt == "json":
+        assert data["meta"]["trace"].endswith("trace.json")
+    elif fmt == "csv":
+        assert [x["stage"] for x in data] == ["sinkhorn", "forward", "backward"]
+    else:
+        assert "backward" in data
+
+
+# ---------------------------------------------------------------- bad options: one line, exit 2
+BAD = [
+    ("bench", "--dtype", "float8"),
+    ("bench", "--C", "0"),
+    ("bench", "--C", "-5"),
+    ("bench", "--B", "1", "--n", "100000", "--C", "100000"),
+    ("bench", "--iters", "x"),
+    ("bench", "--iters", "0"),
+    ("bench", "--mode", "fast"),
+    ("bench", "--compare", "bogus"),
+    ("bench", "--config", "32"),
+    ("bench", "--suite", "large", "--C", "64"),
+    ("bench", "--no-such-option"),
+    ("bench", "--layer", "dynamic", "--compare", "seed"),
+    ("validate", "--quick", "--full"),
+    ("validate", "--dtype", "int8"),
+    ("profile", "--C", "0"),
+    ("profile", "--C", "64,128"),
+    ("profile", "--n", "1000000", "--C", "100000"),
+    ("profile", "--backend", "tpu"),
+    ("info", "--format", "xml"),
+    ("no-such-command",),
+]
+
+
+@pytest.mark.parametrize("args", BAD, ids=[" ".join(a) for a in BAD])
+def test_bad_options_one_line_exit_2(args):
+    r = invoke(*args)
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert err.startswith("mhc: error:") and "\n" not in err, err
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- as a subprocess
+def _run(*args: str, cwd) -> subprocess.CompletedProcess:
+    # cwd away from the repo root, so `python -m` imports the installed package (conftest.py)
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "mhc_aot.cli.main", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_subprocess_every_command(tmp_path):
+    p = _run("info", "--format", "json", cwd=tmp_path)
+    _assert_info_exit(p.returncode, p.stderr)
+    assert json.loads(p.stdout)["meta"]["versions"]["MLX"]
+    p = _run("bench", *TINY, "--format", "csv", "--quiet", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert list(csv.DictReader(io.StringIO(p.stdout)))[0]["impl"] == "kernels" and p.stderr == ""
+    p = _run("validate", "--quick", "--format", "json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert all(x["result"] == "pass" for x in json.loads(p.stdout)["rows"])
+    p = _run("profile", *TINY, "--no-ncu", "--out", "prof", "--format", "table", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "prof" / "trace.json").exists() and "sinkhorn" in p.stdout
+
+
+def test_subprocess_bad_option_is_one_line(tmp_path):
+    p = _run("bench", "--dtype", "float8", cwd=tmp_path)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and "unknown dtype" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(shutil.which("mhc") is None, reason="the `mhc` console script is not on PATH")
+def test_console_script(tmp_path):
+    p = subprocess.run(["mhc", "bench", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "Examples" in p.stdout
+
+
+def test_profile_ncu_child_run(tmp_path, monkeypatch):
+    """The ncu path: a stand-in `ncu` on PATH runs the child command it is given (as ncu does) and
+    writes the report; the child is a real `mhc profile --no-ncu` run."""
+    from mhc_aot.cli import profile as prof_cli
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "ncu"
+    fake.write_text("#!/bin/sh\n# stand-in for Nsight Compute: -o REPORT, then the command\n"
+                    "while [ \"$1\" != \"-o\" ]; do shift; done; report=\"$2\"; shift 2\n"
+                    "\"$@\" && touch \"$report.ncu-rep\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(prof_cli.dispatch, "device_backend", lambda device=None: "cuda")
+    out = tmp_path / "prof"
+    out.mkdir()
+
+    def child(run_dir):
+        return prof_cli._child_args(2, 4, 64, "float32", "portable", run_dir)
+
+    result = prof_cli._ncu(None, out, child, quiet=True)
+    assert result["status"] == "ok", result
+    assert (out / "ncu_report.ncu-rep").exists()
+    trace = json.loads((out / "ncu_run" / "trace.json").read_text())
+    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} == {"sinkhorn", "forward", "backward"}
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "ncu not on PATH" in prof_cli._ncu(None, out, child, quiet=True)["status"]
