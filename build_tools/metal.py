@@ -6,6 +6,9 @@ Skipped with one line where xcrun is absent (every non-macOS machine). On any ma
   python -m build_tools.metal --dry-run   the exact commands a macOS build runs, one per line
   python -m build_tools.metal --check     the Linux syntax-and-type check of metal_src/ (clang)
 
+and tests run the kernels under a CPU emulation (Emulated, g++ against
+metal_src/check/emulate/metal_stdlib).
+
 Each kernel's function is named as MLX's `mx.fast.metal_kernel` names the kernel it looks up
 (`custom_kernel_<variant>_<input types>_<output types>`, see mhc_aot/_shim/metal_preload.cpp),
 and its buffer arguments are parsed from the source into the manifest (`abi`), so the loader

@@ -190,28 +190,8 @@ def plan(full: bool, dtypes: list[str]) -> list[Check]:
 
 
 # ---------------------------------------------------------------- float64 ground truth of the static ops
-def _sinkhorn64(H_res_raw, iters=reference.DEFAULT_ITERS, eps=reference.DEFAULT_EPS):
-    P = mx.exp(H_res_raw - mx.max(H_res_raw, axis=1, keepdims=True))
-    for _ in range(iters):
-        r = mx.sum(P, axis=1, keepdims=True)
-        P = P * mx.where(r > eps, 1.0 / r, 1.0)
-        c = mx.sum(P, axis=0, keepdims=True)
-        P = P * mx.where(c > eps, 1.0 / c, 0.0)
-    return P
-
-
-def _forward64(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, eps=reference.DEFAULT_EPS):
-    H_pre, H_post = 1.0 / (1.0 + mx.exp(-H_pre_raw)), 2.0 / (1.0 + mx.exp(-H_post_raw))
-    agg = mx.sum(x * H_pre[:, None], axis=-2)
-    y = agg * mx.rsqrt(mx.mean(agg * agg, axis=-1, keepdims=True) + eps) * rms_weight
-    return _sinkhorn64(H_res_raw) @ x + H_post[:, None] * y[..., None, :]
-
-
-def _mix_add64(x, M, bias):
-    return M @ x + bias
-
-
-TRUTH64 = {"sinkhorn": _sinkhorn64, "mhc_forward": _forward64, "stream_mix_add": _mix_add64}
+# The test suite's own float64 twins (mhc_aot.testing), never a copy of them.
+TRUTH64 = {"sinkhorn": testing.sinkhorn64, "mhc_forward": testing.forward64, "stream_mix_add": testing.mix_add64}
 
 
 def _as_tuple(out) -> tuple:

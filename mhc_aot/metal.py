@@ -15,8 +15,10 @@ The mapping onto MLX's Metal primitive (see metal_src/mhc_common.h):
   - the body handed to metal_kernel is a `#error`: if MLX ever looks under another key, its JIT
     fails loudly with that message instead of running something else.
 
-NOT RUN ON APPLE HARDWARE: written for MLX 0.32.4's Metal primitive and checked on Linux only
-(syntax-and-type check of the sources, the key against MLX's generated source, the ABI).
+NOT RUN ON APPLE HARDWARE: written for MLX 0.32.4's Metal primitive and checked on Linux only:
+a syntax-and-type check of the sources, the kernels and this module run under a CPU emulation of
+the Metal subset they use (tests/test_metal_sources.py), the key against MLX's own generated
+source (tests/test_shim.py), the shim's preload code compiled against MLX 0.32.4's macOS headers.
 """
 
 from __future__ import annotations
@@ -349,12 +351,3 @@ def stream_mix_add(x, M, bias):
     _check_n(x.shape[1], "stream_mix_add")
     return _mix_add_fn(x, M.astype(F32), bias.astype(x.dtype))
 
-
-def preload_report() -> list[dict]:
-    """Name, function and library key of every shipped Metal variant (for `mhc info`); loads nothing."""
-    rows = []
-    for v in manifest.variants("metal"):
-        key = kernel_key(v.row)
-        rows.append({"variant": v.name, "function": key["kernel_name"], "library_key": key["library_name"],
-                     "hash": key["hash_impl"]})
-    return rows

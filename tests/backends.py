@@ -122,44 +122,9 @@ def gpu_strategies(op: str, backend: str = "cuda") -> set[str]:
 
 
 # ---------------------------------------------------------------- float64 ground truth for gradients
-# DESIGN.md section 1 in MLX float64 on the CPU stream (float64 has no GPU kernels): mx.grad of
-# it is the exact gradient that float32 implementations, the reference included, approximate.
-def exp64(v):
-    """exp in float64 arithmetic. MLX's CPU exp (and sigmoid) is only float32-accurate even on
-    float64 arrays, so: Taylor series of exp(v / 1024), then squared 10 times (rel. error ~1e-13)."""
-    y = v / 1024.0
-    term = total = mx.ones_like(y)
-    for k in range(1, 14):
-        term = term * y / k
-        total = total + term
-    for _ in range(10):
-        total = total * total
-    return total
-
-
-def sigmoid64(v):
-    return 1.0 / (1.0 + exp64(-v))
-
-
-def sinkhorn64(H_res_raw, iters=20, eps=1e-5):
-    P = exp64(H_res_raw - mx.max(H_res_raw, axis=1, keepdims=True))
-    for _ in range(iters):
-        r = mx.sum(P, axis=1, keepdims=True)
-        P = P * mx.where(r > eps, 1.0 / r, 1.0)
-        c = mx.sum(P, axis=0, keepdims=True)
-        P = P * mx.where(c > eps, 1.0 / c, 0.0)
-    return P
-
-
-def mix_add64(x, M, bias):
-    return M @ x + bias
-
-
-def forward64(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters=20, eps=1e-5):
-    H_pre, H_post = sigmoid64(H_pre_raw), 2.0 * sigmoid64(H_post_raw)
-    agg = mx.sum(x * H_pre[:, None], axis=-2)
-    y = agg * mx.rsqrt(mx.mean(agg * agg, axis=-1, keepdims=True) + eps) * rms_weight
-    return mix_add64(x, sinkhorn64(H_res_raw, iters, eps), H_post[:, None] * y[..., None, :])
+# The MLX float64 twin of DESIGN.md section 1 lives in mhc_aot.testing (shared with `mhc validate`).
+exp64, sigmoid64, sinkhorn64 = testing.exp64, testing.sigmoid64, testing.sinkhorn64
+mix_add64, forward64 = testing.mix_add64, testing.forward64
 
 
 def value64(fn, *args):
