@@ -14,7 +14,8 @@ import struct
 
 import mlx.core as mx
 
-from . import device, dispatch, manifest, reference, testing
+from . import device, dispatch, kernel_ops, manifest, reference, testing
+from .kernel_ops import dtype_tag
 
 THREADS = 256  # cuda_src/mhc_common.cuh
 TILE_C = 1024  # cuda_src/mhc_column_common.cuh
@@ -78,21 +79,12 @@ def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes
         ensure_row_contiguous=True)
 
 
-def _tag(dtype: mx.Dtype) -> str:
-    return manifest.DTYPE_TAGS[str(dtype).split(".")[-1]]
-
-
 def _ib(nmax: int) -> int:
     return IB if nmax == 0 or nmax >= 8 else nmax
 
 
 def _pad(n: int, nmax: int) -> int:
     return -(-n // _ib(nmax)) * _ib(nmax)
-
-
-def _single(arrays):
-    """The array of a one-input/one-output custom_function: MLX passes it bare, not in a tuple."""
-    return arrays[0] if isinstance(arrays, (list, tuple)) else arrays
 
 
 # ---------------------------------------------------------------- sinkhorn
@@ -126,29 +118,12 @@ def _sinkhorn_bwd(L: mx.array, dM: mx.array, iters: int, eps: float) -> mx.array
     return dL
 
 
-@functools.lru_cache(maxsize=None)
-def _sinkhorn_fn(iters: int, eps: float):
-    @mx.custom_function
-    def f(L):
-        return _sinkhorn_fwd(L, iters, eps)
-
-    @f.vjp
-    def f_vjp(primals, cotangents, outputs):
-        return (_sinkhorn_bwd(_single(primals), _single(cotangents), iters, eps),)
-
-    return f
-
-
-def sinkhorn(H_res_raw: mx.array, iters: int, eps: float) -> mx.array:
-    return _sinkhorn_fn(iters, eps)(H_res_raw.astype(F32))
-
-
 # ---------------------------------------------------------------- static forward / backward
 def _forward_fused(x, M, hpre_raw, hpost_raw, w, eps):
     B, n, C = x.shape
-    _, _, nmax = _binary("mhc_forward_fused", _tag(x.dtype), n)
+    _, _, nmax = _binary("mhc_forward_fused", dtype_tag(x.dtype), n)
     pad = _pad(n, nmax)
-    return _launch("mhc_forward_fused", _tag(x.dtype), n, [x, M, hpre_raw, hpost_raw, w],
+    return _launch("mhc_forward_fused", dtype_tag(x.dtype), n, [x, M, hpre_raw, hpost_raw, w],
                    [(B, n, C), (B,)], [x.dtype, F32], [n, C, eps], (B * THREADS, 1, 1),
                    n * pad + 2 * pad + 32 + C)
 
@@ -157,9 +132,9 @@ def _forward_column(x, M, hpre_raw, hpost_raw, w, eps):
     B, n, C = x.shape
     pad = _pad(n, 0)
     ntiles = -(-C // TILE_C)
-    (partial,) = _launch("mhc_forward_column_rms", _tag(x.dtype), None, [x, hpre_raw], [(B, ntiles)], [F32],
+    (partial,) = _launch("mhc_forward_column_rms", dtype_tag(x.dtype), None, [x, hpre_raw], [(B, ntiles)], [F32],
                          [n, C], (ntiles * THREADS, B, 1), pad + 32)
-    return _launch("mhc_forward_column", _tag(x.dtype), None, [x, M, hpre_raw, hpost_raw, w, partial],
+    return _launch("mhc_forward_column", dtype_tag(x.dtype), None, [x, M, hpre_raw, hpost_raw, w, partial],
                    [(B, n, C), (B,)], [x.dtype, F32], [n, C, eps], (ntiles * THREADS, B, 1),
                    n * pad + 2 * pad + 32 + TILE_C)
 
@@ -176,18 +151,16 @@ def _dm_partials(x, dout):
     """Per-CTA partial sums [G, n*n] of dM[i, j] = sum over tokens and columns of dout[i] x[j]."""
     B, n, C = x.shape
     G = min(B * -(-C // DM_CHUNK), 2 * device.sm_count())
-    (partial,) = _launch("mhc_backward_dm", _tag(x.dtype), None, [x, dout], [(G, n * n)], [F32], [n, C, B],
+    (partial,) = _launch("mhc_backward_dm", dtype_tag(x.dtype), None, [x, dout], [(G, n * n)], [F32], [n, C, B],
                          (G * THREADS, 1, 1), 2 * n * (DM_CHUNK + 1) + n * n)
     return partial
 
 
 def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
-    tag = _tag(x.dtype)
+    tag = dtype_tag(x.dtype)
     _, _, nmax = _binary("mhc_backward_fused", tag, n)
-    pad = _pad(n, nmax)
-    sms = device.sm_count()
-    G = min(B, 2 * sms)
+    G = min(B, 2 * device.sm_count())
     P = n * n + 2 * n + C
     dx, partial = _launch("mhc_backward_fused", tag, n, [x, dout, M, hpre_raw, hpost_raw, w, inv_rms],
                           [(B, n, C), (G, P)], [x.dtype, F32], [n, C, B], (G * THREADS, 1, 1),
@@ -208,63 +181,32 @@ def _reference_graph_from_M(x, M, hpre_raw, hpost_raw, w, eps):
     return (reference.stream_mix(x, M) + reference.stream_distribute(y, H_post)).astype(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_fn(strategy: str, eps: float):
-    launch = _forward_fused if strategy == "fused" else _forward_column
-
-    @mx.custom_function
-    def f(x, M, hpre_raw, hpost_raw, w):
-        return tuple(launch(x, M, hpre_raw, hpost_raw, w, eps))
-
-    @f.vjp
-    def f_vjp(primals, cotangents, outputs):
-        x, M, hpre_raw, hpost_raw, w = primals
-        dout = cotangents[0].astype(x.dtype)
-        C = x.shape[-1]
-        if (dispatch.choose_backward(x.shape[1], C).strategy == "portable"
-                or 4 * _backward_smem_floats(x.shape[1], C) > device.max_shared_memory_per_block()):
-            # documented rule (dispatch.BACKWARD_MAX_C, or the fused backward's shared memory over
-            # the GPU's): MLX's own VJP of the reference's matmul-free graph, exact in float32
-            # (MLX's float32 matmuls use TF32 on CUDA by default)
-            _, vjps = mx.vjp(lambda *a: _reference_graph_from_M(*a, eps), list(primals), [dout])
-            return tuple(vjps)
-        return _backward(x, M, hpre_raw, hpost_raw, w, outputs[1], dout)
-
-    return f
-
-
-def mhc_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps, strategy):
-    M = sinkhorn(H_res_raw, iters, eps)
-    out, _ = _forward_fn(strategy, eps)(x, M, H_pre_raw.astype(F32), H_post_raw.astype(F32),
-                                        rms_weight.astype(F32))
-    return out
+def _backward_in_mlx(n: int, C: int) -> bool:
+    """Documented rule (dispatch.BACKWARD_MAX_C, or the fused backward's shared memory over the
+    GPU's): such tokens take MLX's own VJP of the reference's matmul-free graph, exact in float32
+    (MLX's float32 matmuls use TF32 on CUDA by default)."""
+    return (dispatch.choose_backward(n, C).strategy == "portable"
+            or 4 * _backward_smem_floats(n, C) > device.max_shared_memory_per_block())
 
 
 # ---------------------------------------------------------------- stream_mix_add
 def _mix_add(x, M, bias):
     B, n, C = x.shape
-    _, _, nmax = _binary("mhc_stream_mix_add", _tag(x.dtype), n)
+    _, _, nmax = _binary("mhc_stream_mix_add", dtype_tag(x.dtype), n)
     ntiles = -(-C // TILE_C)
-    (out,) = _launch("mhc_stream_mix_add", _tag(x.dtype), n, [x, M, bias], [(B, n, C)], [x.dtype], [n, C],
+    (out,) = _launch("mhc_stream_mix_add", dtype_tag(x.dtype), n, [x, M, bias], [(B, n, C)], [x.dtype], [n, C],
                      (ntiles * THREADS, B, 1), n * _pad(n, nmax))
     return out
 
 
-@mx.custom_function
-def _mix_add_fn(x, M, bias):
-    return _mix_add(x, M, bias)
+def _mix_add_dM(x, dout):
+    # the backward's dM kernel, not an MLX matmul (TF32 on CUDA)
+    return _dm_partials(x, dout).sum(axis=0).reshape(x.shape[1], x.shape[1])
 
 
-@_mix_add_fn.vjp
-def _mix_add_vjp(primals, cotangents, outputs):
-    # out = M x + bias: dx = M^T dout (one more mix kernel, zero bias), dM = sum dout x^T (the
-    # backward's dM kernel; not an MLX matmul, which is TF32 on CUDA), dbias = dout.
-    x, M, bias = primals
-    dout = _single(cotangents).astype(x.dtype)
-    dx = _mix_add(dout, M.T, mx.zeros_like(dout))
-    dM = _dm_partials(x, dout).sum(axis=0).reshape(M.shape)
-    return dx, dM, dout.astype(bias.dtype)
-
-
-def stream_mix_add(x, M, bias):
-    return _mix_add_fn(x, M.astype(F32), bias.astype(x.dtype))
+_ops = kernel_ops.build(kernel_ops.Launchers(
+    sinkhorn_fwd=_sinkhorn_fwd, sinkhorn_bwd=_sinkhorn_bwd,
+    forward={"fused": _forward_fused, "column": _forward_column}, backward=_backward,
+    backward_in_mlx=_backward_in_mlx, mlx_graph=_reference_graph_from_M,
+    mix_add=_mix_add, mix_add_dM=_mix_add_dM))
+sinkhorn, mhc_forward, stream_mix_add, _forward_fn = _ops.sinkhorn, _ops.mhc_forward, _ops.stream_mix_add, _ops.forward_fn

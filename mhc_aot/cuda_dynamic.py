@@ -25,7 +25,8 @@ import functools
 
 import mlx.core as mx
 
-from . import cuda, device, manifest
+from . import cuda, device
+from .kernel_ops import dtype_tag, single
 
 F32 = mx.float32
 THREADS = cuda.THREADS  # cuda_src/mhc_common.cuh
@@ -38,13 +39,8 @@ POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 
 
-def _launch(*args, **kwargs):
-    """The lead's launch helper (`cuda.launch`, or `cuda._launch` before it was made public)."""
-    return (getattr(cuda, "launch", None) or cuda._launch)(*args, **kwargs)
-
-
-def _tag(dtype: mx.Dtype) -> str:
-    return manifest.DTYPE_TAGS[str(dtype).split(".")[-1]]
+_launch = cuda._launch
+_tag = dtype_tag
 
 
 def _nmax(source: str, tag: str | None, n: int) -> int:
@@ -214,7 +210,7 @@ def _pre_vjp(primals, cotangents, outputs):
     T, n, C = x3.shape
     tag = _tag(x3.dtype)
     nr = max(_nmax("mhc_dynamic_pre_bwd", tag, n), 1)
-    g = cuda._single(cotangents).astype(x3.dtype)
+    g = single(cotangents).astype(x3.dtype)
     dx, dh = _launch("mhc_dynamic_pre_bwd", tag, n, [x3, hp, g], [(T, n, C), (T, n)], [x3.dtype, F32], [n, C],
                      (T * THREADS, 1, 1), 2 * n + WARPS * nr + nr)
     return dx, dh
@@ -245,7 +241,7 @@ def _post_res_vjp(primals, cotangents, outputs):
     tag = _tag(x3.dtype)
     nmax = _nmax("mhc_dynamic_post_res_bwd", tag, n)
     R = nmax + nmax * nmax if nmax else POST_RES_BWD_CHUNK + 1
-    g = cuda._single(cotangents).astype(x3.dtype)
+    g = single(cotangents).astype(x3.dtype)
     dx, df, dhp, dhr = _launch("mhc_dynamic_post_res_bwd", tag, n, [x3, f2, hp, hr, g],
                                [(T, n, C), (T, C), (T, n), (T, n, n)], [x3.dtype, x3.dtype, F32, F32], [n, C],
                                (T * THREADS, 1, 1), n * n + n + WARPS * R + R)

@@ -31,7 +31,8 @@ import tempfile
 
 import mlx.core as mx
 
-from . import dispatch, manifest, testing
+from . import dispatch, kernel_ops, manifest, testing
+from .kernel_ops import dtype_tag
 
 THREADS = 256  # metal_src/mhc_common.h
 TILE_C = 1024  # metal_src/mhc_column_common.h
@@ -198,15 +199,6 @@ def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes
                     threadgroup=(threads, 1, 1), init_value=float("nan") if testing.poison_requested() else None)
 
 
-def _tag(dtype: mx.Dtype) -> str:
-    return manifest.DTYPE_TAGS[str(dtype).split(".")[-1]]
-
-
-def _single(arrays):
-    """The array of a one-input/one-output custom_function: MLX passes it bare, not in a tuple."""
-    return arrays[0] if isinstance(arrays, (list, tuple)) else arrays
-
-
 def _check_n(n: int, what: str) -> None:
     if n > GENERIC_N_LIMIT:
         raise ValueError(f"{what} with n={n} streams: the Metal kernels serve n <= {GENERIC_N_LIMIT} (their per-stream "
@@ -239,42 +231,25 @@ def _sinkhorn_bwd(L: mx.array, dM: mx.array, iters: int, eps: float) -> mx.array
     return dL
 
 
-@functools.lru_cache(maxsize=None)
-def _sinkhorn_fn(iters: int, eps: float):
-    @mx.custom_function
-    def f(L):
-        return _sinkhorn_fwd(L, iters, eps)
-
-    @f.vjp
-    def f_vjp(primals, cotangents, outputs):
-        return (_sinkhorn_bwd(_single(primals), _single(cotangents), iters, eps),)
-
-    return f
-
-
-def sinkhorn(H_res_raw: mx.array, iters: int, eps: float) -> mx.array:
-    return _sinkhorn_fn(iters, eps)(H_res_raw.astype(F32))
-
-
 # ---------------------------------------------------------------- static forward / backward
 def _forward_fused(x, M, hpre_raw, hpost_raw, w, eps):
     B, n, C = x.shape
-    return _launch("mhc_forward_fused", _tag(x.dtype), n, [x, M, hpre_raw, hpost_raw, w], [(B, n, C), (B,)],
+    return _launch("mhc_forward_fused", dtype_tag(x.dtype), n, [x, M, hpre_raw, hpost_raw, w], [(B, n, C), (B,)],
                    [x.dtype, F32], [n, C, eps], (B * THREADS, 1, 1))
 
 
 def _forward_column(x, M, hpre_raw, hpost_raw, w, eps):
     B, n, C = x.shape
     ntiles = -(-C // TILE_C)
-    (partial,) = _launch("mhc_forward_column_rms", _tag(x.dtype), None, [x, hpre_raw], [(B, ntiles)], [F32],
+    (partial,) = _launch("mhc_forward_column_rms", dtype_tag(x.dtype), None, [x, hpre_raw], [(B, ntiles)], [F32],
                          [n, C], (ntiles * THREADS, B, 1))
-    return _launch("mhc_forward_column", _tag(x.dtype), None, [x, M, hpre_raw, hpost_raw, w, partial],
+    return _launch("mhc_forward_column", dtype_tag(x.dtype), None, [x, M, hpre_raw, hpost_raw, w, partial],
                    [(B, n, C), (B,)], [x.dtype, F32], [n, C, eps], (ntiles * THREADS, B, 1))
 
 
 def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
-    tag = _tag(x.dtype)
+    tag = dtype_tag(x.dtype)
     nmax = _kernel("mhc_backward_fused", tag, n).nmax
     G = min(B, BACKWARD_GROUPS)
     P = n * n + 2 * n + C
@@ -291,63 +266,34 @@ def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     return dx, dM, dpre, dpost, dw
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_fn(strategy: str, eps: float):
-    launch = _forward_fused if strategy == "fused" else _forward_column
-
-    @mx.custom_function
-    def f(x, M, hpre_raw, hpost_raw, w):
-        return tuple(launch(x, M, hpre_raw, hpost_raw, w, eps))
-
-    @f.vjp
-    def f_vjp(primals, cotangents, outputs):
-        x, M, hpre_raw, hpost_raw, w = primals
-        dout = cotangents[0].astype(x.dtype)
-        n, C = x.shape[1], x.shape[2]
-        if dispatch.choose_backward(n, C, "metal").strategy == "portable" or n > DM_N_LIMIT:
-            # documented rules (dispatch.BACKWARD_MAX_C; n > DM_N_LIMIT, whose dM tiles exceed 32 KB of
-            # threadgroup memory): such tokens take MLX's own VJP of the portable graph
-            from .ops import _forward_graph_from_M
-
-            _, vjps = mx.vjp(lambda *a: _forward_graph_from_M(*a, eps), list(primals), [dout])
-            return tuple(vjps)
-        return _backward(x, M, hpre_raw, hpost_raw, w, outputs[1], dout)
-
-    return f
+def _backward_in_mlx(n: int, C: int) -> bool:
+    """Documented rules (dispatch.BACKWARD_MAX_C; n > DM_N_LIMIT, whose dM tiles exceed 32 KB of
+    threadgroup memory): such tokens take MLX's own VJP of the portable graph."""
+    return dispatch.choose_backward(n, C, "metal").strategy == "portable" or n > DM_N_LIMIT
 
 
-def mhc_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps, strategy):
-    _check_n(x.shape[1], "mhc_forward")
-    M = sinkhorn(H_res_raw, iters, eps)
-    out, _ = _forward_fn(strategy, eps)(x, M, H_pre_raw.astype(F32), H_post_raw.astype(F32), rms_weight.astype(F32))
-    return out
+def _portable_graph(*args):
+    from .ops import _forward_graph_from_M
+
+    return _forward_graph_from_M(*args)
 
 
 # ---------------------------------------------------------------- stream_mix_add
 def _mix_add(x, M, bias):
     B, n, C = x.shape
     ntiles = -(-C // TILE_C)
-    (out,) = _launch("mhc_stream_mix_add", _tag(x.dtype), n, [x, M, bias], [(B, n, C)], [x.dtype], [n, C],
+    (out,) = _launch("mhc_stream_mix_add", dtype_tag(x.dtype), n, [x, M, bias], [(B, n, C)], [x.dtype], [n, C],
                      (ntiles * THREADS, B, 1))
     return out
 
 
-@mx.custom_function
-def _mix_add_fn(x, M, bias):
-    return _mix_add(x, M, bias)
+def _mix_add_dM(x, dout):
+    return mx.einsum("bic,bjc->ij", dout.astype(F32), x.astype(F32))
 
 
-@_mix_add_fn.vjp
-def _mix_add_vjp(primals, cotangents, outputs):
-    # out = M x + bias: dx = M^T dout (one more mix kernel, zero bias), dM = sum dout x^T, dbias = dout.
-    x, M, bias = primals
-    dout = _single(cotangents).astype(x.dtype)
-    dx = _mix_add(dout, M.T, mx.zeros_like(dout))
-    dM = mx.einsum("bic,bjc->ij", dout.astype(F32), x.astype(F32))
-    return dx, dM, dout.astype(bias.dtype)
-
-
-def stream_mix_add(x, M, bias):
-    _check_n(x.shape[1], "stream_mix_add")
-    return _mix_add_fn(x, M.astype(F32), bias.astype(x.dtype))
-
+_ops = kernel_ops.build(kernel_ops.Launchers(
+    sinkhorn_fwd=_sinkhorn_fwd, sinkhorn_bwd=_sinkhorn_bwd,
+    forward={"fused": _forward_fused, "column": _forward_column}, backward=_backward,
+    backward_in_mlx=_backward_in_mlx, mlx_graph=_portable_graph,
+    mix_add=_mix_add, mix_add_dM=_mix_add_dM, check_n=_check_n))
+sinkhorn, mhc_forward, stream_mix_add, _forward_fn = _ops.sinkhorn, _ops.mhc_forward, _ops.stream_mix_add, _ops.forward_fn

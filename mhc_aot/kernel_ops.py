@@ -1,0 +1,106 @@
+"""The gradient wiring that the GPU backends (mhc_aot.cuda, mhc_aot.metal) share.
+
+One `mx.custom_function` per op: its forward launches the backend's kernels, its VJP launches the
+backend's backward kernels or, under the backend's documented rule, takes MLX's own VJP of a
+pure-MLX graph. A backend supplies only its `Launchers`; `build` returns the ops.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import mlx.core as mx
+
+from . import manifest
+
+F32 = mx.float32
+
+
+def single(arrays):
+    """The array of a one-input/one-output custom_function: MLX passes it bare, not in a tuple."""
+    return arrays[0] if isinstance(arrays, (list, tuple)) else arrays
+
+
+def dtype_tag(dtype: mx.Dtype) -> str:
+    """f32 / f16 / bf16: the MHC_DTYPE of a variant."""
+    return manifest.DTYPE_TAGS[str(dtype).split(".")[-1]]
+
+
+@dataclass(frozen=True)
+class Launchers:
+    sinkhorn_fwd: Callable  # (L, iters, eps) -> M
+    sinkhorn_bwd: Callable  # (L, dM, iters, eps) -> dL
+    forward: dict  # strategy -> (x, M, hpre_raw, hpost_raw, w, eps) -> (out, inv_rms)
+    backward: Callable  # (x, M, hpre_raw, hpost_raw, w, inv_rms, dout) -> (dx, dM, dH_pre_raw, dH_post_raw, dw)
+    backward_in_mlx: Callable  # (n, C) -> bool: the backend's documented rule for MLX's own VJP
+    mlx_graph: Callable  # (x, M, hpre_raw, hpost_raw, w, eps) -> out: the graph that rule differentiates
+    mix_add: Callable  # (x, M, bias) -> M x + bias
+    mix_add_dM: Callable  # (x, dout) -> sum over tokens and columns of dout x^T, [n, n]
+    check_n: Callable = lambda n, what: None  # raises ValueError for n the kernels do not serve
+
+
+def build(k: Launchers) -> SimpleNamespace:
+    """sinkhorn, mhc_forward, stream_mix_add (the backend API that ops.py calls) and forward_fn."""
+
+    @functools.lru_cache(maxsize=None)
+    def sinkhorn_fn(iters: int, eps: float):
+        @mx.custom_function
+        def f(L):
+            return k.sinkhorn_fwd(L, iters, eps)
+
+        @f.vjp
+        def f_vjp(primals, cotangents, outputs):
+            return (k.sinkhorn_bwd(single(primals), single(cotangents), iters, eps),)
+
+        return f
+
+    def sinkhorn(H_res_raw, iters, eps):
+        return sinkhorn_fn(iters, eps)(H_res_raw.astype(F32))
+
+    @functools.lru_cache(maxsize=None)
+    def forward_fn(strategy: str, eps: float):
+        launch = k.forward[strategy]
+
+        @mx.custom_function
+        def f(x, M, hpre_raw, hpost_raw, w):
+            return tuple(launch(x, M, hpre_raw, hpost_raw, w, eps))
+
+        @f.vjp
+        def f_vjp(primals, cotangents, outputs):
+            x, M, hpre_raw, hpost_raw, w = primals
+            dout = cotangents[0].astype(x.dtype)
+            if k.backward_in_mlx(x.shape[1], x.shape[2]):
+                _, vjps = mx.vjp(lambda *a: k.mlx_graph(*a, eps), list(primals), [dout])
+                return tuple(vjps)
+            return k.backward(x, M, hpre_raw, hpost_raw, w, outputs[1], dout)
+
+        return f
+
+    def mhc_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps, strategy):
+        k.check_n(x.shape[1], "mhc_forward")
+        M = sinkhorn(H_res_raw, iters, eps)
+        out, _ = forward_fn(strategy, eps)(x, M, H_pre_raw.astype(F32), H_post_raw.astype(F32),
+                                           rms_weight.astype(F32))
+        return out
+
+    @mx.custom_function
+    def mix_add_fn(x, M, bias):
+        return k.mix_add(x, M, bias)
+
+    @mix_add_fn.vjp
+    def mix_add_vjp(primals, cotangents, outputs):
+        # out = M x + bias: dx = M^T dout (one more mix kernel, zero bias), dM = sum dout x^T, dbias = dout
+        x, M, bias = primals
+        dout = single(cotangents).astype(x.dtype)
+        dx = k.mix_add(dout, M.T, mx.zeros_like(dout))
+        return dx, k.mix_add_dM(x, dout), dout.astype(bias.dtype)
+
+    def stream_mix_add(x, M, bias):
+        k.check_n(x.shape[1], "stream_mix_add")
+        return mix_add_fn(x, M.astype(F32), bias.astype(x.dtype))
+
+    return SimpleNamespace(sinkhorn=sinkhorn, mhc_forward=mhc_forward, stream_mix_add=stream_mix_add,
+                           forward_fn=forward_fn)
