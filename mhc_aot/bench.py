@@ -39,7 +39,10 @@ Implementations:
   torch      a torch.compile'd PyTorch implementation of the same layer, on CUDA when PyTorch
              sees a GPU, else on its CPU.
 With --layer dynamic the rows time DynamicMHC(nn.Identity(), n, C) (the mHC machinery alone) with
-backend auto / portable / reference; seed and torch have no dynamic layer.
+backend auto / portable / reference, and
+  liger      Liger-Kernel's LigerMHC functional chain (liger_mhc_coeffs + liger_mhc_pre +
+             liger_mhc_post_res, Triton) on CUDA, F = identity, same shapes and dtype;
+seed and torch have no dynamic layer, liger has no static one.
 Backward = forward + backward: value_and_grad of sum(out * dout) (dout fixed, x's dtype) with
 respect to x and all four parameters.
 """
@@ -69,7 +72,7 @@ DYNAMIC_SUITES = {"latency": tuple((1, 4, C) for C in LATENCY_C),
 LAYERS = ("static", "dynamic")
 
 MODES = ("latency", "throughput")
-IMPLEMENTATIONS = ("kernels", "portable", "reference", "seed", "torch")
+IMPLEMENTATIONS = ("kernels", "portable", "reference", "seed", "torch", "liger")
 COMPARISONS = IMPLEMENTATIONS[1:]
 DEFAULT_COMPARE = ("reference",)
 DEFAULT_DTYPE = "bfloat16"
@@ -311,7 +314,11 @@ def availability(name: str, layer: str = "static") -> Optional[str]:
         if not hasattr(mhc_aot, "DynamicMHC"):
             return "this build of mhc-aot has no DynamicMHC"
         if name in ("seed", "torch"):
-            return f"{name} has no dynamic mHC layer to compare with: use portable or reference"
+            return f"{name} has no dynamic mHC layer to compare with: use portable, reference or liger"
+        if name == "liger":
+            return _liger_unavailable()
+    elif name == "liger":
+        return "liger (LigerMHC) has only a dynamic mHC layer: use it with --layer dynamic"
     if name in ("kernels", "portable", "reference"):
         return None
     if name == "seed":
@@ -327,6 +334,17 @@ def availability(name: str, layer: str = "static") -> Optional[str]:
             return "PyTorch is not installed: pip install torch"
         return None
     return f"unknown implementation {name!r}: expected one of {', '.join(IMPLEMENTATIONS)}"
+
+
+def _liger_unavailable() -> Optional[str]:
+    try:
+        import torch
+        import liger_kernel.transformers.functional  # noqa: F401
+    except ImportError as e:
+        return f"liger needs PyTorch and liger-kernel ({e}): pip install 'liger-kernel==0.8.5'"
+    if not torch.cuda.is_available():
+        return "liger (LigerMHC) runs only on CUDA: torch.cuda.is_available() is False here"
+    return None
 
 
 def _import_seed():
@@ -363,6 +381,10 @@ def make_runner(name: str, case: Case, inp: Inputs) -> Runner:
     if why:
         raise BenchError(why)
     if case.layer == "dynamic":
+        if name == "liger":
+            from .dynamic_bench import liger_runner
+
+            return liger_runner(case, sync=_torch_sync())
         return _dynamic_runner(name, case, inp)
     if name in ("kernels", "portable"):
         backend = "auto" if name == "kernels" else "portable"
@@ -441,6 +463,12 @@ def torch_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int = 
     y = agg * torch.rsqrt(agg.pow(2).mean(dim=-1, keepdim=True) + eps) * rms_weight
     out = torch.matmul(P, xf) + H_post[None, :, None] * y[:, None, :]
     return out.to(x.dtype)
+
+
+def _torch_sync():
+    import torch
+
+    return torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
 
 def _torch_runner(case: Case, inp: Inputs) -> Runner:

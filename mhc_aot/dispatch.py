@@ -59,13 +59,16 @@ RULES: tuple[Rule, ...] = (
     *(Rule("metal", *r) for r in _GPU_RULES),
     *(Rule("cpu", op, "portable", None, None, "MLX has no custom-kernel primitive on its CPU backend")
       for op in ("sinkhorn", "mhc_forward", "mhc_backward", "stream_mix_add")),
-    # Dynamic mHC (mhc_aot/dynamic.py): its CUDA kernels are built and pass a CPU emulation, but
-    # have not run on a GPU yet, so every backend uses MLX ops until they pass the GPU tests;
-    # then the cuda rows become strategy "fused".
+    # Dynamic mHC (mhc_aot/dynamic.py): CUDA kernels (mhc_aot/cuda_dynamic.py); Metal has none yet.
+    *(Rule("cuda", op, "fused", None, None, why) for op, why in (
+        ("mhc_coeffs", "RMS scale and projection in one pass over x, per-token activations and Sinkhorn "
+                       "in one launch (with mhc_pre fused when the layer asks for x_in)"),
+        ("mhc_pre", "one pass: x_in = h_pre . x"),
+        ("mhc_post_res", "one pass: out = h_res x + h_post f_out"))),
     *(Rule(backend, op, "portable", None, None,
            "MLX has no custom-kernel primitive on its CPU backend" if backend == "cpu" else
-           "dynamic kernels not yet verified on a GPU: MLX ops until they pass the GPU tests")
-      for backend in ("cuda", "metal", "cpu") for op in ("mhc_coeffs", "mhc_pre", "mhc_post_res")),
+           "no Metal kernels for dynamic mHC yet: MLX ops")
+      for backend in ("metal", "cpu") for op in ("mhc_coeffs", "mhc_pre", "mhc_post_res")),
 )
 
 

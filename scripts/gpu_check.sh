@@ -1,16 +1,62 @@
 #!/usr/bin/env bash
-# The one device call: build the package with nvcc, run the GPU tests, time the kernels.
+# The one device script: build with nvcc, run the GPU tests, time the kernels with `mhc bench`
+# against the compiled portable path and the peers, profile with `mhc profile`.
 # From the device tool, right after `bash .devwheels1/stage1.sh` (see ../shared/device/README.md):
-#   source .devwheels2/stage2.sh && bash scripts/gpu_check.sh
-# Writes gpu_tests.log, timings.json and info.txt under $OUT (or ./gpu-out without it).
+#   source .devwheels2/stage2.sh && bash scripts/gpu_check.sh [STAGE...]
+# Stages (default all, in this order): build tests sweep bench dynamic profile.
+# `tests` alone can take ~7 minutes, so a 10-minute device call runs `build tests`, the next
+# `build sweep bench dynamic profile` (build is a no-op when the package is already installed).
+# Everything printed goes to $OUT/log.txt (or ./gpu-out without $OUT); `mhc profile` writes $OUT/profile/.
+# MHC_GPU_TESTS narrows the test run (default: every test file).
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
+exec > >(tee -a "$out/log.txt") 2>&1
 export MHC_AOT_BUILD_JOBS=${MHC_AOT_BUILD_JOBS:-16} PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
-mhc info > "$out/info.txt" 2>&1; cat "$out/info.txt"
-# MHC_GPU_TESTS narrows the run (default: every test file); each test may take 120 s at most (pytest-timeout, present on the GPU image)
-timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=120 ${MHC_GPU_TESTS:-tests} 2>&1 | tee "$out/gpu_tests.log" | tail -25
-status=${PIPESTATUS[0]}
-timeout 240 python3 scripts/gpu_timings.py "$out/timings.json"
+# The device is an H100 (sm_90): build its cubins only, which keeps the build well under a minute.
+export MHC_AOT_CUDA_ARCHS=${MHC_AOT_CUDA_ARCHS:-sm_90}
+stages=${*:-build tests sweep bench dynamic profile}
+status=0
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+for s in $stages; do
+  case $s in
+  build)
+    stage build
+    if ! command -v mhc >/dev/null; then  # not yet installed on this machine
+      python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+    fi
+    mhc info || status=1 ;;
+  tests)
+    stage tests
+    # pytest-timeout cannot interrupt a hung CUDA call: the outer timeout bounds the stage
+    timeout 480 python3 -m pytest -q -rfE -m gpu -p no:cacheprovider --timeout=120 ${MHC_GPU_TESTS:-tests} \
+      > "$out/gpu_tests.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests.log" | head -60 ;;
+  sweep)
+    stage sweep
+    timeout 90 python3 scripts/gpu_dispatch_sweep.py || status=1 ;;
+  bench)
+    stage bench
+    # issue 3's tables: the seed's latency and throughput shapes and the large suite, forward and
+    # forward + backward, against the compiled portable path, mhc-mlx and torch.compile
+    for suite in latency throughput large; do
+      for bwd in "" --backward; do
+        timeout 150 mhc bench --suite "$suite" $bwd --compare portable,seed,torch || status=1
+      done
+    done ;;
+  dynamic)
+    stage dynamic
+    # issue 6's configs against LigerMHC (liger-kernel 0.8.5, Triton) in the same run
+    for bwd in "" --backward; do
+      timeout 150 mhc bench --layer dynamic --mode throughput --config 8192:4:4096,4096:4:2048,32:4:4096 \
+        $bwd --compare portable,liger || status=1
+    done ;;
+  profile)
+    stage profile
+    timeout 240 mhc profile --B 4096 --n 4 --C 4096 --out "$out/profile" || status=1 ;;
+  *) echo "unknown stage $s"; status=2 ;;
+  esac
+done
+stage "done, status $status"
 exit "$status"
