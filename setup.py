@@ -19,7 +19,25 @@ VERSION = "0.1.0"
 MLX_VERSION = "0.32.4"  # exact: the shim and kernels are built and tested against it
 
 
-SHIM_SOURCES = ["mhc_aot/_shim/shim.cpp", "mhc_aot/_shim/cuda_driver.cpp", "mhc_aot/_shim/metal_preload.cpp"]
+SHIM_SOURCES = ["mhc_aot/_shim/shim.cpp", "mhc_aot/_shim/cuda_driver.cpp", "mhc_aot/_shim/metal_preload.cpp",
+                "mhc_aot/_shim/nvtx.cpp"]
+
+
+def _nvtx_include() -> Path | None:
+    """The CUDA toolkit's include dir when it has NVTX v3 (header-only): next to nvcc (NVCC or PATH),
+    under CUDA_HOME / CUDA_PATH or /usr/local/cuda. Linux only: the ranges are for Nsight tools."""
+    if platform.system() != "Linux":
+        return None
+    import shutil
+
+    nvcc = shutil.which(os.environ.get("NVCC", "nvcc"))
+    roots = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    roots += [Path(os.environ[k]) for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
+    roots.append(Path("/usr/local/cuda"))  # the toolkit's default prefix (nvcc on PATH may be a wrapper)
+    for root in roots:
+        if (root / "include/nvtx3/nvToolsExt.h").exists():
+            return root / "include"
+    return None
 
 
 def _mlx_metal_sdk() -> Path | None:
@@ -53,6 +71,12 @@ def _shim(with_mlx: Path | None, no_preload_reason: str = "") -> Pybind11Extensi
         flags += " -std=c++20 -DMHC_AOT_WITH_MLX_METAL (libmlx " + str(with_mlx / "lib") + ")"
     else:
         flags += f" -std=c++{kw['cxx_std']}"
+    nvtx = _nvtx_include()
+    if nvtx is not None:
+        kw.setdefault("include_dirs", []).append(str(nvtx))
+        kw["define_macros"].append(("MHC_AOT_HAVE_NVTX", "1"))
+        kw["libraries"] = [*kw.get("libraries", []), "dl"]  # NVTX v3 dlopens a profiler's injection library
+        flags += " -DMHC_AOT_HAVE_NVTX"
     kw["define_macros"].append(("MHC_AOT_SHIM_FLAGS", '"' + flags + '"'))
     if no_preload_reason:
         kw["define_macros"].append(("MHC_AOT_NO_PRELOAD_REASON", '"' + no_preload_reason.replace('"', "'") + '"'))

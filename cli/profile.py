@@ -46,6 +46,7 @@ EPILOG = """Examples:
 
 DEFAULT_SHAPE = (32, 32, 2048)  # the seed README's first throughput row
 CHILD_TIMEOUT_S = 900
+NCU_LAUNCHES = 16  # one of each kernel of the three stages with room to spare
 
 
 def _one(flag: str, values: list[int], default: int) -> int:
@@ -84,7 +85,10 @@ def _ncu(use: Optional[bool], out_dir: Path, child, quiet) -> dict:
     report = out_dir / "ncu_report"
     output.status(f"running ncu on a child run (this replays every kernel; it can take minutes): {report}.ncu-rep",
                   quiet)
-    ok, tail = _run_child([ncu, "--clock-control", "none", "--target-processes", "all", "-f", "-o", str(report),
+    # only this package's kernels (every name starts with mhc_), at most NCU_LAUNCHES of them: MLX's
+    # own kernels (random inputs, casts) would multiply the replay time and the report's size
+    ok, tail = _run_child([ncu, "--clock-control", "none", "--target-processes", "all", "--kernel-name",
+                           "regex:^mhc_", "--launch-count", str(NCU_LAUNCHES), "--nvtx", "-f", "-o", str(report),
                            *child(out_dir / "ncu_run")], out_dir)
     return {"tool": "ncu", "status": "ok" if ok else f"failed: {tail}",
             "report": f"{report}.ncu-rep" if ok else None}

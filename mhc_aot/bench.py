@@ -43,7 +43,7 @@ backend auto / portable / reference, and
   liger      Liger-Kernel's LigerMHC functional chain (liger_mhc_coeffs + liger_mhc_pre +
              liger_mhc_post_res, Triton) on CUDA, F = identity, same shapes and dtype;
 seed and torch have no dynamic layer, liger has no static one.
-Backward = forward + backward: value_and_grad of sum(out * dout) (dout fixed, x's dtype) with
+Backward = forward + backward: mx.compile(value_and_grad) of sum(out * dout) (dout fixed, x's dtype) with
 respect to x and all four parameters.
 """
 
@@ -254,14 +254,15 @@ def time_runner(runner: Runner, mode: str, iters: int, warmup: int, repeats: int
 
 
 def measure_copy_bandwidth(nbytes: Optional[int] = None, iters: int = 10) -> float:
-    """GB/s of `y = x + 1` on a float32 buffer (read once + written once), evaluated per call:
-    the device's practical copy bandwidth, measured once per run."""
+    """GB/s of `y = x + 1` on a float32 buffer (read once + written once), calls queued as in
+    throughput mode: the device's practical copy bandwidth, measured once per run. (Evaluating each
+    call alone would add MLX's per-call floor to the time: ~2.0 instead of ~2.9 TB/s on the H100.)"""
     gpu = dispatch.device_backend() != "cpu"
     nbytes = nbytes or (256 if gpu else 64) * 2**20
     x = mx.random.uniform(shape=(nbytes // 4,))
     mx.eval(x)
     runner = Runner("copy", lambda: x + 1)
-    t = time_runner(runner, "latency", iters, 2)
+    t = time_runner(runner, "throughput", iters, 2, repeats=3)
     return 2 * nbytes / (t.median_us * 1e-6) / 1e9
 
 
@@ -286,12 +287,12 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
     return Inputs(x, p, dout)
 
 
-def _value_and_grad(fn, dout, compile_it: bool):
+def _value_and_grad(fn, dout):
     def loss(*args):
         return mx.sum(fn(*args) * dout)
 
     vg = mx.value_and_grad(loss, argnums=tuple(range(1 + len(PARAM_NAMES))))
-    return mx.compile(vg) if compile_it else vg
+    return mx.compile(vg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -299,9 +300,11 @@ def _compiled_reference():
     return mx.compile(lambda x, *p: reference.mhc_forward(x, *p).astype(x.dtype))
 
 
-def _mlx_runner(name: str, fn, case: Case, inp: Inputs, compile_backward: bool, note: str = "") -> Runner:
+def _mlx_runner(name: str, fn, case: Case, inp: Inputs, note: str = "") -> Runner:
+    """Forward as called; forward + backward mx.compile'd (as a training step would be), for
+    every MLX implementation alike."""
     if case.backward:
-        vg = _value_and_grad(fn, inp.dout, compile_backward)
+        vg = _value_and_grad(fn, inp.dout)
         return Runner(name, lambda: vg(*inp.args), note=note)
     return Runner(name, lambda: fn(*inp.args), note=note)
 
@@ -392,10 +395,10 @@ def make_runner(name: str, case: Case, inp: Inputs) -> Runner:
         def fn(x, *p):
             return ops.mhc_forward(x, *p, backend=backend)
 
-        return _mlx_runner(name, fn, case, inp, compile_backward=False,
+        return _mlx_runner(name, fn, case, inp,
                            note=kernels_note(case) if name == "kernels" else f"{dispatch.device_backend()}:portable")
     if name == "reference":
-        return _mlx_runner(name, _compiled_reference(), case, inp, compile_backward=True, note="mx.compile")
+        return _mlx_runner(name, _compiled_reference(), case, inp, note="mx.compile")
     if name == "seed":
         return _seed_runner(case, inp)
     return _torch_runner(case, inp)

@@ -7,6 +7,7 @@ only changes how work is split, never the result.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 DEFAULT_SM_COUNT = 132
@@ -44,3 +45,27 @@ def max_shared_memory_per_block() -> int:
 
     digits = "".join(ch for ch in str(mx.device_info().get("architecture", "")) if ch.isdigit())
     return _SMEM_BY_ARCH.get(int(digits) if digits else 90, 99 * 1024)
+
+
+@functools.lru_cache(maxsize=1)
+def _nvtx():
+    try:
+        from . import _shim
+    except ImportError:
+        return None
+    return _shim if getattr(_shim, "nvtx_available", lambda: {})().get("available") else None
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str):
+    """A named NVTX range around the block (the shim's, for Nsight tools); nothing when the shim
+    was built without NVTX (`mhc info` says so). An annotation only: it never changes a result."""
+    shim = _nvtx()
+    if shim is None:
+        yield
+        return
+    shim.nvtx_range_push(name)
+    try:
+        yield
+    finally:
+        shim.nvtx_range_pop()

@@ -7,7 +7,9 @@
 # `tests` alone can take ~7 minutes, so a 10-minute device call runs `build tests`, the next
 # `build sweep bench dynamic profile` (build is a no-op when the package is already installed).
 # Everything printed goes to $OUT/log.txt (or ./gpu-out without $OUT); `mhc profile` writes $OUT/profile/.
-# MHC_GPU_TESTS narrows the test run (default: every test file).
+# Knobs for a call with less device time: MHC_GPU_TESTS narrows the test run (default: every
+# test file) and MHC_TESTS_TIMEOUT bounds it (default 480 s); MHC_BENCH_COMPARE (default portable,seed,torch) and MHC_DYNAMIC_COMPARE (default
+# portable,liger) pick the peers; MHC_PASSES (default "forward backward") the passes timed.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -16,6 +18,8 @@ export MHC_AOT_BUILD_JOBS=${MHC_AOT_BUILD_JOBS:-16} PYTHONUNBUFFERED=1
 # The device is an H100 (sm_90): build its cubins only, which keeps the build well under a minute.
 export MHC_AOT_CUDA_ARCHS=${MHC_AOT_CUDA_ARCHS:-sm_90}
 stages=${*:-build tests sweep bench dynamic profile}
+passes=${MHC_PASSES:-forward backward}
+flag() { [ "$1" = backward ] && echo --backward; }  # mhc bench times the forward without it
 status=0
 stage() { echo; echo "=== $1 ($(date +%T))"; }
 
@@ -30,7 +34,7 @@ for s in $stages; do
   tests)
     stage tests
     # pytest-timeout cannot interrupt a hung CUDA call: the outer timeout bounds the stage
-    timeout 480 python3 -m pytest -q -rfE -m gpu -p no:cacheprovider --timeout=120 ${MHC_GPU_TESTS:-tests} \
+    timeout "${MHC_TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfE -m gpu -p no:cacheprovider --timeout=120 ${MHC_GPU_TESTS:-tests} \
       > "$out/gpu_tests.log" 2>&1 || status=1
     grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests.log" | head -60 ;;
   sweep)
@@ -41,20 +45,22 @@ for s in $stages; do
     # issue 3's tables: the seed's latency and throughput shapes and the large suite, forward and
     # forward + backward, against the compiled portable path, mhc-mlx and torch.compile
     for suite in latency throughput large; do
-      for bwd in "" --backward; do
-        timeout 150 mhc bench --suite "$suite" $bwd --compare portable,seed,torch || status=1
+      for pass in $passes; do
+        timeout 150 mhc bench --suite "$suite" $(flag "$pass") --compare "${MHC_BENCH_COMPARE:-portable,seed,torch}" \
+          || status=1
       done
     done ;;
   dynamic)
     stage dynamic
     # issue 6's configs against LigerMHC (liger-kernel 0.8.5, Triton) in the same run
-    for bwd in "" --backward; do
-      timeout 150 mhc bench --layer dynamic --mode throughput --config 8192:4:4096,4096:4:2048,32:4:4096 \
-        $bwd --compare portable,liger || status=1
+    # (Triton compiles LigerMHC's kernels on their first call: the first pass takes longest)
+    for pass in $passes; do
+      timeout 200 mhc bench --layer dynamic --mode throughput --config 8192:4:4096,4096:4:2048,32:4:4096 \
+        $(flag "$pass") --compare "${MHC_DYNAMIC_COMPARE:-portable,liger}" || status=1
     done ;;
   profile)
     stage profile
-    timeout 240 mhc profile --B 4096 --n 4 --C 4096 --out "$out/profile" || status=1 ;;
+    timeout 150 mhc profile --B 4096 --n 4 --C 4096 --out "$out/profile" || status=1 ;;
   *) echo "unknown stage $s"; status=2 ;;
   esac
 done

@@ -1,7 +1,8 @@
-"""Measures the forward strategies against each other on the GPU, to set dispatch.COLUMN_MAX_B.
+"""Measures the forward strategies against each other on the GPU, to set dispatch.COLUMN_MIN_N / COLUMN_MIN_B / COLUMN_MIN_C.
 
 For each (n, C) and B: median µs of the `fused` and the `column` forward (Sinkhorn excluded),
-queued (throughput mode). Prints one line per shape and the largest B at which `column` wins.
+queued (throughput mode). Prints one line per shape and the largest B at which `column` wins (the 2026-11-23 H100 run is
+summarised above dispatch.FUSED_MAX_C).
   python scripts/gpu_dispatch_sweep.py
 """
 

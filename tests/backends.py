@@ -105,6 +105,13 @@ def dispatch_edges(op: str, n: int = 2) -> list[tuple[int, int, int]]:
     many = b_limits[-1] + 1 if b_limits else 2
     shapes = [(b + d, n, 64) for b in b_limits for d in (0, 1)]
     shapes += [(many, n, c + d) for c in c_limits for d in (0, 1)]
+    # rules from a least B (and n) on: both sides of min_B, at an n and C where the rule wins
+    for r in rules:
+        if getattr(r, "min_B", 1) > 1:
+            rn = max(n, r.min_n)
+            C = next(c for c in (64, *(c + 1 for c in c_limits))
+                     if dispatch.choose(op, rn, c, "cuda", B=r.min_B).rule == r)
+            shapes += [(r.min_B - 1, rn, C), (r.min_B, rn, C)]
     return shapes
 
 

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
@@ -270,11 +271,11 @@ def test_bad_options_one_line_exit_2(args):
 
 
 # ---------------------------------------------------------------- as a subprocess
-def _run(*args: str, cwd) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd, timeout: int = 120) -> subprocess.CompletedProcess:
     # cwd away from the repo root, so `python -m` imports the installed package (conftest.py)
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "mhc_aot.cli.main", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env=env)
+                          text=True, timeout=timeout, env=env)
 
 
 def test_subprocess_every_command(tmp_path):
@@ -331,3 +332,24 @@ def test_profile_ncu_child_run(tmp_path, monkeypatch):
     assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} == {"sinkhorn", "forward", "backward"}
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert "ncu not on PATH" in prof_cli._ncu(None, out, child, quiet=True)["status"]
+
+
+# ---------------------------------------------------------------- on the GPU machine
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+@pytest.mark.skipif(shutil.which("mhc") is None, reason="the `mhc` console script is not on PATH")
+def test_cuda_bench_and_profile_use_the_kernels(tmp_path):
+    """On a CUDA machine `mhc bench` times the CUDA kernels (the kernels row says cuda:...), and
+    `mhc profile` writes the trace and, when Nsight Compute is on PATH, its report."""
+    p = _run("bench", "--mode", "throughput", *TINY, "--compare", "portable", "--format", "json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["rows"]
+    kernels = next(r for r in rows if r["impl"] == "kernels")
+    assert kernels["note"].startswith("cuda:") and kernels["median_us"] > 0
+    p = _run("profile", *TINY, "--out", "prof", "--format", "json", cwd=tmp_path, timeout=300)  # ncu replays
+    assert p.returncode == 0, p.stderr
+    trace = json.loads((tmp_path / "prof" / "trace.json").read_text())
+    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} == {"sinkhorn", "forward", "backward"}
+    if shutil.which("ncu"):
+        report = tmp_path / "prof" / "ncu_report.ncu-rep"
+        assert report.exists() and report.stat().st_size > 0, p.stderr

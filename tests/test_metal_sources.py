@@ -327,9 +327,11 @@ def _emulations(tmp_path_factory):
 
 @pytest.fixture
 def emulated_metal(_emulations, monkeypatch):
+    from mhc_aot import kernel_ops
     from mhc_aot import metal as mm
 
     monkeypatch.setattr(mm, "_kernel", _emulations)
+    monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     return mm
 

@@ -4,6 +4,7 @@
 //   cuda_check_cubin()      loads a shipped cubin/PTX through the driver and reports its resources
 //   metal_kernel_key()      the name and library-cache key MLX gives an mx.fast.metal_kernel call
 //   metal_preload()         (macOS with MLX's headers) puts mhc_aot.metallib into that cache
+//   nvtx_range_push/pop()   named NVTX ranges for Nsight tools (nvtx.cpp)
 // Nothing here raises because a driver, a GPU or a toolchain is absent: such calls return
 // {"available": False, "reason": ...}.
 #include "shim.h"
@@ -51,6 +52,7 @@ py::dict build_info() {
   d["cuda_driver"] = "not built: the CUDA driver query is Linux-only";
 #endif
   d["metal"] = metal_build_facts();
+  d["nvtx"] = nvtx_available();
   return d;
 }
 
@@ -81,4 +83,8 @@ PYBIND11_MODULE(_shim, m) {
         "Load metallib_path into MLX's Metal library cache under library_name, check that function_name "
         "exists with these buffer arguments in order and can run threads_per_threadgroup threads, and "
         "build MLX's pipeline for it. {'available': False, 'reason': ...} where this shim has no MLX Metal.");
+  m.def("nvtx_available", &nvtx_available, "Whether this build has NVTX ranges, and why not.");
+  m.def("nvtx_range_push", &nvtx_range_push, py::arg("name"),
+        "Push a named NVTX range on this thread (Nsight tools show it); -1 if built without NVTX.");
+  m.def("nvtx_range_pop", &nvtx_range_pop, "Pop this thread's innermost NVTX range; -1 if built without NVTX.");
 }

@@ -3,6 +3,7 @@
 //   cuda_driver.cpp    CUDA driver opened at run time (dlopen): device facts, cubin load checks
 //   metal_preload.cpp  MLX's custom-kernel library key, and (macOS, linked to libmlx) the preload
 //                      of mhc_aot.metallib into MLX's Metal library cache
+//   nvtx.cpp           NVTX ranges naming the stages for Nsight tools
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -35,5 +36,9 @@ py::dict metal_preload(const std::string& metallib_path, const std::string& libr
                        const std::string& function_name, const std::vector<std::string>& buffer_names,
                        int threads_per_threadgroup);
 py::dict metal_build_facts();
+
+py::dict nvtx_available();
+int nvtx_range_push(const std::string& name);  // depth of the new range, or -1 without NVTX
+int nvtx_range_pop();
 
 }  // namespace mhc_shim
