@@ -166,7 +166,7 @@ def collect(with_rules: bool = False) -> tuple[output.Result, list[str]]:
         sections["dispatch rules"] = {
             f"{i + 1}. {r['backend']} {r['op']}":
                 f"{r['strategy']} (max_B={r['max_B']}, max_C={r['max_C']}"
-                + "".join(f", {k}={r[k]}" for k in ("min_B", "min_n") if r[k] > 1) + f"): {r['why']}"
+                + "".join(f", {k}={r[k]}" for k in ("min_B", "min_n", "min_C") if r[k] > 1) + f"): {r['why']}"
             for i, r in enumerate(dispatch.rules_table())}
     rows = [{"section": s, "what": k, "value": v} for s, facts in sections.items() for k, v in facts.items()]
     meta = {s: facts for s, facts in sections.items()}

@@ -136,7 +136,8 @@ def rule_shapes(backend: str, op: str, n: int, full: bool, all_rules: bool = Fal
     sources = [r for r in dispatch.RULES if r.op == op and (r.backend == device or all_rules)]
     b_edges = ({b + d for b in {r.max_B for r in sources if r.max_B} for d in (0, 1)}
                | {r.min_B + d for r in sources if r.min_B > 1 and n >= r.min_n for d in (-1, 0)})
-    c_edges = {c + d for c in {r.max_C for r in sources if r.max_C} for d in (0, 1)}
+    c_edges = ({c + d for c in {r.max_C for r in sources if r.max_C} for d in (0, 1)}
+               | {r.min_C + d for r in sources if r.min_C > 1 and n >= r.min_n for d in (-1, 0)})
     candidates = sorted(((B, C) for B in {BASE_B, *b_edges} for C in {BASE_C, *c_edges}),
                         key=lambda bc: (bc[0] * bc[1], bc))
     picked: dict[tuple[int, int], str] = {}

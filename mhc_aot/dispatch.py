@@ -27,46 +27,58 @@ class Rule:
     why: str
     min_B: int = 1  # tokens at least (a rule with min_B > 1 never matches an unknown B)
     min_n: int = 1  # streams at least
+    min_C: int = 1  # channels at least
 
     def matches(self, B: int | None, C: int, n: int = 1) -> bool:
         return ((self.max_B is None or (B is not None and B <= self.max_B))
                 and (self.min_B <= 1 or (B is not None and B >= self.min_B))
-                and n >= self.min_n and (self.max_C is None or C <= self.max_C))
+                and n >= self.min_n and self.min_C <= C and (self.max_C is None or C <= self.max_C))
 
 
 # `fused` runs one CTA per token and keeps agg (C floats) in shared memory: up to FUSED_MAX_C
-# channels. `column` tiles each token's C over CTAs (x read twice). Measured on the H100
-# (scripts/gpu_dispatch_sweep.py, bf16, 2026-11-23): for n <= 8, and n = 32 at C = 512, fused is
-# as fast or faster at every B from 1 to 256 (small B is bound by the per-call host cost, not by
-# idle SMs); at n = 32 and C >= 2048 column wins from B = 64 (1.0-1.3x), where the fused CTA's
-# n x C token no longer stays in L1 and the mix pass re-reads it from L2.
+# channels. `column` tiles each token's C over CTAs and reads x twice. Where column runs below
+# FUSED_MAX_C, it was measured faster on the H100 (bf16, MLX 0.32.4, 2026-11-23):
+#  - few tokens, wide (COLUMN_FEW_TOKENS): latency mode (1, 32, 8192): fused 427 us (one CTA
+#    streams the whole 512 KB token) vs column 164 us; (1, 32, 4096): 231 vs 213 us; for
+#    n*C <= 32*2048 fused was faster (157-208 us at C 1024-2048, and every B <= 256 queued at
+#    n <= 8 or C = 512 in scripts/gpu_dispatch_sweep.py);
+#  - n = 32 at C >= 2048 from 64 to 256 tokens (COLUMN_MID_B): column 1.0-1.3x faster queued
+#    (the fused CTA's n x C token outgrows L1 and its mix pass re-reads it from L2); at 1024 tokens
+#    fused was faster again (374 vs 397 us at (1024, 32, 2048)), hence the upper bound.
+# (The column numbers at B = 1 predate the compiled forward; the fused ones do not.)
 # The fused backward keeps 3 C floats per CTA in shared memory: up to BACKWARD_MAX_C channels;
 # wider rows take MLX's own VJP of the portable graph (documented here, shown by `mhc info`).
 FUSED_MAX_C = 49152
-COLUMN_MIN_N, COLUMN_MIN_B, COLUMN_MIN_C = 32, 64, 2048
+COLUMN_FEW_TOKENS = dict(max_B=7, min_n=32, min_C=4096)
+COLUMN_MID_B = dict(min_B=64, max_B=256, min_n=32, min_C=2048)
 BACKWARD_MAX_C = 16384
 
-_GPU_RULES = (
-    ("sinkhorn", "sinkhorn", None, None, "one CTA runs all iterations of the tiny [n, n] problem in one launch"),
-    ("mhc_forward", "fused", None, COLUMN_MIN_C - 1,
-     "one CTA per token: aggregate, RMS, mix and add with x read from memory once"),
-    ("mhc_forward", "column", None, FUSED_MAX_C,
-     f"n >= {COLUMN_MIN_N}, B >= {COLUMN_MIN_B}, C >= {COLUMN_MIN_C}: measured faster than fused (the "
-     f"token's n x C values outgrow L1 and fused re-reads them from L2)", COLUMN_MIN_B, COLUMN_MIN_N),
-    ("mhc_forward", "fused", None, FUSED_MAX_C,
-     "one CTA per token: aggregate, RMS, mix and add with x read from memory once"),
-    ("mhc_forward", "column", None, None, f"C > {FUSED_MAX_C}: agg does not fit one CTA's shared memory"),
-    ("mhc_backward", "fused", None, BACKWARD_MAX_C,
-     "one pass per token for dx, per-CTA partial parameter gradients, one deterministic reduce"),
-    ("mhc_backward", "portable", None, None,
-     f"C > {BACKWARD_MAX_C}: too wide for the fused backward's shared memory; MLX's VJP of the portable graph"),
-    ("stream_mix_add", "mix_add", None, None, "one pass: out = M x + bias, tiles of C across CTAs"),
-)
+
+def _gpu_rules(backend: str) -> tuple[Rule, ...]:
+    def rule(op, strategy, why, max_B=None, max_C=None, **mins):
+        return Rule(backend, op, strategy, max_B, max_C, why, **mins)
+
+    fused_why = "one CTA per token: aggregate, RMS, mix and add with x read from memory once"
+    return (
+        rule("sinkhorn", "sinkhorn", "one CTA runs all iterations of the tiny [n, n] problem in one launch"),
+        rule("mhc_forward", "column", "B <= 7, n >= 32, C >= 4096: one CTA per token would stream a whole "
+             "wide token alone (measured 2.6x slower at (1, 32, 8192))", **COLUMN_FEW_TOKENS),
+        rule("mhc_forward", "column", "64 <= B <= 256, n >= 32, C >= 2048: measured 1.0-1.3x faster than fused "
+             "(the fused CTA re-reads its n x C token from L2)", **COLUMN_MID_B),
+        rule("mhc_forward", "fused", fused_why, max_C=FUSED_MAX_C),
+        rule("mhc_forward", "column", f"C > {FUSED_MAX_C}: agg does not fit one CTA's shared memory"),
+        rule("mhc_backward", "fused", "one pass per token for dx, per-CTA partial parameter gradients, one "
+             "deterministic reduce", max_C=BACKWARD_MAX_C),
+        rule("mhc_backward", "portable", f"C > {BACKWARD_MAX_C}: too wide for the fused backward's shared memory; "
+             "MLX's VJP of the portable graph"),
+        rule("stream_mix_add", "mix_add", "one pass: out = M x + bias, tiles of C across CTAs"),
+    )
+
 
 RULES: tuple[Rule, ...] = (
-    *(Rule("cuda", *r) for r in _GPU_RULES),
+    *_gpu_rules("cuda"),
     # Metal: the same kernels and thresholds, written for Apple GPUs but never run here
-    *(Rule("metal", *r) for r in _GPU_RULES),
+    *_gpu_rules("metal"),
     *(Rule("cpu", op, "portable", None, None, "MLX has no custom-kernel primitive on its CPU backend")
       for op in ("sinkhorn", "mhc_forward", "mhc_backward", "stream_mix_add")),
     # Dynamic mHC (mhc_aot/dynamic.py): CUDA kernels (mhc_aot/cuda_dynamic.py); Metal has none yet.

@@ -30,7 +30,8 @@ for s in $stages; do
     if ! command -v mhc >/dev/null; then  # not yet installed on this machine
       python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
     fi
-    mhc info || status=1 ;;
+    mhc info || status=1
+    timeout 120 mhc validate --quick || status=1 ;;  # every kernel family on this GPU vs the reference
   tests)
     stage tests
     # pytest-timeout cannot interrupt a hung CUDA call: the outer timeout bounds the stage

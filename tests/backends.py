@@ -95,24 +95,31 @@ def random_M(n: int, seed: int) -> mx.array:
 
 def dispatch_edges(op: str, n: int = 2) -> list[tuple[int, int, int]]:
     """(B, n, C) on both sides of every limit that the GPU dispatch rules of `op` set, read from
-    `dispatch.RULES` so the tables follow the rules. C limits are probed with more tokens than
-    any B limit, so the rule that owns the C limit is the one in play."""
+    `dispatch.RULES` so the tables follow the rules. Upper C limits are probed with more tokens
+    than any B limit, so the rule that owns the C limit is the one in play."""
     from mhc_aot import dispatch
 
     rules = [r for r in dispatch.RULES if r.backend == "cuda" and r.op == op]
-    b_limits = sorted({r.max_B for r in rules if getattr(r, "max_B", None)})
-    c_limits = sorted({r.max_C for r in rules if getattr(r, "max_C", None)})
+    plain = [r for r in rules if max(r.min_B, r.min_n, r.min_C) <= 1]  # the rest: below
+    b_limits = sorted({r.max_B for r in plain if r.max_B})
+    c_limits = sorted({r.max_C for r in plain if r.max_C})
     many = b_limits[-1] + 1 if b_limits else 2
     shapes = [(b + d, n, 64) for b in b_limits for d in (0, 1)]
     shapes += [(many, n, c + d) for c in c_limits for d in (0, 1)]
-    # rules from a least B (and n) on: both sides of min_B, at an n and C where the rule wins
+    # rules with lower bounds (min_B, min_n, min_C): both sides of each bound and of their max_B,
+    # at the rule's own n and C
     for r in rules:
-        if getattr(r, "min_B", 1) > 1:
-            rn = max(n, r.min_n)
-            C = next(c for c in (64, *(c + 1 for c in c_limits))
-                     if dispatch.choose(op, rn, c, "cuda", B=r.min_B).rule == r)
-            shapes += [(r.min_B - 1, rn, C), (r.min_B, rn, C)]
-    return shapes
+        if max(r.min_B, r.min_n, r.min_C) <= 1:
+            continue
+        rn, C, B = max(n, r.min_n), max(64, r.min_C), r.min_B
+        shapes.append((B, rn, C))
+        if r.min_B > 1:
+            shapes.append((r.min_B - 1, rn, C))
+        if r.min_C > 1:
+            shapes.append((B, rn, r.min_C - 1))
+        if r.max_B:
+            shapes += [(r.max_B, rn, C), (r.max_B + 1, rn, C)]
+    return list(dict.fromkeys(shapes))
 
 
 def strategies_of(op: str, shapes, backend: str = "cuda") -> set[str]:

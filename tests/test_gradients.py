@@ -23,7 +23,7 @@ from mhc_aot import MHCLayer, ops, reference, testing
 # ---------------------------------------------------------------- shape table
 # vs mx.grad of the reference: n in 1, 2, 3, 4, 8, 32, 64, 100, C odd and even, B = 1 and more,
 # leading dims, and both sides of every limit of the forward and backward rules in dispatch.RULES
-# (today C = 2047 | 2048 and FUSED_MAX_C | + 1, B = COLUMN_MIN_B - 1 | COLUMN_MIN_B at n = 32, C = BACKWARD_MAX_C | + 1).
+# (today C = FUSED_MAX_C | + 1 and C = BACKWARD_MAX_C | + 1, and at n = 32 the bounds of the two column rules).
 GRAD_SHAPES = [
     (1, 1, 1), (4, 1, 16), (4, 2, 7), (1, 3, 33), (3, 4, 64), ((2, 3), 4, 65), (9, 4, 8192), (16, 8, 255),
     (2, 32, 130), (1, 64, 31), (2, 100, 5),

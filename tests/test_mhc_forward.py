@@ -13,7 +13,7 @@ from mhc_aot import dispatch, ops, reference, testing
 # ---------------------------------------------------------------- shape table
 # (leading dims, n, C): n in 1, 2, 3, 4, 8, 32, 64, 100; C odd and even from 1 to 8192; B = 1 and
 # larger; extra leading dims; plus B and C on both sides of every limit in dispatch.RULES
-# (today C = 2047 | 2048 and FUSED_MAX_C | + 1, and B = COLUMN_MIN_B - 1 | COLUMN_MIN_B at n = 32: fused | column).
+# (today C = FUSED_MAX_C | + 1, and at n = 32 both sides of the B and C bounds of the two column rules).
 SHAPES = [
     (1, 1, 1), (3, 1, 8), (5, 1, 8192),
     (2, 2, 1), (256, 2, 16), (1, 2, 4095),
