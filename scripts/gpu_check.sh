@@ -40,7 +40,7 @@ for s in $stages; do
     grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests.log" | head -60 ;;
   sweep)
     stage sweep
-    timeout 90 python3 scripts/gpu_dispatch_sweep.py || status=1 ;;
+    timeout 240 python3 scripts/gpu_dispatch_sweep.py || status=1 ;;
   bench)
     stage bench
     # issue 3's tables: the seed's latency and throughput shapes and the large suite, forward and
@@ -61,7 +61,12 @@ for s in $stages; do
     done ;;
   profile)
     stage profile
-    timeout 150 mhc profile --B 4096 --n 4 --C 4096 --out "$out/profile" || status=1 ;;
+    timeout 150 mhc profile --B 4096 --n 4 --C 4096 --out "$out/profile" || status=1
+    # the report's per-kernel summary as text (durations, DRAM throughput), readable without ncu here
+    if command -v ncu >/dev/null && [ -f "$out/profile/ncu_report.ncu-rep" ]; then
+      ncu --import "$out/profile/ncu_report.ncu-rep" --print-summary per-kernel 2>&1 \
+        | grep -E "mhc_|Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occupancy" | head -80
+    fi ;;
   *) echo "unknown stage $s"; status=2 ;;
   esac
 done
