@@ -122,6 +122,17 @@ def dispatch_edges(op: str, n: int = 2) -> list[tuple[int, int, int]]:
     return list(dict.fromkeys(shapes))
 
 
+# Shapes above this many elements run on GPU backends only: a float64 reference of them takes CI's
+# 2-core CPU 5-17 s per case, and the CPU paths do not dispatch by the GPU rules they probe.
+CPU_MAX_ELEMENTS = 1 << 21
+
+
+def split_for_cpu(shapes) -> tuple[list, list]:
+    """(shapes every backend runs, shapes only GPU backends run), by CPU_MAX_ELEMENTS."""
+    small = [s for s in shapes if int(np.prod(leading(s[0]))) * s[1] * s[2] <= CPU_MAX_ELEMENTS]
+    return small, [s for s in shapes if s not in small]
+
+
 def strategies_of(op: str, shapes, backend: str = "cuda") -> set[str]:
     """The strategies that dispatch picks for `op` over a shape table of (B, n, C)."""
     from mhc_aot import dispatch

@@ -17,21 +17,23 @@ import numpy as np
 import pytest
 
 from backends import (BACKENDS, DTYPE_NAMES, KERNEL_BACKENDS, dispatch_edges, forward64, grads64, leading,
-                      mix_add64, random_M, rel_error64, run_forward, seed_of, sinkhorn64, to64)
+                      mix_add64, random_M, rel_error64, run_forward, seed_of, sinkhorn64, split_for_cpu, to64)
 from mhc_aot import MHCLayer, ops, reference, testing
 
 # ---------------------------------------------------------------- shape table
 # vs mx.grad of the reference: n in 1, 2, 3, 4, 8, 32, 64, 100, C odd and even, B = 1 and more,
 # leading dims, and both sides of every limit of the forward and backward rules in dispatch.RULES
-# (today C = FUSED_MAX_C | + 1 and C = BACKWARD_MAX_C | + 1, and at n = 32 the bounds of the two column rules).
+# (today C = FUSED_MAX_C | + 1 and C = BACKWARD_MAX_C | + 1, and at n = 32 the bounds of the two column rules;
+# those above backends.CPU_MAX_ELEMENTS run on GPU backends only, in GPU_EXTRA_GRAD_SHAPES).
 GRAD_SHAPES = [
     (1, 1, 1), (4, 1, 16), (4, 2, 7), (1, 3, 33), (3, 4, 64), ((2, 3), 4, 65), (9, 4, 8192), (16, 8, 255),
     (2, 32, 130), (1, 64, 31), (2, 100, 5),
-    *dispatch_edges("mhc_forward"), *dispatch_edges("mhc_backward"),
+    *split_for_cpu(dispatch_edges("mhc_forward") + dispatch_edges("mhc_backward"))[0],
 ]
 # vs float32 finite differences (every coordinate of x and of every parameter): small on purpose.
 FD_SHAPES = [(2, 1, 3), (2, 3, 5), (3, 4, 8), (1, 8, 2)]
-GPU_EXTRA_GRAD_SHAPES = [(8192, 1, 64), (8192, 4, 1024), (2, 100, 12288), (16, 4, 12288), (64, 32, 1024)]
+GPU_EXTRA_GRAD_SHAPES = [(8192, 1, 64), (8192, 4, 1024), (2, 100, 12288), (16, 4, 12288), (64, 32, 1024),
+                         *split_for_cpu(dispatch_edges("mhc_forward") + dispatch_edges("mhc_backward"))[1]]
 
 # ---------------------------------------------------------------- tolerance table
 TOL = testing.TOLERANCES  # vs the float64 gradient, per dtype of x

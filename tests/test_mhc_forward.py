@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 from backends import (BACKENDS, DTYPE_NAMES, KERNEL_BACKENDS, assert_bf16_factor, assert_close, dispatch_edges,
-                      gpu_strategies, leading, rel_error64, run_forward, seed_of, strategies_of, to64)
+                      gpu_strategies, leading, rel_error64, run_forward, seed_of, split_for_cpu, strategies_of, to64)
 from mhc_aot import dispatch, ops, reference, testing
 
 # ---------------------------------------------------------------- shape table
 # (leading dims, n, C): n in 1, 2, 3, 4, 8, 32, 64, 100; C odd and even from 1 to 8192; B = 1 and
 # larger; extra leading dims; plus B and C on both sides of every limit in dispatch.RULES
-# (today C = FUSED_MAX_C | + 1, and at n = 32 both sides of the B and C bounds of the two column rules).
+# (today C = FUSED_MAX_C | + 1, and at n = 32 both sides of the B and C bounds of the two column rules;
+# those above backends.CPU_MAX_ELEMENTS run on GPU backends only, in GPU_EXTRA_SHAPES).
 SHAPES = [
     (1, 1, 1), (3, 1, 8), (5, 1, 8192),
     (2, 2, 1), (256, 2, 16), (1, 2, 4095),
@@ -23,13 +24,14 @@ SHAPES = [
     (2, 32, 1), (8, 32, 1024), (1, 32, 1025),
     (2, 64, 7), (8, 64, 512), (1, 64, 513),
     (3, 100, 3), (8, 100, 327), (1, 100, 329),
-    *dispatch_edges("mhc_forward"),
+    *split_for_cpu(dispatch_edges("mhc_forward"))[0],
 ]
 # Run on GPU backends only (large for a CPU reference run): n = 1 and 100, C = 1 and 12288,
 # B = 1 and 8192, on both strategies.
 GPU_EXTRA_SHAPES = [
     (1, 1, 1), (8192, 1, 1), (8192, 1, 12288), (1, 100, 1), (1, 100, 12288), (2, 64, 12288),
     (1, 4, 12288), (8192, 4, 1024), (8192, 4, 12288 // 4), (64, 32, 12288),
+    *split_for_cpu(dispatch_edges("mhc_forward"))[1],  # dispatch edges too large for a CPU reference
 ]
 
 # ---------------------------------------------------------------- tolerance table
@@ -60,7 +62,7 @@ def _check(backend, B, n, C, dtype_name, tag="forward", **kw):
 
 
 def test_shape_table_straddles_dispatch():
-    assert strategies_of("mhc_forward", SHAPES) == gpu_strategies("mhc_forward")
+    assert strategies_of("mhc_forward", SHAPES + GPU_EXTRA_SHAPES) == gpu_strategies("mhc_forward")
     assert {n for _, n, _ in SHAPES} >= {1, 2, 3, 4, 8, 32, 64, 100}
     Cs = {C for _, _, C in SHAPES}
     assert min(Cs) == 1 and 8192 in Cs and any(c % 2 for c in Cs) and any(c % 2 == 0 for c in Cs)
