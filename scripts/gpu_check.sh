@@ -3,9 +3,15 @@
 # against the compiled portable path and the peers, profile with `mhc profile`.
 # From the device tool, right after `bash .devwheels1/stage1.sh` (see ../shared/device/README.md):
 #   source .devwheels2/stage2.sh && bash scripts/gpu_check.sh [STAGE...]
+# The device has no internet: besides ../shared/device/prepare.sh's wheels, .devwheels2/ must hold
+# what typer 0.29 imports at run time and the Liger peer (stage2.sh installs every wheel there):
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     pydantic annotated-doc -d .devwheels2
+#   pip download --no-deps liger-kernel==0.8.5 -d .devwheels2   # torch and triton are there
 # Stages (default all, in this order): build tests sweep bench dynamic profile.
-# `tests` alone can take ~7 minutes, so a 10-minute device call runs `build tests`, the next
-# `build sweep bench dynamic profile` (build is a no-op when the package is already installed).
+# `tests` (every file) took ~200 s on the H100 and `bench` with torch.compile ~6 minutes, so a
+# 10-minute device call runs `build tests`, the next `build sweep bench dynamic profile` (build
+# is a no-op when the package is already installed).
 # Everything printed goes to $OUT/log.txt (or ./gpu-out without $OUT); `mhc profile` writes $OUT/profile/.
 # Knobs for a call with less device time: MHC_GPU_TESTS narrows the test run (default: every
 # test file) and MHC_TESTS_TIMEOUT bounds it (default 480 s); MHC_BENCH_COMPARE (default portable,seed,torch) and MHC_DYNAMIC_COMPARE (default
@@ -30,6 +36,7 @@ for s in $stages; do
     if ! command -v mhc >/dev/null; then  # not yet installed on this machine
       python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
     fi
+    python3 -c "import pydantic" 2>/dev/null || echo "pydantic missing: typer's CLI will fail; see this script's header"
     mhc info || status=1
     timeout 120 mhc validate --quick || status=1 ;;  # every kernel family on this GPU vs the reference
   tests)
