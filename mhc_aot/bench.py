@@ -387,7 +387,7 @@ def make_runner(name: str, case: Case, inp: Inputs) -> Runner:
         if name == "liger":
             from .dynamic_bench import liger_runner
 
-            return liger_runner(case, sync=_torch_sync())
+            return liger_runner(case)
         return _dynamic_runner(name, case, inp)
     if name in ("kernels", "portable"):
         backend = "auto" if name == "kernels" else "portable"
@@ -468,10 +468,13 @@ def torch_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int = 
     return out.to(x.dtype)
 
 
-def _torch_sync():
+def torch_runner(name: str, call: Callable[[], Any], note: str) -> Runner:
+    """A Runner for PyTorch work (torch.compile, LigerMHC): torch queues on its own stream, so
+    evaluating is synchronising the CUDA device (nothing to wait for on torch's CPU)."""
     import torch
 
-    return torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    return Runner(name, call, evaluate=lambda _: sync(), enqueue=lambda _: None, synchronize=sync, note=note)
 
 
 def _torch_runner(case: Case, inp: Inputs) -> Runner:
@@ -489,7 +492,6 @@ def _torch_runner(case: Case, inp: Inputs) -> Runner:
     params = [to_torch(inp.params[k], torch.float32, case.backward) for k in PARAM_NAMES]
     dout = to_torch(inp.dout, tdtype)
     fwd = torch.compile(torch_forward)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     if case.backward:
         def call():
@@ -500,8 +502,7 @@ def _torch_runner(case: Case, inp: Inputs) -> Runner:
             with torch.no_grad():
                 return fwd(x, *params)
 
-    return Runner("torch", call, evaluate=lambda _: sync(), enqueue=lambda _: None, synchronize=sync,
-                  note=f"torch {torch.__version__} torch.compile on {device}")
+    return torch_runner("torch", call, note=f"torch {torch.__version__} torch.compile on {device}")
 
 
 # ---------------------------------------------------------------- the benchmark

@@ -29,7 +29,7 @@ class Rule:
     min_n: int = 1  # streams at least
     min_C: int = 1  # channels at least
 
-    def matches(self, B: int | None, C: int, n: int = 1) -> bool:
+    def matches(self, B: int | None, C: int, n: int) -> bool:
         return ((self.max_B is None or (B is not None and B <= self.max_B))
                 and (self.min_B <= 1 or (B is not None and B >= self.min_B))
                 and n >= self.min_n and self.min_C <= C and (self.max_C is None or C <= self.max_C))
@@ -58,14 +58,16 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
     def rule(op, strategy, why, max_B=None, max_C=None, **mins):
         return Rule(backend, op, strategy, max_B, max_C, why, **mins)
 
-    fused_why = "one CTA per token: aggregate, RMS, mix and add with x read from memory once"
+    few, mid = COLUMN_FEW_TOKENS, COLUMN_MID_B
     return (
         rule("sinkhorn", "sinkhorn", "one CTA runs all iterations of the tiny [n, n] problem in one launch"),
-        rule("mhc_forward", "column", "B <= 7, n >= 32, C >= 4096: one CTA per token would stream a whole "
-             "wide token alone (measured 2.6x slower at (1, 32, 8192))", **COLUMN_FEW_TOKENS),
-        rule("mhc_forward", "column", "64 <= B <= 256, n >= 32, C >= 2048: measured 1.0-1.3x faster than fused "
-             "(the fused CTA re-reads its n x C token from L2)", **COLUMN_MID_B),
-        rule("mhc_forward", "fused", fused_why, max_C=FUSED_MAX_C),
+        rule("mhc_forward", "column", f"B <= {few['max_B']}, n >= {few['min_n']}, C >= {few['min_C']}: one CTA "
+             "per token would stream a whole wide token alone (measured 2.6x slower at (1, 32, 8192))", **few),
+        rule("mhc_forward", "column", f"{mid['min_B']} <= B <= {mid['max_B']}, n >= {mid['min_n']}, "
+             f"C >= {mid['min_C']}: measured 1.0-1.3x faster than fused (the fused CTA re-reads its n x C "
+             "token from L2)", **mid),
+        rule("mhc_forward", "fused", "one CTA per token: aggregate, RMS, mix and add with x read from memory once",
+             max_C=FUSED_MAX_C),
         rule("mhc_forward", "column", f"C > {FUSED_MAX_C}: agg does not fit one CTA's shared memory"),
         rule("mhc_backward", "fused", "one pass per token for dx, per-CTA partial parameter gradients, one "
              "deterministic reduce", max_C=BACKWARD_MAX_C),

@@ -12,13 +12,14 @@ Sinkhorn iterations, DynamicMHC's default.
 from __future__ import annotations
 
 
-def liger_runner(case, sync, tmax: int = 20):
+def liger_runner(case, tmax: int = 20):
     """A bench.Runner for LigerMHC on `case` (T = case.B tokens). Needs torch with CUDA and
     liger-kernel: bench.availability("liger", "dynamic") says which is missing."""
+    import liger_kernel
     import torch
     from liger_kernel.transformers.functional import liger_mhc_coeffs, liger_mhc_post_res, liger_mhc_pre
 
-    from .bench import Runner
+    from .bench import torch_runner
 
     T, n, C = case.B, case.n, case.C
     dt = getattr(torch, case.dtype)
@@ -47,8 +48,6 @@ def liger_runner(case, sync, tmax: int = 20):
             with torch.no_grad():
                 return forward()
 
-    import liger_kernel
-
     version = getattr(liger_kernel, "__version__", "")
-    return Runner("liger", call, evaluate=lambda _: sync(), enqueue=lambda _: None, synchronize=sync,
-                  note=f"LigerMHC (liger-kernel {version}, torch {torch.__version__})".replace(" ,", ","))
+    return torch_runner("liger", call, note=f"LigerMHC (liger-kernel {version}, torch {torch.__version__})"
+                        .replace(" ,", ","))

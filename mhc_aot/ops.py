@@ -19,6 +19,7 @@ import functools
 import mlx.core as mx
 
 from . import dispatch, reference
+from .kernel_ops import single
 from .reference import DEFAULT_EPS, DEFAULT_ITERS
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -110,12 +111,19 @@ def _combine(coeffs, rows):
     return functools.reduce(mx.add, (coeffs[j] * r for j, r in enumerate(rows)))
 
 
-def _forward_elementwise_from_M(x, M, H_pre_raw, H_post_raw, rms_weight, eps):
-    """_forward_graph_from_M's value, as element-wise ops over the n streams."""
+def _normed_aggregate(x, H_pre_raw, H_post_raw, rms_weight, eps):
+    """What the element-wise forward and its VJP both need: H_pre, H_post, the float32 streams,
+    agg = H_pre . x, the float32 weight and y = RMSNorm(agg) * weight."""
     H_pre, H_post = reference.activate_pre_post(H_pre_raw, H_post_raw)
     xs = _streams(x.astype(mx.float32))
     agg = _combine(H_pre, xs)
-    y = mx.fast.rms_norm(agg, rms_weight.astype(mx.float32), eps)
+    wf = rms_weight.astype(mx.float32)
+    return H_pre, H_post, xs, agg, wf, mx.fast.rms_norm(agg, wf, eps)
+
+
+def _forward_elementwise_from_M(x, M, H_pre_raw, H_post_raw, rms_weight, eps):
+    """_forward_graph_from_M's value, as element-wise ops over the n streams."""
+    _, H_post, xs, _, _, y = _normed_aggregate(x, H_pre_raw, H_post_raw, rms_weight, eps)
     out = mx.stack([_combine(M[i], xs) + H_post[i] * y for i in range(len(xs))], axis=1)
     return out.astype(x.dtype)
 
@@ -129,18 +137,12 @@ def _elementwise_forward_fn(eps: float):
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
         x, M, H_pre_raw, H_post_raw, w = primals
-        G = (cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents).astype(mx.float32)
-        H_pre, H_post = reference.activate_pre_post(H_pre_raw, H_post_raw)
-        xf = x.astype(mx.float32)
-        xs, Gs = _streams(xf), _streams(G)
-        agg = _combine(H_pre, xs)
-        wf = w.astype(mx.float32)
-        y = mx.fast.rms_norm(agg, wf, eps)
-        dy = _combine(H_post, Gs)
-        _, (dagg, dw) = mx.vjp(lambda a, b: mx.fast.rms_norm(a, b, eps), [agg, wf], [dy])
-        n = len(xs)
-        dx = mx.stack([_combine(M[:, j], Gs) + H_pre[j] * dagg for j in range(n)], axis=1)
-        xT = xf.transpose(0, 2, 1)  # [B, C, n]
+        G = single(cotangents).astype(mx.float32)
+        H_pre, H_post, xs, agg, wf, y = _normed_aggregate(x, H_pre_raw, H_post_raw, w, eps)
+        Gs = _streams(G)
+        _, (dagg, dw) = mx.vjp(lambda a, b: mx.fast.rms_norm(a, b, eps), [agg, wf], [_combine(H_post, Gs)])
+        dx = mx.stack([_combine(M[:, j], Gs) + H_pre[j] * dagg for j in range(len(xs))], axis=1)
+        xT = x.astype(mx.float32).transpose(0, 2, 1)  # [B, C, n]
         dM = mx.sum(G @ xT, axis=0)  # sum over tokens of dout x^T, as the matmul graph's VJP
         dH_pre = mx.sum(dagg[:, None, :] @ xT, axis=0)[0]
         dH_post = mx.sum(G * y[:, None, :], axis=(0, 2))
