@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mhc_aot import bench, dispatch
 
 from . import output
-from .options import (BackwardOpt, BOpt, COpt, DtypeOpt, FormatOpt, ItersOpt, Mode, NOpt, OutOpt, QuietOpt,
+from .options import (BackwardOpt, BOpt, COpt, DtypeOpt, FormatOpt, ItersOpt, Layer, LayerOpt, Mode, NOpt, OutOpt, QuietOpt,
                       WarmupOpt, check_count, parse_dtypes, parse_ints, split_list)
 
 HELP = """Time the mHC layer's forward (or forward + backward) against other implementations.
@@ -48,11 +48,6 @@ EPILOG = """Examples:
   mhc bench --layer dynamic --mode throughput --compare portable
 
   mhc bench --plot speedup.png"""
-
-
-class Layer(str, Enum):
-    static = "static"
-    dynamic = "dynamic"
 
 
 class Suite(str, Enum):
@@ -168,9 +163,7 @@ def bench_command(
     config: ConfigOpt = None,
     suite: SuiteOpt = None,
     dtype: DtypeOpt = None,
-    layer: Annotated[Layer, typer.Option(
-        "--layer", help="static (MHCLayer) or dynamic (DynamicMHC around an identity block, the paper's "
-                        "input-dependent form; default shapes use n=4).")] = Layer.static,
+    layer: LayerOpt = Layer.static,
     backward: BackwardOpt = False,
     iters: ItersOpt = None,
     warmup: WarmupOpt = None,

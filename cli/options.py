@@ -26,6 +26,15 @@ class Mode(str, Enum):
     throughput = "throughput"
 
 
+class Layer(str, Enum):
+    static = "static"
+    dynamic = "dynamic"
+
+
+LayerOpt = Annotated[Layer, typer.Option(
+    "--layer", help="static (MHCLayer) or dynamic (DynamicMHC around an identity block, the paper's "
+                    "input-dependent form; default shapes use n=4).")]
+
 FormatOpt = Annotated[Optional[Format], typer.Option(
     "--format", "-f", help="Result format: table (rich, the default), json or csv. "
                            "Without it, --out FILE.json / FILE.csv picks the format by suffix.")]

@@ -25,11 +25,12 @@ from mhc_aot import bench, dispatch
 from mhc_aot import profile as prof
 
 from . import output
-from .options import BOpt, COpt, DtypeOpt, FormatOpt, ItersOpt, NOpt, QuietOpt, WarmupOpt, parse_dtypes, parse_ints
+from .options import BOpt, COpt, DtypeOpt, FormatOpt, ItersOpt, Layer, LayerOpt, NOpt, QuietOpt, WarmupOpt, parse_dtypes, parse_ints
 
 HELP = """Run the layer and write a Chrome/Perfetto trace (DIR/trace.json: one event per call of
-each stage: Sinkhorn alone, the forward, forward + backward) timed between synchronisations,
-and print a summary table.
+each stage: Sinkhorn alone, the forward, forward + backward; with --layer dynamic: coefficients
++ x_in, post-res, the forward, forward + backward) timed between synchronisations, and print a
+summary table.
 
 On CUDA, when Nsight Compute's `ncu` is on PATH, also profile the kernels of a child run into
 DIR/ncu_report.ncu-rep. On macOS with Xcode, also record a Metal System Trace (DIR/mhc.trace)
@@ -42,11 +43,13 @@ EPILOG = """Examples:
 
   mhc profile --B 4096 --n 4 --C 4096 --dtype float16 --out prof-large
 
+  mhc profile --layer dynamic --B 8192 --n 4 --C 4096 --out prof-dynamic
+
   mhc profile --no-ncu --format json --out prof"""
 
 DEFAULT_SHAPE = (32, 32, 2048)  # the seed README's first throughput row
 CHILD_TIMEOUT_S = 900
-NCU_LAUNCHES = 16  # one of each kernel of the three stages with room to spare
+NCU_LAUNCHES = 32  # every kernel of each stage's two child calls (dynamic: 26 launches) with room to spare
 
 
 def _one(flag: str, values: list[int], default: int) -> int:
@@ -55,10 +58,10 @@ def _one(flag: str, values: list[int], default: int) -> int:
     return values[0] if values else default
 
 
-def _child_args(B, n, C, dtype, backend, out_dir: Path) -> list[str]:
+def _child_args(B, n, C, dtype, backend, layer, out_dir: Path) -> list[str]:
     return [sys.executable, "-m", "mhc_aot.cli.main", "profile", "--no-ncu", "--no-xctrace", "--no-gpu-capture",
             "--quiet", "--iters", "1", "--warmup", "1", "--B", str(B), "--n", str(n), "--C", str(C),
-            "--dtype", dtype, "--backend", backend, "--out", str(out_dir)]
+            "--dtype", dtype, "--backend", backend, "--layer", layer, "--out", str(out_dir)]
 
 
 def _run_child(cmd: list[str], cwd: Path, env=None) -> tuple[bool, str]:
@@ -156,6 +159,7 @@ def profile_command(
     n: NOpt = None,
     C: COpt = None,
     dtype: DtypeOpt = None,
+    layer: LayerOpt = Layer.static,
     backend: Annotated[str, typer.Option(
         "--backend", help="auto, portable, reference, cuda or metal (as ops' backend=).")] = "auto",
     iters: ItersOpt = None,
@@ -190,7 +194,7 @@ def profile_command(
         output.fail(f"--iters {iters_v}: expected an integer >= 1")
     if warmup_v < 0:
         output.fail(f"--warmup {warmup_v}: expected an integer >= 0")
-    case = bench.Case("latency", Bv, nv, Cv, dt, True)
+    case = bench.Case("latency", Bv, nv, Cv, dt, True, layer.value)
     try:
         bench.check_memory([case], ["kernels"])
     except bench.BenchError as e:
@@ -201,15 +205,15 @@ def profile_command(
         output.fail(f"--out {out}: cannot create the directory ({e.strerror or e}): pick a writable path")
     shown_out, out = out, out.resolve()
 
-    fns = prof.stage_functions(Bv, nv, Cv, dt, backend)
+    fns = prof.stage_functions(Bv, nv, Cv, dt, backend, layer=layer.value)
     if capture_to is not None:  # child of --gpu-capture
         _capture(fns, capture_to)
         return
 
     progress = None if quiet else Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                            TimeElapsedColumn(), console=output.stderr_console())
-    explain = prof.strategies(Bv, nv, Cv, backend)
-    shape_args = {"B": Bv, "n": nv, "C": Cv, "dtype": dt, "backend": backend}
+    explain = prof.strategies(Bv, nv, Cv, backend, layer.value)
+    shape_args = {"B": Bv, "n": nv, "C": Cv, "dtype": dt, "backend": backend, "layer": layer.value}
     try:
         if progress:
             progress.start()
@@ -233,7 +237,7 @@ def profile_command(
     output.status(f"wrote Chrome/Perfetto trace to {shown_trace} (open in https://ui.perfetto.dev)", quiet)
 
     def child(run_dir: Path) -> list[str]:
-        return _child_args(Bv, nv, Cv, dt, backend, run_dir)
+        return _child_args(Bv, nv, Cv, dt, backend, layer.value, run_dir)
 
     tools = [_ncu(ncu, out, child, quiet), _xctrace(xctrace, out, child, quiet),
              _gpu_capture(gpu_capture, out, child, quiet)]
@@ -243,7 +247,7 @@ def profile_command(
     rows = prof.summary(events)
     for r in rows:
         r["strategy"] = explain.get(r["stage"], "")
-    notes = [f"B={Bv} n={nv} C={Cv} {dt}, backend={backend} on {meta['device']}; {iters_v} timed calls per stage "
+    notes = [f"{layer.value} layer, B={Bv} n={nv} C={Cv} {dt}, backend={backend} on {meta['device']}; {iters_v} timed calls per stage "
              f"after {warmup_v} warmup; trace: {shown_trace}"]
     if dispatch.device_backend() == "cpu":
         notes.append("MLX's CPU backend: backend='auto' is the portable path; ncu (CUDA) and xctrace / Metal "

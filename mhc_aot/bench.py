@@ -39,7 +39,7 @@ Implementations:
   torch      a torch.compile'd PyTorch implementation of the same layer, on CUDA when PyTorch
              sees a GPU, else on its CPU.
 With --layer dynamic the rows time DynamicMHC(nn.Identity(), n, C) (the mHC machinery alone) with
-backend auto / portable / reference, and
+backend auto / portable / reference, forward and forward + backward mx.compile'd alike, and
   liger      Liger-Kernel's LigerMHC functional chain (liger_mhc_coeffs + liger_mhc_pre +
              liger_mhc_post_res, Triton) on CUDA, F = identity, same shapes and dtype;
 seed and torch have no dynamic layer, liger has no static one.
@@ -421,32 +421,39 @@ def _seed_runner(case: Case, inp: Inputs) -> Runner:
     return Runner("seed", lambda: vg(inp.x, params0), note=note)
 
 
-def _dynamic_runner(name: str, case: Case, inp: Inputs) -> Runner:
-    """DynamicMHC around F = identity, so only the mHC machinery is timed; non-trivial b and alphas."""
+def dynamic_layer(n: int, C: int, backend: str = "auto"):
+    """DynamicMHC(nn.Identity(), n, C) with non-trivial b and alphas (not the init's zeros and ones),
+    evaluated: what the dynamic rows and `mhc profile --layer dynamic` run."""
     import mlx.nn as nn
 
     from . import DynamicMHC
 
-    backend = {"kernels": "auto", "portable": "portable", "reference": "reference"}[name]
-    layer = DynamicMHC(nn.Identity(), case.n, case.C, backend=backend, key=mx.random.key(1))
-    M = case.n * case.n + 2 * case.n
-    layer.b = 0.5 * mx.random.normal((M,), key=mx.random.key(2))
+    layer = DynamicMHC(nn.Identity(), n, C, backend=backend, key=mx.random.key(1))
+    layer.b = 0.5 * mx.random.normal((n * n + 2 * n,), key=mx.random.key(2))
     layer.alpha_pre, layer.alpha_post, layer.alpha_res = (mx.array(a, mx.float32) for a in (1.1, 0.9, 1.3))
+    mx.eval(layer.parameters())
+    return layer
+
+
+def _dynamic_runner(name: str, case: Case, inp: Inputs) -> Runner:
+    """DynamicMHC around F = identity, so only the mHC machinery is timed; non-trivial b and alphas.
+    Forward and forward + backward are mx.compile'd for every MLX implementation alike, as a model's
+    step would be (the layer's Python - checks, dispatch - then runs once per shape, not per call)."""
+    backend = {"kernels": "auto", "portable": "portable", "reference": "reference"}[name]
+    layer = dynamic_layer(case.n, case.C, backend)
     params = layer.trainable_parameters()
-    mx.eval(params)
 
     def fn(x, p):
         layer.update(p)  # parameters as traced inputs, as nn.value_and_grad does
         return layer(x)
 
-    if name == "reference":
-        fn = mx.compile(fn)
-    note = (kernels_note(case) if name == "kernels" else "mx.compile" if name == "reference"
-            else f"{dispatch.device_backend()}:portable")
+    note = (kernels_note(case) if name == "kernels" else f"{dispatch.device_backend()}:portable"
+            if name == "portable" else "reference")
     if case.backward:
-        vg = mx.value_and_grad(lambda x, p: mx.sum(fn(x, p) * inp.dout), argnums=(0, 1))
+        vg = mx.compile(mx.value_and_grad(lambda x, p: mx.sum(fn(x, p) * inp.dout), argnums=(0, 1)))
         return Runner(name, lambda: vg(inp.x, params), note=note)
-    return Runner(name, lambda: fn(inp.x, params), note=note)
+    fwd = mx.compile(fn)
+    return Runner(name, lambda: fwd(inp.x, params), note=note)
 
 
 def torch_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int = reference.DEFAULT_ITERS,

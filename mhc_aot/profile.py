@@ -1,8 +1,10 @@
 """Stage timings of the layer as a Chrome / Perfetto trace, for `mhc profile`.
 
-Stages: `sinkhorn` (ops.sinkhorn alone), `forward` (ops.mhc_forward, Sinkhorn included) and
-`backward` (value_and_grad of sum(out * dout) w.r.t. x and all four parameters: the forward and
-backward of one training step). Every call is timed between synchronisations (mx.synchronize,
+Stages of the static layer: `sinkhorn` (ops.sinkhorn alone), `forward` (ops.mhc_forward, Sinkhorn
+included) and `backward` (value_and_grad of sum(out * dout) w.r.t. x and all four parameters: the
+forward and backward of one training step). Of the dynamic layer (DynamicMHC around an identity F,
+as `mhc bench --layer dynamic`): `coeffs` (mhc_coeffs_pre: coefficients and x_in), `post_res`
+(mhc_post_res), `forward` (the layer) and `backward` (value_and_grad w.r.t. x and phi, b, alphas). Every call is timed between synchronisations (mx.synchronize,
 then the call and mx.eval of its result, then mx.synchronize), so one event is one call's wall
 time on the device, queueing included. The trace is the Trace Event Format's JSON object form:
 {"traceEvents": [...]} of complete ("X") events, ts and dur in microseconds, one thread per
@@ -22,12 +24,16 @@ import mlx.core as mx
 from . import bench, device, dispatch, ops
 
 STAGES = ("sinkhorn", "forward", "backward")
+DYNAMIC_STAGES = ("coeffs", "post_res", "forward", "backward")
+LAYERS = ("static", "dynamic")
 PID = 1
 
 
 def stage_functions(B: int, n: int, C: int, dtype: str = bench.DEFAULT_DTYPE, backend: str = "auto",
-                    seed: int = 0) -> dict[str, Callable[[], object]]:
-    inp = bench.make_inputs(bench.Case("latency", B, n, C, dtype, True), seed)
+                    seed: int = 0, layer: str = "static") -> dict[str, Callable[[], object]]:
+    inp = bench.make_inputs(bench.Case("latency", B, n, C, dtype, True, layer), seed)
+    if layer == "dynamic":
+        return _dynamic_stage_functions(inp, backend)
     p = inp.params
 
     def loss(x, *q):
@@ -38,6 +44,29 @@ def stage_functions(B: int, n: int, C: int, dtype: str = bench.DEFAULT_DTYPE, ba
         "sinkhorn": lambda: ops.sinkhorn(p["H_res_raw"], backend=backend),
         "forward": lambda: ops.mhc_forward(inp.x, **p, backend=backend),
         "backward": lambda: vg(*inp.args),
+    }
+
+
+def _dynamic_stage_functions(inp, backend: str) -> dict[str, Callable[[], object]]:
+    from . import dynamic
+
+    _, n, C = inp.x.shape
+    layer = bench.dynamic_layer(n, C, backend)
+    coeff_args = (layer.phi, layer.b, layer.alpha_pre, layer.alpha_post, layer.alpha_res)
+    _, h_post, h_res, x_in = dynamic.mhc_coeffs_pre(inp.x, *coeff_args, backend=backend)
+    mx.eval(h_post, h_res, x_in)
+
+    def loss(x, p):
+        layer.update(p)
+        return mx.sum(layer(x) * inp.dout)
+
+    vg = mx.value_and_grad(loss, argnums=(0, 1))
+    params = layer.trainable_parameters()
+    return {
+        "coeffs": lambda: dynamic.mhc_coeffs_pre(inp.x, *coeff_args, backend=backend),
+        "post_res": lambda: dynamic.mhc_post_res(inp.x, x_in, h_post, h_res, backend=backend),
+        "forward": lambda: layer(inp.x),
+        "backward": lambda: vg(inp.x, params),
     }
 
 
@@ -80,14 +109,25 @@ def summary(events: list[dict]) -> list[dict]:
     return rows
 
 
-def strategies(B: int, n: int, C: int, backend: str = "auto") -> dict:
+def strategies(B: int, n: int, C: int, backend: str = "auto", layer: str = "static") -> dict:
     if backend in ("portable", "reference"):
-        return {s: backend for s in STAGES}
+        return {s: backend for s in (DYNAMIC_STAGES if layer == "dynamic" else STAGES)}
+    if layer == "dynamic":
+        ex = {op: _explain_dynamic(op, n, C, backend, B) for op in ("mhc_coeffs", "mhc_post_res")}
+        both = "the coeffs and post_res choices above"
+        return {"coeffs": ex["mhc_coeffs"], "post_res": ex["mhc_post_res"], "forward": both, "backward": both}
     return {
         "sinkhorn": dispatch.explain("sinkhorn", n, 1, backend),
         "forward": dispatch.explain("mhc_forward", n, C, backend, B=B),
         "backward": dispatch.explain("mhc_backward", n, C, backend, B=B),
     }
+
+
+def _explain_dynamic(op: str, n: int, C: int, backend: str, T: int) -> str:
+    try:
+        return dispatch.explain(op, n, C, backend, B=T)
+    except ValueError:  # MLX's CPU backend: the dynamic ops have no CPU rule, they run the portable path
+        return f"{op} on {dispatch.device_backend()}: portable"
 
 
 def write_trace(events: list[dict], path, meta: Optional[dict] = None) -> None:

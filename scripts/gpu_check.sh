@@ -12,7 +12,7 @@
 # `tests` (every file) took ~200 s on the H100 and `bench` with torch.compile ~6 minutes, so a
 # 10-minute device call runs `build tests`, the next `build sweep bench dynamic profile` (build
 # is a no-op when the package is already installed).
-# Everything printed goes to $OUT/log.txt (or ./gpu-out without $OUT); `mhc profile` writes $OUT/profile/.
+# Everything printed goes to $OUT/log.txt (or ./gpu-out without $OUT); `mhc profile` writes $OUT/profile-static/ and $OUT/profile-dynamic/.
 # Knobs for a call with less device time: MHC_GPU_TESTS narrows the test run (default: every
 # test file) and MHC_TESTS_TIMEOUT bounds it (default 480 s); MHC_BENCH_COMPARE (default portable,seed,torch) and MHC_DYNAMIC_COMPARE (default
 # portable,liger) pick the peers; MHC_PASSES (default "forward backward") the passes timed.
@@ -68,12 +68,16 @@ for s in $stages; do
     done ;;
   profile)
     stage profile
-    timeout 150 mhc profile --B 4096 --n 4 --C 4096 --out "$out/profile" || status=1
-    # the report's per-kernel summary as text (durations, DRAM throughput), readable without ncu here
-    if command -v ncu >/dev/null && [ -f "$out/profile/ncu_report.ncu-rep" ]; then
-      ncu --import "$out/profile/ncu_report.ncu-rep" --print-summary per-kernel 2>&1 \
-        | grep -E "mhc_|Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occupancy" | head -80
-    fi ;;
+    # the static layer's large shape, then issue 6's dynamic shape; each report's per-kernel
+    # summary is printed as text (durations, DRAM throughput), readable without ncu here
+    for spec in "static 4096" "dynamic 8192"; do
+      set -- $spec
+      timeout 200 mhc profile --layer "$1" --B "$2" --n 4 --C 4096 --out "$out/profile-$1" || status=1
+      if command -v ncu >/dev/null && [ -f "$out/profile-$1/ncu_report.ncu-rep" ]; then
+        ncu --import "$out/profile-$1/ncu_report.ncu-rep" --print-summary per-kernel 2>&1 \
+          | grep -E "mhc_|Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occupancy" | head -120
+      fi
+    done ;;
   *) echo "unknown stage $s"; status=2 ;;
   esac
 done

@@ -236,6 +236,19 @@ def test_profile_trace(tmp_path, fmt):
         assert "backward" in data
 
 
+def test_profile_dynamic_layer_trace(tmp_path):
+    out = tmp_path / "prof"
+    r = invoke("profile", *TINY, "--layer", "dynamic", "--out", str(out), "--no-ncu", "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    timed = [e for e in json.loads((out / "trace.json").read_text())["traceEvents"]
+             if e["ph"] == "X" and e["cat"] == "mhc"]
+    assert [e["name"] for e in timed] == [s for s in ("coeffs", "post_res", "forward", "backward") for _ in range(3)]
+    assert all(e["dur"] > 0 and e["args"]["layer"] == "dynamic" for e in timed)
+    data = json.loads(r.stdout)
+    assert [x["stage"] for x in data["rows"]] == ["coeffs", "post_res", "forward", "backward"]
+    assert all(x["strategy"] for x in data["rows"])
+
+
 # ---------------------------------------------------------------- bad options: one line, exit 2
 BAD = [
     ("bench", "--dtype", "float8"),
@@ -305,7 +318,9 @@ def test_console_script(tmp_path):
     assert p.returncode == 0 and "Examples" in p.stdout
 
 
-def test_profile_ncu_child_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layer,stages", [("static", {"sinkhorn", "forward", "backward"}),
+                                          ("dynamic", {"coeffs", "post_res", "forward", "backward"})])
+def test_profile_ncu_child_run(tmp_path, monkeypatch, layer, stages):
     """The ncu path: a stand-in `ncu` on PATH runs the child command it is given (as ncu does) and
     writes the report; the child is a real `mhc profile --no-ncu` run."""
     from mhc_aot.cli import profile as prof_cli
@@ -323,13 +338,13 @@ def test_profile_ncu_child_run(tmp_path, monkeypatch):
     out.mkdir()
 
     def child(run_dir):
-        return prof_cli._child_args(2, 4, 64, "float32", "portable", run_dir)
+        return prof_cli._child_args(2, 4, 64, "float32", "portable", layer, run_dir)
 
     result = prof_cli._ncu(None, out, child, quiet=True)
     assert result["status"] == "ok", result
     assert (out / "ncu_report.ncu-rep").exists()
     trace = json.loads((out / "ncu_run" / "trace.json").read_text())
-    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} == {"sinkhorn", "forward", "backward"}
+    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} == stages
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert "ncu not on PATH" in prof_cli._ncu(None, out, child, quiet=True)["status"]
 

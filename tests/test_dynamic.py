@@ -709,8 +709,9 @@ def _emulator():
 
 @pytest.fixture
 def emulated_cuda(_emulator, monkeypatch):
-    from mhc_aot import cuda, cuda_dynamic
+    from mhc_aot import cuda, cuda_dynamic, kernel_ops
 
+    monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
     monkeypatch.setattr(cuda_dynamic, "SK_JC", 8)  # a multiple of every vector width
     monkeypatch.setattr(cuda_dynamic, "COLSUM_CTA_ROWS", 2)
     monkeypatch.setattr(cuda_dynamic, "DPHI_TC", 2)  # token splits of the tensor-core dphi at small T
