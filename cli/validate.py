@@ -15,6 +15,7 @@ cancelling terms), within that factor of the reference's own error (as tests/tes
 from __future__ import annotations
 
 import math
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -211,8 +212,13 @@ def _grads(fn, args, Gs):
 
 
 def _grads64(fn, args, Gs):
+    """float64 gradients, returned as float32 made on the CPU stream too: float64 has no GPU
+    kernels, so even the cast must not run on a GPU stream."""
     with mx.stream(mx.cpu):
-        return _grads(fn, [a.astype(mx.float64) for a in args], [G.astype(mx.float64) for G in Gs])
+        g = _grads(fn, [a.astype(mx.float64) for a in args], [G.astype(mx.float64) for G in Gs])
+        g = [t.astype(mx.float32) for t in g]
+        mx.eval(g)
+    return g
 
 
 def _rel(out, truth) -> float:
@@ -350,6 +356,13 @@ def run_check(check: Check) -> dict:
 
 
 # ---------------------------------------------------------------- the command
+# MLX runs float32 matmuls in TF32 on CUDA (and Apple's newest GPUs) unless MLX_ENABLE_TF32=0 is set
+# before its first matmul, as MLX's own test harness does. The portable path's float32 projection is
+# such a matmul; a float32 check is a check of float32 arithmetic, so validate pins it (an explicit
+# setting by the caller wins and is reported).
+TF32_ENV = "MLX_ENABLE_TF32"
+
+
 def validate(
     quick: Annotated[bool, typer.Option("--quick", help="A few shapes per strategy (seconds); the default.")] = False,
     full: Annotated[bool, typer.Option(
@@ -366,6 +379,7 @@ def validate(
     except ImportError:
         output.fail("mhc validate needs numpy for its float64 reference: pip install numpy (or 'mhc-aot[test]')")
     dtypes = parse_dtypes(dtype, list(testing.DTYPES) if full else ["float32", "bfloat16"])
+    tf32 = os.environ.setdefault(TF32_ENV, "0")
     checks = plan(full, dtypes)
     start = time.perf_counter()
     rows = []
@@ -394,6 +408,9 @@ def validate(
              "error = ||out - ref|| / ||ref|| vs float64; backward = worst gradient of x and every parameter; "
              "bound: outputs = tolerance (bfloat16: and <= factor x the reference's error); "
              "gradients = max(tolerance, factor x the float32 reference's error)"]
+    if tf32 != "0":
+        notes.append(f"{TF32_ENV}={tf32} (set by the caller): MLX's float32 matmuls may run in TF32, outside the "
+                     f"float32 tolerance of the portable path's checks; unset it to validate float32 arithmetic")
     if backend == "cpu":
         notes.append("MLX's CPU backend has no kernels: the portable path (backend='portable') is what is validated")
     cols = [output.Column(k, h, justify="left") for k, h in
@@ -403,7 +420,7 @@ def validate(
              output.Column("tolerance", "tolerance", output.fmt_sci), output.Column("bound", "bound", output.fmt_sci),
              output.Column("result", "result", justify="left")]
     meta = {"mode": "full" if full else "quick", "backend": backend, "device": str(mx.default_device()),
-            "checks": len(rows), "failed": len(failures), "seconds": elapsed,
+            "checks": len(rows), "failed": len(failures), "seconds": elapsed, TF32_ENV: tf32,
             "tolerances": {str(k).split(".")[-1]: v for k, v in testing.TOLERANCES.items()},
             "bf16_reference_factor": testing.BF16_REFERENCE_FACTOR}
     output.emit(output.Result("mhc validate", rows, cols, meta=meta, notes=notes, command="validate"), fmt, out, quiet)

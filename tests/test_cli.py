@@ -353,6 +353,23 @@ def test_profile_ncu_child_run(tmp_path, monkeypatch, layer, stages):
 @pytest.mark.gpu
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
 @pytest.mark.skipif(shutil.which("mhc") is None, reason="the `mhc` console script is not on PATH")
+def test_cuda_validate_quick_checks_the_kernels(tmp_path):
+    """`mhc validate --quick` on a CUDA machine: every row passes (float64 ground truth computed on
+    the CPU stream, float32 checks without TF32) and the CUDA kernel families are among them."""
+    p = _run("validate", "--quick", "--format", "json", "--quiet", cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    failed = [r for r in data["rows"] if r["result"] != "pass"]
+    assert not failed, failed[:3]
+    ops_on_cuda = {r["op"].split()[0] for r in data["rows"] if r["backend"] == "cuda"}
+    assert {"sinkhorn", "mhc_forward", "mhc_backward", "stream_mix_add", "mhc_coeffs", "mhc_pre",
+            "mhc_post_res"} <= ops_on_cuda, ops_on_cuda
+    assert data["meta"]["MLX_ENABLE_TF32"] == "0"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+@pytest.mark.skipif(shutil.which("mhc") is None, reason="the `mhc` console script is not on PATH")
 def test_cuda_bench_and_profile_use_the_kernels(tmp_path):
     """On a CUDA machine `mhc bench` times the CUDA kernels (the kernels row says cuda:...), and
     `mhc profile` writes the trace and, when Nsight Compute is on PATH, its report."""
