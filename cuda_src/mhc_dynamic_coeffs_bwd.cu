@@ -9,67 +9,99 @@
 // mhc_dynamic_skinny), rows [T, M + 3] = (dl, sum(dl_pre mix_pre), sum(dl_post mix_post),
 // sum(dl_res mix_res)) whose column sums (mhc_dynamic_colsum) are db and dalpha (:1563-1584).
 // Inputs: x [T, n, C], mix [T, M], invr [T], b [M], alphas [3], dh_pre [T, n], dh_post [T, n],
-// dh_res [T, n, n], dx_in [T, C] (or [1] if !has_pre). Grid (threads): (T * THREADS, 1, 1).
-// Shared memory: 2 M + n n + n + sinkhorn_floats(n, tmax, tmax + 1) + WARPS * max(NMAX, 1) + max(NMAX, 1) floats.
+// dh_res [T, n, n], dx_in [T, C] (or [1] if !has_pre), dots [T, n] (or [1]: see solo).
+// Two modes (`solo`), as mhc_dynamic_coeffs:
+//   0: one CTA per token, the stream dots sum_c dx_in[c] x[j, c] computed here.
+//      Grid (threads): (T * THREADS, 1, 1), block THREADS. Shared memory: 2 M + n n + n +
+//      sinkhorn_floats(n, tmax, tmax + 1) + WARPS * max(NMAX, 1) + max(NMAX, 1) floats.
+//   1: one thread per token (small n), no barriers: the dots come precomputed in `dots`
+//      (mhc_dynamic_pre_bwd without dx, a pure stream over x); each thread its own `slice` (odd) of
+//      shared memory: 2 M + n n + n + sinkhorn_floats(n, tmax, tmax + 1) floats.
+//      Grid (threads): (ceil(T / blockDim) * blockDim, 1, 1); shared memory: blockDim * slice floats.
 #include "mhc_dynamic_common.cuh"
 
 using namespace mhc;
 
-extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
-    const T* __restrict__ x, const float* __restrict__ mix, const float* __restrict__ invr_in,
-    const float* __restrict__ b, const float* __restrict__ alphas, const float* __restrict__ dh_pre,
-    const float* __restrict__ dh_post, const float* __restrict__ dh_res, const T* __restrict__ dx_in,
-    float* __restrict__ dz, float* __restrict__ factor, float* __restrict__ rows,
-    int n, int C, int tmax, float sinkhorn_eps, float post_mult, int has_pre) {
-  extern __shared__ float smem[];
+namespace {
+// Token t's backward, run by group g (the CTA or one thread) on `base` (shared memory laid out as
+// the header says; `scratch` is the CTA's block-reduction space, unused by one thread).
+template <class G>
+__device__ __forceinline__ void token_coeffs_bwd(
+    G g, float* base, int t, const T* __restrict__ x, const float* __restrict__ mix,
+    const float* __restrict__ invr_in, const float* __restrict__ b, const float* __restrict__ alphas,
+    const float* __restrict__ dh_pre, const float* __restrict__ dh_post, const float* __restrict__ dh_res,
+    const T* __restrict__ dx_in, const float* __restrict__ dots_in, float* __restrict__ dz,
+    float* __restrict__ factor, float* __restrict__ rows, int n, int C, int tmax, float sinkhorn_eps,
+    float post_mult, int has_pre) {
   constexpr int NR = NMAX > 0 ? NMAX : 1;
-  const int t = blockIdx.x, tid = threadIdx.x;
+  constexpr int SCRATCH = G::size > 1 ? dyn::WARPS * NR + NR : 0;
   const int M = n * n + 2 * n;
-  float* mixs = smem;              // M
+  float* mixs = base;              // M
   float* dl = mixs + M;            // M
   float* L = dl + M;               // n n logits
   float* dots = L + n * n;         // n
-  float* scratch = dots + n;       // WARPS * NR + NR
-  dyn::SinkhornSmem sk{scratch + dyn::WARPS * NR + NR, n, tmax, tmax + 1};
+  float* scratch = dots + n;       // SCRATCH
+  dyn::SinkhornSmem sk{scratch + SCRATCH, n, tmax, tmax + 1};
 
-  for (int m = tid; m < M; m += THREADS) mixs[m] = mix[(size_t)t * M + m];
-  for (int j = tid; j < n; j += THREADS) dots[j] = 0.0f;
-  __syncthreads();
-  if (has_pre) dyn::stream_dots<NMAX>(x + (size_t)t * n * C, dx_in + (size_t)t * C, n, C, scratch, dots);
+  for (int m = g.rank; m < M; m += g.size) mixs[m] = mix[(size_t)t * M + m];
+  for (int j = g.rank; j < n; j += g.size) dots[j] = (has_pre && G::size == 1) ? dots_in[(size_t)t * n + j] : 0.0f;
+  g.sync();
+  if constexpr (G::size > 1) {
+    if (has_pre) dyn::stream_dots<NMAX>(x + (size_t)t * n * C, dx_in + (size_t)t * C, n, C, scratch, dots);
+  }
   const float a_pre = alphas[0], a_post = alphas[1], a_res = alphas[2];
-  for (int j = tid; j < n; j += THREADS) {
+  for (int j = g.rank; j < n; j += g.size) {
     float s = sigmoid(mixs[j] * a_pre + b[j]);
     dl[j] = (dh_pre[(size_t)t * n + j] + dots[j]) * (s * (1.0f - s));
     s = sigmoid(mixs[n + j] * a_post + b[n + j]);
     dl[n + j] = dh_post[(size_t)t * n + j] * (post_mult * s * (1.0f - s));
   }
-  float* G = dl + 2 * n;
-  for (int e = tid; e < n * n; e += THREADS) {
+  float* Gm = dl + 2 * n;
+  for (int e = g.rank; e < n * n; e += g.size) {
     L[e] = mixs[2 * n + e] * a_res + b[2 * n + e];
-    G[e] = dh_res[(size_t)t * n * n + e];
+    Gm[e] = dh_res[(size_t)t * n * n + e];
   }
-  __syncthreads();
-  dyn::sinkhorn_forward(L, sk, sinkhorn_eps, true);
-  dyn::sinkhorn_backward(G, sk, sinkhorn_eps);  // dl[2n:] = dlogits of h_res
+  g.sync();
+  dyn::sinkhorn_forward(L, sk, sinkhorn_eps, true, g);
+  dyn::sinkhorn_backward(Gm, sk, sinkhorn_eps, g);  // dl[2n:] = dlogits of h_res
 
   const float invr = invr_in[t];
-  for (int m = tid; m < M; m += THREADS) {
+  for (int m = g.rank; m < M; m += g.size) {
     const float a = m < n ? a_pre : m < 2 * n ? a_post : a_res;
     dz[(size_t)t * M + m] = dl[m] * a * invr;
     rows[(size_t)t * (M + 3) + m] = dl[m];
   }
-  if (tid == 0) {  // serial sums in a fixed order: deterministic
-    float g = 0.0f, sp = 0.0f, so = 0.0f, sr = 0.0f;
+  if (g.rank == 0) {  // serial sums in a fixed order: deterministic
+    float gs = 0.0f, sp = 0.0f, so = 0.0f, sr = 0.0f;
     for (int m = 0; m < M; ++m) {
       const float a = m < n ? a_pre : m < 2 * n ? a_post : a_res;
-      g += dl[m] * a * mixs[m];
+      gs += dl[m] * a * mixs[m];
       const float dm = dl[m] * mixs[m];
       if (m < n) sp += dm; else if (m < 2 * n) so += dm; else sr += dm;
     }
-    g = g / invr;
-    factor[t] = (-g * invr * invr * invr) / (float)(n * C);
+    gs = gs / invr;
+    factor[t] = (-gs * invr * invr * invr) / (float)(n * C);
     rows[(size_t)t * (M + 3) + M] = sp;
     rows[(size_t)t * (M + 3) + M + 1] = so;
     rows[(size_t)t * (M + 3) + M + 2] = sr;
   }
+}
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
+    const T* __restrict__ x, const float* __restrict__ mix, const float* __restrict__ invr_in,
+    const float* __restrict__ b, const float* __restrict__ alphas, const float* __restrict__ dh_pre,
+    const float* __restrict__ dh_post, const float* __restrict__ dh_res, const T* __restrict__ dx_in,
+    const float* __restrict__ dots, float* __restrict__ dz, float* __restrict__ factor, float* __restrict__ rows,
+    int n, int C, int Tn, int tmax, float sinkhorn_eps, float post_mult, int has_pre, int solo, int slice) {
+  extern __shared__ float smem[];
+  if (solo) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < Tn)
+      token_coeffs_bwd(dyn::SoloGroup{}, smem + (size_t)threadIdx.x * slice, t, x, mix, invr_in, b, alphas, dh_pre,
+                       dh_post, dh_res, dx_in, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps, post_mult, has_pre);
+    return;
+  }
+  token_coeffs_bwd(dyn::CtaGroup{}, smem, (int)blockIdx.x, x, mix, invr_in, b, alphas, dh_pre, dh_post, dh_res,
+                   dx_in, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps, post_mult, has_pre);
 }

@@ -133,6 +133,23 @@ __device__ __forceinline__ void aggregate_token(const E* __restrict__ x, const f
 // row or column doing the serial sums in Liger's order, then one __syncthreads.
 __host__ __device__ constexpr int sinkhorn_floats(int n, int tmax, int slots) { return slots * n * n + 2 * tmax * n; }
 
+// Who runs one token's Sinkhorn. CtaGroup: the whole CTA, rows and columns spread over its threads
+// with a barrier between phases (any n). SoloGroup: one thread alone on its own token, no barriers
+// (small n: a few hundred serial steps per thread, but a thread per token instead of a CTA, so the
+// per-token math stops holding a CTA - and the x traffic behind it - for ~40 barrier phases).
+// Both sum in the same serial order, so they give identical results.
+struct CtaGroup {
+  int rank;
+  static constexpr int size = THREADS;
+  __device__ CtaGroup() : rank(threadIdx.x) {}
+  __device__ void sync() const { __syncthreads(); }
+};
+struct SoloGroup {
+  static constexpr int rank = 0;
+  static constexpr int size = 1;
+  __device__ void sync() const {}
+};
+
 struct SinkhornSmem {
   float* base;
   int n, tmax, slots;
@@ -144,10 +161,12 @@ struct SinkhornSmem {
 // Forward on logits L (shared, n n floats, read only). With `keep_history` false (2 slots) only
 // H(0) and H(1) are used (H(1) is updated in place) and the result is in H(1); with it, mat_t is kept in
 // H(1 + t) and the result is in H(tmax). Returns the slot holding the result.
-__device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem s, float eps, bool keep_history) {
-  const int n = s.n, tid = threadIdx.x;
+template <class G = CtaGroup>
+__device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem s, float eps, bool keep_history,
+                                                  G g = G()) {
+  const int n = s.n;
   float* P = s.H(1);
-  for (int i = tid; i < n; i += THREADS) {  // row softmax (max-subtracted), then + eps
+  for (int i = g.rank; i < n; i += g.size) {  // row softmax (max-subtracted), then + eps
     const float* Li = L + i * n;
     float mx = Li[0];
     for (int j = 1; j < n; ++j) mx = fmaxf(mx, Li[j]);
@@ -163,31 +182,31 @@ __device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem 
       P[i * n + j] = p + eps;
     }
   }
-  __syncthreads();
-  for (int j = tid; j < n; j += THREADS) {  // first column normalisation
+  g.sync();
+  for (int j = g.rank; j < n; j += g.size) {  // first column normalisation
     float cs = 0.0f;
     for (int i = 0; i < n; ++i) cs += P[i * n + j];
     s.cs(0)[j] = cs;
     for (int i = 0; i < n; ++i) P[i * n + j] = P[i * n + j] / (cs + eps);
   }
-  __syncthreads();
+  g.sync();
   for (int t = 1; t < s.tmax; ++t) {
     const float* src = P;
     float* dst = keep_history ? s.H(1 + t) : P;
-    for (int i = tid; i < n; i += THREADS) {
+    for (int i = g.rank; i < n; i += g.size) {
       float rs = 0.0f;
       for (int j = 0; j < n; ++j) rs += src[i * n + j];
       s.rs(t)[i] = rs;
       for (int j = 0; j < n; ++j) dst[i * n + j] = src[i * n + j] / (rs + eps);
     }
-    __syncthreads();
-    for (int j = tid; j < n; j += THREADS) {
+    g.sync();
+    for (int j = g.rank; j < n; j += g.size) {
       float cs = 0.0f;
       for (int i = 0; i < n; ++i) cs += dst[i * n + j];
       s.cs(t)[j] = cs;
       for (int i = 0; i < n; ++i) dst[i * n + j] = dst[i * n + j] / (cs + eps);
     }
-    __syncthreads();
+    g.sync();
     P = dst;
   }
   return P;
@@ -195,41 +214,42 @@ __device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem 
 
 // Backward (after sinkhorn_forward with keep_history): G (shared, n n) holds dL/dh_res on entry
 // and dL/dlogits on exit; needs tmax + 1 slots. _mhc_sinkhorn_bwd_kernel's formulas, ops/mhc.py:551-584.
-__device__ __forceinline__ void sinkhorn_backward(float* G, SinkhornSmem s, float eps) {
-  const int n = s.n, tid = threadIdx.x;
+template <class Grp = CtaGroup>
+__device__ __forceinline__ void sinkhorn_backward(float* G, SinkhornSmem s, float eps, Grp g = Grp()) {
+  const int n = s.n;
   for (int t = s.tmax - 1; t >= 1; --t) {
     const float* mat = s.H(1 + t);
     const float* cst = s.cs(t);
-    for (int j = tid; j < n; j += THREADS) {  // undo the column normalisation of step t
+    for (int j = g.rank; j < n; j += g.size) {  // undo the column normalisation of step t
       const float denom = cst[j] + eps;
       float dot = 0.0f;
       for (int i = 0; i < n; ++i) dot += G[i * n + j] * mat[i * n + j];
       for (int i = 0; i < n; ++i) G[i * n + j] = (G[i * n + j] - dot) / denom;
     }
-    __syncthreads();
-    for (int i = tid; i < n; i += THREADS) {  // undo the row normalisation of step t
+    g.sync();
+    for (int i = g.rank; i < n; i += g.size) {  // undo the row normalisation of step t
       float dot = 0.0f;
       for (int j = 0; j < n; ++j) dot += G[i * n + j] * (mat[i * n + j] * (cst[j] + eps));
       const float denom = s.rs(t)[i] + eps;
       for (int j = 0; j < n; ++j) G[i * n + j] = (G[i * n + j] - dot) / denom;
     }
-    __syncthreads();
+    g.sync();
   }
   const float* mat0 = s.H(1);
-  for (int j = tid; j < n; j += THREADS) {  // the first column normalisation
+  for (int j = g.rank; j < n; j += g.size) {  // the first column normalisation
     const float denom = s.cs(0)[j] + eps;
     float dot = 0.0f;
     for (int i = 0; i < n; ++i) dot += G[i * n + j] * mat0[i * n + j];
     for (int i = 0; i < n; ++i) G[i * n + j] = (G[i * n + j] - dot) / denom;
   }
-  __syncthreads();
+  g.sync();
   const float* p = s.H(0);
-  for (int i = tid; i < n; i += THREADS) {  // the row softmax
+  for (int i = g.rank; i < n; i += g.size) {  // the row softmax
     float dot = 0.0f;
     for (int j = 0; j < n; ++j) dot += G[i * n + j] * p[i * n + j];
     for (int j = 0; j < n; ++j) G[i * n + j] = p[i * n + j] * (G[i * n + j] - dot);
   }
-  __syncthreads();
+  g.sync();
 }
 
 }  // namespace dyn

@@ -1,6 +1,8 @@
 // Backward of mhc_dynamic_pre (_mhc_pre_bwd_kernel, src/liger_kernel/ops/mhc.py:936-961):
 //   dx[j, c] = dx_in[c] h_pre[j],   dh_pre[j] = sum_c dx_in[c] x[j, c],   per token.
-// Inputs: x [T, n, C], h_pre [T, n], dx_in [T, C]. Outputs: dx [T, n, C] (MHC_DTYPE), dh_pre [T, n].
+// Inputs: x [T, n, C], h_pre [T, n], dx_in [T, C]. Outputs: dx [T, n, C] (MHC_DTYPE; [1] and not
+// written when !want_dx: mhc_dynamic_coeffs_bwd's one-thread-per-token mode takes the dots alone,
+// and dx of the pre-aggregation is added by mhc_dynamic_dx), dh_pre [T, n].
 // Grid (threads): (T * THREADS, 1, 1). Shared memory: n + n + WARPS * max(NMAX, 1) + max(NMAX, 1) floats.
 #include "mhc_dynamic_common.cuh"
 
@@ -8,7 +10,7 @@ using namespace mhc;
 
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ h_pre, const T* __restrict__ g,
-    T* __restrict__ dx, float* __restrict__ dh_pre, int n, int C) {
+    T* __restrict__ dx, float* __restrict__ dh_pre, int n, int C, int want_dx) {
   extern __shared__ float smem[];
   float* hp = smem;          // n
   float* dots = hp + n;      // n
@@ -20,7 +22,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
   const T* gt = g + (size_t)t * C;
   T* dxt = dx + (size_t)t * n * C;
   constexpr int V = Vec<T>::N;
-  if (vec_ok<T>(C, gt, dxt)) {
+  if (want_dx && vec_ok<T>(C, gt, dxt)) {
     for (int v = tid; v < C / V; v += THREADS) {
       float gv[V];
       load_vec(gt + v * V, gv);
@@ -31,7 +33,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
         store_vec(dxt + (size_t)j * C + v * V, d);
       }
     }
-  } else {
+  } else if (want_dx) {
     for (int c = tid; c < C; c += THREADS) {
       const float gc = to_float(gt[c]);
       for (int j = 0; j < n; ++j) dxt[(size_t)j * C + c] = from_float<T>(gc * hp[j]);

@@ -44,7 +44,9 @@ backend auto / portable / reference, forward and forward + backward mx.compile'd
              liger_mhc_post_res, Triton) on CUDA, F = identity, same shapes and dtype;
 seed and torch have no dynamic layer, liger has no static one.
 Backward = forward + backward: mx.compile(value_and_grad) of sum(out * dout) (dout fixed, x's dtype) with
-respect to x and all four parameters.
+respect to x and all four parameters (as the torch peer's autograd.grad of (out * dout).sum()). The
+dynamic rows take mx.vjp with dout as the output's cotangent, as LigerMHC's autograd.grad(out, leaves,
+dout): the gradients of x, phi, b and the three alphas, no loss formed.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import dispatch, ops, reference, testing
 
@@ -441,19 +444,21 @@ def _dynamic_runner(name: str, case: Case, inp: Inputs) -> Runner:
     step would be (the layer's Python - checks, dispatch - then runs once per shape, not per call)."""
     backend = {"kernels": "auto", "portable": "portable", "reference": "reference"}[name]
     layer = dynamic_layer(case.n, case.C, backend)
-    params = layer.trainable_parameters()
+    names, values = zip(*tree_flatten(layer.trainable_parameters()))
 
-    def fn(x, p):
-        layer.update(p)  # parameters as traced inputs, as nn.value_and_grad does
+    def fn(x, *p):
+        layer.update(tree_unflatten(list(zip(names, p))))  # parameters as traced inputs
         return layer(x)
 
     note = (kernels_note(case) if name == "kernels" else f"{dispatch.device_backend()}:portable"
             if name == "portable" else "reference")
     if case.backward:
-        vg = mx.compile(mx.value_and_grad(lambda x, p: mx.sum(fn(x, p) * inp.dout), argnums=(0, 1)))
-        return Runner(name, lambda: vg(inp.x, params), note=note)
+        # the VJP with dout as the output's cotangent, as LigerMHC's torch.autograd.grad(out, leaves, G):
+        # no loss is formed (a sum(out * dout) would add a pass over out and dout to MLX's rows only)
+        vjp = mx.compile(lambda x, *p: mx.vjp(fn, [x, *p], [inp.dout]))
+        return Runner(name, lambda: vjp(inp.x, *values), note=note)
     fwd = mx.compile(fn)
-    return Runner(name, lambda: fwd(inp.x, params), note=note)
+    return Runner(name, lambda: fwd(inp.x, *values), note=note)
 
 
 def torch_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters: int = reference.DEFAULT_ITERS,

@@ -36,6 +36,12 @@ DX_TT, DX_KB = 64, 64  # cuda_src/mhc_dynamic_dx.cu
 TC_TB, TC_MP, TC_KC = 128, 32, 64  # cuda_src/mhc_dynamic_proj_tc.cu
 DPHI_KB, DPHI_TC = 128, 64  # cuda_src/mhc_dynamic_dphi_tc.cu
 POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
+# mhc_dynamic_coeffs(_bwd) mode 1: one thread per token (no barriers) for n <= SOLO_MAX_N and at least
+# SOLO_MIN_T tokens, SOLO_THREADS per CTA; x_in and the backward's stream dots then come from
+# mhc_dynamic_pre / mhc_dynamic_pre_bwd, pure streams over x. Few tokens keep one CTA per token (mode
+# 0): a token's serial Sinkhorn on one thread takes longer than spread over a CTA, and the extra
+# launch is not paid back.
+SOLO_MAX_N, SOLO_MIN_T, SOLO_THREADS = 8, 1024, 32
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 
 
@@ -126,16 +132,37 @@ def _colsum(part: mx.array, R: int, N: int) -> mx.array:
 
 
 # ---------------------------------------------------------------- mhc_coeffs (+ pre)
+def _solo_slice(floats: int) -> int | None:
+    """Shared floats per thread of a one-thread-per-token launch (odd: neighbouring threads' slices
+    start in different banks), or None when SOLO_THREADS of them do not fit one CTA."""
+    slice_ = floats | 1
+    return slice_ if _fits(SOLO_THREADS * slice_) else None
+
+
+def _solo(n: int, T: int) -> bool:
+    return n <= SOLO_MAX_N and T >= SOLO_MIN_T
+
+
 def _coeffs_fwd(x3, phi32, b32, al, cfg, with_pre: bool):
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     part, sq, S = _projection(x3.reshape(T, K), phi32, T, K, M, tag)
-    smem = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
-    return _launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, al],
-                   [(T, n), (T, n), (T, n, n), (T, C) if with_pre else (1,), (T, M), (T,)],
-                   [F32, F32, F32, x3.dtype, F32, F32],
-                   [n, C, T, S, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre)],
-                   (T * THREADS, 1, 1), smem)
+    floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
+    slice_ = _solo_slice(floats) if _solo(n, T) else None
+    shapes, dtypes = [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,)], [F32, F32, F32, x3.dtype, F32, F32]
+    scalars = [n, C, T, S, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult]
+    if slice_ is None:
+        if not with_pre:
+            shapes[3] = (1,)
+        return _launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, al], shapes, dtypes,
+                       scalars + [int(with_pre), 0, 0], (T * THREADS, 1, 1), floats)
+    shapes[3] = (1,)
+    outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, al], shapes, dtypes,
+                        scalars + [0, 1, slice_], (_cdiv(T, SOLO_THREADS) * SOLO_THREADS, 1, 1),
+                        SOLO_THREADS * slice_, threads=SOLO_THREADS))
+    if with_pre:
+        outs[3] = _pre_fwd(x3, outs[0])
+    return outs
 
 
 def _coeffs_bwd_smem(n: int, tmax: int, nmax: int) -> int:
@@ -156,21 +183,38 @@ def _portable_coeffs_vjp(primals, cotangents, cfg, with_pre: bool):
     return tuple(vjps)
 
 
+def _dots(x3, h_pre, g):
+    """dots [T, n] = sum_c g[t, c] x[t, j, c]: mhc_dynamic_pre_bwd without its dx."""
+    T, n, C = x3.shape
+    tag = _tag(x3.dtype)
+    nr = max(_nmax("mhc_dynamic_pre_bwd", tag, n), 1)
+    _, dots = _launch("mhc_dynamic_pre_bwd", tag, n, [x3, h_pre, g], [(1,), (T, n)], [x3.dtype, F32], [n, C, 0],
+                      (T * THREADS, 1, 1), 2 * n + WARPS * nr + nr)
+    return dots
+
+
 def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
     x3, phi32, b32, al = primals
     dh_pre, dh_post, dh_res, dx_in = cotangents[:4]
     h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
-    smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
-    if not _fits(smem):
-        return _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
     g_in = dx_in.astype(x3.dtype) if with_pre else mx.zeros((1,), x3.dtype)
-    dz, factor, rows = _launch(
-        "mhc_dynamic_coeffs_bwd", tag, n,
-        [x3, mix, invr, b32, al, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in],
-        [(T, M), (T,), (T, M + 3)], [F32, F32, F32],
-        [n, C, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre)], (T * THREADS, 1, 1), smem)
+    inputs = [x3, mix, invr, b32, al, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
+    scalars = [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre)]
+    outs = [(T, M), (T,), (T, M + 3)], [F32, F32, F32]
+    slice_ = _solo_slice(2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1)) if _solo(n, T) else None
+    if slice_ is not None:
+        dots = _dots(x3, h_pre, g_in) if with_pre else mx.zeros((1,), F32)
+        dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], *outs, scalars + [1, slice_],
+                                   (_cdiv(T, SOLO_THREADS) * SOLO_THREADS, 1, 1), SOLO_THREADS * slice_,
+                                   threads=SOLO_THREADS)
+    else:
+        smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
+        if not _fits(smem):
+            return _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
+        dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [mx.zeros((1,), F32)], *outs,
+                                   scalars + [0, 0], (T * THREADS, 1, 1), smem)
     xk = x3.reshape(T, K)
     (dx,) = _launch("mhc_dynamic_dx", tag, None, [xk, dz, phi32, factor, h_pre, g_in], [(T, K)], [x3.dtype],
                     [T, K, M, C, n, int(with_pre)], (_cdiv(K, DX_KB) * THREADS, _cdiv(T, DX_TT), 1))
@@ -227,7 +271,7 @@ def _pre_vjp(primals, cotangents, outputs):
     tag = _tag(x3.dtype)
     nr = max(_nmax("mhc_dynamic_pre_bwd", tag, n), 1)
     g = single(cotangents).astype(x3.dtype)
-    dx, dh = _launch("mhc_dynamic_pre_bwd", tag, n, [x3, hp, g], [(T, n, C), (T, n)], [x3.dtype, F32], [n, C],
+    dx, dh = _launch("mhc_dynamic_pre_bwd", tag, n, [x3, hp, g], [(T, n, C), (T, n)], [x3.dtype, F32], [n, C, 1],
                      (T * THREADS, 1, 1), 2 * n + WARPS * nr + nr)
     return dx, dh
 
