@@ -32,9 +32,9 @@ F32 = mx.float32
 THREADS = cuda.THREADS  # cuda_src/mhc_common.cuh
 WARPS = THREADS // 32
 SK_RB, SK_MB, SK_JC = 64, 32, 32  # cuda_src/mhc_dynamic_skinny.cu
-DX_TT, DX_KB = 64, 64  # cuda_src/mhc_dynamic_dx.cu
-TC_TB, TC_MP, TC_KC = 128, 32, 64  # cuda_src/mhc_dynamic_proj_tc.cu
-DPHI_KB, DPHI_TC = 128, 64  # cuda_src/mhc_dynamic_dphi_tc.cu
+DX_TT, DX_KB = 64, 128  # cuda_src/mhc_dynamic_dx.cu
+TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES = 128, 32, 64, 67584  # cuda_src/mhc_dynamic_proj_tc.cu
+DPHI_KB, DPHI_TC, DPHI_SMEM_BYTES = 128, 64, 67584  # cuda_src/mhc_dynamic_dphi_tc.cu
 POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 # mhc_dynamic_coeffs(_bwd) mode 1: one thread per token (no barriers) for n <= SOLO_MAX_N and at least
 # SOLO_MIN_T tokens, SOLO_THREADS per CTA; x_in and the backward's stream dots then come from
@@ -100,11 +100,13 @@ def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str)
     if tag != "bf16" or M > TC_MP:
         return _skinny(xk, phi32, T, K, M, K, 1, True, tag)
     tiles = _cdiv(T, TC_TB)
-    S = max(1, min(_cdiv(K, TC_KC), _cdiv(4 * device.sm_count(), tiles)))
+    # as many K splits as keep every CTA resident at once: a partial second wave would double the time
+    resident = device.resident_ctas_per_sm(TC_SMEM_BYTES) * device.sm_count()
+    S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
     ksplit = _cdiv(_cdiv(K, S), TC_KC) * TC_KC
     S = _cdiv(K, ksplit)
     part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, phi32], [(S, T, M), (S, T)], [F32, F32],
-                       [T, K, M, ksplit], (THREADS, S, tiles))
+                       [T, K, M, ksplit], (THREADS, S, tiles), TC_SMEM_BYTES // 4)
     return part, sq, S
 
 
@@ -115,11 +117,13 @@ def _dphi_partials(xk: mx.array, dz: mx.array, T: int, K: int, M: int, tag: str)
         part, _, S = _skinny(xk, dz, K, T, M, 1, K, False, tag)
         return part, S
     tiles = _cdiv(K, DPHI_KB)
-    S = max(1, min(_cdiv(T, DPHI_TC), _cdiv(4 * device.sm_count(), tiles)))
+    # as many token splits as keep every CTA resident at once (as _projection)
+    resident = device.resident_ctas_per_sm(DPHI_SMEM_BYTES) * device.sm_count()
+    S = max(1, min(_cdiv(T, DPHI_TC), resident // tiles))
     tsplit = _cdiv(_cdiv(T, S), DPHI_TC) * DPHI_TC
     S = _cdiv(T, tsplit)
     (part,) = _launch("mhc_dynamic_dphi_tc", "bf16", None, [xk, dz], [(S, K, M)], [F32], [T, K, M, tsplit],
-                      (THREADS, tiles, S))
+                      (THREADS, tiles, S), DPHI_SMEM_BYTES // 4)
     return part, S
 
 

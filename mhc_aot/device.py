@@ -36,6 +36,24 @@ def sm_count() -> int:
 _SMEM_BY_ARCH = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
+# Shared memory per SM by compute capability (same table), and what the hardware reserves per CTA.
+_SMEM_PER_SM_BY_ARCH = {80: 164 * 1024, 86: 100 * 1024, 87: 164 * 1024, 89: 100 * 1024, 90: 228 * 1024}
+SMEM_RESERVED_PER_CTA = 1024
+
+
+def resident_ctas_per_sm(shared_bytes: int) -> int:
+    """How many CTAs of `shared_bytes` dynamic shared memory fit one SM by shared memory alone (the
+    launcher sizes grids to one full wave with it; registers are the kernel's to keep within)."""
+    facts = cuda_facts()
+    per_sm = int(facts.get("max_shared_memory_per_sm") or 0) if facts.get("available") else 0
+    if not per_sm:
+        import mlx.core as mx
+
+        digits = "".join(ch for ch in str(mx.device_info().get("architecture", "")) if ch.isdigit())
+        per_sm = _SMEM_PER_SM_BY_ARCH.get(int(digits) if digits else 90, 100 * 1024)
+    return max(1, per_sm // (shared_bytes + SMEM_RESERVED_PER_CTA))
+
+
 @functools.lru_cache(maxsize=1)
 def max_shared_memory_per_block() -> int:
     facts = cuda_facts()

@@ -645,7 +645,7 @@ class _Emulator:
         if not so.exists():
             inc = self.cache / "inc"
             inc.mkdir(parents=True, exist_ok=True)
-            for h in ("cuda_bf16.h", "cuda_fp16.h", "mma.h"):  # the emulation header defines what these would
+            for h in ("cuda_bf16.h", "cuda_fp16.h", "mma.h", "cuda_pipeline.h"):  # the emulation header defines what these would
                 (inc / h).write_text("#pragma once\n")
             cpp = so.with_suffix(f".{__import__('os').getpid()}.cpp")
             cpp.write_text(body)
@@ -733,6 +733,19 @@ def test_emulated_cuda_kernels_vs_liger64(emulated_cuda, shape, dtype_name):
     B, n, C = shape
     _check_forward("cuda", B, n, C, dtype_name)
     _check_gradients("cuda", B, n, C, dtype_name)
+
+
+@pytest.mark.parametrize("C", [300, 301], ids=["16-byte-rows", "element-rows"])
+def test_emulated_cuda_projection_streams_many_stages(emulated_cuda, monkeypatch, C):
+    """The tensor-core projection (and dphi) with several double-buffered stages per CTA (few
+    resident CTAs, so few K or token splits), a ragged last stage, and rows that are not 16-byte
+    multiples (C = 301)."""
+    from mhc_aot import cuda_dynamic
+
+    monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
+    monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: 2)
+    _check_forward("cuda", 130, 4, C, "bfloat16")  # two token tiles, the second ragged
+    _check_gradients("cuda", 130, 4, C, "bfloat16")  # dphi: three token stages, the last ragged
 
 
 def test_emulated_cuda_coeffs_without_pre_config_and_layer(emulated_cuda):
