@@ -15,7 +15,8 @@
 # Everything printed goes to $OUT/log.txt (or ./gpu-out without $OUT); `mhc profile` writes $OUT/profile-static/ and $OUT/profile-dynamic/.
 # Knobs for a call with less device time: MHC_GPU_TESTS narrows the test run (default: every
 # test file) and MHC_TESTS_TIMEOUT bounds it (default 480 s); MHC_BENCH_COMPARE (default portable,seed,torch) and MHC_DYNAMIC_COMPARE (default
-# portable,liger) pick the peers; MHC_PASSES (default "forward backward") the passes timed.
+# portable,liger) pick the peers; MHC_PASSES (default "forward backward") the passes timed;
+# MHC_PROFILE_SPECS (LAYER:B words, default "static:4096 dynamic:8192") the profiled runs.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -70,8 +71,8 @@ for s in $stages; do
     stage profile
     # the static layer's large shape, then issue 6's dynamic shape; each report's per-kernel
     # summary is printed as text (durations, DRAM throughput), readable without ncu here
-    for spec in "static 4096" "dynamic 8192"; do
-      set -- $spec
+    for spec in ${MHC_PROFILE_SPECS:-static:4096 dynamic:8192}; do
+      set -- ${spec/:/ }
       timeout 200 mhc profile --layer "$1" --B "$2" --n 4 --C 4096 --out "$out/profile-$1" || status=1
       if command -v ncu >/dev/null && [ -f "$out/profile-$1/ncu_report.ncu-rep" ]; then
         ncu --import "$out/profile-$1/ncu_report.ncu-rep" --print-summary per-kernel 2>&1 \
