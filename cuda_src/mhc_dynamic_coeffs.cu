@@ -7,14 +7,15 @@
 //   x_in[c] = sum_j h_pre[j] x[t, j, c], stored in MHC_DTYPE                              (:878-890)
 // zpart / sq come from the projection (mhc_dynamic_proj_tc or mhc_dynamic_skinny, S splits of K).
 // mix and invr are kept for the backward.
-// Two modes (`solo`):
+// Two modes (`lanes`):
 //   0: one CTA per token (any n): the per-token math spread over the CTA, x_in computed before the
 //      Sinkhorn so the token's loads overlap it. Grid (threads): (T * THREADS, 1, 1), block THREADS;
 //      shared memory: M + n n + n + sinkhorn_floats(n, tmax, 2) floats.
-//   1: one thread per token (small n): no barriers, each thread its own `slice` of shared memory
-//      (the same layout; slice odd, so neighbours' slices start in different banks); with_pre must
-//      be 0 (mhc_dynamic_pre computes x_in, a pure stream over x that no Sinkhorn holds back).
-//      Grid (threads): (ceil(T / blockDim) * blockDim, 1, 1); shared memory: blockDim * slice floats.
+//   lanes (a power of two >= n, <= 32): `lanes` threads of a warp per token (dyn::LaneGroup), each
+//      group its own `slice` of shared memory (the same layout; slice odd, so neighbouring slices
+//      start in different banks); with_pre must be 0 (mhc_dynamic_pre computes x_in, a pure stream
+//      over x that no Sinkhorn holds back). Grid (threads): (ceil(T lanes / blockDim) * blockDim, 1, 1);
+//      shared memory: blockDim / lanes * slice floats.
 // Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alphas [3] (pre, post, res).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre),
 //          mix [T, M], invr [T].
@@ -23,8 +24,8 @@
 using namespace mhc;
 
 namespace {
-// Token t's coefficients, run by group g (the CTA or one thread) on `base` (shared memory laid out
-// as the header says). with_pre only with the CTA group.
+// Token t's coefficients, run by group g (the CTA or a lane group) on `base` (shared memory laid
+// out as the header says). with_pre only with the CTA group.
 template <class G>
 __device__ __forceinline__ void token_coeffs(
     G g, float* base, int t, const T* __restrict__ x, const float* __restrict__ zpart, const float* __restrict__ sq,
@@ -59,8 +60,8 @@ __device__ __forceinline__ void token_coeffs(
   }
   for (int e = g.rank; e < n * n; e += g.size) L[e] = mixs[2 * n + e] * a_res + b[2 * n + e];
   g.sync();
-  if constexpr (G::size > 1) {
-    if (with_pre) dyn::aggregate_token<NMAX>(x + (size_t)t * n * C, hp, x_in + (size_t)t * C, n, C, g.rank, G::size);
+  if constexpr (G::cta) {
+    if (with_pre) dyn::aggregate_token<NMAX>(x + (size_t)t * n * C, hp, x_in + (size_t)t * C, n, C, g.rank, g.size);
   }
   const float* P = dyn::sinkhorn_forward(L, sk, sinkhorn_eps, false, g);
   for (int e = g.rank; e < n * n; e += g.size) h_res[(size_t)t * n * n + e] = P[e];
@@ -73,13 +74,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     float* __restrict__ h_pre, float* __restrict__ h_post, float* __restrict__ h_res, T* __restrict__ x_in,
     float* __restrict__ mix, float* __restrict__ invr_out,
     int n, int C, int Tn, int S, int tmax, float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult,
-    int with_pre, int solo, int slice) {
+    int with_pre, int lanes, int slice) {
   extern __shared__ float smem[];
-  if (solo) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t < Tn)
-      token_coeffs(dyn::SoloGroup{}, smem + (size_t)threadIdx.x * slice, t, x, zpart, sq, b, alphas, h_pre, h_post,
-                   h_res, x_in, mix, invr_out, n, C, Tn, S, tmax, rms_eps, pre_eps, sinkhorn_eps, post_mult, false);
+  if (lanes) {
+    const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;
+    if (t < Tn)  // a whole group leaves together: its __syncwarp masks stay complete
+      token_coeffs(dyn::LaneGroup(lanes), smem + (size_t)(threadIdx.x / lanes) * slice, t, x, zpart, sq, b, alphas,
+                   h_pre, h_post, h_res, x_in, mix, invr_out, n, C, Tn, S, tmax, rms_eps, pre_eps, sinkhorn_eps,
+                   post_mult, false);
     return;
   }
   // tokens in reverse: the projection kernel read the last tokens last, some are still in L2

@@ -9,22 +9,23 @@
 // mhc_dynamic_skinny), rows [T, M + 3] = (dl, sum(dl_pre mix_pre), sum(dl_post mix_post),
 // sum(dl_res mix_res)) whose column sums (mhc_dynamic_colsum) are db and dalpha (:1563-1584).
 // Inputs: x [T, n, C], mix [T, M], invr [T], b [M], alphas [3], dh_pre [T, n], dh_post [T, n],
-// dh_res [T, n, n], dx_in [T, C] (or [1] if !has_pre), dots [T, n] (or [1]: see solo).
-// Two modes (`solo`), as mhc_dynamic_coeffs:
+// dh_res [T, n, n], dx_in [T, C] (or [1] if !has_pre), dots [T, n] (or [1]: see lanes).
+// Two modes (`lanes`), as mhc_dynamic_coeffs:
 //   0: one CTA per token, the stream dots sum_c dx_in[c] x[j, c] computed here.
 //      Grid (threads): (T * THREADS, 1, 1), block THREADS. Shared memory: 2 M + n n + n +
 //      sinkhorn_floats(n, tmax, tmax + 1) + WARPS * max(NMAX, 1) + max(NMAX, 1) floats.
-//   1: one thread per token (small n), no barriers: the dots come precomputed in `dots`
-//      (mhc_dynamic_pre_bwd without dx, a pure stream over x); each thread its own `slice` (odd) of
-//      shared memory: 2 M + n n + n + sinkhorn_floats(n, tmax, tmax + 1) floats.
-//      Grid (threads): (ceil(T / blockDim) * blockDim, 1, 1); shared memory: blockDim * slice floats.
+//   lanes (a power of two >= n, <= 32): a lane group per token (dyn::LaneGroup); the dots come
+//      precomputed in `dots` (mhc_dynamic_pre_bwd without dx, a pure stream over x); each group its
+//      own `slice` (odd) of shared memory: 2 M + n n + n + sinkhorn_floats(n, tmax, tmax + 1)
+//      floats. Grid (threads): (ceil(T lanes / blockDim) * blockDim, 1, 1); shared memory:
+//      blockDim / lanes * slice floats.
 #include "mhc_dynamic_common.cuh"
 
 using namespace mhc;
 
 namespace {
-// Token t's backward, run by group g (the CTA or one thread) on `base` (shared memory laid out as
-// the header says; `scratch` is the CTA's block-reduction space, unused by one thread).
+// Token t's backward, run by group g (the CTA or a lane group) on `base` (shared memory laid out as
+// the header says; `scratch` is the CTA's block-reduction space, absent for a lane group).
 template <class G>
 __device__ __forceinline__ void token_coeffs_bwd(
     G g, float* base, int t, const T* __restrict__ x, const float* __restrict__ mix,
@@ -34,7 +35,7 @@ __device__ __forceinline__ void token_coeffs_bwd(
     float* __restrict__ factor, float* __restrict__ rows, int n, int C, int tmax, float sinkhorn_eps,
     float post_mult, int has_pre) {
   constexpr int NR = NMAX > 0 ? NMAX : 1;
-  constexpr int SCRATCH = G::size > 1 ? dyn::WARPS * NR + NR : 0;
+  constexpr int SCRATCH = G::cta ? dyn::WARPS * NR + NR : 0;
   const int M = n * n + 2 * n;
   float* mixs = base;              // M
   float* dl = mixs + M;            // M
@@ -44,9 +45,9 @@ __device__ __forceinline__ void token_coeffs_bwd(
   dyn::SinkhornSmem sk{scratch + SCRATCH, n, tmax, tmax + 1};
 
   for (int m = g.rank; m < M; m += g.size) mixs[m] = mix[(size_t)t * M + m];
-  for (int j = g.rank; j < n; j += g.size) dots[j] = (has_pre && G::size == 1) ? dots_in[(size_t)t * n + j] : 0.0f;
+  for (int j = g.rank; j < n; j += g.size) dots[j] = (has_pre && !G::cta) ? dots_in[(size_t)t * n + j] : 0.0f;
   g.sync();
-  if constexpr (G::size > 1) {
+  if constexpr (G::cta) {
     if (has_pre) dyn::stream_dots<NMAX>(x + (size_t)t * n * C, dx_in + (size_t)t * C, n, C, scratch, dots);
   }
   const float a_pre = alphas[0], a_post = alphas[1], a_res = alphas[2];
@@ -93,13 +94,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const float* __restrict__ b, const float* __restrict__ alphas, const float* __restrict__ dh_pre,
     const float* __restrict__ dh_post, const float* __restrict__ dh_res, const T* __restrict__ dx_in,
     const float* __restrict__ dots, float* __restrict__ dz, float* __restrict__ factor, float* __restrict__ rows,
-    int n, int C, int Tn, int tmax, float sinkhorn_eps, float post_mult, int has_pre, int solo, int slice) {
+    int n, int C, int Tn, int tmax, float sinkhorn_eps, float post_mult, int has_pre, int lanes, int slice) {
   extern __shared__ float smem[];
-  if (solo) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t < Tn)
-      token_coeffs_bwd(dyn::SoloGroup{}, smem + (size_t)threadIdx.x * slice, t, x, mix, invr_in, b, alphas, dh_pre,
-                       dh_post, dh_res, dx_in, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps, post_mult, has_pre);
+  if (lanes) {
+    const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;
+    if (t < Tn)  // a whole group leaves together: its __syncwarp masks stay complete
+      token_coeffs_bwd(dyn::LaneGroup(lanes), smem + (size_t)(threadIdx.x / lanes) * slice, t, x, mix, invr_in, b,
+                       alphas, dh_pre, dh_post, dh_res, dx_in, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps,
+                       post_mult, has_pre);
     return;
   }
   token_coeffs_bwd(dyn::CtaGroup{}, smem, (int)blockIdx.x, x, mix, invr_in, b, alphas, dh_pre, dh_post, dh_res,

@@ -133,21 +133,27 @@ __device__ __forceinline__ void aggregate_token(const E* __restrict__ x, const f
 // row or column doing the serial sums in Liger's order, then one __syncthreads.
 __host__ __device__ constexpr int sinkhorn_floats(int n, int tmax, int slots) { return slots * n * n + 2 * tmax * n; }
 
-// Who runs one token's Sinkhorn. CtaGroup: the whole CTA, rows and columns spread over its threads
-// with a barrier between phases (any n). SoloGroup: one thread alone on its own token, no barriers
-// (small n: a few hundred serial steps per thread, but a thread per token instead of a CTA, so the
-// per-token math stops holding a CTA - and the x traffic behind it - for ~40 barrier phases).
-// Both sum in the same serial order, so they give identical results.
+// Who runs one token's per-token math (activations, Sinkhorn). CtaGroup: the whole CTA, rows and
+// columns spread over its threads with a barrier between phases (any n). LaneGroup: `size` lanes of
+// one warp (a power of two >= n, so groups never straddle warps) on their own token, synchronised by
+// __syncwarp over the group's mask: many tokens per CTA, so the per-token math stops holding a CTA -
+// and the x traffic behind it - for ~40 barrier phases. Both sum in the same serial order (one
+// thread per row or column), so they give identical results.
 struct CtaGroup {
-  int rank;
+  static constexpr bool cta = true;
   static constexpr int size = THREADS;
+  int rank;
   __device__ CtaGroup() : rank(threadIdx.x) {}
   __device__ void sync() const { __syncthreads(); }
 };
-struct SoloGroup {
-  static constexpr int rank = 0;
-  static constexpr int size = 1;
-  __device__ void sync() const {}
+struct LaneGroup {
+  static constexpr bool cta = false;
+  int rank, size;
+  unsigned mask;
+  __device__ explicit LaneGroup(int lanes)
+      : rank(threadIdx.x % lanes), size(lanes),
+        mask((lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u) << ((threadIdx.x % 32) / lanes * lanes)) {}
+  __device__ void sync() const { __syncwarp(mask); }
 };
 
 struct SinkhornSmem {

@@ -8,7 +8,7 @@
 // copy; element loads when rows are not 16-byte aligned) and its dz values in registers while
 // stage s's MMAs run. The split over tokens (grid z) is chosen by the launcher so that every CTA
 // is resident at once. Grid (threads): (THREADS, ceil(K / 128), S). Shared memory (dynamic):
-// SMEM_BYTES. Needs sm_80+.
+// SMEM_BYTES, or half of it when tsplit <= TC. Needs sm_80+.
 #include <cuda_pipeline.h>
 #include <mma.h>
 
@@ -29,8 +29,10 @@ constexpr int ZE = TC * MP / THREADS;      // dz values per thread per stage
 constexpr int X_BYTES = TC * XLD * 2 > KB * OLD * 4 ? TC * XLD * 2 : KB * OLD * 4;
 constexpr int Z_BYTES = 3 * TC * ZLD * 2;
 static_assert(X_BYTES % 32 == 0 && Z_BYTES % 32 == 0, "WMMA tiles stay 32-byte aligned");
-// two x buffers and two dz buffers: what the launcher passes (mhc_aot/cuda_dynamic.py DPHI_SMEM_BYTES)
-constexpr int SMEM_BYTES = 2 * X_BYTES + 2 * Z_BYTES;
+// Buffer b = (x tile, dz tiles) at b * (X_BYTES + Z_BYTES). Two buffers: what the launcher passes
+// (mhc_aot/cuda_dynamic.py DPHI_SMEM_BYTES); one when every CTA has a single stage (tsplit <= TC),
+// which uses buffer 0 only.
+constexpr int SMEM_BYTES = 2 * (X_BYTES + Z_BYTES);
 static_assert(SMEM_BYTES == 67584, "keep DPHI_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
@@ -40,9 +42,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
     int Tn, int K, int M, int tsplit) {
   extern __shared__ float smem[];
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
-  auto xs = [&](int buf) { return reinterpret_cast<bf16 (*)[XLD]>(base + buf * X_BYTES); };  // xs[t][k]
+  auto xs = [&](int buf) { return reinterpret_cast<bf16 (*)[XLD]>(base + buf * (X_BYTES + Z_BYTES)); };  // xs[t][k]
   auto zs = [&](int buf, int p) {
-    return reinterpret_cast<bf16 (*)[ZLD]>(base + 2 * X_BYTES + buf * Z_BYTES + p * (Z_BYTES / 3));
+    return reinterpret_cast<bf16 (*)[ZLD]>(base + buf * (X_BYTES + Z_BYTES) + X_BYTES + p * (Z_BYTES / 3));
   };
   const int tid = threadIdx.x, warp = tid / 32;
   const int k0 = blockIdx.y * KB, s = blockIdx.z;

@@ -206,6 +206,10 @@ inline void emu_wait(EmuBarrier& b) {
 
 inline void __syncthreads() { emu_wait(emu_cta->bar); }
 
+// A whole-warp barrier: every lane group of a launch makes the same __syncwarp calls (or exits),
+// so waiting for the warp is waiting for the group.
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_wait(emu_cta->warp[int(threadIdx.x) / 32]); }
+
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   const int tid = int(threadIdx.x), w = tid / 32, lane = tid % 32;
   float* buf = emu_cta->shfl.data() + 32 * w;

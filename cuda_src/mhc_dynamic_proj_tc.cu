@@ -12,7 +12,7 @@
 // idle wave). WMMA fragments are loaded from and stored to shared memory only.
 // Grid (threads): (THREADS, S, ceil(T / 128)): token tiles are the slowest grid dimension, so the
 // tokens read last are still in L2 when the coefficients kernel starts.
-// Shared memory (dynamic): SMEM_BYTES. Needs sm_80+.
+// Shared memory (dynamic): SMEM_BYTES, or half of it when ksplit <= KC. Needs sm_80+.
 #include <cuda_pipeline.h>
 #include <mma.h>
 
@@ -32,8 +32,10 @@ constexpr int PE = KC * MP / THREADS;      // phi values per thread per stage
 constexpr int X_BYTES = TB * XLD * 2, P_BYTES = 3 * KC * PLD * 2;
 static_assert(TB * OLD * 4 <= X_BYTES, "the output staging reuses an x buffer's bytes");
 static_assert(X_BYTES % 32 == 0 && P_BYTES % 32 == 0, "WMMA tiles stay 32-byte aligned");
-// two x buffers and two phi buffers: what the launcher passes (mhc_aot/cuda_dynamic.py TC_SMEM_BYTES)
-constexpr int SMEM_BYTES = 2 * X_BYTES + 2 * P_BYTES;
+// Buffer b = (x tile, phi tiles) at b * (X_BYTES + P_BYTES). Two buffers: what the launcher passes
+// (mhc_aot/cuda_dynamic.py TC_SMEM_BYTES); one when every CTA has a single stage (ksplit <= KC),
+// which uses buffer 0 only: half the shared memory, twice the resident CTAs.
+constexpr int SMEM_BYTES = 2 * (X_BYTES + P_BYTES);
 static_assert(SMEM_BYTES == 67584, "keep TC_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
@@ -43,9 +45,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
     int Tn, int K, int M, int ksplit) {
   extern __shared__ float smem[];
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
-  auto xs = [&](int buf) { return reinterpret_cast<bf16 (*)[XLD]>(base + buf * X_BYTES); };
+  auto xs = [&](int buf) { return reinterpret_cast<bf16 (*)[XLD]>(base + buf * (X_BYTES + P_BYTES)); };
   auto ps = [&](int buf, int p) {
-    return reinterpret_cast<bf16 (*)[PLD]>(base + 2 * X_BYTES + buf * P_BYTES + p * (P_BYTES / 3));
+    return reinterpret_cast<bf16 (*)[PLD]>(base + buf * (X_BYTES + P_BYTES) + X_BYTES + p * (P_BYTES / 3));
   };
   const int tid = threadIdx.x, warp = tid / 32;
   const int s = blockIdx.y, t0 = blockIdx.z * TB;  // token tiles slowest: the last tokens read stay in L2

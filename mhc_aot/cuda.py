@@ -52,8 +52,18 @@ def _f32(v: float) -> float:
 # binary. So a launch that needs more than 48 KB is rounded up to a bucket and gets a binary
 # with a trailing marker (ignored by the driver's loader): one module per bucket, whose first
 # launch sets the limit every later launch of that bucket asks for.
+# The shared memory a launch asks for is its bucket, so buckets also set how many CTAs share an SM:
+# 68 KB keeps three per H100 SM for the double-buffered dynamic kernels (66 KB each; in the 96 KB
+# bucket they fit two, and a grid sized for three ran 1.45 waves).
 SMEM_DEFAULT_MAX = 48000
-SMEM_BUCKETS = (64 * 1024, 96 * 1024, 128 * 1024, 160 * 1024, 192 * 1024, SMEM_LIMIT)
+SMEM_BUCKETS = (64 * 1024, 68 * 1024, 96 * 1024, 128 * 1024, 160 * 1024, 192 * 1024, SMEM_LIMIT)
+
+
+def launch_smem(smem: int) -> int:
+    """The bytes of dynamic shared memory a launch needing `smem` bytes asks for (its bucket)."""
+    if smem <= SMEM_DEFAULT_MAX:
+        return smem
+    return min(min(b for b in SMEM_BUCKETS if b >= smem), device.max_shared_memory_per_block())
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +80,7 @@ def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes
         raise ValueError(f"{name} needs {smem} bytes of shared memory (> {device.max_shared_memory_per_block()} "
                          f"on this GPU): this shape is outside the kernel's range; pass backend='portable'")
     if smem > SMEM_DEFAULT_MAX:
-        smem = min(min(b for b in SMEM_BUCKETS if b >= smem), device.max_shared_memory_per_block())
+        smem = launch_smem(smem)
         binary = _bucket_binary(binary, smem)
     return mx.fast.precompiled_cuda_kernel(
         name=name, compiled_source=binary, inputs=inputs, output_shapes=output_shapes,

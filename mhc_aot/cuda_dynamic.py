@@ -36,12 +36,13 @@ DX_TT, DX_KB = 64, 128  # cuda_src/mhc_dynamic_dx.cu
 TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES = 128, 32, 64, 67584  # cuda_src/mhc_dynamic_proj_tc.cu
 DPHI_KB, DPHI_TC, DPHI_SMEM_BYTES = 128, 64, 67584  # cuda_src/mhc_dynamic_dphi_tc.cu
 POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
-# mhc_dynamic_coeffs(_bwd) mode 1: one thread per token (no barriers) for n <= SOLO_MAX_N and at least
-# SOLO_MIN_T tokens, SOLO_THREADS per CTA; x_in and the backward's stream dots then come from
-# mhc_dynamic_pre / mhc_dynamic_pre_bwd, pure streams over x. Few tokens keep one CTA per token (mode
-# 0): a token's serial Sinkhorn on one thread takes longer than spread over a CTA, and the extra
-# launch is not paid back.
-SOLO_MAX_N, SOLO_MIN_T, SOLO_THREADS = 8, 1024, 32
+# mhc_dynamic_coeffs(_bwd) lane mode: a group of lanes (the power of two >= n) per token, synchronised
+# by __syncwarp, for n <= LANES_MAX_N and at least LANES_MIN_T tokens, LANES_THREADS per CTA; x_in and
+# the backward's stream dots then come from mhc_dynamic_pre / mhc_dynamic_pre_bwd, pure streams over x.
+# Few tokens keep one CTA per token (mode 0): its x_in is fused, one launch fewer, which is what
+# counts at small T. (ncu, H100, T = 8192, one thread per token: forward 80 us, backward 128 us at
+# 3% occupancy, serial-latency bound; CTA per token: 311 / 621 us holding x behind barriers.)
+LANES_MAX_N, LANES_MIN_T, LANES_THREADS = 8, 1024, 128
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 
 
@@ -101,12 +102,13 @@ def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str)
         return _skinny(xk, phi32, T, K, M, K, 1, True, tag)
     tiles = _cdiv(T, TC_TB)
     # as many K splits as keep every CTA resident at once: a partial second wave would double the time
-    resident = device.resident_ctas_per_sm(TC_SMEM_BYTES) * device.sm_count()
+    resident = device.resident_ctas_per_sm(cuda.launch_smem(TC_SMEM_BYTES)) * device.sm_count()
     S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
     ksplit = _cdiv(_cdiv(K, S), TC_KC) * TC_KC
     S = _cdiv(K, ksplit)
+    smem = TC_SMEM_BYTES // 2 if ksplit <= TC_KC else TC_SMEM_BYTES  # one stage per CTA: one buffer
     part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, phi32], [(S, T, M), (S, T)], [F32, F32],
-                       [T, K, M, ksplit], (THREADS, S, tiles), TC_SMEM_BYTES // 4)
+                       [T, K, M, ksplit], (THREADS, S, tiles), smem // 4)
     return part, sq, S
 
 
@@ -118,12 +120,13 @@ def _dphi_partials(xk: mx.array, dz: mx.array, T: int, K: int, M: int, tag: str)
         return part, S
     tiles = _cdiv(K, DPHI_KB)
     # as many token splits as keep every CTA resident at once (as _projection)
-    resident = device.resident_ctas_per_sm(DPHI_SMEM_BYTES) * device.sm_count()
+    resident = device.resident_ctas_per_sm(cuda.launch_smem(DPHI_SMEM_BYTES)) * device.sm_count()
     S = max(1, min(_cdiv(T, DPHI_TC), resident // tiles))
     tsplit = _cdiv(_cdiv(T, S), DPHI_TC) * DPHI_TC
     S = _cdiv(T, tsplit)
+    smem = DPHI_SMEM_BYTES // 2 if tsplit <= DPHI_TC else DPHI_SMEM_BYTES  # one stage per CTA: one buffer
     (part,) = _launch("mhc_dynamic_dphi_tc", "bf16", None, [xk, dz], [(S, K, M)], [F32], [T, K, M, tsplit],
-                      (THREADS, tiles, S), DPHI_SMEM_BYTES // 4)
+                      (THREADS, tiles, S), smem // 4)
     return part, S
 
 
@@ -136,15 +139,22 @@ def _colsum(part: mx.array, R: int, N: int) -> mx.array:
 
 
 # ---------------------------------------------------------------- mhc_coeffs (+ pre)
-def _solo_slice(floats: int) -> int | None:
-    """Shared floats per thread of a one-thread-per-token launch (odd: neighbouring threads' slices
-    start in different banks), or None when SOLO_THREADS of them do not fit one CTA."""
+def _lanes(n: int, T: int) -> int:
+    """Lanes per token of the lane mode (0: one CTA per token)."""
+    if n > LANES_MAX_N or T < LANES_MIN_T:
+        return 0
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _lane_slice(lanes: int, floats: int) -> int | None:
+    """Shared floats per token of a lane-mode launch (odd: neighbouring groups' slices start in
+    different banks), or None when LANES_THREADS / lanes of them do not fit one CTA."""
     slice_ = floats | 1
-    return slice_ if _fits(SOLO_THREADS * slice_) else None
+    return slice_ if lanes and _fits(LANES_THREADS // lanes * slice_) else None
 
 
-def _solo(n: int, T: int) -> bool:
-    return n <= SOLO_MAX_N and T >= SOLO_MIN_T
+def _lane_grid(T: int, lanes: int) -> tuple[int, int, int]:
+    return (_cdiv(T * lanes, LANES_THREADS) * LANES_THREADS, 1, 1)
 
 
 def _coeffs_fwd(x3, phi32, b32, al, cfg, with_pre: bool):
@@ -152,7 +162,8 @@ def _coeffs_fwd(x3, phi32, b32, al, cfg, with_pre: bool):
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     part, sq, S = _projection(x3.reshape(T, K), phi32, T, K, M, tag)
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
-    slice_ = _solo_slice(floats) if _solo(n, T) else None
+    lanes = _lanes(n, T)
+    slice_ = _lane_slice(lanes, floats)
     shapes, dtypes = [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,)], [F32, F32, F32, x3.dtype, F32, F32]
     scalars = [n, C, T, S, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult]
     if slice_ is None:
@@ -162,8 +173,8 @@ def _coeffs_fwd(x3, phi32, b32, al, cfg, with_pre: bool):
                        scalars + [int(with_pre), 0, 0], (T * THREADS, 1, 1), floats)
     shapes[3] = (1,)
     outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, al], shapes, dtypes,
-                        scalars + [0, 1, slice_], (_cdiv(T, SOLO_THREADS) * SOLO_THREADS, 1, 1),
-                        SOLO_THREADS * slice_, threads=SOLO_THREADS))
+                        scalars + [0, lanes, slice_], _lane_grid(T, lanes), LANES_THREADS // lanes * slice_,
+                        threads=LANES_THREADS))
     if with_pre:
         outs[3] = _pre_fwd(x3, outs[0])
     return outs
@@ -207,12 +218,13 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
     inputs = [x3, mix, invr, b32, al, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
     scalars = [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre)]
     outs = [(T, M), (T,), (T, M + 3)], [F32, F32, F32]
-    slice_ = _solo_slice(2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1)) if _solo(n, T) else None
+    lanes = _lanes(n, T)
+    slice_ = _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1))
     if slice_ is not None:
         dots = _dots(x3, h_pre, g_in) if with_pre else mx.zeros((1,), F32)
-        dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], *outs, scalars + [1, slice_],
-                                   (_cdiv(T, SOLO_THREADS) * SOLO_THREADS, 1, 1), SOLO_THREADS * slice_,
-                                   threads=SOLO_THREADS)
+        dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], *outs,
+                                   scalars + [lanes, slice_], _lane_grid(T, lanes), LANES_THREADS // lanes * slice_,
+                                   threads=LANES_THREADS)
     else:
         smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
         if not _fits(smem):

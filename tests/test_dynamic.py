@@ -707,13 +707,13 @@ def _emulator():
     return emu
 
 
-@pytest.fixture(params=["cta", "solo"])
+@pytest.fixture(params=["cta", "lanes"])
 def emulated_cuda(_emulator, monkeypatch, request):
     """The emulated kernels, with the per-token coefficient math in either mode of
-    mhc_dynamic_coeffs(_bwd): one CTA per token, or one thread per token (any T here)."""
+    mhc_dynamic_coeffs(_bwd): one CTA per token, or a lane group per token (any T here)."""
     from mhc_aot import cuda, cuda_dynamic, kernel_ops
 
-    monkeypatch.setattr(cuda_dynamic, "SOLO_MIN_T", 1 if request.param == "solo" else 10 ** 9)
+    monkeypatch.setattr(cuda_dynamic, "LANES_MIN_T", 1 if request.param == "lanes" else 10 ** 9)
     monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
     monkeypatch.setattr(cuda_dynamic, "SK_JC", 8)  # a multiple of every vector width
     monkeypatch.setattr(cuda_dynamic, "COLSUM_CTA_ROWS", 2)
