@@ -16,7 +16,8 @@
 //      start in different banks); with_pre must be 0 (mhc_dynamic_pre computes x_in, a pure stream
 //      over x that no Sinkhorn holds back). Grid (threads): (ceil(T lanes / blockDim) * blockDim, 1, 1);
 //      shared memory: blockDim / lanes * slice floats.
-// Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alphas [3] (pre, post, res).
+// Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alpha_pre, alpha_post, alpha_res (float32
+// scalars, read once: separate inputs, so no stacking op runs before the launch).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre),
 //          mix [T, M], invr [T].
 #include "mhc_dynamic_common.cuh"
@@ -29,7 +30,7 @@ namespace {
 template <class G>
 __device__ __forceinline__ void token_coeffs(
     G g, float* base, int t, const T* __restrict__ x, const float* __restrict__ zpart, const float* __restrict__ sq,
-    const float* __restrict__ b, const float* __restrict__ alphas, float* __restrict__ h_pre,
+    const float* __restrict__ b, float a_pre, float a_post, float a_res, float* __restrict__ h_pre,
     float* __restrict__ h_post, float* __restrict__ h_res, T* __restrict__ x_in, float* __restrict__ mix,
     float* __restrict__ invr_out, int n, int C, int Tn, int S, int tmax, float rms_eps, float pre_eps,
     float sinkhorn_eps, float post_mult, bool with_pre) {
@@ -51,7 +52,6 @@ __device__ __forceinline__ void token_coeffs(
   }
   if (g.rank == 0) invr_out[t] = invr;
   g.sync();
-  const float a_pre = alphas[0], a_post = alphas[1], a_res = alphas[2];
   for (int j = g.rank; j < n; j += g.size) {
     const float pre = sigmoid(mixs[j] * a_pre + b[j]) + pre_eps;
     hp[j] = pre;
@@ -70,22 +70,24 @@ __device__ __forceinline__ void token_coeffs(
 
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ zpart, const float* __restrict__ sq,
-    const float* __restrict__ b, const float* __restrict__ alphas,
+    const float* __restrict__ b, const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post,
+    const float* __restrict__ alpha_res,
     float* __restrict__ h_pre, float* __restrict__ h_post, float* __restrict__ h_res, T* __restrict__ x_in,
     float* __restrict__ mix, float* __restrict__ invr_out,
     int n, int C, int Tn, int S, int tmax, float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult,
     int with_pre, int lanes, int slice) {
   extern __shared__ float smem[];
+  const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
   if (lanes) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;
     if (t < Tn)  // a whole group leaves together: its __syncwarp masks stay complete
-      token_coeffs(dyn::LaneGroup(lanes), smem + (size_t)(threadIdx.x / lanes) * slice, t, x, zpart, sq, b, alphas,
+      token_coeffs(dyn::LaneGroup(lanes), smem + (size_t)(threadIdx.x / lanes) * slice, t, x, zpart, sq, b, a_pre, a_post, a_res,
                    h_pre, h_post, h_res, x_in, mix, invr_out, n, C, Tn, S, tmax, rms_eps, pre_eps, sinkhorn_eps,
                    post_mult, false);
     return;
   }
   // tokens in reverse: the projection kernel read the last tokens last, some are still in L2
   const int t = gridDim.x - 1 - blockIdx.x;
-  token_coeffs(dyn::CtaGroup{}, smem, t, x, zpart, sq, b, alphas, h_pre, h_post, h_res, x_in, mix, invr_out, n, C,
+  token_coeffs(dyn::CtaGroup{}, smem, t, x, zpart, sq, b, a_pre, a_post, a_res, h_pre, h_post, h_res, x_in, mix, invr_out, n, C,
                Tn, S, tmax, rms_eps, pre_eps, sinkhorn_eps, post_mult, with_pre != 0);
 }

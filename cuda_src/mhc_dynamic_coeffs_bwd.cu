@@ -8,8 +8,9 @@
 // Outputs per token: dz [T, M] and factor [T] (the x / phi gradients: mhc_dynamic_dx,
 // mhc_dynamic_skinny), rows [T, M + 3] = (dl, sum(dl_pre mix_pre), sum(dl_post mix_post),
 // sum(dl_res mix_res)) whose column sums (mhc_dynamic_colsum) are db and dalpha (:1563-1584).
-// Inputs: x [T, n, C], mix [T, M], invr [T], b [M], alphas [3], dh_pre [T, n], dh_post [T, n],
-// dh_res [T, n, n], dx_in [T, C] (or [1] if !has_pre), dots [T, n] (or [1]: see lanes).
+// Inputs: x [T, n, C], mix [T, M], invr [T], b [M], alpha_pre, alpha_post, alpha_res (float32
+// scalars), dh_pre [T, n], dh_post [T, n], dh_res [T, n, n], dx_in [T, C] (or any array if !has_pre),
+// dots [T, n] (or any array: see lanes).
 // Two modes (`lanes`), as mhc_dynamic_coeffs:
 //   0: one CTA per token, the stream dots sum_c dx_in[c] x[j, c] computed here.
 //      Grid (threads): (T * THREADS, 1, 1), block THREADS. Shared memory: 2 M + n n + n +
@@ -29,7 +30,7 @@ namespace {
 template <class G>
 __device__ __forceinline__ void token_coeffs_bwd(
     G g, float* base, int t, const T* __restrict__ x, const float* __restrict__ mix,
-    const float* __restrict__ invr_in, const float* __restrict__ b, const float* __restrict__ alphas,
+    const float* __restrict__ invr_in, const float* __restrict__ b, float a_pre, float a_post, float a_res,
     const float* __restrict__ dh_pre, const float* __restrict__ dh_post, const float* __restrict__ dh_res,
     const T* __restrict__ dx_in, const float* __restrict__ dots_in, float* __restrict__ dz,
     float* __restrict__ factor, float* __restrict__ rows, int n, int C, int tmax, float sinkhorn_eps,
@@ -50,7 +51,6 @@ __device__ __forceinline__ void token_coeffs_bwd(
   if constexpr (G::cta) {
     if (has_pre) dyn::stream_dots<NMAX>(x + (size_t)t * n * C, dx_in + (size_t)t * C, n, C, scratch, dots);
   }
-  const float a_pre = alphas[0], a_post = alphas[1], a_res = alphas[2];
   for (int j = g.rank; j < n; j += g.size) {
     float s = sigmoid(mixs[j] * a_pre + b[j]);
     dl[j] = (dh_pre[(size_t)t * n + j] + dots[j]) * (s * (1.0f - s));
@@ -91,19 +91,21 @@ __device__ __forceinline__ void token_coeffs_bwd(
 
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ mix, const float* __restrict__ invr_in,
-    const float* __restrict__ b, const float* __restrict__ alphas, const float* __restrict__ dh_pre,
+    const float* __restrict__ b, const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post,
+    const float* __restrict__ alpha_res, const float* __restrict__ dh_pre,
     const float* __restrict__ dh_post, const float* __restrict__ dh_res, const T* __restrict__ dx_in,
     const float* __restrict__ dots, float* __restrict__ dz, float* __restrict__ factor, float* __restrict__ rows,
     int n, int C, int Tn, int tmax, float sinkhorn_eps, float post_mult, int has_pre, int lanes, int slice) {
   extern __shared__ float smem[];
+  const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
   if (lanes) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;
     if (t < Tn)  // a whole group leaves together: its __syncwarp masks stay complete
       token_coeffs_bwd(dyn::LaneGroup(lanes), smem + (size_t)(threadIdx.x / lanes) * slice, t, x, mix, invr_in, b,
-                       alphas, dh_pre, dh_post, dh_res, dx_in, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps,
-                       post_mult, has_pre);
+                       a_pre, a_post, a_res, dh_pre, dh_post, dh_res, dx_in, dots, dz, factor, rows, n, C, tmax,
+                       sinkhorn_eps, post_mult, has_pre);
     return;
   }
-  token_coeffs_bwd(dyn::CtaGroup{}, smem, (int)blockIdx.x, x, mix, invr_in, b, alphas, dh_pre, dh_post, dh_res,
-                   dx_in, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps, post_mult, has_pre);
+  token_coeffs_bwd(dyn::CtaGroup{}, smem, (int)blockIdx.x, x, mix, invr_in, b, a_pre, a_post, a_res, dh_pre,
+                   dh_post, dh_res, dx_in, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps, post_mult, has_pre);
 }

@@ -157,7 +157,7 @@ def _lane_grid(T: int, lanes: int) -> tuple[int, int, int]:
     return (_cdiv(T * lanes, LANES_THREADS) * LANES_THREADS, 1, 1)
 
 
-def _coeffs_fwd(x3, phi32, b32, al, cfg, with_pre: bool):
+def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     part, sq, S = _projection(x3.reshape(T, K), phi32, T, K, M, tag)
@@ -169,10 +169,10 @@ def _coeffs_fwd(x3, phi32, b32, al, cfg, with_pre: bool):
     if slice_ is None:
         if not with_pre:
             shapes[3] = (1,)
-        return _launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, al], shapes, dtypes,
+        return _launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar], shapes, dtypes,
                        scalars + [int(with_pre), 0, 0], (T * THREADS, 1, 1), floats)
     shapes[3] = (1,)
-    outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, al], shapes, dtypes,
+    outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar], shapes, dtypes,
                         scalars + [0, lanes, slice_], _lane_grid(T, lanes), LANES_THREADS // lanes * slice_,
                         threads=LANES_THREADS))
     if with_pre:
@@ -189,8 +189,8 @@ def _portable_coeffs_vjp(primals, cotangents, cfg, with_pre: bool):
     """MLX's VJP of the portable graph (the documented exit: Sinkhorn history over shared memory)."""
     from . import dynamic
 
-    def graph(x3, phi32, b32, al):
-        h = dynamic._coeffs_graph(x3, phi32, b32, al[0], al[1], al[2], cfg)
+    def graph(x3, phi32, b32, ap, apo, ar):
+        h = dynamic._coeffs_graph(x3, phi32, b32, ap, apo, ar, cfg)
         return (*h, dynamic._pre_graph(x3, h[0])) if with_pre else h
 
     cots = list(cotangents[:4] if with_pre else cotangents[:3])
@@ -209,19 +209,21 @@ def _dots(x3, h_pre, g):
 
 
 def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
-    x3, phi32, b32, al = primals
+    x3, phi32, b32, ap, apo, ar = primals
     dh_pre, dh_post, dh_res, dx_in = cotangents[:4]
     h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
-    g_in = dx_in.astype(x3.dtype) if with_pre else mx.zeros((1,), x3.dtype)
-    inputs = [x3, mix, invr, b32, al, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
+    # with_pre false: an unused input slot gets x3 itself (the kernels never read it then; a fresh
+    # placeholder array would cost a launch)
+    g_in = dx_in.astype(x3.dtype) if with_pre else x3
+    inputs = [x3, mix, invr, b32, ap, apo, ar, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
     scalars = [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre)]
     outs = [(T, M), (T,), (T, M + 3)], [F32, F32, F32]
     lanes = _lanes(n, T)
     slice_ = _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1))
     if slice_ is not None:
-        dots = _dots(x3, h_pre, g_in) if with_pre else mx.zeros((1,), F32)
+        dots = _dots(x3, h_pre, g_in) if with_pre else mix  # mix: an unused slot (as g_in above)
         dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], *outs,
                                    scalars + [lanes, slice_], _lane_grid(T, lanes), LANES_THREADS // lanes * slice_,
                                    threads=LANES_THREADS)
@@ -229,7 +231,7 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
         smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
         if not _fits(smem):
             return _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
-        dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [mx.zeros((1,), F32)], *outs,
+        dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [mix], *outs,  # dots unused
                                    scalars + [0, 0], (T * THREADS, 1, 1), smem)
     xk = x3.reshape(T, K)
     (dx,) = _launch("mhc_dynamic_dx", tag, None, [xk, dz, phi32, factor, h_pre, g_in], [(T, K)], [x3.dtype],
@@ -237,14 +239,14 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
     part, S = _dphi_partials(xk, dz, T, K, M, tag)
     dphi = _colsum(part.reshape(S, K * M), S, K * M).reshape(K, M)
     sums = _colsum(rows, T, M + 3)
-    return dx.reshape(T, n, C), dphi, sums[:M], sums[M:]
+    return dx.reshape(T, n, C), dphi, sums[:M], sums[M], sums[M + 1], sums[M + 2]
 
 
 @functools.lru_cache(maxsize=None)
 def _coeffs_fn(cfg, with_pre: bool):
     @mx.custom_function
-    def f(x3, phi32, b32, al):
-        return tuple(_coeffs_fwd(x3, phi32, b32, al, cfg, with_pre))
+    def f(x3, phi32, b32, ap, apo, ar):
+        return tuple(_coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre))
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
@@ -261,8 +263,8 @@ def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, st
         from . import dynamic
 
         return dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
-    al = mx.stack([alpha_pre, alpha_post, alpha_res]).astype(F32)
-    outs = _call(_coeffs_fn(cfg, with_pre), x3, phi.astype(F32), b.astype(F32), al)
+    outs = _call(_coeffs_fn(cfg, with_pre), x3, phi.astype(F32), b.astype(F32), alpha_pre.astype(F32),
+                 alpha_post.astype(F32), alpha_res.astype(F32))
     return tuple(outs[:4]) if with_pre else tuple(outs[:3])
 
 
