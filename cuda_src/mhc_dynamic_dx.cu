@@ -1,6 +1,9 @@
 // dx of the coefficients (and pre) path, token-tiled (mhc_mm_norm_bwd, src/liger_kernel/ops/
 // mhc.py:291-295, plus LigerMHCPreFunction's grad_x):
 //   dx[t, k] = sum_m dz[t, m] phi[k, m] + factor[t] x[t, k] + (has_pre ? h_pre[t, k / C] dx_in[t, k % C] : 0)
+//              + (has_acc ? acc[t, k] : 0)
+// acc: x's gradient from elsewhere (the layer's mhc_post_res), added here instead of by a separate
+// pass over three [T, K] arrays.
 // with dz, factor from mhc_dynamic_coeffs_bwd. A [T, M] x [M, K] product with a short reduction
 // (M = n n + 2 n), so the kernel is bound by streaming x, dx_in and dx: CTA tile TT = 64 tokens x
 // KB = 128 k's, M staged through shared memory MC at a time (any M), each thread 4 tokens x 8 k's.
@@ -11,7 +14,8 @@
 // views) the same tile takes an exact scalar path. Per element the same float32 order on both:
 // the m sum in order, + x factor, + h_pre dx_in. x (and dx_in) are prefetched into L2 at the
 // start, so their DRAM latency overlaps the staging and the product.
-// Inputs: x [T, K], dz [T, M], phi [K, M] (float32), factor [T], h_pre [T, n], dx_in [T, C] (or [1]).
+// Inputs: x [T, K], dz [T, M], phi [K, M] (float32), factor [T], h_pre [T, n], dx_in [T, C] (or any
+// array if !has_pre), acc [T, K] (or any array if !has_acc).
 // Output: dx [T, K] (MHC_DTYPE). Grid (threads): (ceil(K / KB) * THREADS, ceil(T / TT), 1);
 // blockIdx.x = k tile, so the CTAs of one token tile run together and share dz and dx_in in L2.
 #include "mhc_dynamic_common.cuh"
@@ -80,13 +84,14 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ dz, const float* __restrict__ phi,
     const float* __restrict__ factor, const float* __restrict__ h_pre, const T* __restrict__ dx_in,
-    T* __restrict__ dx, int Tn, int K, int M, int C, int n, int has_pre) {
+    const T* __restrict__ acc_in, T* __restrict__ dx, int Tn, int K, int M, int C, int n, int has_pre, int has_acc) {
   __shared__ __align__(16) float Zs[MC][TT + PAD];  // Zs[m][t]
   __shared__ __align__(16) float Ps[MC][KB + PAD];  // Ps[m][ps_col(k)]
   const int tid = threadIdx.x, ty = tid / TX, tx = tid % TX;
   const int k0 = blockIdx.x * KB, t0 = blockIdx.y * TT, tb = t0 + ty * TR;
   // C % V == 0 also makes K % V == 0: a vector is wholly inside [0, K) and inside one stream
-  const bool vec = vec_ok<T>(C, x, dx, has_pre ? dx_in : nullptr);
+  const bool vec = vec_ok<T>(C, x, dx, has_pre ? dx_in : nullptr) &&
+                   vec_ok<T>(C, x, has_acc ? acc_in : nullptr);
 
   // Stream and column of each vector's first k: one division per vector, not per element.
   int js[G], cs[G];
@@ -105,6 +110,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
       const int tk = tb + i, k = k0 + tile_k(tx, g * V);
       if (tk < Tn && k < K) {
         prefetch_l2(x + (size_t)tk * K + k);
+        if (has_acc) prefetch_l2(acc_in + (size_t)tk * K + k);
         if (has_pre) prefetch_l2(dx_in + (size_t)tk * C + cs[g]);
       }
     }
@@ -189,6 +195,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
 #pragma unroll
           for (int q = 0; q < V; ++q) v[q] += h * gv[q];
         }
+        if (has_acc) {  // loaded here, not with x above: its line is already on its way to L2
+          float av[V];
+          widen(__ldg(reinterpret_cast<const uint4*>(acc_in + (size_t)tk * K + k)), av);
+#pragma unroll
+          for (int q = 0; q < V; ++q) v[q] += av[q];
+        }
         store_vec(dx + (size_t)tk * K + k, v);
       }
     }
@@ -207,6 +219,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
           if (k >= K) break;
           float v = acc[i][g * V + q] + to_float(x[(size_t)tk * K + k]) * fac;
           if (has_pre) v += h_pre[(size_t)tk * n + j] * to_float(dx_in[(size_t)tk * C + c]);
+          if (has_acc) v += to_float(acc_in[(size_t)tk * K + k]);
           dx[(size_t)tk * K + k] = from_float<T>(v);
           if (++c == C) {
             c = 0;

@@ -208,8 +208,11 @@ def _dots(x3, h_pre, g):
     return dots
 
 
-def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
+def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     x3, phi32, b32, ap, apo, ar = primals
+    # alias: the layer's mhc_post_res read x through this op's last output (x itself), so that
+    # output's cotangent is x's gradient from post_res: the dx kernel adds it in its one pass
+    acc = cotangents[6].astype(x3.dtype).reshape(x3.shape[0], -1) if alias else None
     dh_pre, dh_post, dh_res, dx_in = cotangents[:4]
     h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
     T, n, C = x3.shape
@@ -230,12 +233,14 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
     else:
         smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
         if not _fits(smem):
-            return _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
+            vjps = _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
+            return (vjps[0] + acc.reshape(x3.shape), *vjps[1:]) if alias else vjps
         dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [mix], *outs,  # dots unused
                                    scalars + [0, 0], (T * THREADS, 1, 1), smem)
     xk = x3.reshape(T, K)
-    (dx,) = _launch("mhc_dynamic_dx", tag, None, [xk, dz, phi32, factor, h_pre, g_in], [(T, K)], [x3.dtype],
-                    [T, K, M, C, n, int(with_pre)], (_cdiv(K, DX_KB) * THREADS, _cdiv(T, DX_TT), 1))
+    (dx,) = _launch("mhc_dynamic_dx", tag, None, [xk, dz, phi32, factor, h_pre, g_in, xk if acc is None else acc],
+                    [(T, K)], [x3.dtype], [T, K, M, C, n, int(with_pre), int(acc is not None)],
+                    (_cdiv(K, DX_KB) * THREADS, _cdiv(T, DX_TT), 1))
     part, S = _dphi_partials(xk, dz, T, K, M, tag)
     dphi = _colsum(part.reshape(S, K * M), S, K * M).reshape(K, M)
     sums = _colsum(rows, T, M + 3)
@@ -243,29 +248,36 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _coeffs_fn(cfg, with_pre: bool):
+def _coeffs_fn(cfg, with_pre: bool, alias: bool):
     @mx.custom_function
     def f(x3, phi32, b32, ap, apo, ar):
-        return tuple(_coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre))
+        outs = tuple(_coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre))
+        # x itself as a last output (MLX shares its buffer: no copy): see _coeffs_bwd
+        return (*outs, x3) if alias else outs
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
-        return _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre)
+        return _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre, alias)
 
     return f
 
 
-def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, strategy: str = "fused"):
-    """(h_pre, h_post, h_res[, x_in]) of x3 [T, n, C]; dynamic.Config cfg."""
+def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, strategy: str = "fused",
+           alias: bool = False):
+    """(h_pre, h_post, h_res[, x_in][, x]) of x3 [T, n, C]; dynamic.Config cfg. alias (the layer):
+    also return x itself, through which the layer's mhc_post_res must read x, so that post_res's
+    x-gradient reaches this op's backward and joins its dx in one kernel."""
     n = x3.shape[1]
     if not _fits(n * n + 2 * n + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)):
         # the per-token Sinkhorn of a very large n does not fit one CTA's shared memory: MLX ops
         from . import dynamic
 
-        return dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
-    outs = _call(_coeffs_fn(cfg, with_pre), x3, phi.astype(F32), b.astype(F32), alpha_pre.astype(F32),
+        outs = dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
+        return (*outs, x3) if alias else outs
+    outs = _call(_coeffs_fn(cfg, with_pre, alias), x3, phi.astype(F32), b.astype(F32), alpha_pre.astype(F32),
                  alpha_post.astype(F32), alpha_res.astype(F32))
-    return tuple(outs[:4]) if with_pre else tuple(outs[:3])
+    picked = list(outs[:4]) if with_pre else list(outs[:3])
+    return (*picked, outs[6]) if alias else tuple(picked)
 
 
 # ---------------------------------------------------------------- mhc_pre

@@ -150,7 +150,11 @@ _portable_post_res = mx.compile(_post_res_graph)
 
 
 # ---------------------------------------------------------------- ops
-def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: str, with_pre: bool):
+def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: str, with_pre: bool,
+            alias: bool = False):
+    """The coefficients (and x_in); alias (DynamicMHC): also x, to be read by mhc_post_res, which is
+    x itself on every path, and on the kernel path an output of the coefficients op (see
+    cuda_dynamic.coeffs): post_res's x-gradient then joins the coefficients' dx in one kernel."""
     n, C, lead = _check_x(x)
     M = n_coeffs(n)
     _check_shape("phi", phi, (n * C, M))
@@ -161,7 +165,8 @@ def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: s
     T = x3.shape[0]
     if T == 0:
         outs = (mx.zeros((*lead, n), F32), mx.zeros((*lead, n), F32), mx.zeros((*lead, n, n), F32))
-        return (*outs, mx.zeros((*lead, C), x.dtype)) if with_pre else outs
+        outs = (*outs, mx.zeros((*lead, C), x.dtype)) if with_pre else outs
+        return (*outs, x) if alias else outs
     choice = _choose("mhc_coeffs", n, C, backend, T)
     if choice.strategy == "reference":
         h = ref.mhc_coeffs(x3, phi, b, *alphas, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult)
@@ -169,9 +174,16 @@ def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: s
     elif choice.strategy == "portable":
         outs = _portable_coeffs(cfg, with_pre)(x3, phi, b, *alphas)
     else:
-        outs = _kernels(choice).coeffs(x3, phi, b, *alphas, cfg, with_pre, choice.strategy)
-    shapes = [(*lead, n), (*lead, n), (*lead, n, n), (*lead, C)]
-    return tuple(o.reshape(s) for o, s in zip(outs, shapes))
+        outs = _kernels(choice).coeffs(x3, phi, b, *alphas, cfg, with_pre, choice.strategy, alias=alias)
+        if alias:
+            *outs, x_alias = outs
+            return (*(o.reshape(s) for o, s in zip(outs, _coeff_shapes(lead, n, C))), x_alias.reshape(x.shape))
+    outs = tuple(o.reshape(s) for o, s in zip(outs, _coeff_shapes(lead, n, C)))
+    return (*outs, x) if alias else outs
+
+
+def _coeff_shapes(lead, n, C):
+    return [(*lead, n), (*lead, n), (*lead, n, n), (*lead, C)]
 
 
 def mhc_coeffs(x: mx.array, phi: mx.array, b: mx.array, alpha_pre: mx.array, alpha_post: mx.array,
@@ -294,8 +306,9 @@ class DynamicMHC(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         self._check_input(x)
-        _, h_post, h_res, x_in = mhc_coeffs_pre(x, self.phi, self.b, self.alpha_pre, self.alpha_post,
-                                                self.alpha_res, **self._kw())
+        c = self.config
+        _, h_post, h_res, x_in, x_post = _coeffs(x, self.phi, self.b, self.alpha_pre, self.alpha_post,
+                                                 self.alpha_res, c, self.backend, with_pre=True, alias=True)
         layer_dtype = _first_param_dtype(self.layer)
         if layer_dtype is not None and x_in.dtype != layer_dtype:
             x_in = x_in.astype(layer_dtype)
@@ -303,7 +316,7 @@ class DynamicMHC(nn.Module):
         if tuple(f_out.shape) != tuple(x_in.shape):
             raise ValueError(f"DynamicMHC: layer returned shape {tuple(f_out.shape)}: expected x_in's shape "
                              f"{tuple(x_in.shape)} ([..., C] -> [..., C])")
-        return mhc_post_res(x, f_out, h_post, h_res, backend=self.backend)
+        return mhc_post_res(x_post, f_out, h_post, h_res, backend=self.backend)
 
     def _extra_repr(self) -> str:
         return f"n={self.n}, C={self.C}, tmax={self.config.tmax}, backend={self.backend!r}"

@@ -453,6 +453,10 @@ def _layer64(m, x64, G64=None, alpha_scales=None):
 @pytest.mark.parametrize("B,n,C", [(1, 1, 1), ((2, 3), 4, 32), (5, 8, 17), (2, 16, 8)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_vs_liger64(backend, B, n, C, dtype_name):
+    _check_layer(backend, B, n, C, dtype_name)
+
+
+def _check_layer(backend, B, n, C, dtype_name):
     seed = seed_of("layer", backend, B, n, C, dtype_name)
     dtype = testing.DTYPES[dtype_name]
     m = _layer(n, C, seed, backend)
@@ -755,6 +759,15 @@ def test_emulated_cuda_coeffs_without_pre_config_and_layer(emulated_cuda):
     m = _layer(4, 16, 3, "cuda")
     x = _x((5, 4, 16), "float32", 4)
     _err_ok(_run(m, x).reshape(5, 4, 16), _layer64(m, to64(x)), 1e-5, "emulated DynamicMHC")
+
+
+@pytest.mark.parametrize("B,n,C,dtype_name", [((2, 3), 4, 32, "float32"), (70, 4, 48, "bfloat16"),
+                                              (5, 3, 17, "float32")])
+def test_emulated_cuda_layer_vs_liger64(emulated_cuda, B, n, C, dtype_name):
+    """DynamicMHC on the kernels, forward and every gradient: post_res reads x through the
+    coefficients op's alias output, so x's gradient from post_res is added by the dx kernel
+    (16-byte path, several token tiles at T = 70; element path at C = 17)."""
+    _check_layer("cuda", B, n, C, dtype_name)
 
 
 def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
