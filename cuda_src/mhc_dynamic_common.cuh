@@ -124,6 +124,16 @@ __device__ __forceinline__ void aggregate_token(const E* __restrict__ x, const f
   }
 }
 
+// v = hi + mid + lo, three bfloat16 terms exact to 2^-24 relative: the float32 operand of the
+// tensor-core kernels (mhc_dynamic_proj_tc, mhc_dynamic_dphi_tc), whose three bfloat16 MMAs with
+// float32 accumulation then give a float32-accurate product.
+__device__ __forceinline__ void split_bf16x3(float v, bf16& hi, bf16& mid, bf16& lo) {
+  hi = from_float<bf16>(v);
+  const float r1 = v - to_float(hi);
+  mid = from_float<bf16>(r1);
+  lo = from_float<bf16>(r1 - to_float(mid));
+}
+
 // ---------------------------------------------------------------- Liger's Sinkhorn, per token
 // Shared-memory layout of one token's Sinkhorn (sinkhorn_floats(n, tmax, slots) floats):
 //   H(0) = softmax p, H(1 + t) = mat_t for t = 0 .. slots-2   (slots n n floats: tmax + 1 slots

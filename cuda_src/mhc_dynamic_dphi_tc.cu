@@ -76,13 +76,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
 #pragma unroll
     for (int i = 0; i < ZE; ++i) {
       const int e = tid + i * THREADS, r = e / MP, m = e % MP;
-      const float g = zr[i];
-      const bf16 hi = from_float<bf16>(g);
-      const float r1 = g - to_float(hi);
-      const bf16 mid = from_float<bf16>(r1);
-      zs(buf, 0)[r][m] = hi;
-      zs(buf, 1)[r][m] = mid;
-      zs(buf, 2)[r][m] = from_float<bf16>(r1 - to_float(mid));
+      dyn::split_bf16x3(zr[i], zs(buf, 0)[r][m], zs(buf, 1)[r][m], zs(buf, 2)[r][m]);
     }
   };
 

@@ -81,13 +81,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
 #pragma unroll
     for (int i = 0; i < PE; ++i) {
       const int e = tid + i * THREADS, kk = e / MP, m = e % MP;
-      const float p = pr[i];
-      const bf16 hi = from_float<bf16>(p);
-      const float r1 = p - to_float(hi);
-      const bf16 mid = from_float<bf16>(r1);
-      ps(buf, 0)[kk][m] = hi;
-      ps(buf, 1)[kk][m] = mid;
-      ps(buf, 2)[kk][m] = from_float<bf16>(r1 - to_float(mid));
+      dyn::split_bf16x3(pr[i], ps(buf, 0)[kk][m], ps(buf, 1)[kk][m], ps(buf, 2)[kk][m]);
     }
   };
 
