@@ -4,15 +4,19 @@
 that launch the backward kernels.
 
 Kernels per op (geometry mirrors each kernel's header comment; grids are given in threads):
-  mhc_coeffs    forward  proj_tc (bfloat16 x, n <= 4: tensor cores) or skinny (z = vec(x) @ phi,
-                         K split S ways, + sum of squares)
-                         -> coeffs (one CTA per token: RMS scale, activations, Sinkhorn, x_in)
-                backward coeffs_bwd (one CTA per token: dx_in . x, sigmoid and Sinkhorn backward)
-                         -> dx (token-tiled dz @ phi^T + RMS term + h_pre dx_in)
+  mhc_coeffs    forward  proj_tc (bfloat16 x, n <= 4: tensor cores, double-buffered) or skinny
+                         (z = vec(x) @ phi, K split S ways, + sum of squares)
+                         -> coeffs: RMS scale, activations, Sinkhorn per token, by a lane group
+                            (n <= 8, T >= LANES_MIN_T; then x_in by pre) or by a CTA (with x_in)
+                backward [pre_bwd without dx: the dots dx_in . x, lane mode only]
+                         -> coeffs_bwd (sigmoid and Sinkhorn backward; lane group or CTA as forward)
+                         -> dx (token-tiled dz @ phi^T + RMS term + h_pre dx_in [+ post_res's dx])
                          -> dphi_tc (bfloat16 x, n <= 4: tensor cores) or skinny (dphi = x^T dz,
                             tokens split S ways) -> colsum (dphi, db, dalpha)
   mhc_pre       pre / pre_bwd (per token)
   mhc_post_res  post_res (x and f read once) / post_res_bwd (per token)
+DynamicMHC reads x in post_res through an alias output of mhc_coeffs (x itself, see coeffs), so
+post_res's x-gradient reaches coeffs' backward and dx adds it: one pass instead of MLX's add.
 Nothing accumulates with atomics: per-CTA (or per-token) partials and a fixed-order reduce.
 Documented exits to the portable graph (MLX ops): a per-token Sinkhorn that does not fit one
 CTA's shared memory (forward: 2 n n + 2 tmax n floats, backward with its history: (tmax + 1) n n
