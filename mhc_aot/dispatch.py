@@ -85,8 +85,9 @@ RULES: tuple[Rule, ...] = (
       for op in ("sinkhorn", "mhc_forward", "mhc_backward", "stream_mix_add")),
     # Dynamic mHC (mhc_aot/dynamic.py): CUDA kernels (mhc_aot/cuda_dynamic.py); Metal has none yet.
     *(Rule("cuda", op, "fused", None, None, why) for op, why in (
-        ("mhc_coeffs", "RMS scale and projection in one pass over x, per-token activations and Sinkhorn "
-                       "in one launch (with mhc_pre fused when the layer asks for x_in)"),
+        ("mhc_coeffs", "RMS scale and projection in one pass over x, then per-token activations and "
+                       "Sinkhorn: a lane group per token for n <= 8 from 1024 tokens (x_in then one more "
+                       "pass), else a CTA per token with x_in fused (cuda_dynamic.LANES_*)"),
         ("mhc_pre", "one pass: x_in = h_pre . x"),
         ("mhc_post_res", "one pass: out = h_res x + h_post f_out"))),
     *(Rule(backend, op, "portable", None, None,
