@@ -29,8 +29,8 @@ import functools
 
 import mlx.core as mx
 
-from . import cuda, device, kernel_ops, testing
-from .kernel_ops import dtype_tag, single
+from . import cuda, device
+from .kernel_ops import compiled_call, dtype_tag, single
 
 F32 = mx.float32
 THREADS = cuda.THREADS  # cuda_src/mhc_common.cuh
@@ -68,22 +68,6 @@ def sinkhorn_floats(n: int, tmax: int, slots: int) -> int:
 
 def _fits(floats: int) -> bool:
     return 4 * floats <= device.max_shared_memory_per_block()
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(op, poisoned: bool):
-    # `poisoned` is part of the key as in kernel_ops.compiled_forward: NaN-filled outputs are
-    # decided when the graph is traced, so a poisoned test call never replays an unpoisoned trace
-    return mx.compile(lambda *args: op(*args))
-
-
-def _call(op, *args):
-    """op (a custom_function of this module) as one mx.compile'd graph per op and shape, as the
-    static forward (kernel_ops.COMPILE_FORWARD): a call replays its traced launches instead of
-    building each launch in Python again, which is most of the time of a small T."""
-    if not kernel_ops.COMPILE_FORWARD:
-        return op(*args)
-    return _compiled(op, testing.poison_requested())(*args)
 
 
 # ---------------------------------------------------------------- shared building blocks
@@ -168,18 +152,17 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
     lanes = _lanes(n, T)
     slice_ = _lane_slice(lanes, floats)
-    shapes, dtypes = [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,)], [F32, F32, F32, x3.dtype, F32, F32]
-    scalars = [n, C, T, S, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult]
+    fused_pre = with_pre and slice_ is None  # a CTA per token computes x_in itself
     if slice_ is None:
-        if not with_pre:
-            shapes[3] = (1,)
-        return _launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar], shapes, dtypes,
-                       scalars + [int(with_pre), 0, 0], (T * THREADS, 1, 1), floats)
-    shapes[3] = (1,)
-    outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar], shapes, dtypes,
-                        scalars + [0, lanes, slice_], _lane_grid(T, lanes), LANES_THREADS // lanes * slice_,
-                        threads=LANES_THREADS))
-    if with_pre:
+        mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), floats, THREADS)
+    else:
+        mode, geometry = [0, lanes, slice_], (_lane_grid(T, lanes), LANES_THREADS // lanes * slice_, LANES_THREADS)
+    outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar],
+                        [(T, n), (T, n), (T, n, n), (T, C) if fused_pre else (1,), (T, M), (T,)],
+                        [F32, F32, F32, x3.dtype, F32, F32],
+                        [n, C, T, S, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult, *mode],
+                        *geometry))
+    if with_pre and not fused_pre:
         outs[3] = _pre_fwd(x3, outs[0])
     return outs
 
@@ -202,14 +185,13 @@ def _portable_coeffs_vjp(primals, cotangents, cfg, with_pre: bool):
     return tuple(vjps)
 
 
-def _dots(x3, h_pre, g):
-    """dots [T, n] = sum_c g[t, c] x[t, j, c]: mhc_dynamic_pre_bwd without its dx."""
+def _pre_bwd(x3, h_pre, g, want_dx: bool):
+    """mhc_dynamic_pre_bwd: (dx [T, n, C] or an unwritten [1], dots [T, n] = sum_c g[t, c] x[t, j, c])."""
     T, n, C = x3.shape
     tag = _tag(x3.dtype)
     nr = max(_nmax("mhc_dynamic_pre_bwd", tag, n), 1)
-    _, dots = _launch("mhc_dynamic_pre_bwd", tag, n, [x3, h_pre, g], [(1,), (T, n)], [x3.dtype, F32], [n, C, 0],
-                      (T * THREADS, 1, 1), 2 * n + WARPS * nr + nr)
-    return dots
+    return _launch("mhc_dynamic_pre_bwd", tag, n, [x3, h_pre, g], [(T, n, C) if want_dx else (1,), (T, n)],
+                   [x3.dtype, F32], [n, C, int(want_dx)], (T * THREADS, 1, 1), 2 * n + WARPS * nr + nr)
 
 
 def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
@@ -225,22 +207,20 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     # placeholder array would cost a launch)
     g_in = dx_in.astype(x3.dtype) if with_pre else x3
     inputs = [x3, mix, invr, b32, ap, apo, ar, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
-    scalars = [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre)]
-    outs = [(T, M), (T,), (T, M + 3)], [F32, F32, F32]
     lanes = _lanes(n, T)
     slice_ = _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1))
     if slice_ is not None:
-        dots = _dots(x3, h_pre, g_in) if with_pre else mix  # mix: an unused slot (as g_in above)
-        dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], *outs,
-                                   scalars + [lanes, slice_], _lane_grid(T, lanes), LANES_THREADS // lanes * slice_,
-                                   threads=LANES_THREADS)
+        dots = _pre_bwd(x3, h_pre, g_in, want_dx=False)[1] if with_pre else mix  # mix: an unused slot
+        mode, geometry = [lanes, slice_], (_lane_grid(T, lanes), LANES_THREADS // lanes * slice_, LANES_THREADS)
     else:
         smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
         if not _fits(smem):
             vjps = _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
             return (vjps[0] + acc.reshape(x3.shape), *vjps[1:]) if alias else vjps
-        dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [mix], *outs,  # dots unused
-                                   scalars + [0, 0], (T * THREADS, 1, 1), smem)
+        dots, mode, geometry = mix, [0, 0], ((T * THREADS, 1, 1), smem, THREADS)  # the CTA computes the dots
+    dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], [(T, M), (T,), (T, M + 3)],
+                               [F32, F32, F32], [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult,
+                                                 int(with_pre), *mode], *geometry)
     xk = x3.reshape(T, K)
     (dx,) = _launch("mhc_dynamic_dx", tag, None, [xk, dz, phi32, factor, h_pre, g_in, xk if acc is None else acc],
                     [(T, K)], [x3.dtype], [T, K, M, C, n, int(with_pre), int(acc is not None)],
@@ -278,8 +258,8 @@ def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, st
 
         outs = dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
         return (*outs, x3) if alias else outs
-    outs = _call(_coeffs_fn(cfg, with_pre, alias), x3, phi.astype(F32), b.astype(F32), alpha_pre.astype(F32),
-                 alpha_post.astype(F32), alpha_res.astype(F32))
+    outs = compiled_call(_coeffs_fn(cfg, with_pre, alias), x3, phi.astype(F32), b.astype(F32),
+                         alpha_pre.astype(F32), alpha_post.astype(F32), alpha_res.astype(F32))
     picked = list(outs[:4]) if with_pre else list(outs[:3])
     return (*picked, outs[6]) if alias else tuple(picked)
 
@@ -301,17 +281,11 @@ def _pre_fn(x3, hp):
 @_pre_fn.vjp
 def _pre_vjp(primals, cotangents, outputs):
     x3, hp = primals
-    T, n, C = x3.shape
-    tag = _tag(x3.dtype)
-    nr = max(_nmax("mhc_dynamic_pre_bwd", tag, n), 1)
-    g = single(cotangents).astype(x3.dtype)
-    dx, dh = _launch("mhc_dynamic_pre_bwd", tag, n, [x3, hp, g], [(T, n, C), (T, n)], [x3.dtype, F32], [n, C, 1],
-                     (T * THREADS, 1, 1), 2 * n + WARPS * nr + nr)
-    return dx, dh
+    return tuple(_pre_bwd(x3, hp, single(cotangents).astype(x3.dtype), want_dx=True))
 
 
 def pre(x3, h_pre, strategy: str = "fused"):
-    return _call(_pre_fn, x3, h_pre.astype(F32))
+    return compiled_call(_pre_fn, x3, h_pre.astype(F32))
 
 
 # ---------------------------------------------------------------- mhc_post_res
@@ -348,4 +322,4 @@ def post_res(x3, f2, h_post, h_res, strategy: str = "fused"):
         from . import dynamic
 
         return dynamic._portable_post_res(x3, f2, h_post, h_res)
-    return _call(_post_res_fn, x3, f2, h_post.astype(F32), h_res.astype(F32))
+    return compiled_call(_post_res_fn, x3, f2, h_post.astype(F32), h_res.astype(F32))

@@ -41,17 +41,23 @@ _SMEM_PER_SM_BY_ARCH = {80: 164 * 1024, 86: 100 * 1024, 87: 164 * 1024, 89: 100 
 SMEM_RESERVED_PER_CTA = 1024
 
 
+@functools.lru_cache(maxsize=None)
 def resident_ctas_per_sm(shared_bytes: int) -> int:
     """How many CTAs of `shared_bytes` dynamic shared memory fit one SM by shared memory alone (the
     launcher sizes grids to one full wave with it; registers are the kernel's to keep within)."""
     facts = cuda_facts()
     per_sm = int(facts.get("max_shared_memory_per_sm") or 0) if facts.get("available") else 0
     if not per_sm:
-        import mlx.core as mx
-
-        digits = "".join(ch for ch in str(mx.device_info().get("architecture", "")) if ch.isdigit())
-        per_sm = _SMEM_PER_SM_BY_ARCH.get(int(digits) if digits else 90, 100 * 1024)
+        per_sm = _SMEM_PER_SM_BY_ARCH.get(_mlx_arch(), 100 * 1024)
     return max(1, per_sm // (shared_bytes + SMEM_RESERVED_PER_CTA))
+
+
+def _mlx_arch() -> int:
+    """MLX's device architecture as a number (sm_90 -> 90; 90 when MLX names none)."""
+    import mlx.core as mx
+
+    digits = "".join(ch for ch in str(mx.device_info().get("architecture", "")) if ch.isdigit())
+    return int(digits) if digits else 90
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,10 +65,7 @@ def max_shared_memory_per_block() -> int:
     facts = cuda_facts()
     if facts.get("available") and facts.get("max_shared_memory_per_block_optin"):
         return int(facts["max_shared_memory_per_block_optin"])
-    import mlx.core as mx
-
-    digits = "".join(ch for ch in str(mx.device_info().get("architecture", "")) if ch.isdigit())
-    return _SMEM_BY_ARCH.get(int(digits) if digits else 90, 99 * 1024)
+    return _SMEM_BY_ARCH.get(_mlx_arch(), 99 * 1024)
 
 
 @functools.lru_cache(maxsize=1)

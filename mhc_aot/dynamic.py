@@ -168,6 +168,7 @@ def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: s
         outs = (*outs, mx.zeros((*lead, C), x.dtype)) if with_pre else outs
         return (*outs, x) if alias else outs
     choice = _choose("mhc_coeffs", n, C, backend, T)
+    x_post = x
     if choice.strategy == "reference":
         h = ref.mhc_coeffs(x3, phi, b, *alphas, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult)
         outs = (*h, ref.mhc_pre(x3, h[0]).astype(x.dtype)) if with_pre else h
@@ -176,14 +177,11 @@ def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: s
     else:
         outs = _kernels(choice).coeffs(x3, phi, b, *alphas, cfg, with_pre, choice.strategy, alias=alias)
         if alias:
-            *outs, x_alias = outs
-            return (*(o.reshape(s) for o, s in zip(outs, _coeff_shapes(lead, n, C))), x_alias.reshape(x.shape))
-    outs = tuple(o.reshape(s) for o, s in zip(outs, _coeff_shapes(lead, n, C)))
-    return (*outs, x) if alias else outs
-
-
-def _coeff_shapes(lead, n, C):
-    return [(*lead, n), (*lead, n), (*lead, n, n), (*lead, C)]
+            *outs, x_post = outs
+            x_post = x_post.reshape(x.shape)
+    shapes = [(*lead, n), (*lead, n), (*lead, n, n), (*lead, C)]
+    outs = tuple(o.reshape(s) for o, s in zip(outs, shapes))
+    return (*outs, x_post) if alias else outs
 
 
 def mhc_coeffs(x: mx.array, phi: mx.array, b: mx.array, alpha_pre: mx.array, alpha_post: mx.array,

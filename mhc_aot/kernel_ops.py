@@ -26,6 +26,21 @@ F32 = mx.float32
 COMPILE_FORWARD = True
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, poisoned: bool):
+    # `poisoned` is part of the key: whether launches fill outputs with NaN first is decided when
+    # the graph is traced, so a poisoned test call never replays an unpoisoned trace
+    return mx.compile(lambda *args: fn(*args))
+
+
+def compiled_call(fn, *args):
+    """fn(*args) as one mx.compile'd graph per fn (a stable object: cache it) and shape, unless
+    COMPILE_FORWARD is off: a call replays its traced launches instead of building each in Python."""
+    if not COMPILE_FORWARD:
+        return fn(*args)
+    return _compiled(fn, testing.poison_requested())(*args)
+
+
 def single(arrays):
     """The array of a one-input/one-output custom_function: MLX passes it bare, not in a tuple."""
     return arrays[0] if isinstance(arrays, (list, tuple)) else arrays
@@ -93,17 +108,12 @@ def build(k: Launchers) -> SimpleNamespace:
         return out
 
     @functools.lru_cache(maxsize=None)
-    def compiled_forward(iters: int, eps: float, strategy: str, poisoned: bool):
-        # `poisoned` is part of the key: whether launches fill outputs with NaN first is decided
-        # when the graph is traced, so a poisoned test call never replays an unpoisoned trace
-        return mx.compile(functools.partial(forward_graph, iters=iters, eps=eps, strategy=strategy))
+    def graph_for(iters: int, eps: float, strategy: str):
+        return functools.partial(forward_graph, iters=iters, eps=eps, strategy=strategy)
 
     def mhc_forward(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps, strategy):
         k.check_n(x.shape[1], "mhc_forward")
-        args = (x, H_pre_raw, H_post_raw, H_res_raw, rms_weight)
-        if not COMPILE_FORWARD:
-            return forward_graph(*args, iters, eps, strategy)
-        return compiled_forward(iters, eps, strategy, testing.poison_requested())(*args)
+        return compiled_call(graph_for(iters, eps, strategy), x, H_pre_raw, H_post_raw, H_res_raw, rms_weight)
 
     @mx.custom_function
     def mix_add_fn(x, M, bias):

@@ -4,8 +4,9 @@ Stages of the static layer: `sinkhorn` (ops.sinkhorn alone), `forward` (ops.mhc_
 included) and `backward` (value_and_grad of sum(out * dout) w.r.t. x and all four parameters: the
 forward and backward of one training step). Of the dynamic layer (DynamicMHC around an identity F,
 as `mhc bench --layer dynamic`): `coeffs` (mhc_coeffs_pre: coefficients and x_in), `post_res`
-(mhc_post_res), `forward` (the layer) and `backward` (value_and_grad w.r.t. x and phi, b, alphas). Every call is timed between synchronisations (mx.synchronize,
-then the call and mx.eval of its result, then mx.synchronize), so one event is one call's wall
+(mhc_post_res), `forward` (the layer) and `backward` (value_and_grad w.r.t. x and phi, b, alphas).
+Every call is timed between synchronisations (mx.synchronize, then the call and mx.eval of its
+result, then mx.synchronize), so one event is one call's wall
 time on the device, queueing included. The trace is the Trace Event Format's JSON object form:
 {"traceEvents": [...]} of complete ("X") events, ts and dur in microseconds, one thread per
 stage; open it in https://ui.perfetto.dev or chrome://tracing.
@@ -25,7 +26,6 @@ from . import bench, device, dispatch, ops
 
 STAGES = ("sinkhorn", "forward", "backward")
 DYNAMIC_STAGES = ("coeffs", "post_res", "forward", "backward")
-LAYERS = ("static", "dynamic")
 PID = 1
 
 
@@ -113,7 +113,7 @@ def strategies(B: int, n: int, C: int, backend: str = "auto", layer: str = "stat
     if backend in ("portable", "reference"):
         return {s: backend for s in (DYNAMIC_STAGES if layer == "dynamic" else STAGES)}
     if layer == "dynamic":
-        ex = {op: _explain_dynamic(op, n, C, backend, B) for op in ("mhc_coeffs", "mhc_post_res")}
+        ex = {op: dispatch.explain(op, n, C, backend, B=B) for op in ("mhc_coeffs", "mhc_post_res")}
         both = "the coeffs and post_res choices above"
         return {"coeffs": ex["mhc_coeffs"], "post_res": ex["mhc_post_res"], "forward": both, "backward": both}
     return {
@@ -121,13 +121,6 @@ def strategies(B: int, n: int, C: int, backend: str = "auto", layer: str = "stat
         "forward": dispatch.explain("mhc_forward", n, C, backend, B=B),
         "backward": dispatch.explain("mhc_backward", n, C, backend, B=B),
     }
-
-
-def _explain_dynamic(op: str, n: int, C: int, backend: str, T: int) -> str:
-    try:
-        return dispatch.explain(op, n, C, backend, B=T)
-    except ValueError:  # MLX's CPU backend: the dynamic ops have no CPU rule, they run the portable path
-        return f"{op} on {dispatch.device_backend()}: portable"
 
 
 def write_trace(events: list[dict], path, meta: Optional[dict] = None) -> None:
