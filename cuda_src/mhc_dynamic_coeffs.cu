@@ -40,12 +40,31 @@ __device__ __forceinline__ void token_coeffs(
   float* hp = L + n * n;       // n
   dyn::SinkhornSmem sk{hp + n, n, tmax, 2};
 
+  // the projection's S partials of z[m] and of the sum of squares (entry M)
   float ss = 0.0f;
-  for (int s = 0; s < S; ++s) ss += sq[(size_t)s * Tn + t];
+  if constexpr (G::cta) {
+    // a warp per entry, its lanes over the splits: few tokens come with many splits (T = 32:
+    // S = 256), where a serial loop per entry waits on S dependent L2 loads
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int q = warp; q <= M; q += dyn::WARPS) {
+      float v = 0.0f;
+      for (int s = lane; s < S; s += 32) v += q < M ? zpart[((size_t)s * Tn + t) * M + q] : sq[(size_t)s * Tn + t];
+      v = warp_sum(v);
+      if (lane == 0) (q < M ? mixs[q] : hp[0]) = v;  // hp is free until the activations
+    }
+    g.sync();
+    ss = hp[0];
+  } else {
+    for (int s = 0; s < S; ++s) ss += sq[(size_t)s * Tn + t];
+  }
   const float invr = rsqrtf(ss / (float)(n * C) + rms_eps);
   for (int m = g.rank; m < M; m += g.size) {
     float z = 0.0f;
-    for (int s = 0; s < S; ++s) z += zpart[((size_t)s * Tn + t) * M + m];
+    if constexpr (G::cta) {
+      z = mixs[m];
+    } else {
+      for (int s = 0; s < S; ++s) z += zpart[((size_t)s * Tn + t) * M + m];
+    }
     const float v = z * invr;
     mixs[m] = v;
     mix[(size_t)t * M + m] = v;

@@ -43,6 +43,7 @@ inline emu_dim3 blockDim, gridDim;
 struct uint4 {
   unsigned x, y, z, w;
 };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 struct float4 {
   float x, y, z, w;
 };

@@ -4,15 +4,19 @@
 // the bfloat16 MMA; float32 phi is split as phi = hi + mid + lo (three bfloat16 terms, exact to
 // 2^-24 relative), so three MMAs with float32 accumulation give a float32-accurate product.
 // CTA: 128 tokens (8 warps x 16 rows) x 32 columns; K streams through shared memory KC at a time,
-// double-buffered: stage s + 1's x tile is in flight (cp.async, 16 bytes per copy) and its phi
-// values in registers while stage s's MMAs run, so the x stream never waits on a barrier-bound
-// load-then-compute cycle (ncu, H100, T = 8192, K = 16384: the single-buffered version moved x at
-// 22% of DRAM bandwidth). Element loads when x's rows are not 16-byte aligned. The split over K
-// (grid y) is chosen by the launcher so that every CTA is resident at once (no second, mostly
-// idle wave). WMMA fragments are loaded from and stored to shared memory only.
+// double-buffered: stage s + 1's x tile and its phi rows are in flight (cp.async, 16 bytes per
+// copy) while stage s's MMAs run, so the x stream never waits on a barrier-bound load-then-compute
+// cycle (ncu, H100, T = 8192, K = 16384: the single-buffered version moved x at 22% of DRAM
+// bandwidth). phi's rows of a stage are one contiguous block: each thread copies its own 16-byte
+// chunks into a raw float buffer and splits exactly those into the stage's bfloat16 tiles, so the
+// split needs no barrier and no registers across the MMAs (holding the next stage's phi in
+// registers spilled at 80 registers: 1M local-memory requests per launch, ncu H100). Element
+// loads when rows are not 16-byte aligned. The split over K (grid y) is chosen by the launcher so
+// that every CTA is resident at once (no second, mostly idle wave). WMMA fragments are loaded from
+// and stored to shared memory only.
 // Grid (threads): (THREADS, S, ceil(T / 128)): token tiles are the slowest grid dimension, so the
 // tokens read last are still in L2 when the coefficients kernel starts.
-// Shared memory (dynamic): SMEM_BYTES, or half of it when ksplit <= KC. Needs sm_80+.
+// Shared memory (dynamic): SMEM_BYTES, or SMEM_ONE_STAGE when ksplit <= KC. Needs sm_80+.
 #include <cuda_pipeline.h>
 #include <mma.h>
 
@@ -27,16 +31,18 @@ constexpr int V = 8;          // bf16 per 16-byte vector
 constexpr int XLD = KC + 8;   // bf16 elements per x row in shared memory (rows 16-byte aligned, tiles 32-byte)
 constexpr int PLD = MP + 8;   // bf16 elements per phi row
 constexpr int OLD = MP + 4;   // floats per output row
-constexpr int XV = TB * KC / V / THREADS;  // x vectors per thread per stage
-constexpr int PE = KC * MP / THREADS;      // phi values per thread per stage
-constexpr int X_BYTES = TB * XLD * 2, P_BYTES = 3 * KC * PLD * 2;
+constexpr int XV = TB * KC / V / THREADS;       // x vectors per thread per stage
+constexpr int RC = (KC * MP / 4 + THREADS - 1) / THREADS;  // raw phi chunks (4 floats) per thread per stage
+constexpr int X_BYTES = TB * XLD * 2, P_BYTES = 3 * KC * PLD * 2, RAW_BYTES = KC * MP * 4;
 static_assert(TB * OLD * 4 <= X_BYTES, "the output staging reuses an x buffer's bytes");
 static_assert(X_BYTES % 32 == 0 && P_BYTES % 32 == 0, "WMMA tiles stay 32-byte aligned");
-// Buffer b = (x tile, phi tiles) at b * (X_BYTES + P_BYTES). Two buffers: what the launcher passes
-// (mhc_aot/cuda_dynamic.py TC_SMEM_BYTES); one when every CTA has a single stage (ksplit <= KC),
-// which uses buffer 0 only: half the shared memory, twice the resident CTAs.
-constexpr int SMEM_BYTES = 2 * (X_BYTES + P_BYTES);
-static_assert(SMEM_BYTES == 67584, "keep TC_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+// [raw phi rows of the next stage][buffer 0: x tile, phi tiles][buffer 1: x tile, phi tiles].
+// Two buffers: what the launcher passes (mhc_aot/cuda_dynamic.py TC_SMEM_BYTES; three CTAs fit an
+// H100 SM); one when every CTA has a single stage (ksplit <= KC): buffer 0 only.
+constexpr int SMEM_ONE_STAGE = RAW_BYTES + X_BYTES + P_BYTES;
+constexpr int SMEM_BYTES = SMEM_ONE_STAGE + X_BYTES + P_BYTES;
+static_assert(SMEM_BYTES == 75776 && SMEM_ONE_STAGE == 41984,
+              "keep TC_SMEM_BYTES / TC_SMEM_ONE_STAGE in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
 // three CTAs per SM (shared memory allows three): at most 85 registers per thread
@@ -45,14 +51,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
     int Tn, int K, int M, int ksplit) {
   extern __shared__ float smem[];
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
-  auto xs = [&](int buf) { return reinterpret_cast<bf16 (*)[XLD]>(base + buf * (X_BYTES + P_BYTES)); };
+  float* raw = smem;  // [KC rows x M floats], contiguous as in phi
+  auto xs = [&](int buf) { return reinterpret_cast<bf16 (*)[XLD]>(base + RAW_BYTES + buf * (X_BYTES + P_BYTES)); };
   auto ps = [&](int buf, int p) {
-    return reinterpret_cast<bf16 (*)[PLD]>(base + buf * (X_BYTES + P_BYTES) + X_BYTES + p * (P_BYTES / 3));
+    return reinterpret_cast<bf16 (*)[PLD]>(base + RAW_BYTES + buf * (X_BYTES + P_BYTES) + X_BYTES + p * (P_BYTES / 3));
   };
   const int tid = threadIdx.x, warp = tid / 32;
   const int s = blockIdx.y, t0 = blockIdx.z * TB;  // token tiles slowest: the last tokens read stay in L2
   const int k_begin = s * ksplit, k_end = min(K, k_begin + ksplit);
   const bool vec = K % V == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 && ksplit % V == 0;
+  // k0 is a multiple of KC, so a stage's phi block starts 16-byte aligned when phi does
+  const bool phi_vec = (reinterpret_cast<uintptr_t>(phi) & 15) == 0;
 
   // x tile of stage k0 into buffer buf: thread tid copies rows tid / 8 + 32 i, a fixed set
   auto stage_x = [&](int k0, int buf) {
@@ -70,18 +79,39 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
       }
     }
   };
-  auto load_phi = [&](int k0, float (&pr)[PE]) {
+  // phi rows [k0, k0 + KC) n k_end: floats [0, count) of raw, chunk e = 4 floats, thread tid owns
+  // chunks tid + i THREADS (the same ones every stage, so raw needs no barrier)
+  auto stage_phi = [&](int k0) {
+    const int count = min(KC, k_end - k0) * M;
+    const float* src = phi + (size_t)k0 * M;
 #pragma unroll
-    for (int i = 0; i < PE; ++i) {
-      const int e = tid + i * THREADS, kk = e / MP, m = e % MP, k = k0 + kk;
-      pr[i] = (k < k_end && m < M) ? phi[(size_t)k * M + m] : 0.0f;
+    for (int i = 0; i < RC; ++i) {
+      const int f = 4 * (tid + i * THREADS);
+      if (phi_vec && f + 4 <= count) {
+        __pipeline_memcpy_async(raw + f, src + f, 16);
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          if (f + q < count) raw[f + q] = src[f + q];
+      }
     }
   };
-  auto store_phi = [&](const float (&pr)[PE], int buf) {
+  // this thread's chunks of raw, split into the bfloat16 tiles of buffer buf (rows past k_end and
+  // columns past M keep the zeros written before the first stage, or finite phi values of an
+  // earlier stage that multiply x's zero-filled columns)
+  auto split_phi = [&](int k0, int buf) {
+    const int count = min(KC, k_end - k0) * M;
 #pragma unroll
-    for (int i = 0; i < PE; ++i) {
-      const int e = tid + i * THREADS, kk = e / MP, m = e % MP;
-      dyn::split_bf16x3(pr[i], ps(buf, 0)[kk][m], ps(buf, 1)[kk][m], ps(buf, 2)[kk][m]);
+    for (int i = 0; i < RC; ++i) {
+      const int f0 = 4 * (tid + i * THREADS);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int f = f0 + q;
+        if (f < count) {
+          const int kk = f / M, m = f % M;
+          dyn::split_bf16x3(raw[f], ps(buf, 0)[kk][m], ps(buf, 1)[kk][m], ps(buf, 2)[kk][m]);
+        }
+      }
     }
   };
 
@@ -89,29 +119,40 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
   float sqa[XV] = {};
-  float pr[PE];
 
   if (k_begin < k_end) {
+    const bool two = k_begin + KC < k_end;  // the launcher gave two buffers
+    for (int e = tid; e < (two ? 2 : 1) * P_BYTES / 16; e += THREADS) {  // phi tiles' padding: zeros
+      const int b = e / (P_BYTES / 16), o = e % (P_BYTES / 16);
+      reinterpret_cast<uint4*>(ps(b, 0))[o] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    __syncthreads();  // every zero is written before any thread's split lands on it
+    stage_phi(k_begin);
+    __pipeline_commit();
     stage_x(k_begin, 0);
     __pipeline_commit();
-    load_phi(k_begin, pr);
-    store_phi(pr, 0);
+    __pipeline_wait_prior(1);  // this thread's phi chunks have landed
+    split_phi(k_begin, 0);
   }
   for (int k0 = k_begin, it = 0; k0 < k_end; k0 += KC, ++it) {
     const int buf = it & 1, nk = k0 + KC;
     const bool next = nk < k_end;
+    // groups in flight after these: (x of this stage), phi of the next, x of the next
+    if (next) stage_phi(nk);  // raw was consumed by this thread's own split
+    __pipeline_commit();
     if (next) stage_x(nk, buf ^ 1);  // buffer buf ^ 1 was released by the previous iteration's last barrier
     __pipeline_commit();
-    if (next) load_phi(nk, pr);
-    __pipeline_wait_prior(1);  // this thread's copies of stage `it` have landed
-    __syncthreads();           // everyone's have, and phi buffer buf is written
+    __pipeline_wait_prior(2);  // this thread's x copies of stage `it` have landed
+    __syncthreads();           // everyone's have, and phi tiles buf are split
     bf16 (*xb)[XLD] = xs(buf);
 #pragma unroll
-    for (int i = 0; i < XV; ++i) {  // sums of squares of this thread's own vectors
+    for (int i = 0; i < XV; ++i) {  // sums of squares of this thread's own vectors (16-byte loads)
       const int e = tid + i * THREADS, r = e / (KC / V), c = (e % (KC / V)) * V;
+      const uint4 u = *reinterpret_cast<const uint4*>(&xb[r][c]);
+      const bf16* h = reinterpret_cast<const bf16*>(&u);
 #pragma unroll
       for (int q = 0; q < V; ++q) {
-        const float v = to_float(xb[r][c + q]);
+        const float v = to_float(h[q]);
         sqa[i] += v * v;
       }
     }
@@ -129,8 +170,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
         }
       }
     }
-    if (next) store_phi(pr, buf ^ 1);
-    __syncthreads();  // buffers buf are consumed: the next iteration refills them
+    if (next) {
+      __pipeline_wait_prior(1);  // this thread's phi chunks of the next stage have landed
+      split_phi(nk, buf ^ 1);    // tiles buf ^ 1 were last read before this iteration's first barrier
+    }
+    __syncthreads();  // x buffer buf is consumed: the next iteration refills it
   }
   // sums of squares: the 8 threads of a row are 8 consecutive lanes
 #pragma unroll
@@ -142,7 +186,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
     const int r = (tid + i * THREADS) / (KC / V), t = t0 + r;
     if (tid % (KC / V) == 0 && t < Tn) sq[(size_t)s * Tn + t] = v;
   }
-  float (*os)[OLD] = reinterpret_cast<float (*)[OLD]>(base);  // x buffer 0 (free after the last barrier)
+  float (*os)[OLD] = reinterpret_cast<float (*)[OLD]>(xs(0));  // x buffer 0 (free after the last barrier)
   wmma::store_matrix_sync(&os[warp * 16][0], acc[0], OLD, wmma::mem_row_major);
   wmma::store_matrix_sync(&os[warp * 16][16], acc[1], OLD, wmma::mem_row_major);
   __syncthreads();

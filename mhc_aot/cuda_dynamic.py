@@ -37,7 +37,7 @@ THREADS = cuda.THREADS  # cuda_src/mhc_common.cuh
 WARPS = THREADS // 32
 SK_RB, SK_MB, SK_JC = 64, 32, 32  # cuda_src/mhc_dynamic_skinny.cu
 DX_TT, DX_KB = 64, 128  # cuda_src/mhc_dynamic_dx.cu
-TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES = 128, 32, 64, 67584  # cuda_src/mhc_dynamic_proj_tc.cu
+TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES, TC_SMEM_ONE_STAGE = 128, 32, 64, 75776, 41984  # cuda_src/mhc_dynamic_proj_tc.cu
 DPHI_KB, DPHI_TC, DPHI_SMEM_BYTES = 128, 64, 67584  # cuda_src/mhc_dynamic_dphi_tc.cu
 POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 # mhc_dynamic_coeffs(_bwd) lane mode: a group of lanes (the power of two >= n) per token, synchronised
@@ -94,7 +94,7 @@ def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str)
     S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
     ksplit = _cdiv(_cdiv(K, S), TC_KC) * TC_KC
     S = _cdiv(K, ksplit)
-    smem = TC_SMEM_BYTES // 2 if ksplit <= TC_KC else TC_SMEM_BYTES  # one stage per CTA: one buffer
+    smem = TC_SMEM_ONE_STAGE if ksplit <= TC_KC else TC_SMEM_BYTES  # one stage per CTA: one buffer
     part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, phi32], [(S, T, M), (S, T)], [F32, F32],
                        [T, K, M, ksplit], (THREADS, S, tiles), smem // 4)
     return part, sq, S
