@@ -5,7 +5,7 @@ compiled source names its module), so a launch's host cost grows with the binary
 queued launches of the tiny mhc_dynamic_colsum kernel (one CTA) from: its shipped binary (a
 compressed fatbin of its cubin), the same with the shared-memory bucket marker that
 mhc_aot/cuda.py appends, and padded to larger sizes (trailing bytes, ignored by the loader: the
-hash alone grows). Median of batches.
+hash alone grows), each called directly and through mx.compile. Median of batches.
   python scripts/launch_cost.py
 """
 
@@ -21,7 +21,7 @@ from mhc_aot import cuda, manifest
 N, BATCHES = 200, 7
 
 
-def per_launch_us(binary: bytes, name: str) -> float:
+def per_launch_us(binary: bytes, name: str, compiled: bool) -> float:
     part = mx.ones((4, 256))
     mx.eval(part)
 
@@ -30,6 +30,8 @@ def per_launch_us(binary: bytes, name: str) -> float:
             name=name, compiled_source=binary, inputs=[p], output_shapes=[(256,)], output_dtypes=[mx.float32],
             scalars=[4, 256, 0], grid=(256, 1, 1), threadgroup=(256, 1, 1))[0]
 
+    if compiled:  # as the layer's ops run: a traced graph replayed, no Python per launch
+        launch = mx.compile(launch)
     out = launch(part)
     assert mx.allclose(out, mx.full((256,), 4.0)).item(), "colsum from this binary gave wrong values"
     times = []
@@ -50,7 +52,8 @@ def main() -> None:
     for size in (32 * 1024, 96 * 1024):
         rows.append((f"padded to {size // 1024} KB", shipped + b"\0" * (size - len(shipped))))
     for label, binary in rows:
-        print(f"{label:24s} {len(binary):8d} bytes  {per_launch_us(binary, v.name):7.2f} us per queued launch")
+        print(f"{label:24s} {len(binary):8d} bytes  {per_launch_us(binary, v.name, False):7.2f} us per queued launch, "
+              f"{per_launch_us(binary, v.name, True):7.2f} us mx.compile'd")
 
 
 if __name__ == "__main__":
