@@ -1,14 +1,9 @@
 // dx of the coefficients (and pre) path, token-tiled (mhc_mm_norm_bwd, src/liger_kernel/ops/
 // mhc.py:291-295, plus LigerMHCPreFunction's grad_x):
 //   dx[t, k] = sum_m dz[t, m] phi[k, m] + factor[t] x[t, k] + (has_pre ? h_pre[t, k / C] dx_in[t, k % C] : 0)
-//              + (has_post ? sum_o h_res[t, o, j] dout[t, o, c] : 0),   j = k / C, c = k % C
-// The has_post term is x's gradient through the layer's mhc_post_res (mhc_dynamic_post_res_bwd's
-// dx), computed here from dout instead of written there and re-read here: one [T, n, C] array
-// less each way. dout's n streams of a column range are read by the n k-tiles of that range (the
-// CTAs of one token tile run together: L2 serves the repeats). The vector path adds it in float32
-// with the rest; the scalar path (odd C, unaligned views) adds it to the stored dx in a second pass
-// (for float16 / bfloat16, one more rounding, on that path only), which keeps the kernel at 80
-// registers (three CTAs per SM) for bfloat16.
+//              + (has_acc ? acc[t, k] : 0)
+// acc: x's gradient from elsewhere (the layer's mhc_post_res), added here instead of by a separate
+// pass over three [T, K] arrays.
 // with dz, factor from mhc_dynamic_coeffs_bwd. A [T, M] x [M, K] product with a short reduction
 // (M = n n + 2 n), so the kernel is bound by streaming x, dx_in and dx: CTA tile TT = 64 tokens x
 // KB = 128 k's, M staged through shared memory MC at a time (any M), each thread 4 tokens x 8 k's.
@@ -20,7 +15,7 @@
 // the m sum in order, + x factor, + h_pre dx_in. x (and dx_in) are prefetched into L2 at the
 // start, so their DRAM latency overlaps the staging and the product.
 // Inputs: x [T, K], dz [T, M], phi [K, M] (float32), factor [T], h_pre [T, n], dx_in [T, C] (or any
-// array if !has_pre), dout [T, K] and h_res [T, n, n] (float32) (or any arrays if !has_post).
+// array if !has_pre), acc [T, K] (or any array if !has_acc).
 // Output: dx [T, K] (MHC_DTYPE). Grid (threads): (ceil(K / KB) * THREADS, ceil(T / TT), 1);
 // blockIdx.x = k tile, so the CTAs of one token tile run together and share dz and dx_in in L2.
 #include "mhc_dynamic_common.cuh"
@@ -89,15 +84,14 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ dz, const float* __restrict__ phi,
     const float* __restrict__ factor, const float* __restrict__ h_pre, const T* __restrict__ dx_in,
-    const T* __restrict__ dout, const float* __restrict__ h_res, T* __restrict__ dx, int Tn, int K, int M, int C,
-    int n, int has_pre, int has_post) {
+    const T* __restrict__ acc_in, T* __restrict__ dx, int Tn, int K, int M, int C, int n, int has_pre, int has_acc) {
   __shared__ __align__(16) float Zs[MC][TT + PAD];  // Zs[m][t]
   __shared__ __align__(16) float Ps[MC][KB + PAD];  // Ps[m][ps_col(k)]
   const int tid = threadIdx.x, ty = tid / TX, tx = tid % TX;
   const int k0 = blockIdx.x * KB, t0 = blockIdx.y * TT, tb = t0 + ty * TR;
   // C % V == 0 also makes K % V == 0: a vector is wholly inside [0, K) and inside one stream
   const bool vec = vec_ok<T>(C, x, dx, has_pre ? dx_in : nullptr) &&
-                   vec_ok<T>(C, x, has_post ? dout : nullptr);
+                   vec_ok<T>(C, x, has_acc ? acc_in : nullptr);
 
   // Stream and column of each vector's first k: one division per vector, not per element.
   int js[G], cs[G];
@@ -116,8 +110,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
       const int tk = tb + i, k = k0 + tile_k(tx, g * V);
       if (tk < Tn && k < K) {
         prefetch_l2(x + (size_t)tk * K + k);
-        if (has_post) prefetch_l2(dout + (size_t)tk * K + k);  // this stream's; the n - 1 others come from
-                                                                // the k-tiles of those streams
+        if (has_acc) prefetch_l2(acc_in + (size_t)tk * K + k);
         if (has_pre) prefetch_l2(dx_in + (size_t)tk * C + cs[g]);
       }
     }
@@ -129,24 +122,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
   const int lane = tid % 32, row = tid / 32 * 4 + lane % 4, mq = lane / 4;
 
   float acc[TR][KV] = {};
-  if (vec && has_post) {  // the accumulators start at it: before the product, no extra live registers
-#pragma unroll
-    for (int i = 0; i < TR; ++i)
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const int tk = tb + i, k = k0 + tile_k(tx, g * V);
-        if (tk >= Tn || k >= K) continue;
-        const T* go = dout + (size_t)tk * K + cs[g];
-        const float* hr = h_res + (size_t)tk * n * n + js[g];
-        for (int o = 0; o < n; ++o) {
-          float gv[V];
-          widen(__ldg(reinterpret_cast<const uint4*>(go + (size_t)o * C)), gv);
-          const float h = hr[o * n];
-#pragma unroll
-          for (int q = 0; q < V; ++q) acc[i][g * V + q] += gv[q] * h;
-        }
-      }
-  }
   for (int m0 = 0; m0 < M; m0 += MC) {
     const int mc = min(MC, M - m0);
     __syncthreads();  // the previous stage is consumed
@@ -220,6 +195,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
 #pragma unroll
           for (int q = 0; q < V; ++q) v[q] += h * gv[q];
         }
+        if (has_acc) {  // loaded here, not with x above: its line is already on its way to L2
+          float av[V];
+          widen(__ldg(reinterpret_cast<const uint4*>(acc_in + (size_t)tk * K + k)), av);
+#pragma unroll
+          for (int q = 0; q < V; ++q) v[q] += av[q];
+        }
         store_vec(dx + (size_t)tk * K + k, v);
       }
     }
@@ -238,30 +219,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
           if (k >= K) break;
           float v = acc[i][g * V + q] + to_float(x[(size_t)tk * K + k]) * fac;
           if (has_pre) v += h_pre[(size_t)tk * n + j] * to_float(dx_in[(size_t)tk * C + c]);
-
+          if (has_acc) v += to_float(acc_in[(size_t)tk * K + k]);
           dx[(size_t)tk * K + k] = from_float<T>(v);
           if (++c == C) {
             c = 0;
             ++j;
           }
-        }
-      }
-    }
-    if (has_post) {  // a second pass over this thread's own stores (inlined above: 105 registers
-                     // for the whole kernel instead of 80); MHC_DTYPE rounds twice on this path only
-#pragma unroll 1
-      for (int i = 0; i < TR; ++i) {
-        const int tk = tb + i;
-        if (tk >= Tn) continue;
-#pragma unroll 1
-        for (int q = 0; q < KV; ++q) {
-          const int k = k0 + tile_k(tx, q);
-          if (k >= K) continue;
-          const int j = k / C, c = k - j * C;
-          float pv = 0.0f;
-          for (int o = 0; o < n; ++o)
-            pv += to_float(dout[(size_t)tk * K + (size_t)o * C + c]) * h_res[((size_t)tk * n + o) * n + j];
-          dx[(size_t)tk * K + k] = from_float<T>(to_float(dx[(size_t)tk * K + k]) + pv);
         }
       }
     }

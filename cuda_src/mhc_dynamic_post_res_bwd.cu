@@ -2,13 +2,11 @@
 //   dx[i, c]    = sum_o h_res[o, i] dout[o, c]      df[c] = sum_o h_post[o] dout[o, c]
 //   dh_post[o]  = sum_c dout[o, c] f[c]            dh_res[o, i] = sum_c dout[o, c] x[i, c]
 // per token; no reduction over tokens (the coefficients are per token). One CTA per token.
-// want_dx = 0: dx is not written (dx may be a [1] array): DynamicMHC's mhc_dynamic_dx computes this
-// term itself from dout, so the layer's backward neither writes nor re-reads a [T, n, C] array.
 // NMAX >= n: one pass over the token, n + n n dot products accumulated in registers and reduced
 // once. NMAX = 0: the pass writes dx and df; then one block reduction per output stream o over
 // chunks of 8 input streams (x re-read from cache).
 // Inputs: x [T, n, C], f [T, C], h_post [T, n], h_res [T, n, n], dout [T, n, C].
-// Outputs: dx [T, n, C] (or [1] if !want_dx), df [T, C] (MHC_DTYPE), dh_post [T, n], dh_res [T, n, n] (float32).
+// Outputs: dx [T, n, C], df [T, C] (MHC_DTYPE), dh_post [T, n], dh_res [T, n, n] (float32).
 // Grid (threads): (T * THREADS, 1, 1). Shared memory: n n + n + WARPS * R + R floats with
 // R = NMAX + NMAX * NMAX (NMAX > 0) or 9.
 #include "mhc_dynamic_common.cuh"
@@ -37,7 +35,7 @@ struct Io {
 template <int W, bool VEC>
 __device__ __forceinline__ void pass_registers(const T* xt, const T* ft, const T* gt, T* dxt, T* dft,
                                                const float* hr, const float* hpo, int n, int C, int units,
-                                               bool want_dx, float (&acc)[R]) {
+                                               float (&acc)[R]) {
   using io = Io<W, VEC>;
   constexpr int NA = NMAX > 0 ? NMAX : 1;
   for (int u = threadIdx.x; u < units; u += THREADS) {
@@ -70,7 +68,7 @@ __device__ __forceinline__ void pass_registers(const T* xt, const T* ft, const T
     io::store(dft, u, dfv);
 #pragma unroll
     for (int i = 0; i < NA; ++i) {
-      if (want_dx && i < n) {
+      if (i < n) {
         float d[W];
 #pragma unroll
         for (int e = 0; e < W; ++e) d[e] = 0.0f;
@@ -88,7 +86,7 @@ __device__ __forceinline__ void pass_registers(const T* xt, const T* ft, const T
 // Generic n: dx and df for this thread's units (dout re-read per input stream, from cache).
 template <int W, bool VEC>
 __device__ __forceinline__ void pass_generic(const T* gt, T* dxt, T* dft, const float* hr, const float* hpo,
-                                             int n, int C, int units, bool want_dx) {
+                                             int n, int C, int units) {
   using io = Io<W, VEC>;
   for (int u = threadIdx.x; u < units; u += THREADS) {
     float dfv[W];
@@ -101,7 +99,7 @@ __device__ __forceinline__ void pass_generic(const T* gt, T* dxt, T* dft, const 
       for (int e = 0; e < W; ++e) dfv[e] += g[e] * hpo[o];
     }
     io::store(dft, u, dfv);
-    for (int i = 0; i < (want_dx ? n : 0); ++i) {
+    for (int i = 0; i < n; ++i) {
       float d[W];
 #pragma unroll
       for (int e = 0; e < W; ++e) d[e] = 0.0f;
@@ -148,7 +146,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const T* __restrict__ x, const T* __restrict__ f, const float* __restrict__ h_post,
     const float* __restrict__ h_res, const T* __restrict__ dout,
     T* __restrict__ dx, T* __restrict__ df, float* __restrict__ dh_post, float* __restrict__ dh_res,
-    int n, int C, int want_dx) {
+    int n, int C) {
   extern __shared__ float smem[];
   float* hr = smem;               // n n
   float* hpo = hr + n * n;        // n
@@ -162,23 +160,23 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
   const T* xt = x + (size_t)t * n * C;
   const T* ft = f + (size_t)t * C;
   const T* gt = dout + (size_t)t * n * C;
-  T* dxt = want_dx ? dx + (size_t)t * n * C : nullptr;
+  T* dxt = dx + (size_t)t * n * C;
   T* dft = df + (size_t)t * C;
-  const bool vec = vec_ok<T>(C, xt, ft, gt) && vec_ok<T>(C, dxt, dft);  // (nullptr passes)
+  const bool vec = vec_ok<T>(C, xt, ft, gt) && vec_ok<T>(C, dxt, dft);
   const int units = vec ? C / V : C;
 
   if constexpr (NMAX > 0) {
     float acc[R];
 #pragma unroll
     for (int q = 0; q < R; ++q) acc[q] = 0.0f;
-    if (vec) pass_registers<V, true>(xt, ft, gt, dxt, dft, hr, hpo, n, C, units, want_dx != 0, acc);
-    else pass_registers<1, false>(xt, ft, gt, dxt, dft, hr, hpo, n, C, units, want_dx != 0, acc);
+    if (vec) pass_registers<V, true>(xt, ft, gt, dxt, dft, hr, hpo, n, C, units, acc);
+    else pass_registers<1, false>(xt, ft, gt, dxt, dft, hr, hpo, n, C, units, acc);
     dyn::block_sum_n<R>(acc, scratch, sums);
     for (int o = tid; o < n; o += THREADS) dh_post[(size_t)t * n + o] = sums[o];
     for (int e = tid; e < n * n; e += THREADS) dh_res[(size_t)t * n * n + e] = sums[NMAX + (e / n) * NMAX + e % n];
   } else {
-    if (vec) pass_generic<V, true>(gt, dxt, dft, hr, hpo, n, C, units, want_dx != 0);
-    else pass_generic<1, false>(gt, dxt, dft, hr, hpo, n, C, units, want_dx != 0);
+    if (vec) pass_generic<V, true>(gt, dxt, dft, hr, hpo, n, C, units);
+    else pass_generic<1, false>(gt, dxt, dft, hr, hpo, n, C, units);
     for (int o = 0; o < n; ++o) {
       for (int i0 = 0; i0 < n; i0 += CHUNK) {
         float acc[R];

@@ -15,10 +15,8 @@ Kernels per op (geometry mirrors each kernel's header comment; grids are given i
                             tokens split S ways) -> colsum (dphi, db, dalpha)
   mhc_pre       pre / pre_bwd (per token)
   mhc_post_res  post_res (x and f read once) / post_res_bwd (per token)
-DynamicMHC reads x in post_res through an alias output of mhc_coeffs (x itself, see coeffs), and
-that output's cotangent is a private channel: post_res's VJP passes dout through it (not its
-x-gradient), and coeffs' dx kernel adds post_res's x-gradient sum_o h_res[o, j] dout[o, c] itself,
-so post_res_bwd neither writes it nor does anything re-read it (one [T, n, C] array less each way).
+DynamicMHC reads x in post_res through an alias output of mhc_coeffs (x itself, see coeffs), so
+post_res's x-gradient reaches coeffs' backward and dx adds it: one pass instead of MLX's add.
 Nothing accumulates with atomics: per-CTA (or per-token) partials and a fixed-order reduce.
 Documented exits to the portable graph (MLX ops): a per-token Sinkhorn that does not fit one
 CTA's shared memory (forward: 2 n n + 2 tmax n floats, backward with its history: (tmax + 1) n n
@@ -196,21 +194,13 @@ def _pre_bwd(x3, h_pre, g, want_dx: bool):
                    [x3.dtype, F32], [n, C, int(want_dx)], (T * THREADS, 1, 1), 2 * n + WARPS * nr + nr)
 
 
-def _post_dx(h_res, dout):
-    """post_res's x-gradient sum_o h_res[t, o, j] dout[t, o, c] in MLX ops (no matmul: TF32 on CUDA)."""
-    n = h_res.shape[1]
-    d = dout.astype(F32)
-    return sum(h_res[:, o, :, None] * d[:, o, None, :] for o in range(n))
-
-
 def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     x3, phi32, b32, ap, apo, ar = primals
-    # alias: the layer's post_res read x through this op's last output (x itself), whose cotangent
-    # then carries post_res's dout (see _post_res_channel_fn): the dx kernel adds post_res's
-    # x-gradient from it and h_res in its one pass
-    dout = cotangents[6].astype(x3.dtype).reshape(x3.shape[0], -1) if alias else None
+    # alias: the layer's mhc_post_res read x through this op's last output (x itself), so that
+    # output's cotangent is x's gradient from post_res: the dx kernel adds it in its one pass
+    acc = cotangents[6].astype(x3.dtype).reshape(x3.shape[0], -1) if alias else None
     dh_pre, dh_post, dh_res, dx_in = cotangents[:4]
-    h_pre, h_res, mix, invr = outputs[0], outputs[2], outputs[4], outputs[5]
+    h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     # with_pre false: an unused input slot gets x3 itself (the kernels never read it then; a fresh
@@ -226,17 +216,14 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
         smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
         if not _fits(smem):
             vjps = _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
-            if not alias:
-                return vjps
-            return ((vjps[0] + _post_dx(h_res, dout.reshape(x3.shape))).astype(x3.dtype), *vjps[1:])
+            return (vjps[0] + acc.reshape(x3.shape), *vjps[1:]) if alias else vjps
         dots, mode, geometry = mix, [0, 0], ((T * THREADS, 1, 1), smem, THREADS)  # the CTA computes the dots
     dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], [(T, M), (T,), (T, M + 3)],
                                [F32, F32, F32], [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult,
                                                  int(with_pre), *mode], *geometry)
     xk = x3.reshape(T, K)
-    post = [dout, h_res] if alias else [xk, factor]  # unused slots when not alias: arrays already there
-    (dx,) = _launch("mhc_dynamic_dx", tag, None, [xk, dz, phi32, factor, h_pre, g_in, *post],
-                    [(T, K)], [x3.dtype], [T, K, M, C, n, int(with_pre), int(alias)],
+    (dx,) = _launch("mhc_dynamic_dx", tag, None, [xk, dz, phi32, factor, h_pre, g_in, xk if acc is None else acc],
+                    [(T, K)], [x3.dtype], [T, K, M, C, n, int(with_pre), int(acc is not None)],
                     (_cdiv(K, DX_KB) * THREADS, _cdiv(T, DX_TT), 1))
     part, S = _dphi_partials(xk, dz, T, K, M, tag)
     dphi = _colsum(part.reshape(S, K * M), S, K * M).reshape(K, M)
@@ -261,21 +248,20 @@ def _coeffs_fn(cfg, with_pre: bool, alias: bool):
 
 def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, strategy: str = "fused",
            alias: bool = False):
-    """(h_pre, h_post, h_res[, x_in][, x, channel]) of x3 [T, n, C]; dynamic.Config cfg. alias (the
-    layer): also x itself and whether it is this op's alias output (channel: post_res must then read
-    x through it with post_res(..., channel=True), whose dout reaches this op's backward, where the
-    dx kernel adds post_res's x-gradient)."""
+    """(h_pre, h_post, h_res[, x_in][, x]) of x3 [T, n, C]; dynamic.Config cfg. alias (the layer):
+    also return x itself, through which the layer's mhc_post_res must read x, so that post_res's
+    x-gradient reaches this op's backward and joins its dx in one kernel."""
     n = x3.shape[1]
     if not _fits(n * n + 2 * n + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)):
         # the per-token Sinkhorn of a very large n does not fit one CTA's shared memory: MLX ops
         from . import dynamic
 
         outs = dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
-        return (*outs, x3, False) if alias else outs
+        return (*outs, x3) if alias else outs
     outs = compiled_call(_coeffs_fn(cfg, with_pre, alias), x3, phi.astype(F32), b.astype(F32),
                          alpha_pre.astype(F32), alpha_post.astype(F32), alpha_res.astype(F32))
     picked = list(outs[:4]) if with_pre else list(outs[:3])
-    return (*picked, outs[6], True) if alias else tuple(picked)
+    return (*picked, outs[6]) if alias else tuple(picked)
 
 
 # ---------------------------------------------------------------- mhc_pre
@@ -318,60 +304,22 @@ def _post_res_fn(x3, f2, hp, hr):
 
 @_post_res_fn.vjp
 def _post_res_vjp(primals, cotangents, outputs):
-    return _post_res_bwd(primals, single(cotangents), want_dx=True)
-
-
-@mx.custom_function
-def _post_res_channel_fn(x3, f2, hp, hr):
-    return _post_res_fwd(x3, f2, hp, hr)
-
-
-@_post_res_channel_fn.vjp
-def _post_res_channel_vjp(primals, cotangents, outputs):
-    # x3 is mhc_coeffs' alias output: its cotangent is read there as dout (see coeffs)
-    g = single(cotangents)
-    _, df, dhp, dhr = _post_res_bwd(primals, g, want_dx=False)
-    return g.astype(primals[0].dtype), df, dhp, dhr
-
-
-@functools.lru_cache(maxsize=None)
-def _channel_of(inner):
-    """inner (x3, f2, hp, hr) -> out, with MLX's VJP except for x3, whose cotangent is dout itself."""
-    @mx.custom_function
-    def f(x3, f2, hp, hr):
-        return inner(x3, f2, hp, hr)
-
-    @f.vjp
-    def f_vjp(primals, cotangents, outputs):
-        g = single(cotangents)
-        _, vjps = mx.vjp(inner, list(primals), [g])  # its x-gradient is never evaluated
-        return (g.astype(primals[0].dtype), *vjps[1:])
-
-    return f
-
-
-def _post_res_bwd(primals, g, want_dx: bool):
     x3, f2, hp, hr = primals
     T, n, C = x3.shape
     tag = _tag(x3.dtype)
     nmax = _nmax("mhc_dynamic_post_res_bwd", tag, n)
     R = nmax + nmax * nmax if nmax else POST_RES_BWD_CHUNK + 1
-    g = g.astype(x3.dtype)
-    return _launch("mhc_dynamic_post_res_bwd", tag, n, [x3, f2, hp, hr, g],
-                   [(T, n, C) if want_dx else (1,), (T, C), (T, n), (T, n, n)],
-                   [x3.dtype, x3.dtype, F32, F32], [n, C, int(want_dx)],
-                   (T * THREADS, 1, 1), n * n + n + WARPS * R + R)
+    g = single(cotangents).astype(x3.dtype)
+    dx, df, dhp, dhr = _launch("mhc_dynamic_post_res_bwd", tag, n, [x3, f2, hp, hr, g],
+                               [(T, n, C), (T, C), (T, n), (T, n, n)], [x3.dtype, x3.dtype, F32, F32], [n, C],
+                               (T * THREADS, 1, 1), n * n + n + WARPS * R + R)
+    return dx, df, dhp, dhr
 
 
-def post_res(x3, f2, h_post, h_res, strategy: str = "fused", channel: bool = False):
-    """x_out of x3 [T, n, C]; channel: x3 is coeffs' alias output (DynamicMHC), so x3's cotangent
-    is dout itself, whatever path runs here."""
+def post_res(x3, f2, h_post, h_res, strategy: str = "fused"):
     if f2.dtype != x3.dtype:
         # the kernels read f in x's dtype; Liger reads f in its own dtype: keep its values exact
         from . import dynamic
 
-        if channel:
-            return _channel_of(dynamic._portable_post_res)(x3, f2, h_post, h_res)
         return dynamic._portable_post_res(x3, f2, h_post, h_res)
-    fn = _post_res_channel_fn if channel else _post_res_fn
-    return compiled_call(fn, x3, f2, h_post.astype(F32), h_res.astype(F32))
+    return compiled_call(_post_res_fn, x3, f2, h_post.astype(F32), h_res.astype(F32))

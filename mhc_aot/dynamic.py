@@ -152,10 +152,9 @@ _portable_post_res = mx.compile(_post_res_graph)
 # ---------------------------------------------------------------- ops
 def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: str, with_pre: bool,
             alias: bool = False):
-    """The coefficients (and x_in); alias (DynamicMHC): also x, to be read by post_res, which is
-    x itself on every path, and on the kernel path an output of the coefficients op, and whether it
-    is (channel): then post_res must run with channel=True, passing dout back through it, and the
-    coefficients' dx kernel adds post_res's x-gradient (see cuda_dynamic.coeffs)."""
+    """The coefficients (and x_in); alias (DynamicMHC): also x, to be read by mhc_post_res, which is
+    x itself on every path, and on the kernel path an output of the coefficients op (see
+    cuda_dynamic.coeffs): post_res's x-gradient then joins the coefficients' dx in one kernel."""
     n, C, lead = _check_x(x)
     M = n_coeffs(n)
     _check_shape("phi", phi, (n * C, M))
@@ -167,9 +166,9 @@ def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: s
     if T == 0:
         outs = (mx.zeros((*lead, n), F32), mx.zeros((*lead, n), F32), mx.zeros((*lead, n, n), F32))
         outs = (*outs, mx.zeros((*lead, C), x.dtype)) if with_pre else outs
-        return (*outs, x, False) if alias else outs
+        return (*outs, x) if alias else outs
     choice = _choose("mhc_coeffs", n, C, backend, T)
-    x_post, channel = x, False
+    x_post = x
     if choice.strategy == "reference":
         h = ref.mhc_coeffs(x3, phi, b, *alphas, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult)
         outs = (*h, ref.mhc_pre(x3, h[0]).astype(x.dtype)) if with_pre else h
@@ -178,11 +177,11 @@ def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: s
     else:
         outs = _kernels(choice).coeffs(x3, phi, b, *alphas, cfg, with_pre, choice.strategy, alias=alias)
         if alias:
-            *outs, x_post, channel = outs
+            *outs, x_post = outs
             x_post = x_post.reshape(x.shape)
     shapes = [(*lead, n), (*lead, n), (*lead, n, n), (*lead, C)]
     outs = tuple(o.reshape(s) for o, s in zip(outs, shapes))
-    return (*outs, x_post, channel) if alias else outs
+    return (*outs, x_post) if alias else outs
 
 
 def mhc_coeffs(x: mx.array, phi: mx.array, b: mx.array, alpha_pre: mx.array, alpha_post: mx.array,
@@ -230,12 +229,6 @@ def mhc_post_res(x: mx.array, f_out: mx.array, h_post: mx.array, h_res: mx.array
                  backend: str = "auto") -> mx.array:
     """x_out[..., o, c] = sum_i h_res[..., o, i] x[..., i, c] + h_post[..., o] f_out[..., c] in float32,
     returned in x's dtype (LigerMHCPostResFunction, ops/mhc.py:1640-1656)."""
-    return _post_res(x, f_out, h_post, h_res, backend, channel=False)
-
-
-def _post_res(x, f_out, h_post, h_res, backend: str, channel: bool):
-    """mhc_post_res; channel: x is the coefficients op's alias output on the kernel path (see
-    _coeffs), whose cotangent must carry dout: the CUDA post_res in channel mode, whatever dtype."""
     n, C, lead = _check_x(x)
     _check_shape("f_out", f_out, (*lead, C))
     _check_shape("h_post", h_post, (*lead, n))
@@ -246,11 +239,7 @@ def _post_res(x, f_out, h_post, h_res, backend: str, channel: bool):
     if T == 0:
         return mx.zeros(x.shape, x.dtype)
     choice = _choose("mhc_post_res", n, C, backend, T)
-    if channel:
-        from . import cuda_dynamic
-
-        out = cuda_dynamic.post_res(x3, f2, hp, hr, channel=True)
-    elif choice.strategy == "reference":
+    if choice.strategy == "reference":
         out = ref.mhc_post_res(x3, f2, hp, hr).astype(x.dtype)
     elif choice.strategy == "portable":
         out = _portable_post_res(x3, f2, hp, hr)
@@ -316,9 +305,8 @@ class DynamicMHC(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         self._check_input(x)
         c = self.config
-        _, h_post, h_res, x_in, x_post, channel = _coeffs(x, self.phi, self.b, self.alpha_pre, self.alpha_post,
-                                                          self.alpha_res, c, self.backend, with_pre=True,
-                                                          alias=True)
+        _, h_post, h_res, x_in, x_post = _coeffs(x, self.phi, self.b, self.alpha_pre, self.alpha_post,
+                                                 self.alpha_res, c, self.backend, with_pre=True, alias=True)
         layer_dtype = _first_param_dtype(self.layer)
         if layer_dtype is not None and x_in.dtype != layer_dtype:
             x_in = x_in.astype(layer_dtype)
@@ -326,7 +314,7 @@ class DynamicMHC(nn.Module):
         if tuple(f_out.shape) != tuple(x_in.shape):
             raise ValueError(f"DynamicMHC: layer returned shape {tuple(f_out.shape)}: expected x_in's shape "
                              f"{tuple(x_in.shape)} ([..., C] -> [..., C])")
-        return _post_res(x_post, f_out, h_post, h_res, self.backend, channel)
+        return mhc_post_res(x_post, f_out, h_post, h_res, backend=self.backend)
 
     def _extra_repr(self) -> str:
         return f"n={self.n}, C={self.C}, tmax={self.config.tmax}, backend={self.backend!r}"
