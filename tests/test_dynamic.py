@@ -456,10 +456,10 @@ def test_layer_vs_liger64(backend, B, n, C, dtype_name):
     _check_layer(backend, B, n, C, dtype_name)
 
 
-def _check_layer(backend, B, n, C, dtype_name):
+def _check_layer(backend, B, n, C, dtype_name, f_dtype=mx.float32):
     seed = seed_of("layer", backend, B, n, C, dtype_name)
     dtype = testing.DTYPES[dtype_name]
-    m = _layer(n, C, seed, backend)
+    m = _layer(n, C, seed, backend, f_dtype)
     x = _x((*leading(B), n, C), dtype_name, seed)
     out = _run(m, x)
     assert out.shape == x.shape and out.dtype == x.dtype
@@ -761,13 +761,16 @@ def test_emulated_cuda_coeffs_without_pre_config_and_layer(emulated_cuda):
     _err_ok(_run(m, x).reshape(5, 4, 16), _layer64(m, to64(x)), 1e-5, "emulated DynamicMHC")
 
 
-@pytest.mark.parametrize("B,n,C,dtype_name", [((2, 3), 4, 32, "float32"), (70, 4, 48, "bfloat16"),
-                                              (5, 3, 17, "float32")])
-def test_emulated_cuda_layer_vs_liger64(emulated_cuda, B, n, C, dtype_name):
+@pytest.mark.parametrize("B,n,C,dtype_name,f_dtype", [
+    ((2, 3), 4, 32, "float32", mx.float32), (70, 4, 48, "bfloat16", mx.float32),
+    (70, 4, 48, "bfloat16", mx.bfloat16), (5, 3, 17, "float32", mx.float32), (6, 4, 20, "bfloat16", mx.bfloat16)])
+def test_emulated_cuda_layer_vs_liger64(emulated_cuda, B, n, C, dtype_name, f_dtype):
     """DynamicMHC on the kernels, forward and every gradient: post_res reads x through the
     coefficients op's alias output, so x's gradient from post_res is added by the dx kernel
-    (16-byte path, several token tiles at T = 70; element path at C = 17)."""
-    _check_layer("cuda", B, n, C, dtype_name)
+    (16-byte path, several token tiles at T = 70; element path at C = 17 and, in bfloat16, C = 20);
+    F in x's dtype runs the post_res kernels, F in float32 the portable post_res (Liger reads f in
+    its own dtype)."""
+    _check_layer("cuda", B, n, C, dtype_name, f_dtype)
 
 
 def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
