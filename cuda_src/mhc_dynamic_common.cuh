@@ -124,14 +124,14 @@ __device__ __forceinline__ void aggregate_token(const E* __restrict__ x, const f
   }
 }
 
-// v = hi + lo, two bfloat16 terms (v to 2^-16 relative): the float32 operand of the tensor-core
-// kernels (mhc_dynamic_proj_tc, mhc_dynamic_dphi_tc), whose two bfloat16 MMAs with float32
-// accumulation give the product to ~1e-5 relative, far below every bfloat16 tolerance (Liger's
-// tl.dot multiplies by phi in x's dtype: one bfloat16 term). A third term (float32-exact) cost
-// one more MMA and fragment load per k-step in kernels bound by exactly those.
-__device__ __forceinline__ void split_bf16x2(float v, bf16& hi, bf16& lo) {
+// v = hi + mid + lo, three bfloat16 terms exact to 2^-24 relative: the float32 operand of the
+// tensor-core kernels (mhc_dynamic_proj_tc, mhc_dynamic_dphi_tc), whose three bfloat16 MMAs with
+// float32 accumulation then give a float32-accurate product.
+__device__ __forceinline__ void split_bf16x3(float v, bf16& hi, bf16& mid, bf16& lo) {
   hi = from_float<bf16>(v);
-  lo = from_float<bf16>(v - to_float(hi));
+  const float r1 = v - to_float(hi);
+  mid = from_float<bf16>(r1);
+  lo = from_float<bf16>(r1 - to_float(mid));
 }
 
 // ---------------------------------------------------------------- Liger's Sinkhorn, per token

@@ -2,7 +2,7 @@
 //   part[s, k, m] = sum_{t in split s} x[t, k] dz[t, m]
 // the same partials as mhc_dynamic_skinny's dphi (which serves every other case); their sum over
 // s is mhc_dynamic_colsum's. bfloat16 x is exact in the bfloat16 MMA; float32 dz is split as
-// dz = hi + lo (dyn::split_bf16x2): two MMAs, float32 sums, the product to ~1e-5 relative.
+// dz = hi + mid + lo (three bfloat16 terms, exact to 2^-24 relative): three MMAs, float32 sums.
 // CTA: 128 k's (8 warps x 16) x 32 columns; tokens stream through shared memory TC at a time,
 // double-buffered as mhc_dynamic_proj_tc: stage s + 1's x tile in flight (cp.async, 16 bytes per
 // copy; element loads when rows are not 16-byte aligned) and its dz values in registers while
@@ -27,13 +27,13 @@ constexpr int XV = TC * KB / V / THREADS;  // x vectors per thread per stage
 constexpr int ZE = TC * MP / THREADS;      // dz values per thread per stage
 // an x buffer also holds the output tile at the end
 constexpr int X_BYTES = TC * XLD * 2 > KB * OLD * 4 ? TC * XLD * 2 : KB * OLD * 4;
-constexpr int Z_BYTES = 2 * TC * ZLD * 2;
+constexpr int Z_BYTES = 3 * TC * ZLD * 2;
 static_assert(X_BYTES % 32 == 0 && Z_BYTES % 32 == 0, "WMMA tiles stay 32-byte aligned");
 // Buffer b = (x tile, dz tiles) at b * (X_BYTES + Z_BYTES). Two buffers: what the launcher passes
 // (mhc_aot/cuda_dynamic.py DPHI_SMEM_BYTES); one when every CTA has a single stage (tsplit <= TC),
 // which uses buffer 0 only.
 constexpr int SMEM_BYTES = 2 * (X_BYTES + Z_BYTES);
-static_assert(SMEM_BYTES == 57344, "keep DPHI_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(SMEM_BYTES == 67584, "keep DPHI_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
 // three CTAs per SM (shared memory allows three): at most 85 registers per thread
@@ -44,7 +44,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
   auto xs = [&](int buf) { return reinterpret_cast<bf16 (*)[XLD]>(base + buf * (X_BYTES + Z_BYTES)); };  // xs[t][k]
   auto zs = [&](int buf, int p) {
-    return reinterpret_cast<bf16 (*)[ZLD]>(base + buf * (X_BYTES + Z_BYTES) + X_BYTES + p * (Z_BYTES / 2));
+    return reinterpret_cast<bf16 (*)[ZLD]>(base + buf * (X_BYTES + Z_BYTES) + X_BYTES + p * (Z_BYTES / 3));
   };
   const int tid = threadIdx.x, warp = tid / 32;
   const int k0 = blockIdx.y * KB, s = blockIdx.z;
@@ -76,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
 #pragma unroll
     for (int i = 0; i < ZE; ++i) {
       const int e = tid + i * THREADS, r = e / MP, m = e % MP;
-      dyn::split_bf16x2(zr[i], zs(buf, 0)[r][m], zs(buf, 1)[r][m]);
+      dyn::split_bf16x3(zr[i], zs(buf, 0)[r][m], zs(buf, 1)[r][m], zs(buf, 2)[r][m]);
     }
   };
 
@@ -108,7 +108,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb) {
 #pragma unroll
-        for (int p = 0; p < 2; ++p) {
+        for (int p = 0; p < 3; ++p) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b;
           wmma::load_matrix_sync(b, &zs(buf, p)[tt][nb * 16], ZLD);
           wmma::mma_sync(acc[nb], a, b, acc[nb]);

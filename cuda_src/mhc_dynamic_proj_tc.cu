@@ -1,8 +1,8 @@
 // Forward projection on tensor cores, for bfloat16 x and M = n n + 2 n <= 32 (n <= 4):
 //   part[s, t, m] = sum_{k in split s} x[t, k] phi[k, m],   sq[s, t] = sum_{k in split s} x[t, k]^2
 // the same outputs as mhc_dynamic_skinny (which serves every other case). bfloat16 x is exact in
-// the bfloat16 MMA; float32 phi is split as phi = hi + lo (dyn::split_bf16x2: two bfloat16 terms,
-// two MMAs with float32 accumulation, the product to ~1e-5 relative).
+// the bfloat16 MMA; float32 phi is split as phi = hi + mid + lo (three bfloat16 terms, exact to
+// 2^-24 relative), so three MMAs with float32 accumulation give a float32-accurate product.
 // CTA: 128 tokens (8 warps x 16 rows) x 32 columns; K streams through shared memory KC at a time,
 // double-buffered: stage s + 1's x tile and its phi rows are in flight (cp.async, 16 bytes per
 // copy) while stage s's MMAs run, so the x stream never waits on a barrier-bound load-then-compute
@@ -33,7 +33,7 @@ constexpr int PLD = MP + 8;   // bf16 elements per phi row
 constexpr int OLD = MP + 4;   // floats per output row
 constexpr int XV = TB * KC / V / THREADS;       // x vectors per thread per stage
 constexpr int RC = (KC * MP / 4 + THREADS - 1) / THREADS;  // raw phi chunks (4 floats) per thread per stage
-constexpr int X_BYTES = TB * XLD * 2, P_BYTES = 2 * KC * PLD * 2, RAW_BYTES = KC * MP * 4;
+constexpr int X_BYTES = TB * XLD * 2, P_BYTES = 3 * KC * PLD * 2, RAW_BYTES = KC * MP * 4;
 static_assert(TB * OLD * 4 <= X_BYTES, "the output staging reuses an x buffer's bytes");
 static_assert(X_BYTES % 32 == 0 && P_BYTES % 32 == 0, "WMMA tiles stay 32-byte aligned");
 // [raw phi rows of the next stage][buffer 0: x tile, phi tiles][buffer 1: x tile, phi tiles].
@@ -41,7 +41,7 @@ static_assert(X_BYTES % 32 == 0 && P_BYTES % 32 == 0, "WMMA tiles stay 32-byte a
 // H100 SM); one when every CTA has a single stage (ksplit <= KC): buffer 0 only.
 constexpr int SMEM_ONE_STAGE = RAW_BYTES + X_BYTES + P_BYTES;
 constexpr int SMEM_BYTES = SMEM_ONE_STAGE + X_BYTES + P_BYTES;
-static_assert(SMEM_BYTES == 65536 && SMEM_ONE_STAGE == 36864,
+static_assert(SMEM_BYTES == 75776 && SMEM_ONE_STAGE == 41984,
               "keep TC_SMEM_BYTES / TC_SMEM_ONE_STAGE in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
@@ -54,7 +54,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
   float* raw = smem;  // [KC rows x M floats], contiguous as in phi
   auto xs = [&](int buf) { return reinterpret_cast<bf16 (*)[XLD]>(base + RAW_BYTES + buf * (X_BYTES + P_BYTES)); };
   auto ps = [&](int buf, int p) {
-    return reinterpret_cast<bf16 (*)[PLD]>(base + RAW_BYTES + buf * (X_BYTES + P_BYTES) + X_BYTES + p * (P_BYTES / 2));
+    return reinterpret_cast<bf16 (*)[PLD]>(base + RAW_BYTES + buf * (X_BYTES + P_BYTES) + X_BYTES + p * (P_BYTES / 3));
   };
   const int tid = threadIdx.x, warp = tid / 32;
   const int s = blockIdx.y, t0 = blockIdx.z * TB;  // token tiles slowest: the last tokens read stay in L2
@@ -104,13 +104,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
 #pragma unroll
     for (int i = 0; i < RC; ++i) {
       const int f0 = 4 * (tid + i * THREADS);
-      int kk = f0 / M, m = f0 - kk * M;  // one division per chunk, then a carry
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        if (f0 + q < count) dyn::split_bf16x2(raw[f0 + q], ps(buf, 0)[kk][m], ps(buf, 1)[kk][m]);
-        if (++m == M) {
-          m = 0;
-          ++kk;
+        const int f = f0 + q;
+        if (f < count) {
+          const int kk = f / M, m = f % M;
+          dyn::split_bf16x3(raw[f], ps(buf, 0)[kk][m], ps(buf, 1)[kk][m], ps(buf, 2)[kk][m]);
         }
       }
     }
@@ -164,7 +163,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb) {
 #pragma unroll
-        for (int p = 0; p < 2; ++p) {
+        for (int p = 0; p < 3; ++p) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b;
           wmma::load_matrix_sync(b, &ps(buf, p)[kk][nb * 16], PLD);
           wmma::mma_sync(acc[nb], a, b, acc[nb]);
