@@ -1,58 +1,61 @@
-// Backward dphi on tensor cores, for bfloat16 x and M = n n + 2 n <= 32 (n <= 4):
+// Backward dphi on tensor cores, for bfloat16 x and M = n n + 2 n <= 24 (n <= 4):
 //   part[s, k, m] = sum_{t in split s} x[t, k] dz[t, m]
 // the same partials as mhc_dynamic_skinny's dphi (which serves every other case); their sum over
 // s is mhc_dynamic_colsum's. bfloat16 x is exact in the bfloat16 MMA; float32 dz is split as
 // dz = hi + mid + lo (three bfloat16 terms, exact to 2^-24 relative): three MMAs, float32 sums.
-// CTA: 128 k's (8 warps x 16) x 32 columns; tokens stream through shared memory TC at a time,
-// double-buffered as mhc_dynamic_proj_tc: stage s + 1's x tile in flight (cp.async, 16 bytes per
-// copy; element loads when rows are not 16-byte aligned) and its dz values in registers while
-// stage s's MMAs run. The split over tokens (grid z) is chosen by the launcher so that every CTA
-// is resident at once. Grid (threads): (THREADS, ceil(K / 128), S). Shared memory (dynamic):
-// SMEM_BYTES, or half of it when tsplit <= TC. Needs sm_80+.
+//
+// The transpose of mhc_dynamic_proj_tc's scheme: CTA = 128 k's (the MMA rows, A = x^T by
+// ldmatrix.trans from the token-major x tile) x 24 columns; tokens streamed TC = 64 at a time
+// through NS = 4 shared-memory stages (cp.async, 16 bytes per copy; element loads when rows are
+// not 16-byte aligned). Warp w takes token step w % 4 (16 tokens) of every stage for 64 k's
+// (w / 4); dz's three terms are split once per CTA into B-fragment order and serve four k tiles
+// per load. The four token groups' sums meet in shared memory at the end.
+// (ncu, H100, T = 8192, K = 16384: the WMMA version, B fragments reloaded per k tile, ran 223 us
+// at 37% of DRAM bandwidth.)
+// Grid (threads): (THREADS, ceil(K / 128), S); the split over tokens (grid z) is chosen by the
+// launcher so that every CTA is resident at once. Shared memory (dynamic): SMEM_BYTES. sm_80+.
 #include <cuda_pipeline.h>
-#include <mma.h>
 
 #include "mhc_dynamic_common.cuh"
+#include "mhc_mma.cuh"
 
 using namespace mhc;
-using namespace nvcuda;
 
 namespace {
-constexpr int KB = 128, MP = 32, TC = 64;
-constexpr int V = 8;          // bf16 per 16-byte vector
-constexpr int XLD = KB + 8;   // bf16 per token row of the x tile (16-row steps stay 32-byte aligned)
-constexpr int ZLD = MP + 8;   // bf16 per token row of the dz tiles
-constexpr int OLD = MP + 4;   // floats per output row
-constexpr int XV = TC * KB / V / THREADS;  // x vectors per thread per stage
-constexpr int ZE = TC * MP / THREADS;      // dz values per thread per stage
-// an x buffer also holds the output tile at the end
-constexpr int X_BYTES = TC * XLD * 2 > KB * OLD * 4 ? TC * XLD * 2 : KB * OLD * 4;
-constexpr int Z_BYTES = 3 * TC * ZLD * 2;
-static_assert(X_BYTES % 32 == 0 && Z_BYTES % 32 == 0, "WMMA tiles stay 32-byte aligned");
-// Buffer b = (x tile, dz tiles) at b * (X_BYTES + Z_BYTES). Two buffers: what the launcher passes
-// (mhc_aot/cuda_dynamic.py DPHI_SMEM_BYTES); one when every CTA has a single stage (tsplit <= TC),
-// which uses buffer 0 only.
-constexpr int SMEM_BYTES = 2 * (X_BYTES + Z_BYTES);
-static_assert(SMEM_BYTES == 67584, "keep DPHI_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+constexpr int KB = 128, TC = 64, NS = 4, NT = 3, MP = 8 * NT;
+constexpr int V = 8;                              // bf16 per 16-byte vector
+constexpr int XLD = KB + 8;                       // bf16 per token row in shared memory: ldmatrix rows hit distinct banks
+constexpr int XV = TC * KB / V / THREADS;         // x vectors per thread per stage
+constexpr int TSTEPS = TC / 16;                   // token steps per stage = token groups of warps
+constexpr int SLOTS = TSTEPS * NT * 32;           // B-fragment lanes per stage (4 dz values each)
+constexpr int SLOTS_PER_THREAD = (SLOTS + THREADS - 1) / THREADS;
+constexpr int X_BYTES = TC * XLD * 2, Z_BYTES = SLOTS * 3 * 8;
+constexpr int RL = MP + 1;                        // floats per k row of the token-group sums (odd: fewer conflicts)
+constexpr int SMEM_BYTES = NS * X_BYTES + 2 * Z_BYTES;
+static_assert(THREADS == 256 && TSTEPS * 2 == THREADS / 32, "8 warps: 4 token groups x 2 k halves");
+static_assert(TSTEPS * KB * RL * 4 <= NS * X_BYTES, "the token-group sums reuse the x stages' bytes");
+static_assert(SMEM_BYTES == 88064, "keep DPHI_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
-// three CTAs per SM (shared memory allows three): at most 85 registers per thread
-extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
+// two CTAs per SM (shared memory allows two): at most 128 registers per thread
+extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
     const bf16* __restrict__ x, const float* __restrict__ dz, float* __restrict__ part,
     int Tn, int K, int M, int tsplit) {
   extern __shared__ float smem[];
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
-  auto xs = [&](int buf) { return reinterpret_cast<bf16 (*)[XLD]>(base + buf * (X_BYTES + Z_BYTES)); };  // xs[t][k]
-  auto zs = [&](int buf, int p) {
-    return reinterpret_cast<bf16 (*)[ZLD]>(base + buf * (X_BYTES + Z_BYTES) + X_BYTES + p * (Z_BYTES / 3));
-  };
-  const int tid = threadIdx.x, warp = tid / 32;
+  auto xs = [&](int st) { return reinterpret_cast<bf16 (*)[XLD]>(base + st * X_BYTES); };  // xs[t][k]
+  // dz's B fragments of buffer zb: [token step][n8 tile][term][lane], 8 bytes each
+  auto zf = [&](int zb) { return reinterpret_cast<uint2*>(base + NS * X_BYTES + zb * Z_BYTES); };
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
+  const int tg = warp % TSTEPS, mg = warp / TSTEPS;
   const int k0 = blockIdx.y * KB, s = blockIdx.z;
   const int t_begin = s * tsplit, t_end = min(Tn, t_begin + tsplit);
+  const int stages = t_begin < t_end ? (t_end - t_begin + TC - 1) / TC : 0;
   const bool vec = K % V == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 
-  auto stage_x = [&](int tt0, int buf) {
-    bf16 (*dst)[XLD] = xs(buf);
+  auto stage_x = [&](int st) {
+    bf16 (*dst)[XLD] = xs(st % NS);
+    const int tt0 = t_begin + st * TC;
 #pragma unroll
     for (int i = 0; i < XV; ++i) {
       const int e = tid + i * THREADS, r = e / (KB / V), c = (e % (KB / V)) * V, t = tt0 + r, k = k0 + c;
@@ -60,70 +63,108 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) MHC_NAME(
         __pipeline_memcpy_async(&dst[r][c], x + (size_t)t * K + k, 16);
       } else {
 #pragma unroll
-        for (int q = 0; q < V; ++q)
-          dst[r][c + q] = (t < t_end && k + q < K) ? x[(size_t)t * K + k + q] : from_float<bf16>(0.0f);
+        for (int e2 = 0; e2 < V; ++e2)
+          dst[r][c + e2] = (t < t_end && k + e2 < K) ? x[(size_t)t * K + k + e2] : from_float<bf16>(0.0f);
       }
     }
   };
-  auto load_dz = [&](int tt0, float (&zr)[ZE]) {
+  // the dz values of this thread's B-fragment slots of stage st (zeros past t_end and M)
+  auto load_dz = [&](int st, float (&v)[SLOTS_PER_THREAD][4]) {
+    const int tt0 = t_begin + st * TC;
 #pragma unroll
-    for (int i = 0; i < ZE; ++i) {
-      const int e = tid + i * THREADS, r = e / MP, m = e % MP, t = tt0 + r;
-      zr[i] = (t < t_end && m < M) ? dz[(size_t)t * M + m] : 0.0f;
-    }
-  };
-  auto store_dz = [&](const float (&zr)[ZE], int buf) {
+    for (int i = 0; i < SLOTS_PER_THREAD; ++i) {
+      const int e = tid + i * THREADS, l = e % 32, nt = (e / 32) % NT, kk = e / (32 * NT);
+      const int m = nt * 8 + l / 4, r0 = kk * 16 + 2 * (l % 4);
 #pragma unroll
-    for (int i = 0; i < ZE; ++i) {
-      const int e = tid + i * THREADS, r = e / MP, m = e % MP;
-      dyn::split_bf16x3(zr[i], zs(buf, 0)[r][m], zs(buf, 1)[r][m], zs(buf, 2)[r][m]);
-    }
-  };
-
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-  wmma::fill_fragment(acc[0], 0.0f);
-  wmma::fill_fragment(acc[1], 0.0f);
-  float zr[ZE];
-
-  if (t_begin < t_end) {
-    stage_x(t_begin, 0);
-    __pipeline_commit();
-    load_dz(t_begin, zr);
-    store_dz(zr, 0);
-  }
-  for (int tt0 = t_begin, it = 0; tt0 < t_end; tt0 += TC, ++it) {
-    const int buf = it & 1, nt = tt0 + TC;
-    const bool next = nt < t_end;
-    if (next) stage_x(nt, buf ^ 1);  // buffer buf ^ 1 was released by the previous iteration's last barrier
-    __pipeline_commit();
-    if (next) load_dz(nt, zr);
-    __pipeline_wait_prior(1);  // this thread's copies of stage `it` have landed
-    __syncthreads();           // everyone's have, and dz buffer buf is written
-    bf16 (*xb)[XLD] = xs(buf);
-#pragma unroll
-    for (int tt = 0; tt < TC; tt += 16) {
-      // A = x^T: element (k, t) of this warp's 16 x 16 block is xb[tt + t][warp * 16 + k]
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> a;
-      wmma::load_matrix_sync(a, &xb[tt][warp * 16], XLD);
-#pragma unroll
-      for (int nb = 0; nb < 2; ++nb) {
-#pragma unroll
-        for (int p = 0; p < 3; ++p) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b;
-          wmma::load_matrix_sync(b, &zs(buf, p)[tt][nb * 16], ZLD);
-          wmma::mma_sync(acc[nb], a, b, acc[nb]);
-        }
+      for (int j = 0; j < 4; ++j) {
+        const int t = tt0 + r0 + (j & 1) + 8 * (j >> 1);
+        v[i][j] = (e < SLOTS && m < M && t < t_end) ? __ldg(dz + (size_t)t * M + m) : 0.0f;
       }
     }
-    if (next) store_dz(zr, buf ^ 1);
-    __syncthreads();  // buffers buf are consumed: the next iteration refills them
+  };
+  auto store_dz = [&](const float (&v)[SLOTS_PER_THREAD][4], int zb) {
+    uint2* dst = zf(zb);
+#pragma unroll
+    for (int i = 0; i < SLOTS_PER_THREAD; ++i) {
+      const int e = tid + i * THREADS;
+      if (e >= SLOTS) continue;
+      const int l = e % 32, rest = e / 32;  // rest = kk * NT + nt
+      uint2 terms[3];
+      mma::split_b_fragment(v[i], terms);
+#pragma unroll
+      for (int p = 0; p < 3; ++p) dst[(rest * 3 + p) * 32 + l] = terms[p];
+    }
+  };
+
+  float acc[4][NT][4] = {};
+  float zv[SLOTS_PER_THREAD][4];
+#pragma unroll
+  for (int st = 0; st < NS - 1; ++st) {
+    if (st < stages) stage_x(st);
+    __pipeline_commit();
   }
-  float (*os)[OLD] = reinterpret_cast<float (*)[OLD]>(base);  // x buffer 0 (free after the last barrier)
-  wmma::store_matrix_sync(&os[warp * 16][0], acc[0], OLD, wmma::mem_row_major);
-  wmma::store_matrix_sync(&os[warp * 16][16], acc[1], OLD, wmma::mem_row_major);
+  if (stages > 0) {
+    load_dz(0, zv);
+    store_dz(zv, 0);
+    if (stages > 1) load_dz(1, zv);
+  }
+  // ldmatrix.trans addresses: matrix j = lane / 8 is (tokens 8 (j / 2) + 0..7, k's 8 (j % 2) + 0..7)
+  // of a 16 x 16 block, giving A = x^T's registers a[0..3] in order
+  const int lrow = lane % 8 + 8 * (lane / 16), lcol = 8 * ((lane / 8) % 2);
+  for (int it = 0; it < stages; ++it) {
+    __pipeline_wait_prior(NS - 2);  // this thread's copies of stage `it` have landed
+    __syncthreads();  // everyone's have; dz buffer it & 1 is stored; stage it - 1's buffers are consumed
+    if (it + NS - 1 < stages) stage_x(it + NS - 1);  // into the buffer stage it - 1 used
+    __pipeline_commit();
+    const uint2* zp = zf(it & 1) + tg * NT * 3 * 32 + lane;
+    uint32_t b[NT][3][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int p = 0; p < 3; ++p) {
+        const uint2 u = zp[(nt * 3 + p) * 32];
+        b[nt][p][0] = u.x;
+        b[nt][p][1] = u.y;
+      }
+    bf16 (*xb)[XLD] = xs(it % NS);
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+      uint32_t a[4];
+      mma::ldmatrix_x4<true>(a, &xb[tg * 16 + lrow][mg * 64 + mt * 16 + lcol]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int p = 2; p >= 0; --p) mma::bf16_16816(acc[mt][nt], a, b[nt][p][0], b[nt][p][1]);  // lo terms first
+    }
+    if (it + 1 < stages) {
+      store_dz(zv, (it + 1) & 1);  // buffer (it + 1) & 1 was last read in iteration it - 1
+      if (it + 2 < stages) load_dz(it + 2, zv);
+    }
+  }
+  // the four token groups' sums, [token group][k][RL] in the x stages' bytes
+  __syncthreads();  // every warp is past its last ldmatrix (no copies are pending: the last waited)
+  float* red = smem;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+    const int r = mg * 64 + mt * 16 + g;
+    float* lo = red + ((size_t)tg * KB + r) * RL;
+    float* hi = lo + 8 * RL;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = nt * 8 + 2 * q;
+      lo[c] = acc[mt][nt][0];
+      lo[c + 1] = acc[mt][nt][1];
+      hi[c] = acc[mt][nt][2];
+      hi[c + 1] = acc[mt][nt][3];
+    }
+  }
   __syncthreads();
   for (int e = tid; e < KB * M; e += THREADS) {
     const int r = e / M, m = e % M, k = k0 + r;
-    if (k < K) part[((size_t)s * K + k) * M + m] = os[r][m];
+    if (k >= K) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int j = 0; j < TSTEPS; ++j) v += red[((size_t)j * KB + r) * RL + m];
+    part[((size_t)s * K + k) * M + m] = v;
   }
 }

@@ -44,6 +44,10 @@ struct uint4 {
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct uint2 {
+  unsigned x, y;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 struct float4 {
   float x, y, z, w;
 };
@@ -188,6 +192,7 @@ struct EmuCta {
   EmuBarrier bar;
   std::vector<EmuBarrier> warp;
   std::vector<float> shfl;
+  std::vector<uint64_t> xchg;  // per warp: 32 lanes x 8 words, for the warp-collective mma / ldmatrix
   std::function<void()> body;
 };
 inline EmuCta* emu_cta = nullptr;
@@ -221,6 +226,65 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   return r;
 }
 
+// mhc_mma.cuh's warp-collective tensor-core calls (mma.sync m16n8k16 bf16, ldmatrix x4), by
+// their PTX fragment layouts: every lane posts its registers (or row address) to the warp's
+// exchange buffer, then computes its own outputs from all 32 lanes' posts. Sums in float32 in
+// k order (the tensor core's float32 accumulation order is unspecified: tests allow for it).
+#define MHC_EMULATED 1
+inline float emu_bf16_bits(unsigned bits16) {
+  const uint32_t u = bits16 << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+namespace mhc {
+namespace mma {
+inline void bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const int tid = int(threadIdx.x), w = tid / 32, lane = tid % 32;
+  uint64_t* buf = emu_cta->xchg.data() + size_t(w) * 32 * 8;
+  uint64_t* mine = buf + lane * 8;
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0;
+  mine[5] = b1;
+  emu_wait(emu_cta->warp[w]);
+  auto half = [](uint64_t reg, int hi) { return emu_bf16_bits(unsigned(reg >> (16 * hi)) & 0xffffu); };
+  auto A = [&](int row, int k) {  // a[0] (row g, k 2q..) a[1] (row g + 8) a[2] (k + 8) a[3] (both)
+    const int l = (row % 8) * 4 + (k % 8) / 2, reg = (row >= 8) + 2 * (k >= 8);
+    return half(buf[l * 8 + reg], k & 1);
+  };
+  auto B = [&](int k, int col) {  // b[0] (rows 2q, 2q + 1 of col g) b[1] (rows + 8)
+    const int l = col * 4 + (k % 8) / 2;
+    return half(buf[l * 8 + 4 + (k >= 8)], k & 1);
+  };
+  const int g = lane / 4, q = lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >= 2), col = 2 * q + (i & 1);
+    float sum = d[i];
+    for (int k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
+    out[i] = sum;
+  }
+  emu_wait(emu_cta->warp[w]);
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+template <bool TRANS>
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const int tid = int(threadIdx.x), w = tid / 32, lane = tid % 32;
+  uint64_t* buf = emu_cta->xchg.data() + size_t(w) * 32 * 8;
+  buf[lane * 8] = reinterpret_cast<uint64_t>(row);
+  emu_wait(emu_cta->warp[w]);
+  auto at = [&](int l, int e) { return unsigned(reinterpret_cast<const uint16_t*>(buf[l * 8])[e]); };
+  const int g = lane / 4, q = lane % 4;
+  uint32_t out[4];
+  for (int j = 0; j < 4; ++j)  // lane holds (row g, cols 2q, 2q + 1) of matrix j (of its transpose)
+    out[j] = TRANS ? at(8 * j + 2 * q, g) | (at(8 * j + 2 * q + 1, g) << 16)
+                   : at(8 * j + g, 2 * q) | (at(8 * j + g, 2 * q + 1) << 16);
+  emu_wait(emu_cta->warp[w]);
+  for (int j = 0; j < 4; ++j) r[j] = out[j];
+}
+}  // namespace mma
+}  // namespace mhc
+
 inline void emu_trampoline() {
   EmuCta* c = emu_cta;
   c->body();
@@ -243,6 +307,7 @@ inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, B
   const int nwarps = (threads + 31) / 32;
   cta.warp.resize(nwarps);
   cta.shfl.assign(size_t(nwarps) * 32, 0.0f);
+  cta.xchg.assign(size_t(nwarps) * 32 * 8, 0);
   cta.body = body;
   emu_cta = &cta;
   for (int z = 0; z < gz; ++z)

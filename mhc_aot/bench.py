@@ -43,6 +43,9 @@ backend auto / portable / reference, forward and forward + backward mx.compile'd
   liger      Liger-Kernel's LigerMHC functional chain (liger_mhc_coeffs + liger_mhc_pre +
              liger_mhc_post_res, Triton) on CUDA, F = identity, same shapes and dtype;
 seed and torch have no dynamic layer, liger has no static one.
+The PyTorch peers (torch, liger) are timed in a child process each (mhc_aot/peer_worker.py), one
+per (case, peer), in the same run and on the same seeded inputs, so neither framework's runtime
+sits in the process that times the other; this process never imports torch.
 Backward = forward + backward: mx.compile(value_and_grad) of sum(out * dout) (dout fixed, x's dtype) with
 respect to x and all four parameters (as the torch peer's autograd.grad of (out * dout).sum()). The
 dynamic rows take mx.vjp with dout as the output's cotangent, as LigerMHC's autograd.grad(out, leaves,
@@ -52,9 +55,13 @@ dout): the gradients of x, phi, b and the three alphas, no loss formed.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -313,7 +320,10 @@ def _mlx_runner(name: str, fn, case: Case, inp: Inputs, note: str = "") -> Runne
 
 
 def availability(name: str, layer: str = "static") -> Optional[str]:
-    """None if implementation `name` can run here, else why not and the fix."""
+    """None if implementation `name` can run here, else why not and the fix. The PyTorch peers'
+    packages are looked up (find_spec), not imported: torch must not load in the process that times
+    MLX. What only importing can tell (liger's CUDA device, a broken install) comes from the peer's
+    child process, as a BenchError carrying its stderr."""
     if layer == "dynamic":
         import mhc_aot
 
@@ -334,23 +344,18 @@ def availability(name: str, layer: str = "static") -> Optional[str]:
             return "mhc-mlx is not installed: pip install 'mhc-mlx==0.6.3' (or mhc-aot[test])"
         return None
     if name == "torch":
-        try:
-            import torch  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("torch") is None:
             return "PyTorch is not installed: pip install torch"
         return None
     return f"unknown implementation {name!r}: expected one of {', '.join(IMPLEMENTATIONS)}"
 
 
 def _liger_unavailable() -> Optional[str]:
-    try:
-        import torch
-        import liger_kernel.transformers.functional  # noqa: F401
-    except ImportError as e:
-        return f"liger needs PyTorch and liger-kernel ({e}): pip install 'liger-kernel==0.8.5'"
-    if not torch.cuda.is_available():
-        return "liger (LigerMHC) runs only on CUDA: torch.cuda.is_available() is False here"
-    return None
+    missing = [m for m in ("torch", "liger_kernel") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"liger needs PyTorch and liger-kernel ({', '.join(missing)} not installed): "
+                "pip install 'liger-kernel==0.8.5'")
+    return None  # CUDA is checked in the child (dynamic_bench.liger_runner)
 
 
 def _import_seed():
@@ -517,6 +522,38 @@ def _torch_runner(case: Case, inp: Inputs) -> Runner:
     return torch_runner("torch", call, note=f"torch {torch.__version__} torch.compile on {device}")
 
 
+# ---------------------------------------------------------------- peers in a child process
+CHILD_IMPLS = ("torch", "liger")  # timed by peer_worker, one child process per (case, peer)
+PEER_WORKER = [sys.executable, "-m", "mhc_aot.peer_worker"]
+INPUT_SEED = 0  # run()'s inputs; the child draws the same ones from it
+
+
+def peer_spec(impl: str, case: Case, settings: Settings, seed: int = INPUT_SEED) -> dict:
+    """What peer_worker needs to rebuild the case, its inputs and the timing loop."""
+    return {"impl": impl, "case": asdict(case), "settings": asdict(settings), "seed": seed}
+
+
+def time_in_child(impl: str, case: Case, settings: Settings, seed: int = INPUT_SEED) -> tuple[Timing, str]:
+    """(timing, note) of `impl` on `case`, timed by peer_worker in a child process. A child that
+    fails or prints no result is a BenchError with its exit code and stderr: never timed here instead."""
+    mx.clear_cache()  # MLX's cached buffers back to the device, so the child has its memory
+    p = subprocess.run(PEER_WORKER, input=json.dumps(peer_spec(impl, case, settings, seed)),
+                       capture_output=True, text=True, check=False)
+    lines = p.stdout.strip().splitlines()
+    what = f"exited with code {p.returncode}" if p.returncode else "printed no result"
+    if p.returncode == 0 and lines:
+        try:
+            out = json.loads(lines[-1])
+            samples = [float(v) for v in out["samples_s"]]
+            if samples:
+                return Timing(samples), str(out.get("note", ""))
+        except (ValueError, TypeError, KeyError) as e:
+            what = f"printed no result ({type(e).__name__}: {e}; last line {lines[-1][-200:]!r})"
+    tail = p.stderr.strip()[-3000:] or "(nothing on stderr)"
+    raise BenchError(f"{impl} on {case.label}, timed in a child process ({' '.join(PEER_WORKER)}), "
+                     f"{what}:\n{tail}")
+
+
 # ---------------------------------------------------------------- the benchmark
 def make_cases(mode: str, shapes, dtypes, backward: bool, layer: str = "static") -> list[Case]:
     return [Case(mode, B, n, C, dt, backward, layer) for dt in dtypes for (B, n, C) in shapes]
@@ -561,13 +598,19 @@ def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
     result = Run()
     for case in cases:
         s = settings or default_settings(case.mode)
-        inp = make_inputs(case)
+        inp = make_inputs(case, INPUT_SEED)
         medians = {}
         case_rows = []
         for impl in impls:
             step(f"{case.label}: {impl}")
-            runner = make_runner(impl, case, inp)
-            t = time_runner(runner, case.mode, s.iters, s.warmup, s.repeats)
+            if impl in CHILD_IMPLS:
+                t, note = time_in_child(impl, case, s)
+                note = f"{note} (timed in a child process)".lstrip()
+            else:
+                runner = make_runner(impl, case, inp)
+                t = time_runner(runner, case.mode, s.iters, s.warmup, s.repeats)
+                note = runner.note
+                del runner
             gbps = case.bytes_moved / (t.median_us * 1e-6) / 1e9
             medians[impl] = t.median_us
             case_rows.append({
@@ -575,9 +618,8 @@ def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
                 "B": case.B, "n": case.n, "C": case.C, "dtype": case.dtype,
                 "pass": "forward+backward" if case.backward else "forward",
                 "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
-                "GBps": gbps, "copy_fraction": gbps / copy_gbps, "samples": len(t.samples_s), "note": runner.note,
+                "GBps": gbps, "copy_fraction": gbps / copy_gbps, "samples": len(t.samples_s), "note": note,
             })
-            del runner
         for c in compare:
             case_rows[0][f"speedup_vs_{c}"] = medians[c] / medians["kernels"]
         result.rows += case_rows

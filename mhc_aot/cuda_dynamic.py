@@ -4,7 +4,7 @@
 that launch the backward kernels.
 
 Kernels per op (geometry mirrors each kernel's header comment; grids are given in threads):
-  mhc_coeffs    forward  proj_tc (bfloat16 x, n <= 4: tensor cores, double-buffered) or skinny
+  mhc_coeffs    forward  proj_tc (bfloat16 x, n <= 4: mma.sync, four-stage cp.async) or skinny
                          (z = vec(x) @ phi, K split S ways, + sum of squares)
                          -> coeffs: RMS scale, activations, Sinkhorn per token, by a lane group
                             (n <= 8, T >= LANES_MIN_T; then x_in by pre) or by a CTA (with x_in)
@@ -37,8 +37,8 @@ THREADS = cuda.THREADS  # cuda_src/mhc_common.cuh
 WARPS = THREADS // 32
 SK_RB, SK_MB, SK_JC = 64, 32, 32  # cuda_src/mhc_dynamic_skinny.cu
 DX_TT, DX_KB = 64, 128  # cuda_src/mhc_dynamic_dx.cu
-TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES, TC_SMEM_ONE_STAGE = 128, 32, 64, 75776, 41984  # cuda_src/mhc_dynamic_proj_tc.cu
-DPHI_KB, DPHI_TC, DPHI_SMEM_BYTES = 128, 64, 67584  # cuda_src/mhc_dynamic_dphi_tc.cu
+TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES = 128, 24, 64, 92160  # cuda_src/mhc_dynamic_proj_tc.cu
+DPHI_KB, DPHI_TC, DPHI_SMEM_BYTES = 128, 64, 88064  # cuda_src/mhc_dynamic_dphi_tc.cu
 POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 # mhc_dynamic_coeffs(_bwd) lane mode: a group of lanes (the power of two >= n) per token, synchronised
 # by __syncwarp, for n <= LANES_MAX_N and at least LANES_MIN_T tokens, LANES_THREADS per CTA; x_in and
@@ -84,7 +84,7 @@ def _skinny(A: mx.array, B: mx.array, R: int, J: int, Mc: int, sr: int, sj: int,
 
 
 def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str):
-    """part [S, T, M] and sq [S, T] of z = vec(x) @ phi: tensor cores for bfloat16 x and M <= 32
+    """part [S, T, M] and sq [S, T] of z = vec(x) @ phi: tensor cores for bfloat16 x and M <= 24
     (n <= 4), else the CUDA-core skinny kernel."""
     if tag != "bf16" or M > TC_MP:
         return _skinny(xk, phi32, T, K, M, K, 1, True, tag)
@@ -94,15 +94,14 @@ def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str)
     S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
     ksplit = _cdiv(_cdiv(K, S), TC_KC) * TC_KC
     S = _cdiv(K, ksplit)
-    smem = TC_SMEM_ONE_STAGE if ksplit <= TC_KC else TC_SMEM_BYTES  # one stage per CTA: one buffer
     part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, phi32], [(S, T, M), (S, T)], [F32, F32],
-                       [T, K, M, ksplit], (THREADS, S, tiles), smem // 4)
+                       [T, K, M, ksplit], (THREADS, S, tiles), TC_SMEM_BYTES // 4)
     return part, sq, S
 
 
 def _dphi_partials(xk: mx.array, dz: mx.array, T: int, K: int, M: int, tag: str):
     """part [S, K, M] of dphi = x^T dz over S splits of the tokens: tensor cores for bfloat16 x and
-    M <= 32 (n <= 4), else the CUDA-core skinny kernel."""
+    M <= 24 (n <= 4), else the CUDA-core skinny kernel."""
     if tag != "bf16" or M > TC_MP:
         part, _, S = _skinny(xk, dz, K, T, M, 1, K, False, tag)
         return part, S
@@ -112,9 +111,8 @@ def _dphi_partials(xk: mx.array, dz: mx.array, T: int, K: int, M: int, tag: str)
     S = max(1, min(_cdiv(T, DPHI_TC), resident // tiles))
     tsplit = _cdiv(_cdiv(T, S), DPHI_TC) * DPHI_TC
     S = _cdiv(T, tsplit)
-    smem = DPHI_SMEM_BYTES // 2 if tsplit <= DPHI_TC else DPHI_SMEM_BYTES  # one stage per CTA: one buffer
     (part,) = _launch("mhc_dynamic_dphi_tc", "bf16", None, [xk, dz], [(S, K, M)], [F32], [T, K, M, tsplit],
-                      (THREADS, tiles, S), smem // 4)
+                      (THREADS, tiles, S), DPHI_SMEM_BYTES // 4)
     return part, S
 
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 def liger_runner(case, tmax: int = 20):
     """A bench.Runner for LigerMHC on `case` (T = case.B tokens). Needs torch with CUDA and
-    liger-kernel: bench.availability("liger", "dynamic") says which is missing."""
+    liger-kernel: bench.availability("liger", "dynamic") says which package is missing, this
+    raises BenchError without CUDA."""
     import liger_kernel
     import torch
     from liger_kernel.transformers.functional import liger_mhc_coeffs, liger_mhc_post_res, liger_mhc_pre
 
-    from .bench import torch_runner
+    from .bench import BenchError, torch_runner
 
+    if not torch.cuda.is_available():  # checked here, in the peer's child: bench never imports torch
+        raise BenchError("liger (LigerMHC) runs only on CUDA: torch.cuda.is_available() is False here")
     T, n, C = case.B, case.n, case.C
     dt = getattr(torch, case.dtype)
     dev = "cuda"

@@ -3,9 +3,13 @@ memory check and the speedup plot. Tiny shapes only; timings themselves are not 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from mhc_aot import bench
+from mhc_aot import bench, peer_worker
 
 
 def test_default_tables_are_the_seed_readme_tables():
@@ -83,6 +87,90 @@ def test_dynamic_layer_runs():
     assert [r["layer"] for r in res.rows] == ["dynamic", "dynamic"]
     with pytest.raises(bench.BenchError, match="seed has no dynamic"):
         bench.run(cases, ["seed"], bench.Settings(iters=1, warmup=0, repeats=1), copy_gbps=1.0)
+
+
+# ---------------------------------------------------------------- peers in a child process
+FAKE_WORKER = """
+import json, sys
+spec = json.load(sys.stdin)
+print("a library's chatter on stdout")
+print(json.dumps({"samples_s": [1e-3, 2e-3, 4e-3], "note": f"fake {spec['impl']} B={spec['case']['B']}"}))
+"""
+
+
+@pytest.fixture
+def fake_pytorch(tmp_path, monkeypatch):
+    """Importable (empty) torch and liger_kernel packages, so availability() finds the peers here,
+    and a fake peer worker; afterwards the test asserts that this process imported neither."""
+    for name in ("torch", "liger_kernel"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(bench, "PEER_WORKER", [sys.executable, "-c", FAKE_WORKER])
+    yield
+    for name in ("torch", "liger_kernel"):
+        sys.modules.pop(name, None)
+
+
+def test_peer_spec_round_trip():
+    case = bench.Case("throughput", 3, 4, 16, "float16", backward=True, layer="dynamic")
+    settings = bench.Settings(iters=7, warmup=2, repeats=5)
+    assert peer_worker.read_spec(json.dumps(bench.peer_spec("liger", case, settings, 11))) == (
+        "liger", case, settings, 11)
+
+
+def test_child_draws_the_parents_inputs():
+    """The child rebuilds the case's inputs from the seed: the same values in a fresh process."""
+    code = ("import json; from mhc_aot import bench; "
+            "inp = bench.make_inputs(bench.Case('latency', 2, 4, 16, 'bfloat16'), 3); "
+            "print(json.dumps([a.astype(bench.mx.float32).tolist() for a in (inp.x, inp.dout, *inp.params.values())]))")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    inp = bench.make_inputs(bench.Case("latency", 2, 4, 16, "bfloat16"), 3)
+    mine = [a.astype(bench.mx.float32).tolist() for a in (inp.x, inp.dout, *inp.params.values())]
+    assert json.loads(child.stdout) == mine
+
+
+def test_real_worker_times_in_a_child():
+    """peer_worker end to end (any implementation runs there; portable needs no PyTorch)."""
+    t, note = bench.time_in_child("portable", bench.Case("latency", 2, 4, 16, "float32", backward=True),
+                                  bench.Settings(iters=3, warmup=1, repeats=1))
+    assert len(t.samples_s) == 3 and all(v > 0 for v in t.samples_s)
+    assert note.endswith(":portable")
+
+
+@pytest.mark.parametrize("layer,peer", [("static", "torch"), ("dynamic", "liger")])
+def test_run_times_pytorch_peers_in_a_child(fake_pytorch, layer, peer):
+    assert bench.availability(peer, layer) is None
+    cases = bench.make_cases("latency", [(2, 4, 16)], ["float32"], backward=False, layer=layer)
+    res = bench.run(cases, ["portable", peer], bench.Settings(iters=2, warmup=1, repeats=1), copy_gbps=1.0)
+    assert [r["impl"] for r in res.rows] == ["kernels", "portable", peer]
+    row = res.rows[2]
+    assert row["median_us"] == pytest.approx(2000) and row["samples"] == 3
+    assert row["p20_us"] == pytest.approx(1400) and row["p80_us"] == pytest.approx(3200)
+    assert row["note"] == f"fake {peer} B=2 (timed in a child process)"
+    assert res.rows[0][f"speedup_vs_{peer}"] == pytest.approx(2000 / res.rows[0]["median_us"])
+    assert "torch" not in sys.modules and "liger_kernel" not in sys.modules
+
+
+@pytest.mark.parametrize("script,match", [
+    ("import sys; sys.stderr.write('Traceback ...\\nRuntimeError: no CUDA here\\n'); sys.exit(3)",
+     r"torch on B=2 n=4 C=16 float32, timed in a child process .*exited with code 3:\nTraceback ...\nRuntimeError: no CUDA here"),
+    ("import sys; sys.stderr.write('warming up')", r"printed no result:\nwarming up"),
+    ("print('{\"samples_s\": []}')", r"printed no result"),
+    ("print('done')", r"printed no result \(JSONDecodeError"),
+])
+def test_failed_child_is_an_error_never_timed_in_process(fake_pytorch, monkeypatch, script, match):
+    monkeypatch.setattr(bench, "PEER_WORKER", [sys.executable, "-c", script])
+    make_runner = bench.make_runner
+
+    def in_process(name, *args):
+        assert name == "kernels", f"{name} was built in-process"
+        return make_runner(name, *args)
+
+    monkeypatch.setattr(bench, "make_runner", in_process)
+    cases = bench.make_cases("latency", [(2, 4, 16)], ["float32"], backward=False)
+    with pytest.raises(bench.BenchError, match=match):
+        bench.run(cases, ["torch"], bench.Settings(iters=2, warmup=1, repeats=1), copy_gbps=1.0)
 
 
 def test_memory_check_names_the_shape_and_the_fix():
