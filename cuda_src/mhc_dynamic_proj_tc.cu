@@ -16,8 +16,11 @@
 // (ncu, H100, T = 8192, K = 16384: the WMMA version with one token tile per warp and B fragments
 // reloaded per tile ran 247 us at 33% of DRAM bandwidth, bound by its shared-memory reads.)
 // Grid (threads): (THREADS, S, ceil(T / 128)): token tiles are the slowest grid dimension, so the
-// tokens read last are still in L2 when the coefficients kernel starts. The split over K (grid y)
-// is chosen by the launcher so that every CTA is resident at once.
+// tokens read last are still in L2 when the coefficients kernel starts. The S splits over K
+// (grid y, chosen by the launcher so that every CTA is resident at once) interleave: split s takes
+// the KC-chunks s, s + S, s + 2 S, ..., so a tile's S CTAs, which run side by side, read S KC
+// contiguous elements of each row at a time (contiguous ranges per split had each CTA pull 128
+// bytes per row per stage from four distant places: 52% of DRAM bandwidth, ncu H100).
 // Shared memory (dynamic): SMEM_BYTES. Needs sm_80+.
 #include <cuda_pipeline.h>
 
@@ -45,7 +48,7 @@ static_assert(SMEM_BYTES == 92160, "keep TC_SMEM_BYTES in mhc_aot/cuda_dynamic.p
 // two CTAs per SM (shared memory allows two): at most 128 registers per thread
 extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
     const bf16* __restrict__ x, const float* __restrict__ phi, float* __restrict__ part, float* __restrict__ sq,
-    int Tn, int K, int M, int ksplit) {
+    int Tn, int K, int M) {
   extern __shared__ float smem[];
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
   auto xs = [&](int st) { return reinterpret_cast<bf16 (*)[XLD]>(base + st * X_BYTES); };
@@ -53,15 +56,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
   auto pf = [&](int pb) { return reinterpret_cast<uint2*>(base + NS * X_BYTES + pb * P_BYTES); };
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
   const int kg = warp % KSTEPS, mg = warp / KSTEPS;
-  const int s = blockIdx.y, t0 = blockIdx.z * TB;  // token tiles slowest: the last tokens read stay in L2
-  const int k_begin = s * ksplit, k_end = min(K, k_begin + ksplit);
-  const int stages = k_begin < k_end ? (k_end - k_begin + KC - 1) / KC : 0;
-  const bool vec = K % V == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 && ksplit % V == 0;
+  const int s = blockIdx.y, S = gridDim.y, t0 = blockIdx.z * TB;  // token tiles slowest: the last tokens read stay in L2
+  const int chunks = (K + KC - 1) / KC, stages = s < chunks ? (chunks - s + S - 1) / S : 0;
+  // stage st of this split: k in [k_first(st), k_last(st)), chunk s + st S
+  auto k_first = [&](int st) { return (s + st * S) * KC; };
+  auto k_last = [&](int st) { return min(K, k_first(st) + KC); };
+  const bool vec = K % V == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 
   // x tile of stage st into buffer st % NS: thread tid copies vectors tid + i THREADS
   auto stage_x = [&](int st) {
     bf16 (*dst)[XLD] = xs(st % NS);
-    const int k0 = k_begin + st * KC;
+    const int k0 = k_first(st), k_end = k_last(st);
 #pragma unroll
     for (int i = 0; i < XV; ++i) {
       const int e = tid + i * THREADS, r = e / (KC / V), c = (e % (KC / V)) * V;
@@ -75,9 +80,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
       }
     }
   };
-  // the phi values of this thread's B-fragment slots of stage st (zeros past k_end and M)
+  // the phi values of this thread's B-fragment slots of stage st (zeros past the chunk's end and M)
   auto load_phi = [&](int st, float (&v)[SLOTS_PER_THREAD][4]) {
-    const int k0 = k_begin + st * KC;
+    const int k0 = k_first(st), k_end = k_last(st);
 #pragma unroll
     for (int i = 0; i < SLOTS_PER_THREAD; ++i) {
       const int e = tid + i * THREADS, l = e % 32, nt = (e / 32) % NT, kk = e / (32 * NT);

@@ -44,8 +44,9 @@ backend auto / portable / reference, forward and forward + backward mx.compile'd
              liger_mhc_post_res, Triton) on CUDA, F = identity, same shapes and dtype;
 seed and torch have no dynamic layer, liger has no static one.
 The PyTorch peers (torch, liger) are timed in a child process each (mhc_aot/peer_worker.py), one
-per (case, peer), in the same run and on the same seeded inputs, so neither framework's runtime
-sits in the process that times the other; this process never imports torch.
+per peer for all cases, after the in-process rows, in the same run and on the same seeded inputs,
+so neither framework's runtime sits in the process that times the other; this process never
+imports torch.
 Backward = forward + backward: mx.compile(value_and_grad) of sum(out * dout) (dout fixed, x's dtype) with
 respect to x and all four parameters (as the torch peer's autograd.grad of (out * dout).sum()). The
 dynamic rows take mx.vjp with dout as the output's cotangent, as LigerMHC's autograd.grad(out, leaves,
@@ -523,35 +524,41 @@ def _torch_runner(case: Case, inp: Inputs) -> Runner:
 
 
 # ---------------------------------------------------------------- peers in a child process
-CHILD_IMPLS = ("torch", "liger")  # timed by peer_worker, one child process per (case, peer)
+CHILD_IMPLS = ("torch", "liger")  # timed by peer_worker: one child process per peer and run
 PEER_WORKER = [sys.executable, "-m", "mhc_aot.peer_worker"]
 INPUT_SEED = 0  # run()'s inputs; the child draws the same ones from it
 
 
-def peer_spec(impl: str, case: Case, settings: Settings, seed: int = INPUT_SEED) -> dict:
-    """What peer_worker needs to rebuild the case, its inputs and the timing loop."""
-    return {"impl": impl, "case": asdict(case), "settings": asdict(settings), "seed": seed}
+def peer_spec(impl: str, cases, settings, seed: int = INPUT_SEED) -> dict:
+    """What peer_worker needs to rebuild the cases, their inputs and the timing loops (settings:
+    one per case)."""
+    return {"impl": impl, "cases": [asdict(c) for c in cases], "settings": [asdict(s) for s in settings],
+            "seed": seed}
 
 
-def time_in_child(impl: str, case: Case, settings: Settings, seed: int = INPUT_SEED) -> tuple[Timing, str]:
-    """(timing, note) of `impl` on `case`, timed by peer_worker in a child process. A child that
-    fails or prints no result is a BenchError with its exit code and stderr: never timed here instead."""
+def time_in_child(impl: str, cases, settings, seed: int = INPUT_SEED) -> list[tuple[Timing, str]]:
+    """(timing, note) per case of `impl`, timed by peer_worker in one child process (one process
+    for all cases: a peer's JIT and autotuning caches live in its process, as they would in a
+    user's). A child that fails or prints no result is a BenchError with its exit code and stderr:
+    never timed here instead."""
+    cases = list(cases)
     mx.clear_cache()  # MLX's cached buffers back to the device, so the child has its memory
-    p = subprocess.run(PEER_WORKER, input=json.dumps(peer_spec(impl, case, settings, seed)),
+    p = subprocess.run(PEER_WORKER, input=json.dumps(peer_spec(impl, cases, settings, seed)),
                        capture_output=True, text=True, check=False)
     lines = p.stdout.strip().splitlines()
     what = f"exited with code {p.returncode}" if p.returncode else "printed no result"
     if p.returncode == 0 and lines:
         try:
-            out = json.loads(lines[-1])
-            samples = [float(v) for v in out["samples_s"]]
-            if samples:
-                return Timing(samples), str(out.get("note", ""))
+            results = json.loads(lines[-1])["results"]
+            out = [(Timing([float(v) for v in r["samples_s"]]), str(r.get("note", ""))) for r in results]
+            if len(out) == len(cases) and all(t.samples_s for t, _ in out):
+                return out
+            what = f"printed {len(out)} results for {len(cases)} cases (or an empty one)"
         except (ValueError, TypeError, KeyError) as e:
             what = f"printed no result ({type(e).__name__}: {e}; last line {lines[-1][-200:]!r})"
     tail = p.stderr.strip()[-3000:] or "(nothing on stderr)"
-    raise BenchError(f"{impl} on {case.label}, timed in a child process ({' '.join(PEER_WORKER)}), "
-                     f"{what}:\n{tail}")
+    labels = ", ".join(c.label for c in cases)
+    raise BenchError(f"{impl} on {labels}, timed in a child process ({' '.join(PEER_WORKER)}), {what}:\n{tail}")
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -596,32 +603,37 @@ def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
     step("measuring copy bandwidth")
     copy_gbps = copy_gbps or measure_copy_bandwidth()
     result = Run()
-    for case in cases:
-        s = settings or default_settings(case.mode)
+    in_process = [i for i in impls if i not in CHILD_IMPLS]
+    rows: dict[tuple[int, str], dict] = {}
+
+    def add_row(ci: int, case: Case, impl: str, t: Timing, note: str) -> None:
+        gbps = case.bytes_moved / (t.median_us * 1e-6) / 1e9
+        rows[ci, impl] = {
+            "mode": case.mode, "layer": case.layer, "impl": impl,
+            "B": case.B, "n": case.n, "C": case.C, "dtype": case.dtype,
+            "pass": "forward+backward" if case.backward else "forward",
+            "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
+            "GBps": gbps, "copy_fraction": gbps / copy_gbps, "samples": len(t.samples_s), "note": note,
+        }
+
+    case_settings = [settings or default_settings(case.mode) for case in cases]
+    for ci, case in enumerate(cases):
+        s = case_settings[ci]
         inp = make_inputs(case, INPUT_SEED)
-        medians = {}
-        case_rows = []
-        for impl in impls:
+        for impl in in_process:
             step(f"{case.label}: {impl}")
-            if impl in CHILD_IMPLS:
-                t, note = time_in_child(impl, case, s)
-                note = f"{note} (timed in a child process)".lstrip()
-            else:
-                runner = make_runner(impl, case, inp)
-                t = time_runner(runner, case.mode, s.iters, s.warmup, s.repeats)
-                note = runner.note
-                del runner
-            gbps = case.bytes_moved / (t.median_us * 1e-6) / 1e9
-            medians[impl] = t.median_us
-            case_rows.append({
-                "mode": case.mode, "layer": case.layer, "impl": impl,
-                "B": case.B, "n": case.n, "C": case.C, "dtype": case.dtype,
-                "pass": "forward+backward" if case.backward else "forward",
-                "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
-                "GBps": gbps, "copy_fraction": gbps / copy_gbps, "samples": len(t.samples_s), "note": note,
-            })
+            runner = make_runner(impl, case, inp)
+            add_row(ci, case, impl, time_runner(runner, case.mode, s.iters, s.warmup, s.repeats), runner.note)
+            del runner
+        del inp
+    for impl in (i for i in impls if i in CHILD_IMPLS):
+        step(f"{impl}: every case, in a child process")
+        for ci, (t, note) in enumerate(time_in_child(impl, cases, case_settings)):
+            add_row(ci, cases[ci], impl, t, f"{note} (timed in a child process)".lstrip())
+    for ci in range(len(cases)):
+        case_rows = [rows[ci, impl] for impl in impls]
         for c in compare:
-            case_rows[0][f"speedup_vs_{c}"] = medians[c] / medians["kernels"]
+            case_rows[0][f"speedup_vs_{c}"] = rows[ci, c]["median_us"] / rows[ci, "kernels"]["median_us"]
         result.rows += case_rows
     result.meta = run_meta(copy_gbps, settings or default_settings(cases[0].mode if cases else "latency"), compare)
     return result

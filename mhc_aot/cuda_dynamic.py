@@ -91,11 +91,10 @@ def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str)
     tiles = _cdiv(T, TC_TB)
     # as many K splits as keep every CTA resident at once: a partial second wave would double the time
     resident = device.resident_ctas_per_sm(cuda.launch_smem(TC_SMEM_BYTES)) * device.sm_count()
+    # (split s takes K chunks s, s + S, ...: the kernel's header says why)
     S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
-    ksplit = _cdiv(_cdiv(K, S), TC_KC) * TC_KC
-    S = _cdiv(K, ksplit)
     part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, phi32], [(S, T, M), (S, T)], [F32, F32],
-                       [T, K, M, ksplit], (THREADS, S, tiles), TC_SMEM_BYTES // 4)
+                       [T, K, M], (THREADS, S, tiles), TC_SMEM_BYTES // 4)
     return part, sq, S
 
 

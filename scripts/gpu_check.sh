@@ -66,7 +66,7 @@ for s in $stages; do
     # issue 6's configs against LigerMHC (liger-kernel 0.8.5, Triton) in the same run
     # (Triton compiles LigerMHC's kernels on their first call: the first pass takes longest)
     for pass in $passes; do
-      timeout 200 mhc bench --layer dynamic --mode throughput --config 8192:4:4096,4096:4:2048,32:4:4096 \
+      timeout 300 mhc bench --layer dynamic --mode throughput --config 8192:4:4096,4096:4:2048,32:4:4096 \
         $(flag "$pass") --compare "${MHC_DYNAMIC_COMPARE:-portable,liger}" || status=1
     done ;;
   profile)

@@ -94,7 +94,8 @@ FAKE_WORKER = """
 import json, sys
 spec = json.load(sys.stdin)
 print("a library's chatter on stdout")
-print(json.dumps({"samples_s": [1e-3, 2e-3, 4e-3], "note": f"fake {spec['impl']} B={spec['case']['B']}"}))
+print(json.dumps({"results": [{"samples_s": [1e-3, 2e-3, 4e-3], "note": f"fake {spec['impl']} B={c['B']}"}
+                              for c in spec["cases"]]}))
 """
 
 
@@ -113,10 +114,11 @@ def fake_pytorch(tmp_path, monkeypatch):
 
 
 def test_peer_spec_round_trip():
-    case = bench.Case("throughput", 3, 4, 16, "float16", backward=True, layer="dynamic")
-    settings = bench.Settings(iters=7, warmup=2, repeats=5)
-    assert peer_worker.read_spec(json.dumps(bench.peer_spec("liger", case, settings, 11))) == (
-        "liger", case, settings, 11)
+    cases = [bench.Case("throughput", 3, 4, 16, "float16", backward=True, layer="dynamic"),
+             bench.Case("latency", 1, 2, 8, "float32", layer="dynamic")]
+    settings = [bench.Settings(iters=7, warmup=2, repeats=5), bench.Settings(iters=3, warmup=1, repeats=1)]
+    assert peer_worker.read_spec(json.dumps(bench.peer_spec("liger", cases, settings, 11))) == (
+        "liger", cases, settings, 11)
 
 
 def test_child_draws_the_parents_inputs():
@@ -132,23 +134,25 @@ def test_child_draws_the_parents_inputs():
 
 def test_real_worker_times_in_a_child():
     """peer_worker end to end (any implementation runs there; portable needs no PyTorch)."""
-    t, note = bench.time_in_child("portable", bench.Case("latency", 2, 4, 16, "float32", backward=True),
-                                  bench.Settings(iters=3, warmup=1, repeats=1))
-    assert len(t.samples_s) == 3 and all(v > 0 for v in t.samples_s)
-    assert note.endswith(":portable")
+    cases = [bench.Case("latency", 2, 4, 16, "float32", backward=True), bench.Case("latency", 1, 2, 8, "float32")]
+    out = bench.time_in_child("portable", cases, [bench.Settings(iters=3, warmup=1, repeats=1),
+                                                  bench.Settings(iters=2, warmup=1, repeats=1)])
+    assert [len(t.samples_s) for t, _ in out] == [3, 2] and all(v > 0 for t, _ in out for v in t.samples_s)
+    assert all(note.endswith(":portable") for _, note in out)
 
 
 @pytest.mark.parametrize("layer,peer", [("static", "torch"), ("dynamic", "liger")])
 def test_run_times_pytorch_peers_in_a_child(fake_pytorch, layer, peer):
     assert bench.availability(peer, layer) is None
-    cases = bench.make_cases("latency", [(2, 4, 16)], ["float32"], backward=False, layer=layer)
+    cases = bench.make_cases("latency", [(2, 4, 16), (3, 4, 8)], ["float32"], backward=False, layer=layer)
     res = bench.run(cases, ["portable", peer], bench.Settings(iters=2, warmup=1, repeats=1), copy_gbps=1.0)
-    assert [r["impl"] for r in res.rows] == ["kernels", "portable", peer]
-    row = res.rows[2]
-    assert row["median_us"] == pytest.approx(2000) and row["samples"] == 3
-    assert row["p20_us"] == pytest.approx(1400) and row["p80_us"] == pytest.approx(3200)
-    assert row["note"] == f"fake {peer} B=2 (timed in a child process)"
-    assert res.rows[0][f"speedup_vs_{peer}"] == pytest.approx(2000 / res.rows[0]["median_us"])
+    assert [(r["impl"], r["B"]) for r in res.rows] == [(i, B) for B in (2, 3) for i in ("kernels", "portable", peer)]
+    for k, B in ((0, 2), (3, 3)):
+        row = res.rows[k + 2]
+        assert row["median_us"] == pytest.approx(2000) and row["samples"] == 3
+        assert row["p20_us"] == pytest.approx(1400) and row["p80_us"] == pytest.approx(3200)
+        assert row["note"] == f"fake {peer} B={B} (timed in a child process)"
+        assert res.rows[k][f"speedup_vs_{peer}"] == pytest.approx(2000 / res.rows[k]["median_us"])
     assert "torch" not in sys.modules and "liger_kernel" not in sys.modules
 
 
@@ -156,7 +160,7 @@ def test_run_times_pytorch_peers_in_a_child(fake_pytorch, layer, peer):
     ("import sys; sys.stderr.write('Traceback ...\\nRuntimeError: no CUDA here\\n'); sys.exit(3)",
      r"torch on B=2 n=4 C=16 float32, timed in a child process .*exited with code 3:\nTraceback ...\nRuntimeError: no CUDA here"),
     ("import sys; sys.stderr.write('warming up')", r"printed no result:\nwarming up"),
-    ("print('{\"samples_s\": []}')", r"printed no result"),
+    ("print('{\"results\": [{\"samples_s\": []}]}')", r"printed 1 results for 1 cases \(or an empty one\)"),
     ("print('done')", r"printed no result \(JSONDecodeError"),
 ])
 def test_failed_child_is_an_error_never_timed_in_process(fake_pytorch, monkeypatch, script, match):
