@@ -53,12 +53,12 @@ def _f32(v: float) -> float:
 # binary. So a launch that needs more than 48 KB is rounded up to a bucket and gets a binary
 # with a trailing marker (ignored by the driver's loader): one module per bucket, whose first
 # launch sets the limit every later launch of that bucket asks for.
-# The shared memory a launch asks for is its bucket, so buckets also set how many CTAs share an SM:
-# 68 KB and 74 KB keep three per H100 SM (228 KB, 1 KB reserved per CTA) for the double-buffered
-# dynamic kernels (dphi_tc 66 KB, proj_tc 74 KB; in the 96 KB bucket they fit two, and a grid sized
-# for three ran 1.45 waves).
+# The shared memory a launch asks for is its bucket, so buckets also set how many CTAs share an SM
+# (228 KB on the H100, 1 KB reserved per CTA): 68 KB and 74 KB keep three (a grid sized for three
+# whose CTAs landed in a two-per-SM bucket ran 1.45 waves); 96 KB and 104 KB keep two, as the
+# four-stage tensor-core kernels need (dphi_tc 86 KB, proj_tc 104 KB).
 SMEM_DEFAULT_MAX = 48000
-SMEM_BUCKETS = (64 * 1024, 68 * 1024, 74 * 1024, 96 * 1024, 128 * 1024, 160 * 1024, 192 * 1024, SMEM_LIMIT)
+SMEM_BUCKETS = (64 * 1024, 68 * 1024, 74 * 1024, 96 * 1024, 104 * 1024, 128 * 1024, 160 * 1024, 192 * 1024, SMEM_LIMIT)
 
 
 def launch_smem(smem: int) -> int:
