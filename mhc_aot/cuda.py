@@ -55,10 +55,10 @@ def _f32(v: float) -> float:
 # launch sets the limit every later launch of that bucket asks for.
 # The shared memory a launch asks for is its bucket, so buckets also set how many CTAs share an SM
 # (228 KB on the H100, 1 KB reserved per CTA): 68 KB and 74 KB keep three (a grid sized for three
-# whose CTAs landed in a two-per-SM bucket ran 1.45 waves); 96 KB and 104 KB keep two, as the
-# four-stage tensor-core kernels need (dphi_tc 86 KB, proj_tc 104 KB).
+# whose CTAs landed in a two-per-SM bucket ran 1.45 waves); 96 KB keeps two, as the four-stage
+# tensor-core kernels need (dphi_tc 86 KB, proj_tc 90 KB; both also fit sm_86 / sm_89's 99 KB).
 SMEM_DEFAULT_MAX = 48000
-SMEM_BUCKETS = (64 * 1024, 68 * 1024, 74 * 1024, 96 * 1024, 104 * 1024, 128 * 1024, 160 * 1024, 192 * 1024, SMEM_LIMIT)
+SMEM_BUCKETS = (64 * 1024, 68 * 1024, 74 * 1024, 96 * 1024, 128 * 1024, 160 * 1024, 192 * 1024, SMEM_LIMIT)
 
 
 def launch_smem(smem: int) -> int:

@@ -37,7 +37,7 @@ THREADS = cuda.THREADS  # cuda_src/mhc_common.cuh
 WARPS = THREADS // 32
 SK_RB, SK_MB, SK_JC = 64, 32, 32  # cuda_src/mhc_dynamic_skinny.cu
 DX_TT, DX_KB = 64, 128  # cuda_src/mhc_dynamic_dx.cu
-TC_TB, TC_MP, TC_KC, TC_SMEM_STAGE, TC_SMEM_FIXED = 64, 24, 128, 17408, 36864  # cuda_src/mhc_dynamic_proj_tc.cu
+TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES = 128, 24, 64, 92160  # cuda_src/mhc_dynamic_proj_tc.cu
 DPHI_KB, DPHI_TC, DPHI_SMEM_BYTES = 128, 64, 88064  # cuda_src/mhc_dynamic_dphi_tc.cu
 POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 # mhc_dynamic_coeffs(_bwd) lane mode: a group of lanes (the power of two >= n) per token, synchronised
@@ -89,16 +89,12 @@ def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str)
     if tag != "bf16" or M > TC_MP:
         return _skinny(xk, phi32, T, K, M, K, 1, True, tag)
     tiles = _cdiv(T, TC_TB)
-    # four x stages where a CTA may have their shared memory (104 KB), else three (99 KB per CTA on
-    # sm_86 / sm_89)
-    ns = 4 if TC_SMEM_FIXED + 4 * TC_SMEM_STAGE <= device.max_shared_memory_per_block() else 3
-    smem = TC_SMEM_FIXED + ns * TC_SMEM_STAGE
     # as many K splits as keep every CTA resident at once: a partial second wave would double the time
-    resident = device.resident_ctas_per_sm(cuda.launch_smem(smem)) * device.sm_count()
+    resident = device.resident_ctas_per_sm(cuda.launch_smem(TC_SMEM_BYTES)) * device.sm_count()
     # (split s takes K chunks s, s + S, ...: the kernel's header says why)
     S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
     part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, phi32], [(S, T, M), (S, T)], [F32, F32],
-                       [T, K, M, ns], (THREADS, S, tiles), smem // 4)
+                       [T, K, M], (THREADS, S, tiles), TC_SMEM_BYTES // 4)
     return part, sq, S
 
 

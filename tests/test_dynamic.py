@@ -739,20 +739,17 @@ def test_emulated_cuda_kernels_vs_liger64(emulated_cuda, shape, dtype_name):
     _check_gradients("cuda", B, n, C, dtype_name)
 
 
-@pytest.mark.parametrize("C,sms,smem_kb", [(300, 2, 227), (301, 2, 227), (300, 6, 227), (301, 2, 99)],
-                         ids=["16-byte-rows", "element-rows", "two-k-splits", "three-stages"])
-def test_emulated_cuda_projection_streams_many_stages(emulated_cuda, monkeypatch, C, sms, smem_kb):
-    """The tensor-core projection (and dphi) with more stages per CTA than its shared-memory
+@pytest.mark.parametrize("C,sms", [(300, 2), (301, 2), (300, 6)], ids=["16-byte-rows", "element-rows", "two-k-splits"])
+def test_emulated_cuda_projection_streams_many_stages(emulated_cuda, monkeypatch, C, sms):
+    """The tensor-core projection (and dphi) with more stages per CTA than their four shared-memory
     buffers (few resident CTAs, so few K or token splits), a ragged last stage, rows that are not
-    16-byte multiples (C = 301), K chunks interleaved over two splits (sms = 6), and the
-    projection's four x stages (227 KB per CTA, as the H100) or three (99 KB, as sm_86 / sm_89)."""
+    16-byte multiples (C = 301), and K chunks interleaved over two splits (sms = 6)."""
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
     monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: sms)
-    monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: smem_kb * 1024)
-    # projection: three 64-token tiles, the last ragged; K = 4 C in 128-element chunks, the last
-    # ragged, over one split (10 stages) or two (5 each)
+    # projection: two 128-token tiles, the second ragged; K = 4 C in 64-element chunks, the last
+    # ragged, over one split (19 stages) or interleaved over three (sms = 6: 7, 6 and 6)
     _check_forward("cuda", 130, 4, C, "bfloat16")
     _check_gradients("cuda", 130, 4, C, "bfloat16")  # dphi: token stages of 64, the last ragged
 
