@@ -27,9 +27,8 @@ constexpr int V = 8;                              // bf16 per 16-byte vector
 constexpr int XLD = KB + 8;                       // bf16 per token row in shared memory: ldmatrix rows hit distinct banks
 constexpr int XV = TC * KB / V / THREADS;         // x vectors per thread per stage
 constexpr int TSTEPS = TC / 16;                   // token steps per stage = token groups of warps
-constexpr int SLOTS = TSTEPS * NT * 32;           // B-fragment lanes per stage (4 dz values each)
-constexpr int SLOTS_PER_THREAD = (SLOTS + THREADS - 1) / THREADS;
-constexpr int X_BYTES = TC * XLD * 2, Z_BYTES = SLOTS * 3 * 8;
+using DzStage = mma::BStage<TSTEPS, NT, THREADS>;  // dz's B fragments of one stage
+constexpr int X_BYTES = TC * XLD * 2, Z_BYTES = DzStage::BYTES;
 constexpr int RL = MP + 1;                        // floats per k row of the token-group sums (odd: fewer conflicts)
 constexpr int SMEM_BYTES = NS * X_BYTES + 2 * Z_BYTES;
 static_assert(THREADS == 256 && TSTEPS * 2 == THREADS / 32, "8 warps: 4 token groups x 2 k halves");
@@ -46,7 +45,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
   auto xs = [&](int st) { return reinterpret_cast<bf16 (*)[XLD]>(base + st * X_BYTES); };  // xs[t][k]
   // dz's B fragments of buffer zb: [token step][n8 tile][term][lane], 8 bytes each
   auto zf = [&](int zb) { return reinterpret_cast<uint2*>(base + NS * X_BYTES + zb * Z_BYTES); };
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int tg = warp % TSTEPS, mg = warp / TSTEPS;
   const int k0 = blockIdx.y * KB, s = blockIdx.z;
   const int t_begin = s * tsplit, t_end = min(Tn, t_begin + tsplit);
@@ -68,36 +67,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
       }
     }
   };
-  // the dz values of this thread's B-fragment slots of stage st (zeros past t_end and M)
-  auto load_dz = [&](int st, float (&v)[SLOTS_PER_THREAD][4]) {
-    const int tt0 = t_begin + st * TC;
-#pragma unroll
-    for (int i = 0; i < SLOTS_PER_THREAD; ++i) {
-      const int e = tid + i * THREADS, l = e % 32, nt = (e / 32) % NT, kk = e / (32 * NT);
-      const int m = nt * 8 + l / 4, r0 = kk * 16 + 2 * (l % 4);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int t = tt0 + r0 + (j & 1) + 8 * (j >> 1);
-        v[i][j] = (e < SLOTS && m < M && t < t_end) ? __ldg(dz + (size_t)t * M + m) : 0.0f;
-      }
-    }
+  // this thread's dz values of stage st (zeros past t_end), then split into buffer zb
+  auto load_dz = [&](int st, float (&v)[DzStage::PER_THREAD][4]) {
+    DzStage::load(v, dz, t_begin + st * TC, t_end, M, tid);
   };
-  auto store_dz = [&](const float (&v)[SLOTS_PER_THREAD][4], int zb) {
-    uint2* dst = zf(zb);
-#pragma unroll
-    for (int i = 0; i < SLOTS_PER_THREAD; ++i) {
-      const int e = tid + i * THREADS;
-      if (e >= SLOTS) continue;
-      const int l = e % 32, rest = e / 32;  // rest = kk * NT + nt
-      uint2 terms[3];
-      mma::split_b_fragment(v[i], terms);
-#pragma unroll
-      for (int p = 0; p < 3; ++p) dst[(rest * 3 + p) * 32 + l] = terms[p];
-    }
-  };
+  auto store_dz = [&](const float (&v)[DzStage::PER_THREAD][4], int zb) { DzStage::store(v, zf(zb), tid); };
 
   float acc[4][NT][4] = {};
-  float zv[SLOTS_PER_THREAD][4];
+  float zv[DzStage::PER_THREAD][4];
 #pragma unroll
   for (int st = 0; st < NS - 1; ++st) {
     if (st < stages) stage_x(st);
@@ -116,25 +93,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
     __syncthreads();  // everyone's have; dz buffer it & 1 is stored; stage it - 1's buffers are consumed
     if (it + NS - 1 < stages) stage_x(it + NS - 1);  // into the buffer stage it - 1 used
     __pipeline_commit();
-    const uint2* zp = zf(it & 1) + tg * NT * 3 * 32 + lane;
     uint32_t b[NT][3][2];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int p = 0; p < 3; ++p) {
-        const uint2 u = zp[(nt * 3 + p) * 32];
-        b[nt][p][0] = u.x;
-        b[nt][p][1] = u.y;
-      }
+    DzStage::fragments(b, zf(it & 1), tg, lane);
     bf16 (*xb)[XLD] = xs(it % NS);
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) {
       uint32_t a[4];
       mma::ldmatrix_x4<true>(a, &xb[tg * 16 + lrow][mg * 64 + mt * 16 + lcol]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int p = 2; p >= 0; --p) mma::bf16_16816(acc[mt][nt], a, b[nt][p][0], b[nt][p][1]);  // lo terms first
+      mma::mma_split3(acc[mt], a, b);
     }
     if (it + 1 < stages) {
       store_dz(zv, (it + 1) & 1);  // buffer (it + 1) & 1 was last read in iteration it - 1
@@ -144,20 +110,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
   // the four token groups' sums, [token group][k][RL] in the x stages' bytes
   __syncthreads();  // every warp is past its last ldmatrix (no copies are pending: the last waited)
   float* red = smem;
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
-    const int r = mg * 64 + mt * 16 + g;
-    float* lo = red + ((size_t)tg * KB + r) * RL;
-    float* hi = lo + 8 * RL;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int c = nt * 8 + 2 * q;
-      lo[c] = acc[mt][nt][0];
-      lo[c + 1] = acc[mt][nt][1];
-      hi[c] = acc[mt][nt][2];
-      hi[c + 1] = acc[mt][nt][3];
-    }
-  }
+  mma::store_tiles(acc, red + ((size_t)tg * KB + mg * 64) * RL, RL, lane);
   __syncthreads();
   for (int e = tid; e < KB * M; e += THREADS) {
     const int r = e / M, m = e % M, k = k0 + r;

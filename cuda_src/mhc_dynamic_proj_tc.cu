@@ -36,9 +36,8 @@ constexpr int V = 8;                              // bf16 per 16-byte vector
 constexpr int XLD = KC + 8;                       // bf16 per x row in shared memory: ldmatrix rows hit distinct banks
 constexpr int XV = TB * KC / V / THREADS;         // x vectors per thread per stage
 constexpr int KSTEPS = KC / 16;                   // k16 steps per stage = k-groups of warps
-constexpr int SLOTS = KSTEPS * NT * 32;           // B-fragment lanes per stage (4 phi values each)
-constexpr int SLOTS_PER_THREAD = (SLOTS + THREADS - 1) / THREADS;
-constexpr int X_BYTES = TB * XLD * 2, P_BYTES = SLOTS * 3 * 8;
+using PhiStage = mma::BStage<KSTEPS, NT, THREADS>;  // phi's B fragments of one stage
+constexpr int X_BYTES = TB * XLD * 2, P_BYTES = PhiStage::BYTES;
 constexpr int RL = MP + 1;                        // floats per token row of the k-group sums (odd: fewer conflicts)
 constexpr int SMEM_BYTES = NS * X_BYTES + 2 * P_BYTES;
 static_assert(THREADS == 256 && KSTEPS * 2 == THREADS / 32, "8 warps: 4 k-groups x 2 token halves");
@@ -81,36 +80,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
       }
     }
   };
-  // the phi values of this thread's B-fragment slots of stage st (zeros past the chunk's end and M)
-  auto load_phi = [&](int st, float (&v)[SLOTS_PER_THREAD][4]) {
-    const int k0 = k_first(st), k_end = k_last(st);
-#pragma unroll
-    for (int i = 0; i < SLOTS_PER_THREAD; ++i) {
-      const int e = tid + i * THREADS, l = e % 32, nt = (e / 32) % NT, kk = e / (32 * NT);
-      const int m = nt * 8 + l / 4, r0 = kk * 16 + 2 * (l % 4);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int k = k0 + r0 + (j & 1) + 8 * (j >> 1);
-        v[i][j] = (e < SLOTS && m < M && k < k_end) ? __ldg(phi + (size_t)k * M + m) : 0.0f;
-      }
-    }
-  };
-  auto store_phi = [&](const float (&v)[SLOTS_PER_THREAD][4], int pb) {
-    uint2* dst = pf(pb);
-#pragma unroll
-    for (int i = 0; i < SLOTS_PER_THREAD; ++i) {
-      const int e = tid + i * THREADS;
-      if (e >= SLOTS) continue;
-      const int l = e % 32, rest = e / 32;  // rest = kk * NT + nt
-      uint2 terms[3];
-      mma::split_b_fragment(v[i], terms);
-#pragma unroll
-      for (int p = 0; p < 3; ++p) dst[(rest * 3 + p) * 32 + l] = terms[p];
-    }
-  };
+  // this thread's phi values of stage st (zeros past the chunk's end), then split into buffer pb
+  auto load_phi = [&](int st, float (&v)[PhiStage::PER_THREAD][4]) { PhiStage::load(v, phi, k_first(st), k_last(st), M, tid); };
+  auto store_phi = [&](const float (&v)[PhiStage::PER_THREAD][4], int pb) { PhiStage::store(v, pf(pb), tid); };
 
   float acc[4][NT][4] = {}, sqacc[4][4] = {};
-  float pv[SLOTS_PER_THREAD][4];
+  float pv[PhiStage::PER_THREAD][4];
 #pragma unroll
   for (int st = 0; st < NS - 1; ++st) {
     if (st < stages) stage_x(st);
@@ -126,25 +101,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
     __syncthreads();  // everyone's have; phi buffer it & 1 is stored; stage it - 1's buffers are consumed
     if (it + NS - 1 < stages) stage_x(it + NS - 1);  // into the buffer stage it - 1 used
     __pipeline_commit();
-    const uint2* pb = pf(it & 1) + kg * NT * 3 * 32 + lane;
     uint32_t b[NT][3][2];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int p = 0; p < 3; ++p) {
-        const uint2 u = pb[(nt * 3 + p) * 32];
-        b[nt][p][0] = u.x;
-        b[nt][p][1] = u.y;
-      }
+    PhiStage::fragments(b, pf(it & 1), kg, lane);
     bf16 (*xb)[XLD] = xs(it % NS);
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) {
       uint32_t a[4];
       mma::ldmatrix_x4<false>(a, &xb[mg * 64 + mt * 16 + lane % 16][kg * 16 + (lane / 16) * 8]);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int p = 2; p >= 0; --p) mma::bf16_16816(acc[mt][nt], a, b[nt][p][0], b[nt][p][1]);  // lo terms first
+      mma::mma_split3(acc[mt], a, b);
       // sums of squares as x x^T: rows 0-7 times themselves (A's rows 8-15 zero), then rows 8-15
       // (rows 0-7 zero), so slot (g, g) of d[0..1] holds |x_g|^2 and slot (g + 8, g) of d[2..3]
       // holds |x_{g+8}|^2 with no cross terms: both products share sqacc
@@ -160,19 +124,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
   // the four k-groups' sums, [k-group][token][RL] in the x stages' bytes
   __syncthreads();  // every warp is past its last ldmatrix (no copies are pending: the last waited)
   float* red = smem;
+  mma::store_tiles(acc, red + ((size_t)kg * TB + mg * 64) * RL, RL, lane);
 #pragma unroll
   for (int mt = 0; mt < 4; ++mt) {
-    const int r = mg * 64 + mt * 16 + g;
-    float* lo = red + ((size_t)kg * TB + r) * RL;
+    float* lo = red + ((size_t)kg * TB + mg * 64 + mt * 16 + g) * RL;
     float* hi = lo + 8 * RL;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int c = nt * 8 + 2 * q;
-      lo[c] = acc[mt][nt][0];
-      lo[c + 1] = acc[mt][nt][1];
-      hi[c] = acc[mt][nt][2];
-      hi[c + 1] = acc[mt][nt][3];
-    }
     if (q == g / 2) {  // the lane holding diagonal (g, g) of both x x^T products
       lo[MP] = (g & 1) ? sqacc[mt][1] : sqacc[mt][0];  // constant indices: sqacc stays in registers
       hi[MP] = (g & 1) ? sqacc[mt][3] : sqacc[mt][2];

@@ -1,5 +1,6 @@
-// Warp-level tensor-core primitives of the dynamic-mHC projection kernels (mhc_dynamic_proj_tc,
-// mhc_dynamic_dphi_tc): mma.sync m16n8k16 bfloat16 -> float32 and ldmatrix, as PTX. Fragment
+// Warp-level tensor-core pieces of the dynamic-mHC projection kernels (mhc_dynamic_proj_tc,
+// mhc_dynamic_dphi_tc): mma.sync m16n8k16 bfloat16 -> float32 and ldmatrix, as PTX, and the
+// float32 B operand split into three bfloat16 terms in fragment order, which both kernels stage. Fragment
 // layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), g = lane / 4, q = lane % 4:
 //   A 16 x 16: a[0] = (row g, cols 2q, 2q+1)  a[1] = (row g+8, cols 2q, 2q+1)
 //              a[2] = (row g, cols 2q+8, +9)  a[3] = (row g+8, cols 2q+8, +9)
@@ -64,6 +65,87 @@ __device__ __forceinline__ void split_b_fragment(const float (&v)[4], uint2 (&ou
   }
 #pragma unroll
   for (int p = 0; p < 3; ++p) out[p] = make_uint2(pack_bf16(t[p][0], t[p][1]), pack_bf16(t[p][2], t[p][3]));
+}
+
+// One pipeline stage of a float32 B operand [rows, M] (phi in the projection, dz in dphi) as the
+// MMAs read it: STEPS k16 steps x NT n8 tiles x 32 lanes, each lane's four values (rows 2q, 2q+1,
+// 2q+8, 2q+9 of its k16 step, column 8 nt + g) split into three bfloat16 register pairs, stored
+// [step][tile][term][lane] (8 bytes each) so that a warp's load of one (step, tile, term) is 256
+// contiguous bytes. A CTA of THREADS_ threads fills it: thread tid owns slots tid + i THREADS_.
+template <int STEPS, int NT, int THREADS_>
+struct BStage {
+  static constexpr int SLOTS = STEPS * NT * 32;
+  static constexpr int PER_THREAD = (SLOTS + THREADS_ - 1) / THREADS_;
+  static constexpr int BYTES = SLOTS * 3 * 8;
+
+  // this thread's slot values of rows [row0, row0 + 16 STEPS) of src (zeros from row_end and M on)
+  static __device__ __forceinline__ void load(float (&v)[PER_THREAD][4], const float* __restrict__ src, int row0,
+                                              int row_end, int M, int tid) {
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+      const int e = tid + i * THREADS_, l = e % 32, nt = (e / 32) % NT, kk = e / (32 * NT);
+      const int m = nt * 8 + l / 4, r0 = row0 + kk * 16 + 2 * (l % 4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int r = r0 + (j & 1) + 8 * (j >> 1);
+        v[i][j] = (e < SLOTS && m < M && r < row_end) ? __ldg(src + (size_t)r * M + m) : 0.0f;
+      }
+    }
+  }
+  // split and store what load gave into the stage buffer dst (BYTES)
+  static __device__ __forceinline__ void store(const float (&v)[PER_THREAD][4], uint2* dst, int tid) {
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+      const int e = tid + i * THREADS_;
+      if (e >= SLOTS) continue;
+      const int l = e % 32, rest = e / 32;  // rest = kk * NT + nt
+      uint2 terms[3];
+      split_b_fragment(v[i], terms);
+#pragma unroll
+      for (int p = 0; p < 3; ++p) dst[(rest * 3 + p) * 32 + l] = terms[p];
+    }
+  }
+  // a warp's B registers of k16 step kk: b[tile][term] = {b0, b1}
+  static __device__ __forceinline__ void fragments(uint32_t (&b)[NT][3][2], const uint2* src, int kk, int lane) {
+    const uint2* p0 = src + kk * NT * 3 * 32 + lane;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int p = 0; p < 3; ++p) {
+        const uint2 u = p0[(nt * 3 + p) * 32];
+        b[nt][p][0] = u.x;
+        b[nt][p][1] = u.y;
+      }
+  }
+};
+
+// d[mt][nt] += A[mt] (hi + mid + lo)[nt]: the three split terms, lo first
+template <int NT>
+__device__ __forceinline__ void mma_split3(float (&d)[NT][4], const uint32_t (&a)[4], const uint32_t (&b)[NT][3][2]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int p = 2; p >= 0; --p) bf16_16816(d[nt], a, b[nt][p][0], b[nt][p][1]);
+}
+
+// A warp's MT x NT accumulator tiles into rows [16 mt, 16 mt + 16) x columns [0, 8 NT) of out
+// (ld floats per row).
+template <int MT, int NT>
+__device__ __forceinline__ void store_tiles(const float (&acc)[MT][NT][4], float* out, int ld, int lane) {
+  const int g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    float* lo = out + (size_t)(mt * 16 + g) * ld;
+    float* hi = lo + 8 * ld;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = nt * 8 + 2 * q;
+      lo[c] = acc[mt][nt][0];
+      lo[c + 1] = acc[mt][nt][1];
+      hi[c] = acc[mt][nt][2];
+      hi[c + 1] = acc[mt][nt][3];
+    }
+  }
 }
 
 }  // namespace mma
