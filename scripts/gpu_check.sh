@@ -11,7 +11,8 @@
 # Stages (default all, in this order): build tests sweep bench dynamic profile.
 # `tests` (every file) took ~200 s on the H100 and `bench` with torch.compile ~6 minutes, so a
 # 10-minute device call runs `build tests`, the next `build sweep bench dynamic profile` (build
-# is a no-op when the package is already installed).
+# is a no-op when the package is already installed). `dynamic` with Liger took ~190 s per pass
+# (its child process compiles and autotunes Triton kernels for each shape first).
 # Everything printed goes to $OUT/log.txt (or ./gpu-out without $OUT); `mhc profile` writes $OUT/profile-static/ and $OUT/profile-dynamic/.
 # Knobs for a call with less device time: MHC_GPU_TESTS narrows the test run (default: every
 # test file) and MHC_TESTS_TIMEOUT bounds it (default 480 s); MHC_BENCH_COMPARE (default portable,seed,torch) and MHC_DYNAMIC_COMPARE (default
@@ -35,6 +36,8 @@ for s in $stages; do
   case $s in
   build)
     stage build
+    # the device's copy may show an old `git log`: name the sources by their content instead
+    echo "sources: $(cat cuda_src/* mhc_aot/*.py | sha1sum | cut -c1-12) (cat cuda_src/* mhc_aot/*.py | sha1sum)"
     if ! command -v mhc >/dev/null; then  # not yet installed on this machine
       python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
     fi
