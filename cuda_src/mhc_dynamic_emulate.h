@@ -231,7 +231,7 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   return r;
 }
 
-// mhc_mma.cuh's warp-collective tensor-core calls (mma.sync m16n8k16 bf16, ldmatrix x4), by
+// mhc_dynamic_mma.cuh's warp-collective tensor-core calls (mma.sync m16n8k16 bf16, ldmatrix x4), by
 // their PTX fragment layouts: every lane posts its registers (or row address) to the warp's
 // exchange buffer, then computes its own outputs from all 32 lanes' posts. Sums in float32 in
 // k order (the tensor core's float32 accumulation order is unspecified: tests allow for it).

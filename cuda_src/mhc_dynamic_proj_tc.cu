@@ -26,7 +26,7 @@
 #include <cuda_pipeline.h>
 
 #include "mhc_dynamic_common.cuh"
-#include "mhc_mma.cuh"
+#include "mhc_dynamic_mma.cuh"
 
 using namespace mhc;
 

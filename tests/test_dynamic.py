@@ -642,8 +642,8 @@ class _Emulator:
             '\nextern "C" void emu_run(void** ptrs, const double* scal, int gx, int gy, int gz, int threads, '
             'long smem) {\n'
             f"  emu_launch(gx, gy, gz, threads, (size_t)smem, [&] {{ MHC_NAME({', '.join(args)}); }});\n}}\n")
-        deps = "".join((CUDA_SRC / h).read_text() for h in ("mhc_dynamic_emulate.h", "mhc_dynamic_common.cuh", "mhc_mma.cuh",
-                                                             "mhc_common.cuh"))
+        deps = "".join((CUDA_SRC / h).read_text() for h in ("mhc_dynamic_emulate.h", "mhc_dynamic_common.cuh",
+                                                             "mhc_dynamic_mma.cuh", "mhc_common.cuh"))
         key = hashlib.sha256(f"{body}{deps}{dtype}{nmax}".encode()).hexdigest()[:16]
         so = self.cache / f"{source}_{dtype}_{nmax}_{key}.so"
         if not so.exists():
