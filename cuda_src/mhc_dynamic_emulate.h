@@ -163,11 +163,6 @@ inline P __ldg(const P* p) {
   return *p;
 }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
-inline float __uint_as_float(unsigned u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
 
 // One CTA: its threads are fibers (ucontext) run round-robin on one OS thread; a thread that
 // waits at a barrier yields until the barrier's generation moves on.
@@ -236,12 +231,6 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
 // exchange buffer, then computes its own outputs from all 32 lanes' posts. Sums in float32 in
 // k order (the tensor core's float32 accumulation order is unspecified: tests allow for it).
 #define MHC_EMULATED 1
-inline float emu_bf16_bits(unsigned bits16) {
-  const uint32_t u = bits16 << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
 namespace mhc {
 namespace mma {
 inline void bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -252,7 +241,7 @@ inline void bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint3
   mine[4] = b0;
   mine[5] = b1;
   emu_wait(emu_cta->warp[w]);
-  auto half = [](uint64_t reg, int hi) { return emu_bf16_bits(unsigned(reg >> (16 * hi)) & 0xffffu); };
+  auto half = [](uint64_t reg, int hi) { return __bfloat162float({uint16_t(reg >> (16 * hi))}); };
   auto A = [&](int row, int k) {  // a[0] (row g, k 2q..) a[1] (row g + 8) a[2] (k + 8) a[3] (both)
     const int l = (row % 8) * 4 + (k % 8) / 2, reg = (row >= 8) + 2 * (k >= 8);
     return half(buf[l * 8 + reg], k & 1);

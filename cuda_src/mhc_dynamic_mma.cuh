@@ -10,7 +10,7 @@
 // (mhc_dynamic_emulate.h, tests only) defines MHC_EMULATED and implements the same three calls.
 #pragma once
 
-#include "mhc_common.cuh"
+#include "mhc_dynamic_common.cuh"
 
 namespace mhc {
 namespace mma {
@@ -52,17 +52,12 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
 }
 
 // v[0..3] = the four float32 values of one B-fragment lane (rows 2q, 2q+1, 2q+8, 2q+9 of its
-// column), split as v = hi + mid + lo (exact to 2^-24 relative, see dyn::split_bf16x3): out[p] is
-// term p's register pair {b0, b1}. Three MMAs with float32 accumulation then multiply by v exactly.
+// column), each split as hi + mid + lo (dyn::split_bf16x3): out[p] is term p's register pair
+// {b0, b1}. Three MMAs with float32 accumulation then multiply by v exactly.
 __device__ __forceinline__ void split_b_fragment(const float (&v)[4], uint2 (&out)[3]) {
   bf16 t[3][4];
 #pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    t[0][e] = from_float<bf16>(v[e]);
-    const float r1 = v[e] - to_float(t[0][e]);
-    t[1][e] = from_float<bf16>(r1);
-    t[2][e] = from_float<bf16>(r1 - to_float(t[1][e]));
-  }
+  for (int e = 0; e < 4; ++e) dyn::split_bf16x3(v[e], t[0][e], t[1][e], t[2][e]);
 #pragma unroll
   for (int p = 0; p < 3; ++p) out[p] = make_uint2(pack_bf16(t[p][0], t[p][1]), pack_bf16(t[p][2], t[p][3]));
 }

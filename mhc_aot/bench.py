@@ -606,7 +606,8 @@ def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
     in_process = [i for i in impls if i not in CHILD_IMPLS]
     rows: dict[tuple[int, str], dict] = {}
 
-    def add_row(ci: int, case: Case, impl: str, t: Timing, note: str) -> None:
+    def add_row(ci: int, impl: str, t: Timing, note: str) -> None:
+        case = cases[ci]
         gbps = case.bytes_moved / (t.median_us * 1e-6) / 1e9
         rows[ci, impl] = {
             "mode": case.mode, "layer": case.layer, "impl": impl,
@@ -623,13 +624,13 @@ def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
         for impl in in_process:
             step(f"{case.label}: {impl}")
             runner = make_runner(impl, case, inp)
-            add_row(ci, case, impl, time_runner(runner, case.mode, s.iters, s.warmup, s.repeats), runner.note)
+            add_row(ci, impl, time_runner(runner, case.mode, s.iters, s.warmup, s.repeats), runner.note)
             del runner
         del inp
     for impl in (i for i in impls if i in CHILD_IMPLS):
         step(f"{impl}: every case, in a child process")
         for ci, (t, note) in enumerate(time_in_child(impl, cases, case_settings)):
-            add_row(ci, cases[ci], impl, t, f"{note} (timed in a child process)".lstrip())
+            add_row(ci, impl, t, f"{note} (timed in a child process)".lstrip())
     for ci in range(len(cases)):
         case_rows = [rows[ci, impl] for impl in impls]
         for c in compare:
