@@ -70,11 +70,12 @@ def _dynamic_variants() -> list[KernelVariant]:
          KernelVariant("mhc_coeffs", "mhc_dynamic_proj_tc", "fused", "bf16", 0),  # tensor cores: bfloat16 x
          KernelVariant("mhc_coeffs", "mhc_dynamic_dphi_tc", "fused", "bf16", 0)]
     for dt in DTYPES:
-        for src in ("mhc_dynamic_skinny", "mhc_dynamic_dx", "mhc_dynamic_coeffs_bwd"):
+        for src in ("mhc_dynamic_skinny", "mhc_dynamic_dx"):
             v.append(KernelVariant("mhc_coeffs", src, "fused", dt, 0))
         v.append(KernelVariant("mhc_pre", "mhc_dynamic_pre_bwd", "fused", dt, 0))
         for nmax in DYNAMIC_NMAX:
             v.append(KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs", "fused", dt, nmax))
+            v.append(KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_bwd", "fused", dt, nmax))
             v.append(KernelVariant("mhc_pre", "mhc_dynamic_pre", "fused", dt, nmax))
             v.append(KernelVariant("mhc_post_res", "mhc_dynamic_post_res", "fused", dt, nmax))
             v.append(KernelVariant("mhc_post_res", "mhc_dynamic_post_res_bwd", "fused", dt, nmax))

@@ -16,6 +16,9 @@
 //      start in different banks); with_pre must be 0 (mhc_dynamic_pre computes x_in, a pure stream
 //      over x that no Sinkhorn holds back). Grid (threads): (ceil(T lanes / blockDim) * blockDim, 1, 1);
 //      shared memory: blockDim / lanes * slice floats.
+//   lanes < 0: the register mode (variants with 0 < NMAX <= dyn::REG_N, n <= NMAX): a thread per
+//      token, its matrix in registers (dyn::sinkhorn_forward_regs); no shared memory.
+//      Grid (threads): (ceil(T / blockDim) * blockDim, 1, 1).
 // Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alpha_pre, alpha_post, alpha_res (float32
 // scalars, read once: separate inputs, so no stacking op runs before the launch).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre),
@@ -85,6 +88,64 @@ __device__ __forceinline__ void token_coeffs(
   const float* P = dyn::sinkhorn_forward(L, sk, sinkhorn_eps, false, g);
   for (int e = g.rank; e < n * n; e += g.size) h_res[(size_t)t * n * n + e] = P[e];
 }
+
+// Token t's coefficients by one thread, everything in registers (n <= N = NMAX <= dyn::REG_N): the
+// values of token_coeffs in lane mode, the same operations in the same order.
+template <int N>
+__device__ __forceinline__ void token_coeffs_regs(
+    int t, const float* __restrict__ zpart, const float* __restrict__ sq, const float* __restrict__ b, float a_pre,
+    float a_post, float a_res, float* __restrict__ h_pre, float* __restrict__ h_post, float* __restrict__ h_res,
+    float* __restrict__ mix, float* __restrict__ invr_out, int n, int C, int Tn, int S, int tmax, float rms_eps,
+    float pre_eps, float sinkhorn_eps, float post_mult) {
+  const int M = n * n + 2 * n;
+  float zpre[N], zpost[N], zres[N][N];  // z's pre / post / residual segments
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    zpre[i] = zpost[i] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < N; ++j) zres[i][j] = 0.0f;
+  }
+  float ss = 0.0f;
+  for (int s = 0; s < S; ++s) {  // the projection's S partials, each summed in split order
+    const float* zp = zpart + ((size_t)s * Tn + t) * M;
+    ss += sq[(size_t)s * Tn + t];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i >= n) continue;
+      zpre[i] += zp[i];
+      zpost[i] += zp[n + i];
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        if (j < n) zres[i][j] += zp[2 * n + i * n + j];
+    }
+  }
+  const float invr = rsqrtf(ss / (float)(n * C) + rms_eps);
+  invr_out[t] = invr;
+  float* mt = mix + (size_t)t * M;
+  float L[N][N], P[N][N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (i >= n) continue;
+    const float vp = zpre[i] * invr, vo = zpost[i] * invr;
+    mt[i] = vp;
+    mt[n + i] = vo;
+    h_pre[(size_t)t * n + i] = sigmoid(vp * a_pre + b[i]) + pre_eps;
+    h_post[(size_t)t * n + i] = sigmoid(vo * a_post + b[n + i]) * post_mult;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (j >= n) continue;
+      const float v = zres[i][j] * invr;
+      mt[2 * n + i * n + j] = v;
+      L[i][j] = v * a_res + b[2 * n + i * n + j];
+    }
+  }
+  dyn::sinkhorn_forward_regs<N>(L, P, n, tmax, sinkhorn_eps, nullptr);
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (i < n && j < n) h_res[(size_t)t * n * n + i * n + j] = P[i][j];
+}
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
@@ -97,6 +158,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     int with_pre, int lanes, int slice) {
   extern __shared__ float smem[];
   const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
+  if (lanes < 0) {  // the register mode: passed only to variants with 0 < NMAX <= dyn::REG_N
+    if constexpr (NMAX > 0 && NMAX <= dyn::REG_N) {
+      const int t = blockIdx.x * blockDim.x + threadIdx.x;
+      if (t < Tn)
+        token_coeffs_regs<NMAX>(t, zpart, sq, b, a_pre, a_post, a_res, h_pre, h_post, h_res, mix, invr_out, n, C, Tn,
+                                S, tmax, rms_eps, pre_eps, sinkhorn_eps, post_mult);
+      return;
+    }
+  }
   if (lanes) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;
     if (t < Tn)  // a whole group leaves together: its __syncwarp masks stay complete

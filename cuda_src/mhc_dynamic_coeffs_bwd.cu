@@ -20,6 +20,10 @@
 //      own `slice` (odd) of shared memory: 2 M + n n + n + sinkhorn_floats(n, tmax, tmax + 1)
 //      floats. Grid (threads): (ceil(T lanes / blockDim) * blockDim, 1, 1); shared memory:
 //      blockDim / lanes * slice floats.
+//   lanes < 0: the register mode (variants with 0 < NMAX <= dyn::REG_N, n <= NMAX): a thread per
+//      token, its matrices in registers, only the Sinkhorn history in its `slice` (odd) of shared
+//      memory: sinkhorn_floats(NMAX, tmax, tmax + 1) floats, laid out for n = NMAX. Grid (threads):
+//      (ceil(T / blockDim) * blockDim, 1, 1); shared memory: blockDim * slice floats.
 #include "mhc_dynamic_common.cuh"
 
 using namespace mhc;
@@ -87,6 +91,80 @@ __device__ __forceinline__ void token_coeffs_bwd(
     rows[(size_t)t * (M + 3) + M + 2] = sr;
   }
 }
+
+// Token t's backward by one thread (n <= N = NMAX <= dyn::REG_N): the values of token_coeffs_bwd
+// in lane mode, the same operations in the same order; `hist` is this thread's shared slice.
+template <int N>
+__device__ __forceinline__ void token_coeffs_bwd_regs(
+    float* hist, int t, const float* __restrict__ mix, const float* __restrict__ invr_in, const float* __restrict__ b,
+    float a_pre, float a_post, float a_res, const float* __restrict__ dh_pre, const float* __restrict__ dh_post,
+    const float* __restrict__ dh_res, const float* __restrict__ dots_in, float* __restrict__ dz,
+    float* __restrict__ factor, float* __restrict__ rows, int n, int C, int tmax, float sinkhorn_eps,
+    float post_mult, int has_pre) {
+  const int M = n * n + 2 * n;
+  const float* mt = mix + (size_t)t * M;
+  float mpre[N], mpost[N], mres[N][N], dlpre[N], dlpost[N], L[N][N], G[N][N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (i >= n) continue;
+    mpre[i] = mt[i];
+    mpost[i] = mt[n + i];
+    const float dot = has_pre ? dots_in[(size_t)t * n + i] : 0.0f;
+    float s = sigmoid(mpre[i] * a_pre + b[i]);
+    dlpre[i] = (dh_pre[(size_t)t * n + i] + dot) * (s * (1.0f - s));
+    s = sigmoid(mpost[i] * a_post + b[n + i]);
+    dlpost[i] = dh_post[(size_t)t * n + i] * (post_mult * s * (1.0f - s));
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (j >= n) continue;
+      mres[i][j] = mt[2 * n + i * n + j];
+      L[i][j] = mres[i][j] * a_res + b[2 * n + i * n + j];
+      G[i][j] = dh_res[(size_t)t * n * n + i * n + j];
+    }
+  }
+  const dyn::SinkhornSmem sk{hist, N, tmax, tmax + 1};
+  {
+    float P[N][N];
+    dyn::sinkhorn_forward_regs<N>(L, P, n, tmax, sinkhorn_eps, &sk);
+  }
+  dyn::sinkhorn_backward_regs<N>(G, n, sk, sinkhorn_eps);  // G = dlogits of h_res
+
+  const float invr = invr_in[t];
+  float* dzt = dz + (size_t)t * M;
+  float* rt = rows + (size_t)t * (M + 3);
+  float gs = 0.0f, sp = 0.0f, so = 0.0f, sr = 0.0f;  // serial sums in token_coeffs_bwd's order
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (i >= n) continue;
+    dzt[i] = dlpre[i] * a_pre * invr;
+    rt[i] = dlpre[i];
+    gs += dlpre[i] * a_pre * mpre[i];
+    sp += dlpre[i] * mpre[i];
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (i >= n) continue;
+    dzt[n + i] = dlpost[i] * a_post * invr;
+    rt[n + i] = dlpost[i];
+    gs += dlpost[i] * a_post * mpost[i];
+    so += dlpost[i] * mpost[i];
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (i >= n || j >= n) continue;
+      dzt[2 * n + i * n + j] = G[i][j] * a_res * invr;
+      rt[2 * n + i * n + j] = G[i][j];
+      gs += G[i][j] * a_res * mres[i][j];
+      sr += G[i][j] * mres[i][j];
+    }
+  gs = gs / invr;
+  factor[t] = (-gs * invr * invr * invr) / (float)(n * C);
+  rt[M] = sp;
+  rt[M + 1] = so;
+  rt[M + 2] = sr;
+}
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
@@ -98,6 +176,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     int n, int C, int Tn, int tmax, float sinkhorn_eps, float post_mult, int has_pre, int lanes, int slice) {
   extern __shared__ float smem[];
   const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
+  if (lanes < 0) {  // the register mode: passed only to variants with 0 < NMAX <= dyn::REG_N
+    if constexpr (NMAX > 0 && NMAX <= dyn::REG_N) {
+      const int t = blockIdx.x * blockDim.x + threadIdx.x;
+      if (t < Tn)
+        token_coeffs_bwd_regs<NMAX>(smem + (size_t)threadIdx.x * slice, t, mix, invr_in, b, a_pre, a_post, a_res, dh_pre,
+                                    dh_post, dh_res, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps, post_mult,
+                                    has_pre);
+      return;
+    }
+  }
   if (lanes) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;
     if (t < Tn)  // a whole group leaves together: its __syncwarp masks stay complete

@@ -20,6 +20,7 @@ from .kernel_ops import dtype_tag
 THREADS = 256  # cuda_src/mhc_common.cuh
 TILE_C = 1024  # cuda_src/mhc_column_common.cuh
 DM_CHUNK = 32  # cuda_src/mhc_backward_dm.cu
+FUSED_TC_COLS, FUSED_TC_STAGES, FUSED_TC_N = 128, 4, (16, 32)  # cuda_src/mhc_forward_fused.cu (tensor cores)
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
@@ -137,7 +138,16 @@ def _forward_fused(x, M, hpre_raw, hpost_raw, w, eps):
     pad = _pad(n, nmax)
     return _launch("mhc_forward_fused", dtype_tag(x.dtype), n, [x, M, hpre_raw, hpost_raw, w],
                    [(B, n, C), (B,)], [x.dtype, F32], [n, C, eps], (B * THREADS, 1, 1),
-                   n * pad + 2 * pad + 32 + C)
+                   n * pad + 2 * pad + 32 + C + _fused_tc_ring_floats(x.dtype, n, C, nmax))
+
+
+def _fused_tc_ring_floats(dtype, n: int, C: int, nmax: int) -> int:
+    """Shared floats of mhc_forward_fused's tensor-core pass 2 (its header: bfloat16, n == NMAX in
+    FUSED_TC_N, C a multiple of FUSED_TC_COLS): FUSED_TC_STAGES chunks of n x FUSED_TC_COLS
+    bfloat16, + 4 floats to reach a 16-byte boundary; 0 elsewhere."""
+    if dtype != mx.bfloat16 or n != nmax or nmax not in FUSED_TC_N or C % FUSED_TC_COLS:
+        return 0
+    return FUSED_TC_STAGES * n * FUSED_TC_COLS // 2 + 4
 
 
 def _forward_column(x, M, hpre_raw, hpost_raw, w, eps):

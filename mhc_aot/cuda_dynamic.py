@@ -47,6 +47,11 @@ POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 # counts at small T. (ncu, H100, T = 8192, one thread per token: forward 80 us, backward 128 us at
 # 3% occupancy, serial-latency bound; CTA per token: 311 / 621 us holding x behind barriers.)
 LANES_MAX_N, LANES_MIN_T, LANES_THREADS = 8, 1024, 128
+# Register mode (lanes = REGS, on a variant with 0 < NMAX <= REG_N, so n <= 4, from LANES_MIN_T
+# tokens): a thread per token with its matrices in registers; the backward keeps only the Sinkhorn
+# history in shared memory, ~2 KB per token at tmax = 20, so its CTAs are one warp (three per SM).
+# (ncu, H100, T = 8192, n = 4: lane groups of four took 64 us forward and 84 us backward.)
+REG_N, REGS, REGS_BWD_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::REG_N)
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 
 
@@ -124,10 +129,13 @@ def _colsum(part: mx.array, R: int, N: int) -> mx.array:
 
 
 # ---------------------------------------------------------------- mhc_coeffs (+ pre)
-def _lanes(n: int, T: int) -> int:
-    """Lanes per token of the lane mode (0: one CTA per token)."""
+def _lanes(n: int, T: int, nmax: int) -> int:
+    """Lanes per token of the lane mode, 0 for one CTA per token, REGS for the register mode (a
+    variant of compile-time 0 < nmax <= REG_N)."""
     if n > LANES_MAX_N or T < LANES_MIN_T:
         return 0
+    if 0 < nmax <= REG_N:
+        return REGS
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -136,6 +144,13 @@ def _lane_slice(lanes: int, floats: int) -> int | None:
     different banks), or None when LANES_THREADS / lanes of them do not fit one CTA."""
     slice_ = floats | 1
     return slice_ if lanes and _fits(LANES_THREADS // lanes * slice_) else None
+
+
+def _regs_slice(floats: int) -> int | None:
+    """Shared floats per token of the backward's register mode (odd, as _lane_slice), or None when
+    REGS_BWD_THREADS of them do not fit one CTA (a very long tmax: then the CTA mode)."""
+    slice_ = floats | 1
+    return slice_ if _fits(REGS_BWD_THREADS * slice_) else None
 
 
 def _lane_grid(T: int, lanes: int) -> tuple[int, int, int]:
@@ -147,11 +162,14 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     part, sq, S = _projection(x3.reshape(T, K), phi32, T, K, M, tag)
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
-    lanes = _lanes(n, T)
-    slice_ = _lane_slice(lanes, floats)
+    nmax = _nmax("mhc_dynamic_coeffs", tag, n)
+    lanes = _lanes(n, T, nmax)
+    slice_ = 0 if lanes == REGS else _lane_slice(lanes, floats)  # registers: no shared memory
     fused_pre = with_pre and slice_ is None  # a CTA per token computes x_in itself
     if slice_ is None:
         mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), floats, THREADS)
+    elif lanes == REGS:
+        mode, geometry = [0, REGS, 0], (_lane_grid(T, 1), 0, LANES_THREADS)
     else:
         mode, geometry = [0, lanes, slice_], (_lane_grid(T, lanes), LANES_THREADS // lanes * slice_, LANES_THREADS)
     outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar],
@@ -204,11 +222,16 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     # placeholder array would cost a launch)
     g_in = dx_in.astype(x3.dtype) if with_pre else x3
     inputs = [x3, mix, invr, b32, ap, apo, ar, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
-    lanes = _lanes(n, T)
-    slice_ = _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1))
+    nmax = _nmax("mhc_dynamic_coeffs_bwd", tag, n)
+    lanes = _lanes(n, T, nmax)
+    # register mode: only the Sinkhorn history (laid out for n = nmax) in each thread's slice
+    slice_ = (_regs_slice(sinkhorn_floats(nmax, cfg.tmax, cfg.tmax + 1)) if lanes == REGS else
+              _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1)))
     if slice_ is not None:
         dots = _pre_bwd(x3, h_pre, g_in, want_dx=False)[1] if with_pre else mix  # mix: an unused slot
-        mode, geometry = [lanes, slice_], (_lane_grid(T, lanes), LANES_THREADS // lanes * slice_, LANES_THREADS)
+        per_token, threads = (1, REGS_BWD_THREADS) if lanes == REGS else (lanes, LANES_THREADS)
+        mode, geometry = [lanes, slice_], ((_cdiv(T * per_token, threads) * threads, 1, 1),
+                                           threads // per_token * slice_, threads)
     else:
         smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
         if not _fits(smem):

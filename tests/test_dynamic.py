@@ -678,6 +678,7 @@ class _Emulator:
         import ctypes
 
         lib, nparams = self.lib(name)
+        self.launched.append((name, list(scalars)))
         ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
         outs = []
         for shape, dt in zip(output_shapes, output_dtypes):
@@ -711,13 +712,16 @@ def _emulator():
     return emu
 
 
-@pytest.fixture(params=["cta", "lanes"])
+@pytest.fixture(params=["cta", "lanes", "regs"])
 def emulated_cuda(_emulator, monkeypatch, request):
-    """The emulated kernels, with the per-token coefficient math in either mode of
-    mhc_dynamic_coeffs(_bwd): one CTA per token, or a lane group per token (any T here)."""
+    """The emulated kernels, with the per-token coefficient math in each mode of
+    mhc_dynamic_coeffs(_bwd): one CTA per token, a lane group per token, or a thread per token with
+    its matrices in registers (n <= REG_N; larger n then take lane groups) at any T here."""
     from mhc_aot import cuda, cuda_dynamic, kernel_ops
 
-    monkeypatch.setattr(cuda_dynamic, "LANES_MIN_T", 1 if request.param == "lanes" else 10 ** 9)
+    monkeypatch.setattr(cuda_dynamic, "LANES_MIN_T", 10 ** 9 if request.param == "cta" else 1)
+    if request.param == "lanes":
+        monkeypatch.setattr(cuda_dynamic, "REG_N", 0)  # lane groups for every n <= LANES_MAX_N
     monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
     monkeypatch.setattr(cuda_dynamic, "SK_JC", 8)  # a multiple of every vector width
     monkeypatch.setattr(cuda_dynamic, "COLSUM_CTA_ROWS", 2)
@@ -729,7 +733,19 @@ def emulated_cuda(_emulator, monkeypatch, request):
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dynamic, "_choose", lambda op, n, C, backend, T: (
         dispatch.Choice("cuda", "fused", None, "emulated") if backend == "cuda" else real_choose(op, n, C, backend, T)))
+    _emulator.mode, _emulator.launched = request.param, []
     return _emulator
+
+
+@pytest.mark.parametrize("n,lanes", [(4, {"cta": 0, "lanes": 4, "regs": -1}), (3, {"cta": 0, "lanes": 4, "regs": -1}),
+                                     (5, {"cta": 0, "lanes": 8, "regs": 8})])
+def test_emulated_cuda_coeffs_mode_launched(emulated_cuda, n, lanes):
+    """Each mode of the fixture really runs: the `lanes` scalar (second to last) of every
+    mhc_dynamic_coeffs(_bwd) launch, forward and backward (regs: n <= REG_N only)."""
+    _check_gradients("cuda", 3, n, 8, "float32")
+    modes = {nm: sc[-2] for nm, sc in emulated_cuda.launched if nm.startswith("mhc_dynamic_coeffs")}
+    assert {nm.startswith("mhc_dynamic_coeffs_bwd") for nm in modes} == {False, True}, modes
+    assert set(modes.values()) == {lanes[emulated_cuda.mode]}, modes
 
 
 @pytest.mark.parametrize("shape,dtype_name", EMU_CASES, ids=[f"{s}-{d}" for s, d in EMU_CASES])
