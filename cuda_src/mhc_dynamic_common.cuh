@@ -135,6 +135,19 @@ __device__ __forceinline__ void split_bf16x3(float v, bf16& hi, bf16& mid, bf16&
 }
 
 // ---------------------------------------------------------------- Liger's Sinkhorn, per token
+// Every division of the Sinkhorn (forward and backward) is div.full.f32, as in Liger: Triton lowers
+// a float32 `/` to it (an approximation within 2 ulp, no slow path). The IEEE `/` that stood here
+// put a branchy division on each step of the per-token serial chain (ncu, H100, T = 8192, n = 4:
+// the register mode still took 49 us forward, 95 us backward).
+__device__ __forceinline__ float sk_div(float a, float b) {
+#ifdef MHC_EMULATED
+  return a / b;
+#else
+  float d;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+#endif
+}
 // Shared-memory layout of one token's Sinkhorn (sinkhorn_floats(n, tmax, slots) floats):
 //   H(0) = softmax p, H(1 + t) = mat_t for t = 0 .. slots-2   (slots n n floats: tmax + 1 slots
 //   keep the whole history for the backward, 2 slots are enough for the forward)
@@ -193,7 +206,7 @@ __device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem 
       sum += e;
     }
     for (int j = 0; j < n; ++j) {
-      const float p = s.H(0)[i * n + j] / sum;
+      const float p = sk_div(s.H(0)[i * n + j], sum);
       s.H(0)[i * n + j] = p;
       P[i * n + j] = p + eps;
     }
@@ -203,7 +216,7 @@ __device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem 
     float cs = 0.0f;
     for (int i = 0; i < n; ++i) cs += P[i * n + j];
     s.cs(0)[j] = cs;
-    for (int i = 0; i < n; ++i) P[i * n + j] = P[i * n + j] / (cs + eps);
+    for (int i = 0; i < n; ++i) P[i * n + j] = sk_div(P[i * n + j], cs + eps);
   }
   g.sync();
   for (int t = 1; t < s.tmax; ++t) {
@@ -213,14 +226,14 @@ __device__ __forceinline__ float* sinkhorn_forward(const float* L, SinkhornSmem 
       float rs = 0.0f;
       for (int j = 0; j < n; ++j) rs += src[i * n + j];
       s.rs(t)[i] = rs;
-      for (int j = 0; j < n; ++j) dst[i * n + j] = src[i * n + j] / (rs + eps);
+      for (int j = 0; j < n; ++j) dst[i * n + j] = sk_div(src[i * n + j], rs + eps);
     }
     g.sync();
     for (int j = g.rank; j < n; j += g.size) {
       float cs = 0.0f;
       for (int i = 0; i < n; ++i) cs += dst[i * n + j];
       s.cs(t)[j] = cs;
-      for (int i = 0; i < n; ++i) dst[i * n + j] = dst[i * n + j] / (cs + eps);
+      for (int i = 0; i < n; ++i) dst[i * n + j] = sk_div(dst[i * n + j], cs + eps);
     }
     g.sync();
     P = dst;
@@ -240,14 +253,14 @@ __device__ __forceinline__ void sinkhorn_backward(float* G, SinkhornSmem s, floa
       const float denom = cst[j] + eps;
       float dot = 0.0f;
       for (int i = 0; i < n; ++i) dot += G[i * n + j] * mat[i * n + j];
-      for (int i = 0; i < n; ++i) G[i * n + j] = (G[i * n + j] - dot) / denom;
+      for (int i = 0; i < n; ++i) G[i * n + j] = sk_div(G[i * n + j] - dot, denom);
     }
     g.sync();
     for (int i = g.rank; i < n; i += g.size) {  // undo the row normalisation of step t
       float dot = 0.0f;
       for (int j = 0; j < n; ++j) dot += G[i * n + j] * (mat[i * n + j] * (cst[j] + eps));
       const float denom = s.rs(t)[i] + eps;
-      for (int j = 0; j < n; ++j) G[i * n + j] = (G[i * n + j] - dot) / denom;
+      for (int j = 0; j < n; ++j) G[i * n + j] = sk_div(G[i * n + j] - dot, denom);
     }
     g.sync();
   }
@@ -256,7 +269,7 @@ __device__ __forceinline__ void sinkhorn_backward(float* G, SinkhornSmem s, floa
     const float denom = s.cs(0)[j] + eps;
     float dot = 0.0f;
     for (int i = 0; i < n; ++i) dot += G[i * n + j] * mat0[i * n + j];
-    for (int i = 0; i < n; ++i) G[i * n + j] = (G[i * n + j] - dot) / denom;
+    for (int i = 0; i < n; ++i) G[i * n + j] = sk_div(G[i * n + j] - dot, denom);
   }
   g.sync();
   const float* p = s.H(0);
@@ -297,7 +310,7 @@ __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], fl
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       if (j >= n) continue;
-      const float p = P[i][j] / sum;
+      const float p = sk_div(P[i][j], sum);
       if (hist) hist->H(0)[i * N + j] = p;
       P[i][j] = p + eps;
     }
@@ -312,7 +325,7 @@ __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], fl
     if (hist) hist->cs(0)[j] = cs;
 #pragma unroll
     for (int i = 0; i < N; ++i)
-      if (i < n) P[i][j] = P[i][j] / (cs + eps);
+      if (i < n) P[i][j] = sk_div(P[i][j], cs + eps);
   }
   auto keep = [&](int t) {  // mat_t -> H(1 + t)
     if (!hist) return;
@@ -335,7 +348,7 @@ __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], fl
       if (hist) hist->rs(t)[i] = rs;
 #pragma unroll
       for (int j = 0; j < N; ++j)
-        if (j < n) P[i][j] = P[i][j] / (rs + eps);
+        if (j < n) P[i][j] = sk_div(P[i][j], rs + eps);
     }
 #pragma unroll
     for (int j = 0; j < N; ++j) {
@@ -347,36 +360,38 @@ __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], fl
       if (hist) hist->cs(t)[j] = cs;
 #pragma unroll
       for (int i = 0; i < N; ++i)
-        if (i < n) P[i][j] = P[i][j] / (cs + eps);
+        if (i < n) P[i][j] = sk_div(P[i][j], cs + eps);
     }
     keep(t);
+  }
+}
+
+// The backward of one column normalisation (mat: its output, cst: its column sums) on G in registers.
+template <int N>
+__device__ __forceinline__ void undo_columns_regs(float (&G)[N][N], int n, const float* mat, const float* cst,
+                                                  float eps) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if (j >= n) continue;
+    const float denom = cst[j] + eps;
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (i < n) dot += G[i][j] * mat[i * N + j];
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (i < n) G[i][j] = sk_div(G[i][j] - dot, denom);
   }
 }
 
 // Backward after sinkhorn_forward_regs with `hist`: G holds dL/dh_res on entry, dL/dlogits on exit.
 template <int N>
 __device__ __forceinline__ void sinkhorn_backward_regs(float (&G)[N][N], int n, const SinkhornSmem& s, float eps) {
-  // undo the column normalisation of step t (from = 1 + t) or of the first step (t = 0); then, for
-  // t >= 1, the row normalisation of step t
-  auto undo_columns = [&](const float* mat, const float* cst) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      if (j >= n) continue;
-      const float denom = cst[j] + eps;
-      float dot = 0.0f;
-#pragma unroll
-      for (int i = 0; i < N; ++i)
-        if (i < n) dot += G[i][j] * mat[i * N + j];
-#pragma unroll
-      for (int i = 0; i < N; ++i)
-        if (i < n) G[i][j] = (G[i][j] - dot) / denom;
-    }
-  };
 #pragma unroll 1
   for (int t = s.tmax - 1; t >= 1; --t) {
     const float* mat = s.H(1 + t);
     const float* cst = s.cs(t);
-    undo_columns(mat, cst);
+    undo_columns_regs<N>(G, n, mat, cst, eps);  // step t's column normalisation, then its rows
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (i >= n) continue;
@@ -387,10 +402,10 @@ __device__ __forceinline__ void sinkhorn_backward_regs(float (&G)[N][N], int n, 
       const float denom = s.rs(t)[i] + eps;
 #pragma unroll
       for (int j = 0; j < N; ++j)
-        if (j < n) G[i][j] = (G[i][j] - dot) / denom;
+        if (j < n) G[i][j] = sk_div(G[i][j] - dot, denom);
     }
   }
-  undo_columns(s.H(1), s.cs(0));
+  undo_columns_regs<N>(G, n, s.H(1), s.cs(0), eps);  // the first column normalisation
   const float* p = s.H(0);
 #pragma unroll
   for (int i = 0; i < N; ++i) {  // the row softmax

@@ -49,9 +49,10 @@ POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 LANES_MAX_N, LANES_MIN_T, LANES_THREADS = 8, 1024, 128
 # Register mode (lanes = REGS, on a variant with 0 < NMAX <= REG_N, so n <= 4, from LANES_MIN_T
 # tokens): a thread per token with its matrices in registers; the backward keeps only the Sinkhorn
-# history in shared memory, ~2 KB per token at tmax = 20, so its CTAs are one warp (three per SM).
+# history in shared memory, ~2 KB per token at tmax = 20. CTAs of one warp: a serial chain per
+# thread, so the tokens spread over as many SMs as there are warps (three per SM in the backward).
 # (ncu, H100, T = 8192, n = 4: lane groups of four took 64 us forward and 84 us backward.)
-REG_N, REGS, REGS_BWD_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::REG_N)
+REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::REG_N)
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 
 
@@ -148,9 +149,9 @@ def _lane_slice(lanes: int, floats: int) -> int | None:
 
 def _regs_slice(floats: int) -> int | None:
     """Shared floats per token of the backward's register mode (odd, as _lane_slice), or None when
-    REGS_BWD_THREADS of them do not fit one CTA (a very long tmax: then the CTA mode)."""
+    REGS_THREADS of them do not fit one CTA (a very long tmax: then the CTA mode)."""
     slice_ = floats | 1
-    return slice_ if _fits(REGS_BWD_THREADS * slice_) else None
+    return slice_ if _fits(REGS_THREADS * slice_) else None
 
 
 def _lane_grid(T: int, lanes: int) -> tuple[int, int, int]:
@@ -169,7 +170,7 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
     if slice_ is None:
         mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), floats, THREADS)
     elif lanes == REGS:
-        mode, geometry = [0, REGS, 0], (_lane_grid(T, 1), 0, LANES_THREADS)
+        mode, geometry = [0, REGS, 0], ((_cdiv(T, REGS_THREADS) * REGS_THREADS, 1, 1), 0, REGS_THREADS)
     else:
         mode, geometry = [0, lanes, slice_], (_lane_grid(T, lanes), LANES_THREADS // lanes * slice_, LANES_THREADS)
     outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar],
@@ -229,7 +230,7 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
               _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1)))
     if slice_ is not None:
         dots = _pre_bwd(x3, h_pre, g_in, want_dx=False)[1] if with_pre else mix  # mix: an unused slot
-        per_token, threads = (1, REGS_BWD_THREADS) if lanes == REGS else (lanes, LANES_THREADS)
+        per_token, threads = (1, REGS_THREADS) if lanes == REGS else (lanes, LANES_THREADS)
         mode, geometry = [lanes, slice_], ((_cdiv(T * per_token, threads) * threads, 1, 1),
                                            threads // per_token * slice_, threads)
     else:
