@@ -6,8 +6,9 @@ that launch the backward kernels.
 Kernels per op (geometry mirrors each kernel's header comment; grids are given in threads):
   mhc_coeffs    forward  proj_tc (bfloat16 x, n <= 4: mma.sync, four-stage cp.async) or skinny
                          (z = vec(x) @ phi, K split S ways, + sum of squares)
-                         -> coeffs: RMS scale, activations, Sinkhorn per token, by a lane group
-                            (n <= 8, T >= LANES_MIN_T; then x_in by pre) or by a CTA (with x_in)
+                         -> coeffs: RMS scale, activations, Sinkhorn per token, by a thread with
+                            its matrices in registers (n <= REG_N) or a lane group (n <= 8), from
+                            LANES_MIN_T tokens (then x_in by pre), else by a CTA (with x_in)
                 backward [pre_bwd without dx: the dots dx_in . x, lane mode only]
                          -> coeffs_bwd (sigmoid and Sinkhorn backward; lane group or CTA as forward)
                          -> dx (token-tiled dz @ phi^T + RMS term + h_pre dx_in [+ post_res's dx])

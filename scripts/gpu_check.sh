@@ -48,7 +48,7 @@ for s in $stages; do
   tests)
     stage tests
     # pytest-timeout cannot interrupt a hung CUDA call: the outer timeout bounds the stage
-    timeout "${MHC_TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfE -m gpu -p no:cacheprovider --timeout=120 ${MHC_GPU_TESTS:-tests} \
+    timeout "${MHC_TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfE -m gpu -p no:cacheprovider --timeout=300 ${MHC_GPU_TESTS:-tests} \
       > "$out/gpu_tests.log" 2>&1 || status=1
     grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests.log" | head -60 ;;
   sweep)
