@@ -133,32 +133,23 @@ __device__ __forceinline__ void token_coeffs_bwd_regs(
   float* dzt = dz + (size_t)t * M;
   float* rt = rows + (size_t)t * (M + 3);
   float gs = 0.0f, sp = 0.0f, so = 0.0f, sr = 0.0f;  // serial sums in token_coeffs_bwd's order
+  auto put = [&](int m, float dl, float a, float mv, float& seg) {  // entry m of the M coefficients
+    dzt[m] = dl * a * invr;
+    rt[m] = dl;
+    gs += dl * a * mv;
+    seg += dl * mv;
+  };
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    if (i >= n) continue;
-    dzt[i] = dlpre[i] * a_pre * invr;
-    rt[i] = dlpre[i];
-    gs += dlpre[i] * a_pre * mpre[i];
-    sp += dlpre[i] * mpre[i];
-  }
+  for (int i = 0; i < N; ++i)
+    if (i < n) put(i, dlpre[i], a_pre, mpre[i], sp);
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    if (i >= n) continue;
-    dzt[n + i] = dlpost[i] * a_post * invr;
-    rt[n + i] = dlpost[i];
-    gs += dlpost[i] * a_post * mpost[i];
-    so += dlpost[i] * mpost[i];
-  }
+  for (int i = 0; i < N; ++i)
+    if (i < n) put(n + i, dlpost[i], a_post, mpost[i], so);
 #pragma unroll
   for (int i = 0; i < N; ++i)
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      if (i >= n || j >= n) continue;
-      dzt[2 * n + i * n + j] = G[i][j] * a_res * invr;
-      rt[2 * n + i * n + j] = G[i][j];
-      gs += G[i][j] * a_res * mres[i][j];
-      sr += G[i][j] * mres[i][j];
-    }
+    for (int j = 0; j < N; ++j)
+      if (i < n && j < n) put(2 * n + i * n + j, G[i][j], a_res, mres[i][j], sr);
   gs = gs / invr;
   factor[t] = (-gs * invr * invr * invr) / (float)(n * C);
   rt[M] = sp;

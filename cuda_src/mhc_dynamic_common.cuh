@@ -285,10 +285,32 @@ __device__ __forceinline__ void sinkhorn_backward(float* G, SinkhornSmem s, floa
 // A thread per token for n <= N = NMAX <= REG_N (compile-time N; rows and columns >= n are skipped):
 // the matrix lives in registers, so the serial chain of ~2 tmax phases no longer waits on a
 // shared-memory round trip and a barrier per phase (ncu, H100, T = 8192, n = 4: lane groups of 4
-// took 64 us forward and 84 us backward, latency-bound). The operations and their order are those
+// took 64 us forward and 84 us backward; this mode 49-51 and 76: still one serial chain per
+// thread at ~2 warps per SM, so more lanes per token is the next step). The operations and order are those
 // of sinkhorn_forward / sinkhorn_backward above. `hist` (the backward's recompute) receives the
 // history in SinkhornSmem's layout, with n = N; the forward passes none.
 constexpr int REG_N = 4;
+
+// One normalisation of P in registers: rows (ROWS) or columns divided by their sum + eps, each
+// sum in index order; the sums go to `sums` (n floats) unless it is null.
+template <bool ROWS, int N>
+__device__ __forceinline__ void normalise_regs(float (&P)[N][N], int n, float eps, float* sums) {
+#pragma unroll
+  for (int a = 0; a < N; ++a) {
+    if (a >= n) continue;
+    float s = 0.0f;
+#pragma unroll
+    for (int b = 0; b < N; ++b)
+      if (b < n) s += ROWS ? P[a][b] : P[b][a];
+    if (sums) sums[a] = s;
+#pragma unroll
+    for (int b = 0; b < N; ++b) {
+      if (b >= n) continue;
+      float& v = ROWS ? P[a][b] : P[b][a];
+      v = sk_div(v, s + eps);
+    }
+  }
+}
 
 template <int N>
 __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], float (&P)[N][N], int n, int tmax,
@@ -315,18 +337,7 @@ __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], fl
       P[i][j] = p + eps;
     }
   }
-#pragma unroll
-  for (int j = 0; j < N; ++j) {  // first column normalisation
-    if (j >= n) continue;
-    float cs = 0.0f;
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (i < n) cs += P[i][j];
-    if (hist) hist->cs(0)[j] = cs;
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (i < n) P[i][j] = sk_div(P[i][j], cs + eps);
-  }
+  normalise_regs<false>(P, n, eps, hist ? hist->cs(0) : nullptr);  // first column normalisation
   auto keep = [&](int t) {  // mat_t -> H(1 + t)
     if (!hist) return;
 #pragma unroll
@@ -338,30 +349,8 @@ __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], fl
   keep(0);
 #pragma unroll 1
   for (int t = 1; t < tmax; ++t) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if (i >= n) continue;
-      float rs = 0.0f;
-#pragma unroll
-      for (int j = 0; j < N; ++j)
-        if (j < n) rs += P[i][j];
-      if (hist) hist->rs(t)[i] = rs;
-#pragma unroll
-      for (int j = 0; j < N; ++j)
-        if (j < n) P[i][j] = sk_div(P[i][j], rs + eps);
-    }
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      if (j >= n) continue;
-      float cs = 0.0f;
-#pragma unroll
-      for (int i = 0; i < N; ++i)
-        if (i < n) cs += P[i][j];
-      if (hist) hist->cs(t)[j] = cs;
-#pragma unroll
-      for (int i = 0; i < N; ++i)
-        if (i < n) P[i][j] = sk_div(P[i][j], cs + eps);
-    }
+    normalise_regs<true>(P, n, eps, hist ? hist->rs(t) : nullptr);
+    normalise_regs<false>(P, n, eps, hist ? hist->cs(t) : nullptr);
     keep(t);
   }
 }

@@ -11,7 +11,7 @@
 // on mma.sync it is memory-bound again. M is split into two bfloat16 terms (hi + lo, 2^-17
 // relative: far below the bfloat16 output's rounding), held as A fragments for the whole token;
 // x arrives in TC_STAGES cp.async chunks of n x TC_COLS (a swizzled ring after agg, 16-byte
-// aligned: tc_ring_floats more shared floats, which cuda._forward_fused adds under the same
+// aligned: cuda._fused_tc_ring_floats more shared floats, added by the launcher under the same
 // condition) and is read by ldmatrix.trans as B fragments. Each warp owns 16 columns of a chunk.
 #include <cuda_pipeline.h>
 #include <type_traits>

@@ -52,7 +52,8 @@ LANES_MAX_N, LANES_MIN_T, LANES_THREADS = 8, 1024, 128
 # tokens): a thread per token with its matrices in registers; the backward keeps only the Sinkhorn
 # history in shared memory, ~2 KB per token at tmax = 20. CTAs of one warp: a serial chain per
 # thread, so the tokens spread over as many SMs as there are warps (three per SM in the backward).
-# (ncu, H100, T = 8192, n = 4: lane groups of four took 64 us forward and 84 us backward.)
+# (ncu, H100, T = 8192, n = 4: lane groups of four took 64 us forward and 84 us backward, this
+# mode 49-51 and 76: still latency-bound, see mhc_dynamic_common.cuh.)
 REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::REG_N)
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 
@@ -155,8 +156,10 @@ def _regs_slice(floats: int) -> int | None:
     return slice_ if _fits(REGS_THREADS * slice_) else None
 
 
-def _lane_grid(T: int, lanes: int) -> tuple[int, int, int]:
-    return (_cdiv(T * lanes, LANES_THREADS) * LANES_THREADS, 1, 1)
+def _lane_grid(T: int, lanes: int, threads: int = LANES_THREADS) -> tuple[int, int, int]:
+    """Grid (threads) of a lane-mode launch: `lanes` threads per token (REGS: one), `threads` per CTA."""
+    per_token = 1 if lanes == REGS else lanes
+    return (_cdiv(T * per_token, threads) * threads, 1, 1)
 
 
 def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
@@ -171,7 +174,7 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
     if slice_ is None:
         mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), floats, THREADS)
     elif lanes == REGS:
-        mode, geometry = [0, REGS, 0], ((_cdiv(T, REGS_THREADS) * REGS_THREADS, 1, 1), 0, REGS_THREADS)
+        mode, geometry = [0, REGS, 0], (_lane_grid(T, REGS, REGS_THREADS), 0, REGS_THREADS)
     else:
         mode, geometry = [0, lanes, slice_], (_lane_grid(T, lanes), LANES_THREADS // lanes * slice_, LANES_THREADS)
     outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar],
@@ -231,11 +234,11 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
               _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1)))
     if slice_ is not None:
         dots = _pre_bwd(x3, h_pre, g_in, want_dx=False)[1] if with_pre else mix  # mix: an unused slot
-        per_token, threads = (1, REGS_THREADS) if lanes == REGS else (lanes, LANES_THREADS)
-        mode, geometry = [lanes, slice_], ((_cdiv(T * per_token, threads) * threads, 1, 1),
-                                           threads // per_token * slice_, threads)
+        threads = REGS_THREADS if lanes == REGS else LANES_THREADS
+        per_cta = threads if lanes == REGS else threads // lanes  # tokens per CTA
+        mode, geometry = [lanes, slice_], (_lane_grid(T, lanes, threads), per_cta * slice_, threads)
     else:
-        smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
+        smem = _coeffs_bwd_smem(n, cfg.tmax, nmax)
         if not _fits(smem):
             vjps = _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
             return (vjps[0] + acc.reshape(x3.shape), *vjps[1:]) if alias else vjps
