@@ -13,7 +13,7 @@ Kernels per op (geometry mirrors each kernel's header comment; grids are given i
                          -> coeffs_bwd (sigmoid and Sinkhorn backward; lane group or CTA as forward)
                          -> dx (token-tiled dz @ phi^T + RMS term + h_pre dx_in [+ post_res's dx])
                          -> dphi_tc (bfloat16 x, n <= 4: tensor cores) or skinny (dphi = x^T dz,
-                            tokens split S ways) -> colsum (dphi, db, dalpha)
+                            tokens split S ways) -> colsum (dphi unless S = 1, db, dalpha: one launch)
   mhc_pre       pre / pre_bwd (per token)
   mhc_post_res  post_res (x and f read once) / post_res_bwd (per token)
 DynamicMHC reads x in post_res through an alias output of mhc_coeffs (x itself, see coeffs), so
@@ -123,12 +123,21 @@ def _dphi_partials(xk: mx.array, dz: mx.array, T: int, K: int, M: int, tag: str)
     return part, S
 
 
-def _colsum(part: mx.array, R: int, N: int) -> mx.array:
-    """sum over the R rows of part [R, N]: a thread per column for few rows, a CTA per column for many."""
-    per_cta = R > COLSUM_CTA_ROWS
-    grid = (N * THREADS, 1, 1) if per_cta else (_cdiv(N, THREADS) * THREADS, 1, 1)
-    (out,) = _launch("mhc_dynamic_colsum", None, None, [part], [(N,)], [F32], [R, N, int(per_cta)], grid)
-    return out
+def _colsums(a: mx.array, b: mx.array | None = None) -> list[mx.array]:
+    """Sums over the rows of a [Ra, Na] (and of b [Rb, Nb]) in one launch: per problem, a thread
+    per column for few rows, a CTA per column for many."""
+    problems = [a] if b is None else [a, b]
+    ctas, scalars = 0, []
+    for p in problems:
+        R, N = p.shape
+        per_cta = R > COLSUM_CTA_ROWS
+        ctas += N if per_cta else _cdiv(N, THREADS)
+        scalars += [R, N, int(per_cta)]
+    if b is None:  # b's slots: a itself as an input never read, a one-float output never written
+        scalars += [0, 0, 0]
+    outs = _launch("mhc_dynamic_colsum", None, None, [a, a if b is None else b],
+                   [(a.shape[1],), (1,) if b is None else (b.shape[1],)], [F32, F32], scalars, (ctas * THREADS, 1, 1))
+    return outs[: len(problems)]
 
 
 # ---------------------------------------------------------------- mhc_coeffs (+ pre)
@@ -251,8 +260,11 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
                     [(T, K)], [x3.dtype], [T, K, M, C, n, int(with_pre), int(acc is not None)],
                     (_cdiv(K, DX_KB) * THREADS, _cdiv(T, DX_TT), 1))
     part, S = _dphi_partials(xk, dz, T, K, M, tag)
-    dphi = _colsum(part.reshape(S, K * M), S, K * M).reshape(K, M)
-    sums = _colsum(rows, T, M + 3)
+    if S == 1:  # one token split (small T): its partial is dphi
+        dphi, (sums,) = part.reshape(K, M), _colsums(rows)
+    else:
+        dphi, sums = _colsums(part.reshape(S, K * M), rows)
+        dphi = dphi.reshape(K, M)
     return dx.reshape(T, n, C), dphi, sums[:M], sums[M], sums[M + 1], sums[M + 2]
 
 

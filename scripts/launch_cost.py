@@ -27,8 +27,9 @@ def per_launch_us(binary: bytes, name: str, compiled: bool) -> float:
 
     def launch(p):
         return mx.fast.precompiled_cuda_kernel(
-            name=name, compiled_source=binary, inputs=[p], output_shapes=[(256,)], output_dtypes=[mx.float32],
-            scalars=[4, 256, 0], grid=(256, 1, 1), threadgroup=(256, 1, 1))[0]
+            name=name, compiled_source=binary, inputs=[p, p], output_shapes=[(256,), (1,)],
+            output_dtypes=[mx.float32, mx.float32], scalars=[4, 256, 0, 0, 0, 0], grid=(256, 1, 1),
+            threadgroup=(256, 1, 1))[0]
 
     if compiled:  # as the layer's ops run: a traced graph replayed, no Python per launch
         launch = mx.compile(launch)

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from backends import assert_bf16_factor, gpu_param, leading, rel_error64, seed_of, to64
+from cuda_emulation import ROOT, Emulator
 from mhc_aot import DynamicMHC, dispatch, dynamic, ops, testing
 from mhc_aot import dynamic_reference as ref
 
@@ -588,111 +589,14 @@ def test_empty_and_auto():
 
 
 # ---------------------------------------------------------------- CUDA kernels, emulated on the CPU
-# Without a GPU, the kernels of cuda_src/mhc_dynamic_*.cu still run here: each is compiled with
-# g++ against cuda_src/mhc_dynamic_emulate.h (threads of a CTA are fibers, __syncthreads a
-# barrier, shuffles go through a per-warp buffer) and launched by a stand-in for
-# mx.fast.precompiled_cuda_kernel with the arguments that mhc_aot.cuda_dynamic passes: the whole
-# CUDA path (launch geometry, argument order, custom VJPs, partial sums) runs against the same
-# float64 Liger port. It proves the algorithm and the indexing, not GPU timing, memory ordering
-# or register limits: the GPU tests above (marked gpu) do that on the device.
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
-CUDA_SRC = ROOT / "cuda_src"
+# Without a GPU, the kernels of cuda_src/mhc_dynamic_*.cu still run here (tests/cuda_emulation.py),
+# launched with the arguments that mhc_aot.cuda_dynamic passes: the whole CUDA path (launch
+# geometry, argument order, custom VJPs, partial sums) runs against the same float64 Liger port.
 # T small (every CTA runs 256 fibers): vector (C % 8 == 0) and scalar paths, n <= 4 (compile-time
 # NMAX = 4) and generic n, several K splits; token splits and the CTA-per-column reduce are made
 # to happen at these T by shrinking their thresholds (the kernels take any split).
 EMU_CASES = [((3, 4, 40), "float32"), ((3, 4, 40), "bfloat16"), ((5, 2, 33), "float32"), ((2, 5, 16), "bfloat16"),
              ((9, 1, 9), "bfloat16"), (((2, 2), 16, 8), "float32")]
-_EMU_NP = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
-_EMU_NAN = {mx.float32: np.float32(np.nan), mx.float16: np.float16(np.nan), mx.bfloat16: np.uint16(0x7FC0)}
-
-
-class _Emulator:
-    def __init__(self, cache):
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("_mhc_variants_for_emulation",
-                                                      ROOT / "build_tools" / "variants.py")
-        self.variants = importlib.util.module_from_spec(spec)
-        __import__("sys").modules[spec.name] = self.variants  # dataclasses look their module up
-        spec.loader.exec_module(self.variants)
-        self.by_name = {v.name: v for v in self.variants.VARIANTS}
-        self.cache = cache
-        self.libs = {}
-
-    def binary(self, source, dtype, n):  # mhc_aot.cuda._binary's lookup rule, without shipped files
-        cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype]
-        fitting = sorted((v for v in cands if n is not None and v.nmax >= n), key=lambda v: v.nmax)
-        v = (fitting[:1] or [v for v in cands if v.nmax == 0])[0]
-        return v.name, b"", v.nmax
-
-    def build(self, source, dtype, nmax):
-        import ctypes
-        import hashlib
-        import re
-        import subprocess
-
-        text = (CUDA_SRC / f"{source}.cu").read_text()
-        sig = re.search(r"MHC_NAME\((.*?)\)\s*\{", text, re.S).group(1)
-        types = []
-        for p in (q.strip() for q in sig.split(",")):
-            name = re.findall(r"[A-Za-z_]\w*", p)[-1]
-            types.append(p[: p.rindex(name)].replace("__restrict__", "").strip())
-        args = [f"({t})ptrs[{i}]" if "*" in t else f"({t})scal[{i}]" for i, t in enumerate(types)]
-        body = text.replace("extern __shared__ float smem[];", "float* smem = emu_dyn_smem;") + (
-            '\nextern "C" void emu_run(void** ptrs, const double* scal, int gx, int gy, int gz, int threads, '
-            'long smem) {\n'
-            f"  emu_launch(gx, gy, gz, threads, (size_t)smem, [&] {{ MHC_NAME({', '.join(args)}); }});\n}}\n")
-        deps = "".join((CUDA_SRC / h).read_text() for h in ("mhc_dynamic_emulate.h", "mhc_dynamic_common.cuh",
-                                                             "mhc_dynamic_mma.cuh", "mhc_common.cuh"))
-        key = hashlib.sha256(f"{body}{deps}{dtype}{nmax}".encode()).hexdigest()[:16]
-        so = self.cache / f"{source}_{dtype}_{nmax}_{key}.so"
-        if not so.exists():
-            inc = self.cache / "inc"
-            inc.mkdir(parents=True, exist_ok=True)
-            for h in ("cuda_bf16.h", "cuda_fp16.h", "mma.h", "cuda_pipeline.h"):  # the emulation header defines what these would
-                (inc / h).write_text("#pragma once\n")
-            cpp = so.with_suffix(f".{__import__('os').getpid()}.cpp")
-            cpp.write_text(body)
-            tmp = so.with_suffix(f".{__import__('os').getpid()}.tmp")
-            cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-I", str(inc), "-I", str(CUDA_SRC),
-                   "-include", str(CUDA_SRC / "mhc_dynamic_emulate.h"), "-DMHC_NAME=emu_kernel",
-                   f"-DMHC_DTYPE={dtype}", f"-DMHC_NMAX={nmax}", str(cpp), "-o", str(tmp)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"emulation build of {source} failed:\n{r.stderr[-3000:]}")
-            tmp.replace(so)
-        lib = ctypes.CDLL(str(so))
-        lib.emu_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_double),
-                                *[ctypes.c_int] * 4, ctypes.c_long]
-        return lib, len(types)
-
-    def lib(self, name):
-        v = self.by_name[name]
-        key = (v.source, v.dtype or "f32", v.nmax)
-        if key not in self.libs:
-            self.libs[key] = self.build(*key)
-        return self.libs[key]
-
-    def kernel(self, *, name, compiled_source, inputs, output_shapes, output_dtypes, scalars, grid, threadgroup,
-               shared_memory=0, init_value=None, ensure_row_contiguous=False, stream=None):
-        import ctypes
-
-        lib, nparams = self.lib(name)
-        self.launched.append((name, list(scalars)))
-        ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
-        outs = []
-        for shape, dt in zip(output_shapes, output_dtypes):
-            o = np.empty(shape, _EMU_NP[dt])
-            o.fill(_EMU_NAN[dt])  # poisoned whatever init_value says: an unwritten element shows as NaN
-            outs.append(o)
-        arrays = ins + outs
-        assert len(arrays) + len(scalars) == nparams, f"{name}: {len(arrays)} arrays + {len(scalars)} scalars"
-        assert threadgroup[1] == threadgroup[2] == 1 and grid[0] % threadgroup[0] == 0
-        ptrs = (ctypes.c_void_p * nparams)(*[a.ctypes.data for a in arrays], *[0] * len(scalars))
-        scal = (ctypes.c_double * nparams)(*[0.0] * len(arrays), *[float(s) for s in scalars])
-        lib.emu_run(ptrs, scal, grid[0] // threadgroup[0], grid[1], grid[2], threadgroup[0], int(shared_memory))
-        return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)
-                for o, dt in zip(outs, output_dtypes)]
 
 
 @pytest.fixture(scope="module")
@@ -703,7 +607,7 @@ def _emulator():
 
     if shutil.which("g++") is None or not (ROOT / "build_tools" / "variants.py").exists():
         pytest.skip("CUDA emulation needs g++ (C++20, ucontext) and the source tree (cuda_src/, build_tools/)")
-    emu = _Emulator(__import__("pathlib").Path(tempfile.gettempdir()) / "mhc-aot-cuda-emulation")
+    emu = Emulator(__import__("pathlib").Path(tempfile.gettempdir()) / "mhc-aot-cuda-emulation")
     todo = {(v.source, v.dtype or "f32", v.nmax) for v in emu.variants.VARIANTS
             if v.source.startswith("mhc_dynamic_") and (v.dtype or "f32") in ("f32", "bf16")}
     with ThreadPoolExecutor(max_workers=__import__("os").cpu_count() or 2) as pool:

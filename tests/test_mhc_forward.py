@@ -151,3 +151,55 @@ def test_auto_follows_default_device():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gpu_extra_shapes(backend, B, n, C, dtype_name):
     _check(backend, B, n, C, dtype_name, tag="gpu-extra")
+
+
+# ---------------------------------------------------------------- CUDA kernels, emulated on the CPU
+# The static forward's CUDA kernels (mhc_sinkhorn_fwd, mhc_forward_fused) run here without a GPU
+# (tests/cuda_emulation.py), launched by mhc_aot.cuda with its own geometry: every path of the fused
+# kernel, each asserted to be the one launched through its `staged` scalar and grid. The staged
+# path's persistent loop is made to walk several tokens per CTA by reporting one SM.
+# (B, n, C, dtype, staged, ctas): staged small n (n < NMAX too), n = 8, f16; per-token paths: odd C
+# (scalar), a token over the staged cap (shrunk here), the tensor-core mix (n = 16, C % 128 == 0).
+EMU_FUSED = [(7, 4, 64, "bfloat16", 1, 3), (5, 3, 40, "float32", 1, 3), (3, 8, 24, "bfloat16", 1, 2),
+             (4, 2, 16, "float16", 1, 3), (4, 4, 33, "float32", 0, 4), (3, 4, 512, "bfloat16", 0, 3),
+             (2, 16, 128, "bfloat16", 0, 2)]
+
+
+@pytest.fixture(scope="module")
+def _cuda_emulator():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from cuda_emulation import ROOT, Emulator
+
+    if shutil.which("g++") is None or not (ROOT / "build_tools" / "variants.py").exists():
+        pytest.skip("CUDA emulation needs g++ (C++20, ucontext) and the source tree (cuda_src/, build_tools/)")
+    return Emulator(Path(tempfile.gettempdir()) / "mhc-aot-cuda-emulation")
+
+
+@pytest.fixture
+def emulated_cuda(_cuda_emulator, monkeypatch):
+    from mhc_aot import cuda, device, kernel_ops
+
+    monkeypatch.setattr(cuda, "_binary", _cuda_emulator.binary)
+    monkeypatch.setattr(mx.fast, "precompiled_cuda_kernel", _cuda_emulator.kernel)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
+    monkeypatch.setattr(device, "sm_count", lambda: 1)
+    monkeypatch.setattr(device, "resident_ctas_per_sm", lambda smem: 3)  # the H100's at the 68 / 74 KB buckets
+    monkeypatch.setattr(device, "max_shared_memory_per_block", lambda: cuda.SMEM_LIMIT)
+    _cuda_emulator.launched = []
+    return _cuda_emulator
+
+
+@pytest.mark.parametrize("B,n,C,dtype_name,staged,ctas", EMU_FUSED)
+def test_emulated_cuda_fused_forward(emulated_cuda, monkeypatch, B, n, C, dtype_name, staged, ctas):
+    from mhc_aot import cuda
+
+    if C == 512:  # a token over the staged path's cap
+        monkeypatch.setattr(cuda, "FUSED_STAGE_MAX_BYTES", 4096)
+    _check("cuda", B, n, C, dtype_name, tag="emulated-fused")
+    (scalars,) = [sc for name, sc in emulated_cuda.launched if name.startswith("mhc_forward_fused")]
+    assert scalars[3:] == [B, staged], scalars
+    assert emulated_cuda.grids[-1][0] == ctas * cuda.THREADS, emulated_cuda.grids[-1]

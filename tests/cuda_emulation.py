@@ -1,0 +1,108 @@
+"""The CUDA kernels of cuda_src/ run on the CPU for tests without a GPU: each is compiled with g++
+against cuda_src/mhc_dynamic_emulate.h (threads of a CTA are fibers, __syncthreads a barrier,
+shuffles go through a per-warp buffer, cp.async a plain copy) and launched by a stand-in for
+mx.fast.precompiled_cuda_kernel with the arguments that mhc_aot's launchers pass. It proves the
+algorithm, the indexing and the launch geometry, not GPU timing, memory ordering or register
+limits: the GPU tests (marked gpu) do that on the device. Used by test_dynamic.py and
+test_mhc_forward.py.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+CUDA_SRC = ROOT / "cuda_src"
+EMU_NP = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
+EMU_NAN = {mx.float32: np.float32(np.nan), mx.float16: np.float16(np.nan), mx.bfloat16: np.uint16(0x7FC0)}
+
+
+class Emulator:
+    def __init__(self, cache):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_mhc_variants_for_emulation",
+                                                      ROOT / "build_tools" / "variants.py")
+        self.variants = importlib.util.module_from_spec(spec)
+        __import__("sys").modules[spec.name] = self.variants  # dataclasses look their module up
+        spec.loader.exec_module(self.variants)
+        self.by_name = {v.name: v for v in self.variants.VARIANTS}
+        self.cache = cache
+        self.libs = {}
+        self.launched, self.grids = [], []  # (entry name, scalars) and the grid of every launch
+
+    def binary(self, source, dtype, n):  # mhc_aot.cuda._binary's lookup rule, without shipped files
+        cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype]
+        fitting = sorted((v for v in cands if n is not None and v.nmax >= n), key=lambda v: v.nmax)
+        v = (fitting[:1] or [v for v in cands if v.nmax == 0])[0]
+        return v.name, b"", v.nmax
+
+    def build(self, source, dtype, nmax):
+        import ctypes
+        import hashlib
+        import re
+        import subprocess
+
+        text = (CUDA_SRC / f"{source}.cu").read_text()
+        sig = re.search(r"MHC_NAME\((.*?)\)\s*\{", text, re.S).group(1)
+        types = []
+        for p in (q.strip() for q in sig.split(",")):
+            name = re.findall(r"[A-Za-z_]\w*", p)[-1]
+            types.append(p[: p.rindex(name)].replace("__restrict__", "").strip())
+        args = [f"({t})ptrs[{i}]" if "*" in t else f"({t})scal[{i}]" for i, t in enumerate(types)]
+        body = text.replace("extern __shared__ float smem[];", "float* smem = emu_dyn_smem;") + (
+            '\nextern "C" void emu_run(void** ptrs, const double* scal, int gx, int gy, int gz, int threads, '
+            'long smem) {\n'
+            f"  emu_launch(gx, gy, gz, threads, (size_t)smem, [&] {{ MHC_NAME({', '.join(args)}); }});\n}}\n")
+        deps = "".join(h.read_text() for h in sorted([*CUDA_SRC.glob("*.cuh"), CUDA_SRC / "mhc_dynamic_emulate.h"]))
+        key = hashlib.sha256(f"{body}{deps}{dtype}{nmax}".encode()).hexdigest()[:16]
+        so = self.cache / f"{source}_{dtype}_{nmax}_{key}.so"
+        if not so.exists():
+            inc = self.cache / "inc"
+            inc.mkdir(parents=True, exist_ok=True)
+            for h in ("cuda_bf16.h", "cuda_fp16.h", "mma.h", "cuda_pipeline.h"):  # the emulation header defines what these would
+                (inc / h).write_text("#pragma once\n")
+            cpp = so.with_suffix(f".{__import__('os').getpid()}.cpp")
+            cpp.write_text(body)
+            tmp = so.with_suffix(f".{__import__('os').getpid()}.tmp")
+            cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-I", str(inc), "-I", str(CUDA_SRC),
+                   "-include", str(CUDA_SRC / "mhc_dynamic_emulate.h"), "-DMHC_NAME=emu_kernel",
+                   f"-DMHC_DTYPE={dtype}", f"-DMHC_NMAX={nmax}", str(cpp), "-o", str(tmp)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"emulation build of {source} failed:\n{r.stderr[-3000:]}")
+            tmp.replace(so)
+        lib = ctypes.CDLL(str(so))
+        lib.emu_run.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_double),
+                                *[ctypes.c_int] * 4, ctypes.c_long]
+        return lib, len(types)
+
+    def lib(self, name):
+        v = self.by_name[name]
+        key = (v.source, v.dtype or "f32", v.nmax)
+        if key not in self.libs:
+            self.libs[key] = self.build(*key)
+        return self.libs[key]
+
+    def kernel(self, *, name, compiled_source, inputs, output_shapes, output_dtypes, scalars, grid, threadgroup,
+               shared_memory=0, init_value=None, ensure_row_contiguous=False, stream=None):
+        import ctypes
+
+        lib, nparams = self.lib(name)
+        self.launched.append((name, list(scalars)))
+        self.grids.append(tuple(grid))
+        ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
+        outs = []
+        for shape, dt in zip(output_shapes, output_dtypes):
+            o = np.empty(shape, EMU_NP[dt])
+            o.fill(EMU_NAN[dt])  # poisoned whatever init_value says: an unwritten element shows as NaN
+            outs.append(o)
+        arrays = ins + outs
+        assert len(arrays) + len(scalars) == nparams, f"{name}: {len(arrays)} arrays + {len(scalars)} scalars"
+        assert threadgroup[1] == threadgroup[2] == 1 and grid[0] % threadgroup[0] == 0
+        ptrs = (ctypes.c_void_p * nparams)(*[a.ctypes.data for a in arrays], *[0] * len(scalars))
+        scal = (ctypes.c_double * nparams)(*[0.0] * len(arrays), *[float(s) for s in scalars])
+        lib.emu_run(ptrs, scal, grid[0] // threadgroup[0], grid[1], grid[2], threadgroup[0], int(shared_memory))
+        return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)
+                for o, dt in zip(outs, output_dtypes)]
