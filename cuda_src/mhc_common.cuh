@@ -51,11 +51,10 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// One 16-byte load of Vec<E>::N elements, widened to float32: from global memory through the
-// read-only path, or (SHARED) from a token staged in shared memory.
-template <typename E, bool SHARED = false>
+// One 16-byte load of Vec<E>::N elements, widened to float32.
+template <typename E>
 __device__ __forceinline__ void load_vec(const E* p, float (&v)[Vec<E>::N]) {
-  const uint4 raw = SHARED ? *reinterpret_cast<const uint4*>(p) : __ldg(reinterpret_cast<const uint4*>(p));
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
   const E* e = reinterpret_cast<const E*>(&raw);
 #pragma unroll
   for (int k = 0; k < Vec<E>::N; ++k) v[k] = to_float(e[k]);

@@ -9,12 +9,10 @@
 
 namespace mhc {
 
-// SHARED: p is in shared memory (mhc_forward_fused's staged token; 16-byte path only)
-template <typename E, int W, bool SHARED = false>
+template <typename E, int W>
 __device__ __forceinline__ void load_w(const E* p, float (&v)[W]) {
-  static_assert(!SHARED || W == Vec<E>::N, "a staged token is read by 16-byte vectors");
   if constexpr (W == Vec<E>::N) {
-    load_vec<E, SHARED>(p, v);
+    load_vec(p, v);
   } else {
 #pragma unroll
     for (int k = 0; k < W; ++k) v[k] = to_float(p[k]);
@@ -52,36 +50,26 @@ __device__ __forceinline__ void stage_params(const float* M, const float* H_pre_
   }
 }
 
-// agg of one work item: a[e] = sum_j hpre[j] x[j, c + e], streams in order (pass 1 and the staged
-// forward's pass 2 both call this, so the two get the same bits).
-template <typename E, int W, bool SHARED = false>
-__device__ __forceinline__ void aggregate_vec(const E* xb, const float* hpre, int n, int C, int c, float (&a)[W]) {
-#pragma unroll
-  for (int e = 0; e < W; ++e) a[e] = 0.0f;
-  for_streams<(W == 1 ? 0 : NMAX)>(n, [&](int j) {
-    float xv[W];
-    load_w<E, W, SHARED>(xb + (size_t)j * C + c, xv);
-    const float h = hpre[j];
-#pragma unroll
-    for (int e = 0; e < W; ++e) a[e] = fmaf(h, xv[e], a[e]);
-  });
-}
-
 // Pass 1 (paper eq. 3, pre-aggregation): agg[c] = sum_j hpre[j] x[j, c] for the columns
-// [c0, c1) of this CTA, written to agg[c - c0] (unless agg is null); returns this thread's share
-// of sum(agg^2). Thread t takes the work items t, t + blockDim.x, ... (as mix_pass where nib = 1).
-template <typename E, int W, bool SHARED = false>
+// [c0, c1) of this CTA, written to agg[c - c0]; returns this thread's share of sum(agg^2).
+template <typename E, int W>
 __device__ __forceinline__ float aggregate_pass(const E* xb, const float* hpre, int n, int C, int c0, int c1,
                                                 float* agg) {
   float ss = 0.0f;
 #pragma unroll 2
   for (int c = c0 + threadIdx.x * W; c < c1; c += blockDim.x * W) {  // two vectors' loads in flight
-    float a[W];
-    aggregate_vec<E, W, SHARED>(xb, hpre, n, C, c, a);
+    float a[W] = {};
+    for_streams<(W == 1 ? 0 : NMAX)>(n, [&](int j) {
+      float xv[W];
+      load_w<E, W>(xb + (size_t)j * C + c, xv);
+      const float h = hpre[j];
+#pragma unroll
+      for (int e = 0; e < W; ++e) a[e] = fmaf(h, xv[e], a[e]);
+    });
 #pragma unroll
     for (int e = 0; e < W; ++e) {
       ss = fmaf(a[e], a[e], ss);
-      if (agg) agg[c - c0 + e] = a[e];
+      agg[c - c0 + e] = a[e];
     }
   }
   return ss;

@@ -12,14 +12,11 @@ using namespace mhc;
 
 static_assert((NMAX > 0 ? NMAX * PADCAP : 0) + 2 * PADCAP + NSIMD <= TG_FLOATS_MAX, "threadgroup memory over 32 KB");
 
-// The CUDA kernel's scalar arguments, in order (the `scalars` input buffer). B and staged drive
-// CUDA's persistent staged path; here one threadgroup serves one token and they go unread.
+// The CUDA kernel's scalar arguments, in order (the `scalars` input buffer).
 struct Scalars {
   int n;
   int C;
   float eps;
-  int B;
-  int staged;
 };
 
 template <int W, typename MA>

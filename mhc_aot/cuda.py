@@ -21,9 +21,6 @@ THREADS = 256  # cuda_src/mhc_common.cuh
 TILE_C = 1024  # cuda_src/mhc_column_common.cuh
 DM_CHUNK = 32  # cuda_src/mhc_backward_dm.cu
 FUSED_TC_COLS, FUSED_TC_STAGES, FUSED_TC_N = 128, 4, (16, 32)  # cuda_src/mhc_forward_fused.cu (tensor cores)
-# mhc_forward_fused's staged path (cuda_src/mhc_forward_fused.cu: STAGE_NMAX): two tokens of shared
-# memory per CTA, up to the 74 KB bucket, which keeps three CTAs per SM on the H100 (SMEM_BUCKETS)
-FUSED_STAGE_NMAX, FUSED_STAGE_MAX_BYTES = 8, 74 * 1024
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
@@ -139,33 +136,9 @@ def _forward_fused(x, M, hpre_raw, hpost_raw, w, eps):
     B, n, C = x.shape
     _, _, nmax = _binary("mhc_forward_fused", dtype_tag(x.dtype), n)
     pad = _pad(n, nmax)
-    params = n * pad + 2 * pad + 32
-    staged = _fused_stage_floats(x.dtype, n, C, nmax, params)
-    if staged:  # persistent: one wave of CTAs, each walking its tokens (the kernel's header); resident
-        # by shared memory and by registers (__launch_bounds__ guarantees MIN_BLOCKS per SM, no more)
-        smem = params + staged
-        per_sm = min(device.resident_ctas_per_sm(launch_smem(4 * smem)), _fused_min_blocks(nmax))
-        G = min(B, per_sm * device.sm_count())
-    else:
-        smem, G = params + C + _fused_tc_ring_floats(x.dtype, n, C, nmax), B
     return _launch("mhc_forward_fused", dtype_tag(x.dtype), n, [x, M, hpre_raw, hpost_raw, w],
-                   [(B, n, C), (B,)], [x.dtype, F32], [n, C, eps, B, int(staged > 0)], (G * THREADS, 1, 1), smem)
-
-
-def _fused_min_blocks(nmax: int) -> int:
-    """CTAs per SM that mhc_forward_fused's __launch_bounds__ guarantees (its MIN_BLOCKS)."""
-    return 4 if 0 < nmax <= 4 else 2
-
-
-def _fused_stage_floats(dtype, n: int, C: int, nmax: int, params: int) -> int:
-    """Shared floats of mhc_forward_fused's staged path (its header: 0 < n <= NMAX <= FUSED_STAGE_NMAX,
-    16-byte rows, two tokens of n x C + 4 floats of alignment, with the `params` floats before them,
-    within FUSED_STAGE_MAX_BYTES); 0 where that path does not run."""
-    size = dtype.size
-    floats = 2 * n * C * size // 4 + 4
-    if not 0 < nmax <= FUSED_STAGE_NMAX or C % (16 // size) or 4 * (params + floats) > FUSED_STAGE_MAX_BYTES:
-        return 0
-    return floats
+                   [(B, n, C), (B,)], [x.dtype, F32], [n, C, eps], (B * THREADS, 1, 1),
+                   n * pad + 2 * pad + 32 + C + _fused_tc_ring_floats(x.dtype, n, C, nmax))
 
 
 def _fused_tc_ring_floats(dtype, n: int, C: int, nmax: int) -> int:

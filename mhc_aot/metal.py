@@ -235,7 +235,7 @@ def _sinkhorn_bwd(L: mx.array, dM: mx.array, iters: int, eps: float) -> mx.array
 def _forward_fused(x, M, hpre_raw, hpost_raw, w, eps):
     B, n, C = x.shape
     return _launch("mhc_forward_fused", dtype_tag(x.dtype), n, [x, M, hpre_raw, hpost_raw, w], [(B, n, C), (B,)],
-                   [x.dtype, F32], [n, C, eps, B, 0], (B * THREADS, 1, 1))
+                   [x.dtype, F32], [n, C, eps], (B * THREADS, 1, 1))
 
 
 def _forward_column(x, M, hpre_raw, hpost_raw, w, eps):

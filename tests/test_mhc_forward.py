@@ -155,14 +155,11 @@ def test_gpu_extra_shapes(backend, B, n, C, dtype_name):
 
 # ---------------------------------------------------------------- CUDA kernels, emulated on the CPU
 # The static forward's CUDA kernels (mhc_sinkhorn_fwd, mhc_forward_fused) run here without a GPU
-# (tests/cuda_emulation.py), launched by mhc_aot.cuda with its own geometry: every path of the fused
-# kernel, each asserted to be the one launched through its `staged` scalar and grid. The staged
-# path's persistent loop is made to walk several tokens per CTA by reporting one SM.
-# (B, n, C, dtype, staged, ctas): staged small n (n < NMAX too), n = 8, f16; per-token paths: odd C
-# (scalar), a token over the staged cap (shrunk here), the tensor-core mix (n = 16, C % 128 == 0).
-EMU_FUSED = [(7, 4, 64, "bfloat16", 1, 3), (5, 3, 40, "float32", 1, 3), (3, 8, 24, "bfloat16", 1, 2),
-             (4, 2, 16, "float16", 1, 3), (4, 4, 33, "float32", 0, 4), (3, 4, 512, "bfloat16", 0, 3),
-             (2, 16, 128, "bfloat16", 0, 2)]
+# (tests/cuda_emulation.py), launched by mhc_aot.cuda with its own geometry: the fused kernel's
+# 16-byte and scalar paths, n below its variant's NMAX, n = 8, and the tensor-core mix (bfloat16,
+# n = 16, C % 128 == 0; asserted through its shared-memory request, which includes the ring).
+EMU_FUSED = [(3, 4, 64, "bfloat16"), (5, 3, 40, "float32"), (3, 8, 24, "bfloat16"), (4, 2, 16, "float16"),
+             (4, 4, 33, "float32"), (2, 16, 128, "bfloat16"), (2, 16, 136, "bfloat16")]
 
 
 @pytest.fixture(scope="module")
@@ -186,20 +183,23 @@ def emulated_cuda(_cuda_emulator, monkeypatch):
     monkeypatch.setattr(mx.fast, "precompiled_cuda_kernel", _cuda_emulator.kernel)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
-    monkeypatch.setattr(device, "sm_count", lambda: 1)
-    monkeypatch.setattr(device, "resident_ctas_per_sm", lambda smem: 3)  # the H100's at the 68 / 74 KB buckets
     monkeypatch.setattr(device, "max_shared_memory_per_block", lambda: cuda.SMEM_LIMIT)
-    _cuda_emulator.launched = []
+    _cuda_emulator.launched, _cuda_emulator.grids = [], []
     return _cuda_emulator
 
 
-@pytest.mark.parametrize("B,n,C,dtype_name,staged,ctas", EMU_FUSED)
-def test_emulated_cuda_fused_forward(emulated_cuda, monkeypatch, B, n, C, dtype_name, staged, ctas):
+@pytest.mark.parametrize("B,n,C,dtype_name", EMU_FUSED)
+def test_emulated_cuda_fused_forward(emulated_cuda, B, n, C, dtype_name):
     from mhc_aot import cuda
 
-    if C == 512:  # a token over the staged path's cap
-        monkeypatch.setattr(cuda, "FUSED_STAGE_MAX_BYTES", 4096)
     _check("cuda", B, n, C, dtype_name, tag="emulated-fused")
-    (scalars,) = [sc for name, sc in emulated_cuda.launched if name.startswith("mhc_forward_fused")]
-    assert scalars[3:] == [B, staged], scalars
-    assert emulated_cuda.grids[-1][0] == ctas * cuda.THREADS, emulated_cuda.grids[-1]
+    names = [name for name, _ in emulated_cuda.launched]
+    assert names[-1].startswith("mhc_forward_fused") and emulated_cuda.grids[-1][0] == B * cuda.THREADS, names
+    nmax = cuda._binary("mhc_forward_fused", _tag(dtype_name), n)[2]
+    assert (cuda._fused_tc_ring_floats(testing.DTYPES[dtype_name], n, C, nmax) > 0) == (C % 128 == 0 and n == 16)
+
+
+def _tag(dtype_name):
+    from mhc_aot.kernel_ops import dtype_tag
+
+    return dtype_tag(testing.DTYPES[dtype_name])
