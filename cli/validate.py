@@ -6,7 +6,9 @@ Shapes come from dispatch.RULES for the backend under test: for each rule, (B, C
 wins (first match), on both sides of its limits with --full; n covers the compile-time NMAX
 values of the shipped variants and one n above the largest (the generic kernel).
 Ground truth is float64: testing.numpy_forward / numpy_sinkhorn for outputs, mx.grad of the same
-math in float64 on the CPU stream for gradients. Outputs pass below the dtype's tolerance, and in
+math in float64 on the CPU stream for gradients (the dynamic ops' readable reference,
+mhc_aot.dynamic_reference, run in float64; their outputs are checked against its float32 run).
+Outputs pass below the dtype's tolerance, and in
 bfloat16 also within testing.BF16_REFERENCE_FACTOR x the reference's own bfloat16 error. Gradients
 pass below the tolerance or, where mx.grad of the float32 reference itself cannot reach it (sums of
 cancelling terms), within that factor of the reference's own error (as tests/test_gradients.py).
