@@ -355,21 +355,24 @@ __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], fl
   }
 }
 
-// The backward of one column normalisation (mat: its output, cst: its column sums) on G in registers.
-template <int N>
-__device__ __forceinline__ void undo_columns_regs(float (&G)[N][N], int n, const float* mat, const float* cst,
-                                                  float eps) {
+// The backward of one normalisation on G in registers: ROWS (rows) or columns divided by their
+// sums + eps; out(i, j) is that normalisation's output.
+template <bool ROWS, int N, typename Out>
+__device__ __forceinline__ void undo_regs(float (&G)[N][N], int n, Out out, const float* sums, float eps) {
 #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    if (j >= n) continue;
-    const float denom = cst[j] + eps;
+  for (int a = 0; a < N; ++a) {
+    if (a >= n) continue;
+    const float denom = sums[a] + eps;
     float dot = 0.0f;
 #pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (i < n) dot += G[i][j] * mat[i * N + j];
+    for (int b = 0; b < N; ++b)
+      if (b < n) dot += ROWS ? G[a][b] * out(a, b) : G[b][a] * out(b, a);
 #pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (i < n) G[i][j] = sk_div(G[i][j] - dot, denom);
+    for (int b = 0; b < N; ++b) {
+      if (b >= n) continue;
+      float& g = ROWS ? G[a][b] : G[b][a];
+      g = sk_div(g - dot, denom);
+    }
   }
 }
 
@@ -380,21 +383,12 @@ __device__ __forceinline__ void sinkhorn_backward_regs(float (&G)[N][N], int n, 
   for (int t = s.tmax - 1; t >= 1; --t) {
     const float* mat = s.H(1 + t);
     const float* cst = s.cs(t);
-    undo_columns_regs<N>(G, n, mat, cst, eps);  // step t's column normalisation, then its rows
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if (i >= n) continue;
-      float dot = 0.0f;
-#pragma unroll
-      for (int j = 0; j < N; ++j)
-        if (j < n) dot += G[i][j] * (mat[i * N + j] * (cst[j] + eps));
-      const float denom = s.rs(t)[i] + eps;
-#pragma unroll
-      for (int j = 0; j < N; ++j)
-        if (j < n) G[i][j] = sk_div(G[i][j] - dot, denom);
-    }
+    // step t's column normalisation (output mat), then its rows (output mat * (cst + eps))
+    undo_regs<false>(G, n, [&](int i, int j) { return mat[i * N + j]; }, cst, eps);
+    undo_regs<true>(G, n, [&](int i, int j) { return mat[i * N + j] * (cst[j] + eps); }, s.rs(t), eps);
   }
-  undo_columns_regs<N>(G, n, s.H(1), s.cs(0), eps);  // the first column normalisation
+  const float* first = s.H(1);  // the first column normalisation
+  undo_regs<false>(G, n, [&](int i, int j) { return first[i * N + j]; }, s.cs(0), eps);
   const float* p = s.H(0);
 #pragma unroll
   for (int i = 0; i < N; ++i) {  // the row softmax
