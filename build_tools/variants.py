@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 DTYPES = ("f32", "f16", "bf16")
 NMAX_VALUES = (2, 4, 8, 16, 32, 64)  # DESIGN.md section 4
+RESIDENT_NMAX = (2, 4)  # strategy `resident` (CUDA): a token's streams held on chip
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ def _table() -> tuple[KernelVariant, ...]:
             v.append(KernelVariant("mhc_forward", "mhc_forward_fused", "fused", dt, nmax))
             v.append(KernelVariant("mhc_backward", "mhc_backward_fused", "fused", dt, nmax))
             v.append(KernelVariant("stream_mix_add", "mhc_stream_mix_add", "mix_add", dt, nmax))
+        for nmax in RESIDENT_NMAX:  # CUDA only (no metal_src twin): n <= 4, each token held on chip
+            v.append(KernelVariant("mhc_forward", "mhc_forward_resident", "resident", dt, nmax))
+            v.append(KernelVariant("mhc_backward", "mhc_backward_resident", "resident", dt, nmax))
         v.append(KernelVariant("mhc_forward", "mhc_forward_column_rms", "column", dt, 0))
         v.append(KernelVariant("mhc_forward", "mhc_forward_column", "column", dt, 0))
         v.append(KernelVariant("mhc_backward", "mhc_backward_dm", "fused", dt, 0))

@@ -98,6 +98,57 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
+// N (2 or 4) floats of shared memory, 8- or 16-byte aligned, in one load that the compiler may
+// neither hoist out of a loop nor merge with another: parameters read per token this way do not
+// stay live across the token loop, where the resident kernels need the registers for the token
+// (ptxas, mhc_forward_resident bf16 n = 4: 80 bytes of spills with hoisted parameters).
+template <int N>
+__device__ __forceinline__ void lds_fresh(const float* p, float (&v)[N]) {
+  static_assert(N == 2 || N == 4, "lds_fresh loads 2 or 4 floats");
+#ifdef MHC_EMULATED
+#pragma unroll
+  for (int j = 0; j < N; ++j) v[j] = p[j];
+#else
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  if constexpr (N == 4) {
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3]) : "r"(a));
+  } else {
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v[0]), "=f"(v[1]) : "r"(a));
+  }
+#endif
+}
+
+// Element k of a packed register word array (16-bit types two per word), widened to float.
+template <typename E>
+__device__ __forceinline__ float widen(const unsigned* words, int k) {
+  return to_float(reinterpret_cast<const E*>(words)[k]);
+}
+
+// widen, by an instruction the compiler may not share with another widening of the same value: the
+// resident forward keeps a token packed (half the registers) across its RMS barrier and widens at
+// each use; shared widenings would keep float copies live and spill (ptxas, bf16 n = 4).
+template <typename E>
+__device__ __forceinline__ float widen_fresh(const unsigned* words, int k) {
+#ifdef MHC_EMULATED
+  return widen<E>(words, k);
+#else
+  if constexpr (sizeof(E) == 4) {
+    return widen<E>(words, k);
+  } else {
+    const unsigned u = words[k / 2];
+    float v;
+    if constexpr (__is_same(E, __nv_bfloat16)) {
+      const unsigned bits = k % 2 ? u & 0xffff0000u : u << 16;
+      asm volatile("mov.b32 %0, %1;" : "=f"(v) : "r"(bits));
+    } else {
+      const unsigned short h = k % 2 ? u >> 16 : u & 0xffffu;
+      asm volatile("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+    }
+    return v;
+  }
+#endif
+}
+
 // Calls body(j) for streams j = 0..n-1. With a compile-time bound NM (> 0) the loop unrolls by
 // up to 8 (enough independent loads in flight without bloating the binary); NM = 0 keeps it
 // rolled: scalar paths use that, because MLX hashes a kernel's whole binary on every launch.

@@ -150,6 +150,50 @@ def _fused_tc_ring_floats(dtype, n: int, C: int, nmax: int) -> int:
     return FUSED_TC_STAGES * n * FUSED_TC_COLS // 2 + 4
 
 
+# cuda_src/mhc_forward_resident.cu: per dtype tag, (most threads per CTA, registers per thread at
+# most) from its __launch_bounds__; a thread holds 8 / NMAX 16-byte vectors of every stream.
+RESIDENT_FWD_LIMITS = {"f32": (512, 64), "f16": (256, 80), "bf16": (256, 80)}
+RESIDENT_FWD_SMEM = 64 + 4 * 4 + 2 * 4  # floats: reduction halves, M, H_pre, H_post (NMAX <= 4)
+RESIDENT_BWD_CTAS = 2  # cuda_src/mhc_backward_resident.cu: __launch_bounds__(THREADS, 2)
+
+
+def _resident_ctas(threads: int, regs: int) -> int:
+    """CTAs of `threads` threads that fit one SM by threads and by registers (kernel's cap)."""
+    return max(1, min(32, 2048 // threads, 65536 // (threads * regs)))
+
+
+def _forward_resident(x, L, hpre_raw, hpost_raw, w, iters, eps):
+    B, n, C = x.shape
+    tag = dtype_tag(x.dtype)
+    _, _, nmax = _binary("mhc_forward_resident", tag, n)
+    max_threads, regs = RESIDENT_FWD_LIMITS[tag]
+    per_thread = (16 // x.dtype.size) * (8 // nmax)  # columns a thread holds
+    threads = 32 * -(-C // (32 * per_thread))
+    if threads > max_threads:
+        raise ValueError(f"mhc_forward_resident holds at most {max_threads * per_thread} columns of a "
+                         f"{x.dtype} token at n={n}; got C={C} (dispatch.RESIDENT_MAX_C bounds the strategy)")
+    G = min(B, device.sm_count() * _resident_ctas(threads, regs))
+    return _launch("mhc_forward_resident", tag, n, [x, L, hpre_raw, hpost_raw, w], [(B, n, C), (B,), (n, n)],
+                   [x.dtype, F32, F32], [n, C, B, iters, eps], (G * threads, 1, 1), RESIDENT_FWD_SMEM, threads)
+
+
+def _backward_resident_smem_floats(n: int, C: int, itemsize: int) -> int:
+    """Shared memory of mhc_backward_resident (its header): parameters + x and dout of a token."""
+    nmax = 2 if n <= 2 else 4
+    params = 64 + nmax * nmax + 2 * nmax + (THREADS // 32) * (nmax * nmax + 2 * nmax)
+    return params + -(-2 * n * C * itemsize // 4)
+
+
+def _backward_resident(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
+    B, n, C = x.shape
+    smem = 4 * _backward_resident_smem_floats(n, C, x.dtype.size)
+    G = min(B, device.sm_count() * min(RESIDENT_BWD_CTAS, device.resident_ctas_per_sm(launch_smem(smem))))
+    dx, partial = _launch("mhc_backward_resident", dtype_tag(x.dtype), n,
+                          [x, dout, M, hpre_raw, hpost_raw, w, inv_rms], [(B, n, C), (G, n * n + 2 * n + C)],
+                          [x.dtype, F32], [n, C, B], (G * THREADS, 1, 1), smem // 4)
+    return dx, partial
+
+
 def _forward_column(x, M, hpre_raw, hpost_raw, w, eps):
     B, n, C = x.shape
     pad = _pad(n, 0)
@@ -180,6 +224,14 @@ def _dm_partials(x, dout):
 
 def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
+    if (dispatch.choose_backward(n, C).strategy == "resident"
+            and 4 * _backward_resident_smem_floats(n, C, x.dtype.size) <= device.max_shared_memory_per_block()):
+        dx, partial = _backward_resident(x, M, hpre_raw, hpost_raw, w, inv_rms, dout)
+        dM, dpre, dpost, dw = _launch("mhc_backward_reduce", None, None,
+                                      [partial, mx.zeros((1,), F32), hpre_raw, hpost_raw],
+                                      [(n, n), (n,), (n,), (C,)], [F32] * 4, [partial.shape[0], 0, n, C],
+                                      (partial.shape[1], 1, 1))
+        return dx, dM, dpre, dpost, dw
     tag = dtype_tag(x.dtype)
     _, _, nmax = _binary("mhc_backward_fused", tag, n)
     G = min(B, 2 * device.sm_count())
@@ -229,6 +281,7 @@ def _mix_add_dM(x, dout):
 _ops = kernel_ops.build(kernel_ops.Launchers(
     sinkhorn_fwd=_sinkhorn_fwd, sinkhorn_bwd=_sinkhorn_bwd,
     forward={"fused": _forward_fused, "column": _forward_column}, backward=_backward,
+    forward_from_logits={"resident": _forward_resident},
     backward_in_mlx=_backward_in_mlx, mlx_graph=_reference_graph_from_M,
     mix_add=_mix_add, mix_add_dM=_mix_add_dM))
 sinkhorn, mhc_forward, stream_mix_add, _forward_fn = _ops.sinkhorn, _ops.mhc_forward, _ops.stream_mix_add, _ops.forward_fn

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 BACKENDS = ("auto", "cpu", "cuda", "metal", "portable", "reference")
-STRATEGIES = ("portable", "fused", "column", "sinkhorn", "mix_add")
+STRATEGIES = ("portable", "resident", "fused", "column", "sinkhorn", "mix_add")
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,13 @@ class Rule:
     min_B: int = 1  # tokens at least (a rule with min_B > 1 never matches an unknown B)
     min_n: int = 1  # streams at least
     min_C: int = 1  # channels at least
+    max_n: int | None = None  # streams at most (None = any)
 
     def matches(self, B: int | None, C: int, n: int) -> bool:
         return ((self.max_B is None or (B is not None and B <= self.max_B))
                 and (self.min_B <= 1 or (B is not None and B >= self.min_B))
-                and n >= self.min_n and self.min_C <= C and (self.max_C is None or C <= self.max_C))
+                and n >= self.min_n and (self.max_n is None or n <= self.max_n)
+                and self.min_C <= C and (self.max_C is None or C <= self.max_C))
 
 
 # `fused` runs one CTA per token and keeps agg (C floats) in shared memory: up to FUSED_MAX_C
@@ -48,6 +50,14 @@ class Rule:
 # (The column numbers at B = 1 predate the compiled forward; the fused ones do not.)
 # The fused backward keeps 3 C floats per CTA in shared memory: up to BACKWARD_MAX_C channels;
 # wider rows take MLX's own VJP of the portable graph (documented here, shown by `mhc info`).
+# `resident` (CUDA only, n <= RESIDENT_MAX_N, C <= RESIDENT_MAX_C: cuda_src/mhc_*_resident.cu)
+# keeps each token on chip from its load to its store, so x (and dout) are read from DRAM once, and
+# the forward runs the Sinkhorn in the same launch. H100, bf16, (4096, 4, 4096): see README; the
+# fused forward there was 146 us per call (131 its kernel alone, a copy of x 98) and fused
+# forward + backward 971 us. The backward takes it only where its token (x and dout: 2 n C
+# elements, 64 KB in bf16 at the limits) fits the GPU's shared memory per block, else `fused`.
+RESIDENT_MAX_N = 4
+RESIDENT_MAX_C = 4096
 FUSED_MAX_C = 49152
 COLUMN_FEW_TOKENS = dict(max_B=7, min_n=32, min_C=4096)
 COLUMN_MID_B = dict(min_B=64, max_B=256, min_n=32, min_C=2048)
@@ -55,12 +65,21 @@ BACKWARD_MAX_C = 16384
 
 
 def _gpu_rules(backend: str) -> tuple[Rule, ...]:
-    def rule(op, strategy, why, max_B=None, max_C=None, **mins):
-        return Rule(backend, op, strategy, max_B, max_C, why, **mins)
+    def rule(op, strategy, why, max_B=None, max_C=None, **limits):
+        return Rule(backend, op, strategy, max_B, max_C, why, **limits)
 
     few, mid = COLUMN_FEW_TOKENS, COLUMN_MID_B
+    resident = (  # CUDA kernels only (no Metal twins)
+        rule("mhc_forward", "resident", f"n <= {RESIDENT_MAX_N}, C <= {RESIDENT_MAX_C}: Sinkhorn and forward in one "
+             "launch, each token in registers from load to store (x read once, never re-read)",
+             max_C=RESIDENT_MAX_C, max_n=RESIDENT_MAX_N),
+        rule("mhc_backward", "resident", f"n <= {RESIDENT_MAX_N}, C <= {RESIDENT_MAX_C}: x and dout in shared memory "
+             "once per token, parameter gradients in registers (fused where the token outgrows shared memory)",
+             max_C=RESIDENT_MAX_C, max_n=RESIDENT_MAX_N),
+    ) if backend == "cuda" else ()
     return (
         rule("sinkhorn", "sinkhorn", "one CTA runs all iterations of the tiny [n, n] problem in one launch"),
+        *resident,
         rule("mhc_forward", "column", f"B <= {few['max_B']}, n >= {few['min_n']}, C >= {few['min_C']}: one CTA "
              "per token would stream a whole wide token alone (measured 2.6x slower at (1, 32, 8192))", **few),
         rule("mhc_forward", "column", f"{mid['min_B']} <= B <= {mid['max_B']}, n >= {mid['min_n']}, "

@@ -8,7 +8,7 @@ pure-MLX graph. A backend supplies only its `Launchers`; `build` returns the ops
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable
 
@@ -62,6 +62,9 @@ class Launchers:
     mix_add: Callable  # (x, M, bias) -> M x + bias
     mix_add_dM: Callable  # (x, dout) -> sum over tokens and columns of dout x^T, [n, n]
     check_n: Callable = lambda n, what: None  # raises ValueError for n the kernels do not serve
+    # strategy -> (x, L, hpre_raw, hpost_raw, w, iters, eps) -> (out, inv_rms, M): forward kernels
+    # that run the Sinkhorn of L = H_res_raw themselves (one launch for the whole op)
+    forward_from_logits: dict = field(default_factory=dict)
 
 
 def build(k: Launchers) -> SimpleNamespace:
@@ -93,15 +96,43 @@ def build(k: Launchers) -> SimpleNamespace:
         @f.vjp
         def f_vjp(primals, cotangents, outputs):
             x, M, hpre_raw, hpost_raw, w = primals
-            dout = cotangents[0].astype(x.dtype)
-            if k.backward_in_mlx(x.shape[1], x.shape[2]):
-                _, vjps = mx.vjp(lambda *a: k.mlx_graph(*a, eps), list(primals), [dout])
-                return tuple(vjps)
-            return k.backward(x, M, hpre_raw, hpost_raw, w, outputs[1], dout)
+            return backward_from_M(x, M, hpre_raw, hpost_raw, w, outputs[1], cotangents[0].astype(x.dtype), eps)
+
+        return f
+
+    def backward_from_M(x, M, hpre_raw, hpost_raw, w, inv_rms, dout, eps):
+        """(dx, dM, dH_pre_raw, dH_post_raw, dw): the backend's backward kernels, or MLX's VJP of
+        mlx_graph where the backend's documented rule says so."""
+        if k.backward_in_mlx(x.shape[1], x.shape[2]):
+            _, vjps = mx.vjp(lambda *a: k.mlx_graph(*a, eps), [x, M, hpre_raw, hpost_raw, w], [dout])
+            return tuple(vjps)
+        return k.backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout)
+
+    @functools.lru_cache(maxsize=None)
+    def logits_forward_fn(strategy: str, iters: int, eps: float):
+        """As forward_fn, for a kernel that takes L = H_res_raw and returns M with out and inv_rms:
+        its VJP chains the Sinkhorn backward onto dM."""
+        launch = k.forward_from_logits[strategy]
+
+        @mx.custom_function
+        def f(x, L, hpre_raw, hpost_raw, w):
+            return tuple(launch(x, L, hpre_raw, hpost_raw, w, iters, eps))
+
+        @f.vjp
+        def f_vjp(primals, cotangents, outputs):
+            x, L, hpre_raw, hpost_raw, w = primals
+            _, inv_rms, M = outputs
+            dx, dM, dpre, dpost, dw = backward_from_M(x, M, hpre_raw, hpost_raw, w, inv_rms,
+                                                      cotangents[0].astype(x.dtype), eps)
+            return dx, k.sinkhorn_bwd(L, dM, iters, eps), dpre, dpost, dw
 
         return f
 
     def forward_graph(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps, strategy):
+        if strategy in k.forward_from_logits:
+            out, _, _ = logits_forward_fn(strategy, iters, eps)(
+                x, H_res_raw.astype(F32), H_pre_raw.astype(F32), H_post_raw.astype(F32), rms_weight.astype(F32))
+            return out
         M = sinkhorn(H_res_raw, iters, eps)
         out, _ = forward_fn(strategy, eps)(x, M, H_pre_raw.astype(F32), H_post_raw.astype(F32),
                                            rms_weight.astype(F32))

@@ -106,6 +106,8 @@ def dispatch_edges(op: str, n: int = 2) -> list[tuple[int, int, int]]:
     many = b_limits[-1] + 1 if b_limits else 2
     shapes = [(b + d, n, 64) for b in b_limits for d in (0, 1)]
     shapes += [(many, n, c + d) for c in c_limits for d in (0, 1)]
+    # rules with an upper bound on n: both sides of it
+    shapes += [(many, m + d, 64) for m in sorted({r.max_n for r in rules if r.max_n}) for d in (0, 1)]
     # rules with lower bounds (min_B, min_n, min_C): both sides of each bound and of their max_B,
     # at the rule's own n and C
     for r in rules:

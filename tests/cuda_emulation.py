@@ -100,9 +100,10 @@ class Emulator:
             outs.append(o)
         arrays = ins + outs
         assert len(arrays) + len(scalars) == nparams, f"{name}: {len(arrays)} arrays + {len(scalars)} scalars"
-        assert threadgroup[1] == threadgroup[2] == 1 and grid[0] % threadgroup[0] == 0
+        assert threadgroup[1] == threadgroup[2] == 1
         ptrs = (ctypes.c_void_p * nparams)(*[a.ctypes.data for a in arrays], *[0] * len(scalars))
         scal = (ctypes.c_double * nparams)(*[0.0] * len(arrays), *[float(s) for s in scalars])
-        lib.emu_run(ptrs, scal, grid[0] // threadgroup[0], grid[1], grid[2], threadgroup[0], int(shared_memory))
+        # MLX launches ceil(grid / threadgroup) CTAs (mhc_backward_reduce's grid is its column count)
+        lib.emu_run(ptrs, scal, -(-grid[0] // threadgroup[0]), grid[1], grid[2], threadgroup[0], int(shared_memory))
         return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)
                 for o, dt in zip(outs, output_dtypes)]

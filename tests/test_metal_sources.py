@@ -44,6 +44,9 @@ needs_clang = pytest.mark.skipif(bm.find_clang() is None,
 # and still changing: not yet ported to Metal. Any other CUDA kernel without a Metal twin fails
 # test_every_cuda_kernel_has_a_metal_twin.
 PENDING_METAL_PORT_PREFIX = "mhc_dynamic_"
+# The static layer's `resident` kernels (CUDA only by dispatch rule: dispatch._gpu_rules adds them
+# for CUDA alone; Metal serves those shapes with `fused`): not yet ported either.
+PENDING_METAL_PORT = ("mhc_forward_resident", "mhc_backward_resident")
 
 
 def _sources() -> list[str]:
@@ -160,7 +163,8 @@ def cuda_signature(source: str) -> tuple[list[tuple[str, str]], list[tuple[str, 
 def test_every_cuda_kernel_has_a_metal_twin():
     cuda = {s for s in _sources() if (CUDA / f"{s}.cu").exists()}
     missing = sorted(s for s in cuda if not (METAL / f"{s}.metal").exists())
-    assert [s for s in missing if not s.startswith(PENDING_METAL_PORT_PREFIX)] == [], "CUDA kernels without a Metal twin"
+    assert [s for s in missing if not s.startswith(PENDING_METAL_PORT_PREFIX) and s not in PENDING_METAL_PORT] == [], \
+        "CUDA kernels without a Metal twin"
     assert not [p.name for p in METAL.glob("*.metal") if p.stem not in _sources()], "Metal kernels not in the table"
 
 

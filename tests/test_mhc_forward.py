@@ -189,9 +189,11 @@ def emulated_cuda(_cuda_emulator, monkeypatch):
 
 
 @pytest.mark.parametrize("B,n,C,dtype_name", EMU_FUSED)
-def test_emulated_cuda_fused_forward(emulated_cuda, B, n, C, dtype_name):
+def test_emulated_cuda_fused_forward(emulated_cuda, monkeypatch, B, n, C, dtype_name):
     from mhc_aot import cuda
 
+    # n <= 4 dispatches to `resident` (tested below): take it out so these shapes run `fused`
+    monkeypatch.setattr(dispatch, "RULES", tuple(r for r in dispatch.RULES if r.strategy != "resident"))
     _check("cuda", B, n, C, dtype_name, tag="emulated-fused")
     names = [name for name, _ in emulated_cuda.launched]
     assert names[-1].startswith("mhc_forward_fused") and emulated_cuda.grids[-1][0] == B * cuda.THREADS, names
@@ -203,3 +205,50 @@ def _tag(dtype_name):
     from mhc_aot.kernel_ops import dtype_tag
 
     return dtype_tag(testing.DTYPES[dtype_name])
+
+
+# The resident strategy's CUDA kernels, emulated: the forward (Sinkhorn folded in: one launch) and
+# its backward (x and dout in shared memory, gradients in registers) with persistent CTAs capped at
+# two per SM on one SM, so a CTA walks several tokens; vector and scalar paths, n < NMAX, n = 1.
+EMU_RESIDENT = [(5, 4, 64, "bfloat16"), (6, 3, 33, "float32"), (7, 2, 40, "float16"), (3, 1, 7, "bfloat16"),
+                (3, 4, 4096, "bfloat16"), (5, 2, 130, "float32")]
+
+
+@pytest.mark.parametrize("B,n,C,dtype_name", EMU_RESIDENT)
+def test_emulated_cuda_resident(emulated_cuda, monkeypatch, B, n, C, dtype_name):
+    from backends import forward64, grads64, rel_error64
+
+    from mhc_aot import cuda, device
+
+    monkeypatch.setattr(device, "sm_count", lambda: 1)
+    monkeypatch.setattr(cuda, "_resident_ctas", lambda threads, regs: 2)
+    assert dispatch.choose("mhc_forward", n, C, "cuda", B=B).strategy == "resident"
+    _check("cuda", B, n, C, dtype_name, tag="emulated-resident")
+    assert [name for name, _ in emulated_cuda.launched] == [cuda._binary("mhc_forward_resident", _tag(dtype_name), n)[0]]
+    nmax = cuda._binary("mhc_forward_resident", _tag(dtype_name), n)[2]
+    threads = 32 * -(-C // (32 * (16 // testing.DTYPES[dtype_name].size) * (8 // nmax)))
+    assert emulated_cuda.grids[-1][0] == min(B, 2) * threads  # two CTAs: each walks several tokens
+
+    emulated_cuda.launched = []
+    seed = seed_of("emulated-resident-grad", B, n, C, dtype_name)
+    p = testing.random_params(n, C, seed)
+    args = [testing.random_input((B, n, C), testing.DTYPES[dtype_name], seed),
+            *(p[k] for k in ("H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"))]
+    G = testing.random_input((B, n, C), mx.float32, seed + 1)
+
+    def loss_of(fwd):
+        return lambda *a: mx.sum(fwd(*a).astype(mx.float32) * G)
+
+    def reference_fwd(x, *q):
+        return reference.mhc_forward(x, *q).astype(x.dtype)
+
+    argnums = tuple(range(len(args)))
+    got = run_forward(mx.grad(loss_of(lambda x, *q: ops.mhc_forward(x, *q, backend="cuda")), argnums), *args)
+    ref = mx.grad(loss_of(reference_fwd), argnums)(*args)
+    names = [name for name, _ in emulated_cuda.launched]
+    assert any(s.startswith("mhc_backward_resident") for s in names) and "mhc_sinkhorn_bwd" in names, names
+    for what, g, r, t in zip(("x", "H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"), got, ref,
+                             grads64(forward64, args, G)):
+        err, ref_err = rel_error64(g, t), rel_error64(r, t)
+        bound = max(TOL[args[0].dtype], BF16_FACTOR * ref_err)
+        assert err < bound, f"resident d{what} B={B} n={n} C={C} {dtype_name}: {err:.3e} (bound {bound:.1e})"
