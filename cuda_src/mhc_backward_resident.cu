@@ -76,15 +76,31 @@ __device__ __forceinline__ void copy_token(T* dst, const T* src, size_t count, b
   }
 }
 
-// Sum over the CTA with one barrier (two 32-float halves of `scratch`, used by token parity: a
-// half is rewritten only after the next token's barriers, which every reader of it has passed).
-__device__ __forceinline__ float block_sum_once(float v, float* scratch, int parity) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float* s = scratch + 32 * parity;
-  v = warp_sum(v);
-  if (lane == 0) s[warp] = v;
-  __syncthreads();
-  return warp_sum(lane < NWARPS ? s[lane] : 0.0f);  // the same bits in every lane (xor butterfly)
+// Unit c of every stream of the token's x and dout (packed; zeros for streams >= n) and H_pre,
+// H_post: what both passes start a unit with.
+template <bool UNIT>
+__device__ __forceinline__ void load_units(const T* xs, const T* ds, const float* hpre, const float* hpost, int c,
+                                           int n, int C, uint2 (&xu)[NMAX], uint2 (&du)[NMAX], float (&hp)[NMAX],
+                                           float (&hq)[NMAX]) {
+#pragma unroll
+  for (int j = 0; j < NMAX; ++j) {
+    xu[j] = j < n ? load_unit<UNIT>(xs + (size_t)j * C, c, C) : make_uint2(0u, 0u);
+    du[j] = j < n ? load_unit<UNIT>(ds + (size_t)j * C, c, C) : make_uint2(0u, 0u);
+  }
+  lds_fresh(hpre, hp);
+  lds_fresh(hpost, hq);
+}
+
+// Element e of a unit: agg = sum_j H_pre[j] x[j] and dy = sum_i H_post[i] dout[i] (fused's order).
+__device__ __forceinline__ void agg_dy(const uint2 (&xu)[NMAX], const uint2 (&du)[NMAX], const float (&hp)[NMAX],
+                                       const float (&hq)[NMAX], int e, float& a, float& dy) {
+  a = 0.0f;
+  dy = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NMAX; ++j) {
+    a = fmaf(hp[j], widen<T>(&xu[j].x, e), a);
+    dy = fmaf(hq[j], widen<T>(&du[j].x, e), dy);
+  }
 }
 
 template <bool UNIT>
@@ -116,23 +132,13 @@ __device__ __forceinline__ void backward_tokens(const T* __restrict__ x, const T
       const int c = (u * THREADS + t) * U;
       if (c >= C) break;
       uint2 xu[NMAX], du[NMAX];  // packed
-#pragma unroll
-      for (int j = 0; j < NMAX; ++j) {
-        xu[j] = j < n ? load_unit<UNIT>(xs + (size_t)j * C, c, C) : make_uint2(0u, 0u);
-        du[j] = j < n ? load_unit<UNIT>(ds + (size_t)j * C, c, C) : make_uint2(0u, 0u);
-      }
       float hp[NMAX], hq[NMAX];
-      lds_fresh(hpre, hp);
-      lds_fresh(hpost, hq);
+      load_units<UNIT>(xs, ds, hpre, hpost, c, n, C, xu, du, hp, hq);
 #pragma unroll
       for (int e = 0; e < U; ++e) {
         const float wc = c + e < C ? __ldg(w + c + e) : 0.0f;
-        float a = 0.0f, dy = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NMAX; ++j) {
-          a = fmaf(hp[j], widen<T>(&xu[j].x, e), a);
-          dy = fmaf(hq[j], widen<T>(&du[j].x, e), dy);
-        }
+        float a, dy;
+        agg_dy(xu, du, hp, hq, e, a, dy);
         const float y = a * r * wc, g = dy * wc;
         dot = fmaf(g, a, dot);
         dw[u][e] = fmaf(dy * a, r, dw[u][e]);
@@ -153,23 +159,13 @@ __device__ __forceinline__ void backward_tokens(const T* __restrict__ x, const T
       if (c >= C) break;
       float dagg[U];
       uint2 xu[NMAX], du[NMAX];  // packed
-#pragma unroll
-      for (int j = 0; j < NMAX; ++j) {
-        xu[j] = j < n ? load_unit<UNIT>(xs + (size_t)j * C, c, C) : make_uint2(0u, 0u);
-        du[j] = j < n ? load_unit<UNIT>(ds + (size_t)j * C, c, C) : make_uint2(0u, 0u);
-      }
       float hp[NMAX], hq[NMAX];
-      lds_fresh(hpre, hp);
-      lds_fresh(hpost, hq);
+      load_units<UNIT>(xs, ds, hpre, hpost, c, n, C, xu, du, hp, hq);
 #pragma unroll
       for (int e = 0; e < U; ++e) {
         const float wc = c + e < C ? __ldg(w + c + e) : 0.0f;
-        float a = 0.0f, dy = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NMAX; ++j) {
-          a = fmaf(hp[j], widen<T>(&xu[j].x, e), a);
-          dy = fmaf(hq[j], widen<T>(&du[j].x, e), dy);
-        }
+        float a, dy;
+        agg_dy(xu, du, hp, hq, e, a, dy);
         dagg[e] = r * (dy * wc) - k * a;
       }
 #pragma unroll

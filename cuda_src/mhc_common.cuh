@@ -149,6 +149,18 @@ __device__ __forceinline__ float widen_fresh(const unsigned* words, int k) {
 #endif
 }
 
+// block_sum with one barrier, for kernels that sum once per token in a loop: `scratch` holds two
+// 32-float halves used by token parity, so a half is rewritten only after the next token's
+// barrier, which every reader of it has passed. Every thread gets the same bits (xor butterfly).
+__device__ __forceinline__ float block_sum_once(float v, float* scratch, int parity) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  float* s = scratch + 32 * parity;
+  v = warp_sum(v);
+  if (lane == 0) s[warp] = v;
+  __syncthreads();
+  return warp_sum(lane < nwarps ? s[lane] : 0.0f);
+}
+
 // Calls body(j) for streams j = 0..n-1. With a compile-time bound NM (> 0) the loop unrolls by
 // up to 8 (enough independent loads in flight without bloating the binary); NM = 0 keeps it
 // rolled: scalar paths use that, because MLX hashes a kernel's whole binary on every launch.

@@ -43,17 +43,6 @@ __device__ __forceinline__ uint4 load_pack(const T* row, int c, int C) {
 
 __device__ __forceinline__ float elem(const uint4& raw, int k) { return to_float(reinterpret_cast<const T*>(&raw)[k]); }
 
-// Sum over the CTA with one barrier: `scratch` holds two 32-float halves used by token parity, so
-// a half is rewritten only after the next token's barrier, which every reader of it has passed.
-__device__ __forceinline__ float block_sum_once(float v, float* scratch, int parity) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  float* s = scratch + 32 * parity;
-  v = warp_sum(v);
-  if (lane == 0) s[warp] = v;
-  __syncthreads();
-  return warp_sum(lane < nwarps ? s[lane] : 0.0f);  // the same bits in every lane (xor butterfly)
-}
-
 // Warp 0: M into Ms[i * NMAX + j] (zero padded) and, from CTA 0, into Mg[i * n + j].
 __device__ __forceinline__ void sinkhorn_in_lanes(const float* L, float* Ms, float* Mg, int n, int iters, float eps) {
   const int i = threadIdx.x & 31;

@@ -224,26 +224,24 @@ def _dm_partials(x, dout):
 
 def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
+    no_dm_partials = mx.zeros((1,), F32), 0  # dM is in `partial` (accumulated in registers, n <= 4)
     if (dispatch.choose_backward(n, C).strategy == "resident"
             and 4 * _backward_resident_smem_floats(n, C, x.dtype.size) <= device.max_shared_memory_per_block()):
         dx, partial = _backward_resident(x, M, hpre_raw, hpost_raw, w, inv_rms, dout)
-        dM, dpre, dpost, dw = _launch("mhc_backward_reduce", None, None,
-                                      [partial, mx.zeros((1,), F32), hpre_raw, hpost_raw],
-                                      [(n, n), (n,), (n,), (C,)], [F32] * 4, [partial.shape[0], 0, n, C],
-                                      (partial.shape[1], 1, 1))
-        return dx, dM, dpre, dpost, dw
-    tag = dtype_tag(x.dtype)
-    _, _, nmax = _binary("mhc_backward_fused", tag, n)
-    G = min(B, 2 * device.sm_count())
-    P = n * n + 2 * n + C
-    dx, partial = _launch("mhc_backward_fused", tag, n, [x, dout, M, hpre_raw, hpost_raw, w, inv_rms],
-                          [(B, n, C), (G, P)], [x.dtype, F32], [n, C, B], (G * THREADS, 1, 1),
-                          _backward_smem_floats(n, C))
-    if nmax in (2, 4):  # dM accumulated in registers by the fused kernel (n <= 4)
-        partial_dm, G_dm = mx.zeros((1,), F32), 0
+        partial_dm, G_dm = no_dm_partials
     else:
-        partial_dm = _dm_partials(x, dout)
-        G_dm = partial_dm.shape[0]
+        tag = dtype_tag(x.dtype)
+        _, _, nmax = _binary("mhc_backward_fused", tag, n)
+        G = min(B, 2 * device.sm_count())
+        dx, partial = _launch("mhc_backward_fused", tag, n, [x, dout, M, hpre_raw, hpost_raw, w, inv_rms],
+                              [(B, n, C), (G, n * n + 2 * n + C)], [x.dtype, F32], [n, C, B], (G * THREADS, 1, 1),
+                              _backward_smem_floats(n, C))
+        if nmax in (2, 4):
+            partial_dm, G_dm = no_dm_partials
+        else:
+            partial_dm = _dm_partials(x, dout)
+            G_dm = partial_dm.shape[0]
+    G, P = partial.shape
     dM, dpre, dpost, dw = _launch("mhc_backward_reduce", None, None, [partial, partial_dm, hpre_raw, hpost_raw],
                                   [(n, n), (n,), (n,), (C,)], [F32] * 4, [G, G_dm, n, C], (P, 1, 1))
     return dx, dM, dpre, dpost, dw
