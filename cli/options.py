@@ -57,7 +57,7 @@ ItersOpt = Annotated[Optional[int], typer.Option(
     "--iters", help="Timed calls per measurement (default: modest on CPU, more on a GPU).")]
 WarmupOpt = Annotated[Optional[int], typer.Option("--warmup", help="Untimed calls before timing.")]
 BackwardOpt = Annotated[bool, typer.Option(
-    "--backward", help="Forward + backward: value_and_grad of sum(out * dout) w.r.t. x and all four parameters.")]
+    "--backward", help="Forward + backward: mx.vjp with a fixed dout as the output's cotangent, w.r.t. x and all parameters.")]
 
 DTYPE_ALIASES = {
     "float32": "float32", "f32": "float32", "fp32": "float32",

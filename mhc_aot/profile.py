@@ -1,10 +1,10 @@
 """Stage timings of the layer as a Chrome / Perfetto trace, for `mhc profile`.
 
 Stages of the static layer: `sinkhorn` (ops.sinkhorn alone), `forward` (ops.mhc_forward, Sinkhorn
-included) and `backward` (value_and_grad of sum(out * dout) w.r.t. x and all four parameters: the
-forward and backward of one training step). Of the dynamic layer (DynamicMHC around an identity F,
+included) and `backward` (mx.vjp with dout as the output's cotangent, w.r.t. x and all four
+parameters: the forward and backward of one training step, as `mhc bench --backward` times it). Of the dynamic layer (DynamicMHC around an identity F,
 as `mhc bench --layer dynamic`): `coeffs` (mhc_coeffs_pre: coefficients and x_in), `post_res`
-(mhc_post_res), `forward` (the layer) and `backward` (value_and_grad w.r.t. x and phi, b, alphas).
+(mhc_post_res), `forward` (the layer) and `backward` (mx.vjp w.r.t. x and phi, b, alphas).
 Every call is timed between synchronisations (mx.synchronize, then the call and mx.eval of its
 result, then mx.synchronize), so one event is one call's wall
 time on the device, queueing included. The trace is the Trace Event Format's JSON object form:
@@ -21,6 +21,7 @@ import time
 from typing import Callable, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import bench, device, dispatch, ops
 
@@ -36,14 +37,14 @@ def stage_functions(B: int, n: int, C: int, dtype: str = bench.DEFAULT_DTYPE, ba
         return _dynamic_stage_functions(inp, backend)
     p = inp.params
 
-    def loss(x, *q):
-        return mx.sum(ops.mhc_forward(x, *q, backend=backend) * inp.dout)
+    def fn(x, *q):
+        return ops.mhc_forward(x, *q, backend=backend)
 
-    vg = mx.value_and_grad(loss, argnums=tuple(range(5)))
+    vjp = mx.compile(lambda x, *q: mx.vjp(fn, [x, *q], [inp.dout]))
     return {
         "sinkhorn": lambda: ops.sinkhorn(p["H_res_raw"], backend=backend),
         "forward": lambda: ops.mhc_forward(inp.x, **p, backend=backend),
-        "backward": lambda: vg(*inp.args),
+        "backward": lambda: vjp(*inp.args),
     }
 
 
@@ -56,17 +57,18 @@ def _dynamic_stage_functions(inp, backend: str) -> dict[str, Callable[[], object
     _, h_post, h_res, x_in = dynamic.mhc_coeffs_pre(inp.x, *coeff_args, backend=backend)
     mx.eval(h_post, h_res, x_in)
 
-    def loss(x, p):
-        layer.update(p)
-        return mx.sum(layer(x) * inp.dout)
+    names, values = zip(*tree_flatten(layer.trainable_parameters()))
 
-    vg = mx.value_and_grad(loss, argnums=(0, 1))
-    params = layer.trainable_parameters()
+    def fn(x, *p):
+        layer.update(tree_unflatten(list(zip(names, p))))  # parameters as traced inputs
+        return layer(x)
+
+    vjp = mx.compile(lambda x, *p: mx.vjp(fn, [x, *p], [inp.dout]))
     return {
         "coeffs": lambda: dynamic.mhc_coeffs_pre(inp.x, *coeff_args, backend=backend),
         "post_res": lambda: dynamic.mhc_post_res(inp.x, x_in, h_post, h_res, backend=backend),
         "forward": lambda: layer(inp.x),
-        "backward": lambda: vg(inp.x, params),
+        "backward": lambda: vjp(inp.x, *values),
     }
 
 

@@ -193,3 +193,21 @@ def test_plot_speedup_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = mpl_image.imread(str(path))
     assert img.shape[0] > 100 and img.shape[1] > 100
+
+
+@pytest.mark.parametrize("name", ["kernels", "portable", "reference"])
+def test_backward_rows_time_the_vjp_with_dout_as_cotangent(name):
+    """A forward+backward row runs the layer's VJP with the case's dout as the output's cotangent
+    (no loss formed): its outputs are the forward and the gradients of x and all four parameters."""
+    import mlx.core as mx
+
+    from mhc_aot import reference
+
+    case = bench.Case("throughput", 3, 4, 24, "float32", backward=True)
+    inp = bench.make_inputs(case)
+    (out,), grads = bench.make_runner(name, case, inp).call()
+    (want_out,), want = mx.vjp(lambda x, *p: reference.mhc_forward(x, *p), list(inp.args), [inp.dout])
+    assert mx.allclose(out, want_out, rtol=1e-4, atol=1e-5).item()
+    assert len(grads) == 1 + len(bench.PARAM_NAMES)
+    for g, w in zip(grads, want):
+        assert g.shape == w.shape and mx.allclose(g, w, rtol=1e-3, atol=1e-4).item()
