@@ -14,7 +14,7 @@
 // Outputs: out [B, n, C], inv_rms [B] (the backward's), M [n, n] (written by CTA 0; the backward's).
 // Launch (mhc_aot/cuda.py: _forward_resident): threadgroup 32 * ceil(C / (32 * W * VPT)) <= MAX_THREADS
 // threads, grid min(B, resident CTAs) CTAs; shared RESIDENT_SMEM_FLOATS floats.
-#include "mhc_common.cuh"
+#include "mhc_sinkhorn_common.cuh"
 
 using namespace mhc;
 
@@ -43,7 +43,8 @@ __device__ __forceinline__ uint4 load_pack(const T* row, int c, int C) {
 
 __device__ __forceinline__ float elem(const uint4& raw, int k) { return to_float(reinterpret_cast<const T*>(&raw)[k]); }
 
-// Warp 0: M into Ms[i * NMAX + j] (zero padded) and, from CTA 0, into Mg[i * n + j].
+// Warp 0: M into Ms[i * NMAX + j] (zero padded) and, from CTA 0, into Mg[i * n + j]. Lane i holds
+// row i (lane_round: serial row sums, column sums by butterflies over NMAX lanes).
 __device__ __forceinline__ void sinkhorn_in_lanes(const float* L, float* Ms, float* Mg, int n, int iters, float eps) {
   const int i = threadIdx.x & 31;
   const bool row = i < n;
@@ -56,18 +57,8 @@ __device__ __forceinline__ void sinkhorn_in_lanes(const float* L, float* Ms, flo
 #pragma unroll
   for (int j = 0; j < NMAX; ++j) p[j] = row && j < n ? expf(p[j] - m) : 0.0f;
   for (int t = 0; t < iters; ++t) {
-    float s = 0.0f;  // row step: a row whose sum is <= eps stays
-#pragma unroll
-    for (int j = 0; j < NMAX; ++j) s += p[j];
-    const float rs = s > eps ? 1.0f / s : 1.0f;
-#pragma unroll
-    for (int j = 0; j < NMAX; ++j) {
-      p[j] *= rs;
-      float c = p[j];  // column step: a column whose sum is <= eps becomes zero
-#pragma unroll
-      for (int o = 1; o < NMAX; o <<= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
-      p[j] *= c > eps ? 1.0f / c : 0.0f;
-    }
+    float c[NMAX];
+    lane_round<NMAX>(p, c, eps);
   }
   if (i < NMAX) {
 #pragma unroll

@@ -6,14 +6,84 @@
 //   da_i = sum_j dQ_ij P_{t-1,ij};   dP_{t-1,ij} = dQ_ij a_i - [r_i > eps] da_i a_i^2
 // and finally through P_0 = exp(L - rowmax): dL_ij = G_ij P0_ij - share_ij * sum_k G_ik P0_ik,
 // where the rowmax gradient is split equally among tied maxima (as MLX's max does).
-// One CTA. n <= 32 with SMALL_THREADS threads and use_smem = 1: thread (i, j) keeps P and G in
+// One CTA. n <= LANE_N with 32 threads and use_smem = 1: lane i keeps row i of P and G in
+// registers (lane_round's replay: no barrier at all; the history, iters * LANE_N * (LANE_N + 3)
+// floats, in shared memory). Why: the tile path below takes ~100 barriers of 1024 threads for
+// 20 iterations (H100, n = 4: 24 us, on every backward's critical path).
+// n <= 32 with SMALL_THREADS threads and use_smem = 1: thread (i, j) keeps P and G in
 // registers, the history P_{t-1} (iters * TILE floats) and the sums (2 * iters * SMALL_N) in
 // shared memory (plus TILE + SMALL_N for column sums). Otherwise everything lives in the float32
 // workspace output `ws` (n*n*(iters+2) + 2*n*iters): global, L1-resident, any n and iters.
-// Launch: grid = threadgroup = (SMALL_THREADS or THREADS, 1, 1).
+// Launch: grid = threadgroup = (threads, 1, 1): 32 (n <= LANE_N), SMALL_THREADS (n <= SMALL_N) or THREADS.
 #include "mhc_sinkhorn_common.cuh"
 
 using namespace mhc;
+
+constexpr int LANE_N = 8;
+
+// The n <= LANE_N path (header). dL_ij = G_ij P0_ij - share_ij * dot_i as the tile path's.
+__device__ __forceinline__ void sinkhorn_bwd_lanes(const float* __restrict__ L, const float* __restrict__ dM,
+                                                   float* __restrict__ dL, float* smem, int n, int iters,
+                                                   float eps) {
+  const int i = threadIdx.x;  // lanes >= n hold zero rows (lanes >= LANE_N: a group of their own)
+  const bool row = i < n;
+  float* hist = smem;                                       // hist[(t * LANE_N + i) * (LANE_N + 1) + j] = P_{t-1}[i, j]
+  float* rs = hist + (size_t)iters * LANE_N * (LANE_N + 1);  // rs[t * LANE_N + i]
+  float* cs = rs + (size_t)iters * LANE_N;                   // cs[t * LANE_N + j]
+  float l[LANE_N], p0[LANE_N], p[LANE_N], m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < LANE_N; ++j) {
+    l[j] = row && j < n ? L[i * n + j] : -INFINITY;
+    m = fmaxf(m, l[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < LANE_N; ++j) p[j] = p0[j] = row && j < n ? expf(l[j] - m) : 0.0f;
+  for (int t = 0; t < iters; ++t) {
+    float* h = hist + ((size_t)t * LANE_N + i) * (LANE_N + 1);
+    float c[LANE_N];
+    if (row) {
+#pragma unroll
+      for (int j = 0; j < LANE_N; ++j) h[j] = p[j];
+    }
+    const float r = lane_round<LANE_N>(p, c, eps);
+    if (row) rs[t * LANE_N + i] = r;
+    if (i == 0) {
+#pragma unroll
+      for (int j = 0; j < LANE_N; ++j) cs[t * LANE_N + j] = c[j];
+    }
+  }
+  __syncwarp();  // lane 0's column sums, read by every lane below
+  float g[LANE_N];
+#pragma unroll
+  for (int j = 0; j < LANE_N; ++j) g[j] = row && j < n ? dM[i * n + j] : 0.0f;
+  for (int t = iters - 1; t >= 0; --t) {
+    const float* h = hist + ((size_t)t * LANE_N + i) * (LANE_N + 1);
+    const float r = row ? rs[t * LANE_N + i] : 1.0f;
+    const float a = r > eps ? 1.0f / r : 1.0f;
+    float pp[LANE_N], da = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LANE_N; ++j) {
+      pp[j] = row ? h[j] : 0.0f;
+      const float c = cs[t * LANE_N + j], b = c > eps ? 1.0f / c : 0.0f;
+      const float db = lane_column_sum<LANE_N>(g[j] * a * pp[j]);
+      g[j] = row && j < n ? g[j] * b + (c > eps ? -db * b * b : 0.0f) : 0.0f;
+      da += g[j] * pp[j];
+    }
+#pragma unroll
+    for (int j = 0; j < LANE_N; ++j) g[j] = row && j < n ? g[j] * a + (r > eps ? -da * a * a : 0.0f) : 0.0f;
+  }
+  float dot = 0.0f, ties = 0.0f;
+#pragma unroll
+  for (int j = 0; j < LANE_N; ++j) {
+    dot += g[j] * p0[j];
+    ties += row && j < n && l[j] == m ? 1.0f : 0.0f;
+  }
+  if (row) {
+#pragma unroll
+    for (int j = 0; j < LANE_N; ++j)
+      if (j < n) dL[i * n + j] = g[j] * p0[j] - (l[j] == m ? dot / ties : 0.0f);
+  }
+}
 
 // No __restrict__ on ws: it is rewritten between reads by other threads of the CTA.
 extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float* __restrict__ L,
@@ -21,6 +91,10 @@ extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float
                                                                  float* __restrict__ dL, float* ws,
                                                                  int n, int iters, float eps, int use_smem) {
   extern __shared__ float smem[];
+  if (n <= LANE_N && blockDim.x == 32 && use_smem) {
+    sinkhorn_bwd_lanes(L, dM, dL, smem, n, iters, eps);
+    return;
+  }
   if (n <= SMALL_N && blockDim.x == SMALL_THREADS && use_smem) {
     const int i = threadIdx.x >> 5, j = threadIdx.x & 31;
     const bool ok = i < n && j < n;

@@ -70,4 +70,34 @@ __device__ __forceinline__ float column_sum(float p, float* T, float* col) {
   return col[j];
 }
 
+// ---------------------------------------------------------------- n <= R: a lane per row
+// Lane i keeps row i of P in R registers: row sums run serially in the lane, column sums are
+// butterflies over aligned groups of R lanes (each lane of a group adds the same pairs, so all get
+// the same bits). No barrier, no shared memory: what a CTA that needs M for n <= 8 runs in one
+// warp (mhc_forward_resident, R = NMAX; mhc_sinkhorn_bwd's replay, R = LANE_N).
+template <int R>
+__device__ __forceinline__ float lane_column_sum(float v) {
+#pragma unroll
+  for (int o = 1; o < R; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One Sinkhorn round on the lane's row p: the row step (a row whose sum is <= eps stays), then the
+// column step (a column whose sum is <= eps becomes zero). Returns the row sum; c gets the
+// column sums.
+template <int R>
+__device__ __forceinline__ float lane_round(float (&p)[R], float (&c)[R], float eps) {
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < R; ++j) s += p[j];
+  const float rs = s > eps ? 1.0f / s : 1.0f;
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    p[j] *= rs;
+    c[j] = lane_column_sum<R>(p[j]);
+    p[j] *= c[j] > eps ? 1.0f / c[j] : 0.0f;
+  }
+  return s;
+}
+
 }  // namespace mhc

@@ -105,6 +105,7 @@ def _pad(n: int, nmax: int) -> int:
 SMALL_N = 32
 SMALL_THREADS = 32 * SMALL_N
 TILE = SMALL_N * (SMALL_N + 1)
+LANE_N = 8  # n <= LANE_N: mhc_sinkhorn_bwd runs in one warp, a lane per row (its header)
 
 
 def _sinkhorn_fwd(L: mx.array, iters: int, eps: float) -> mx.array:
@@ -121,8 +122,11 @@ def _sinkhorn_fwd(L: mx.array, iters: int, eps: float) -> mx.array:
 
 def _sinkhorn_bwd(L: mx.array, dM: mx.array, iters: int, eps: float) -> mx.array:
     n = L.shape[0]
+    lane_smem = iters * LANE_N * (LANE_N + 3)
     small_smem = TILE + SMALL_N + iters * TILE + 2 * iters * SMALL_N
-    if n <= SMALL_N and 4 * small_smem <= device.max_shared_memory_per_block():
+    if n <= LANE_N and 4 * lane_smem <= device.max_shared_memory_per_block():
+        threads, smem, ws, use_smem = 32, lane_smem, 1, 1
+    elif n <= SMALL_N and 4 * small_smem <= device.max_shared_memory_per_block():
         threads, smem, ws, use_smem = SMALL_THREADS, small_smem, 1, 1
     else:
         threads, smem, ws, use_smem = THREADS, 0, n * n * (iters + 2) + 2 * n * iters, 0
@@ -222,13 +226,15 @@ def _dm_partials(x, dout):
     return partial
 
 
+REDUCE_COLS = 32  # cuda_src/mhc_backward_reduce.cu: COLS
+
+
 def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
-    no_dm_partials = mx.zeros((1,), F32), 0  # dM is in `partial` (accumulated in registers, n <= 4)
     if (dispatch.choose_backward(n, C).strategy == "resident"
             and 4 * _backward_resident_smem_floats(n, C, x.dtype.size) <= device.max_shared_memory_per_block()):
         dx, partial = _backward_resident(x, M, hpre_raw, hpost_raw, w, inv_rms, dout)
-        partial_dm, G_dm = no_dm_partials
+        partial_dm, G_dm = partial, 0  # dM is in `partial` (accumulated in registers, n <= 4)
     else:
         tag = dtype_tag(x.dtype)
         _, _, nmax = _binary("mhc_backward_fused", tag, n)
@@ -237,13 +243,15 @@ def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
                               [(B, n, C), (G, n * n + 2 * n + C)], [x.dtype, F32], [n, C, B], (G * THREADS, 1, 1),
                               _backward_smem_floats(n, C))
         if nmax in (2, 4):
-            partial_dm, G_dm = no_dm_partials
+            partial_dm, G_dm = partial, 0
         else:
             partial_dm = _dm_partials(x, dout)
             G_dm = partial_dm.shape[0]
     G, P = partial.shape
+    # cuda_src/mhc_backward_reduce.cu: REDUCE_COLS columns per CTA, its warps splitting the G rows
     dM, dpre, dpost, dw = _launch("mhc_backward_reduce", None, None, [partial, partial_dm, hpre_raw, hpost_raw],
-                                  [(n, n), (n,), (n,), (C,)], [F32] * 4, [G, G_dm, n, C], (P, 1, 1))
+                                  [(n, n), (n,), (n,), (C,)], [F32] * 4, [G, G_dm, n, C],
+                                  (-(-P // REDUCE_COLS) * THREADS, 1, 1), (THREADS // REDUCE_COLS) * (REDUCE_COLS + 1))
     return dx, dM, dpre, dpost, dw
 
 

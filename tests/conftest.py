@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,3 +45,36 @@ def pytest_report_header(config):
     gpus = [name for name, ok in (("cuda", mx.cuda.is_available()), ("metal", mx.metal.is_available())) if ok]
     return [f"mhc_aot {mhc_aot.__version__} from {Path(mhc_aot.__file__).parent}",
             f"mlx {mx.__version__}, default device {mx.default_device()}, GPU backends: {', '.join(gpus) or 'none'}"]
+
+
+# ---------------------------------------------------------------- CUDA kernels, emulated on the CPU
+# mhc_aot.cuda's launchers with mx.fast.precompiled_cuda_kernel replaced by tests/cuda_emulation.py
+# (each kernel compiled with g++, CTAs run as fibers): for test_mhc_forward.py and test_sinkhorn.py
+# (test_dynamic.py has its own, with per-mode knobs).
+
+@pytest.fixture(scope="module")
+def _cuda_emulator():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from cuda_emulation import ROOT, Emulator
+
+    if shutil.which("g++") is None or not (ROOT / "build_tools" / "variants.py").exists():
+        pytest.skip("CUDA emulation needs g++ (C++20, ucontext) and the source tree (cuda_src/, build_tools/)")
+    return Emulator(Path(tempfile.gettempdir()) / "mhc-aot-cuda-emulation")
+
+
+@pytest.fixture
+def emulated_cuda(_cuda_emulator, monkeypatch):
+    import mlx.core as mx
+
+    from mhc_aot import cuda, device, kernel_ops
+
+    monkeypatch.setattr(cuda, "_binary", _cuda_emulator.binary)
+    monkeypatch.setattr(mx.fast, "precompiled_cuda_kernel", _cuda_emulator.kernel)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
+    monkeypatch.setattr(device, "max_shared_memory_per_block", lambda: cuda.SMEM_LIMIT)
+    _cuda_emulator.launched, _cuda_emulator.grids = [], []
+    return _cuda_emulator

@@ -162,32 +162,6 @@ EMU_FUSED = [(3, 4, 64, "bfloat16"), (5, 3, 40, "float32"), (3, 8, 24, "bfloat16
              (4, 4, 33, "float32"), (2, 16, 128, "bfloat16"), (2, 16, 136, "bfloat16")]
 
 
-@pytest.fixture(scope="module")
-def _cuda_emulator():
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from cuda_emulation import ROOT, Emulator
-
-    if shutil.which("g++") is None or not (ROOT / "build_tools" / "variants.py").exists():
-        pytest.skip("CUDA emulation needs g++ (C++20, ucontext) and the source tree (cuda_src/, build_tools/)")
-    return Emulator(Path(tempfile.gettempdir()) / "mhc-aot-cuda-emulation")
-
-
-@pytest.fixture
-def emulated_cuda(_cuda_emulator, monkeypatch):
-    from mhc_aot import cuda, device, kernel_ops
-
-    monkeypatch.setattr(cuda, "_binary", _cuda_emulator.binary)
-    monkeypatch.setattr(mx.fast, "precompiled_cuda_kernel", _cuda_emulator.kernel)
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
-    monkeypatch.setattr(device, "max_shared_memory_per_block", lambda: cuda.SMEM_LIMIT)
-    _cuda_emulator.launched, _cuda_emulator.grids = [], []
-    return _cuda_emulator
-
-
 @pytest.mark.parametrize("B,n,C,dtype_name", EMU_FUSED)
 def test_emulated_cuda_fused_forward(emulated_cuda, monkeypatch, B, n, C, dtype_name):
     from mhc_aot import cuda

@@ -102,3 +102,27 @@ def test_deterministic_and_compiled(backend):
         assert np.array_equal(first, to64(run_forward(ops.sinkhorn, H, backend=backend))), "not bit-identical"
     compiled = run_forward(mx.compile(lambda h: ops.sinkhorn(h, backend=backend)), H)
     assert rel_error64(compiled, first) < F32_TOL
+
+
+# ---------------------------------------------------------------- CUDA backward, emulated on the CPU
+# mhc_sinkhorn_bwd through mhc_aot.cuda's launcher (tests/cuda_emulation.py; conftest's fixture),
+# each of its paths with the threads it is launched with: a lane per row (n <= 8, one warp), the
+# register tile (n <= 32) and the global workspace (larger n); against MLX's VJP of the reference.
+EMU_BWD = [(1, 32), (3, 32), (4, 32), (8, 32), (9, 1024), (32, 1024), (33, 256)]
+
+
+@pytest.mark.parametrize("n,threads", EMU_BWD)
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_emulated_cuda_sinkhorn_backward(emulated_cuda, n, threads, scale):
+    from mhc_aot import reference
+
+    H = _logits("emulated-sinkhorn-bwd", n, scale)
+    dM = testing.random_input((n, n), mx.float32, seed_of("emulated-sinkhorn-bwd-dM", n, scale))
+    emulated_cuda.launched, emulated_cuda.grids = [], []
+    _, (got,) = mx.vjp(lambda h: ops.sinkhorn(h, backend="cuda"), [H], [dM])
+    mx.eval(got)
+    names = [name for name, _ in emulated_cuda.launched]
+    assert names[-1] == "mhc_sinkhorn_bwd" and emulated_cuda.grids[-1][0] == threads, (names, emulated_cuda.grids)
+    _, (want,) = mx.vjp(lambda h: reference.mixing_matrix(h), [H.astype(mx.float32)], [dM])
+    err = float(mx.max(mx.abs(got - want)) / (mx.max(mx.abs(want)) + 1e-30))
+    assert err < 1e-4, f"n={n} scale={scale}: dL relative error {err:.3e}"
