@@ -59,12 +59,12 @@ __device__ __forceinline__ void sinkhorn_bwd_lanes(const float* __restrict__ L, 
   for (int t = iters - 1; t >= 0; --t) {
     const float* h = hist + ((size_t)t * LANE_N + i) * (LANE_N + 1);
     const float r = row ? rs[t * LANE_N + i] : 1.0f;
-    const float a = r > eps ? 1.0f / r : 1.0f;
+    const float a = sk_recip(r, eps, 1.0f);
     float pp[LANE_N], da = 0.0f;
 #pragma unroll
     for (int j = 0; j < LANE_N; ++j) {
       pp[j] = row ? h[j] : 0.0f;
-      const float c = cs[t * LANE_N + j], b = c > eps ? 1.0f / c : 0.0f;
+      const float c = cs[t * LANE_N + j], b = sk_recip(c, eps, 0.0f);
       const float db = lane_column_sum<LANE_N>(g[j] * a * pp[j]);
       g[j] = row && j < n ? g[j] * b + (c > eps ? -db * b * b : 0.0f) : 0.0f;
       da += g[j] * pp[j];
@@ -111,17 +111,17 @@ extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float
       hist[t * TILE + i * (SMALL_N + 1) + j] = p;
       const float r = warp_sum(p);
       if (j == 0) rs[t * SMALL_N + i] = r;
-      p *= r > eps ? 1.0f / r : 1.0f;
+      p *= sk_recip(r, eps, 1.0f);
       const float c = column_sum(p, T, col);
       if (i == 0) cs[t * SMALL_N + j] = c;
-      p = ok ? p * (c > eps ? 1.0f / c : 0.0f) : 0.0f;
+      p = ok ? p * sk_recip(c, eps, 0.0f) : 0.0f;
     }
     float g = ok ? dM[i * n + j] : 0.0f;
     for (int t = iters - 1; t >= 0; --t) {
       __syncthreads();  // rs / cs of step t were written by other threads
       const float pp = hist[t * TILE + i * (SMALL_N + 1) + j];
       const float r = ok ? rs[t * SMALL_N + i] : 1.0f, c = ok ? cs[t * SMALL_N + j] : 1.0f;
-      const float a = r > eps ? 1.0f / r : 1.0f, b = c > eps ? 1.0f / c : 0.0f;
+      const float a = sk_recip(r, eps, 1.0f), b = sk_recip(c, eps, 0.0f);
       const float db = column_sum(g * a * pp, T, col);
       g = ok ? g * b + (c > eps ? -db * b * b : 0.0f) : 0.0f;
       const float da = warp_sum(g * pp);
@@ -160,10 +160,10 @@ extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float
     const float* c = cs + t * n;
     // column step: G <- dQ (a thread owns a column)
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-      const float b = c[j] > eps ? 1.0f / c[j] : 0.0f;
+      const float b = sk_recip(c[j], eps, 0.0f);
       float db = 0.0f;
       for (int i = 0; i < n; ++i) {
-        const float a = r[i] > eps ? 1.0f / r[i] : 1.0f;
+        const float a = sk_recip(r[i], eps, 1.0f);
         db += G[i * n + j] * a * Pp[i * n + j];
       }
       const float corr = c[j] > eps ? -db * b * b : 0.0f;
@@ -173,7 +173,7 @@ extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float
     // row step: G <- dP_{t-1} (a warp owns a row)
     const int lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     for (int i = threadIdx.x >> 5; i < n; i += nwarps) {
-      const float a = r[i] > eps ? 1.0f / r[i] : 1.0f;
+      const float a = sk_recip(r[i], eps, 1.0f);
       float da = 0.0f;
       for (int j = lane; j < n; j += 32) da += G[i * n + j] * Pp[i * n + j];
       da = warp_sum(da);

@@ -23,9 +23,9 @@ extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float
     float p = ok ? expf(l - m) : 0.0f;
     for (int t = 0; t < iters; ++t) {
       const float r = warp_sum(p);
-      p *= r > eps ? 1.0f / r : 1.0f;
+      p *= sk_recip(r, eps, 1.0f);
       const float c = column_sum(p, smem, smem + TILE);
-      p = ok ? p * (c > eps ? 1.0f / c : 0.0f) : 0.0f;
+      p = ok ? p * sk_recip(c, eps, 0.0f) : 0.0f;
     }
     if (ok) M[i * n + j] = p;
     return;
