@@ -30,14 +30,13 @@ __device__ __forceinline__ void sinkhorn_bwd_lanes(const float* __restrict__ L, 
   float* hist = smem;                                       // hist[(t * LANE_N + i) * (LANE_N + 1) + j] = P_{t-1}[i, j]
   float* rs = hist + (size_t)iters * LANE_N * (LANE_N + 1);  // rs[t * LANE_N + i]
   float* cs = rs + (size_t)iters * LANE_N;                   // cs[t * LANE_N + j]
-  float l[LANE_N], p0[LANE_N], p[LANE_N], m = -INFINITY;
+  // logits and P0 are read / recomputed again at the end rather than held (64 registers: the
+  // kernel's bound for its 1024-thread paths)
+  float p[LANE_N], m = -INFINITY;
 #pragma unroll
-  for (int j = 0; j < LANE_N; ++j) {
-    l[j] = row && j < n ? L[i * n + j] : -INFINITY;
-    m = fmaxf(m, l[j]);
-  }
+  for (int j = 0; j < LANE_N; ++j) m = fmaxf(m, row && j < n ? L[i * n + j] : -INFINITY);
 #pragma unroll
-  for (int j = 0; j < LANE_N; ++j) p[j] = p0[j] = row && j < n ? expf(l[j] - m) : 0.0f;
+  for (int j = 0; j < LANE_N; ++j) p[j] = row && j < n ? expf(L[i * n + j] - m) : 0.0f;
   for (int t = 0; t < iters; ++t) {
     float* h = hist + ((size_t)t * LANE_N + i) * (LANE_N + 1);
     float c[LANE_N];
@@ -60,21 +59,28 @@ __device__ __forceinline__ void sinkhorn_bwd_lanes(const float* __restrict__ L, 
     const float* h = hist + ((size_t)t * LANE_N + i) * (LANE_N + 1);
     const float r = row ? rs[t * LANE_N + i] : 1.0f;
     const float a = sk_recip(r, eps, 1.0f);
-    float pp[LANE_N], da = 0.0f;
+    float pp[LANE_N], b[LANE_N], db[LANE_N], da = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LANE_N; ++j) {  // every butterfly in one run (lane_round's header says why)
+      pp[j] = row ? h[j] : 0.0f;
+      db[j] = lane_column_sum<LANE_N>(g[j] * a * pp[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < LANE_N; ++j) b[j] = sk_recip(cs[t * LANE_N + j], eps, 0.0f);
 #pragma unroll
     for (int j = 0; j < LANE_N; ++j) {
-      pp[j] = row ? h[j] : 0.0f;
-      const float c = cs[t * LANE_N + j], b = sk_recip(c, eps, 0.0f);
-      const float db = lane_column_sum<LANE_N>(g[j] * a * pp[j]);
-      g[j] = row && j < n ? g[j] * b + (c > eps ? -db * b * b : 0.0f) : 0.0f;
+      const bool live = cs[t * LANE_N + j] > eps;
+      g[j] = row && j < n ? g[j] * b[j] + (live ? -db[j] * b[j] * b[j] : 0.0f) : 0.0f;
       da += g[j] * pp[j];
     }
 #pragma unroll
     for (int j = 0; j < LANE_N; ++j) g[j] = row && j < n ? g[j] * a + (r > eps ? -da * a * a : 0.0f) : 0.0f;
   }
-  float dot = 0.0f, ties = 0.0f;
+  float dot = 0.0f, ties = 0.0f, l[LANE_N], p0[LANE_N];
 #pragma unroll
   for (int j = 0; j < LANE_N; ++j) {
+    l[j] = row && j < n ? L[i * n + j] : -INFINITY;
+    p0[j] = row && j < n ? expf(l[j] - m) : 0.0f;
     dot += g[j] * p0[j];
     ties += row && j < n && l[j] == m ? 1.0f : 0.0f;
   }
@@ -85,7 +91,6 @@ __device__ __forceinline__ void sinkhorn_bwd_lanes(const float* __restrict__ L, 
   }
 }
 
-// No __restrict__ on ws: it is rewritten between reads by other threads of the CTA.
 extern "C" __global__ void __launch_bounds__(SMALL_THREADS) MHC_NAME(const float* __restrict__ L,
                                                                  const float* __restrict__ dM,
                                                                  float* __restrict__ dL, float* ws,

@@ -99,7 +99,9 @@ __device__ __forceinline__ float lane_column_sum(float v) {
 
 // One Sinkhorn round on the lane's row p: the row step (a row whose sum is <= eps stays), then the
 // column step (a column whose sum is <= eps becomes zero). Returns the row sum; c gets the
-// column sums.
+// column sums. All R butterflies are issued in one run, the reciprocals after them: rcp.rn.f32
+// carries a slow-path branch that ends a basic block, and with it between them the butterflies
+// of successive columns ran one after another (same operations, same bits either way).
 template <int R>
 __device__ __forceinline__ float lane_round(float (&p)[R], float (&c)[R], float eps) {
   float s = 0.0f;
@@ -110,8 +112,12 @@ __device__ __forceinline__ float lane_round(float (&p)[R], float (&c)[R], float 
   for (int j = 0; j < R; ++j) {
     p[j] *= rs;
     c[j] = lane_column_sum<R>(p[j]);
-    p[j] *= sk_recip(c[j], eps, 0.0f);
   }
+  float inv[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) inv[j] = sk_recip(c[j], eps, 0.0f);
+#pragma unroll
+  for (int j = 0; j < R; ++j) p[j] *= inv[j];
   return s;
 }
 
