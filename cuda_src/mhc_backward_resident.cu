@@ -122,10 +122,6 @@ __device__ __forceinline__ void backward_tokens(const T* __restrict__ x, const T
     copy_token(xs, x + b * n * C, (size_t)n * C, pieces);
     copy_token(ds, dout + b * n * C, (size_t)n * C, pieces);
     __pipeline_commit();
-    if (b + gridDim.x < (size_t)B) {  // the CTA's next token, into L2 while this one lands
-      prefetch_l2(x + (b + gridDim.x) * n * C, (size_t)n * C * sizeof(T));
-      prefetch_l2(dout + (b + gridDim.x) * n * C, (size_t)n * C * sizeof(T));
-    }
     __pipeline_wait_prior(0);
     __syncthreads();
     const float r = inv_rms[b];

@@ -70,18 +70,6 @@ __device__ __forceinline__ void store_vec(E* p, const float (&v)[Vec<E>::N]) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
-// Ask L2 for `bytes` bytes from p (one prefetch per 128-byte line, spread over the CTA's threads):
-// a persistent CTA names its next token while it works on this one, so that token's loads find
-// it in L2 instead of waiting on DRAM, with no registers or shared memory held for it. A hint: no
-// effect on results (the CPU emulation skips it).
-__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
-#ifdef __CUDA_ARCH__
-  const char* c = static_cast<const char*>(p);
-  for (size_t off = (size_t)threadIdx.x * 128; off < bytes; off += (size_t)blockDim.x * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
-#endif
-}
-
 // The 16-byte path needs C to be a multiple of the vector width and every row base aligned;
 // anything else (odd C, an offset view) takes the scalar path of the same kernel.
 template <typename E>

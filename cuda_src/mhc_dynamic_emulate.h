@@ -226,6 +226,17 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   return r;
 }
 
+// Lane src of the lane's group of `width` lanes (CUDA's __shfl_sync with a width).
+inline float __shfl_sync(unsigned, float v, int src, int width = 32) {
+  const int tid = int(threadIdx.x), w = tid / 32, lane = tid % 32;
+  float* buf = emu_cta->shfl.data() + 32 * w;
+  buf[lane] = v;
+  emu_wait(emu_cta->warp[w]);
+  const float r = buf[(lane & ~(width - 1)) | (src & (width - 1))];
+  emu_wait(emu_cta->warp[w]);
+  return r;
+}
+
 // mhc_dynamic_mma.cuh's warp-collective tensor-core calls (mma.sync m16n8k16 bf16, ldmatrix x4), by
 // their PTX fragment layouts: every lane posts its registers (or row address) to the warp's
 // exchange buffer, then computes its own outputs from all 32 lanes' posts. Sums in float32 in

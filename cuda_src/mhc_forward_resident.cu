@@ -58,7 +58,7 @@ __device__ __forceinline__ void sinkhorn_in_lanes(const float* L, float* Ms, flo
   for (int j = 0; j < NMAX; ++j) p[j] = row && j < n ? expf(p[j] - m) : 0.0f;
   for (int t = 0; t < iters; ++t) {
     float c[NMAX];
-    lane_round<NMAX>(p, c, eps);
+    lane_round<NMAX, false>(p, c, eps);
   }
   if (i < NMAX) {
 #pragma unroll
@@ -89,7 +89,6 @@ __device__ __forceinline__ void forward_tokens(const T* __restrict__ x, const fl
 #pragma unroll
       for (int k = 0; k < VPT; ++k)
         xr[j][k] = j < n ? load_pack<VEC>(xb + (size_t)j * C, (k * nt + t) * W, C) : make_uint4(0u, 0u, 0u, 0u);
-    if (b + gridDim.x < (size_t)B) prefetch_l2(xb + (size_t)gridDim.x * n * C, (size_t)n * C * sizeof(T));
     if (b == blockIdx.x) {  // first token: the parameters, while its loads are in flight
       if (t < 32) sinkhorn_in_lanes(L, Ms, Mg, n, iters, eps);
       if (t < NMAX) {

@@ -44,7 +44,7 @@ __device__ __forceinline__ void sinkhorn_bwd_lanes(const float* __restrict__ L, 
 #pragma unroll
       for (int j = 0; j < LANE_N; ++j) h[j] = p[j];
     }
-    const float r = lane_round<LANE_N>(p, c, eps);
+    const float r = lane_round<LANE_N, true>(p, c, eps);
     if (row) rs[t * LANE_N + i] = r;
     if (i == 0) {
 #pragma unroll
@@ -65,12 +65,15 @@ __device__ __forceinline__ void sinkhorn_bwd_lanes(const float* __restrict__ L, 
       pp[j] = row ? h[j] : 0.0f;
       db[j] = lane_column_sum<LANE_N>(g[j] * a * pp[j]);
     }
+    float c[LANE_N];
 #pragma unroll
-    for (int j = 0; j < LANE_N; ++j) b[j] = sk_recip(cs[t * LANE_N + j], eps, 0.0f);
+    for (int j = 0; j < LANE_N; ++j) c[j] = cs[t * LANE_N + j];
+    const float inv = lane_recip<LANE_N>(c, eps, 0.0f);
+#pragma unroll
+    for (int j = 0; j < LANE_N; ++j) b[j] = __shfl_sync(0xffffffffu, inv, j, LANE_N);
 #pragma unroll
     for (int j = 0; j < LANE_N; ++j) {
-      const bool live = cs[t * LANE_N + j] > eps;
-      g[j] = row && j < n ? g[j] * b[j] + (live ? -db[j] * b[j] * b[j] : 0.0f) : 0.0f;
+      g[j] = row && j < n ? g[j] * b[j] + (c[j] > eps ? -db[j] * b[j] * b[j] : 0.0f) : 0.0f;
       da += g[j] * pp[j];
     }
 #pragma unroll

@@ -97,12 +97,26 @@ __device__ __forceinline__ float lane_column_sum(float v) {
   return v;
 }
 
+// sk_recip(c[k], eps, otherwise) in lane k of each group of R lanes; lane j's value reaches the
+// group by __shfl_sync(mask, r, j, R). Why: each rcp.rn.f32 carries a slow-path branch that ends
+// a basic block, so R of them in every lane ran one after another (R x ~40 cycles per round in
+// one warp); one per lane and R pipelined shuffles give the same bits.
+template <int R>
+__device__ __forceinline__ float lane_recip(const float (&c)[R], float eps, float otherwise) {
+  const int k = threadIdx.x & (R - 1);
+  float mine = c[0];
+#pragma unroll
+  for (int j = 1; j < R; ++j) mine = k == j ? c[j] : mine;
+  return sk_recip(mine, eps, otherwise);
+}
+
 // One Sinkhorn round on the lane's row p: the row step (a row whose sum is <= eps stays), then the
 // column step (a column whose sum is <= eps becomes zero). Returns the row sum; c gets the
-// column sums. All R butterflies are issued in one run, the reciprocals after them: rcp.rn.f32
-// carries a slow-path branch that ends a basic block, and with it between them the butterflies
-// of successive columns ran one after another (same operations, same bits either way).
-template <int R>
+// column sums. All R butterflies are issued in one run (rcp.rn.f32's branch between them would
+// serialise them), then the column reciprocals: SPREAD, one per lane passed round by shuffles
+// (lane_recip; a warp working alone: mhc_sinkhorn_bwd), else R per lane (mhc_forward_resident:
+// at its 80-register bound the shuffles' registers made ptxas spill). Same bits either way.
+template <int R, bool SPREAD>
 __device__ __forceinline__ float lane_round(float (&p)[R], float (&c)[R], float eps) {
   float s = 0.0f;
 #pragma unroll
@@ -113,11 +127,14 @@ __device__ __forceinline__ float lane_round(float (&p)[R], float (&c)[R], float 
     p[j] *= rs;
     c[j] = lane_column_sum<R>(p[j]);
   }
-  float inv[R];
+  if constexpr (SPREAD) {
+    const float inv = lane_recip<R>(c, eps, 0.0f);
 #pragma unroll
-  for (int j = 0; j < R; ++j) inv[j] = sk_recip(c[j], eps, 0.0f);
+    for (int j = 0; j < R; ++j) p[j] *= __shfl_sync(0xffffffffu, inv, j, R);
+  } else {
 #pragma unroll
-  for (int j = 0; j < R; ++j) p[j] *= inv[j];
+    for (int j = 0; j < R; ++j) p[j] *= sk_recip(c[j], eps, 0.0f);
+  }
   return s;
 }
 
