@@ -9,8 +9,8 @@
 // (32 values) across the CTA's RMS reduction. Vector k of thread t covers columns
 // (k * blockDim.x + t) * W .. + W, so a warp's loads of a row are 512 contiguous bytes.
 // Persistent CTAs: CTA g walks tokens g, g + G, ...; each CTA runs the Sinkhorn once, in warp 0
-// while its first token's loads are in flight (lane i holds row i; column sums are butterflies
-// over the NMAX lanes of a group). The arithmetic per element is the fused kernel's, in its order.
+// while its first token's loads are in flight (a lane per matrix element: sinkhorn_in_lanes). The
+// arithmetic per element of x is the fused kernel's, in its order.
 // Outputs: out [B, n, C], inv_rms [B] (the backward's), M [n, n] (written by CTA 0; the backward's).
 // Launch (mhc_aot/cuda.py: _forward_resident): threadgroup 32 * ceil(C / (32 * W * VPT)) <= MAX_THREADS
 // threads, grid min(B, resident CTAs) CTAs; shared RESIDENT_SMEM_FLOATS floats.
@@ -43,30 +43,34 @@ __device__ __forceinline__ uint4 load_pack(const T* row, int c, int C) {
 
 __device__ __forceinline__ float elem(const uint4& raw, int k) { return to_float(reinterpret_cast<const T*>(&raw)[k]); }
 
-// Warp 0: M into Ms[i * NMAX + j] (zero padded) and, from CTA 0, into Mg[i * n + j]. Lane i holds
-// row i (lane_round: serial row sums, column sums by butterflies over NMAX lanes).
+// Warp 0: M into Ms[i * NMAX + j] (zero padded) and, from CTA 0, into Mg[i * n + j]. Lane
+// l < NMAX^2 holds P[i = l / NMAX, j = l % NMAX]: row sums are butterflies over lanes l ^ 1 ..
+// l ^ NMAX/2, column sums over l ^ NMAX .. l ^ NMAX^2/2, and a lane takes two reciprocals a round.
+// Why: a lane per row took NMAX reciprocals a round one after another (rcp.rn.f32's slow-path
+// branch ends a basic block) while the CTA's first token waited on M; one value per lane also
+// keeps this kernel's 80 registers free of spills. Sums pair up in butterfly order, so M can
+// differ from mhc_sinkhorn_fwd's in the last bits.
 __device__ __forceinline__ void sinkhorn_in_lanes(const float* L, float* Ms, float* Mg, int n, int iters, float eps) {
-  const int i = threadIdx.x & 31;
-  const bool row = i < n;
-  float p[NMAX], m = -INFINITY;
+  static_assert(NMAX * NMAX <= 32, "one warp holds the matrix");
+  const int l = threadIdx.x & 31, i = l / NMAX, j = l % NMAX;
+  const bool ok = l < NMAX * NMAX && i < n && j < n;  // other lanes: zero rows of their own groups
+  const float v = ok ? L[i * n + j] : -INFINITY;
+  float m = v;
 #pragma unroll
-  for (int j = 0; j < NMAX; ++j) {
-    p[j] = row && j < n ? L[i * n + j] : -INFINITY;
-    m = fmaxf(m, p[j]);
-  }
-#pragma unroll
-  for (int j = 0; j < NMAX; ++j) p[j] = row && j < n ? expf(p[j] - m) : 0.0f;
+  for (int o = 1; o < NMAX; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float p = ok ? expf(v - m) : 0.0f;
   for (int t = 0; t < iters; ++t) {
-    float c[NMAX];
-    lane_round<NMAX, false>(p, c, eps);
-  }
-  if (i < NMAX) {
+    float s = p;  // row step: a row whose sum is <= eps stays
 #pragma unroll
-    for (int j = 0; j < NMAX; ++j) Ms[i * NMAX + j] = row ? p[j] : 0.0f;
+    for (int o = 1; o < NMAX; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    p *= sk_recip(s, eps, 1.0f);
+    float c = p;  // column step: a column whose sum is <= eps becomes zero
+#pragma unroll
+    for (int o = NMAX; o < NMAX * NMAX; o <<= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+    p *= sk_recip(c, eps, 0.0f);
   }
-  if (blockIdx.x == 0 && row) {
-    for (int j = 0; j < n; ++j) Mg[i * n + j] = p[j];
-  }
+  if (l < NMAX * NMAX) Ms[l] = ok ? p : 0.0f;
+  if (blockIdx.x == 0 && ok) Mg[i * n + j] = p;
 }
 
 template <bool VEC>

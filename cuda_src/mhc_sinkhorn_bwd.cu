@@ -44,7 +44,7 @@ __device__ __forceinline__ void sinkhorn_bwd_lanes(const float* __restrict__ L, 
 #pragma unroll
       for (int j = 0; j < LANE_N; ++j) h[j] = p[j];
     }
-    const float r = lane_round<LANE_N, true>(p, c, eps);
+    const float r = lane_round<LANE_N>(p, c, eps);
     if (row) rs[t * LANE_N + i] = r;
     if (i == 0) {
 #pragma unroll

@@ -88,8 +88,7 @@ __device__ __forceinline__ float column_sum(float p, float* T, float* col) {
 // ---------------------------------------------------------------- n <= R: a lane per row
 // Lane i keeps row i of P in R registers: row sums run serially in the lane, column sums are
 // butterflies over aligned groups of R lanes (each lane of a group adds the same pairs, so all get
-// the same bits). No barrier, no shared memory: what a CTA that needs M for n <= 8 runs in one
-// warp (mhc_forward_resident, R = NMAX; mhc_sinkhorn_bwd's replay, R = LANE_N).
+// the same bits). No barrier: mhc_sinkhorn_bwd's replay for n <= LANE_N in one warp.
 template <int R>
 __device__ __forceinline__ float lane_column_sum(float v) {
 #pragma unroll
@@ -113,10 +112,8 @@ __device__ __forceinline__ float lane_recip(const float (&c)[R], float eps, floa
 // One Sinkhorn round on the lane's row p: the row step (a row whose sum is <= eps stays), then the
 // column step (a column whose sum is <= eps becomes zero). Returns the row sum; c gets the
 // column sums. All R butterflies are issued in one run (rcp.rn.f32's branch between them would
-// serialise them), then the column reciprocals: SPREAD, one per lane passed round by shuffles
-// (lane_recip; a warp working alone: mhc_sinkhorn_bwd), else R per lane (mhc_forward_resident:
-// at its 80-register bound the shuffles' registers made ptxas spill). Same bits either way.
-template <int R, bool SPREAD>
+// serialise them), then one column reciprocal per lane, passed round by shuffles (lane_recip).
+template <int R>
 __device__ __forceinline__ float lane_round(float (&p)[R], float (&c)[R], float eps) {
   float s = 0.0f;
 #pragma unroll
@@ -127,14 +124,9 @@ __device__ __forceinline__ float lane_round(float (&p)[R], float (&c)[R], float 
     p[j] *= rs;
     c[j] = lane_column_sum<R>(p[j]);
   }
-  if constexpr (SPREAD) {
-    const float inv = lane_recip<R>(c, eps, 0.0f);
+  const float inv = lane_recip<R>(c, eps, 0.0f);
 #pragma unroll
-    for (int j = 0; j < R; ++j) p[j] *= __shfl_sync(0xffffffffu, inv, j, R);
-  } else {
-#pragma unroll
-    for (int j = 0; j < R; ++j) p[j] *= sk_recip(c[j], eps, 0.0f);
-  }
+  for (int j = 0; j < R; ++j) p[j] *= __shfl_sync(0xffffffffu, inv, j, R);
   return s;
 }
 
