@@ -9,7 +9,8 @@
 // One CTA. n <= LANE_N with 32 threads and use_smem = 1: lane i keeps row i of P and G in
 // registers (lane_round's replay: no barrier at all; the history, iters * LANE_N * (LANE_N + 3)
 // floats, in shared memory). Why: the tile path below takes ~100 barriers of 1024 threads for
-// 20 iterations (H100, n = 4: 24 us, on every backward's critical path).
+// 20 iterations, on every backward's critical path (H100, n = 4, ncu: tile path 24 us, this one
+// 21.5; still latency-bound: one warp, ~1 us per round of forward replay and backward).
 // n <= 32 with SMALL_THREADS threads and use_smem = 1: thread (i, j) keeps P and G in
 // registers, the history P_{t-1} (iters * TILE floats) and the sums (2 * iters * SMALL_N) in
 // shared memory (plus TILE + SMALL_N for column sums). Otherwise everything lives in the float32
