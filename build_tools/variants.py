@@ -48,8 +48,6 @@ def _table() -> tuple[KernelVariant, ...]:
     for dt in DTYPES:
         for nmax in NMAX_VALUES + (0,):
             v.append(KernelVariant("mhc_forward", "mhc_forward_fused", "fused", dt, nmax))
-            # CUDA only (no metal_src twin): the fused forward with the Sinkhorn in the same launch
-            v.append(KernelVariant("mhc_forward", "mhc_forward_fused_sinkhorn", "fused_sinkhorn", dt, nmax))
             v.append(KernelVariant("mhc_backward", "mhc_backward_fused", "fused", dt, nmax))
             v.append(KernelVariant("stream_mix_add", "mhc_stream_mix_add", "mix_add", dt, nmax))
         for nmax in RESIDENT_NMAX:  # CUDA only (no metal_src twin): n <= 4, each token held on chip

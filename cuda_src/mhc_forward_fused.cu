@@ -13,9 +13,130 @@
 // x arrives in TC_STAGES cp.async chunks of n x TC_COLS (a swizzled ring after agg, 16-byte
 // aligned: cuda._fused_tc_ring_floats more shared floats, added by the launcher under the same
 // condition) and is read by ldmatrix.trans as B fragments. Each warp owns 16 columns of a chunk.
-#include "mhc_forward_fused_token.cuh"
+#include <cuda_pipeline.h>
+#include <type_traits>
+
+#include "mhc_dynamic_mma.cuh"  // mma.sync / ldmatrix wrappers (CUDA-only, as the dynamic kernels)
+#include "mhc_token_passes.cuh"
 
 using namespace mhc;
+
+constexpr int TC_COLS = 128, TC_STAGES = 4;
+constexpr bool TC_VARIANT = std::is_same_v<T, bf16> && (NMAX == 16 || NMAX == 32);
+
+// out[i, c] = sum_j M[i, j] x[j, c] + hpost[i] agg[c] r w[c] on tensor cores, n = N.
+template <int N, typename E>  // E = bf16 (a template parameter only so that other dtypes never see the call)
+__device__ __forceinline__ void mix_pass_tc(const E* __restrict__ xb, E* __restrict__ ob,
+                                            const float* __restrict__ M, const float* hpost, const float* agg,
+                                            const float* __restrict__ w, float r, int C, E* ring) {
+  constexpr int T16 = N / 16;                  // m16 tiles of rows i, k16 tiles of streams j
+  constexpr int SEGS = TC_COLS / 8;            // 16-byte segments per row of a chunk
+  constexpr int CHUNK = N * TC_COLS;           // bfloat16 per stage
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  uint32_t a[2][T16][T16][4];  // [hi / lo][mt][kt]: M's A fragments (layout: mhc_dynamic_mma.cuh)
+#pragma unroll
+  for (int mt = 0; mt < T16; ++mt)
+#pragma unroll
+    for (int kt = 0; kt < T16; ++kt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = mt * 16 + g + 8 * (e & 1), col = kt * 16 + 2 * q + 8 * (e >> 1);
+        bf16 h[2], l[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const float v = __ldg(M + row * N + col + u);
+          h[u] = from_float<bf16>(v);
+          l[u] = from_float<bf16>(v - to_float(h[u]));
+        }
+        a[0][mt][kt][e] = mma::pack_bf16(h[0], h[1]);
+        a[1][mt][kt][e] = mma::pack_bf16(l[0], l[1]);
+      }
+  // chunk `ch` into ring slot `slot`: row j's segment s lands at segment s ^ (j & 7), so the eight
+  // rows one ldmatrix phase reads sit in eight different bank groups
+  auto load = [&](int ch, int slot) {
+    E* dst = ring + slot * CHUNK;
+    const E* src = xb + (size_t)ch * TC_COLS;
+    for (int e = threadIdx.x; e < N * SEGS; e += THREADS) {
+      const int j = e / SEGS, seg = e % SEGS;
+      __pipeline_memcpy_async(dst + j * TC_COLS + ((seg ^ (j & 7)) * 8), src + (size_t)j * C + seg * 8, 16);
+    }
+  };
+  const int chunks = C / TC_COLS;
+#pragma unroll
+  for (int st = 0; st < TC_STAGES - 1; ++st) {
+    if (st < chunks) load(st, st);
+    __pipeline_commit();
+  }
+  // this lane's ldmatrix row: matrices (k rows 0-7 | 8-15) x (the warp's segment 2w | 2w + 1)
+  const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1), lseg = 2 * warp + (lane >> 4);
+  for (int it = 0; it < chunks; ++it) {
+    __pipeline_wait_prior(TC_STAGES - 2);  // this thread's copies of chunk `it` have landed
+    __syncthreads();                        // everyone's have; slot (it - 1) % TC_STAGES is free
+    if (it + TC_STAGES - 1 < chunks) load(it + TC_STAGES - 1, (it + TC_STAGES - 1) % TC_STAGES);
+    __pipeline_commit();
+    const E* slot = ring + (it % TC_STAGES) * CHUNK;
+    float d[T16][2][4] = {};
+#pragma unroll
+    for (int kt = 0; kt < T16; ++kt) {
+      const int j = kt * 16 + lrow;
+      uint32_t b[4];  // {b0, b1} of the warp's first n8 tile, then of its second
+      mma::ldmatrix_x4<true>(b, slot + j * TC_COLS + ((lseg ^ (j & 7)) * 8));
+#pragma unroll
+      for (int mt = 0; mt < T16; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          mma::bf16_16816(d[mt][nt], a[1][mt][kt], b[2 * nt], b[2 * nt + 1]);  // lo first
+          mma::bf16_16816(d[mt][nt], a[0][mt][kt], b[2 * nt], b[2 * nt + 1]);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int c = it * TC_COLS + 16 * warp + 8 * nt + 2 * q;
+      const float y0 = agg[c] * r * w[c], y1 = agg[c + 1] * r * w[c + 1];
+#pragma unroll
+      for (int mt = 0; mt < T16; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int i = mt * 16 + g + 8 * h;
+          const float hp = hpost[i];
+          *reinterpret_cast<uint32_t*>(ob + (size_t)i * C + c) = mma::pack_bf16(
+              from_float<bf16>(d[mt][nt][2 * h] + hp * y0), from_float<bf16>(d[mt][nt][2 * h + 1] + hp * y1));
+        }
+    }
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void forward_token(const T* xb, T* ob, float* inv_rms, const float* w, const float* Mg,
+                                              const float* Mt,
+                                              const float* hpre, const float* hpost, float* agg, float* scratch,
+                                              int n, int C, float eps) {
+  const float ss = block_sum(aggregate_pass<T, W>(xb, hpre, n, C, 0, C, agg), scratch);
+  const float r = rsqrtf(ss / C + eps);
+  if (threadIdx.x == 0) *inv_rms = r;
+  if constexpr (TC_VARIANT && W > 1) {
+    if (n == NMAX && C % TC_COLS == 0) {
+      // the ring starts at the first 16-byte boundary after agg (see the header)
+      const uintptr_t end = reinterpret_cast<uintptr_t>(agg + C);
+      mix_pass_tc<NMAX>(xb, ob, Mg, hpost, agg, w, r, C, reinterpret_cast<T*>((end + 15) & ~uintptr_t(15)));
+      return;
+    }
+  }
+  mix_pass<T, W>(xb, ob, Mt, n, C, 0, C, [&](int i0, int c, float (&acc)[IB][W]) {
+    float y[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) y[e] = agg[c + e] * r * w[c + e];
+#pragma unroll
+    for (int q = 0; q < IB; ++q) {
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[q][e] = hpost[i0 + q] * y[e];
+    }
+  });
+}
+
+// Small n needs few registers: ask for 5 CTAs per SM (6 spills) so one CTA's loads overlap
+// another's math (ncu on the H100 at (4096, 4, 4096): 54 registers gave 4 CTAs/SM, 64% of DRAM).
+constexpr int MIN_BLOCKS = (NMAX > 0 && NMAX <= 4) ? 5 : 2;
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ M, const float* __restrict__ H_pre_raw,

@@ -145,17 +145,6 @@ def _forward_fused(x, M, hpre_raw, hpost_raw, w, eps):
                    n * pad + 2 * pad + 32 + C + _fused_tc_ring_floats(x.dtype, n, C, nmax))
 
 
-def _forward_fused_sinkhorn(x, L, hpre_raw, hpost_raw, w, iters, eps):
-    """(out, inv_rms, M): mhc_forward_fused_sinkhorn, the fused forward with each CTA computing M."""
-    B, n, C = x.shape
-    _, _, nmax = _binary("mhc_forward_fused_sinkhorn", dtype_tag(x.dtype), n)
-    pad = _pad(n, nmax)
-    p_floats = -(-max(n * n, 2 * THREADS) // 4) * 4  # its header: P first, rounded as the fused layout needs
-    return _launch("mhc_forward_fused_sinkhorn", dtype_tag(x.dtype), n, [x, L, hpre_raw, hpost_raw, w],
-                   [(B, n, C), (B,), (n, n)], [x.dtype, F32, F32], [n, C, iters, eps], (B * THREADS, 1, 1),
-                   p_floats + n * pad + 2 * pad + 32 + C + _fused_tc_ring_floats(x.dtype, n, C, nmax))
-
-
 def _fused_tc_ring_floats(dtype, n: int, C: int, nmax: int) -> int:
     """Shared floats of mhc_forward_fused's tensor-core pass 2 (its header: bfloat16, n == NMAX in
     FUSED_TC_N, C a multiple of FUSED_TC_COLS): FUSED_TC_STAGES chunks of n x FUSED_TC_COLS
@@ -298,7 +287,7 @@ def _mix_add_dM(x, dout):
 _ops = kernel_ops.build(kernel_ops.Launchers(
     sinkhorn_fwd=_sinkhorn_fwd, sinkhorn_bwd=_sinkhorn_bwd,
     forward={"fused": _forward_fused, "column": _forward_column}, backward=_backward,
-    forward_from_logits={"resident": _forward_resident, "fused_sinkhorn": _forward_fused_sinkhorn},
+    forward_from_logits={"resident": _forward_resident},
     backward_in_mlx=_backward_in_mlx, mlx_graph=_reference_graph_from_M,
     mix_add=_mix_add, mix_add_dM=_mix_add_dM))
 sinkhorn, mhc_forward, stream_mix_add, _forward_fn = _ops.sinkhorn, _ops.mhc_forward, _ops.stream_mix_add, _ops.forward_fn

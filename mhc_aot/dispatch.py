@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 BACKENDS = ("auto", "cpu", "cuda", "metal", "portable", "reference")
-STRATEGIES = ("portable", "resident", "fused_sinkhorn", "fused", "column", "sinkhorn", "mix_add")
+STRATEGIES = ("portable", "resident", "fused", "column", "sinkhorn", "mix_add")
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,6 @@ class Rule:
 # fused forward there was 146 us per call (131 its kernel alone, a copy of x 98) and fused
 # forward + backward 971 us. The backward takes it only where its token (x and dout: 2 n C
 # elements, 64 KB in bf16 at the limits) fits the GPU's shared memory per block, else `fused`.
-# `fused_sinkhorn` (CUDA only: cuda_src/mhc_forward_fused_sinkhorn.cu) is `fused` with each CTA
-# computing M itself: one launch instead of two where launches, not bytes, bound the forward (a
-# few tokens). Every CTA repeats the Sinkhorn, so it is taken only up to FUSED_SINKHORN_MAX_B
-# tokens (under one wave of two CTAs per SM on the H100). H100, bf16, MLX 0.32.4: see README.
-FUSED_SINKHORN_MAX_B = 64
 RESIDENT_MAX_N = 4
 RESIDENT_MAX_C = 4096
 FUSED_MAX_C = 49152
@@ -82,11 +77,6 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
              "once per token, parameter gradients in registers (fused where the token outgrows shared memory)",
              max_C=RESIDENT_MAX_C, max_n=RESIDENT_MAX_N),
     ) if backend == "cuda" else ()
-    fused_sinkhorn = (  # CUDA kernel only (no Metal twin)
-        rule("mhc_forward", "fused_sinkhorn", f"B <= {FUSED_SINKHORN_MAX_B}, n <= 32: as fused, with each CTA computing the "
-             "Sinkhorn itself (one launch instead of two where launches bound the call)",
-             max_B=FUSED_SINKHORN_MAX_B, max_C=FUSED_MAX_C, max_n=32),
-    ) if backend == "cuda" else ()
     return (
         rule("sinkhorn", "sinkhorn", "one CTA runs all iterations of the tiny [n, n] problem in one launch"),
         *resident,
@@ -95,7 +85,6 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
         rule("mhc_forward", "column", f"{mid['min_B']} <= B <= {mid['max_B']}, n >= {mid['min_n']}, "
              f"C >= {mid['min_C']}: measured 1.0-1.3x faster than fused (the fused CTA re-reads its n x C "
              "token from L2)", **mid),
-        *fused_sinkhorn,
         rule("mhc_forward", "fused", "one CTA per token: aggregate, RMS, mix and add with x read from memory once",
              max_C=FUSED_MAX_C),
         rule("mhc_forward", "column", f"C > {FUSED_MAX_C}: agg does not fit one CTA's shared memory"),

@@ -44,14 +44,9 @@ needs_clang = pytest.mark.skipif(bm.find_clang() is None,
 # and still changing: not yet ported to Metal. Any other CUDA kernel without a Metal twin fails
 # test_every_cuda_kernel_has_a_metal_twin.
 PENDING_METAL_PORT_PREFIX = "mhc_dynamic_"
-# The static layer's `resident` and `fused_sinkhorn` kernels (CUDA only by dispatch rule:
-# dispatch._gpu_rules adds them for CUDA alone; Metal serves those shapes with `fused`): not yet
-# ported either.
-PENDING_METAL_PORT = ("mhc_forward_resident", "mhc_backward_resident", "mhc_forward_fused_sinkhorn")
-# CUDA headers split out for those kernels alone: mhc_forward_fused_token.cuh holds the fused
-# token forward that mhc_forward_fused.cu and mhc_forward_fused_sinkhorn.cu share; the Metal
-# fused kernel keeps the same code in its .metal file (one entry point, no split needed).
-PENDING_METAL_HEADERS = ("mhc_forward_fused_token",)
+# The static layer's `resident` kernels (CUDA only by dispatch rule: dispatch._gpu_rules adds them
+# for CUDA alone; Metal serves those shapes with `fused`): not yet ported either.
+PENDING_METAL_PORT = ("mhc_forward_resident", "mhc_backward_resident")
 
 
 def _sources() -> list[str]:
@@ -177,8 +172,6 @@ def test_headers_are_parallel():
     """cuda_src/X.cuh <-> metal_src/X.h, each Metal header naming its CUDA twin."""
     for h in CUDA.glob("*.cuh"):
         if h.stem.startswith(PENDING_METAL_PORT_PREFIX) and not (METAL / f"{h.stem}.h").exists():
-            continue
-        if h.stem in PENDING_METAL_HEADERS:
             continue
         twin = METAL / f"{h.stem}.h"
         assert twin.exists(), f"{h.name} has no metal_src/{twin.name}"
