@@ -231,10 +231,10 @@ REDUCE_COLS = 32  # cuda_src/mhc_backward_reduce.cu: COLS
 
 def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
+    dm_in_partial = True  # dM accumulated in registers (n <= 4): partial's dM section, no partial_dm
     if (dispatch.choose_backward(n, C).strategy == "resident"
             and 4 * _backward_resident_smem_floats(n, C, x.dtype.size) <= device.max_shared_memory_per_block()):
         dx, partial = _backward_resident(x, M, hpre_raw, hpost_raw, w, inv_rms, dout)
-        partial_dm, G_dm = partial, 0  # dM is in `partial` (accumulated in registers, n <= 4)
     else:
         tag = dtype_tag(x.dtype)
         _, _, nmax = _binary("mhc_backward_fused", tag, n)
@@ -242,11 +242,10 @@ def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
         dx, partial = _launch("mhc_backward_fused", tag, n, [x, dout, M, hpre_raw, hpost_raw, w, inv_rms],
                               [(B, n, C), (G, n * n + 2 * n + C)], [x.dtype, F32], [n, C, B], (G * THREADS, 1, 1),
                               _backward_smem_floats(n, C))
-        if nmax in (2, 4):
-            partial_dm, G_dm = partial, 0
-        else:
-            partial_dm = _dm_partials(x, dout)
-            G_dm = partial_dm.shape[0]
+        dm_in_partial = nmax in (2, 4)
+    # the reduce ignores partial_dm when G_dm == 0: `partial` stands in (no placeholder launch)
+    partial_dm = partial if dm_in_partial else _dm_partials(x, dout)
+    G_dm = 0 if dm_in_partial else partial_dm.shape[0]
     G, P = partial.shape
     # cuda_src/mhc_backward_reduce.cu: REDUCE_COLS columns per CTA, its warps splitting the G rows
     dM, dpre, dpost, dw = _launch("mhc_backward_reduce", None, None, [partial, partial_dm, hpre_raw, hpost_raw],
