@@ -89,6 +89,10 @@ def _fatbin(fatbinary: str, image: Path, kind: str, arch: int, out: Path) -> Non
 
 def _build_variant(nvcc: str, ptxas: str, fatbinary: str, v: KernelVariant, out_dir: Path, cache: Path,
                    cubin_archs: list[int], ptx_arch: int) -> dict:
+    # a variant with min_arch (thread block clusters: sm_90) gets the listed archs from there on and
+    # PTX for at least min_arch; the loader's dispatch never picks it on an older GPU
+    cubin_archs = [a for a in cubin_archs if a >= v.min_arch]
+    ptx_arch = max(ptx_arch, v.min_arch)
     key = _source_hash(v)
     cdir = cache / f"{v.name}-{key[:16]}-{'_'.join(map(str, cubin_archs))}-{ptx_arch}"
     defines = [f"-D{k}={val}" for k, val in v.defines().items()]
@@ -98,14 +102,15 @@ def _build_variant(nvcc: str, ptxas: str, fatbinary: str, v: KernelVariant, out_
     if not all((cdir / f).exists() for f in files.values()):
         cdir.mkdir(parents=True, exist_ok=True)
         base = [nvcc, *NVCC_FLAGS, "-I", str(SRC), *defines, "-ptx", str(src)]
-        low_ptx = cdir / f"{v.name}.compute_{cubin_archs[0]}.lowptx"
-        _run(base[:-2] + [f"-arch=compute_{cubin_archs[0]}", "-ptx", str(src), "-o", str(low_ptx)])
+        low = cubin_archs[0] if cubin_archs else ptx_arch
+        low_ptx = cdir / f"{v.name}.compute_{low}.lowptx"
+        _run(base[:-2] + [f"-arch=compute_{low}", "-ptx", str(src), "-o", str(low_ptx)])
         for a in cubin_archs:
             cubin = cdir / f"{v.name}.sm_{a}.cubin"
             _run([ptxas, "-O3", f"-arch=sm_{a}", str(low_ptx), "-o", str(cubin)])
             _fatbin(fatbinary, cubin, "elf", a, cdir / files[f"sm_{a}"])
         ptx = cdir / f"{v.name}.compute_{ptx_arch}.ptx"
-        if ptx_arch == cubin_archs[0]:
+        if ptx_arch == low:
             shutil.copy(low_ptx, ptx)
         else:
             _run(base[:-2] + [f"-arch=compute_{ptx_arch}", "-ptx", str(src), "-o", str(ptx)])

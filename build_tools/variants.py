@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 DTYPES = ("f32", "f16", "bf16")
 NMAX_VALUES = (2, 4, 8, 16, 32, 64)  # DESIGN.md section 4
 RESIDENT_NMAX = (2, 4)  # strategy `resident` (CUDA): a token's streams held on chip
+CLUSTER_NMAX = (16, 32)  # strategy `cluster` (CUDA, bfloat16): n equal to NMAX, tensor-core tiles of 16
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class KernelVariant:
     strategy: str  # dispatch strategy name
     dtype: str | None  # None: float32 parameters only (Sinkhorn)
     nmax: int  # 0 = generic n
+    min_arch: int = 0  # oldest SM it is built for (90: thread block clusters); 0 = every listed arch
 
     @property
     def name(self) -> str:
@@ -56,6 +58,8 @@ def _table() -> tuple[KernelVariant, ...]:
         v.append(KernelVariant("mhc_forward", "mhc_forward_column_rms", "column", dt, 0))
         v.append(KernelVariant("mhc_forward", "mhc_forward_column", "column", dt, 0))
         v.append(KernelVariant("mhc_backward", "mhc_backward_dm", "fused", dt, 0))
+    for nmax in CLUSTER_NMAX:  # CUDA sm_90+ only (no metal_src twin): a cluster of CTAs per token
+        v.append(KernelVariant("mhc_forward", "mhc_forward_cluster", "cluster", "bf16", nmax, min_arch=90))
     # dtype-independent: sums the backward's per-CTA partials, applies the activations' derivatives
     v.append(KernelVariant("mhc_backward", "mhc_backward_reduce", "fused", None, 0))
     v += _dynamic_variants()  # dynamic mHC (issue 6): see _dynamic_variants below

@@ -219,7 +219,9 @@ def bench_command(
     meta = result.meta
     backend = dispatch.device_backend()
     notes = [f"{meta['device']} ({meta.get('device_name') or backend}), MLX {meta['mlx']}; "
-             f"copy bandwidth {meta['copy_GBps']:.1f} GB/s (float32 x + 1, read + write)",
+             f"copy bandwidth {meta['copy_GBps']:.1f} GB/s (float32 x + 1, read + write)"
+             + ("" if meta.get("cuda_graphs") is None else
+                f"; MLX CUDA graphs {'on' if meta['cuda_graphs'] else 'off (MLX_USE_CUDA_GRAPHS=0)'}"),
              f"{settings.iters} calls x {settings.repeats if mode_name == 'throughput' else 1} "
              f"{'batches' if mode_name == 'throughput' else 'run'}, {settings.warmup} warmup; GB/s counts "
              + ("x, out, x, dout, dx (5 E s)" if backward else "x read + out written (2 E s)")]

@@ -212,7 +212,7 @@ def profile_command(
 
     progress = None if quiet else Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                            TimeElapsedColumn(), console=output.stderr_console())
-    explain = prof.strategies(Bv, nv, Cv, backend, layer.value)
+    explain = prof.strategies(Bv, nv, Cv, backend, layer.value, dt)
     shape_args = {"B": Bv, "n": nv, "C": Cv, "dtype": dt, "backend": backend, "layer": layer.value}
     try:
         if progress:

@@ -3,11 +3,13 @@
 // kernel with g++ -include this file and runs it through a fake mx.fast.precompiled_cuda_kernel).
 // Not part of any GPU build (a .h, so build_tools/cuda.py neither compiles nor hashes it).
 //
-// Semantics: one CTA at a time, its threads fibers run round-robin; __syncthreads is a barrier
-// over the CTA, warp shuffles exchange through a per-warp buffer between two warp barriers; a
-// thread that returns drops out of both (as an exited GPU thread does); __shared__
-// variables are function statics (shared by the CTA's threads); dynamic shared memory is one
-// buffer per launch. __half / __nv_bfloat16 are 16-bit storage with round-to-nearest-even.
+// Semantics: one CTA at a time (one thread block cluster at a time for a kernel declared with
+// __cluster_dims__), its threads fibers run round-robin; __syncthreads is a barrier over the CTA,
+// warp shuffles exchange through a per-warp buffer between two warp barriers, the cluster barrier
+// spans the cluster's CTAs; a thread that returns drops out of all three (as an exited GPU thread
+// does); __shared__ variables are function statics (shared by the threads of a launch: cluster
+// kernels use dynamic shared memory only); dynamic shared memory is one buffer per CTA of a
+// cluster, reused by the next cluster. __half / __nv_bfloat16 are 16-bit storage with round-to-nearest-even.
 #pragma once
 
 #include <math.h>
@@ -30,6 +32,7 @@
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__
+#define __cluster_dims__(...)
 
 using std::max;
 using std::min;
@@ -54,6 +57,7 @@ struct float4 {
 struct float2 {
   float x, y;
 };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 struct __half {
   uint16_t bits;
@@ -183,20 +187,26 @@ struct EmuFiber {
   ucontext_t ctx;
   std::vector<char> stack;
   bool done = false;
+  unsigned cluster_gen = 0;  // the cluster barrier's generation at this thread's last arrive
 };
 
+// The CTAs that run together: one, or the CTAs of one cluster (fiber t is thread t % threads of
+// CTA t / threads); barriers, shuffle and exchange buffers are per CTA / per warp of that CTA.
 struct EmuCta {
   std::vector<EmuFiber> fibers;
   ucontext_t sched;
-  int cur = 0;
-  EmuBarrier bar;
-  std::vector<EmuBarrier> warp;
+  int cur = 0, threads = 0, nwarps = 0;
+  std::vector<EmuBarrier> bar, warp;  // per CTA, per (CTA, warp)
+  EmuBarrier cluster;
   std::vector<float> shfl;
   std::vector<uint64_t> xchg;  // per warp: 32 lanes x 8 words, for the warp-collective mma / ldmatrix
+  std::vector<std::vector<float>> dyn;  // dynamic shared memory per CTA
   std::function<void()> body;
+  int cta() const { return cur / threads; }
+  int warp_index() const { return cta() * nwarps + (cur % threads) / 32; }  // of the running thread
 };
 inline EmuCta* emu_cta = nullptr;
-inline float* emu_dyn_smem = nullptr;
+inline float* emu_dyn_smem = nullptr;  // the running thread's CTA's (read once, at kernel entry)
 inline emu_dim3 emu_block;
 
 inline void emu_yield() { swapcontext(&emu_cta->fibers[emu_cta->cur].ctx, &emu_cta->sched); }
@@ -210,14 +220,29 @@ inline void emu_wait(EmuBarrier& b) {
   while (b.gen == g) emu_yield();
 }
 
-inline void __syncthreads() { emu_wait(emu_cta->bar); }
+inline void __syncthreads() { emu_wait(emu_cta->bar[emu_cta->cta()]); }
 
 // A whole-warp barrier: every lane group of a launch makes the same __syncwarp calls (or exits),
 // so waiting for the warp is waiting for the group.
-inline void __syncwarp(unsigned = 0xffffffffu) { emu_wait(emu_cta->warp[int(threadIdx.x) / 32]); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_wait(emu_cta->warp[emu_cta->warp_index()]); }
+
+// Thread block clusters (sm_90): barrier.cluster as arrive / wait halves, and a shared-memory
+// address of this CTA as the same offset in CTA `rank` of the cluster (dynamic shared memory only).
+inline void __cluster_barrier_arrive() {
+  EmuBarrier& b = emu_cta->cluster;
+  emu_cta->fibers[emu_cta->cur].cluster_gen = b.gen;
+  if (++b.count >= b.expected) b.release();
+}
+inline void __cluster_barrier_wait() {
+  while (emu_cta->cluster.gen == emu_cta->fibers[emu_cta->cur].cluster_gen) emu_yield();
+}
+inline void* __cluster_map_shared_rank(const void* p, unsigned rank) {
+  const char* mine = reinterpret_cast<const char*>(emu_cta->dyn[emu_cta->cta()].data());
+  return reinterpret_cast<char*>(emu_cta->dyn[rank].data()) + (static_cast<const char*>(p) - mine);
+}
 
 inline float __shfl_xor_sync(unsigned, float v, int o) {
-  const int tid = int(threadIdx.x), w = tid / 32, lane = tid % 32;
+  const int tid = int(threadIdx.x), w = emu_cta->warp_index(), lane = tid % 32;
   float* buf = emu_cta->shfl.data() + 32 * w;
   buf[lane] = v;
   emu_wait(emu_cta->warp[w]);
@@ -228,7 +253,7 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
 
 // Lane src of the lane's group of `width` lanes (CUDA's __shfl_sync with a width).
 inline float __shfl_sync(unsigned, float v, int src, int width = 32) {
-  const int tid = int(threadIdx.x), w = tid / 32, lane = tid % 32;
+  const int tid = int(threadIdx.x), w = emu_cta->warp_index(), lane = tid % 32;
   float* buf = emu_cta->shfl.data() + 32 * w;
   buf[lane] = v;
   emu_wait(emu_cta->warp[w]);
@@ -245,7 +270,7 @@ inline float __shfl_sync(unsigned, float v, int src, int width = 32) {
 namespace mhc {
 namespace mma {
 inline void bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  const int tid = int(threadIdx.x), w = tid / 32, lane = tid % 32;
+  const int tid = int(threadIdx.x), w = emu_cta->warp_index(), lane = tid % 32;
   uint64_t* buf = emu_cta->xchg.data() + size_t(w) * 32 * 8;
   uint64_t* mine = buf + lane * 8;
   for (int i = 0; i < 4; ++i) mine[i] = a[i];
@@ -274,7 +299,7 @@ inline void bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint3
 }
 template <bool TRANS>
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-  const int tid = int(threadIdx.x), w = tid / 32, lane = tid % 32;
+  const int tid = int(threadIdx.x), w = emu_cta->warp_index(), lane = tid % 32;
   uint64_t* buf = emu_cta->xchg.data() + size_t(w) * 32 * 8;
   buf[lane * 8] = reinterpret_cast<uint64_t>(row);
   emu_wait(emu_cta->warp[w]);
@@ -293,34 +318,40 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 inline void emu_trampoline() {
   EmuCta* c = emu_cta;
   c->body();
-  const int t = c->cur;
-  c->fibers[t].done = true;
-  c->warp[t / 32].drop();
-  c->bar.drop();
+  c->fibers[c->cur].done = true;
+  c->warp[c->warp_index()].drop();
+  c->bar[c->cta()].drop();
+  c->cluster.drop();
 }  // returns to uc_link: the scheduler
 
-// Runs body() as grid x threads: one CTA at a time.
+// Runs body() as grid x threads: one CTA, or one cluster of `cluster` CTAs along x, at a time.
 template <typename Body>
-inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, Body body) {
-  std::vector<float> dyn(smem_bytes / 4 + 64, NAN);  // poisoned: a read before a write shows
-  emu_dyn_smem = dyn.data();
+inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, int cluster, Body body) {
   blockDim = {unsigned(threads), 1, 1};
   gridDim = {unsigned(gx), unsigned(gy), unsigned(gz)};
   EmuCta cta;
-  cta.fibers.resize(threads);
+  const int nwarps = (threads + 31) / 32, total = cluster * threads;
+  cta.threads = threads;
+  cta.nwarps = nwarps;
+  cta.fibers.resize(total);
   for (auto& f : cta.fibers) f.stack.resize(128 * 1024);
-  const int nwarps = (threads + 31) / 32;
-  cta.warp.resize(nwarps);
-  cta.shfl.assign(size_t(nwarps) * 32, 0.0f);
-  cta.xchg.assign(size_t(nwarps) * 32 * 8, 0);
+  cta.bar.resize(cluster);
+  cta.warp.resize(size_t(cluster) * nwarps);
+  cta.shfl.assign(size_t(cluster) * nwarps * 32, 0.0f);
+  cta.xchg.assign(size_t(cluster) * nwarps * 32 * 8, 0);
+  cta.dyn.resize(cluster);
   cta.body = body;
   emu_cta = &cta;
   for (int z = 0; z < gz; ++z)
     for (int y = 0; y < gy; ++y)
-      for (int x = 0; x < gx; ++x) {
-        cta.bar = EmuBarrier{0, threads, 0};
-        for (int w = 0; w < nwarps; ++w) cta.warp[w] = EmuBarrier{0, std::min(32, threads - 32 * w), 0};
-        for (int t = 0; t < threads; ++t) {
+      for (int x0 = 0; x0 < gx; x0 += cluster) {
+        for (int k = 0; k < cluster; ++k) {
+          cta.bar[k] = EmuBarrier{0, threads, 0};
+          for (int w = 0; w < nwarps; ++w) cta.warp[k * nwarps + w] = EmuBarrier{0, std::min(32, threads - 32 * w), 0};
+          cta.dyn[k].assign(smem_bytes / 4 + 64, NAN);  // poisoned: a read before a write shows
+        }
+        cta.cluster = EmuBarrier{0, total, 0};
+        for (int t = 0; t < total; ++t) {
           EmuFiber& f = cta.fibers[t];
           f.done = false;
           getcontext(&f.ctx);
@@ -329,13 +360,14 @@ inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, B
           f.ctx.uc_link = &cta.sched;
           makecontext(&f.ctx, emu_trampoline, 0);
         }
-        blockIdx = {unsigned(x), unsigned(y), unsigned(z)};
-        for (int live = threads; live > 0;) {
+        for (int live = total; live > 0;) {
           live = 0;
-          for (int t = 0; t < threads; ++t) {
+          for (int t = 0; t < total; ++t) {
             if (cta.fibers[t].done) continue;
             cta.cur = t;
-            threadIdx = {unsigned(t), 0, 0};
+            threadIdx = {unsigned(t % threads), 0, 0};
+            blockIdx = {unsigned(x0 + t / threads), unsigned(y), unsigned(z)};
+            emu_dyn_smem = cta.dyn[t / threads].data();
             swapcontext(&cta.sched, &cta.fibers[t].ctx);
             live += !cta.fibers[t].done;
           }

@@ -1,6 +1,8 @@
 // Warp-level tensor-core pieces of the dynamic-mHC projection kernels (mhc_dynamic_proj_tc,
-// mhc_dynamic_dphi_tc): mma.sync m16n8k16 bfloat16 -> float32 and ldmatrix, as PTX, and the
-// float32 B operand split into three bfloat16 terms in fragment order, which both kernels stage. Fragment
+// mhc_dynamic_dphi_tc) and of the static forward's mix (mhc_forward_fused, mhc_forward_cluster):
+// mma.sync m16n8k16 bfloat16 -> float32 and ldmatrix, as PTX, the float32 B operand split into
+// three bfloat16 terms in fragment order (which both dynamic kernels stage) and the static M split
+// into two as A fragments. Fragment
 // layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), g = lane / 4, q = lane % 4:
 //   A 16 x 16: a[0] = (row g, cols 2q, 2q+1)  a[1] = (row g+8, cols 2q, 2q+1)
 //              a[2] = (row g, cols 2q+8, +9)  a[3] = (row g+8, cols 2q+8, +9)
@@ -49,6 +51,83 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
   memcpy(&l, &lo, 2);
   memcpy(&h, &hi, 2);
   return uint32_t(l) | (uint32_t(h) << 16);
+}
+
+// The static forward's mixing matrix M (float32 [N, N], row-major) as A fragments for a whole
+// token, split in two bfloat16 terms: a[0] = bf16(M), a[1] = bf16(M - a[0]) (2^-17 relative
+// together, far below a bfloat16 output's rounding); a[term][mt][kt] is the m16 x k16 tile
+// (mt, kt). Used by mhc_forward_fused's tensor-core pass and mhc_forward_cluster, which issue the
+// lo term's MMA first.
+template <int N>
+__device__ __forceinline__ void split_a_fragments(const float* __restrict__ M, uint32_t (&a)[2][N / 16][N / 16][4],
+                                                  int lane) {
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < N / 16; ++mt)
+#pragma unroll
+    for (int kt = 0; kt < N / 16; ++kt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = mt * 16 + g + 8 * (e & 1), col = kt * 16 + 2 * q + 8 * (e >> 1);
+        bf16 h[2], l[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const float v = __ldg(M + row * N + col + u);
+          h[u] = from_float<bf16>(v);
+          l[u] = from_float<bf16>(v - to_float(h[u]));
+        }
+        a[0][mt][kt][e] = pack_bf16(h[0], h[1]);
+        a[1][mt][kt][e] = pack_bf16(l[0], l[1]);
+      }
+}
+
+// d = M x for one 16-column group of a token (the static forward's mix, paper eq. 3): row j of the
+// group's x (two 16-byte segments) is read by ldmatrix.trans through row_at(j), which gives the
+// segment holding this lane's ldmatrix row (segment lane / 16 of row j); a from split_a_fragments,
+// lo term first. d[mt][nt]: rows 16 mt.., columns 8 nt.. of the group (C/D layout above).
+template <int N, typename RowAt>
+__device__ __forceinline__ void mix_group16(float (&d)[N / 16][2][4], const uint32_t (&a)[2][N / 16][N / 16][4],
+                                            int lane, RowAt row_at) {
+  const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1);  // matrices (k rows 0-7 | 8-15) x (segment 0 | 1)
+#pragma unroll
+  for (int mt = 0; mt < N / 16; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) d[mt][nt][e] = 0.0f;
+#pragma unroll
+  for (int kt = 0; kt < N / 16; ++kt) {
+    uint32_t b[4];  // {b0, b1} of the group's first n8 tile, then of its second
+    ldmatrix_x4<true>(b, row_at(kt * 16 + lrow));
+#pragma unroll
+    for (int mt = 0; mt < N / 16; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        bf16_16816(d[mt][nt], a[1][mt][kt], b[2 * nt], b[2 * nt + 1]);  // lo first
+        bf16_16816(d[mt][nt], a[0][mt][kt], b[2 * nt], b[2 * nt + 1]);
+      }
+  }
+}
+
+// The group's outputs d + hpost[i] y as bfloat16 pairs: store(i, nt, word) gets row i's columns
+// 8 nt + 2q, + 1 of the group packed in one word; y(nt) gives y at those two columns.
+template <int N, typename Y, typename Store>
+__device__ __forceinline__ void add_post_pairs(const float (&d)[N / 16][2][4], const float* hpost, int lane, Y y,
+                                               Store store) {
+  const int g = lane >> 2;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    const float2 yv = y(nt);
+#pragma unroll
+    for (int mt = 0; mt < N / 16; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = mt * 16 + g + 8 * h;
+        const float hp = hpost[i];
+        store(i, nt, pack_bf16(from_float<bf16>(d[mt][nt][2 * h] + hp * yv.x),
+                               from_float<bf16>(d[mt][nt][2 * h + 1] + hp * yv.y)));
+      }
+  }
 }
 
 // v[0..3] = the four float32 values of one B-fragment lane (rows 2q, 2q+1, 2q+8, 2q+9 of its

@@ -32,25 +32,9 @@ __device__ __forceinline__ void mix_pass_tc(const E* __restrict__ xb, E* __restr
   constexpr int T16 = N / 16;                  // m16 tiles of rows i, k16 tiles of streams j
   constexpr int SEGS = TC_COLS / 8;            // 16-byte segments per row of a chunk
   constexpr int CHUNK = N * TC_COLS;           // bfloat16 per stage
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, q = lane & 3;
   uint32_t a[2][T16][T16][4];  // [hi / lo][mt][kt]: M's A fragments (layout: mhc_dynamic_mma.cuh)
-#pragma unroll
-  for (int mt = 0; mt < T16; ++mt)
-#pragma unroll
-    for (int kt = 0; kt < T16; ++kt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = mt * 16 + g + 8 * (e & 1), col = kt * 16 + 2 * q + 8 * (e >> 1);
-        bf16 h[2], l[2];
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const float v = __ldg(M + row * N + col + u);
-          h[u] = from_float<bf16>(v);
-          l[u] = from_float<bf16>(v - to_float(h[u]));
-        }
-        a[0][mt][kt][e] = mma::pack_bf16(h[0], h[1]);
-        a[1][mt][kt][e] = mma::pack_bf16(l[0], l[1]);
-      }
+  mma::split_a_fragments<N>(M, a, lane);
   // chunk `ch` into ring slot `slot`: row j's segment s lands at segment s ^ (j & 7), so the eight
   // rows one ldmatrix phase reads sit in eight different bank groups
   auto load = [&](int ch, int slot) {
@@ -67,42 +51,23 @@ __device__ __forceinline__ void mix_pass_tc(const E* __restrict__ xb, E* __restr
     if (st < chunks) load(st, st);
     __pipeline_commit();
   }
-  // this lane's ldmatrix row: matrices (k rows 0-7 | 8-15) x (the warp's segment 2w | 2w + 1)
-  const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1), lseg = 2 * warp + (lane >> 4);
+  const int lseg = 2 * warp + (lane >> 4);  // this lane's ldmatrix segment: the warp's 2w | 2w + 1
   for (int it = 0; it < chunks; ++it) {
     __pipeline_wait_prior(TC_STAGES - 2);  // this thread's copies of chunk `it` have landed
     __syncthreads();                        // everyone's have; slot (it - 1) % TC_STAGES is free
     if (it + TC_STAGES - 1 < chunks) load(it + TC_STAGES - 1, (it + TC_STAGES - 1) % TC_STAGES);
     __pipeline_commit();
     const E* slot = ring + (it % TC_STAGES) * CHUNK;
-    float d[T16][2][4] = {};
-#pragma unroll
-    for (int kt = 0; kt < T16; ++kt) {
-      const int j = kt * 16 + lrow;
-      uint32_t b[4];  // {b0, b1} of the warp's first n8 tile, then of its second
-      mma::ldmatrix_x4<true>(b, slot + j * TC_COLS + ((lseg ^ (j & 7)) * 8));
-#pragma unroll
-      for (int mt = 0; mt < T16; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          mma::bf16_16816(d[mt][nt], a[1][mt][kt], b[2 * nt], b[2 * nt + 1]);  // lo first
-          mma::bf16_16816(d[mt][nt], a[0][mt][kt], b[2 * nt], b[2 * nt + 1]);
-        }
-    }
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const int c = it * TC_COLS + 16 * warp + 8 * nt + 2 * q;
-      const float y0 = agg[c] * r * w[c], y1 = agg[c + 1] * r * w[c + 1];
-#pragma unroll
-      for (int mt = 0; mt < T16; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = mt * 16 + g + 8 * h;
-          const float hp = hpost[i];
-          *reinterpret_cast<uint32_t*>(ob + (size_t)i * C + c) = mma::pack_bf16(
-              from_float<bf16>(d[mt][nt][2 * h] + hp * y0), from_float<bf16>(d[mt][nt][2 * h + 1] + hp * y1));
-        }
-    }
+    float d[T16][2][4];
+    mma::mix_group16<N>(d, a, lane, [&](int j) { return slot + j * TC_COLS + ((lseg ^ (j & 7)) * 8); });
+    const int c0 = it * TC_COLS + 16 * warp + 2 * q;  // this lane's first column of the warp's group
+    mma::add_post_pairs<N>(
+        d, hpost, lane,
+        [&](int nt) {
+          const int c = c0 + 8 * nt;
+          return make_float2(agg[c] * r * w[c], agg[c + 1] * r * w[c + 1]);
+        },
+        [&](int i, int nt, uint32_t word) { *reinterpret_cast<uint32_t*>(ob + (size_t)i * C + c0 + 8 * nt) = word; });
   }
 }
 

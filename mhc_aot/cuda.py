@@ -21,6 +21,7 @@ THREADS = 256  # cuda_src/mhc_common.cuh
 TILE_C = 1024  # cuda_src/mhc_column_common.cuh
 DM_CHUNK = 32  # cuda_src/mhc_backward_dm.cu
 FUSED_TC_COLS, FUSED_TC_STAGES, FUSED_TC_N = 128, 4, (16, 32)  # cuda_src/mhc_forward_fused.cu (tensor cores)
+CLUSTER, CLUSTER_THREADS = 4, 128  # cuda_src/mhc_forward_cluster.cu: CTAs per token, threads per CTA
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
@@ -143,6 +144,18 @@ def _forward_fused(x, M, hpre_raw, hpost_raw, w, eps):
     return _launch("mhc_forward_fused", dtype_tag(x.dtype), n, [x, M, hpre_raw, hpost_raw, w],
                    [(B, n, C), (B,)], [x.dtype, F32], [n, C, eps], (B * THREADS, 1, 1),
                    n * pad + 2 * pad + 32 + C + _fused_tc_ring_floats(x.dtype, n, C, nmax))
+
+
+def _forward_cluster(x, M, hpre_raw, hpost_raw, w, eps):
+    B, n, C = x.shape
+    _, _, nmax = _binary("mhc_forward_cluster", "bf16", n)
+    if x.dtype != mx.bfloat16 or n != nmax or C % (64 * CLUSTER):
+        raise ValueError(f"mhc_forward_cluster runs bfloat16 x with n in {FUSED_TC_N} and C a multiple of "
+                         f"{64 * CLUSTER}; got {x.dtype}, n={n}, C={C} (dispatch.CLUSTER_FORWARD bounds the strategy)")
+    S = C // CLUSTER  # columns per CTA; shared floats per its header: x slice, agg, hpre, hpost, 33
+    return _launch("mhc_forward_cluster", "bf16", n, [x, M, hpre_raw, hpost_raw, w], [(B, n, C), (B,)],
+                   [x.dtype, F32], [n, C, eps], (B * CLUSTER * CLUSTER_THREADS, 1, 1), n * S // 2 + S + 2 * n + 33,
+                   CLUSTER_THREADS)
 
 
 def _fused_tc_ring_floats(dtype, n: int, C: int, nmax: int) -> int:
@@ -285,7 +298,7 @@ def _mix_add_dM(x, dout):
 
 _ops = kernel_ops.build(kernel_ops.Launchers(
     sinkhorn_fwd=_sinkhorn_fwd, sinkhorn_bwd=_sinkhorn_bwd,
-    forward={"fused": _forward_fused, "column": _forward_column}, backward=_backward,
+    forward={"fused": _forward_fused, "column": _forward_column, "cluster": _forward_cluster}, backward=_backward,
     forward_from_logits={"resident": _forward_resident},
     backward_in_mlx=_backward_in_mlx, mlx_graph=_reference_graph_from_M,
     mix_add=_mix_add, mix_add_dM=_mix_add_dM))

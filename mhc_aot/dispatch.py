@@ -9,12 +9,15 @@ here: it runs only when a caller passes backend="reference".
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 
+from . import manifest
+
 BACKENDS = ("auto", "cpu", "cuda", "metal", "portable", "reference")
-STRATEGIES = ("portable", "resident", "fused", "column", "sinkhorn", "mix_add")
+STRATEGIES = ("portable", "resident", "cluster", "fused", "column", "sinkhorn", "mix_add")
 
 
 @dataclass(frozen=True)
@@ -29,11 +32,20 @@ class Rule:
     min_n: int = 1  # streams at least
     min_C: int = 1  # channels at least
     max_n: int | None = None  # streams at most (None = any)
+    n_in: tuple[int, ...] | None = None  # exactly these n (None = any)
+    C_multiple: int = 1  # C a multiple of this
+    dtypes: tuple[str, ...] | None = None  # x's dtype tag among these (None = any; an unknown dtype never matches)
+    min_sm: int = 0  # the CUDA GPU's compute capability at least (90 = sm_90)
+    without_cuda_graphs: bool = False  # only where MLX launches kernels directly (MLX_USE_CUDA_GRAPHS=0)
 
-    def matches(self, B: int | None, C: int, n: int) -> bool:
+    def matches(self, B: int | None, C: int, n: int, dtype: str | None = None, sm: int = 0,
+                cuda_graphs: bool = True) -> bool:
         return ((self.max_B is None or (B is not None and B <= self.max_B))
                 and (self.min_B <= 1 or (B is not None and B >= self.min_B))
                 and n >= self.min_n and (self.max_n is None or n <= self.max_n)
+                and (self.n_in is None or n in self.n_in) and C % self.C_multiple == 0
+                and (self.dtypes is None or dtype in self.dtypes) and sm >= self.min_sm
+                and not (self.without_cuda_graphs and cuda_graphs)
                 and self.min_C <= C and (self.max_C is None or C <= self.max_C))
 
 
@@ -56,6 +68,19 @@ class Rule:
 # fused forward there was 146 us per call (131 its kernel alone, a copy of x 98) and fused
 # forward + backward 971 us. The backward takes it only where its token (x and dout: 2 n C
 # elements, 64 KB in bf16 at the limits) fits the GPU's shared memory per block, else `fused`.
+# `cluster` (CUDA only, cuda_src/mhc_forward_cluster.cu): a thread block cluster of 4 CTAs per token,
+# each holding n x C/4 of it in shared memory, so x is read once even where a token outgrows one
+# CTA (the fused kernel re-reads it through L2). Its tensor-core mix needs bfloat16 and n = 16 or
+# 32; a CTA's quarter must be 64 columns of whole ldmatrix segments; n = 32 at C = 12288 needs
+# 209 KB of shared memory per CTA; clusters need sm_90. And it runs only where MLX launches kernels
+# directly (MLX_USE_CUDA_GRAPHS=0): MLX 0.32.4 keys its CUDA graph cache by node type, not by a
+# kernel's cluster shape, and updates a cached executable graph in place, so after a graph that
+# held this kernel, a later graph of the same shape launched an ordinary kernel in clusters of 4
+# (H200: every forward whose grid was not a multiple of 4 failed to launch and left its output
+# unwritten, with no error). The compile-time cluster shape (__cluster_dims__) is all MLX's
+# custom-kernel primitive allows; a launch attribute it could key by is not exposed.
+CLUSTER_FORWARD = dict(n_in=(16, 32), dtypes=("bf16",), C_multiple=256, max_C=12288, min_sm=90,
+                       without_cuda_graphs=True)
 RESIDENT_MAX_N = 4
 RESIDENT_MAX_C = 4096
 FUSED_MAX_C = 49152
@@ -68,7 +93,7 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
     def rule(op, strategy, why, max_B=None, max_C=None, **limits):
         return Rule(backend, op, strategy, max_B, max_C, why, **limits)
 
-    few, mid = COLUMN_FEW_TOKENS, COLUMN_MID_B
+    few, mid, cl = COLUMN_FEW_TOKENS, COLUMN_MID_B, CLUSTER_FORWARD
     resident = (  # CUDA kernels only (no Metal twins)
         rule("mhc_forward", "resident", f"n <= {RESIDENT_MAX_N}, C <= {RESIDENT_MAX_C}: Sinkhorn and forward in one "
              "launch, each token in registers from load to store (x read once, never re-read)",
@@ -76,6 +101,9 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
         rule("mhc_backward", "resident", f"n <= {RESIDENT_MAX_N}, C <= {RESIDENT_MAX_C}: x and dout in shared memory "
              "once per token, parameter gradients in registers (fused where the token outgrows shared memory)",
              max_C=RESIDENT_MAX_C, max_n=RESIDENT_MAX_N),
+        rule("mhc_forward", "cluster", "bfloat16, n in {16, 32}, C a multiple of 256 up to 12288, sm_90+, "
+             "MLX_USE_CUDA_GRAPHS=0 (MLX's graph cache ignores cluster shapes): a cluster of 4 CTAs per token, each holding n x C/4 of it in shared memory from one read of x, the "
+             "RMS sum crossing the cluster through distributed shared memory", **cl),
     ) if backend == "cuda" else ()
     return (
         rule("sinkhorn", "sinkhorn", "one CTA runs all iterations of the tiny [n, n] problem in one launch"),
@@ -135,8 +163,29 @@ def device_backend(device: mx.Device | None = None) -> str:
     return _gpu_backend() if device.type == mx.gpu else "cpu"
 
 
-def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None) -> Choice:
-    """Pick the strategy for `op` on B tokens of n x C values.
+def cuda_graphs() -> bool:
+    """Whether MLX's CUDA backend records kernels into CUDA graphs (its default; MLX_USE_CUDA_GRAPHS=0
+    turns it off, read by MLX once per process, as here)."""
+    try:
+        return int(os.environ.get("MLX_USE_CUDA_GRAPHS", "1")) != 0
+    except ValueError:
+        return True
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_sm() -> int:
+    """This machine's CUDA compute capability as an integer (90 for sm_90); 0 without MLX's CUDA backend."""
+    if not mx.cuda.is_available():
+        return 0
+    digits = "".join(ch for ch in str(mx.device_info().get("architecture", "")) if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None,
+           dtype: mx.Dtype | str | None = None, sm: int | None = None, graphs: bool | None = None) -> Choice:
+    """Pick the strategy for `op` on B tokens of n x C values of `dtype` (an mx dtype or its tag;
+    rules that name dtypes never match an unknown one), on a CUDA GPU of compute capability `sm`
+    with MLX's CUDA graphs on or off (None: this machine's, cuda_sm() and cuda_graphs()).
 
     backend: "auto" follows MLX's default device; "cpu"/"portable" force MLX ops; "reference"
     forces the readable reference; "cuda"/"metal" force kernels of that backend.
@@ -148,8 +197,11 @@ def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None)
     if backend == "portable":
         return Choice("cpu", "portable", None, "backend='portable' was asked for explicitly")
     device = device_backend() if backend == "auto" else backend
+    tag = dtype if dtype is None or isinstance(dtype, str) else manifest.DTYPE_TAGS.get(str(dtype).split(".")[-1])
+    sm = (cuda_sm() if sm is None else sm) if device == "cuda" else 0
+    graphs = cuda_graphs() if graphs is None else graphs
     for rule in RULES:
-        if rule.backend == device and rule.op == op and rule.matches(B, C, n):
+        if rule.backend == device and rule.op == op and rule.matches(B, C, n, tag, sm, graphs):
             return Choice(device, rule.strategy, rule, rule.why)
     raise ValueError(f"no dispatch rule for op={op!r} on backend={device!r}")
 
@@ -158,13 +210,14 @@ def choose_backward(n: int, C: int, backend: str = "cuda") -> Choice:
     return choose("mhc_backward", n, C, backend)
 
 
-def explain(op: str, n: int, C: int, backend: str = "auto", B: int | None = None) -> str:
+def explain(op: str, n: int, C: int, backend: str = "auto", B: int | None = None,
+            dtype: mx.Dtype | str | None = None) -> str:
     """One line: what runs for this op and shape, and why."""
-    c = choose(op, n, C, backend, B)
-    shape = f"B={B}, n={n}, C={C}" if B is not None else f"n={n}, C={C}"
+    c = choose(op, n, C, backend, B, dtype)
+    shape = (f"B={B}, " if B is not None else "") + f"n={n}, C={C}" + (f", {dtype}" if dtype is not None else "")
     return f"{op}({shape}) on {c.backend}: {c.strategy} - {c.reason}"
 
 
 def rules_table() -> list[dict]:
-    """The rule table as rows, for `mhc info --dispatch` and JSON output."""
-    return [asdict(r) for r in RULES]
+    """The rule table as rows, for `mhc info --dispatch` and JSON output (tuples as lists, as JSON has them)."""
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()} for r in RULES]

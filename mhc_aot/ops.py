@@ -205,7 +205,7 @@ def mhc_forward(x: mx.array, H_pre_raw: mx.array, H_post_raw: mx.array, H_res_ra
     x3 = x.reshape(-1, n, C)
     if x3.shape[0] == 0:
         return mx.zeros(x.shape, x.dtype)
-    choice = dispatch.choose("mhc_forward", n, C, backend, B=x3.shape[0])
+    choice = dispatch.choose("mhc_forward", n, C, backend, B=x3.shape[0], dtype=x.dtype)
     if choice.strategy == "reference":
         out = reference.mhc_forward(x3, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters, eps).astype(x.dtype)
     elif choice.strategy == "portable":

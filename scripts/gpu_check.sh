@@ -50,7 +50,14 @@ for s in $stages; do
     # pytest-timeout cannot interrupt a hung CUDA call: the outer timeout bounds the stage
     timeout "${MHC_TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfE -m gpu -p no:cacheprovider --timeout=300 ${MHC_GPU_TESTS:-tests} \
       > "$out/gpu_tests.log" 2>&1 || status=1
-    grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests.log" | head -60 ;;
+    grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests.log" | head -60
+    # the forward's `cluster` strategy runs only with MLX's CUDA graphs off (mhc_aot/dispatch.py,
+    # CLUSTER_FORWARD): the forward, gradient and layer tests again in that mode
+    MLX_USE_CUDA_GRAPHS=0 timeout "${MHC_TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfE -m gpu -p no:cacheprovider \
+      --timeout=300 tests/test_mhc_forward.py tests/test_gradients.py tests/test_layer.py > "$out/gpu_tests_no_graphs.log" 2>&1 \
+      || status=1
+    echo "MLX_USE_CUDA_GRAPHS=0:"
+    grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests_no_graphs.log" | head -30 ;;
   sweep)
     stage sweep
     timeout 240 python3 scripts/gpu_dispatch_sweep.py || status=1 ;;

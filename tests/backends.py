@@ -121,6 +121,15 @@ def dispatch_edges(op: str, n: int = 2) -> list[tuple[int, int, int]]:
             shapes.append((B, rn, r.min_C - 1))
         if r.max_B:
             shapes += [(r.max_B, rn, C), (r.max_B + 1, rn, C)]
+    # rules for exact n and C multiples (`cluster`): each n and one either side, C on both sides of
+    # the multiple (two tokens) and of max_C (one) (dtype and GPU rules apply too: strategies_of)
+    for r in rules:
+        if r.n_in is None:
+            continue
+        m = r.C_multiple
+        shapes += [(2, rn + d, m) for rn in r.n_in for d in (-1, 0)]
+        shapes += [(2, rn, m + m // 2) for rn in r.n_in]
+        shapes += [(1, rn, C) for rn in r.n_in for C in (r.max_C, r.max_C + m)]
     return list(dict.fromkeys(shapes))
 
 
@@ -136,10 +145,12 @@ def split_for_cpu(shapes) -> tuple[list, list]:
 
 
 def strategies_of(op: str, shapes, backend: str = "cuda") -> set[str]:
-    """The strategies that dispatch picks for `op` over a shape table of (B, n, C)."""
+    """The strategies that dispatch picks for `op` over a shape table of (B, n, C), in any dtype,
+    on an sm_80 or an sm_90 GPU, with MLX's CUDA graphs on or off."""
     from mhc_aot import dispatch
 
-    return {dispatch.choose(op, n, C, backend, B=int(np.prod(leading(B)))).strategy for B, n, C in shapes}
+    return {dispatch.choose(op, n, C, backend, B=int(np.prod(leading(B))), dtype=tag, sm=sm, graphs=graphs).strategy
+            for B, n, C in shapes for tag in ("f32", "f16", "bf16") for sm in (80, 90) for graphs in (True, False)}
 
 
 def gpu_strategies(op: str, backend: str = "cuda") -> set[str]:

@@ -51,10 +51,11 @@ class Emulator:
             name = re.findall(r"[A-Za-z_]\w*", p)[-1]
             types.append(p[: p.rindex(name)].replace("__restrict__", "").strip())
         args = [f"({t})ptrs[{i}]" if "*" in t else f"({t})scal[{i}]" for i, t in enumerate(types)]
+        cluster = "CLUSTER" if "__cluster_dims__(CLUSTER" in text else "1"  # a cluster kernel names its size CLUSTER
         body = text.replace("extern __shared__ float smem[];", "float* smem = emu_dyn_smem;") + (
             '\nextern "C" void emu_run(void** ptrs, const double* scal, int gx, int gy, int gz, int threads, '
             'long smem) {\n'
-            f"  emu_launch(gx, gy, gz, threads, (size_t)smem, [&] {{ MHC_NAME({', '.join(args)}); }});\n}}\n")
+            f"  emu_launch(gx, gy, gz, threads, (size_t)smem, {cluster}, [&] {{ MHC_NAME({', '.join(args)}); }});\n}}\n")
         deps = "".join(h.read_text() for h in sorted([*CUDA_SRC.glob("*.cuh"), CUDA_SRC / "mhc_dynamic_emulate.h"]))
         key = hashlib.sha256(f"{body}{deps}{dtype}{nmax}".encode()).hexdigest()[:16]
         so = self.cache / f"{source}_{dtype}_{nmax}_{key}.so"

@@ -181,6 +181,27 @@ def _tag(dtype_name):
     return dtype_tag(testing.DTYPES[dtype_name])
 
 
+# The cluster strategy's CUDA kernel (bfloat16, n = 16 / 32; the rule asks for sm_90 and for MLX's
+# CUDA graphs off, which the emulation stands in for), emulated: four CTAs per token run together, their RMS partials crossing
+# the cluster through each other's shared memory; forward and, after it, the fused backward.
+EMU_CLUSTER = [(3, 16, 256), (2, 32, 512), (1, 16, 1024)]
+
+
+@pytest.mark.parametrize("B,n,C", EMU_CLUSTER)
+def test_emulated_cuda_cluster_forward(emulated_cuda, monkeypatch, B, n, C):
+    from mhc_aot import cuda
+
+    monkeypatch.setattr(dispatch, "cuda_sm", lambda: 90)
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
+    assert dispatch.choose("mhc_forward", n, C, "cuda", B=B, dtype=mx.bfloat16).strategy == "cluster"
+    for other in (dict(sm=80), dict(graphs=True), dict(dtype=mx.float16)):  # each condition of the rule
+        assert dispatch.choose("mhc_forward", n, C, "cuda", B=B, **{"dtype": mx.bfloat16, **other}).strategy != "cluster"
+    _check("cuda", B, n, C, "bfloat16", tag="emulated-cluster")
+    name = cuda._binary("mhc_forward_cluster", "bf16", n)[0]
+    assert [nm for nm, _ in emulated_cuda.launched] == ["mhc_sinkhorn_fwd", name]
+    assert emulated_cuda.grids[-1][0] == B * cuda.CLUSTER * cuda.CLUSTER_THREADS
+
+
 # The resident strategy's CUDA kernels, emulated: the forward (Sinkhorn folded in: one launch) and
 # its backward (x and dout in shared memory, gradients in registers) with persistent CTAs capped at
 # two per SM on one SM, so a CTA walks several tokens; vector and scalar paths, n < NMAX, n = 1.

@@ -24,7 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mhc_aot import _shim, manifest
+from mhc_aot import _shim, cuda, manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -98,7 +98,8 @@ def test_cuda_check_cubin_loads_shipped_kernels():
         tag = arch if arch in v.row["files"] else "ptx"
         r = _shim.cuda_check_cubin(v.read(tag), v.name)
         assert r["ok"], f"{v.name} ({tag}): {r.get('error')}"
-        assert r["registers"] > 0 and r["max_threads_per_block"] >= 256
+        threads = cuda.CLUSTER_THREADS if v.row["strategy"] == "cluster" else cuda.THREADS  # as launched
+        assert r["registers"] > 0 and r["max_threads_per_block"] >= threads
         missing = _shim.cuda_check_cubin(v.read(tag), v.name + "_not_there")
         assert missing["ok"] is False and "cuModuleGetFunction" in missing["error"]
         checked += 1
