@@ -67,7 +67,7 @@ for s in $stages; do
     # forward + backward, against the compiled portable path, mhc-mlx and torch.compile
     for suite in latency throughput large; do
       for pass in $passes; do
-        timeout 150 mhc bench --suite "$suite" $(flag "$pass") --compare "${MHC_BENCH_COMPARE:-portable,seed,torch}" \
+        timeout 240 mhc bench --suite "$suite" $(flag "$pass") --compare "${MHC_BENCH_COMPARE:-portable,seed,torch}" \
           || status=1
       done
     done ;;

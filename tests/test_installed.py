@@ -42,3 +42,21 @@ def test_manifest_files_present():
 def test_gpu_kernels_shipped(backend):
     assert GPU_AVAILABLE[backend]
     assert manifest.variants(backend), f"{backend} is available but the installed package ships no {backend} kernels"
+
+
+def test_cuda_variants_respect_min_arch():
+    """A variant with min_arch (the cluster forward: sm_90) ships cubins from that arch on and PTX for at
+    least it, never a binary an older GPU would load; every other variant ships what the build listed."""
+    _distribution()
+    rows = [r for r in manifest.load()["variants"] if r.get("backend") == "cuda"]
+    if not rows:
+        pytest.skip("no CUDA kernels in this install (no nvcc at build time)")
+    listed = {tag for r in rows if not r.get("min_arch") for tag in r["files"]}
+    gated = [r for r in rows if r.get("min_arch")]
+    assert gated, "the variant table has min_arch variants (mhc_forward_cluster): the manifest lost them"
+    for r in gated:
+        sms = [int(t[3:]) for t in r["files"] if t.startswith("sm_")]
+        assert all(a >= r["min_arch"] for a in sms), f"{r['name']}: cubins {sms} below min_arch {r['min_arch']}"
+        assert {f"sm_{a}" for a in sms} == {t for t in listed if t.startswith("sm_") and int(t[3:]) >= r["min_arch"]}
+        ptx_arch = int(r["files"]["ptx"].rsplit("compute_", 1)[1].split(".")[0])
+        assert ptx_arch >= r["min_arch"], f"{r['name']}: PTX for compute_{ptx_arch} < min_arch {r['min_arch']}"
