@@ -139,13 +139,13 @@ def _manifest_facts() -> tuple[dict, list[str], list[str]]:
 def _dispatch_facts() -> dict:
     facts = {}
     for label, B, n, C in STANDARD_SHAPES:
-        fwd = dispatch.choose("mhc_forward", n, C, "auto", B=B)
+        fwd = dispatch.choose("mhc_forward", n, C, "auto", B=B, dtype="bf16")  # the bench's default dtype
         bwd = dispatch.choose("mhc_backward", n, C, "auto", B=B)
         if fwd.reason == bwd.reason:
             text = f"forward {fwd.backend}:{fwd.strategy}, backward {bwd.strategy}: {fwd.reason}"
         else:
             text = f"forward {fwd.backend}:{fwd.strategy} ({fwd.reason}); backward {bwd.strategy} ({bwd.reason})"
-        facts[f"{label} B={B} n={n} C={C}"] = text
+        facts[f"{label} B={B} n={n} C={C} bfloat16"] = text
     if dispatch.device_backend() == "cpu":
         facts["note"] = "on MLX's CPU backend backend='auto' is the portable path (MLX ops, mx.compile'd)"
     return facts

@@ -124,38 +124,42 @@ def _device_of(backend: str) -> str:
     return "cpu" if backend == "portable" else backend
 
 
-def _strategy(op: str, n: int, C: int, device: str, B: int) -> str:
+def _strategy(op: str, n: int, C: int, device: str, B: int, dtype: str | None = None) -> str:
     try:
-        return dispatch.choose(op, n, C, device, B=B).strategy
+        return dispatch.choose(op, n, C, device, B=B, dtype=dtype).strategy
     except ValueError:  # no rule: dynamic ops on the CPU run the portable path (mhc_aot.dynamic._choose)
         return "portable" if device == "cpu" else "no rule"
 
 
-def rule_shapes(backend: str, op: str, n: int, full: bool, all_rules: bool = False) -> list[tuple[int, int, str]]:
-    """(B, C, strategy): for every rule of `op` on this backend, a shape that it wins (first match),
-    the cheapest; with full also both sides of every limit. all_rules adds the other backends'
-    limits (the portable path must be right at their shapes too)."""
+def rule_shapes(backend: str, op: str, n: int, full: bool, all_rules: bool = False,
+                dtype: str | None = None) -> list[tuple[int, int, str]]:
+    """(B, C, strategy): for every rule of `op` on this backend, a shape that it wins (first match)
+    for x of `dtype` (a tag; rules naming dtypes need it), the cheapest; with full also both sides of
+    every limit. all_rules adds the other backends' limits (the portable path must be right at their
+    shapes too)."""
     device = _device_of(backend)
     sources = [r for r in dispatch.RULES if r.op == op and (r.backend == device or all_rules)]
     b_edges = ({b + d for b in {r.max_B for r in sources if r.max_B} for d in (0, 1)}
                | {r.min_B + d for r in sources if r.min_B > 1 and n >= r.min_n for d in (-1, 0)})
     c_edges = ({c + d for c in {r.max_C for r in sources if r.max_C} for d in (0, 1)}
                | {r.min_C + d for r in sources if r.min_C > 1 and n >= r.min_n for d in (-1, 0)})
-    candidates = sorted(((B, C) for B in {BASE_B, *b_edges} for C in {BASE_C, *c_edges}),
+    # a rule for C multiples (cluster: 256) wins at the multiple, and not half a multiple past it
+    c_multiples = {c for r in sources if r.C_multiple > 1 for c in (r.C_multiple, r.C_multiple * 3 // 2)}
+    candidates = sorted(((B, C) for B in {BASE_B, *b_edges} for C in {BASE_C, *c_edges, *c_multiples}),
                         key=lambda bc: (bc[0] * bc[1], bc))
     picked: dict[tuple[int, int], str] = {}
     own = [r for r in dispatch.RULES if r.backend == device and r.op == op]
     for rule in own:
-        wins = [bc for bc in candidates if dispatch.choose(op, n, bc[1], device, B=bc[0]).rule == rule]
+        wins = [bc for bc in candidates if dispatch.choose(op, n, bc[1], device, B=bc[0], dtype=dtype).rule == rule]
         edges = [bc for bc in wins if bc[0] in b_edges or bc[1] in c_edges] if full else []
         for bc in wins[:1] + edges:
             picked.setdefault(bc, rule.strategy)
     if not own:
-        picked[(BASE_B, BASE_C)] = _strategy(op, n, BASE_C, device, BASE_B)
+        picked[(BASE_B, BASE_C)] = _strategy(op, n, BASE_C, device, BASE_B, dtype)
     if all_rules and full:
         for B, C in candidates:
-            picked.setdefault((B, C), _strategy(op, n, C, device, B))
-    return [(B, C, s) for (B, C), s in picked.items() if C <= BASE_C or n <= BIG_C_MAX_N]
+            picked.setdefault((B, C), _strategy(op, n, C, device, B, dtype))
+    return [(B, C, s) for (B, C), s in picked.items() if C <= BASE_C or C in c_multiples or n <= BIG_C_MAX_N]
 
 
 def variant_name(backend: str, op: str, strategy: str, dtype: str, n: int) -> str:
@@ -179,12 +183,12 @@ def plan(full: bool, dtypes: list[str]) -> list[Check]:
             for n in n_values(backend, op, full):
                 for grad in (False, True):
                     dispatch_op = "mhc_backward" if grad and op == "mhc_forward" else op
-                    if op == "sinkhorn":
-                        shapes = [(1, 1, _strategy(op, n, 1, device, 1))]
-                    else:
-                        shapes = rule_shapes(backend, dispatch_op, n, full,
-                                             all_rules=(backend == "portable" and full and op not in DYNAMIC_OPS))
                     for dt in (["float32"] if op == "sinkhorn" else dtypes):
+                        if op == "sinkhorn":
+                            shapes = [(1, 1, _strategy(op, n, 1, device, 1))]
+                        else:  # per dtype: a rule may name dtypes (cluster: bfloat16)
+                            shapes = rule_shapes(backend, dispatch_op, n, full, dtype=manifest.DTYPE_TAGS[dt],
+                                                 all_rules=(backend == "portable" and full and op not in DYNAMIC_OPS))
                         for B, C, strategy in shapes:
                             try:
                                 variant = variant_name(backend, dispatch_op, strategy, dt, n)
