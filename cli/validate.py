@@ -106,7 +106,7 @@ def _manifest_rows() -> list[dict]:
 
 def n_values(backend: str, op: str, full: bool) -> list[int]:
     """Every compile-time NMAX of the op's shipped variants, and one n above the largest (the
-    generic kernel); quick: n = 4 and that n."""
+    generic kernel); quick: n = 4, that n and the smallest NMAX of any strategy n = 4 cannot reach."""
     dispatch_ops = {op, "mhc_backward"} if op == "mhc_forward" else {op}
     rows = [r for r in _manifest_rows()
             if r["op"] in dispatch_ops and (backend == "portable" or r["backend"] == backend)]
@@ -115,7 +115,12 @@ def n_values(backend: str, op: str, full: bool) -> list[int]:
         nmax = [4] if op in DYNAMIC_OPS else list(DEFAULT_NMAX)
     above = nmax[-1] + 1
     if not full:
-        return sorted({4, above})
+        # and the smallest NMAX of a strategy whose kernels n = 4 never reaches (cluster: n = 16)
+        per_strategy: dict[str, set[int]] = {}
+        for r in rows:
+            if r.get("nmax") and r["backend"] == backend:
+                per_strategy.setdefault(r["strategy"], set()).add(r["nmax"])
+        return sorted({4, above, *(min(v) for v in per_strategy.values() if min(v) > 4)})
     vals = sorted({1, 3, *nmax, above})
     return [v for v in vals if op not in DYNAMIC_OPS or v <= DYNAMIC_MAX_N]
 
