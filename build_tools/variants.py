@@ -60,6 +60,8 @@ def _table() -> tuple[KernelVariant, ...]:
         v.append(KernelVariant("mhc_backward", "mhc_backward_dm", "fused", dt, 0))
     for nmax in CLUSTER_NMAX:  # CUDA sm_90+ only (no metal_src twin): a cluster of CTAs per token
         v.append(KernelVariant("mhc_forward", "mhc_forward_cluster", "cluster", "bf16", nmax, min_arch=90))
+    for nmax in CLUSTER_NMAX:  # CUDA only (no metal_src twin): a persistent CTA per SM, a ring of chunks
+        v.append(KernelVariant("mhc_forward", "mhc_forward_ring", "ring", "bf16", nmax))
     # dtype-independent: sums the backward's per-CTA partials, applies the activations' derivatives
     v.append(KernelVariant("mhc_backward", "mhc_backward_reduce", "fused", None, 0))
     v += _dynamic_variants()  # dynamic mHC (issue 6): see _dynamic_variants below

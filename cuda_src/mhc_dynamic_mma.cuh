@@ -56,9 +56,8 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
 // The static forward's mixing matrix M (float32 [N, N], row-major) as A fragments for a whole
 // token, split in two bfloat16 terms: a[0] = bf16(M), a[1] = bf16(M - a[0]) (2^-17 relative
 // together, far below a bfloat16 output's rounding); a[term][mt][kt] is the m16 x k16 tile
-// (mt, kt). Used by mhc_forward_fused's tensor-core pass and mhc_forward_cluster, which issue the
-// lo term's MMA first.
-template <int N>
+// (mt, kt). Used by the tensor-core mix of mhc_forward_fused, _cluster and _ring (mix_group16).
+template <int N, bool GLOBAL = true>  // GLOBAL: M in global memory (read through the read-only path)
 __device__ __forceinline__ void split_a_fragments(const float* __restrict__ M, uint32_t (&a)[2][N / 16][N / 16][4],
                                                   int lane) {
   const int g = lane >> 2, q = lane & 3;
@@ -72,7 +71,7 @@ __device__ __forceinline__ void split_a_fragments(const float* __restrict__ M, u
         bf16 h[2], l[2];
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
-          const float v = __ldg(M + row * N + col + u);
+          const float v = GLOBAL ? __ldg(M + row * N + col + u) : M[row * N + col + u];
           h[u] = from_float<bf16>(v);
           l[u] = from_float<bf16>(v - to_float(h[u]));
         }
@@ -127,6 +126,35 @@ __device__ __forceinline__ void add_post_pairs(const float (&d)[N / 16][2][4], c
         store(i, nt, pack_bf16(from_float<bf16>(d[mt][nt][2 * h] + hp * yv.x),
                                from_float<bf16>(d[mt][nt][2 * h + 1] + hp * yv.y)));
       }
+  }
+}
+
+// Row j's 16-byte segment s of a bfloat16 tile in shared memory with `pitch` elements a row, stored
+// at segment s ^ (j & 7): the eight rows an ldmatrix phase reads sit in eight bank groups.
+__device__ __forceinline__ bf16* swizzled_segment(bf16* tile, int pitch, int j, int s) {
+  return tile + j * pitch + ((s ^ (j & 7)) * 8);
+}
+
+// A warp's 16-column group of a token held in such a tile (segments seg0, seg0 + 1 of its N rows):
+// d = M x on tensor cores, d + hpost y written back over the consumed x, then the N rows stored to
+// out (row stride C, the group's first column) as 32 contiguous bytes a row: whole sectors, not the
+// 4-byte pieces of the C/D layout. mhc_forward_cluster and mhc_forward_ring.
+template <int N, typename Y>
+__device__ __forceinline__ void mix_store_group(const uint32_t (&a)[2][N / 16][N / 16][4], bf16* tile, int pitch,
+                                                int seg0, const float* hpost, Y y, bf16* out, int C, int lane) {
+  const int q = lane & 3;
+  float d[N / 16][2][4];
+  mix_group16<N>(d, a, lane, [&](int j) { return swizzled_segment(tile, pitch, j, seg0 + (lane >> 4)); });
+  __syncwarp();  // every lane's ldmatrix of the group is done: its x may be overwritten
+  add_post_pairs<N>(d, hpost, lane, y, [&](int i, int nt, uint32_t word) {
+    *reinterpret_cast<uint32_t*>(swizzled_segment(tile, pitch, i, seg0 + nt) + 2 * q) = word;
+  });
+  __syncwarp();
+#pragma unroll
+  for (int e = lane; e < 2 * N; e += 32) {
+    const int i = e >> 1, h = e & 1;
+    *reinterpret_cast<uint4*>(out + (size_t)i * C + 8 * h) =
+        *reinterpret_cast<const uint4*>(swizzled_segment(tile, pitch, i, seg0 + h));
   }
 }
 

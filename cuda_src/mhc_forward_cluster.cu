@@ -23,9 +23,6 @@ using namespace mhc;
 
 constexpr int CLUSTER = 4, CL_THREADS = 128, SEG = 8;  // SEG: bfloat16 per 16-byte segment
 
-// x[j][s * SEG + e] of the swizzled slice (row pitch S)
-__device__ __forceinline__ bf16* slice_segment(bf16* xs, int S, int j, int s) { return xs + j * S + ((s ^ (j & 7)) * SEG); }
-
 extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(CL_THREADS, 4) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ M, const float* __restrict__ H_pre_raw,
     const float* __restrict__ H_post_raw, const float* __restrict__ w, T* __restrict__ out,
@@ -50,7 +47,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(CL_
   // the slice, every 16-byte segment in flight at once
   for (int e = threadIdx.x; e < N * segs; e += CL_THREADS) {
     const int j = e / segs, s = e % segs;
-    __pipeline_memcpy_async(slice_segment(xs, S, j, s), xb + (size_t)j * C + s * SEG, 16);
+    __pipeline_memcpy_async(mma::swizzled_segment(xs, S, j, s), xb + (size_t)j * C + s * SEG, 16);
   }
   __pipeline_commit();
   // while it lands: the activations and M's A fragments
@@ -69,7 +66,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(CL_
     float acc[SEG] = {};
 #pragma unroll 8
     for (int j = 0; j < N; ++j) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(slice_segment(xs, S, j, s));
+      const uint4 raw = *reinterpret_cast<const uint4*>(mma::swizzled_segment(xs, S, j, s));
       const unsigned* words = reinterpret_cast<const unsigned*>(&raw);
       const float h = hpre[j];
 #pragma unroll
@@ -94,26 +91,14 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(CL_
 
   // pass 2: out = M x + hpost (agg r w) on tensor cores, a warp per 16-column group
   for (int grp = warp; grp < S / 16; grp += NWARPS) {
-    float d[T16][2][4];
-    mma::mix_group16<N>(d, a, lane, [&](int j) { return slice_segment(xs, S, j, 2 * grp + (lane >> 4)); });
-    __syncwarp();  // every lane's ldmatrix of the group is done: its x may be overwritten
     const int c0 = 16 * grp + 2 * q;  // this lane's first column of the group
-    mma::add_post_pairs<N>(
-        d, hpost, lane,
+    mma::mix_store_group<N>(
+        a, xs, S, 2 * grp, hpost,
         [&](int nt) {
           const int c = c0 + 8 * nt;
           return make_float2(agg[c] * r * __ldg(wb + c), agg[c + 1] * r * __ldg(wb + c + 1));
         },
-        [&](int i, int nt, uint32_t word) {
-          *reinterpret_cast<uint32_t*>(slice_segment(xs, S, i, 2 * grp + nt) + 2 * q) = word;
-        });
-    __syncwarp();
-    // the group's two segments of every row: 32 contiguous bytes of out per row
-#pragma unroll
-    for (int e = lane; e < 2 * N; e += 32) {
-      const int i = e >> 1, s = 2 * grp + (e & 1);
-      *reinterpret_cast<uint4*>(ob + (size_t)i * C + s * SEG) = *reinterpret_cast<const uint4*>(slice_segment(xs, S, i, s));
-    }
+        ob + 16 * grp, C, lane);
   }
   __cluster_barrier_wait();  // no CTA exits while a peer may still read its partial
 }

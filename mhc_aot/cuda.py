@@ -22,6 +22,7 @@ TILE_C = 1024  # cuda_src/mhc_column_common.cuh
 DM_CHUNK = 32  # cuda_src/mhc_backward_dm.cu
 FUSED_TC_COLS, FUSED_TC_STAGES, FUSED_TC_N = 128, 4, (16, 32)  # cuda_src/mhc_forward_fused.cu (tensor cores)
 CLUSTER, CLUSTER_THREADS = 4, 128  # cuda_src/mhc_forward_cluster.cu: CTAs per token, threads per CTA
+RING_THREADS, RING_CHUNK_BYTES = 512, 512 * 16  # cuda_src/mhc_forward_ring.cu: a 16-byte copy per thread a chunk
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
@@ -156,6 +157,33 @@ def _forward_cluster(x, M, hpre_raw, hpost_raw, w, eps):
     return _launch("mhc_forward_cluster", "bf16", n, [x, M, hpre_raw, hpost_raw, w], [(B, n, C), (B,)],
                    [x.dtype, F32], [n, C, eps], (B * CLUSTER * CLUSTER_THREADS, 1, 1), n * S // 2 + S + 2 * n + 33,
                    CLUSTER_THREADS)
+
+
+def _ring_fixed_floats(n: int, C: int) -> int:
+    """mhc_forward_ring's shared floats besides its ring (its header): agg, Ms, Sinkhorn tile + column
+    sums, hpre, hpost, scratch."""
+    return C + n * n + SMALL_N * (SMALL_N + 1) + SMALL_N + 2 * n + 32
+
+
+def _ring_slots(n: int, C: int) -> int:
+    """Chunk slots of mhc_forward_ring's ring: as many as this GPU's shared memory per CTA holds."""
+    return (device.max_shared_memory_per_block() - 4 * _ring_fixed_floats(n, C)) // RING_CHUNK_BYTES
+
+
+def _forward_ring(x, L, hpre_raw, hpost_raw, w, iters, eps):
+    B, n, C = x.shape
+    _, _, nmax = _binary("mhc_forward_ring", "bf16", n)
+    if x.dtype != mx.bfloat16 or n != nmax or C % 256:
+        raise ValueError(f"mhc_forward_ring runs bfloat16 x with n in {FUSED_TC_N} and C a multiple of 256; got "
+                         f"{x.dtype}, n={n}, C={C}")
+    R, K = _ring_slots(n, C), C // (RING_CHUNK_BYTES // (2 * n))
+    if R < K:
+        raise ValueError(f"mhc_forward_ring keeps a whole token in shared memory: n={n}, C={C} needs {K} chunk slots "
+                         f"of {RING_CHUNK_BYTES} bytes, this GPU's shared memory holds {R}")
+    G = min(B, device.sm_count())  # one persistent CTA per SM
+    return _launch("mhc_forward_ring", "bf16", n, [x, L, hpre_raw, hpost_raw, w], [(B, n, C), (B,), (n, n)],
+                   [x.dtype, F32, F32], [n, C, B, iters, eps, R], (G * RING_THREADS, 1, 1),
+                   R * RING_CHUNK_BYTES // 4 + _ring_fixed_floats(n, C), RING_THREADS)
 
 
 def _fused_tc_ring_floats(dtype, n: int, C: int, nmax: int) -> int:
@@ -299,7 +327,7 @@ def _mix_add_dM(x, dout):
 _ops = kernel_ops.build(kernel_ops.Launchers(
     sinkhorn_fwd=_sinkhorn_fwd, sinkhorn_bwd=_sinkhorn_bwd,
     forward={"fused": _forward_fused, "column": _forward_column, "cluster": _forward_cluster}, backward=_backward,
-    forward_from_logits={"resident": _forward_resident},
+    forward_from_logits={"resident": _forward_resident, "ring": _forward_ring},
     backward_in_mlx=_backward_in_mlx, mlx_graph=_reference_graph_from_M,
     mix_add=_mix_add, mix_add_dM=_mix_add_dM))
 sinkhorn, mhc_forward, stream_mix_add, _forward_fn = _ops.sinkhorn, _ops.mhc_forward, _ops.stream_mix_add, _ops.forward_fn

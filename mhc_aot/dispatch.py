@@ -17,7 +17,7 @@ import mlx.core as mx
 from . import manifest
 
 BACKENDS = ("auto", "cpu", "cuda", "metal", "portable", "reference")
-STRATEGIES = ("portable", "resident", "cluster", "fused", "column", "sinkhorn", "mix_add")
+STRATEGIES = ("portable", "resident", "cluster", "ring", "fused", "column", "sinkhorn", "mix_add")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ class Rule:
 # custom-kernel primitive allows; a launch attribute it could key by is not exposed.
 CLUSTER_FORWARD = dict(n_in=(16, 32), dtypes=("bf16",), C_multiple=256, max_C=12288, min_sm=90,
                        without_cuda_graphs=True)
+# `ring` (CUDA, cuda_src/mhc_forward_ring.cu: bfloat16, n = 16 / 32, C % 256 == 0, a token in one
+# CTA's shared memory) has NO rule yet: written and checked under the CPU emulation in session 10
+# after that session's GPU time was spent, it has never run on a GPU. Its launcher is there
+# (cuda._forward_ring, reached by tests that add a rule); a rule comes with its first measurement.
 RESIDENT_MAX_N = 4
 RESIDENT_MAX_C = 4096
 FUSED_MAX_C = 49152

@@ -8,7 +8,8 @@
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     pydantic annotated-doc -d .devwheels2
 #   pip download --no-deps liger-kernel==0.8.5 -d .devwheels2   # torch and triton are there
-# Stages (default all, in this order): build tests sweep bench dynamic profile.
+# Stages (default all, in this order): build tests sweep bench dynamic profile; `ab` on request
+# (scripts/gpu_strategy_ab.py: candidate forward strategies against the rules, same run).
 # `tests` (every file) took ~200 s on the H100 and `bench` with torch.compile ~6 minutes, so a
 # 10-minute device call runs `build tests`, the next `build sweep bench dynamic profile` (build
 # is a no-op when the package is already installed). `dynamic` with Liger took ~190 s per pass
@@ -79,6 +80,10 @@ for s in $stages; do
       timeout 300 mhc bench --layer dynamic --mode throughput --config 8192:4:4096,4096:4:2048,32:4:4096 \
         $(flag "$pass") --compare "${MHC_DYNAMIC_COMPARE:-portable,liger}" || status=1
     done ;;
+  ab)
+    stage ab
+    # same-run A/B of forward strategies: `ring` (no rule yet) against the rules (scripts/gpu_strategy_ab.py)
+    timeout 300 python3 scripts/gpu_strategy_ab.py ring || status=1 ;;
   profile)
     stage profile
     # the static layer's large shape, then issue 6's dynamic shape; each report's per-kernel

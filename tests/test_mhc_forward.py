@@ -202,30 +202,15 @@ def test_emulated_cuda_cluster_forward(emulated_cuda, monkeypatch, B, n, C):
     assert emulated_cuda.grids[-1][0] == B * cuda.CLUSTER * cuda.CLUSTER_THREADS
 
 
-# The resident strategy's CUDA kernels, emulated: the forward (Sinkhorn folded in: one launch) and
-# its backward (x and dout in shared memory, gradients in registers) with persistent CTAs capped at
-# two per SM on one SM, so a CTA walks several tokens; vector and scalar paths, n < NMAX, n = 1.
-EMU_RESIDENT = [(5, 4, 64, "bfloat16"), (6, 3, 33, "float32"), (7, 2, 40, "float16"), (3, 1, 7, "bfloat16"),
-                (3, 4, 4096, "bfloat16"), (5, 2, 130, "float32")]
+def _cuda_gradients(emulated_cuda, tag, B, n, C, dtype_name) -> list[str]:
+    """Every gradient of ops.mhc_forward(backend="cuda") (on the GPU or under the emulation) vs float64,
+    bounded by the reference's own error in bfloat16; returns the kernels that the gradient launched
+    (emulated_cuda: the emulator, whose launch log is read; None on the GPU)."""
+    from backends import forward64, grads64
 
-
-@pytest.mark.parametrize("B,n,C,dtype_name", EMU_RESIDENT)
-def test_emulated_cuda_resident(emulated_cuda, monkeypatch, B, n, C, dtype_name):
-    from backends import forward64, grads64, rel_error64
-
-    from mhc_aot import cuda, device
-
-    monkeypatch.setattr(device, "sm_count", lambda: 1)
-    monkeypatch.setattr(cuda, "_resident_ctas", lambda threads, regs: 2)
-    assert dispatch.choose("mhc_forward", n, C, "cuda", B=B).strategy == "resident"
-    _check("cuda", B, n, C, dtype_name, tag="emulated-resident")
-    assert [name for name, _ in emulated_cuda.launched] == [cuda._binary("mhc_forward_resident", _tag(dtype_name), n)[0]]
-    nmax = cuda._binary("mhc_forward_resident", _tag(dtype_name), n)[2]
-    threads = 32 * -(-C // (32 * (16 // testing.DTYPES[dtype_name].size) * (8 // nmax)))
-    assert emulated_cuda.grids[-1][0] == min(B, 2) * threads  # two CTAs: each walks several tokens
-
-    emulated_cuda.launched = []
-    seed = seed_of("emulated-resident-grad", B, n, C, dtype_name)
+    if emulated_cuda is not None:
+        emulated_cuda.launched = []
+    seed = seed_of(f"emulated-{tag}-grad", B, n, C, dtype_name)
     p = testing.random_params(n, C, seed)
     args = [testing.random_input((B, n, C), testing.DTYPES[dtype_name], seed),
             *(p[k] for k in ("H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"))]
@@ -240,10 +225,79 @@ def test_emulated_cuda_resident(emulated_cuda, monkeypatch, B, n, C, dtype_name)
     argnums = tuple(range(len(args)))
     got = run_forward(mx.grad(loss_of(lambda x, *q: ops.mhc_forward(x, *q, backend="cuda")), argnums), *args)
     ref = mx.grad(loss_of(reference_fwd), argnums)(*args)
-    names = [name for name, _ in emulated_cuda.launched]
-    assert any(s.startswith("mhc_backward_resident") for s in names) and "mhc_sinkhorn_bwd" in names, names
     for what, g, r, t in zip(("x", "H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"), got, ref,
                              grads64(forward64, args, G)):
         err, ref_err = rel_error64(g, t), rel_error64(r, t)
         bound = max(TOL[args[0].dtype], BF16_FACTOR * ref_err)
-        assert err < bound, f"resident d{what} B={B} n={n} C={C} {dtype_name}: {err:.3e} (bound {bound:.1e})"
+        assert err < bound, f"{tag} d{what} B={B} n={n} C={C} {dtype_name}: {err:.3e} (bound {bound:.1e})"
+    return [name for name, _ in emulated_cuda.launched] if emulated_cuda is not None else []
+
+
+# The ring strategy's CUDA kernel (bfloat16, n = 16 / 32; no dispatch rule yet, see dispatch.py:
+# the test adds one), emulated: one launch with the Sinkhorn folded in, one CTA walking every token
+# (sm_count 1), a ring of a token's chunks + 1 (so it wraps), of exactly a token's chunks, and as
+# large as shared memory allows; forward, then every gradient through its M output.
+EMU_RING = [(5, 32, 256, "wrap"), (3, 16, 512, "token"), (2, 32, 1024, "all")]
+
+
+@pytest.mark.parametrize("B,n,C,slots", EMU_RING)
+def test_emulated_cuda_ring_forward(emulated_cuda, monkeypatch, B, n, C, slots):
+    from mhc_aot import cuda, device
+
+    rule = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_in=(16, 32), dtypes=("bf16",),
+                         C_multiple=256)
+    monkeypatch.setattr(dispatch, "RULES", (rule, *dispatch.RULES))
+    monkeypatch.setattr(device, "sm_count", lambda: 1)
+    chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
+    if slots != "all":
+        monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap"))
+    assert dispatch.choose("mhc_forward", n, C, "cuda", B=B, dtype=mx.bfloat16).strategy == "ring"
+    _check("cuda", B, n, C, "bfloat16", tag="emulated-ring")
+    name = cuda._binary("mhc_forward_ring", "bf16", n)[0]
+    assert [nm for nm, _ in emulated_cuda.launched] == [name]
+    assert emulated_cuda.grids[-1][0] == cuda.RING_THREADS  # one CTA: it walks all B tokens
+    names = _cuda_gradients(emulated_cuda, "ring", B, n, C, "bfloat16")
+    assert names[0] == name and "mhc_sinkhorn_bwd" in names, names
+
+
+# The ring kernel on the GPU, with the rule the tests above add: many tokens per CTA (B well above
+# the SM count), a ring of a token + 1 chunk (n = 32, C = 3072) and of exactly a token (n = 16,
+# C = 6144) on a 227 KB GPU, few tokens.
+GPU_RING = [(400, 32, 2048), (300, 16, 512), (2, 32, 3072), (3, 16, 6144), (1, 32, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,n,C", GPU_RING)
+def test_gpu_ring_forward(monkeypatch, B, n, C):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("needs MLX's CUDA backend")
+    rule = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_in=(16, 32), dtypes=("bf16",),
+                         C_multiple=256)
+    monkeypatch.setattr(dispatch, "RULES", (rule, *dispatch.RULES))
+    _check("cuda", B, n, C, "bfloat16", tag="gpu-ring")
+    if B * n * C <= 1 << 20:
+        _cuda_gradients(None, "gpu-ring", B, n, C, "bfloat16")
+
+
+# The resident strategy's CUDA kernels, emulated: the forward (Sinkhorn folded in: one launch) and
+# its backward (x and dout in shared memory, gradients in registers) with persistent CTAs capped at
+# two per SM on one SM, so a CTA walks several tokens; vector and scalar paths, n < NMAX, n = 1.
+EMU_RESIDENT = [(5, 4, 64, "bfloat16"), (6, 3, 33, "float32"), (7, 2, 40, "float16"), (3, 1, 7, "bfloat16"),
+                (3, 4, 4096, "bfloat16"), (5, 2, 130, "float32")]
+
+
+@pytest.mark.parametrize("B,n,C,dtype_name", EMU_RESIDENT)
+def test_emulated_cuda_resident(emulated_cuda, monkeypatch, B, n, C, dtype_name):
+    from mhc_aot import cuda, device
+
+    monkeypatch.setattr(device, "sm_count", lambda: 1)
+    monkeypatch.setattr(cuda, "_resident_ctas", lambda threads, regs: 2)
+    assert dispatch.choose("mhc_forward", n, C, "cuda", B=B).strategy == "resident"
+    _check("cuda", B, n, C, dtype_name, tag="emulated-resident")
+    assert [name for name, _ in emulated_cuda.launched] == [cuda._binary("mhc_forward_resident", _tag(dtype_name), n)[0]]
+    nmax = cuda._binary("mhc_forward_resident", _tag(dtype_name), n)[2]
+    threads = 32 * -(-C // (32 * (16 // testing.DTYPES[dtype_name].size) * (8 // nmax)))
+    assert emulated_cuda.grids[-1][0] == min(B, 2) * threads  # two CTAs: each walks several tokens
+
+    names = _cuda_gradients(emulated_cuda, "resident", B, n, C, dtype_name)
+    assert any(s.startswith("mhc_backward_resident") for s in names) and "mhc_sinkhorn_bwd" in names, names

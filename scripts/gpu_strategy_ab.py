@@ -1,0 +1,54 @@
+"""Same-run A/B of forward strategies on the GPU: for each shape, the forward under each rule set,
+alternating the order over rounds, in both of `mhc bench`'s modes (queued throughput and evaluated
+latency). Run-to-run spread on the device is larger than most differences worth measuring, so
+strategies are compared inside one process.
+
+  python scripts/gpu_strategy_ab.py                      # default rules vs default + `ring`
+  MLX_USE_CUDA_GRAPHS=0 python scripts/gpu_strategy_ab.py cluster   # with vs without `cluster`
+
+Prints one line per (shape, rule set, mode): the sorted medians of the rounds and what ran.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mhc_aot import bench, dispatch
+
+SHAPES = [(1024, 32, 2048), (4096, 16, 1024), (256, 32, 2048), (32, 32, 2048), (1, 32, 2048), (1024, 16, 4096)]
+# `ring` has no rule of its own yet (dispatch.py): the candidate rule it would get, ahead of the others
+# (a whole token in one CTA's shared memory: n = 32 up to C = 3072, n = 16 up to 6144 on a 227 KB GPU)
+RING = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "A/B candidate", n_in=(16, 32), dtypes=("bf16",),
+                     C_multiple=256, max_C=6144)
+
+
+def rule_sets(which: str) -> tuple[tuple[str, tuple], ...]:
+    base = dispatch.RULES
+    if which == "cluster":
+        return ("cluster", base), ("without", tuple(r for r in base if r.strategy != "cluster"))
+    return ("ring", (RING, *base)), ("default", base)
+
+
+def main(which: str = "ring", rounds: int = 3) -> None:
+    original, sets = dispatch.RULES, rule_sets(which)
+    for B, n, C in SHAPES:
+        res = {tag: [] for tag, _ in sets}
+        for rnd in range(rounds):
+            for tag, rules in (sets if rnd % 2 == 0 else sets[::-1]):
+                dispatch.RULES = rules
+                for mode in ("throughput", "latency"):
+                    case = bench.Case(mode, B, n, C, "bfloat16", False)
+                    runner = bench.make_runner("kernels", case, bench.make_inputs(case))
+                    t = bench.time_runner(runner, mode, 30 if mode == "throughput" else 40, 5, repeats=5)
+                    res[tag].append((mode, t.median_us, runner.note))
+        for tag, rows in res.items():
+            for mode in ("throughput", "latency"):
+                medians = sorted(m for md, m, _ in rows if md == mode)
+                note = next(nt for md, _, nt in rows if md == mode)
+                print(f"AB graphs={int(dispatch.cuda_graphs())} {B},{n},{C} {tag:8s} {mode:10s} "
+                      f"{' '.join(f'{m:7.1f}' for m in medians)}  {note}", flush=True)
+    dispatch.RULES = original
+
+
+if __name__ == "__main__":
+    main(*(sys.argv[1:2] or ["ring"]))
