@@ -156,11 +156,38 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }  // namespace wmma
 }  // namespace nvcuda
 
-// cp.async (cuda_pipeline.h) as a plain copy: one CTA's threads run to each barrier in turn, so a
-// copy that lands at once is a valid schedule of one that lands by the wait.
-inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes) { memcpy(dst, src, bytes); }
-inline void __pipeline_commit() {}
-inline void __pipeline_wait_prior(size_t) {}
+// cp.async (cuda_pipeline.h): by default a plain copy at issue (one CTA's threads run to each barrier
+// in turn, so a copy that lands at once is a valid schedule, and the one that shows a slot
+// overwritten while still being read). Built with MHC_EMU_DEFERRED_COPIES, each thread's copies
+// land only when its own __pipeline_wait_prior retires their commit group, the latest that CUDA
+// allows: a read of shared memory before the wait (and barrier) that covers it sees the poison.
+struct EmuCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+inline void emu_defer_copy(const EmuCopy& c);
+inline void emu_commit_copies();
+inline void emu_retire_copies(size_t keep);
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes) {
+#ifdef MHC_EMU_DEFERRED_COPIES
+  emu_defer_copy({dst, src, bytes});
+#else
+  memcpy(dst, src, bytes);
+#endif
+}
+inline void __pipeline_commit() {
+#ifdef MHC_EMU_DEFERRED_COPIES
+  emu_commit_copies();
+#endif
+}
+inline void __pipeline_wait_prior(size_t keep) {
+#ifdef MHC_EMU_DEFERRED_COPIES
+  emu_retire_copies(keep);
+#else
+  (void)keep;
+#endif
+}
 
 template <typename P>
 inline P __ldg(const P* p) {
@@ -188,6 +215,8 @@ struct EmuFiber {
   std::vector<char> stack;
   bool done = false;
   unsigned cluster_gen = 0;  // the cluster barrier's generation at this thread's last arrive
+  std::vector<EmuCopy> open;                   // cp.async copies since the last commit
+  std::vector<std::vector<EmuCopy>> groups;    // committed, not yet retired (oldest first)
 };
 
 // The CTAs that run together: one, or the CTAs of one cluster (fiber t is thread t % threads of
@@ -210,6 +239,20 @@ inline float* emu_dyn_smem = nullptr;  // the running thread's CTA's (read once,
 inline emu_dim3 emu_block;
 
 inline void emu_yield() { swapcontext(&emu_cta->fibers[emu_cta->cur].ctx, &emu_cta->sched); }
+
+inline void emu_defer_copy(const EmuCopy& c) { emu_cta->fibers[emu_cta->cur].open.push_back(c); }
+inline void emu_commit_copies() {
+  EmuFiber& f = emu_cta->fibers[emu_cta->cur];
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+inline void emu_retire_copies(size_t keep) {  // all but the `keep` newest groups land
+  EmuFiber& f = emu_cta->fibers[emu_cta->cur];
+  while (f.groups.size() > keep) {
+    for (const EmuCopy& c : f.groups.front()) memcpy(c.dst, c.src, c.bytes);
+    f.groups.erase(f.groups.begin());
+  }
+}
 
 inline void emu_wait(EmuBarrier& b) {
   const unsigned g = b.gen;
@@ -354,6 +397,8 @@ inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, i
         for (int t = 0; t < total; ++t) {
           EmuFiber& f = cta.fibers[t];
           f.done = false;
+          f.open.clear();  // a previous CTA's copies that no wait retired never land
+          f.groups.clear();
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack.data();
           f.ctx.uc_stack.ss_size = f.stack.size();

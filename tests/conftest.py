@@ -77,4 +77,13 @@ def emulated_cuda(_cuda_emulator, monkeypatch):
     monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
     monkeypatch.setattr(device, "max_shared_memory_per_block", lambda: cuda.SMEM_LIMIT)
     _cuda_emulator.launched, _cuda_emulator.grids = [], []
+    _cuda_emulator.deferred_copies = False  # copies land at issue unless a test asks otherwise
     return _cuda_emulator
+
+
+@pytest.fixture(params=["copies_at_issue", "copies_at_wait"])
+def copy_timing(request, emulated_cuda):
+    """Runs a cp.async kernel's emulated test twice: copies landing at issue (shows a slot refilled
+    while still read) and at the wait that retires them (shows a read before its wait + barrier)."""
+    emulated_cuda.deferred_copies = request.param == "copies_at_wait"
+    return request.param

@@ -31,6 +31,7 @@ class Emulator:
         self.cache = cache
         self.libs = {}
         self.launched, self.grids = [], []  # (entry name, scalars) and the grid of every launch
+        self.deferred_copies = False  # True: cp.async copies land at their wait (mhc_dynamic_emulate.h)
 
     def binary(self, source, dtype, n):  # mhc_aot.cuda._binary's lookup rule, without shipped files
         cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype]
@@ -38,7 +39,7 @@ class Emulator:
         v = (fitting[:1] or [v for v in cands if v.nmax == 0])[0]
         return v.name, b"", v.nmax
 
-    def build(self, source, dtype, nmax):
+    def build(self, source, dtype, nmax, deferred=False):
         import ctypes
         import hashlib
         import re
@@ -57,8 +58,8 @@ class Emulator:
             'long smem) {\n'
             f"  emu_launch(gx, gy, gz, threads, (size_t)smem, {cluster}, [&] {{ MHC_NAME({', '.join(args)}); }});\n}}\n")
         deps = "".join(h.read_text() for h in sorted([*CUDA_SRC.glob("*.cuh"), CUDA_SRC / "mhc_dynamic_emulate.h"]))
-        key = hashlib.sha256(f"{body}{deps}{dtype}{nmax}".encode()).hexdigest()[:16]
-        so = self.cache / f"{source}_{dtype}_{nmax}_{key}.so"
+        key = hashlib.sha256(f"{body}{deps}{dtype}{nmax}{deferred}".encode()).hexdigest()[:16]
+        so = self.cache / f"{source}_{dtype}_{nmax}{'_deferred' if deferred else ''}_{key}.so"
         if not so.exists():
             inc = self.cache / "inc"
             inc.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,8 @@ class Emulator:
             tmp = so.with_suffix(f".{__import__('os').getpid()}.tmp")
             cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-I", str(inc), "-I", str(CUDA_SRC),
                    "-include", str(CUDA_SRC / "mhc_dynamic_emulate.h"), "-DMHC_NAME=emu_kernel",
-                   f"-DMHC_DTYPE={dtype}", f"-DMHC_NMAX={nmax}", str(cpp), "-o", str(tmp)]
+                   f"-DMHC_DTYPE={dtype}", f"-DMHC_NMAX={nmax}", *(["-DMHC_EMU_DEFERRED_COPIES"] if deferred else []),
+                   str(cpp), "-o", str(tmp)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 raise RuntimeError(f"emulation build of {source} failed:\n{r.stderr[-3000:]}")
@@ -81,7 +83,7 @@ class Emulator:
 
     def lib(self, name):
         v = self.by_name[name]
-        key = (v.source, v.dtype or "f32", v.nmax)
+        key = (v.source, v.dtype or "f32", v.nmax, self.deferred_copies)
         if key not in self.libs:
             self.libs[key] = self.build(*key)
         return self.libs[key]

@@ -660,7 +660,7 @@ def test_emulated_cuda_kernels_vs_liger64(emulated_cuda, shape, dtype_name):
 
 
 @pytest.mark.parametrize("C,sms", [(300, 2), (301, 2), (300, 6)], ids=["16-byte-rows", "element-rows", "two-k-splits"])
-def test_emulated_cuda_projection_streams_many_stages(emulated_cuda, monkeypatch, C, sms):
+def test_emulated_cuda_projection_streams_many_stages(emulated_cuda, copy_timing, monkeypatch, C, sms):
     """The tensor-core projection (and dphi) with more stages per CTA than their four shared-memory
     buffers (few resident CTAs, so few K or token splits), a ragged last stage, rows that are not
     16-byte multiples (C = 301), and K chunks interleaved over two splits (sms = 6)."""

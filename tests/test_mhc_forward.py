@@ -157,13 +157,14 @@ def test_gpu_extra_shapes(backend, B, n, C, dtype_name):
 # The static forward's CUDA kernels (mhc_sinkhorn_fwd, mhc_forward_fused) run here without a GPU
 # (tests/cuda_emulation.py), launched by mhc_aot.cuda with its own geometry: the fused kernel's
 # 16-byte and scalar paths, n below its variant's NMAX, n = 8, and the tensor-core mix (bfloat16,
-# n = 16, C % 128 == 0; asserted through its shared-memory request, which includes the ring).
+# n = 16, C % 128 == 0; asserted through its shared-memory request, which includes the ring; at
+# C = 640 its five chunks wrap the four-stage ring).
 EMU_FUSED = [(3, 4, 64, "bfloat16"), (5, 3, 40, "float32"), (3, 8, 24, "bfloat16"), (4, 2, 16, "float16"),
-             (4, 4, 33, "float32"), (2, 16, 128, "bfloat16"), (2, 16, 136, "bfloat16")]
+             (4, 4, 33, "float32"), (2, 16, 128, "bfloat16"), (2, 16, 136, "bfloat16"), (1, 16, 640, "bfloat16")]
 
 
 @pytest.mark.parametrize("B,n,C,dtype_name", EMU_FUSED)
-def test_emulated_cuda_fused_forward(emulated_cuda, monkeypatch, B, n, C, dtype_name):
+def test_emulated_cuda_fused_forward(emulated_cuda, copy_timing, monkeypatch, B, n, C, dtype_name):
     from mhc_aot import cuda
 
     # n <= 4 dispatches to `resident` (tested below): take it out so these shapes run `fused`
@@ -188,7 +189,7 @@ EMU_CLUSTER = [(3, 16, 256), (2, 32, 512), (1, 16, 1024)]
 
 
 @pytest.mark.parametrize("B,n,C", EMU_CLUSTER)
-def test_emulated_cuda_cluster_forward(emulated_cuda, monkeypatch, B, n, C):
+def test_emulated_cuda_cluster_forward(emulated_cuda, copy_timing, monkeypatch, B, n, C):
     from mhc_aot import cuda
 
     monkeypatch.setattr(dispatch, "cuda_sm", lambda: 90)
@@ -241,7 +242,7 @@ EMU_RING = [(5, 32, 256, "wrap"), (3, 16, 512, "token"), (2, 32, 1024, "all")]
 
 
 @pytest.mark.parametrize("B,n,C,slots", EMU_RING)
-def test_emulated_cuda_ring_forward(emulated_cuda, monkeypatch, B, n, C, slots):
+def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, n, C, slots):
     from mhc_aot import cuda, device
 
     rule = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_in=(16, 32), dtypes=("bf16",),
@@ -287,7 +288,7 @@ EMU_RESIDENT = [(5, 4, 64, "bfloat16"), (6, 3, 33, "float32"), (7, 2, 40, "float
 
 
 @pytest.mark.parametrize("B,n,C,dtype_name", EMU_RESIDENT)
-def test_emulated_cuda_resident(emulated_cuda, monkeypatch, B, n, C, dtype_name):
+def test_emulated_cuda_resident(emulated_cuda, copy_timing, monkeypatch, B, n, C, dtype_name):
     from mhc_aot import cuda, device
 
     monkeypatch.setattr(device, "sm_count", lambda: 1)
