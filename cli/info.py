@@ -70,6 +70,8 @@ def _device_facts() -> dict:
                     facts[f"cuda {k}"] = v
         else:
             facts["cuda driver query"] = cuda.get("reason", "unavailable")
+        facts["MLX CUDA graphs"] = ("on (MLX's default; the `cluster` forward stays off: see `mhc info --dispatch`)"
+                                    if dispatch.cuda_graphs() else "off (MLX_USE_CUDA_GRAPHS=0)")
     return facts
 
 
