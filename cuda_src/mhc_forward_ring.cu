@@ -50,8 +50,8 @@ __device__ __forceinline__ void wait_pending(int pending) {
 // the 32 x 32 tile in registers (lane = column; zeros past n); sums as there (row: warp_sum;
 // column: the transposed tile), so M has the same bits. Ms[i * N + j] = M[i, j].
 template <int N>
-__device__ __forceinline__ void sinkhorn_rows(const float* __restrict__ L, float* Ms, float* T, float* col, int iters,
-                                              float eps) {
+__device__ __forceinline__ void sinkhorn_rows(const float* __restrict__ L, float* Ms, float* tile, float* col,
+                                              int iters, float eps) {
   constexpr int ROWS = SMALL_N / RING_WARPS;  // all 32 rows of the tile, zeros past n (as there)
   const int w = threadIdx.x >> 5, j = threadIdx.x & 31;
   float p[ROWS];
@@ -67,13 +67,13 @@ __device__ __forceinline__ void sinkhorn_rows(const float* __restrict__ L, float
 #pragma unroll
     for (int k = 0; k < ROWS; ++k) {
       p[k] *= sk_recip(warp_sum(p[k]), eps, 1.0f);
-      T[j * (SMALL_N + 1) + w + RING_WARPS * k] = p[k];
+      tile[j * (SMALL_N + 1) + w + RING_WARPS * k] = p[k];
     }
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < ROWS; ++k) {  // warp w sums columns w, w + 16
       const int c = w + RING_WARPS * k;
-      const float s = warp_sum(T[c * (SMALL_N + 1) + j]);
+      const float s = warp_sum(tile[c * (SMALL_N + 1) + j]);
       if (j == 0) col[c] = s;
     }
     __syncthreads();
@@ -103,8 +103,8 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   bf16* ring = reinterpret_cast<bf16*>(smem);
   float* agg = smem + R * CHUNK_FLOATS;
   float* Ms = agg + C;
-  float* T = Ms + N * N;
-  float* col = T + TILE;
+  float* tile = Ms + N * N;  // the Sinkhorn's transposed tile
+  float* col = tile + TILE;
   float* hpre = col + SMALL_N;
   float* hpost = hpre + N;
   float* scratch = hpost + N;
@@ -129,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   issue();
 
   // while the first token lands: M, the activations, M's A fragments
-  sinkhorn_rows<N>(L, Ms, T, col, iters, eps);
+  sinkhorn_rows<N>(L, Ms, tile, col, iters, eps);
   if (threadIdx.x < N) {
     hpre[threadIdx.x] = sigmoid(H_pre_raw[threadIdx.x]);
     hpost[threadIdx.x] = 2.0f * sigmoid(H_post_raw[threadIdx.x]);
