@@ -31,18 +31,20 @@ constexpr int CHUNK_BYTES = RING_THREADS * 16;                               // 
 constexpr int CHUNK_FLOATS = CHUNK_BYTES / 4;
 constexpr int STEP_COLS = 16 * RING_WARPS;                                   // pass 2: a 16-column group per warp
 
-// Waits until at most `pending` of this thread's cp.async groups are in flight (the PTX wants an
-// immediate; more than 7 newer groups wait for 7, which only waits longer).
+// Waits until at most `pending` of this thread's cp.async groups are in flight. The PTX wants an
+// immediate: a chain down from P (a ring holds at most 27 chunks of a 227 KB GPU; more pending
+// than P waits for P, which only waits longer). Exact, so pass 1 starts on chunk i as soon as it
+// lands rather than when all but 7 of the stream's issued chunks have.
+template <int P = 31>
 __device__ __forceinline__ void wait_pending(int pending) {
-  switch (pending) {
-    case 0: __pipeline_wait_prior(0); break;
-    case 1: __pipeline_wait_prior(1); break;
-    case 2: __pipeline_wait_prior(2); break;
-    case 3: __pipeline_wait_prior(3); break;
-    case 4: __pipeline_wait_prior(4); break;
-    case 5: __pipeline_wait_prior(5); break;
-    case 6: __pipeline_wait_prior(6); break;
-    default: __pipeline_wait_prior(7); break;
+  if constexpr (P == 0) {
+    __pipeline_wait_prior(0);
+  } else {
+    if (pending >= P) {
+      __pipeline_wait_prior(P);
+    } else {
+      wait_pending<P - 1>(pending);
+    }
   }
 }
 
