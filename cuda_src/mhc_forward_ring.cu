@@ -9,11 +9,12 @@
 //   M = sinkhorn(exp(L - rowmax L)) (eq. 9), bit-identical to mhc_sinkhorn_fwd's n <= 32 path
 //   agg[b, c] = sum_j H_pre[j] x[b, j, c],  inv_rms[b] = rsqrt(mean_c agg^2 + eps)
 //   out[b, i, c] = sum_j M[i, j] x[b, j, c] + H_post[i] * agg[b, c] * inv_rms[b] * w[c]   (eq. 3)
-// Pass 1 (per chunk as it lands): thread t takes row t % N of 16-byte segment t / N; the N rows
-// of a segment are summed by a butterfly over N lanes. Pass 2 (steps of 256 columns, a warp per
-// 16-column group): the mix on tensor cores as in mhc_forward_fused (M split hi + lo), results
-// written over the consumed x and stored as whole 32-byte sectors; after each step its slots are
-// refilled from the stream.
+// Pass 1 (per chunk as it lands, a warp per 16-column group): agg = hpre x on tensor cores, hpre
+// as row 0 of an A tile split hi + lo (a butterfly over the rows cost 40 shuffles a thread a chunk,
+// ~1 warp shuffle per SM clock: ~5.7 us a token at n = 32, more than half its DRAM time). Pass 2
+// (steps of 256 columns, a warp per 16-column group): the mix on tensor cores as in
+// mhc_forward_fused (M split hi + lo), results written over the consumed x and stored as whole
+// 32-byte sectors; after each step its slots are refilled from the stream.
 // Shared memory (floats): ring R * CHUNK_FLOATS, agg C, Ms N * N, Sinkhorn tile TILE + SMALL_N,
 // hpre / hpost N each, 32 scratch. Within a slot, row j's 16-byte segment s sits at s ^ (j & 7).
 // Launch: grid (G * RING_THREADS, 1, 1), G <= B CTAs (one per SM), threadgroup (RING_THREADS, 1, 1);
@@ -142,31 +143,57 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   }
   uint32_t a[2][T16][T16][4];
   mma::split_a_fragments<N, false>(Ms, a, lane);
+  // hpre as row 0 of an A tile (the other rows zero), split hi + lo: pass 1's agg = hpre x
+  uint32_t apre[2][T16][4];
+  const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1);  // this lane's ldmatrix row within a k16 tile
+#pragma unroll
+  for (int kt = 0; kt < T16; ++kt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = (lane >> 2) + 8 * (e & 1), c = kt * 16 + 2 * q + 8 * (e >> 1);
+      bf16 hi[2], lo[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const float v = row == 0 ? hpre[c + u] : 0.0f;
+        hi[u] = from_float<bf16>(v);
+        lo[u] = from_float<bf16>(v - to_float(hi[u]));
+      }
+      apre[0][kt][e] = mma::pack_bf16(hi[0], hi[1]);
+      apre[1][kt][e] = mma::pack_bf16(lo[0], lo[1]);
+    }
 
   for (int t = 0; t < mine; ++t) {
     const size_t b = blockIdx.x + (size_t)t * G;
-    // pass 1, chunk by chunk as they land: thread = (row j, segment s) of the chunk
-    const int j = threadIdx.x % N, s = threadIdx.x / N;
-    const float h = hpre[j];
+    // pass 1, chunk by chunk as they land: agg = hpre x on tensor cores (row 0 of the A tile is
+    // hpre, split hi + lo like M), a warp per 16-column group of the chunk; lanes 0-3 hold the
+    // group's agg (columns 2q, 2q + 1 of each n8 tile) and add its squares to ss
     float ss = 0.0f;
     for (int i = 0; i < K; ++i) {
       const int sidx = t * K + i;
       wait_pending(issued - 1 - sidx);
       __syncthreads();  // every thread's copies of chunk sidx have landed
-      const uint4 raw = *reinterpret_cast<const uint4*>(mma::swizzled_segment(slot_of(sidx), CH, j, s));
-      const unsigned* words = reinterpret_cast<const unsigned*>(&raw);
-      float v[SEG];
+      bf16* slot = slot_of(sidx);
+      for (int grp = warp; grp < CH / 16; grp += RING_WARPS) {
+        float d[2][4] = {};
 #pragma unroll
-      for (int e = 0; e < SEG; ++e) {
-        v[e] = h * widen<bf16>(words, e);
+        for (int kt = 0; kt < T16; ++kt) {
+          uint32_t bfr[4];
+          mma::ldmatrix_x4<true>(bfr, mma::swizzled_segment(slot, CH, kt * 16 + lrow, 2 * grp + (lane >> 4)));
 #pragma unroll
-        for (int o = 1; o < N; o <<= 1) v[e] += __shfl_xor_sync(0xffffffffu, v[e], o);  // over the N rows
-      }
-      if (j == 0) {
+          for (int nt = 0; nt < 2; ++nt) {
+            mma::bf16_16816(d[nt], apre[1][kt], bfr[2 * nt], bfr[2 * nt + 1]);  // lo first
+            mma::bf16_16816(d[nt], apre[0][kt], bfr[2 * nt], bfr[2 * nt + 1]);
+          }
+        }
+        if (lane < 4) {
 #pragma unroll
-        for (int e = 0; e < SEG; ++e) {
-          agg[i * CH + s * SEG + e] = v[e];
-          ss = fmaf(v[e], v[e], ss);
+          for (int nt = 0; nt < 2; ++nt) {
+            const int c = i * CH + 16 * grp + 8 * nt + 2 * lane;
+            agg[c] = d[nt][0];
+            agg[c + 1] = d[nt][1];
+            ss = fmaf(d[nt][0], d[nt][0], ss);
+            ss = fmaf(d[nt][1], d[nt][1], ss);
+          }
         }
       }
     }
