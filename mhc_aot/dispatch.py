@@ -117,7 +117,8 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
         rule("mhc_forward", "column", f"{mid['min_B']} <= B <= {mid['max_B']}, n >= {mid['min_n']}, "
              f"C >= {mid['min_C']}: measured 1.0-1.3x faster than fused (the fused CTA re-reads its n x C "
              "token from L2)", **mid),
-        rule("mhc_forward", "fused", "one CTA per token: aggregate, RMS, mix and add with x read from memory once",
+        rule("mhc_forward", "fused", "one CTA per token: aggregate, RMS, mix and add with x read from DRAM once "
+             "(a token beyond L1, e.g. n = 32 at C = 2048, is re-read through L2 by the mix)",
              max_C=FUSED_MAX_C),
         rule("mhc_forward", "column", f"C > {FUSED_MAX_C}: agg does not fit one CTA's shared memory"),
         rule("mhc_backward", "fused", "one pass per token for dx, per-CTA partial parameter gradients, one "
