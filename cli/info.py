@@ -141,7 +141,7 @@ def _manifest_facts() -> tuple[dict, list[str], list[str]]:
 def _dispatch_facts() -> dict:
     facts = {}
     for label, B, n, C in STANDARD_SHAPES:
-        fwd = dispatch.choose("mhc_forward", n, C, "auto", B=B, dtype="bf16")  # the bench's default dtype
+        fwd = dispatch.choose("mhc_forward", n, C, "auto", B=B, dtype="bfloat16")  # the bench's default dtype
         bwd = dispatch.choose("mhc_backward", n, C, "auto", B=B)
         if fwd.reason == bwd.reason:
             text = f"forward {fwd.backend}:{fwd.strategy}, backward {bwd.strategy}: {fwd.reason}"

@@ -192,7 +192,7 @@ def plan(full: bool, dtypes: list[str]) -> list[Check]:
                         if op == "sinkhorn":
                             shapes = [(1, 1, _strategy(op, n, 1, device, 1))]
                         else:  # per dtype: a rule may name dtypes (cluster: bfloat16)
-                            shapes = rule_shapes(backend, dispatch_op, n, full, dtype=manifest.DTYPE_TAGS[dt],
+                            shapes = rule_shapes(backend, dispatch_op, n, full, dtype=dt,
                                                  all_rules=(backend == "portable" and full and op not in DYNAMIC_OPS))
                         for B, C, strategy in shapes:
                             try:

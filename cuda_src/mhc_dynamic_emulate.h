@@ -20,6 +20,7 @@
 #include <ucontext.h>
 
 #include <cmath>
+#include <deque>
 #include <functional>
 #include <type_traits>
 #include <vector>
@@ -216,7 +217,7 @@ struct EmuFiber {
   bool done = false;
   unsigned cluster_gen = 0;  // the cluster barrier's generation at this thread's last arrive
   std::vector<EmuCopy> open;                   // cp.async copies since the last commit
-  std::vector<std::vector<EmuCopy>> groups;    // committed, not yet retired (oldest first)
+  std::deque<std::vector<EmuCopy>> groups;     // committed, not yet retired (oldest first)
 };
 
 // The CTAs that run together: one, or the CTAs of one cluster (fiber t is thread t % threads of
@@ -250,7 +251,7 @@ inline void emu_retire_copies(size_t keep) {  // all but the `keep` newest group
   EmuFiber& f = emu_cta->fibers[emu_cta->cur];
   while (f.groups.size() > keep) {
     for (const EmuCopy& c : f.groups.front()) memcpy(c.dst, c.src, c.bytes);
-    f.groups.erase(f.groups.begin());
+    f.groups.pop_front();
   }
 }
 

@@ -53,31 +53,40 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
   return uint32_t(l) | (uint32_t(h) << 16);
 }
 
-// The static forward's mixing matrix M (float32 [N, N], row-major) as A fragments for a whole
-// token, split in two bfloat16 terms: a[0] = bf16(M), a[1] = bf16(M - a[0]) (2^-17 relative
-// together, far below a bfloat16 output's rounding); a[term][mt][kt] is the m16 x k16 tile
-// (mt, kt). Used by the tensor-core mix of mhc_forward_fused, _cluster and _ring (mix_group16).
-template <int N, bool GLOBAL = true>  // GLOBAL: M in global memory (read through the read-only path)
-__device__ __forceinline__ void split_a_fragments(const float* __restrict__ M, uint32_t (&a)[2][N / 16][N / 16][4],
-                                                  int lane) {
+// A (16 MT) x (16 KT) float32 matrix, value(row, col, u) = element (row, col + u), u in {0, 1} (a
+// register's pair), as A fragments split in two bfloat16 terms:
+// a[0] = bf16(v), a[1] = bf16(v - a[0]) (2^-17 relative together, far below a bfloat16 output's
+// rounding); a[term][mt][kt] is the m16 x k16 tile (mt, kt). The MMAs take the lo term first.
+template <int MT, int KT, typename Value>
+__device__ __forceinline__ void split_a_tiles(uint32_t (&a)[2][MT][KT][4], int lane, Value value) {
   const int g = lane >> 2, q = lane & 3;
 #pragma unroll
-  for (int mt = 0; mt < N / 16; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kt = 0; kt < N / 16; ++kt)
+    for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = mt * 16 + g + 8 * (e & 1), col = kt * 16 + 2 * q + 8 * (e >> 1);
         bf16 h[2], l[2];
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
-          const float v = GLOBAL ? __ldg(M + row * N + col + u) : M[row * N + col + u];
+          const float v = value(row, col, u);
           h[u] = from_float<bf16>(v);
           l[u] = from_float<bf16>(v - to_float(h[u]));
         }
         a[0][mt][kt][e] = pack_bf16(h[0], h[1]);
         a[1][mt][kt][e] = pack_bf16(l[0], l[1]);
       }
+}
+
+// The static forward's mixing matrix M (float32 [N, N], row-major) as split A fragments for a whole
+// token: the tensor-core mix of mhc_forward_fused, _cluster and _ring (mix_group16).
+template <int N, bool GLOBAL = true>  // GLOBAL: M in global memory (read through the read-only path)
+__device__ __forceinline__ void split_a_fragments(const float* __restrict__ M, uint32_t (&a)[2][N / 16][N / 16][4],
+                                                  int lane) {
+  split_a_tiles<N / 16, N / 16>(a, lane, [&](int row, int col, int u) {
+    return GLOBAL ? __ldg(M + row * N + col + u) : M[row * N + col + u];
+  });
 }
 
 // d = M x for one 16-column group of a token (the static forward's mix, paper eq. 3): row j of the

@@ -144,23 +144,9 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   uint32_t a[2][T16][T16][4];
   mma::split_a_fragments<N, false>(Ms, a, lane);
   // hpre as row 0 of an A tile (the other rows zero), split hi + lo: pass 1's agg = hpre x
-  uint32_t apre[2][T16][4];
+  uint32_t apre[2][1][T16][4];
+  mma::split_a_tiles<1, T16>(apre, lane, [&](int row, int col, int u) { return row == 0 ? hpre[col + u] : 0.0f; });
   const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1);  // this lane's ldmatrix row within a k16 tile
-#pragma unroll
-  for (int kt = 0; kt < T16; ++kt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = (lane >> 2) + 8 * (e & 1), c = kt * 16 + 2 * q + 8 * (e >> 1);
-      bf16 hi[2], lo[2];
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const float v = row == 0 ? hpre[c + u] : 0.0f;
-        hi[u] = from_float<bf16>(v);
-        lo[u] = from_float<bf16>(v - to_float(hi[u]));
-      }
-      apre[0][kt][e] = mma::pack_bf16(hi[0], hi[1]);
-      apre[1][kt][e] = mma::pack_bf16(lo[0], lo[1]);
-    }
 
   for (int t = 0; t < mine; ++t) {
     const size_t b = blockIdx.x + (size_t)t * G;
@@ -181,8 +167,8 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
           mma::ldmatrix_x4<true>(bfr, mma::swizzled_segment(slot, CH, kt * 16 + lrow, 2 * grp + (lane >> 4)));
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
-            mma::bf16_16816(d[nt], apre[1][kt], bfr[2 * nt], bfr[2 * nt + 1]);  // lo first
-            mma::bf16_16816(d[nt], apre[0][kt], bfr[2 * nt], bfr[2 * nt + 1]);
+            mma::bf16_16816(d[nt], apre[1][0][kt], bfr[2 * nt], bfr[2 * nt + 1]);  // lo first
+            mma::bf16_16816(d[nt], apre[0][0][kt], bfr[2 * nt], bfr[2 * nt + 1]);
           }
         }
         if (lane < 4) {

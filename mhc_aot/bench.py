@@ -70,7 +70,7 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import dispatch, manifest, ops, reference, testing
+from . import dispatch, ops, reference, testing
 
 LATENCY_C = (256, 1024, 2048, 4096, 8192)
 LATENCY_SHAPES = tuple((1, 32, C) for C in LATENCY_C)
@@ -381,7 +381,7 @@ def kernels_note(case: Case) -> str:
     if case.layer == "dynamic":
         return f"{dispatch.device_backend()}:" + "/".join(
             _strategy_of(op, case) for op in ("mhc_coeffs", "mhc_pre", "mhc_post_res"))
-    c = dispatch.choose("mhc_forward", case.n, case.C, "auto", B=case.B, dtype=manifest.DTYPE_TAGS[case.dtype])
+    c = dispatch.choose("mhc_forward", case.n, case.C, "auto", B=case.B, dtype=case.dtype)
     text = f"{c.backend}:{c.strategy}"
     if case.backward:
         b = dispatch.choose("mhc_backward", case.n, case.C, "auto", B=case.B)

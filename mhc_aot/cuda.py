@@ -23,6 +23,7 @@ DM_CHUNK = 32  # cuda_src/mhc_backward_dm.cu
 FUSED_TC_COLS, FUSED_TC_STAGES, FUSED_TC_N = 128, 4, (16, 32)  # cuda_src/mhc_forward_fused.cu (tensor cores)
 CLUSTER, CLUSTER_THREADS = 4, 128  # cuda_src/mhc_forward_cluster.cu: CTAs per token, threads per CTA
 RING_THREADS, RING_CHUNK_BYTES = 512, 512 * 16  # cuda_src/mhc_forward_ring.cu: a 16-byte copy per thread a chunk
+STEP_COLS = 16 * RING_THREADS // 32  # cuda_src/mhc_forward_ring.cu: pass 2's columns a step (C is a multiple)
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
@@ -147,12 +148,19 @@ def _forward_fused(x, M, hpre_raw, hpost_raw, w, eps):
                    n * pad + 2 * pad + 32 + C + _fused_tc_ring_floats(x.dtype, n, C, nmax))
 
 
+def _check_tc_token(source: str, x: mx.array, C_multiple: int) -> None:
+    """The tensor-core token kernels (cluster, ring) take bfloat16 x with n equal to a compiled NMAX in
+    FUSED_TC_N and C a multiple of C_multiple; dispatch routes nothing else to them."""
+    _, n, C = x.shape
+    if x.dtype != mx.bfloat16 or n not in FUSED_TC_N or C % C_multiple:
+        raise ValueError(f"{source} runs bfloat16 x with n in {FUSED_TC_N} and C a multiple of {C_multiple}; got "
+                         f"{x.dtype}, n={n}, C={C}: call ops with backend='auto' (dispatch picks a kernel that "
+                         "serves this shape) or backend='portable'")
+
+
 def _forward_cluster(x, M, hpre_raw, hpost_raw, w, eps):
     B, n, C = x.shape
-    _, _, nmax = _binary("mhc_forward_cluster", "bf16", n)
-    if x.dtype != mx.bfloat16 or n != nmax or C % (64 * CLUSTER):
-        raise ValueError(f"mhc_forward_cluster runs bfloat16 x with n in {FUSED_TC_N} and C a multiple of "
-                         f"{64 * CLUSTER}; got {x.dtype}, n={n}, C={C} (dispatch.CLUSTER_FORWARD bounds the strategy)")
+    _check_tc_token("mhc_forward_cluster", x, 64 * CLUSTER)
     S = C // CLUSTER  # columns per CTA; shared floats per its header: x slice, agg, hpre, hpost, 33
     return _launch("mhc_forward_cluster", "bf16", n, [x, M, hpre_raw, hpost_raw, w], [(B, n, C), (B,)],
                    [x.dtype, F32], [n, C, eps], (B * CLUSTER * CLUSTER_THREADS, 1, 1), n * S // 2 + S + 2 * n + 33,
@@ -172,14 +180,12 @@ def _ring_slots(n: int, C: int) -> int:
 
 def _forward_ring(x, L, hpre_raw, hpost_raw, w, iters, eps):
     B, n, C = x.shape
-    _, _, nmax = _binary("mhc_forward_ring", "bf16", n)
-    if x.dtype != mx.bfloat16 or n != nmax or C % 256:
-        raise ValueError(f"mhc_forward_ring runs bfloat16 x with n in {FUSED_TC_N} and C a multiple of 256; got "
-                         f"{x.dtype}, n={n}, C={C}")
+    _check_tc_token("mhc_forward_ring", x, STEP_COLS)
     R, K = _ring_slots(n, C), C // (RING_CHUNK_BYTES // (2 * n))
     if R < K:
         raise ValueError(f"mhc_forward_ring keeps a whole token in shared memory: n={n}, C={C} needs {K} chunk slots "
-                         f"of {RING_CHUNK_BYTES} bytes, this GPU's shared memory holds {R}")
+                         f"of {RING_CHUNK_BYTES} bytes, this GPU's shared memory holds {R}: call ops with "
+                         "backend='auto' (dispatch picks a kernel that serves this shape) or backend='portable'")
     G = min(B, device.sm_count())  # one persistent CTA per SM
     return _launch("mhc_forward_ring", "bf16", n, [x, L, hpre_raw, hpost_raw, w], [(B, n, C), (B,), (n, n)],
                    [x.dtype, F32, F32], [n, C, B, iters, eps, R], (G * RING_THREADS, 1, 1),

@@ -106,8 +106,9 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
              "once per token, parameter gradients in registers (fused where the token outgrows shared memory)",
              max_C=RESIDENT_MAX_C, max_n=RESIDENT_MAX_N),
         rule("mhc_forward", "cluster", "bfloat16, n in {16, 32}, C a multiple of 256 up to 12288, sm_90+, "
-             "MLX_USE_CUDA_GRAPHS=0 (MLX's graph cache ignores cluster shapes): a cluster of 4 CTAs per token, each holding n x C/4 of it in shared memory from one read of x, the "
-             "RMS sum crossing the cluster through distributed shared memory", **cl),
+             "MLX_USE_CUDA_GRAPHS=0 (MLX's graph cache ignores cluster shapes): a cluster of 4 CTAs per token, "
+             "each holding n x C/4 of it in shared memory from one read of x, the RMS sum crossing the cluster "
+             "through distributed shared memory", **cl),
     ) if backend == "cuda" else ()
     return (
         rule("sinkhorn", "sinkhorn", "one CTA runs all iterations of the tiny [n, n] problem in one launch"),
@@ -168,6 +169,14 @@ def device_backend(device: mx.Device | None = None) -> str:
     return _gpu_backend() if device.type == mx.gpu else "cpu"
 
 
+def dtype_tag(dtype: mx.Dtype | str | None) -> str | None:
+    """The rules' dtype tag (f32 / f16 / bf16) of an mx dtype, a dtype name ("bfloat16") or a tag."""
+    if dtype is None:
+        return None
+    name = dtype if isinstance(dtype, str) else str(dtype).split(".")[-1]
+    return manifest.DTYPE_TAGS.get(name, name)
+
+
 def cuda_graphs() -> bool:
     """Whether MLX's CUDA backend records kernels into CUDA graphs (its default; MLX_USE_CUDA_GRAPHS=0
     turns it off, read by MLX once per process, as here)."""
@@ -188,8 +197,8 @@ def cuda_sm() -> int:
 
 def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None,
            dtype: mx.Dtype | str | None = None, sm: int | None = None, graphs: bool | None = None) -> Choice:
-    """Pick the strategy for `op` on B tokens of n x C values of `dtype` (an mx dtype or its tag;
-    rules that name dtypes never match an unknown one), on a CUDA GPU of compute capability `sm`
+    """Pick the strategy for `op` on B tokens of n x C values of `dtype` (an mx dtype, its name or
+    its tag; rules that name dtypes never match an unknown one), on a CUDA GPU of compute capability `sm`
     with MLX's CUDA graphs on or off (None: this machine's, cuda_sm() and cuda_graphs()).
 
     backend: "auto" follows MLX's default device; "cpu"/"portable" force MLX ops; "reference"
@@ -202,7 +211,7 @@ def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None,
     if backend == "portable":
         return Choice("cpu", "portable", None, "backend='portable' was asked for explicitly")
     device = device_backend() if backend == "auto" else backend
-    tag = dtype if dtype is None or isinstance(dtype, str) else manifest.DTYPE_TAGS.get(str(dtype).split(".")[-1])
+    tag = dtype_tag(dtype)
     sm = (cuda_sm() if sm is None else sm) if device == "cuda" else 0
     graphs = cuda_graphs() if graphs is None else graphs
     for rule in RULES:

@@ -47,7 +47,7 @@ def single(arrays):
 
 
 def dtype_tag(dtype: mx.Dtype) -> str:
-    """f32 / f16 / bf16: the MHC_DTYPE of a variant."""
+    """f32 / f16 / bf16: the MHC_DTYPE of a variant (the dispatch rules' tags)."""
     return manifest.DTYPE_TAGS[str(dtype).split(".")[-1]]
 
 

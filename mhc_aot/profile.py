@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import bench, device, dispatch, manifest, ops
+from . import bench, device, dispatch, ops
 
 STAGES = ("sinkhorn", "forward", "backward")
 DYNAMIC_STAGES = ("coeffs", "post_res", "forward", "backward")
@@ -111,11 +111,6 @@ def summary(events: list[dict]) -> list[dict]:
     return rows
 
 
-def _tag(dtype: str | None) -> str | None:
-    """'bfloat16' -> 'bf16' (dispatch's dtype tags); None stays None."""
-    return None if dtype is None else manifest.DTYPE_TAGS[dtype]
-
-
 def strategies(B: int, n: int, C: int, backend: str = "auto", layer: str = "static", dtype: str | None = None) -> dict:
     if backend in ("portable", "reference"):
         return {s: backend for s in (DYNAMIC_STAGES if layer == "dynamic" else STAGES)}
@@ -125,7 +120,7 @@ def strategies(B: int, n: int, C: int, backend: str = "auto", layer: str = "stat
         return {"coeffs": ex["mhc_coeffs"], "post_res": ex["mhc_post_res"], "forward": both, "backward": both}
     return {
         "sinkhorn": dispatch.explain("sinkhorn", n, 1, backend),
-        "forward": dispatch.explain("mhc_forward", n, C, backend, B=B, dtype=_tag(dtype)),
+        "forward": dispatch.explain("mhc_forward", n, C, backend, B=B, dtype=dtype),
         "backward": dispatch.explain("mhc_backward", n, C, backend, B=B),
     }
 

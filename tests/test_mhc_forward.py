@@ -183,8 +183,8 @@ def _tag(dtype_name):
 
 
 # The cluster strategy's CUDA kernel (bfloat16, n = 16 / 32; the rule asks for sm_90 and for MLX's
-# CUDA graphs off, which the emulation stands in for), emulated: four CTAs per token run together, their RMS partials crossing
-# the cluster through each other's shared memory; forward and, after it, the fused backward.
+# CUDA graphs off, which the emulation stands in for), emulated: four CTAs per token run together,
+# their RMS partials crossing the cluster through each other's shared memory.
 EMU_CLUSTER = [(3, 16, 256), (2, 32, 512), (1, 16, 1024)]
 
 
@@ -239,15 +239,15 @@ def _cuda_gradients(emulated_cuda, tag, B, n, C, dtype_name) -> list[str]:
 # (sm_count 1), a ring of a token's chunks + 1 (so it wraps), of exactly a token's chunks, and as
 # large as shared memory allows; forward, then every gradient through its M output.
 EMU_RING = [(5, 32, 256, "wrap"), (3, 16, 512, "token"), (2, 32, 1024, "all")]
+RING_RULE = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_in=(16, 32), dtypes=("bf16",),
+                          C_multiple=256)  # the rule `ring` would get (it has none yet)
 
 
 @pytest.mark.parametrize("B,n,C,slots", EMU_RING)
 def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, n, C, slots):
     from mhc_aot import cuda, device
 
-    rule = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_in=(16, 32), dtypes=("bf16",),
-                         C_multiple=256)
-    monkeypatch.setattr(dispatch, "RULES", (rule, *dispatch.RULES))
+    monkeypatch.setattr(dispatch, "RULES", (RING_RULE, *dispatch.RULES))
     monkeypatch.setattr(device, "sm_count", lambda: 1)
     chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
     if slots != "all":
@@ -272,9 +272,7 @@ GPU_RING = [(400, 32, 2048), (300, 16, 512), (2, 32, 3072), (3, 16, 6144), (1, 3
 def test_gpu_ring_forward(monkeypatch, B, n, C):
     if "cuda" not in KERNEL_BACKENDS:
         pytest.skip("needs MLX's CUDA backend")
-    rule = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_in=(16, 32), dtypes=("bf16",),
-                         C_multiple=256)
-    monkeypatch.setattr(dispatch, "RULES", (rule, *dispatch.RULES))
+    monkeypatch.setattr(dispatch, "RULES", (RING_RULE, *dispatch.RULES))
     _check("cuda", B, n, C, "bfloat16", tag="gpu-ring")
     if B * n * C <= 1 << 20:
         _cuda_gradients(None, "gpu-ring", B, n, C, "bfloat16")
