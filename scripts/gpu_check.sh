@@ -19,7 +19,8 @@
 # test file) and MHC_TESTS_TIMEOUT bounds it (default 480 s); MHC_BENCH_COMPARE (default portable,seed,torch) and MHC_DYNAMIC_COMPARE (default
 # portable,liger) pick the peers; MHC_PASSES (default "forward backward") the passes timed;
 # MHC_PROFILE_SPECS (LAYER:B words, default "static:4096 dynamic:8192") the profiled runs;
-# MHC_VALIDATE=0 skips `mhc validate --quick` in the build stage.
+# MHC_VALIDATE=0 skips `mhc validate --quick` in the build stage; MHC_NO_GRAPHS_TESTS=0 skips the
+# tests stage's second run with MLX_USE_CUDA_GRAPHS=0.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -54,6 +55,7 @@ for s in $stages; do
     grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests.log" | head -60
     # the forward's `cluster` strategy runs only with MLX's CUDA graphs off (mhc_aot/dispatch.py,
     # CLUSTER_FORWARD): the forward, gradient and layer tests again in that mode
+    [ "${MHC_NO_GRAPHS_TESTS:-1}" = 0 ] && continue
     MLX_USE_CUDA_GRAPHS=0 timeout "${MHC_TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfE -m gpu -p no:cacheprovider \
       --timeout=300 tests/test_mhc_forward.py tests/test_gradients.py tests/test_layer.py > "$out/gpu_tests_no_graphs.log" 2>&1 \
       || status=1
