@@ -4,9 +4,9 @@
 // R chunk slots in shared memory. Each chunk is read from DRAM once, by cp.async, as far ahead as
 // free slots allow, so the next token's loads run under this token's math and stores. No CTA talks
 // to another (the `cluster` strategy's exchange needs thread block clusters, which MLX's CUDA graph
-// cache mishandles), and the Sinkhorn runs here too, once per CTA (the `resident` strategy's way):
+// cache mishandles), and the Sinkhorn runs here too, once per CTA in one warp (sinkhorn_warp):
 // one launch per forward.
-//   M = sinkhorn(exp(L - rowmax L)) (eq. 9), bit-identical to mhc_sinkhorn_fwd's n <= 32 path
+//   M = sinkhorn(exp(L - rowmax L)) (eq. 9), mhc_sinkhorn_fwd's arithmetic summed in another order
 //   agg[b, c] = sum_j H_pre[j] x[b, j, c],  inv_rms[b] = rsqrt(mean_c agg^2 + eps)
 //   out[b, i, c] = sum_j M[i, j] x[b, j, c] + H_post[i] * agg[b, c] * inv_rms[b] * w[c]   (eq. 3)
 // Pass 1 (per chunk as it lands, a warp per 16-column group): agg = hpre x on tensor cores, hpre
@@ -15,8 +15,8 @@
 // (steps of 256 columns, a warp per 16-column group): the mix on tensor cores as in
 // mhc_forward_fused (M split hi + lo), results written over the consumed x and stored as whole
 // 32-byte sectors; after each step its slots are refilled from the stream.
-// Shared memory (floats): ring R * CHUNK_FLOATS, agg C, Ms N * N, Sinkhorn tile TILE + SMALL_N,
-// hpre / hpost N each, 32 scratch. Within a slot, row j's 16-byte segment s sits at s ^ (j & 7).
+// Shared memory (floats): ring R * CHUNK_FLOATS, agg * w C, Ms N * N, hpre / hpost N each, 32
+// scratch. Within a slot, row j's 16-byte segment s sits at s ^ (j & 7).
 // Launch: grid (G * RING_THREADS, 1, 1), G <= B CTAs (one per SM), threadgroup (RING_THREADS, 1, 1);
 // R >= C / CH (a token's chunks) is passed by the launcher (cuda._ring_slots).
 #include <cuda_pipeline.h>
@@ -33,63 +33,74 @@ constexpr int CHUNK_FLOATS = CHUNK_BYTES / 4;
 constexpr int STEP_COLS = 16 * RING_WARPS;                                   // pass 2: a 16-column group per warp
 
 // Waits until at most `pending` of this thread's cp.async groups are in flight. The PTX wants an
-// immediate: a chain down from P (a ring holds at most 27 chunks of a 227 KB GPU; more pending
-// than P waits for P, which only waits longer). Exact, so pass 1 starts on chunk i as soon as it
-// lands rather than when all but 7 of the stream's issued chunks have.
-template <int P = 31>
+// immediate: a binary search over [LO, HI] (five uniform branches for 0..31; a ring holds at most
+// 27 chunks of a 227 KB GPU, and more pending than 31 waits for 31, which only waits longer).
+// Exact, so pass 1 starts on chunk i as soon as it lands. (A chain down from 31 cost ~15% of the
+// kernel's issue slots on the H200, ncu source counters.)
+template <int LO = 0, int HI = 31>
 __device__ __forceinline__ void wait_pending(int pending) {
-  if constexpr (P == 0) {
-    __pipeline_wait_prior(0);
+  if constexpr (LO == HI) {
+    __pipeline_wait_prior(LO);
   } else {
-    if (pending >= P) {
-      __pipeline_wait_prior(P);
+    constexpr int MID = (LO + HI) / 2;
+    if (pending <= MID) {
+      wait_pending<LO, MID>(pending);
     } else {
-      wait_pending<P - 1>(pending);
+      wait_pending<MID + 1, HI>(pending);
     }
   }
 }
 
-// The n <= 32 Sinkhorn of mhc_sinkhorn_fwd with RING_WARPS warps: warp w keeps rows w, w + 16 of
-// the 32 x 32 tile in registers (lane = column; zeros past n); sums as there (row: warp_sum;
-// column: the transposed tile), so M has the same bits. Ms[i * N + j] = M[i, j].
+// The transposing butterfly of sinkhorn_warp: at offset H, lanes with bit H keep the upper half of
+// the 2H live values and send the lower half (the partner the reverse); the H values left then sum
+// lanes l and l ^ H. From H = N / 2 down to 1, lane l ends with column l's sum in v[0].
+template <int N, int H>
+__device__ __forceinline__ void column_sums(float (&v)[N], int lane) {
+  const bool up = lane & H;
+#pragma unroll
+  for (int k = 0; k < H; ++k) {
+    const float send = up ? v[k] : v[k + H], keep = up ? v[k + H] : v[k];
+    v[k] = keep + __shfl_xor_sync(0xffffffffu, send, H);
+  }
+  if constexpr (H > 1) column_sums<N, H / 2>(v, lane);
+}
+
+// Sinkhorn (eq. 9) of the n x n logits L in one warp, lane i holding row i in registers (zeros past
+// n), so no barrier a round: row sums are local; column sums come from a transposing butterfly
+// (N - 1 shuffles leave column l's sum in lane l), whose reciprocals reach every lane by shuffles.
+// Same arithmetic as mhc_sinkhorn_fwd (exp after the row max, sk_recip with 1 / 0 past eps), summed
+// in another order. Ms[i * N + j] = M[i, j]. (The 16-warp version, two barriers a round, took
+// ~11% of the kernel on the H200 at (1024, 32, 2048), ncu.)
 template <int N>
-__device__ __forceinline__ void sinkhorn_rows(const float* __restrict__ L, float* Ms, float* tile, float* col,
-                                              int iters, float eps) {
-  constexpr int ROWS = SMALL_N / RING_WARPS;  // all 32 rows of the tile, zeros past n (as there)
-  const int w = threadIdx.x >> 5, j = threadIdx.x & 31;
-  float p[ROWS];
+__device__ __forceinline__ void sinkhorn_warp(const float* __restrict__ L, float* Ms, int iters, float eps, int lane) {
+  const bool row = lane < N;
+  float p[N], m = -INFINITY;
 #pragma unroll
-  for (int k = 0; k < ROWS; ++k) {
-    const int i = w + RING_WARPS * k;
-    const bool ok = i < N && j < N;
-    const float l = ok ? L[i * N + j] : -INFINITY;
-    const float m = warp_max(l);
-    p[k] = ok ? expf(l - m) : 0.0f;
+  for (int j = 0; j < N; ++j) {
+    p[j] = row ? L[lane * N + j] : -INFINITY;
+    m = fmaxf(m, p[j]);
   }
+#pragma unroll
+  for (int j = 0; j < N; ++j) p[j] = row ? expf(p[j] - m) : 0.0f;
   for (int t = 0; t < iters; ++t) {
+    float s = 0.0f;
 #pragma unroll
-    for (int k = 0; k < ROWS; ++k) {
-      p[k] *= sk_recip(warp_sum(p[k]), eps, 1.0f);
-      tile[j * (SMALL_N + 1) + w + RING_WARPS * k] = p[k];
-    }
-    __syncthreads();
+    for (int j = 0; j < N; ++j) s += p[j];
+    const float rr = sk_recip(s, eps, 1.0f);
+    float v[N];
 #pragma unroll
-    for (int k = 0; k < ROWS; ++k) {  // warp w sums columns w, w + 16
-      const int c = w + RING_WARPS * k;
-      const float s = warp_sum(tile[c * (SMALL_N + 1) + j]);
-      if (j == 0) col[c] = s;
+    for (int j = 0; j < N; ++j) {
+      p[j] *= rr;
+      v[j] = p[j];
     }
-    __syncthreads();
+    column_sums<N, N / 2>(v, lane);
+    const float rc = sk_recip(v[0], eps, 0.0f);  // lane l < N: column l (lanes past N: zeros)
 #pragma unroll
-    for (int k = 0; k < ROWS; ++k) {
-      const bool ok = w + RING_WARPS * k < N && j < N;
-      p[k] = ok ? p[k] * sk_recip(col[j], eps, 0.0f) : 0.0f;
-    }
+    for (int j = 0; j < N; ++j) p[j] *= __shfl_sync(0xffffffffu, rc, j);
   }
+  if (row) {
 #pragma unroll
-  for (int k = 0; k < ROWS; ++k) {
-    const int i = w + RING_WARPS * k;
-    if (i < N && j < N) Ms[i * N + j] = p[k];
+    for (int j = 0; j < N; ++j) Ms[lane * N + j] = p[j];
   }
 }
 
@@ -102,37 +113,44 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   constexpr int CH = CHUNK_BYTES / (2 * N);  // columns per chunk: 128 at n = 32, 256 at n = 16
   constexpr int CSEGS = CH / SEG;            // 16-byte segments per chunk row
   constexpr int CHUNKS_PER_STEP = STEP_COLS / CH;
+  static_assert(CH / 16 <= RING_WARPS, "pass 1: at most one 16-column group of a chunk per warp");
   extern __shared__ float smem[];
   bf16* ring = reinterpret_cast<bf16*>(smem);
-  float* agg = smem + R * CHUNK_FLOATS;
-  float* Ms = agg + C;
-  float* tile = Ms + N * N;  // the Sinkhorn's transposed tile
-  float* col = tile + TILE;
-  float* hpre = col + SMALL_N;
+  float* aggw = smem + R * CHUNK_FLOATS;  // agg[c] * w[c] of the current token
+  float* Ms = aggw + C;
+  float* hpre = Ms + N * N;
   float* hpost = hpre + N;
   float* scratch = hpost + N;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, q = lane & 3;
   const int K = C / CH;  // chunks per token
   const int G = gridDim.x, mine = (B - (int)blockIdx.x + G - 1) / G;  // tokens of this CTA
   const int total = mine * K;                                          // chunks of its stream
+  constexpr int SLOT_ELEMS = CHUNK_BYTES / 2;
 
-  // the stream: chunk s is chunk s % K of this CTA's token s / K, in slot s % R
-  int issued = 0, consumed = 0;
-  auto slot_of = [&](int s) { return ring + (size_t)(s % R) * (CHUNK_BYTES / 2); };
+  // the stream: chunk s is chunk s % K of this CTA's token s / K, in slot s % R. Counters move by
+  // one (no division in the loops: R and K are not compile-time). This thread copies row j,
+  // segment sg of every chunk.
+  int issued = 0, consumed = 0, iss_i = 0, iss_slot = 0;
+  size_t iss_tok = (size_t)blockIdx.x * N * C;  // element offset of the token being issued
+  const int j_own = threadIdx.x / CSEGS, sg_own = threadIdx.x % CSEGS;
+  const T* src_own = x + (size_t)j_own * C + sg_own * SEG;
+  bf16* dst_own = mma::swizzled_segment(ring, CH, j_own, sg_own);
   auto issue = [&]() {
     while (issued < total && issued - consumed < R) {
-      const size_t b = blockIdx.x + (size_t)(issued / K) * G;
-      const int i = issued % K, j = threadIdx.x / CSEGS, s = threadIdx.x % CSEGS;
-      __pipeline_memcpy_async(mma::swizzled_segment(slot_of(issued), CH, j, s),
-                              x + (b * N + j) * C + (size_t)i * CH + s * SEG, 16);
+      __pipeline_memcpy_async(dst_own + iss_slot * SLOT_ELEMS, src_own + iss_tok + (size_t)iss_i * CH, 16);
       __pipeline_commit();
       ++issued;
+      if (++iss_slot == R) iss_slot = 0;
+      if (++iss_i == K) {
+        iss_i = 0;
+        iss_tok += (size_t)G * N * C;
+      }
     }
   };
   issue();
 
-  // while the first token lands: M, the activations, M's A fragments
-  sinkhorn_rows<N>(L, Ms, tile, col, iters, eps);
+  // while the first token lands: M (one warp), the activations, M's A fragments
+  if (warp == 0) sinkhorn_warp<N>(L, Ms, iters, eps, lane);
   if (threadIdx.x < N) {
     hpre[threadIdx.x] = sigmoid(H_pre_raw[threadIdx.x]);
     hpost[threadIdx.x] = 2.0f * sigmoid(H_post_raw[threadIdx.x]);
@@ -148,23 +166,35 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   mma::split_a_tiles<1, T16>(apre, lane, [&](int row, int col, int u) { return row == 0 ? hpre[col + u] : 0.0f; });
   const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1);  // this lane's ldmatrix row within a k16 tile
 
+  int slot0 = 0;  // slot of the current token's chunk 0
   for (int t = 0; t < mine; ++t) {
     const size_t b = blockIdx.x + (size_t)t * G;
+    auto slot = [&](int i) {  // slot of chunk i of this token (i < K <= R)
+      const int sl = slot0 + i;
+      return ring + (size_t)(sl >= R ? sl - R : sl) * SLOT_ELEMS;
+    };
     // pass 1, chunk by chunk as they land: agg = hpre x on tensor cores (row 0 of the A tile is
-    // hpre, split hi + lo like M), a warp per 16-column group of the chunk; lanes 0-3 hold the
-    // group's agg (columns 2q, 2q + 1 of each n8 tile) and add its squares to ss
+    // hpre, split hi + lo like M), warp g < CH / 16 on the chunk's 16-column group g; lanes 0-3
+    // hold the group's agg (columns 2q, 2q + 1 of each n8 tile), add its squares to ss and store
+    // agg * w (w read before the chunk's wait, so its latency hides under it)
     float ss = 0.0f;
     for (int i = 0; i < K; ++i) {
-      const int sidx = t * K + i;
-      wait_pending(issued - 1 - sidx);
-      __syncthreads();  // every thread's copies of chunk sidx have landed
-      bf16* slot = slot_of(sidx);
-      for (int grp = warp; grp < CH / 16; grp += RING_WARPS) {
+      float2 wv[2] = {};
+      const int cg = i * CH + 16 * warp + 2 * lane;  // lanes 0-3: columns cg, cg + 1 (+ 8)
+      if (warp < CH / 16 && lane < 4) {
+        wv[0] = __ldg(reinterpret_cast<const float2*>(w + cg));
+        wv[1] = __ldg(reinterpret_cast<const float2*>(w + cg + 8));
+      }
+      wait_pending(issued - 1 - (t * K + i));
+      __syncthreads();  // every thread's copies of chunk i have landed
+      if (warp < CH / 16) {
+        const bf16* sl = slot(i);
         float d[2][4] = {};
 #pragma unroll
         for (int kt = 0; kt < T16; ++kt) {
           uint32_t bfr[4];
-          mma::ldmatrix_x4<true>(bfr, mma::swizzled_segment(slot, CH, kt * 16 + lrow, 2 * grp + (lane >> 4)));
+          mma::ldmatrix_x4<true>(bfr, mma::swizzled_segment(const_cast<bf16*>(sl), CH, kt * 16 + lrow,
+                                                            2 * warp + (lane >> 4)));
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
             mma::bf16_16816(d[nt], apre[1][0][kt], bfr[2 * nt], bfr[2 * nt + 1]);  // lo first
@@ -174,16 +204,14 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
         if (lane < 4) {
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
-            const int c = i * CH + 16 * grp + 8 * nt + 2 * lane;
-            agg[c] = d[nt][0];
-            agg[c + 1] = d[nt][1];
+            *reinterpret_cast<float2*>(aggw + cg + 8 * nt) = make_float2(d[nt][0] * wv[nt].x, d[nt][1] * wv[nt].y);
             ss = fmaf(d[nt][0], d[nt][0], ss);
             ss = fmaf(d[nt][1], d[nt][1], ss);
           }
         }
       }
     }
-    const float r = rsqrtf(block_sum(ss, scratch) / C + eps);  // ends synchronised: agg is complete
+    const float r = rsqrtf(block_sum(ss, scratch) / C + eps);  // ends synchronised: aggw is complete
     if (threadIdx.x == 0) inv_rms[b] = r;
 
     // pass 2, STEP_COLS columns a step: warp w takes 16-column group w of the step
@@ -192,10 +220,10 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
       const int i = c0 / CH, seg0 = (c0 % CH) / SEG;  // its chunk, and its first segment there
       const int cl = c0 + 2 * q;  // this lane's first column of the group
       mma::mix_store_group<N>(
-          a, slot_of(t * K + i), CH, seg0, hpost,
+          a, slot(i), CH, seg0, hpost,
           [&](int nt) {
-            const int c = cl + 8 * nt;
-            return make_float2(agg[c] * r * __ldg(w + c), agg[c + 1] * r * __ldg(w + c + 1));
+            const float2 v = *reinterpret_cast<const float2*>(aggw + cl + 8 * nt);
+            return make_float2(v.x * r, v.y * r);
           },
           ob + c0, C, lane);
       // the step is done once every warp has stored its group: free its slots, refill from the stream
@@ -203,5 +231,7 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
       consumed += CHUNKS_PER_STEP;
       issue();
     }
+    slot0 += K;
+    if (slot0 >= R) slot0 -= R;
   }
 }

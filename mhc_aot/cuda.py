@@ -168,9 +168,8 @@ def _forward_cluster(x, M, hpre_raw, hpost_raw, w, eps):
 
 
 def _ring_fixed_floats(n: int, C: int) -> int:
-    """mhc_forward_ring's shared floats besides its ring (its header): agg, Ms, Sinkhorn tile + column
-    sums, hpre, hpost, scratch."""
-    return C + n * n + SMALL_N * (SMALL_N + 1) + SMALL_N + 2 * n + 32
+    """mhc_forward_ring's shared floats besides its ring (its header): agg * w, Ms, hpre, hpost, scratch."""
+    return C + n * n + 2 * n + 32
 
 
 def _ring_slots(n: int, C: int) -> int:
