@@ -20,6 +20,9 @@ from .kernel_ops import dtype_tag
 THREADS = 256  # cuda_src/mhc_common.cuh
 TILE_C = 1024  # cuda_src/mhc_column_common.cuh
 DM_CHUNK = 32  # cuda_src/mhc_backward_dm.cu
+# cuda_src/mhc_backward_dm_tc.cu: threads, columns a chunk (a k16 slice per warp), cp.async stages
+DM_TC_THREADS, DM_TC_CHUNK, DM_TC_STAGES = 256, 128, 4
+DM_TC_N = (16, 32)  # its variants: bfloat16, n == NMAX
 FUSED_TC_COLS, FUSED_TC_STAGES, FUSED_TC_N = 128, 4, (16, 32)  # cuda_src/mhc_forward_fused.cu (tensor cores)
 CLUSTER, CLUSTER_THREADS = 4, 128  # cuda_src/mhc_forward_cluster.cu: CTAs per token, threads per CTA
 RING_THREADS, RING_CHUNK_BYTES = 512, 512 * 16  # cuda_src/mhc_forward_ring.cu: a 16-byte copy per thread a chunk
@@ -264,8 +267,16 @@ def _backward_smem_floats(n: int, C: int) -> int:
 
 
 def _dm_partials(x, dout):
-    """Per-CTA partial sums [G, n*n] of dM[i, j] = sum over tokens and columns of dout[i] x[j]."""
+    """Per-CTA partial sums [G, n*n] of dM[i, j] = sum over tokens and columns of dout[i] x[j]: on
+    tensor cores for bfloat16 at n = 16 / 32 with C a multiple of DM_TC_CHUNK (mhc_backward_dm_tc),
+    else on CUDA cores (mhc_backward_dm)."""
     B, n, C = x.shape
+    if x.dtype == mx.bfloat16 and n in DM_TC_N and C % DM_TC_CHUNK == 0:
+        smem = DM_TC_STAGES * 2 * n * DM_TC_CHUNK // 2  # floats: the stages of dout and x rows (bfloat16)
+        G = min(B * (C // DM_TC_CHUNK), device.sm_count() * device.resident_ctas_per_sm(launch_smem(4 * smem)))
+        (partial,) = _launch("mhc_backward_dm_tc", "bf16", n, [x, dout], [(G, n * n)], [F32], [n, C, B],
+                             (G * DM_TC_THREADS, 1, 1), smem, DM_TC_THREADS)
+        return partial
     G = min(B * -(-C // DM_CHUNK), 2 * device.sm_count())
     (partial,) = _launch("mhc_backward_dm", dtype_tag(x.dtype), None, [x, dout], [(G, n * n)], [F32], [n, C, B],
                          (G * THREADS, 1, 1), 2 * n * (DM_CHUNK + 1) + n * n)

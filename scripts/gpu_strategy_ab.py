@@ -15,7 +15,8 @@ import sys
 
 from mhc_aot import bench, dispatch
 
-SHAPES = [(1024, 32, 2048), (4096, 16, 1024), (256, 32, 2048), (32, 32, 2048), (1, 32, 2048), (1024, 16, 4096)]
+SHAPES = [(1024, 32, 2048), (4096, 16, 1024), (256, 32, 2048), (32, 32, 2048), (1, 32, 2048), (1024, 16, 4096),
+          (4096, 32, 1024), (1024, 32, 3072), (64, 32, 2048), (1024, 16, 2048), (256, 16, 4096), (4096, 16, 2048)]
 # `ring` has no rule of its own yet (dispatch.py): the candidate rule it would get, ahead of the others
 # (a whole token in one CTA's shared memory: n = 32 up to C = 3072, n = 16 up to 6144 on a 227 KB GPU)
 RING = dispatch.Rule("cuda", "mhc_forward", "ring", None, 6144, "A/B candidate", n_in=(16, 32), dtypes=("bf16",),

@@ -259,6 +259,7 @@ def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, 
     assert emulated_cuda.grids[-1][0] == cuda.RING_THREADS  # one CTA: it walks all B tokens
     names = _cuda_gradients(emulated_cuda, "ring", B, n, C, "bfloat16")
     assert names[0] == name and "mhc_sinkhorn_bwd" in names, names
+    assert cuda._binary("mhc_backward_dm_tc", "bf16", n)[0] in names, names  # dM on tensor cores
 
 
 # The ring kernel on the GPU, with the rule the tests above add: many tokens per CTA (B well above
