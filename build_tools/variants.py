@@ -64,6 +64,8 @@ def _table() -> tuple[KernelVariant, ...]:
         v.append(KernelVariant("mhc_forward", "mhc_forward_ring", "ring", "bf16", nmax))
     for nmax in CLUSTER_NMAX:  # CUDA only (no metal_src twin): dM on tensor cores (bfloat16, n == NMAX)
         v.append(KernelVariant("mhc_backward", "mhc_backward_dm_tc", "fused", "bf16", nmax))
+    for nmax in CLUSTER_NMAX:  # CUDA only (no metal_src twin): the backward's ring (bfloat16, n == NMAX)
+        v.append(KernelVariant("mhc_backward", "mhc_backward_ring", "ring", "bf16", nmax))
     # dtype-independent: sums the backward's per-CTA partials, applies the activations' derivatives
     v.append(KernelVariant("mhc_backward", "mhc_backward_reduce", "fused", None, 0))
     v += _dynamic_variants()  # dynamic mHC (issue 6): see _dynamic_variants below

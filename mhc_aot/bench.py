@@ -384,7 +384,7 @@ def kernels_note(case: Case) -> str:
     c = dispatch.choose("mhc_forward", case.n, case.C, "auto", B=case.B, dtype=case.dtype)
     text = f"{c.backend}:{c.strategy}"
     if case.backward:
-        b = dispatch.choose("mhc_backward", case.n, case.C, "auto", B=case.B)
+        b = dispatch.choose("mhc_backward", case.n, case.C, "auto", B=case.B, dtype=case.dtype)
         text += f" / bwd {b.strategy}"
     return text
 

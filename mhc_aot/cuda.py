@@ -175,6 +175,12 @@ def _ring_fixed_floats(n: int, C: int) -> int:
     return C + n * n + 2 * n + 32
 
 
+def ring_smem_bytes(n: int, C: int) -> int:
+    """Shared memory of mhc_forward_ring with a ring of exactly a token's chunks (its least; the
+    dispatch rule's condition, dispatch.SMEM_NEEDS)."""
+    return -(-2 * n * C // RING_CHUNK_BYTES) * RING_CHUNK_BYTES + 4 * _ring_fixed_floats(n, C)
+
+
 def _ring_slots(n: int, C: int) -> int:
     """Chunk slots of mhc_forward_ring's ring: as many as this GPU's shared memory per CTA holds."""
     return (device.max_shared_memory_per_block() - 4 * _ring_fixed_floats(n, C)) // RING_CHUNK_BYTES
@@ -288,10 +294,13 @@ REDUCE_COLS = 32  # cuda_src/mhc_backward_reduce.cu: COLS
 
 def _backward(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
-    dm_in_partial = True  # dM accumulated in registers (n <= 4): partial's dM section, no partial_dm
-    if (dispatch.choose_backward(n, C).strategy == "resident"
+    dm_in_partial = True  # dM in the CTAs' partials (resident, ring, fused n <= 4): no partial_dm
+    strategy = dispatch.choose_backward(n, C, B=B, dtype=x.dtype).strategy
+    if (strategy == "resident"
             and 4 * _backward_resident_smem_floats(n, C, x.dtype.size) <= device.max_shared_memory_per_block()):
         dx, partial = _backward_resident(x, M, hpre_raw, hpost_raw, w, inv_rms, dout)
+    elif strategy == "ring":
+        dx, partial = _backward_ring(x, M, hpre_raw, hpost_raw, w, inv_rms, dout)
     else:
         tag = dtype_tag(x.dtype)
         _, _, nmax = _binary("mhc_backward_fused", tag, n)
@@ -315,6 +324,47 @@ def _reference_graph_from_M(x, M, hpre_raw, hpost_raw, w, eps):
     H_pre, H_post = reference.activate_pre_post(hpre_raw, hpost_raw)
     y = reference.rms_norm(reference.stream_aggregate(x, H_pre), w, eps)
     return (reference.stream_mix(x, M) + reference.stream_distribute(y, H_post)).astype(x.dtype)
+
+
+# cuda_src/mhc_backward_ring.cu: threads; x-ring slots at most (the rest of shared memory holds dout)
+BRING_THREADS, BRING_MAX_X_SLOTS = 256, 8
+
+
+def _backward_ring_fixed_floats(n: int, C: int) -> int:
+    """mhc_backward_ring's shared floats besides its rings (its header): agg, g, dw, M^T, hpre, hpost, scratch."""
+    return 3 * C + n * n + 2 * n + 32
+
+
+def _backward_ring_min_slots(n: int, C: int) -> int:
+    """mhc_backward_ring's fewest ring slots: a token's dout chunks and two x slots (pair p + 1 must be
+    on its way when pass A waits for it), and room for the warps' sums at the end (BRING_THREADS / 32
+    x (n*n + 2n) floats over the rings)."""
+    sums = 4 * (BRING_THREADS // 32) * (n * n + 2 * n)
+    return max(-(-2 * n * C // RING_CHUNK_BYTES) + 2, -(-sums // RING_CHUNK_BYTES))
+
+
+def backward_ring_smem_bytes(n: int, C: int) -> int:
+    """Shared memory of mhc_backward_ring with its fewest ring slots (its least)."""
+    return _backward_ring_min_slots(n, C) * RING_CHUNK_BYTES + 4 * _backward_ring_fixed_floats(n, C)
+
+
+def _backward_ring(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
+    B, n, C = x.shape
+    _check_tc_token("mhc_backward_ring", x, STEP_COLS)
+    K = C // (RING_CHUNK_BYTES // (2 * n))  # a token's chunks
+    slots = (device.max_shared_memory_per_block() - 4 * _backward_ring_fixed_floats(n, C)) // RING_CHUNK_BYTES
+    RX = min(BRING_MAX_X_SLOTS, slots - K)  # the x ring; dout's holds a token and what is left
+    if slots < _backward_ring_min_slots(n, C):
+        raise ValueError(f"mhc_backward_ring keeps a token's dout in shared memory: n={n}, C={C} needs {K + 2} chunk "
+                         f"slots of {RING_CHUNK_BYTES} bytes (at least {_backward_ring_min_slots(n, C)}), this GPU's "
+                         f"shared memory holds {slots}: call ops "
+                         "with backend='auto' (dispatch picks a kernel that serves this shape) or backend='portable'")
+    RD = slots - RX
+    G = min(B, device.sm_count())  # one persistent CTA per SM
+    return _launch("mhc_backward_ring", "bf16", n, [x, dout, M, hpre_raw, hpost_raw, w, inv_rms],
+                   [(B, n, C), (G, n * n + 2 * n + C)], [x.dtype, F32], [n, C, B, RD, RX],
+                   (G * BRING_THREADS, 1, 1), slots * RING_CHUNK_BYTES // 4 + _backward_ring_fixed_floats(n, C),
+                   BRING_THREADS)
 
 
 def _backward_in_mlx(n: int, C: int) -> bool:

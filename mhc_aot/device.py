@@ -33,7 +33,13 @@ def sm_count() -> int:
 
 # Opt-in shared memory per CTA by compute capability (CUDA programming guide, table of
 # technical specifications), used when the driver query is unavailable.
-_SMEM_BY_ARCH = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+_SMEM_BY_ARCH = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024,
+                 120: 99 * 1024}
+
+
+def smem_per_block_of(sm: int) -> int:
+    """Opt-in shared memory per CTA of compute capability `sm` (90 = sm_90) by the table; 0 if unknown."""
+    return _SMEM_BY_ARCH.get(sm, 0)
 
 
 # Shared memory per SM by compute capability (same table), and what the hardware reserves per CTA.

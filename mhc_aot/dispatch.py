@@ -37,10 +37,12 @@ class Rule:
     dtypes: tuple[str, ...] | None = None  # x's dtype tag among these (None = any; an unknown dtype never matches)
     min_sm: int = 0  # the CUDA GPU's compute capability at least (90 = sm_90)
     without_cuda_graphs: bool = False  # only where MLX launches kernels directly (MLX_USE_CUDA_GRAPHS=0)
+    smem_need: str | None = None  # a key of SMEM_NEEDS: the kernel's shared memory for (n, C) must fit the GPU's
 
     def matches(self, B: int | None, C: int, n: int, dtype: str | None = None, sm: int = 0,
-                cuda_graphs: bool = True) -> bool:
-        return ((self.max_B is None or (B is not None and B <= self.max_B))
+                cuda_graphs: bool = True, smem: int = 0) -> bool:
+        return ((self.smem_need is None or SMEM_NEEDS[self.smem_need](n, C) <= smem)
+                and (self.max_B is None or (B is not None and B <= self.max_B))
                 and (self.min_B <= 1 or (B is not None and B >= self.min_B))
                 and n >= self.min_n and (self.max_n is None or n <= self.max_n)
                 and (self.n_in is None or n in self.n_in) and C % self.C_multiple == 0
@@ -81,10 +83,35 @@ class Rule:
 # custom-kernel primitive allows; a launch attribute it could key by is not exposed.
 CLUSTER_FORWARD = dict(n_in=(16, 32), dtypes=("bf16",), C_multiple=256, max_C=12288, min_sm=90,
                        without_cuda_graphs=True)
-# `ring` (CUDA, cuda_src/mhc_forward_ring.cu: bfloat16, n = 16 / 32, C % 256 == 0, a token in one
-# CTA's shared memory) has NO rule yet: written and checked under the CPU emulation in session 10
-# after that session's GPU time was spent, it has never run on a GPU. Its launcher is there
-# (cuda._forward_ring, reached by tests that add a rule); a rule comes with its first measurement.
+# `ring` (CUDA, cuda_src/mhc_forward_ring.cu: bfloat16, n = 16 / 32, C % 256 == 0): one persistent
+# CTA per SM streams its tokens through a ring of chunks in shared memory, x read once, the Sinkhorn
+# in the same launch, no clusters (so CUDA graphs stay on). Its ring must hold a whole token
+# (SMEM_NEEDS["ring"]: n = 32 up to C = 3328 on a 227 KB GPU, 2304 on an A100's 163 KB). H200,
+# MLX 0.32.4, graphs on, same-run A/B against these rules without it (scripts/gpu_strategy_ab.py,
+# queued forward, median us): (1024, 32, 2048) 163.8 vs 232.6 (fused), (1024, 32, 3072) 244.3 vs
+# 372.5, (4096, 32, 1024) 313.9 vs 557.5, (256, 32, 2048) 62.8 vs 106.2 (column), (64, 32, 2048)
+# 38.3 vs 40.2, (32, 32, 2048) 37.8 vs 41.9, (1, 32, 2048) 37.9 vs 42.2; n = 16: (4096, 16, 1024)
+# 176.4 vs 262.9, (1024, 16, 2048) 94.7 vs 117.5, (4096, 16, 2048) 301.4 vs 375.7, (1024, 16, 4096)
+# 160.1 vs 211.6, (256, 16, 4096) 58.5 vs 67.9; evaluated latency mode alike. max_C is the widest
+# measured (wider tokens fit but leave the ring little room to load the next token early).
+RING_FORWARD = dict(dtypes=("bf16",), C_multiple=256, smem_need="ring")
+RING_MAX_C = {32: 3072, 16: 4096}
+
+
+def _ring_smem(n: int, C: int) -> int:
+    from . import cuda
+
+    return cuda.ring_smem_bytes(n, C)
+
+
+def _backward_ring_smem(n: int, C: int) -> int:
+    from . import cuda
+
+    return cuda.backward_ring_smem_bytes(n, C)
+
+
+# shared memory (bytes) a strategy's kernel needs for (n, C), by the name a rule's smem_need gives
+SMEM_NEEDS = {"ring": _ring_smem, "backward_ring": _backward_ring_smem}
 RESIDENT_MAX_N = 4
 RESIDENT_MAX_C = 4096
 FUSED_MAX_C = 49152
@@ -109,6 +136,10 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
              "MLX_USE_CUDA_GRAPHS=0 (MLX's graph cache ignores cluster shapes): a cluster of 4 CTAs per token, "
              "each holding n x C/4 of it in shared memory from one read of x, the RMS sum crossing the cluster "
              "through distributed shared memory", **cl),
+        *(rule("mhc_forward", "ring", f"bfloat16, n = {n}, C a multiple of 256 up to {max_C}, a token in one "
+               "CTA's shared memory: one persistent CTA per SM streams its tokens through a ring of chunks (x "
+               "read once, the next token's loads under this one's math), Sinkhorn in the same launch",
+               max_C=max_C, n_in=(n,), **RING_FORWARD) for n, max_C in RING_MAX_C.items()),
     ) if backend == "cuda" else ()
     return (
         rule("sinkhorn", "sinkhorn", "one CTA runs all iterations of the tiny [n, n] problem in one launch"),
@@ -196,10 +227,13 @@ def cuda_sm() -> int:
 
 
 def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None,
-           dtype: mx.Dtype | str | None = None, sm: int | None = None, graphs: bool | None = None) -> Choice:
+           dtype: mx.Dtype | str | None = None, sm: int | None = None, graphs: bool | None = None,
+           smem: int | None = None) -> Choice:
     """Pick the strategy for `op` on B tokens of n x C values of `dtype` (an mx dtype, its name or
     its tag; rules that name dtypes never match an unknown one), on a CUDA GPU of compute capability `sm`
-    with MLX's CUDA graphs on or off (None: this machine's, cuda_sm() and cuda_graphs()).
+    that allows `smem` bytes of shared memory per block, with MLX's CUDA graphs on or off (None:
+    this machine's, cuda_sm() and cuda_graphs(); smem: this GPU's where `sm` is this machine's, else
+    the table's for `sm`, 0 for a GPU unknown to it).
 
     backend: "auto" follows MLX's default device; "cpu"/"portable" force MLX ops; "reference"
     forces the readable reference; "cuda"/"metal" force kernels of that backend.
@@ -214,14 +248,20 @@ def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None,
     tag = dtype_tag(dtype)
     sm = (cuda_sm() if sm is None else sm) if device == "cuda" else 0
     graphs = cuda_graphs() if graphs is None else graphs
+    if smem is None:
+        from . import device as gpu
+
+        smem = (gpu.max_shared_memory_per_block() if device == "cuda" and sm and sm == cuda_sm()
+                else gpu.smem_per_block_of(sm))
     for rule in RULES:
-        if rule.backend == device and rule.op == op and rule.matches(B, C, n, tag, sm, graphs):
+        if rule.backend == device and rule.op == op and rule.matches(B, C, n, tag, sm, graphs, smem):
             return Choice(device, rule.strategy, rule, rule.why)
     raise ValueError(f"no dispatch rule for op={op!r} on backend={device!r}")
 
 
-def choose_backward(n: int, C: int, backend: str = "cuda") -> Choice:
-    return choose("mhc_backward", n, C, backend)
+def choose_backward(n: int, C: int, backend: str = "cuda", B: int | None = None,
+                    dtype: mx.Dtype | str | None = None) -> Choice:
+    return choose("mhc_backward", n, C, backend, B, dtype)
 
 
 def explain(op: str, n: int, C: int, backend: str = "auto", B: int | None = None,

@@ -121,7 +121,7 @@ def strategies(B: int, n: int, C: int, backend: str = "auto", layer: str = "stat
     return {
         "sinkhorn": dispatch.explain("sinkhorn", n, 1, backend),
         "forward": dispatch.explain("mhc_forward", n, C, backend, B=B, dtype=dtype),
-        "backward": dispatch.explain("mhc_backward", n, C, backend, B=B),
+        "backward": dispatch.explain("mhc_backward", n, C, backend, B=B, dtype=dtype),
     }
 
 

@@ -3,8 +3,9 @@ alternating the order over rounds, in both of `mhc bench`'s modes (queued throug
 latency). Run-to-run spread on the device is larger than most differences worth measuring, so
 strategies are compared inside one process.
 
-  python scripts/gpu_strategy_ab.py                      # default rules vs default + `ring`
+  python scripts/gpu_strategy_ab.py                      # default rules vs the rules without `ring`
   MLX_USE_CUDA_GRAPHS=0 python scripts/gpu_strategy_ab.py cluster   # with vs without `cluster`
+  python scripts/gpu_strategy_ab.py backward_ring        # forward + backward, with vs without the candidate
 
 Prints one line per (shape, rule set, mode): the sorted medians of the rounds and what ran.
 """
@@ -17,17 +18,18 @@ from mhc_aot import bench, dispatch
 
 SHAPES = [(1024, 32, 2048), (4096, 16, 1024), (256, 32, 2048), (32, 32, 2048), (1, 32, 2048), (1024, 16, 4096),
           (4096, 32, 1024), (1024, 32, 3072), (64, 32, 2048), (1024, 16, 2048), (256, 16, 4096), (4096, 16, 2048)]
-# `ring` has no rule of its own yet (dispatch.py): the candidate rule it would get, ahead of the others
-# (a whole token in one CTA's shared memory: n = 32 up to C = 3072, n = 16 up to 6144 on a 227 KB GPU)
-RING = dispatch.Rule("cuda", "mhc_forward", "ring", None, 6144, "A/B candidate", n_in=(16, 32), dtypes=("bf16",),
-                     C_multiple=256)
+# `ring` for the backward has no rule yet: the candidate it would get, ahead of the others (a
+# token's dout in one CTA's shared memory: n = 32 up to C = 2560, n = 16 up to 4608 on a 227 KB GPU)
+BACKWARD_RING = dispatch.Rule("cuda", "mhc_backward", "ring", None, None, "A/B candidate", n_in=(16, 32),
+                              dtypes=("bf16",), C_multiple=256, smem_need="backward_ring")
 
 
 def rule_sets(which: str) -> tuple[tuple[str, tuple], ...]:
+    """The rules with and without the strategy `which` (cluster, ring, or backward_ring: the candidate)."""
     base = dispatch.RULES
-    if which == "cluster":
-        return ("cluster", base), ("without", tuple(r for r in base if r.strategy != "cluster"))
-    return ("ring", (RING, *base)), ("default", base)
+    if which == "backward_ring":
+        return (which, (BACKWARD_RING, *base)), ("without", base)
+    return (which, base), ("without", tuple(r for r in base if r.strategy != which))
 
 
 def main(which: str = "ring", rounds: int = 3) -> None:
@@ -38,7 +40,7 @@ def main(which: str = "ring", rounds: int = 3) -> None:
             for tag, rules in (sets if rnd % 2 == 0 else sets[::-1]):
                 dispatch.RULES = rules
                 for mode in ("throughput", "latency"):
-                    case = bench.Case(mode, B, n, C, "bfloat16", False)
+                    case = bench.Case(mode, B, n, C, "bfloat16", which == "backward_ring")
                     runner = bench.make_runner("kernels", case, bench.make_inputs(case))
                     t = bench.time_runner(runner, mode, 30 if mode == "throughput" else 40, 5, repeats=5)
                     res[tag].append((mode, t.median_us, runner.note))

@@ -234,20 +234,21 @@ def _cuda_gradients(emulated_cuda, tag, B, n, C, dtype_name) -> list[str]:
     return [name for name, _ in emulated_cuda.launched] if emulated_cuda is not None else []
 
 
-# The ring strategy's CUDA kernel (bfloat16, n = 16 / 32; no dispatch rule yet, see dispatch.py:
-# the test adds one), emulated: one launch with the Sinkhorn folded in, one CTA walking every token
-# (sm_count 1), a ring of a token's chunks + 1 (so it wraps), of exactly a token's chunks, and as
-# large as shared memory allows; forward, then every gradient through its M output.
+# The ring strategy's CUDA kernel (bfloat16, n = 16 / 32), emulated: one launch with the Sinkhorn
+# folded in, one CTA walking every token (sm_count 1), a ring of a token's chunks + 1 (so it wraps),
+# of exactly a token's chunks, and as large as shared memory allows; forward, then every gradient
+# through its M output (dM on tensor cores).
 EMU_RING = [(5, 32, 256, "wrap"), (3, 16, 512, "token"), (2, 32, 1024, "all")]
+# A rule for the ring kernel's whole range (a token in shared memory), wider than dispatch's measured one
 RING_RULE = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_in=(16, 32), dtypes=("bf16",),
-                          C_multiple=256)  # the rule `ring` would get (it has none yet)
+                          C_multiple=256, smem_need="ring")
 
 
 @pytest.mark.parametrize("B,n,C,slots", EMU_RING)
 def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, n, C, slots):
     from mhc_aot import cuda, device
 
-    monkeypatch.setattr(dispatch, "RULES", (RING_RULE, *dispatch.RULES))
+    monkeypatch.setattr(dispatch, "cuda_sm", lambda: 90)
     monkeypatch.setattr(device, "sm_count", lambda: 1)
     chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
     if slots != "all":
@@ -262,8 +263,71 @@ def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, 
     assert cuda._binary("mhc_backward_dm_tc", "bf16", n)[0] in names, names  # dM on tensor cores
 
 
-# The ring kernel on the GPU, with the rule the tests above add: many tokens per CTA (B well above
-# the SM count), a ring of a token + 1 chunk (n = 32, C = 3072) and of exactly a token (n = 16,
+# The backward's ring kernel (bfloat16, n = 16 / 32; no dispatch rule until it is measured: the
+# test adds one), emulated: one CTA walking every token, its rings as tight as they go (dout: a
+# token's chunks, x: one slot) and as large as shared memory allows; every gradient vs float64.
+EMU_BACKWARD_RING = [(5, 32, 256, "tight"), (3, 16, 512, "tight"), (4, 32, 512, "all"), (2, 16, 1024, "all")]
+BACKWARD_RING_RULE = dispatch.Rule("cuda", "mhc_backward", "ring", None, None, "test", n_in=(16, 32),
+                                   dtypes=("bf16",), C_multiple=256, smem_need="backward_ring")
+
+
+@pytest.mark.parametrize("B,n,C,rings", EMU_BACKWARD_RING)
+def test_emulated_cuda_backward_ring(emulated_cuda, copy_timing, monkeypatch, B, n, C, rings):
+    from mhc_aot import cuda, device
+
+    monkeypatch.setattr(dispatch, "RULES", (BACKWARD_RING_RULE, *dispatch.RULES))
+    monkeypatch.setattr(dispatch, "cuda_sm", lambda: 90)
+    monkeypatch.setattr(device, "sm_count", lambda: 1)
+    if rings == "tight":
+        monkeypatch.setattr(device, "max_shared_memory_per_block", lambda: cuda.backward_ring_smem_bytes(n, C))
+    assert dispatch.choose_backward(n, C, B=B, dtype=mx.bfloat16).strategy == "ring"
+    names = _cuda_gradients(emulated_cuda, "backward-ring", B, n, C, "bfloat16")
+    ring = cuda._binary("mhc_backward_ring", "bf16", n)[0]
+    assert ring in names and not any(nm.startswith(("mhc_backward_fused", "mhc_backward_dm")) for nm in names), names
+    assert emulated_cuda.grids[names.index(ring)][0] == cuda.BRING_THREADS  # one CTA: it walks all B tokens
+
+
+# The backward's ring kernel on the GPU (BACKWARD_RING_RULE): CTAs walking two tokens (B above the
+# SM count), one token each over many chunk pairs (n = 32, C = 2048; n = 16, C = 4096), n = 16
+# with two pass-B steps a chunk.
+GPU_BACKWARD_RING = [(200, 16, 256), (40, 32, 512), (8, 32, 2048), (3, 16, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,n,C", GPU_BACKWARD_RING)
+def test_gpu_backward_ring(monkeypatch, B, n, C):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("needs MLX's CUDA backend")
+    monkeypatch.setattr(dispatch, "RULES", (BACKWARD_RING_RULE, *dispatch.RULES))
+    assert dispatch.choose_backward(n, C, B=B, dtype=mx.bfloat16).strategy == "ring"
+    _cuda_gradients(None, "gpu-backward-ring", B, n, C, "bfloat16")
+
+
+def test_ring_rule_conditions():
+    """Dispatch picks `ring` for bfloat16 n = 16 / 32 with C a multiple of 256 up to the measured
+    max_C, where the GPU's shared memory holds a token's ring, and nowhere else."""
+    from mhc_aot import cuda
+
+    def strategy(n, C, **kw):
+        return dispatch.choose("mhc_forward", n, C, "cuda", **{"B": 1024, "dtype": "bfloat16", "sm": 90, **kw}).strategy
+
+    for n, max_C in dispatch.RING_MAX_C.items():
+        assert strategy(n, 256) == strategy(n, max_C) == "ring"
+        assert strategy(n, max_C + 256) != "ring"  # beyond the measured range
+        assert strategy(n, 384) != "ring"  # not a multiple of 256
+        assert strategy(n, 1024, dtype="float16") != "ring"
+        assert strategy(n + 1, 1024) != "ring" and strategy(n - 1, 1024) != "ring"
+        assert strategy(n, 1024, B=1) == "ring"  # any B (measured faster from 1 token up)
+        # the ring must fit the GPU's shared memory: an A100's 163 KB holds n = 32 up to C = 2304
+        a100 = dict(sm=80)
+        fits = [C for C in range(256, max_C + 1, 256) if cuda.ring_smem_bytes(n, C) <= 163 * 1024]
+        assert [C for C in range(256, max_C + 1, 256) if strategy(n, C, **a100) == "ring"] == fits
+        assert strategy(n, 1024, sm=0) != "ring"  # a GPU of unknown shared memory
+    assert max(C for C in range(256, 3073, 256) if cuda.ring_smem_bytes(32, C) <= 163 * 1024) == 2304
+
+
+# The ring kernel on the GPU over its whole range (RING_RULE): many tokens per CTA (B well above
+# the SM count), a ring of a token + 2 chunks (n = 32, C = 3072) and of a token + 1 (n = 16,
 # C = 6144) on a 227 KB GPU, few tokens.
 GPU_RING = [(400, 32, 2048), (300, 16, 512), (2, 32, 3072), (3, 16, 6144), (1, 32, 256)]
 

@@ -1,7 +1,7 @@
-"""A target for Nsight Compute: a few calls of the static layer at one shape, under the default rules
-and then with `ring` (scripts/gpu_strategy_ab.py's candidate rule) first.
+"""A target for Nsight Compute: a few calls of the static layer at one shape, under the rules without
+`ring` and then as they are.
 
-  ncu -k regex:mhc_ python3 scripts/ring_probe.py [B n C] [backward]
+  ncu -k regex:mhc_ python3 scripts/ncu_probe.py [B n C] [backward]
 """
 import sys
 
@@ -9,13 +9,10 @@ import mlx.core as mx
 
 from mhc_aot import bench, dispatch
 
-sys.path.insert(0, "scripts")
-from gpu_strategy_ab import RING  # noqa: E402
-
 args = [a for a in sys.argv[1:] if a != "backward"]
 B, n, C = (int(v) for v in (args[:3] or (1024, 32, 2048)))
 backward = "backward" in sys.argv[1:]
-for rules in (dispatch.RULES, (RING, *dispatch.RULES)):
+for rules in (tuple(r for r in dispatch.RULES if r.strategy != "ring"), dispatch.RULES):
     dispatch.RULES = rules
     case = bench.Case("throughput", B, n, C, "bfloat16", backward)
     runner = bench.make_runner("kernels", case, bench.make_inputs(case))
