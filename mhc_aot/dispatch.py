@@ -96,6 +96,17 @@ CLUSTER_FORWARD = dict(n_in=(16, 32), dtypes=("bf16",), C_multiple=256, max_C=12
 # measured (wider tokens fit but leave the ring little room to load the next token early).
 RING_FORWARD = dict(dtypes=("bf16",), C_multiple=256, smem_need="ring")
 RING_MAX_C = {32: 3072, 16: 4096}
+# The backward's `ring` (cuda_src/mhc_backward_ring.cu, same conditions; its dout ring holds a token:
+# n = 32 up to C = 2560 on a 227 KB GPU): x and dout read once, dout kept in shared memory for dx,
+# every parameter gradient from the same pass on tensor cores, where `fused` re-reads both through
+# L2 and needs a second kernel for dM (ncu, (1024, 32, 2048): 574 us at 24% of DRAM peak + 64 for
+# dM). H200, graphs on, same-run A/B with the forward ring in both (scripts/gpu_strategy_ab.py
+# backward_ring, queued forward + backward, median us): (1024, 32, 2048) 430.5 vs 988.4,
+# (4096, 32, 1024) 808.7 vs 2013.8, (256, 32, 2048) 157.2 vs 308.1, (64, 32, 2048) 101.5 vs 162.2,
+# (32, 32, 2048) 97.3 vs 155.8, (1, 32, 2048) 96.5 vs 145.5; n = 16: (4096, 16, 1024) 474.2 vs 856.9,
+# (1024, 16, 2048) 273.6 vs 413.8, (4096, 16, 2048) 888.9 vs 1406.4, (1024, 16, 4096) 484.6 vs
+# 800.7, (256, 16, 4096) 164.7 vs 259.6; latency mode alike. max_C: the widest measured.
+RING_BACKWARD_MAX_C = {32: 2048, 16: 4096}
 
 
 def _ring_smem(n: int, C: int) -> int:
@@ -140,6 +151,11 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
                "CTA's shared memory: one persistent CTA per SM streams its tokens through a ring of chunks (x "
                "read once, the next token's loads under this one's math), Sinkhorn in the same launch",
                max_C=max_C, n_in=(n,), **RING_FORWARD) for n, max_C in RING_MAX_C.items()),
+        *(rule("mhc_backward", "ring", f"bfloat16, n = {n}, C a multiple of 256 up to {max_C}, a token's dout in "
+               "one CTA's shared memory: one persistent CTA per SM streams x and dout once, keeps dout for dx and "
+               "takes every parameter gradient (dM included) from the same pass on tensor cores",
+               max_C=max_C, n_in=(n,), **{**RING_FORWARD, "smem_need": "backward_ring"})
+          for n, max_C in RING_BACKWARD_MAX_C.items()),
     ) if backend == "cuda" else ()
     return (
         rule("sinkhorn", "sinkhorn", "one CTA runs all iterations of the tiny [n, n] problem in one launch"),

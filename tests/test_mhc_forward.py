@@ -237,7 +237,8 @@ def _cuda_gradients(emulated_cuda, tag, B, n, C, dtype_name) -> list[str]:
 # The ring strategy's CUDA kernel (bfloat16, n = 16 / 32), emulated: one launch with the Sinkhorn
 # folded in, one CTA walking every token (sm_count 1), a ring of a token's chunks + 1 (so it wraps),
 # of exactly a token's chunks, and as large as shared memory allows; forward, then every gradient
-# through its M output (dM on tensor cores).
+# through its M output: by the backward's ring, or (the "token" case, its rule taken out) by the
+# fused backward with dM on tensor cores.
 EMU_RING = [(5, 32, 256, "wrap"), (3, 16, 512, "token"), (2, 32, 1024, "all")]
 # A rule for the ring kernel's whole range (a token in shared memory), wider than dispatch's measured one
 RING_RULE = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_in=(16, 32), dtypes=("bf16",),
@@ -250,6 +251,9 @@ def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, 
 
     monkeypatch.setattr(dispatch, "cuda_sm", lambda: 90)
     monkeypatch.setattr(device, "sm_count", lambda: 1)
+    if slots == "token":
+        monkeypatch.setattr(dispatch, "RULES", tuple(r for r in dispatch.RULES
+                                                     if not (r.op == "mhc_backward" and r.strategy == "ring")))
     chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
     if slots != "all":
         monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap"))
@@ -260,12 +264,14 @@ def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, 
     assert emulated_cuda.grids[-1][0] == cuda.RING_THREADS  # one CTA: it walks all B tokens
     names = _cuda_gradients(emulated_cuda, "ring", B, n, C, "bfloat16")
     assert names[0] == name and "mhc_sinkhorn_bwd" in names, names
-    assert cuda._binary("mhc_backward_dm_tc", "bf16", n)[0] in names, names  # dM on tensor cores
+    backward = "mhc_backward_dm_tc" if slots == "token" else "mhc_backward_ring"
+    assert cuda._binary(backward, "bf16", n)[0] in names, names
 
 
-# The backward's ring kernel (bfloat16, n = 16 / 32; no dispatch rule until it is measured: the
-# test adds one), emulated: one CTA walking every token, its rings as tight as they go (dout: a
-# token's chunks, x: one slot) and as large as shared memory allows; every gradient vs float64.
+# The backward's ring kernel (bfloat16, n = 16 / 32) over its whole range (the test's rule: dispatch's
+# stops at the widest C measured), emulated: one CTA walking every token, its rings as tight as they
+# go (dout: a token's chunks, x: two slots) and as large as shared memory allows; every gradient vs
+# float64.
 EMU_BACKWARD_RING = [(5, 32, 256, "tight"), (3, 16, 512, "tight"), (4, 32, 512, "all"), (2, 16, 1024, "all")]
 BACKWARD_RING_RULE = dispatch.Rule("cuda", "mhc_backward", "ring", None, None, "test", n_in=(16, 32),
                                    dtypes=("bf16",), C_multiple=256, smem_need="backward_ring")
@@ -303,27 +309,31 @@ def test_gpu_backward_ring(monkeypatch, B, n, C):
     _cuda_gradients(None, "gpu-backward-ring", B, n, C, "bfloat16")
 
 
-def test_ring_rule_conditions():
+@pytest.mark.parametrize("op", ["mhc_forward", "mhc_backward"])
+def test_ring_rule_conditions(op):
     """Dispatch picks `ring` for bfloat16 n = 16 / 32 with C a multiple of 256 up to the measured
-    max_C, where the GPU's shared memory holds a token's ring, and nowhere else."""
+    max_C, where the GPU's shared memory holds what the kernel keeps of a token, and nowhere else."""
     from mhc_aot import cuda
 
-    def strategy(n, C, **kw):
-        return dispatch.choose("mhc_forward", n, C, "cuda", **{"B": 1024, "dtype": "bfloat16", "sm": 90, **kw}).strategy
+    max_cs, need = ((dispatch.RING_MAX_C, cuda.ring_smem_bytes) if op == "mhc_forward"
+                    else (dispatch.RING_BACKWARD_MAX_C, cuda.backward_ring_smem_bytes))
 
-    for n, max_C in dispatch.RING_MAX_C.items():
+    def strategy(n, C, **kw):
+        return dispatch.choose(op, n, C, "cuda", **{"B": 1024, "dtype": "bfloat16", "sm": 90, **kw}).strategy
+
+    for n, max_C in max_cs.items():
         assert strategy(n, 256) == strategy(n, max_C) == "ring"
         assert strategy(n, max_C + 256) != "ring"  # beyond the measured range
         assert strategy(n, 384) != "ring"  # not a multiple of 256
         assert strategy(n, 1024, dtype="float16") != "ring"
         assert strategy(n + 1, 1024) != "ring" and strategy(n - 1, 1024) != "ring"
         assert strategy(n, 1024, B=1) == "ring"  # any B (measured faster from 1 token up)
-        # the ring must fit the GPU's shared memory: an A100's 163 KB holds n = 32 up to C = 2304
-        a100 = dict(sm=80)
-        fits = [C for C in range(256, max_C + 1, 256) if cuda.ring_smem_bytes(n, C) <= 163 * 1024]
-        assert [C for C in range(256, max_C + 1, 256) if strategy(n, C, **a100) == "ring"] == fits
+        # what the kernel keeps must fit the GPU's shared memory (an A100 allows 163 KB a CTA)
+        fits = [C for C in range(256, max_C + 1, 256) if need(n, C) <= 163 * 1024]
+        assert [C for C in range(256, max_C + 1, 256) if strategy(n, C, sm=80) == "ring"] == fits
         assert strategy(n, 1024, sm=0) != "ring"  # a GPU of unknown shared memory
-    assert max(C for C in range(256, 3073, 256) if cuda.ring_smem_bytes(32, C) <= 163 * 1024) == 2304
+    if op == "mhc_forward":  # the forward's ring on an A100: n = 32 up to C = 2304
+        assert max(C for C in range(256, 3073, 256) if need(32, C) <= 163 * 1024) == 2304
 
 
 # The ring kernel on the GPU over its whole range (RING_RULE): many tokens per CTA (B well above
