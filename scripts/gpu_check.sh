@@ -20,7 +20,8 @@
 # portable,liger) pick the peers; MHC_PASSES (default "forward backward") the passes timed;
 # MHC_PROFILE_SPECS (LAYER:B words, default "static:4096 dynamic:8192") the profiled runs;
 # MHC_VALIDATE=0 skips `mhc validate --quick` in the build stage; MHC_NO_GRAPHS_TESTS=0 skips the
-# tests stage's second run with MLX_USE_CUDA_GRAPHS=0.
+# tests stage's second run with MLX_USE_CUDA_GRAPHS=0; MHC_BENCH_SUITES (default "latency throughput
+# large") the bench suites.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -68,7 +69,7 @@ for s in $stages; do
     stage bench
     # issue 3's tables: the seed's latency and throughput shapes and the large suite, forward and
     # forward + backward, against the compiled portable path, mhc-mlx and torch.compile
-    for suite in latency throughput large; do
+    for suite in ${MHC_BENCH_SUITES:-latency throughput large}; do
       for pass in $passes; do
         timeout 240 mhc bench --suite "$suite" $(flag "$pass") --compare "${MHC_BENCH_COMPARE:-portable,seed,torch}" \
           || status=1
