@@ -39,21 +39,6 @@ constexpr int BRING_THREADS = 256, BRING_WARPS = BRING_THREADS / 32, SEG = 8;
 constexpr int CHUNK_BYTES = 8192, CHUNK_FLOATS = CHUNK_BYTES / 4;
 constexpr int STEP_COLS = 16 * BRING_WARPS;  // pass B: a 16-column group per warp
 
-// Waits until at most `pending` of this thread's cp.async groups are in flight (as mhc_forward_ring).
-template <int LO = 0, int HI = 31>
-__device__ __forceinline__ void wait_pending(int pending) {
-  if constexpr (LO == HI) {
-    __pipeline_wait_prior(LO);
-  } else {
-    constexpr int MID = (LO + HI) / 2;
-    if (pending <= MID) {
-      wait_pending<LO, MID>(pending);
-    } else {
-      wait_pending<MID + 1, HI>(pending);
-    }
-  }
-}
-
 // v0, v1 (one B-fragment register's pair) split as hi + lo bfloat16 words (as split_a_tiles).
 __device__ __forceinline__ void split_pair(float v0, float v1, uint32_t& hi, uint32_t& lo) {
   const bf16 h0 = from_float<bf16>(v0), h1 = from_float<bf16>(v1);
@@ -138,7 +123,7 @@ extern "C" __global__ void __launch_bounds__(BRING_THREADS, 1) MHC_NAME(
     // pass A, pair by pair as they land
     for (int i = 0; i < K; ++i) {
       const int p = t * K + i;
-      wait_pending(issued - 1 - p);
+      mma::wait_pending(issued - 1 - p);
       __syncthreads();  // every thread's copies of pair p landed; pair p - 1's x slot is no longer read
       freed_x = p;
       issue();

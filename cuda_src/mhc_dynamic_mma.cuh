@@ -1,6 +1,7 @@
-// Warp-level tensor-core pieces of the dynamic-mHC projection kernels (mhc_dynamic_proj_tc,
-// mhc_dynamic_dphi_tc) and of the static forward's mix (mhc_forward_fused, mhc_forward_cluster):
-// mma.sync m16n8k16 bfloat16 -> float32 and ldmatrix, as PTX, the float32 B operand split into
+// CUDA-only warp-level pieces of the tensor-core kernels: the dynamic-mHC projection kernels
+// (mhc_dynamic_proj_tc, mhc_dynamic_dphi_tc), the static forward's mix (mhc_forward_fused,
+// _cluster, _ring) and the rings' backward (mhc_backward_ring), plus the rings' exact cp.async
+// wait: mma.sync m16n8k16 bfloat16 -> float32 and ldmatrix, as PTX, the float32 B operand split into
 // three bfloat16 terms in fragment order (which both dynamic kernels stage) and the static M split
 // into two as A fragments. Fragment
 // layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), g = lane / 4, q = lane % 4:
@@ -11,6 +12,8 @@
 // Each 32-bit register holds two bfloat16, the lower index in the low half. The CPU emulation
 // (mhc_dynamic_emulate.h, tests only) defines MHC_EMULATED and implements the same three calls.
 #pragma once
+
+#include <cuda_pipeline.h>
 
 #include "mhc_dynamic_common.cuh"
 
@@ -255,6 +258,25 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[MT][NT][4], float
       lo[c + 1] = acc[mt][nt][1];
       hi[c] = acc[mt][nt][2];
       hi[c + 1] = acc[mt][nt][3];
+    }
+  }
+}
+
+// Waits until at most `pending` of this thread's cp.async groups are in flight. The PTX wants an
+// immediate: a binary search over [LO, HI] (five uniform branches for 0..31; more pending than 31
+// waits for 31, which only waits longer). Exact, so a ring kernel starts on a chunk as soon as it
+// lands. (mhc_forward_ring's first version chained 32 branches down from 31: ~13% of its issue
+// slots on the H200, ncu source counters.) mhc_forward_ring and mhc_backward_ring.
+template <int LO = 0, int HI = 31>
+__device__ __forceinline__ void wait_pending(int pending) {
+  if constexpr (LO == HI) {
+    __pipeline_wait_prior(LO);
+  } else {
+    constexpr int MID = (LO + HI) / 2;
+    if (pending <= MID) {
+      wait_pending<LO, MID>(pending);
+    } else {
+      wait_pending<MID + 1, HI>(pending);
     }
   }
 }

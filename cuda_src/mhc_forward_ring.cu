@@ -32,25 +32,6 @@ constexpr int CHUNK_BYTES = RING_THREADS * 16;                               // 
 constexpr int CHUNK_FLOATS = CHUNK_BYTES / 4;
 constexpr int STEP_COLS = 16 * RING_WARPS;                                   // pass 2: a 16-column group per warp
 
-// Waits until at most `pending` of this thread's cp.async groups are in flight. The PTX wants an
-// immediate: a binary search over [LO, HI] (five uniform branches for 0..31; a ring holds at most
-// 27 chunks of a 227 KB GPU, and more pending than 31 waits for 31, which only waits longer).
-// Exact, so pass 1 starts on chunk i as soon as it lands. (A chain down from 31 cost ~15% of the
-// kernel's issue slots on the H200, ncu source counters.)
-template <int LO = 0, int HI = 31>
-__device__ __forceinline__ void wait_pending(int pending) {
-  if constexpr (LO == HI) {
-    __pipeline_wait_prior(LO);
-  } else {
-    constexpr int MID = (LO + HI) / 2;
-    if (pending <= MID) {
-      wait_pending<LO, MID>(pending);
-    } else {
-      wait_pending<MID + 1, HI>(pending);
-    }
-  }
-}
-
 // The transposing butterfly of sinkhorn_warp: at offset H, lanes with bit H keep the upper half of
 // the 2H live values and send the lower half (the partner the reverse); the H values left then sum
 // lanes l and l ^ H. From H = N / 2 down to 1, lane l ends with column l's sum in v[0].
@@ -185,7 +166,7 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
         wv[0] = __ldg(reinterpret_cast<const float2*>(w + cg));
         wv[1] = __ldg(reinterpret_cast<const float2*>(w + cg + 8));
       }
-      wait_pending(issued - 1 - (t * K + i));
+      mma::wait_pending(issued - 1 - (t * K + i));
       __syncthreads();  // every thread's copies of chunk i have landed
       if (warp < CH / 16) {
         const bf16* sl = slot(i);
