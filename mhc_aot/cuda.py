@@ -26,6 +26,9 @@ DM_TC_N = (16, 32)  # its variants: bfloat16, n == NMAX
 FUSED_TC_COLS, FUSED_TC_STAGES, FUSED_TC_N = 128, 4, (16, 32)  # cuda_src/mhc_forward_fused.cu (tensor cores)
 CLUSTER, CLUSTER_THREADS = 4, 128  # cuda_src/mhc_forward_cluster.cu: CTAs per token, threads per CTA
 RING_THREADS, RING_CHUNK_BYTES = 512, 512 * 16  # cuda_src/mhc_forward_ring.cu: a 16-byte copy per thread a chunk
+# cuda_src/mhc_backward_ring.cu (chunks of RING_CHUNK_BYTES too): threads; x-ring slots at most (the
+# rest of the shared memory holds dout)
+BRING_THREADS, BRING_MAX_X_SLOTS = 256, 8
 STEP_COLS = 16 * RING_THREADS // 32  # cuda_src/mhc_forward_ring.cu: pass 2's columns a step (C is a multiple)
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
@@ -326,10 +329,6 @@ def _reference_graph_from_M(x, M, hpre_raw, hpost_raw, w, eps):
     return (reference.stream_mix(x, M) + reference.stream_distribute(y, H_post)).astype(x.dtype)
 
 
-# cuda_src/mhc_backward_ring.cu: threads; x-ring slots at most (the rest of shared memory holds dout)
-BRING_THREADS, BRING_MAX_X_SLOTS = 256, 8
-
-
 def _backward_ring_fixed_floats(n: int, C: int) -> int:
     """mhc_backward_ring's shared floats besides its rings (its header): agg, g, dw, M^T, hpre, hpost, scratch."""
     return 3 * C + n * n + 2 * n + 32
@@ -350,15 +349,15 @@ def backward_ring_smem_bytes(n: int, C: int) -> int:
 
 def _backward_ring(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
-    _check_tc_token("mhc_backward_ring", x, STEP_COLS)
+    _check_tc_token("mhc_backward_ring", x, STEP_COLS)  # C a multiple of its chunk (128 / 256 columns) and step
     K = C // (RING_CHUNK_BYTES // (2 * n))  # a token's chunks
     slots = (device.max_shared_memory_per_block() - 4 * _backward_ring_fixed_floats(n, C)) // RING_CHUNK_BYTES
-    RX = min(BRING_MAX_X_SLOTS, slots - K)  # the x ring; dout's holds a token and what is left
     if slots < _backward_ring_min_slots(n, C):
-        raise ValueError(f"mhc_backward_ring keeps a token's dout in shared memory: n={n}, C={C} needs {K + 2} chunk "
-                         f"slots of {RING_CHUNK_BYTES} bytes (at least {_backward_ring_min_slots(n, C)}), this GPU's "
-                         f"shared memory holds {slots}: call ops "
-                         "with backend='auto' (dispatch picks a kernel that serves this shape) or backend='portable'")
+        raise ValueError(f"mhc_backward_ring keeps a token's dout in shared memory: n={n}, C={C} needs "
+                         f"{_backward_ring_min_slots(n, C)} chunk slots of {RING_CHUNK_BYTES} bytes, this GPU's shared "
+                         f"memory holds {slots}: call ops with backend='auto' (dispatch picks a kernel that serves "
+                         "this shape) or backend='portable'")
+    RX = min(BRING_MAX_X_SLOTS, slots - K)  # the x ring; dout's holds a token and what is left
     RD = slots - RX
     G = min(B, device.sm_count())  # one persistent CTA per SM
     return _launch("mhc_backward_ring", "bf16", n, [x, dout, M, hpre_raw, hpost_raw, w, inv_rms],

@@ -106,6 +106,7 @@ RING_MAX_C = {32: 3072, 16: 4096}
 # (32, 32, 2048) 97.3 vs 155.8, (1, 32, 2048) 96.5 vs 145.5; n = 16: (4096, 16, 1024) 474.2 vs 856.9,
 # (1024, 16, 2048) 273.6 vs 413.8, (4096, 16, 2048) 888.9 vs 1406.4, (1024, 16, 4096) 484.6 vs
 # 800.7, (256, 16, 4096) 164.7 vs 259.6; latency mode alike. max_C: the widest measured.
+RING_BACKWARD = dict(dtypes=("bf16",), C_multiple=256, smem_need="backward_ring")
 RING_BACKWARD_MAX_C = {32: 2048, 16: 4096}
 
 
@@ -154,7 +155,7 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
         *(rule("mhc_backward", "ring", f"bfloat16, n = {n}, C a multiple of 256 up to {max_C}, a token's dout in "
                "one CTA's shared memory: one persistent CTA per SM streams x and dout once, keeps dout for dx and "
                "takes every parameter gradient (dM included) from the same pass on tensor cores",
-               max_C=max_C, n_in=(n,), **{**RING_FORWARD, "smem_need": "backward_ring"})
+               max_C=max_C, n_in=(n,), **RING_BACKWARD)
           for n, max_C in RING_BACKWARD_MAX_C.items()),
     ) if backend == "cuda" else ()
     return (

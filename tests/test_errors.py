@@ -274,3 +274,26 @@ def test_rewire_bad_inputs(backend):
     bad_inner = MHCRewire(nn.Linear(dims, dims + 1), dims=dims, n=n, backend=backend)
     with pytest.raises(ValueError, match="inner module returned shape"):
         bad_inner(mx.zeros((B, dims)))
+
+
+def test_ring_launchers_refuse_what_they_cannot_hold(monkeypatch):
+    """The ring kernels' launchers (reached through dispatch only where they fit) refuse other
+    dtypes and n, and tokens their GPU's shared memory cannot hold, naming the fix; nothing launches."""
+    from mhc_aot import cuda, device
+
+    n, C = 32, 2048
+    x = mx.zeros((2, n, C), mx.bfloat16)
+    vec, mat, rows = mx.zeros((n,)), mx.zeros((n, n)), mx.ones((2,))
+    w = mx.ones((C,))
+    with pytest.raises(ValueError, match=r"mhc_backward_ring runs bfloat16 x with n in .*float16.*backend='auto'"):
+        cuda._backward_ring(x.astype(mx.float16), mat, vec, vec, w, rows, x.astype(mx.float16))
+    with pytest.raises(ValueError, match=r"mhc_forward_ring runs bfloat16 x .* got .*n=8"):
+        cuda._forward_ring(mx.zeros((2, 8, C), mx.bfloat16), mx.zeros((8, 8)), mx.zeros((8,)), mx.zeros((8,)), w, 20,
+                           1e-6)
+    monkeypatch.setattr(device, "max_shared_memory_per_block", lambda: 99 * 1024)  # a 99 KB GPU
+    assert cuda.backward_ring_smem_bytes(n, C) > 99 * 1024 and cuda.ring_smem_bytes(n, C) > 99 * 1024
+    with pytest.raises(ValueError, match=r"mhc_backward_ring keeps a token's dout in shared memory: n=32, C=2048 "
+                                         r"needs \d+ chunk slots.*backend='portable'"):
+        cuda._backward_ring(x, mat, vec, vec, w, rows, x)
+    with pytest.raises(ValueError, match=r"mhc_forward_ring keeps a whole token in shared memory: n=32, C=2048"):
+        cuda._forward_ring(x, mat, vec, vec, w, 20, 1e-6)
