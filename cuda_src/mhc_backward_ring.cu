@@ -52,7 +52,7 @@ extern "C" __global__ void __launch_bounds__(BRING_THREADS, 1) MHC_NAME(
     const float* __restrict__ inv_rms, T* __restrict__ dx, float* __restrict__ partial, int n, int C, int B,
     int RD, int RX) {
   static_assert(std::is_same_v<T, bf16> && (NMAX == 16 || NMAX == 32), "variants.py: bf16, n16 / n32 only");
-  constexpr int N = NMAX, T16 = N / 16, MT = N / 16, NT = N / 8;
+  constexpr int N = NMAX, MT = N / 16, NT = N / 8;  // n's 16-row (and 16-k) tiles, its n8 tiles
   constexpr int CH = CHUNK_BYTES / (2 * N);  // columns per chunk: 128 at n = 32, 256 at n = 16
   constexpr int CSEGS = CH / SEG;            // 16-byte segments per chunk row
   constexpr int GROUPS = CH / 16;            // 16-column groups per chunk: 8 or 16
@@ -105,11 +105,11 @@ extern "C" __global__ void __launch_bounds__(BRING_THREADS, 1) MHC_NAME(
     hpost[threadIdx.x] = 2.0f * sigmoid(H_post_raw[threadIdx.x]);
   }
   __syncthreads();
-  uint32_t aT[2][T16][T16][4];  // M^T, split: pass B's dx = M^T dout
+  uint32_t aT[2][MT][MT][4];  // M^T, split: pass B's dx = M^T dout
   mma::split_a_fragments<N, false>(MsT, aT, lane);
-  uint32_t apre[2][1][T16][4], apost[2][1][T16][4];  // hpre / hpost as row 0 of an A tile, split
-  mma::split_a_tiles<1, T16>(apre, lane, [&](int row, int col, int u) { return row == 0 ? hpre[col + u] : 0.0f; });
-  mma::split_a_tiles<1, T16>(apost, lane, [&](int row, int col, int u) { return row == 0 ? hpost[col + u] : 0.0f; });
+  uint32_t apre[2][1][MT][4], apost[2][1][MT][4];  // hpre / hpost as row 0 of an A tile, split
+  mma::split_a_tiles<1, MT>(apre, lane, [&](int row, int col, int u) { return row == 0 ? hpre[col + u] : 0.0f; });
+  mma::split_a_tiles<1, MT>(apost, lane, [&](int row, int col, int u) { return row == 0 ? hpost[col + u] : 0.0f; });
   const int arow = (lane & 7) + 8 * ((lane >> 3) & 1);  // ldmatrix: A rows, and B rows of .trans reads
   const int brow = (lane & 7) + 8 * (lane >> 4), bhalf = (lane >> 3) & 1;  // ldmatrix: B rows (non-trans)
 
@@ -137,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(BRING_THREADS, 1) MHC_NAME(
         // agg = hpre x and dy = hpost dout for the group's 16 columns (lanes 0-3: row 0 of C/D)
         float da[2][4] = {}, dd[2][4] = {};
 #pragma unroll
-        for (int kt = 0; kt < T16; ++kt) {
+        for (int kt = 0; kt < MT; ++kt) {
           uint32_t bx[4], bd[4];
           mma::ldmatrix_x4<true>(bx, mma::swizzled_segment(X, CH, kt * 16 + arow, 2 * grp + (lane >> 4)));
           mma::ldmatrix_x4<true>(bd, mma::swizzled_segment(D, CH, kt * 16 + arow, 2 * grp + (lane >> 4)));

@@ -36,9 +36,8 @@ F32 = mx.float32
 
 
 def _arch_tag() -> str:
-    arch = str(mx.device_info().get("architecture", ""))
-    digits = "".join(ch for ch in arch if ch.isdigit())
-    return f"sm_{digits}" if digits else ""
+    number = device.mlx_arch_number()
+    return f"sm_{number}" if number else ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,21 +177,31 @@ def _ring_fixed_floats(n: int, C: int) -> int:
     return C + n * n + 2 * n + 32
 
 
+def _ring_chunks(n: int, C: int) -> int:
+    """A token's RING_CHUNK_BYTES chunks (bfloat16: n x C / 4096 of them; both ring kernels)."""
+    return -(-2 * n * C // RING_CHUNK_BYTES)
+
+
+def _free_slots(fixed_floats: int) -> int:
+    """RING_CHUNK_BYTES slots that this GPU's shared memory per CTA holds beside `fixed_floats` floats."""
+    return (device.max_shared_memory_per_block() - 4 * fixed_floats) // RING_CHUNK_BYTES
+
+
 def ring_smem_bytes(n: int, C: int) -> int:
     """Shared memory of mhc_forward_ring with a ring of exactly a token's chunks (its least; the
     dispatch rule's condition, dispatch.SMEM_NEEDS)."""
-    return -(-2 * n * C // RING_CHUNK_BYTES) * RING_CHUNK_BYTES + 4 * _ring_fixed_floats(n, C)
+    return _ring_chunks(n, C) * RING_CHUNK_BYTES + 4 * _ring_fixed_floats(n, C)
 
 
 def _ring_slots(n: int, C: int) -> int:
     """Chunk slots of mhc_forward_ring's ring: as many as this GPU's shared memory per CTA holds."""
-    return (device.max_shared_memory_per_block() - 4 * _ring_fixed_floats(n, C)) // RING_CHUNK_BYTES
+    return _free_slots(_ring_fixed_floats(n, C))
 
 
 def _forward_ring(x, L, hpre_raw, hpost_raw, w, iters, eps):
     B, n, C = x.shape
     _check_tc_token("mhc_forward_ring", x, STEP_COLS)
-    R, K = _ring_slots(n, C), C // (RING_CHUNK_BYTES // (2 * n))
+    R, K = _ring_slots(n, C), _ring_chunks(n, C)
     if R < K:
         raise ValueError(f"mhc_forward_ring keeps a whole token in shared memory: n={n}, C={C} needs {K} chunk slots "
                          f"of {RING_CHUNK_BYTES} bytes, this GPU's shared memory holds {R}: call ops with "
@@ -339,7 +348,7 @@ def _backward_ring_min_slots(n: int, C: int) -> int:
     on its way when pass A waits for it), and room for the warps' sums at the end (BRING_THREADS / 32
     x (n*n + 2n) floats over the rings)."""
     sums = 4 * (BRING_THREADS // 32) * (n * n + 2 * n)
-    return max(-(-2 * n * C // RING_CHUNK_BYTES) + 2, -(-sums // RING_CHUNK_BYTES))
+    return max(_ring_chunks(n, C) + 2, -(-sums // RING_CHUNK_BYTES))
 
 
 def backward_ring_smem_bytes(n: int, C: int) -> int:
@@ -350,8 +359,7 @@ def backward_ring_smem_bytes(n: int, C: int) -> int:
 def _backward_ring(x, M, hpre_raw, hpost_raw, w, inv_rms, dout):
     B, n, C = x.shape
     _check_tc_token("mhc_backward_ring", x, STEP_COLS)  # C a multiple of its chunk (128 / 256 columns) and step
-    K = C // (RING_CHUNK_BYTES // (2 * n))  # a token's chunks
-    slots = (device.max_shared_memory_per_block() - 4 * _backward_ring_fixed_floats(n, C)) // RING_CHUNK_BYTES
+    K, slots = _ring_chunks(n, C), _free_slots(_backward_ring_fixed_floats(n, C))
     if slots < _backward_ring_min_slots(n, C):
         raise ValueError(f"mhc_backward_ring keeps a token's dout in shared memory: n={n}, C={C} needs "
                          f"{_backward_ring_min_slots(n, C)} chunk slots of {RING_CHUNK_BYTES} bytes, this GPU's shared "

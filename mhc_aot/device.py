@@ -58,12 +58,17 @@ def resident_ctas_per_sm(shared_bytes: int) -> int:
     return max(1, per_sm // (shared_bytes + SMEM_RESERVED_PER_CTA))
 
 
-def _mlx_arch() -> int:
-    """MLX's device architecture as a number (sm_90 -> 90; 90 when MLX names none)."""
+def mlx_arch_number() -> int:
+    """The digits of MLX's device architecture as a number (sm_90 -> 90); 0 when it has none."""
     import mlx.core as mx
 
     digits = "".join(ch for ch in str(mx.device_info().get("architecture", "")) if ch.isdigit())
-    return int(digits) if digits else 90
+    return int(digits) if digits else 0
+
+
+def _mlx_arch() -> int:
+    """MLX's device architecture as a number (sm_90 -> 90; 90 when MLX names none)."""
+    return mlx_arch_number() or 90
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 
+from . import device as gpu
 from . import manifest
 
 BACKENDS = ("auto", "cpu", "cuda", "metal", "portable", "reference")
@@ -41,7 +42,7 @@ class Rule:
 
     def matches(self, B: int | None, C: int, n: int, dtype: str | None = None, sm: int = 0,
                 cuda_graphs: bool = True, smem: int = 0) -> bool:
-        return ((self.smem_need is None or SMEM_NEEDS[self.smem_need](n, C) <= smem)
+        return ((self.smem_need is None or smem_needed(self.smem_need, n, C) <= smem)
                 and (self.max_B is None or (B is not None and B <= self.max_B))
                 and (self.min_B <= 1 or (B is not None and B >= self.min_B))
                 and n >= self.min_n and (self.max_n is None or n <= self.max_n)
@@ -110,20 +111,17 @@ RING_BACKWARD = dict(dtypes=("bf16",), C_multiple=256, smem_need="backward_ring"
 RING_BACKWARD_MAX_C = {32: 2048, 16: 4096}
 
 
-def _ring_smem(n: int, C: int) -> int:
-    from . import cuda
-
-    return cuda.ring_smem_bytes(n, C)
-
-
-def _backward_ring_smem(n: int, C: int) -> int:
-    from . import cuda
-
-    return cuda.backward_ring_smem_bytes(n, C)
+# shared memory (bytes) a strategy's kernel needs for (n, C), by the name a rule's smem_need gives:
+# functions of mhc_aot.cuda (the launchers' own arithmetic), looked up when a rule asks
+SMEM_NEEDS = {"ring": "ring_smem_bytes", "backward_ring": "backward_ring_smem_bytes"}
 
 
-# shared memory (bytes) a strategy's kernel needs for (n, C), by the name a rule's smem_need gives
-SMEM_NEEDS = {"ring": _ring_smem, "backward_ring": _backward_ring_smem}
+def smem_needed(key: str, n: int, C: int) -> int:
+    from . import cuda  # cuda imports this module
+
+    return getattr(cuda, SMEM_NEEDS[key])(n, C)
+
+
 RESIDENT_MAX_N = 4
 RESIDENT_MAX_C = 4096
 FUSED_MAX_C = 49152
@@ -237,10 +235,7 @@ def cuda_graphs() -> bool:
 @functools.lru_cache(maxsize=1)
 def cuda_sm() -> int:
     """This machine's CUDA compute capability as an integer (90 for sm_90); 0 without MLX's CUDA backend."""
-    if not mx.cuda.is_available():
-        return 0
-    digits = "".join(ch for ch in str(mx.device_info().get("architecture", "")) if ch.isdigit())
-    return int(digits) if digits else 0
+    return gpu.mlx_arch_number() if mx.cuda.is_available() else 0
 
 
 def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None,
@@ -266,8 +261,6 @@ def choose(op: str, n: int, C: int, backend: str = "auto", B: int | None = None,
     sm = (cuda_sm() if sm is None else sm) if device == "cuda" else 0
     graphs = cuda_graphs() if graphs is None else graphs
     if smem is None:
-        from . import device as gpu
-
         smem = (gpu.max_shared_memory_per_block() if device == "cuda" and sm and sm == cuda_sm()
                 else gpu.smem_per_block_of(sm))
     for rule in RULES:
