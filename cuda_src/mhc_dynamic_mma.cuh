@@ -120,10 +120,16 @@ __device__ __forceinline__ void mix_group16(float (&d)[N / 16][2][4], const uint
   }
 }
 
+// hpost[i] for the C/D row i = 16 mt + g + 8 h of a lane: read from a shared array, or held in the
+// lane's registers as hp[mt][h] (mhc_forward_ring: no shared load a group)
+__device__ __forceinline__ float hpost_row(const float* hpost, int, int, int i) { return hpost[i]; }
+template <int MT>
+__device__ __forceinline__ float hpost_row(const float (&hp)[MT][2], int mt, int h, int) { return hp[mt][h]; }
+
 // The group's outputs d + hpost[i] y as bfloat16 pairs: store(i, nt, word) gets row i's columns
 // 8 nt + 2q, + 1 of the group packed in one word; y(nt) gives y at those two columns.
-template <int N, typename Y, typename Store>
-__device__ __forceinline__ void add_post_pairs(const float (&d)[N / 16][2][4], const float* hpost, int lane, Y y,
+template <int N, typename HP, typename Y, typename Store>
+__device__ __forceinline__ void add_post_pairs(const float (&d)[N / 16][2][4], const HP& hpost, int lane, Y y,
                                                Store store) {
   const int g = lane >> 2;
 #pragma unroll
@@ -134,7 +140,7 @@ __device__ __forceinline__ void add_post_pairs(const float (&d)[N / 16][2][4], c
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int i = mt * 16 + g + 8 * h;
-        const float hp = hpost[i];
+        const float hp = hpost_row(hpost, mt, h, i);
         store(i, nt, pack_bf16(from_float<bf16>(d[mt][nt][2 * h] + hp * yv.x),
                                from_float<bf16>(d[mt][nt][2 * h + 1] + hp * yv.y)));
       }
@@ -147,27 +153,35 @@ __device__ __forceinline__ bf16* swizzled_segment(bf16* tile, int pitch, int j, 
   return tile + j * pitch + ((s ^ (j & 7)) * 8);
 }
 
-// A warp's 16-column group of a token held in such a tile (segments seg0, seg0 + 1 of its N rows):
-// d = M x on tensor cores, d + hpost y written back over the consumed x, then the N rows stored to
-// out (row stride C, the group's first column) as 32 contiguous bytes a row: whole sectors, not the
-// 4-byte pieces of the C/D layout. mhc_forward_cluster and mhc_forward_ring.
-template <int N, typename Y>
-__device__ __forceinline__ void mix_store_group(const uint32_t (&a)[2][N / 16][N / 16][4], bf16* tile, int pitch,
-                                                int seg0, const float* hpost, Y y, bf16* out, int C, int lane) {
+// A warp's 16-column group of a token in shared memory, row j's 16-byte segment s (s = 0, 1) at
+// seg(j, s): d = M x on tensor cores, d + hpost y written back over the consumed x, then the N rows
+// stored to out (row stride C, the group's first column) as 32 contiguous bytes a row: whole
+// sectors, not the 4-byte pieces of the C/D layout. hpost: see hpost_row.
+template <int N, typename Seg, typename HP, typename Y>
+__device__ __forceinline__ void mix_store_rows(const uint32_t (&a)[2][N / 16][N / 16][4], Seg seg, const HP& hpost,
+                                               Y y, bf16* out, int C, int lane) {
   const int q = lane & 3;
   float d[N / 16][2][4];
-  mix_group16<N>(d, a, lane, [&](int j) { return swizzled_segment(tile, pitch, j, seg0 + (lane >> 4)); });
+  mix_group16<N>(d, a, lane, [&](int j) { return seg(j, lane >> 4); });
   __syncwarp();  // every lane's ldmatrix of the group is done: its x may be overwritten
   add_post_pairs<N>(d, hpost, lane, y, [&](int i, int nt, uint32_t word) {
-    *reinterpret_cast<uint32_t*>(swizzled_segment(tile, pitch, i, seg0 + nt) + 2 * q) = word;
+    *reinterpret_cast<uint32_t*>(seg(i, nt) + 2 * q) = word;
   });
   __syncwarp();
 #pragma unroll
   for (int e = lane; e < 2 * N; e += 32) {
     const int i = e >> 1, h = e & 1;
-    *reinterpret_cast<uint4*>(out + (size_t)i * C + 8 * h) =
-        *reinterpret_cast<const uint4*>(swizzled_segment(tile, pitch, i, seg0 + h));
+    *reinterpret_cast<uint4*>(out + (size_t)i * C + 8 * h) = *reinterpret_cast<const uint4*>(seg(i, h));
   }
+}
+
+// mix_store_rows for a group held in a swizzled tile (segments seg0, seg0 + 1 of its N rows):
+// mhc_forward_cluster and mhc_backward_ring.
+template <int N, typename Y>
+__device__ __forceinline__ void mix_store_group(const uint32_t (&a)[2][N / 16][N / 16][4], bf16* tile, int pitch,
+                                                int seg0, const float* hpost, Y y, bf16* out, int C, int lane) {
+  mix_store_rows<N>(a, [&](int j, int s) { return swizzled_segment(tile, pitch, j, seg0 + s); }, hpost, y, out, C,
+                    lane);
 }
 
 // v[0..3] = the four float32 values of one B-fragment lane (rows 2q, 2q+1, 2q+8, 2q+9 of its

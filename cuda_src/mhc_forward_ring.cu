@@ -1,24 +1,28 @@
 // Static mHC forward, strategy `ring` (CUDA, bfloat16, n == NMAX in {16, 32}, C % 256 == 0, a
 // whole token in shared memory): one persistent CTA per SM walks its tokens b = blockIdx.x,
-// blockIdx.x + gridDim.x, ... as one stream of 8 KB chunks (n rows x CH columns) through a ring of
-// R chunk slots in shared memory. Each chunk is read from DRAM once, by cp.async, as far ahead as
-// free slots allow, so the next token's loads run under this token's math and stores. No CTA talks
-// to another (the `cluster` strategy's exchange needs thread block clusters, which MLX's CUDA graph
-// cache mishandles), and the Sinkhorn runs here too, once per CTA in one warp (sinkhorn_warp):
-// one launch per forward.
+// blockIdx.x + gridDim.x, ... Each warp owns every 16th 16-column group of a token (columns
+// 16 (warp + 16 k)) and streams its groups, token after token, through its own ring of S group
+// slots (N rows x 32 bytes each) by cp.async, as far ahead as its free slots allow: x is read from
+// DRAM once, the next token's loads run under this token's math and stores, and a warp waits only
+// for its own copies (a __syncwarp, no CTA barrier). The one CTA barrier a token is the RMS sum.
+// (The first ring kernel streamed 8 KB chunks that every thread copied a piece of: 16 + 8 CTA
+// barriers a token, half the warps idle in pass 1 at n = 32, 149 us at (1024, 32, 2048) on the
+// H200, ncu.) No CTA talks to another (the `cluster` strategy's exchange needs thread block
+// clusters, which MLX's CUDA graph cache mishandles), and the Sinkhorn runs here too, once per CTA
+// in one warp (sinkhorn_warp): one launch per forward.
 //   M = sinkhorn(exp(L - rowmax L)) (eq. 9), mhc_sinkhorn_fwd's arithmetic summed in another order
 //   agg[b, c] = sum_j H_pre[j] x[b, j, c],  inv_rms[b] = rsqrt(mean_c agg^2 + eps)
 //   out[b, i, c] = sum_j M[i, j] x[b, j, c] + H_post[i] * agg[b, c] * inv_rms[b] * w[c]   (eq. 3)
-// Pass 1 (per chunk as it lands, a warp per 16-column group): agg = hpre x on tensor cores, hpre
-// as row 0 of an A tile split hi + lo (a butterfly over the rows cost 40 shuffles a thread a chunk,
-// ~1 warp shuffle per SM clock: ~5.7 us a token at n = 32, more than half its DRAM time). Pass 2
-// (steps of 256 columns, a warp per 16-column group): the mix on tensor cores as in
-// mhc_forward_fused (M split hi + lo), results written over the consumed x and stored as whole
-// 32-byte sectors; after each step its slots are refilled from the stream.
-// Shared memory (floats): ring R * CHUNK_FLOATS, agg * w C, Ms N * N, hpre / hpost N each, 32
-// scratch. Within a slot, row j's 16-byte segment s sits at s ^ (j & 7).
+// Pass 1 (per group as it lands): agg = hpre x on tensor cores, hpre split hi + lo as rows 0 and 8
+// of one A tile (one MMA per n8 tile gives both terms; a butterfly over the rows cost 40 shuffles
+// a thread a chunk). Pass 2: the mix on tensor cores as in mhc_forward_fused (M split hi + lo),
+// results written over the consumed x and stored as whole 32-byte sectors; the slot is then
+// refilled from the warp's stream.
+// Shared memory (floats): ring R * CHUNK_FLOATS (warp w's S slots at w S GROUP), agg * w C, Ms
+// N * N, hpre / hpost N each, 64 scratch. In a slot, row j's 16-byte segment s sits at s ^ bit 2 of j.
 // Launch: grid (G * RING_THREADS, 1, 1), G <= B CTAs (one per SM), threadgroup (RING_THREADS, 1, 1);
-// R >= C / CH (a token's chunks) is passed by the launcher (cuda._ring_slots).
+// R >= a token's CHUNK_BYTES chunks is passed by the launcher (cuda._ring_slots): S = R CHUNK_BYTES
+// / (RING_WARPS GROUP bytes) >= C / 256, a token's groups per warp.
 #include <cuda_pipeline.h>
 #include <type_traits>
 
@@ -28,9 +32,9 @@
 using namespace mhc;
 
 constexpr int RING_THREADS = 512, RING_WARPS = RING_THREADS / 32, SEG = 8;  // SEG: bfloat16 per 16 bytes
-constexpr int CHUNK_BYTES = RING_THREADS * 16;                               // one 16-byte copy per thread
+constexpr int CHUNK_BYTES = 8192;              // the launcher's unit of ring memory (cuda.RING_CHUNK_BYTES)
 constexpr int CHUNK_FLOATS = CHUNK_BYTES / 4;
-constexpr int STEP_COLS = 16 * RING_WARPS;                                   // pass 2: a 16-column group per warp
+constexpr int STEP_COLS = 16 * RING_WARPS;     // a 16-column group per warp: a token's C / STEP_COLS per warp
 
 // The transposing butterfly of sinkhorn_warp: at offset H, lanes with bit H keep the upper half of
 // the 2H live values and send the lower half (the partner the reverse); the H values left then sum
@@ -85,45 +89,56 @@ __device__ __forceinline__ void sinkhorn_warp(const float* __restrict__ L, float
   }
 }
 
+// Offset (bfloat16) of row j's 16-byte segment s (0, 1) in a group slot (N rows x 16 columns, 32
+// bytes a row), stored at s ^ bit 2 of j: the eight rows of an ldmatrix phase (32-byte pitch) then
+// cover all 32 banks.
+__device__ __forceinline__ int group_segment(int j, int s) { return j * 16 + 8 * (s ^ ((j >> 2) & 1)); }
+
 extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ L, const float* __restrict__ H_pre_raw,
     const float* __restrict__ H_post_raw, const float* __restrict__ w, T* __restrict__ out,
     float* __restrict__ inv_rms, float* __restrict__ M, int n, int C, int B, int iters, float eps, int R) {
   static_assert(std::is_same_v<T, bf16> && (NMAX == 16 || NMAX == 32), "variants.py: bf16, n16 / n32 only");
   constexpr int N = NMAX, T16 = N / 16;
-  constexpr int CH = CHUNK_BYTES / (2 * N);  // columns per chunk: 128 at n = 32, 256 at n = 16
-  constexpr int CSEGS = CH / SEG;            // 16-byte segments per chunk row
-  constexpr int CHUNKS_PER_STEP = STEP_COLS / CH;
-  static_assert(CH / 16 <= RING_WARPS, "pass 1: at most one 16-column group of a chunk per warp");
+  constexpr int GROUP = N * 16;         // bfloat16 of a group slot
+  constexpr int COPIES = 2 * N / 32;    // 16-byte copies a lane a group
   extern __shared__ float smem[];
-  bf16* ring = reinterpret_cast<bf16*>(smem);
-  float* aggw = smem + R * CHUNK_FLOATS;  // agg[c] * w[c] of the current token
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  const int S = R * (CHUNK_BYTES / 2) / (RING_WARPS * GROUP);  // this warp's slots
+  bf16* ring = reinterpret_cast<bf16*>(smem) + (size_t)warp * S * GROUP;
+  float* aggw = smem + R * CHUNK_FLOATS;  // agg[c] * w[c] of the current token (a warp's own columns)
   float* Ms = aggw + C;
   float* hpre = Ms + N * N;
   float* hpost = hpre + N;
-  float* scratch = hpost + N;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, q = lane & 3;
-  const int K = C / CH;  // chunks per token
+  float* scratch = hpost + N;  // 64: block_sum_once
+  const int K = C / STEP_COLS;  // a token's groups per warp
   const int G = gridDim.x, mine = (B - (int)blockIdx.x + G - 1) / G;  // tokens of this CTA
-  const int total = mine * K;                                          // chunks of its stream
-  constexpr int SLOT_ELEMS = CHUNK_BYTES / 2;
+  const int total = mine * K;                                          // groups of this warp's stream
 
-  // the stream: chunk s is chunk s % K of this CTA's token s / K, in slot s % R. Counters move by
-  // one (no division in the loops: R and K are not compile-time). This thread copies row j,
-  // segment sg of every chunk.
-  int issued = 0, consumed = 0, iss_i = 0, iss_slot = 0;
+  // this warp's stream: item s is group k = s % K (columns 16 (warp + RING_WARPS k)) of this CTA's
+  // token s / K, in slot s % S. Counters move by one (no division in the loop). Lane copy u takes
+  // row e >> 1, segment e & 1 of the group, e = lane + 32 u.
+  int issued = 0, consumed = 0, iss_k = 0, iss_slot = 0;
   size_t iss_tok = (size_t)blockIdx.x * N * C;  // element offset of the token being issued
-  const int j_own = threadIdx.x / CSEGS, sg_own = threadIdx.x % CSEGS;
-  const T* src_own = x + (size_t)j_own * C + sg_own * SEG;
-  bf16* dst_own = mma::swizzled_segment(ring, CH, j_own, sg_own);
+  int soff[COPIES];
+  size_t goff[COPIES];
+#pragma unroll
+  for (int u = 0; u < COPIES; ++u) {
+    const int e = lane + 32 * u, j = e >> 1, sg = e & 1;
+    soff[u] = group_segment(j, sg);
+    goff[u] = (size_t)j * C + 16 * warp + SEG * sg;
+  }
   auto issue = [&]() {
-    while (issued < total && issued - consumed < R) {
-      __pipeline_memcpy_async(dst_own + iss_slot * SLOT_ELEMS, src_own + iss_tok + (size_t)iss_i * CH, 16);
+    while (issued < total && issued - consumed < S) {
+      const T* src = x + iss_tok + (size_t)iss_k * STEP_COLS;
+      bf16* dst = ring + iss_slot * GROUP;
+#pragma unroll
+      for (int u = 0; u < COPIES; ++u) __pipeline_memcpy_async(dst + soff[u], src + goff[u], 16);
       __pipeline_commit();
       ++issued;
-      if (++iss_slot == R) iss_slot = 0;
-      if (++iss_i == K) {
-        iss_i = 0;
+      if (++iss_slot == S) iss_slot = 0;
+      if (++iss_k == K) {
+        iss_k = 0;
         iss_tok += (size_t)G * N * C;
       }
     }
@@ -142,77 +157,88 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   }
   uint32_t a[2][T16][T16][4];
   mma::split_a_fragments<N, false>(Ms, a, lane);
-  // hpre as row 0 of an A tile (the other rows zero), split hi + lo: pass 1's agg = hpre x
-  uint32_t apre[2][1][T16][4];
-  mma::split_a_tiles<1, T16>(apre, lane, [&](int row, int col, int u) { return row == 0 ? hpre[col + u] : 0.0f; });
+  // pass 1's A tiles: hpre's hi term in row 0, its lo term in row 8 (lanes 0-3 hold both rows)
+  uint32_t apre[T16][4];
+#pragma unroll
+  for (int kt = 0; kt < T16; ++kt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = kt * 16 + 2 * q + 8 * (e >> 1);
+      bf16 t[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const float v = hpre[col + u], hi = to_float(from_float<bf16>(v));
+        t[u] = from_float<bf16>((e & 1) ? v - hi : v);  // a[1], a[3]: row g + 8
+      }
+      apre[kt][e] = g == 0 ? mma::pack_bf16(t[0], t[1]) : 0u;
+    }
+  float hp[T16][2];  // hpost of this lane's C/D rows 16 mt + g + 8 h
+#pragma unroll
+  for (int mt = 0; mt < T16; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) hp[mt][h] = hpost[16 * mt + g + 8 * h];
   const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1);  // this lane's ldmatrix row within a k16 tile
 
-  int slot0 = 0;  // slot of the current token's chunk 0
+  int slot0 = 0;  // slot of the current token's group 0
   for (int t = 0; t < mine; ++t) {
     const size_t b = blockIdx.x + (size_t)t * G;
-    auto slot = [&](int i) {  // slot of chunk i of this token (i < K <= R)
-      const int sl = slot0 + i;
-      return ring + (size_t)(sl >= R ? sl - R : sl) * SLOT_ELEMS;
+    auto slot = [&](int k) {  // slot of group k of this token (k < K <= S)
+      const int sl = slot0 + k;
+      return ring + (sl >= S ? sl - S : sl) * GROUP;
     };
-    // pass 1, chunk by chunk as they land: agg = hpre x on tensor cores (row 0 of the A tile is
-    // hpre, split hi + lo like M), warp g < CH / 16 on the chunk's 16-column group g; lanes 0-3
-    // hold the group's agg (columns 2q, 2q + 1 of each n8 tile), add its squares to ss and store
-    // agg * w (w read before the chunk's wait, so its latency hides under it)
+    // pass 1, group by group as they land: agg = hpre x; lanes 0-3 hold the group's agg (columns
+    // 2q, 2q + 1 of each n8 tile: row 0 + row 8 of D), add its squares to ss and store agg * w
+    // (w read before the group's wait, so its latency hides under it)
     float ss = 0.0f;
-    for (int i = 0; i < K; ++i) {
+    for (int k = 0; k < K; ++k) {
+      const int cq = 16 * (warp + RING_WARPS * k) + 2 * q;  // lanes 0-3: columns cq, cq + 1 (+ 8)
       float2 wv[2] = {};
-      const int cg = i * CH + 16 * warp + 2 * lane;  // lanes 0-3: columns cg, cg + 1 (+ 8)
-      if (warp < CH / 16 && lane < 4) {
-        wv[0] = __ldg(reinterpret_cast<const float2*>(w + cg));
-        wv[1] = __ldg(reinterpret_cast<const float2*>(w + cg + 8));
+      if (lane < 4) {
+        wv[0] = __ldg(reinterpret_cast<const float2*>(w + cq));
+        wv[1] = __ldg(reinterpret_cast<const float2*>(w + cq + 8));
       }
-      mma::wait_pending(issued - 1 - (t * K + i));
-      __syncthreads();  // every thread's copies of chunk i have landed
-      if (warp < CH / 16) {
-        const bf16* sl = slot(i);
-        float d[2][4] = {};
+      mma::wait_pending(issued - 1 - (t * K + k));
+      __syncwarp();  // every lane's copies of the group have landed
+      bf16* sl = slot(k);
+      float d[2][4] = {};
 #pragma unroll
-        for (int kt = 0; kt < T16; ++kt) {
-          uint32_t bfr[4];
-          mma::ldmatrix_x4<true>(bfr, mma::swizzled_segment(const_cast<bf16*>(sl), CH, kt * 16 + lrow,
-                                                            2 * warp + (lane >> 4)));
+      for (int kt = 0; kt < T16; ++kt) {
+        uint32_t bfr[4];
+        mma::ldmatrix_x4<true>(bfr, sl + group_segment(kt * 16 + lrow, lane >> 4));
 #pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            mma::bf16_16816(d[nt], apre[1][0][kt], bfr[2 * nt], bfr[2 * nt + 1]);  // lo first
-            mma::bf16_16816(d[nt], apre[0][0][kt], bfr[2 * nt], bfr[2 * nt + 1]);
-          }
-        }
-        if (lane < 4) {
+        for (int nt = 0; nt < 2; ++nt) mma::bf16_16816(d[nt], apre[kt], bfr[2 * nt], bfr[2 * nt + 1]);
+      }
+      if (lane < 4) {
 #pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            *reinterpret_cast<float2*>(aggw + cg + 8 * nt) = make_float2(d[nt][0] * wv[nt].x, d[nt][1] * wv[nt].y);
-            ss = fmaf(d[nt][0], d[nt][0], ss);
-            ss = fmaf(d[nt][1], d[nt][1], ss);
-          }
+        for (int nt = 0; nt < 2; ++nt) {
+          const float g0 = d[nt][0] + d[nt][2], g1 = d[nt][1] + d[nt][3];
+          *reinterpret_cast<float2*>(aggw + cq + 8 * nt) = make_float2(g0 * wv[nt].x, g1 * wv[nt].y);
+          ss = fmaf(g0, g0, ss);
+          ss = fmaf(g1, g1, ss);
         }
       }
     }
-    const float r = rsqrtf(block_sum(ss, scratch) / C + eps);  // ends synchronised: aggw is complete
+    // the token's one CTA barrier; every warp's aggw is then complete (each reads only its own)
+    const float r = rsqrtf(block_sum_once(ss, scratch, t & 1) / C + eps);
     if (threadIdx.x == 0) inv_rms[b] = r;
 
-    // pass 2, STEP_COLS columns a step: warp w takes 16-column group w of the step
+    // pass 2, this warp's groups: mix, store, refill the slot from the stream
     bf16* ob = out + b * N * C;
-    for (int c0 = 16 * warp; c0 < C; c0 += STEP_COLS) {
-      const int i = c0 / CH, seg0 = (c0 % CH) / SEG;  // its chunk, and its first segment there
-      const int cl = c0 + 2 * q;  // this lane's first column of the group
-      mma::mix_store_group<N>(
-          a, slot(i), CH, seg0, hpost,
+    for (int k = 0; k < K; ++k) {
+      const int c0 = 16 * (warp + RING_WARPS * k), cl = c0 + 2 * q;
+      bf16* sl = slot(k);
+      mma::mix_store_rows<N>(
+          a, [&](int j, int sg) { return sl + group_segment(j, sg); }, hp,
           [&](int nt) {
             const float2 v = *reinterpret_cast<const float2*>(aggw + cl + 8 * nt);
             return make_float2(v.x * r, v.y * r);
           },
           ob + c0, C, lane);
-      // the step is done once every warp has stored its group: free its slots, refill from the stream
-      __syncthreads();
-      consumed += CHUNKS_PER_STEP;
+      __syncwarp();  // every lane's shared reads of the slot are done: it may be refilled
+      ++consumed;
       issue();
     }
     slot0 += K;
-    if (slot0 >= R) slot0 -= R;
+    if (slot0 >= S) slot0 -= S;
   }
 }

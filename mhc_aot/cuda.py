@@ -25,11 +25,13 @@ DM_TC_THREADS, DM_TC_CHUNK, DM_TC_STAGES = 256, 128, 4
 DM_TC_N = (16, 32)  # its variants: bfloat16, n == NMAX
 FUSED_TC_COLS, FUSED_TC_STAGES, FUSED_TC_N = 128, 4, (16, 32)  # cuda_src/mhc_forward_fused.cu (tensor cores)
 CLUSTER, CLUSTER_THREADS = 4, 128  # cuda_src/mhc_forward_cluster.cu: CTAs per token, threads per CTA
-RING_THREADS, RING_CHUNK_BYTES = 512, 512 * 16  # cuda_src/mhc_forward_ring.cu: a 16-byte copy per thread a chunk
+# cuda_src/mhc_forward_ring.cu: threads; the rings' unit of shared memory, in which the launchers
+# count slots (the forward splits its R chunks into per-warp slots of one 16-column group)
+RING_THREADS, RING_CHUNK_BYTES = 512, 8192
 # cuda_src/mhc_backward_ring.cu (chunks of RING_CHUNK_BYTES too): threads; x-ring slots at most (the
 # rest of the shared memory holds dout)
 BRING_THREADS, BRING_MAX_X_SLOTS = 256, 8
-STEP_COLS = 16 * RING_THREADS // 32  # cuda_src/mhc_forward_ring.cu: pass 2's columns a step (C is a multiple)
+STEP_COLS = 16 * RING_THREADS // 32  # cuda_src/mhc_forward_ring.cu: a 16-column group per warp (C is a multiple)
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
@@ -174,7 +176,7 @@ def _forward_cluster(x, M, hpre_raw, hpost_raw, w, eps):
 
 def _ring_fixed_floats(n: int, C: int) -> int:
     """mhc_forward_ring's shared floats besides its ring (its header): agg * w, Ms, hpre, hpost, scratch."""
-    return C + n * n + 2 * n + 32
+    return C + n * n + 2 * n + 64
 
 
 def _ring_chunks(n: int, C: int) -> int:

@@ -235,11 +235,11 @@ def _cuda_gradients(emulated_cuda, tag, B, n, C, dtype_name) -> list[str]:
 
 
 # The ring strategy's CUDA kernel (bfloat16, n = 16 / 32), emulated: one launch with the Sinkhorn
-# folded in, one CTA walking every token (sm_count 1), a ring of a token's chunks + 1 (so it wraps),
+# folded in, one CTA walking every token (sm_count 1), rings of a token's groups + 1 a warp (so they wrap),
 # of exactly a token's chunks, and as large as shared memory allows; forward, then every gradient
 # through its M output: by the backward's ring, or (the "token" case, its rule taken out) by the
 # fused backward with dM on tensor cores.
-EMU_RING = [(5, 32, 256, "wrap"), (3, 16, 512, "token"), (2, 32, 1024, "all")]
+EMU_RING = [(5, 32, 768, "wrap"), (3, 16, 512, "token"), (2, 32, 1024, "all")]
 # A rule for the ring kernel's whole range (a token in shared memory), wider than dispatch's measured one
 RING_RULE = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_in=(16, 32), dtypes=("bf16",),
                           C_multiple=256, smem_need="ring")
@@ -256,7 +256,8 @@ def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, 
                                                      if not (r.op == "mhc_backward" and r.strategy == "ring")))
     chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
     if slots != "all":
-        monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap"))
+        # a chunk holds 16 / n groups of each warp: n / 16 more chunks are one more group a warp
+        monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap") * n // 16)
     assert dispatch.choose("mhc_forward", n, C, "cuda", B=B, dtype=mx.bfloat16).strategy == "ring"
     _check("cuda", B, n, C, "bfloat16", tag="emulated-ring")
     name = cuda._binary("mhc_forward_ring", "bf16", n)[0]
