@@ -28,6 +28,8 @@ def gpu_param(backend: str):
 
 
 KERNEL_BACKENDS = [gpu_param(b) for b in GPU_BACKENDS]
+# for tests of one CUDA kernel on the device (they are not parametrized over backends)
+NEEDS_CUDA = pytest.mark.skipif(not GPU_AVAILABLE["cuda"], reason="MLX reports no cuda device (mx.cuda.is_available() is False)")
 BACKENDS = [pytest.param("portable", id="portable"), pytest.param("reference", id="reference"), *KERNEL_BACKENDS]
 
 
