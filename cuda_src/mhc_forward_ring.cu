@@ -13,16 +13,16 @@
 //   M = sinkhorn(exp(L - rowmax L)) (eq. 9), mhc_sinkhorn_fwd's arithmetic summed in another order
 //   agg[b, c] = sum_j H_pre[j] x[b, j, c],  inv_rms[b] = rsqrt(mean_c agg^2 + eps)
 //   out[b, i, c] = sum_j M[i, j] x[b, j, c] + H_post[i] * agg[b, c] * inv_rms[b] * w[c]   (eq. 3)
-// Pass 1 (agg): hpre x on tensor cores, hpre split hi + lo as rows 0 and 8 of one A tile (one MMA
-// per n8 tile gives both terms; a butterfly over the rows cost 40 shuffles a thread a chunk).
-// Pass 2 (out): the mix on tensor cores as in mhc_forward_fused (M split hi + lo), results written
-// over the consumed x and stored as whole 32-byte sectors; the slot is then refilled from the
-// warp's stream. Pass 1 of token t + 1 runs inside token t's pass 2, a group after each store, so
-// a warp's stores and the loads behind them never stop for a pass of their own (with the passes
-// one after the other, 124.6 us at (1024, 32, 2048), 40% of DRAM peak, ncu).
-// Shared memory (floats): ring R * CHUNK_FLOATS (warp w's S slots at w S GROUP), agg * w 2 C (by
-// token parity), Ms N * N, hpre / hpost N each, 64 scratch. In a slot, row j's 16-byte segment s
-// sits at s ^ bit 2 of j.
+// Pass 1 (per group as it lands): agg = hpre x on tensor cores, hpre split hi + lo as rows 0 and 8
+// of one A tile (one MMA per n8 tile gives both terms; a butterfly over the rows cost 40 shuffles
+// a thread a chunk). Pass 2: the mix on tensor cores as in mhc_forward_fused (M split hi + lo),
+// results written over the consumed x and stored as whole 32-byte sectors; the slot is then
+// refilled from the warp's stream. The passes run one after the other: pass 1 of token t + 1
+// inside token t's pass 2 (a group after each store, agg * w in two halves) measured slower in a
+// same-run A/B on the H200 (142.9 vs 139.5 us at (1024, 32, 2048), 173.2 vs 148.0 at (1024, 16,
+// 4096)), and slower still with w loaded a group ahead (150.4, 184.2).
+// Shared memory (floats): ring R * CHUNK_FLOATS (warp w's S slots at w S GROUP), agg * w C, Ms
+// N * N, hpre / hpost N each, 64 scratch. In a slot, row j's 16-byte segment s sits at s ^ bit 2 of j.
 // Launch: grid (G * RING_THREADS, 1, 1), G <= B CTAs (one per SM), threadgroup (RING_THREADS, 1, 1);
 // R >= a token's CHUNK_BYTES chunks is passed by the launcher (cuda._ring_slots): S = R CHUNK_BYTES
 // / (RING_WARPS GROUP bytes) >= C / 256, a token's groups per warp.
@@ -109,8 +109,8 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
   const int S = R * (CHUNK_BYTES / 2) / (RING_WARPS * GROUP);  // this warp's slots
   bf16* ring = reinterpret_cast<bf16*>(smem) + (size_t)warp * S * GROUP;
-  float* aggw = smem + R * CHUNK_FLOATS;  // agg[c] * w[c], two halves by token parity (a warp's own columns)
-  float* Ms = aggw + 2 * C;
+  float* aggw = smem + R * CHUNK_FLOATS;  // agg[c] * w[c] of the current token (a warp's own columns)
+  float* Ms = aggw + C;
   float* hpre = Ms + N * N;
   float* hpost = hpre + N;
   float* scratch = hpost + N;  // 64: block_sum_once
@@ -182,74 +182,66 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
     for (int h = 0; h < 2; ++h) hp[mt][h] = hpost[16 * mt + g + 8 * h];
   const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1);  // this lane's ldmatrix row within a k16 tile
 
-  // pass 1 of group k of this CTA's token t, slot0 the slot of its group 0: agg = hpre x; lanes
-  // 0-3 hold the group's agg (columns 2q, 2q + 1 of each n8 tile: row 0 + row 8 of D), add its
-  // squares to ss and store agg * w in the token's aggw half (w read before the group's wait, so
-  // its latency hides under it)
-  auto pass1 = [&](int t, int slot0, int k, float& ss) {
-    const int cq = 16 * (warp + RING_WARPS * k) + 2 * q;  // lanes 0-3: columns cq, cq + 1 (+ 8)
-    float2 wv[2] = {};
-    if (lane < 4) {
-      wv[0] = __ldg(reinterpret_cast<const float2*>(w + cq));
-      wv[1] = __ldg(reinterpret_cast<const float2*>(w + cq + 8));
-    }
-    mma::wait_pending(issued - 1 - (t * K + k));
-    __syncwarp();  // every lane's copies of the group have landed
-    const int si = slot0 + k;
-    const bf16* sl = ring + (si >= S ? si - S : si) * GROUP;
-    float d[2][4] = {};
-#pragma unroll
-    for (int kt = 0; kt < T16; ++kt) {
-      uint32_t bfr[4];
-      mma::ldmatrix_x4<true>(bfr, sl + group_segment(kt * 16 + lrow, lane >> 4));
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) mma::bf16_16816(d[nt], apre[kt], bfr[2 * nt], bfr[2 * nt + 1]);
-    }
-    if (lane < 4) {
-      float* aw = aggw + (t & 1) * C;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const float g0 = d[nt][0] + d[nt][2], g1 = d[nt][1] + d[nt][3];
-        *reinterpret_cast<float2*>(aw + cq + 8 * nt) = make_float2(g0 * wv[nt].x, g1 * wv[nt].y);
-        ss = fmaf(g0, g0, ss);
-        ss = fmaf(g1, g1, ss);
-      }
-    }
-  };
-
-  // token 0's pass 1 as its groups land; then pass 1 of token t + 1 runs inside token t's pass 2,
-  // group k after group k's store and refill (by then issued: S >= K), so the stores and the loads
-  // behind them never pause for a pass of their own
-  float ss = 0.0f;  // the next token's sum of agg^2 (this warp's columns)
-  for (int k = 0; k < K; ++k) pass1(0, 0, k, ss);
   int slot0 = 0;  // slot of the current token's group 0
   for (int t = 0; t < mine; ++t) {
     const size_t b = blockIdx.x + (size_t)t * G;
-    // the token's one CTA barrier: every warp's pass 1 of it is then done (each reads only its own aggw)
+    auto slot = [&](int k) {  // slot of group k of this token (k < K <= S)
+      const int sl = slot0 + k;
+      return ring + (sl >= S ? sl - S : sl) * GROUP;
+    };
+    // pass 1, group by group as they land: agg = hpre x; lanes 0-3 hold the group's agg (columns
+    // 2q, 2q + 1 of each n8 tile: row 0 + row 8 of D), add its squares to ss and store agg * w
+    // (w read before the group's wait, so its latency hides under it)
+    float ss = 0.0f;
+    for (int k = 0; k < K; ++k) {
+      const int cq = 16 * (warp + RING_WARPS * k) + 2 * q;  // lanes 0-3: columns cq, cq + 1 (+ 8)
+      float2 wv[2] = {};
+      if (lane < 4) {
+        wv[0] = __ldg(reinterpret_cast<const float2*>(w + cq));
+        wv[1] = __ldg(reinterpret_cast<const float2*>(w + cq + 8));
+      }
+      mma::wait_pending(issued - 1 - (t * K + k));
+      __syncwarp();  // every lane's copies of the group have landed
+      bf16* sl = slot(k);
+      float d[2][4] = {};
+#pragma unroll
+      for (int kt = 0; kt < T16; ++kt) {
+        uint32_t bfr[4];
+        mma::ldmatrix_x4<true>(bfr, sl + group_segment(kt * 16 + lrow, lane >> 4));
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) mma::bf16_16816(d[nt], apre[kt], bfr[2 * nt], bfr[2 * nt + 1]);
+      }
+      if (lane < 4) {
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const float g0 = d[nt][0] + d[nt][2], g1 = d[nt][1] + d[nt][3];
+          *reinterpret_cast<float2*>(aggw + cq + 8 * nt) = make_float2(g0 * wv[nt].x, g1 * wv[nt].y);
+          ss = fmaf(g0, g0, ss);
+          ss = fmaf(g1, g1, ss);
+        }
+      }
+    }
+    // the token's one CTA barrier; every warp's aggw is then complete (each reads only its own)
     const float r = rsqrtf(block_sum_once(ss, scratch, t & 1) / C + eps);
     if (threadIdx.x == 0) inv_rms[b] = r;
-    ss = 0.0f;
-    int next0 = slot0 + K;  // slot of the next token's group 0
-    if (next0 >= S) next0 -= S;
-    const float* aw = aggw + (t & 1) * C;
+
+    // pass 2, this warp's groups: mix, store, refill the slot from the stream
     bf16* ob = out + b * N * C;
     for (int k = 0; k < K; ++k) {
-      // pass 2 of group k: mix, store, refill its slot from the stream
       const int c0 = 16 * (warp + RING_WARPS * k), cl = c0 + 2 * q;
-      const int si = slot0 + k;
-      bf16* sl = ring + (si >= S ? si - S : si) * GROUP;
+      bf16* sl = slot(k);
       mma::mix_store_rows<N>(
           a, [&](int j, int sg) { return sl + group_segment(j, sg); }, hp,
           [&](int nt) {
-            const float2 v = *reinterpret_cast<const float2*>(aw + cl + 8 * nt);
+            const float2 v = *reinterpret_cast<const float2*>(aggw + cl + 8 * nt);
             return make_float2(v.x * r, v.y * r);
           },
           ob + c0, C, lane);
       __syncwarp();  // every lane's shared reads of the slot are done: it may be refilled
       ++consumed;
       issue();
-      if (t + 1 < mine) pass1(t + 1, next0, k, ss);
     }
-    slot0 = next0;
+    slot0 += K;
+    if (slot0 >= S) slot0 -= S;
   }
 }
