@@ -22,7 +22,7 @@
 // same-run A/B on the H200 (142.9 vs 139.5 us at (1024, 32, 2048), 173.2 vs 148.0 at (1024, 16,
 // 4096)), and slower still with w loaded a group ahead (150.4, 184.2).
 // Shared memory (floats): ring R * CHUNK_FLOATS (warp w's S slots at w S GROUP), agg * w C, Ms
-// N * N, hpre / hpost N each, 64 scratch. In a slot, row j's 16-byte segment s sits at s ^ bit 2 of j.
+// N * N, hpre / hpost N each, 64 scratch, w C. In a slot, row j's 16-byte segment s sits at s ^ bit 2 of j.
 // Launch: grid (G * RING_THREADS, 1, 1), G <= B CTAs (one per SM), threadgroup (RING_THREADS, 1, 1);
 // R >= a token's CHUNK_BYTES chunks is passed by the launcher (cuda._ring_slots): S = R CHUNK_BYTES
 // / (RING_WARPS GROUP bytes) >= C / 256, a token's groups per warp.
@@ -114,6 +114,8 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   float* hpre = Ms + N * N;
   float* hpost = hpre + N;
   float* scratch = hpost + N;  // 64: block_sum_once
+  float* ws = scratch + 64;    // w, read into shared memory once (see pass 1)
+  for (int c = threadIdx.x; c < C; c += RING_THREADS) ws[c] = w[c];
   const int K = C / STEP_COLS;  // a token's groups per warp
   const int G = gridDim.x, mine = (B - (int)blockIdx.x + G - 1) / G;  // tokens of this CTA
   const int total = mine * K;                                          // groups of this warp's stream
@@ -190,16 +192,14 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
       return ring + (sl >= S ? sl - S : sl) * GROUP;
     };
     // pass 1, group by group as they land: agg = hpre x; lanes 0-3 hold the group's agg (columns
-    // 2q, 2q + 1 of each n8 tile: row 0 + row 8 of D), add its squares to ss and store agg * w
-    // (w read before the group's wait, so its latency hides under it)
+    // 2q, 2q + 1 of each n8 tile: row 0 + row 8 of D), add its squares to ss and store agg * w.
+    // w comes from shared memory: a global load here waited behind the ring's copies (7% of the
+    // stall samples at (1024, 32, 2048), ncu; same-run A/B, median us: (1024, 32, 2048) 132.5 vs
+    // 139.9, (1024, 16, 4096) 133.1 vs 146.8, (4096, 16, 1024) 138.1 vs 165.3), though it costs
+    // the ring C floats
     float ss = 0.0f;
     for (int k = 0; k < K; ++k) {
       const int cq = 16 * (warp + RING_WARPS * k) + 2 * q;  // lanes 0-3: columns cq, cq + 1 (+ 8)
-      float2 wv[2] = {};
-      if (lane < 4) {
-        wv[0] = __ldg(reinterpret_cast<const float2*>(w + cq));
-        wv[1] = __ldg(reinterpret_cast<const float2*>(w + cq + 8));
-      }
       mma::wait_pending(issued - 1 - (t * K + k));
       __syncwarp();  // every lane's copies of the group have landed
       bf16* sl = slot(k);
@@ -215,7 +215,8 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const float g0 = d[nt][0] + d[nt][2], g1 = d[nt][1] + d[nt][3];
-          *reinterpret_cast<float2*>(aggw + cq + 8 * nt) = make_float2(g0 * wv[nt].x, g1 * wv[nt].y);
+          const float2 wv = *reinterpret_cast<const float2*>(ws + cq + 8 * nt);
+          *reinterpret_cast<float2*>(aggw + cq + 8 * nt) = make_float2(g0 * wv.x, g1 * wv.y);
           ss = fmaf(g0, g0, ss);
           ss = fmaf(g1, g1, ss);
         }

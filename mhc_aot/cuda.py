@@ -175,8 +175,8 @@ def _forward_cluster(x, M, hpre_raw, hpost_raw, w, eps):
 
 
 def _ring_fixed_floats(n: int, C: int) -> int:
-    """mhc_forward_ring's shared floats besides its ring (its header): agg * w, Ms, hpre, hpost, scratch."""
-    return C + n * n + 2 * n + 64
+    """mhc_forward_ring's shared floats besides its ring (its header): agg * w, Ms, hpre, hpost, scratch, w."""
+    return 2 * C + n * n + 2 * n + 64
 
 
 def _ring_chunks(n: int, C: int) -> int:

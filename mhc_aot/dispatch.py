@@ -87,7 +87,7 @@ CLUSTER_FORWARD = dict(n_in=(16, 32), dtypes=("bf16",), C_multiple=256, max_C=12
 # `ring` (CUDA, cuda_src/mhc_forward_ring.cu: bfloat16, n = 16 / 32, C % 256 == 0): one persistent
 # CTA per SM streams its tokens through a ring of chunks in shared memory, x read once, the Sinkhorn
 # in the same launch, no clusters (so CUDA graphs stay on). Its ring must hold a whole token
-# (SMEM_NEEDS["ring"]: n = 32 up to C = 3328 on a 227 KB GPU, 2304 on an A100's 163 KB). H200,
+# (SMEM_NEEDS["ring"]: n = 32 up to C = 3072 on a 227 KB GPU, 2048 on an A100's 163 KB). H200,
 # MLX 0.32.4, graphs on, same-run A/B against these rules without it (scripts/gpu_strategy_ab.py,
 # queued forward, median us): (1024, 32, 2048) 163.8 vs 232.6 (fused), (1024, 32, 3072) 244.3 vs
 # 372.5, (4096, 32, 1024) 313.9 vs 557.5, (256, 32, 2048) 62.8 vs 106.2 (column), (64, 32, 2048)
