@@ -85,16 +85,17 @@ class Rule:
 CLUSTER_FORWARD = dict(n_in=(16, 32), dtypes=("bf16",), C_multiple=256, max_C=12288, min_sm=90,
                        without_cuda_graphs=True)
 # `ring` (CUDA, cuda_src/mhc_forward_ring.cu: bfloat16, n = 16 / 32, C % 256 == 0): one persistent
-# CTA per SM streams its tokens through a ring of chunks in shared memory, x read once, the Sinkhorn
-# in the same launch, no clusters (so CUDA graphs stay on). Its ring must hold a whole token
-# (SMEM_NEEDS["ring"]: n = 32 up to C = 3072 on a 227 KB GPU, 2048 on an A100's 163 KB). H200,
-# MLX 0.32.4, graphs on, same-run A/B against these rules without it (scripts/gpu_strategy_ab.py,
-# queued forward, median us): (1024, 32, 2048) 163.8 vs 232.6 (fused), (1024, 32, 3072) 244.3 vs
-# 372.5, (4096, 32, 1024) 313.9 vs 557.5, (256, 32, 2048) 62.8 vs 106.2 (column), (64, 32, 2048)
-# 38.3 vs 40.2, (32, 32, 2048) 37.8 vs 41.9, (1, 32, 2048) 37.9 vs 42.2; n = 16: (4096, 16, 1024)
-# 176.4 vs 262.9, (1024, 16, 2048) 94.7 vs 117.5, (4096, 16, 2048) 301.4 vs 375.7, (1024, 16, 4096)
-# 160.1 vs 211.6, (256, 16, 4096) 58.5 vs 67.9; evaluated latency mode alike. max_C is the widest
-# measured (wider tokens fit but leave the ring little room to load the next token early).
+# CTA per SM, each warp streaming its own column groups of the CTA's tokens through its own ring in
+# shared memory, x read once, the Sinkhorn in the same launch, no clusters (so CUDA graphs stay
+# on). Its rings must hold a whole token (SMEM_NEEDS["ring"]: n = 32 up to C = 3072 on a 227 KB
+# GPU, 2048 on an A100's 163 KB). H200, MLX 0.32.4, graphs on, same-run A/B against these rules
+# without it (scripts/gpu_strategy_ab.py, session 12's kernel, queued forward, median us):
+# (1024, 32, 2048) 125.3 vs 230.3 (fused), (1024, 32, 3072) 175.4 vs 362.5, (4096, 32, 1024) 205.3
+# vs 543.6, (256, 32, 2048) 55.9 vs 104.1 (column), (64, 32, 2048) 43.8 vs 52.1, (32, 32, 2048)
+# 34.4 vs 48.5, (1, 32, 2048) 34.7 vs 44.6; n = 16: (4096, 16, 1024) 139.5 vs 254.8, (1024, 16,
+# 2048) 82.2 vs 112.0, (4096, 16, 2048) 231.2 vs 367.8, (1024, 16, 4096) 134.5 vs 205.7, (256, 16,
+# 4096) 54.5 vs 68.1; evaluated latency mode alike. max_C is the widest measured (wider tokens fit
+# but leave the rings little room to load the next token early).
 RING_FORWARD = dict(dtypes=("bf16",), C_multiple=256, smem_need="ring")
 RING_MAX_C = {32: 3072, 16: 4096}
 # The backward's `ring` (cuda_src/mhc_backward_ring.cu, same conditions; its dout ring holds a token:
