@@ -156,10 +156,11 @@ __device__ __forceinline__ bf16* swizzled_segment(bf16* tile, int pitch, int j, 
 // A warp's 16-column group of a token in shared memory, row j's 16-byte segment s (s = 0, 1) at
 // seg(j, s): d = M x on tensor cores, d + hpost y written back over the consumed x, then the N rows
 // stored to out (row stride C, the group's first column) as 32 contiguous bytes a row: whole
-// sectors, not the 4-byte pieces of the C/D layout. hpost: see hpost_row.
+// sectors, not the 4-byte pieces of the C/D layout. hpost: see hpost_row. mix_back_rows stops
+// before the stores (mhc_forward_ring stores several groups' rows at once).
 template <int N, typename Seg, typename HP, typename Y>
-__device__ __forceinline__ void mix_store_rows(const uint32_t (&a)[2][N / 16][N / 16][4], Seg seg, const HP& hpost,
-                                               Y y, bf16* out, int C, int lane) {
+__device__ __forceinline__ void mix_back_rows(const uint32_t (&a)[2][N / 16][N / 16][4], Seg seg, const HP& hpost, Y y,
+                                              int lane) {
   const int q = lane & 3;
   float d[N / 16][2][4];
   mix_group16<N>(d, a, lane, [&](int j) { return seg(j, lane >> 4); });
@@ -167,6 +168,12 @@ __device__ __forceinline__ void mix_store_rows(const uint32_t (&a)[2][N / 16][N 
   add_post_pairs<N>(d, hpost, lane, y, [&](int i, int nt, uint32_t word) {
     *reinterpret_cast<uint32_t*>(seg(i, nt) + 2 * q) = word;
   });
+}
+
+template <int N, typename Seg, typename HP, typename Y>
+__device__ __forceinline__ void mix_store_rows(const uint32_t (&a)[2][N / 16][N / 16][4], Seg seg, const HP& hpost,
+                                               Y y, bf16* out, int C, int lane) {
+  mix_back_rows<N>(a, seg, hpost, y, lane);
   __syncwarp();
 #pragma unroll
   for (int e = lane; e < 2 * N; e += 32) {

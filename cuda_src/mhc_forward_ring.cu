@@ -92,10 +92,22 @@ __device__ __forceinline__ void sinkhorn_warp(const float* __restrict__ L, float
   }
 }
 
-// Offset (bfloat16) of row j's 16-byte segment s (0, 1) in a group slot (N rows x 16 columns, 32
-// bytes a row), stored at s ^ bit 2 of j: the eight rows of an ldmatrix phase (32-byte pitch) then
-// cover all 32 banks.
-__device__ __forceinline__ int group_segment(int j, int s) { return j * 16 + 8 * (s ^ ((j >> 2) & 1)); }
+// Groups a warp streams as one unit (a slot of its ring): 1 as built. MHC_RING_UNITS = 2 or 4 is a
+// candidate, unmeasured (scripts/gpu_source_ab.py): a lane's copies then cover 64 / 128 contiguous
+// bytes of a row instead of 32 (a warp's copy touches 8 / 4 rows, not 16) and a unit's rows are
+// stored 64 / 128 bytes at a time; it needs C % (256 U) == 0 and S >= K in units.
+#ifndef MHC_RING_UNITS
+#define MHC_RING_UNITS 1
+#endif
+constexpr int U = MHC_RING_UNITS, U_SHIFT = U == 1 ? 0 : U == 2 ? 1 : 2;  // log2 U
+static_assert(U == 1 || U == 2 || U == 4, "MHC_RING_UNITS: 1, 2 or 4");
+
+// Offset (bfloat16) of row j's 16-byte segment s (0 .. 2U - 1) in a unit slot (N rows x 16 U
+// columns, 32 U bytes a row), stored at s ^ ((j >> (2 - log2 U)) & (2U - 1)): the eight rows of an
+// ldmatrix phase (pitch 32 U bytes) then cover all 32 banks (for U = 1: s ^ bit 2 of j).
+__device__ __forceinline__ int unit_segment(int j, int s) {
+  return j * 16 * U + 8 * (s ^ ((j >> (2 - U_SHIFT)) & (2 * U - 1)));
+}
 
 extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ L, const float* __restrict__ H_pre_raw,
@@ -103,12 +115,12 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
     float* __restrict__ inv_rms, float* __restrict__ M, int n, int C, int B, int iters, float eps, int R) {
   static_assert(std::is_same_v<T, bf16> && (NMAX == 16 || NMAX == 32), "variants.py: bf16, n16 / n32 only");
   constexpr int N = NMAX, T16 = N / 16;
-  constexpr int GROUP = N * 16;         // bfloat16 of a group slot
-  constexpr int COPIES = 2 * N / 32;    // 16-byte copies a lane a group
+  constexpr int UNIT = N * 16 * U;       // bfloat16 of a unit slot
+  constexpr int COPIES = 2 * N * U / 32;  // 16-byte copies a lane a unit
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
-  const int S = R * (CHUNK_BYTES / 2) / (RING_WARPS * GROUP);  // this warp's slots
-  bf16* ring = reinterpret_cast<bf16*>(smem) + (size_t)warp * S * GROUP;
+  const int S = R * (CHUNK_BYTES / 2) / (RING_WARPS * UNIT);  // this warp's slots
+  bf16* ring = reinterpret_cast<bf16*>(smem) + (size_t)warp * S * UNIT;
   float* aggw = smem + R * CHUNK_FLOATS;  // agg[c] * w[c] of the current token (a warp's own columns)
   float* Ms = aggw + C;
   float* hpre = Ms + N * N;
@@ -116,29 +128,39 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   float* scratch = hpost + N;  // 64: block_sum_once
   float* ws = scratch + 64;    // w, read into shared memory once (see pass 1)
   for (int c = threadIdx.x; c < C; c += RING_THREADS) ws[c] = w[c];
-  const int K = C / STEP_COLS;  // a token's groups per warp
+  const int K = C / (STEP_COLS * U);  // a token's units per warp
   const int G = gridDim.x, mine = (B - (int)blockIdx.x + G - 1) / G;  // tokens of this CTA
-  const int total = mine * K;                                          // groups of this warp's stream
+  const int total = mine * K;                                          // units of this warp's stream
 
-  // this warp's stream: item s is group k = s % K (columns 16 (warp + RING_WARPS k)) of this CTA's
-  // token s / K, in slot s % S. Counters move by one (no division in the loop). Lane copy u takes
-  // row e >> 1, segment e & 1 of the group, e = lane + 32 u.
+  // this warp's stream: item s is unit k = s % K (columns 16 U (warp + RING_WARPS k) on) of this
+  // CTA's token s / K, in slot s % S. Counters move by one (no division in the loop). Lane copy u
+  // takes row e / 2U, segment e % 2U of the unit, e = lane + 32 u.
   int issued = 0, consumed = 0, iss_k = 0, iss_slot = 0;
   size_t iss_tok = (size_t)blockIdx.x * N * C;  // element offset of the token being issued
-  int soff[COPIES];
-  size_t goff[COPIES];
+  // (offsets kept per copy at U = 1; from U = 2 on, copy u is row j0 + u 16 / U of the same
+  // segment, computed as it goes: 8 kept offsets spilled at U = 4, n = 32)
+  constexpr int KEEP = U == 1 ? COPIES : 1;
+  int soff[KEEP];
+  size_t goff[KEEP];
 #pragma unroll
-  for (int u = 0; u < COPIES; ++u) {
-    const int e = lane + 32 * u, j = e >> 1, sg = e & 1;
-    soff[u] = group_segment(j, sg);
-    goff[u] = (size_t)j * C + 16 * warp + SEG * sg;
+  for (int u = 0; u < KEEP; ++u) {
+    const int e = lane + 32 * u, j = e >> (1 + U_SHIFT), sg = e & (2 * U - 1);
+    soff[u] = unit_segment(j, sg);
+    goff[u] = (size_t)j * C + 16 * U * warp + SEG * sg;
   }
   auto issue = [&]() {
     while (issued < total && issued - consumed < S) {
-      const T* src = x + iss_tok + (size_t)iss_k * STEP_COLS;
-      bf16* dst = ring + iss_slot * GROUP;
+      const T* src = x + iss_tok + (size_t)iss_k * STEP_COLS * U;
+      bf16* dst = ring + iss_slot * UNIT;
 #pragma unroll
-      for (int u = 0; u < COPIES; ++u) __pipeline_memcpy_async(dst + soff[u], src + goff[u], 16);
+      for (int u = 0; u < COPIES; ++u) {
+        if constexpr (U == 1) {
+          __pipeline_memcpy_async(dst + soff[u], src + goff[u], 16);
+        } else {
+          const int j = (lane >> (1 + U_SHIFT)) + u * (16 / U), sg = lane & (2 * U - 1);
+          __pipeline_memcpy_async(dst + unit_segment(j, sg), src + goff[0] + (size_t)(u * (16 / U)) * C, 16);
+        }
+      }
       __pipeline_commit();
       ++issued;
       if (++iss_slot == S) iss_slot = 0;
@@ -184,12 +206,12 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
     for (int h = 0; h < 2; ++h) hp[mt][h] = hpost[16 * mt + g + 8 * h];
   const int lrow = (lane & 7) + 8 * ((lane >> 3) & 1);  // this lane's ldmatrix row within a k16 tile
 
-  int slot0 = 0;  // slot of the current token's group 0
+  int slot0 = 0;  // slot of the current token's unit 0
   for (int t = 0; t < mine; ++t) {
     const size_t b = blockIdx.x + (size_t)t * G;
-    auto slot = [&](int k) {  // slot of group k of this token (k < K <= S)
+    auto slot = [&](int k) {  // slot of unit k of this token (k < K <= S)
       const int sl = slot0 + k;
-      return ring + (sl >= S ? sl - S : sl) * GROUP;
+      return ring + (sl >= S ? sl - S : sl) * UNIT;
     };
     // pass 1, group by group as they land: agg = hpre x; lanes 0-3 hold the group's agg (columns
     // 2q, 2q + 1 of each n8 tile: row 0 + row 8 of D), add its squares to ss and store agg * w.
@@ -199,26 +221,29 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
     // the ring C floats
     float ss = 0.0f;
     for (int k = 0; k < K; ++k) {
-      const int cq = 16 * (warp + RING_WARPS * k) + 2 * q;  // lanes 0-3: columns cq, cq + 1 (+ 8)
       mma::wait_pending(issued - 1 - (t * K + k));
-      __syncwarp();  // every lane's copies of the group have landed
+      __syncwarp();  // every lane's copies of the unit have landed
       bf16* sl = slot(k);
-      float d[2][4] = {};
+#pragma unroll 1
+      for (int gi = 0; gi < U; ++gi) {  // the unit's 16-column groups (rolled: see pass 2)
+        const int cq = 16 * U * (warp + RING_WARPS * k) + 16 * gi + 2 * q;  // lanes 0-3: columns cq, cq + 1 (+ 8)
+        float d[2][4] = {};
 #pragma unroll
-      for (int kt = 0; kt < T16; ++kt) {
-        uint32_t bfr[4];
-        mma::ldmatrix_x4<true>(bfr, sl + group_segment(kt * 16 + lrow, lane >> 4));
+        for (int kt = 0; kt < T16; ++kt) {
+          uint32_t bfr[4];
+          mma::ldmatrix_x4<true>(bfr, sl + unit_segment(kt * 16 + lrow, 2 * gi + (lane >> 4)));
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) mma::bf16_16816(d[nt], apre[kt], bfr[2 * nt], bfr[2 * nt + 1]);
-      }
-      if (lane < 4) {
+          for (int nt = 0; nt < 2; ++nt) mma::bf16_16816(d[nt], apre[kt], bfr[2 * nt], bfr[2 * nt + 1]);
+        }
+        if (lane < 4) {
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const float g0 = d[nt][0] + d[nt][2], g1 = d[nt][1] + d[nt][3];
-          const float2 wv = *reinterpret_cast<const float2*>(ws + cq + 8 * nt);
-          *reinterpret_cast<float2*>(aggw + cq + 8 * nt) = make_float2(g0 * wv.x, g1 * wv.y);
-          ss = fmaf(g0, g0, ss);
-          ss = fmaf(g1, g1, ss);
+          for (int nt = 0; nt < 2; ++nt) {
+            const float g0 = d[nt][0] + d[nt][2], g1 = d[nt][1] + d[nt][3];
+            const float2 wv = *reinterpret_cast<const float2*>(ws + cq + 8 * nt);
+            *reinterpret_cast<float2*>(aggw + cq + 8 * nt) = make_float2(g0 * wv.x, g1 * wv.y);
+            ss = fmaf(g0, g0, ss);
+            ss = fmaf(g1, g1, ss);
+          }
         }
       }
     }
@@ -226,18 +251,35 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
     const float r = rsqrtf(block_sum_once(ss, scratch, t & 1) / C + eps);
     if (threadIdx.x == 0) inv_rms[b] = r;
 
-    // pass 2, this warp's groups: mix, store, refill the slot from the stream
+    // pass 2, this warp's units: mix (each group's results written over its x), store the unit's
+    // rows, refill the slot from the stream
     bf16* ob = out + b * N * C;
     for (int k = 0; k < K; ++k) {
-      const int c0 = 16 * (warp + RING_WARPS * k), cl = c0 + 2 * q;
+      const int c0 = 16 * U * (warp + RING_WARPS * k);
       bf16* sl = slot(k);
-      mma::mix_store_rows<N>(
-          a, [&](int j, int sg) { return sl + group_segment(j, sg); }, hp,
-          [&](int nt) {
-            const float2 v = *reinterpret_cast<const float2*>(aggw + cl + 8 * nt);
-            return make_float2(v.x * r, v.y * r);
-          },
-          ob + c0, C, lane);
+#pragma unroll 1
+      for (int gi = 0; gi < U; ++gi) {  // rolled: four unrolled groups spilled at n = 32
+        const int cl = c0 + 16 * gi + 2 * q;
+        auto y = [&](int nt) {
+          const float2 v = *reinterpret_cast<const float2*>(aggw + cl + 8 * nt);
+          return make_float2(v.x * r, v.y * r);
+        };
+        auto seg = [&](int j, int sg) { return sl + unit_segment(j, 2 * gi + sg); };
+        if constexpr (U == 1) {
+          mma::mix_store_rows<N>(a, seg, hp, y, ob + c0, C, lane);
+        } else {
+          mma::mix_back_rows<N>(a, seg, hp, y, lane);
+        }
+      }
+      if constexpr (U > 1) {  // the unit's rows, 32 U bytes each: 2 U lanes a row
+        __syncwarp();
+#pragma unroll
+        for (int e = lane; e < 2 * U * N; e += 32) {
+          const int j = e >> (1 + U_SHIFT), sg = e & (2 * U - 1);
+          *reinterpret_cast<uint4*>(ob + c0 + (size_t)j * C + SEG * sg) =
+              *reinterpret_cast<const uint4*>(sl + unit_segment(j, sg));
+        }
+      }
       __syncwarp();  // every lane's shared reads of the slot are done: it may be refilled
       ++consumed;
       issue();

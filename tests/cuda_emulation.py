@@ -32,6 +32,7 @@ class Emulator:
         self.libs = {}
         self.launched, self.grids = [], []  # (entry name, scalars) and the grid of every launch
         self.deferred_copies = False  # True: cp.async copies land at their wait (mhc_dynamic_emulate.h)
+        self.defines = {}  # source -> ("NAME=VALUE", ...): a kernel's compile-time candidates
 
     def binary(self, source, dtype, n):  # mhc_aot.cuda._binary's lookup rule, without shipped files
         cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype]
@@ -39,7 +40,7 @@ class Emulator:
         v = (fitting[:1] or [v for v in cands if v.nmax == 0])[0]
         return v.name, b"", v.nmax
 
-    def build(self, source, dtype, nmax, deferred=False):
+    def build(self, source, dtype, nmax, deferred=False, defines=()):
         import ctypes
         import hashlib
         import re
@@ -58,7 +59,7 @@ class Emulator:
             'long smem) {\n'
             f"  emu_launch(gx, gy, gz, threads, (size_t)smem, {cluster}, [&] {{ MHC_NAME({', '.join(args)}); }});\n}}\n")
         deps = "".join(h.read_text() for h in sorted([*CUDA_SRC.glob("*.cuh"), CUDA_SRC / "mhc_dynamic_emulate.h"]))
-        key = hashlib.sha256(f"{body}{deps}{dtype}{nmax}{deferred}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{body}{deps}{dtype}{nmax}{deferred}{defines}".encode()).hexdigest()[:16]
         so = self.cache / f"{source}_{dtype}_{nmax}{'_deferred' if deferred else ''}_{key}.so"
         if not so.exists():
             inc = self.cache / "inc"
@@ -71,6 +72,7 @@ class Emulator:
             cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-I", str(inc), "-I", str(CUDA_SRC),
                    "-include", str(CUDA_SRC / "mhc_dynamic_emulate.h"), "-DMHC_NAME=emu_kernel",
                    f"-DMHC_DTYPE={dtype}", f"-DMHC_NMAX={nmax}", *(["-DMHC_EMU_DEFERRED_COPIES"] if deferred else []),
+                   *[f"-D{d}" for d in defines],
                    str(cpp), "-o", str(tmp)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
@@ -83,7 +85,7 @@ class Emulator:
 
     def lib(self, name):
         v = self.by_name[name]
-        key = (v.source, v.dtype or "f32", v.nmax, self.deferred_copies)
+        key = (v.source, v.dtype or "f32", v.nmax, self.deferred_copies, tuple(self.defines.get(v.source, ())))
         if key not in self.libs:
             self.libs[key] = self.build(*key)
         return self.libs[key]

@@ -269,6 +269,28 @@ def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, 
     assert cuda._binary(backward, "bf16", n)[0] in names, names
 
 
+# The ring kernel's wider-unit candidates (MHC_RING_UNITS = 2 / 4: a warp streams 2 / 4 of its
+# groups as one slot, so a lane's copies cover 64 / 128 bytes of a row; not built by variants.py,
+# timed against the built kernel by scripts/gpu_source_ab.py), emulated: rings of a token + one
+# unit a warp (so they wrap) and of exactly a token.
+EMU_RING_UNITS = [(4, 32, 1024, 4, "wrap"), (3, 16, 2048, 4, "token"), (3, 32, 1024, 2, "wrap")]
+
+
+@pytest.mark.parametrize("B,n,C,units,slots", EMU_RING_UNITS)
+def test_emulated_cuda_ring_units(emulated_cuda, copy_timing, monkeypatch, B, n, C, units, slots):
+    from mhc_aot import cuda, device
+
+    monkeypatch.setattr(dispatch, "cuda_sm", lambda: 90)
+    monkeypatch.setattr(device, "sm_count", lambda: 1)
+    emulated_cuda.defines = {"mhc_forward_ring": (f"MHC_RING_UNITS={units}",)}
+    chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
+    # a unit of every warp is n * units / 16 chunks
+    monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap") * n * units // 16)
+    assert dispatch.choose("mhc_forward", n, C, "cuda", B=B, dtype=mx.bfloat16).strategy == "ring"
+    _check("cuda", B, n, C, "bfloat16", tag=f"emulated-ring-units{units}")
+    assert [nm for nm, _ in emulated_cuda.launched] == [cuda._binary("mhc_forward_ring", "bf16", n)[0]]
+
+
 # The backward's ring kernel (bfloat16, n = 16 / 32) over its whole range (the test's rule: dispatch's
 # stops at the widest C measured), emulated: one CTA walking every token, its rings as tight as they
 # go (dout: a token's chunks, x: two slots) and as large as shared memory allows; every gradient vs

@@ -1,0 +1,97 @@
+"""Same-run A/B of source variants of one static forward kernel on the GPU: each variant is compiled
+here with nvcc (this GPU's arch, the variant's -D defines) and swapped in for the shipped binary of
+that source, then the static forward runs under the dispatch rules as shipped (so the shapes must
+be ones the rules send to that kernel). For each shape: the outputs of every variant against the
+first's (same inputs), then the queued forward's median over rounds, the order alternating.
+
+  python scripts/gpu_source_ab.py mhc_forward_ring built= units4=:MHC_RING_UNITS=4
+  python scripts/gpu_source_ab.py mhc_forward_ring built= old=/tmp/old_ring.cu --shapes 1024,32,2048
+
+A variant is LABEL=[PATH][:DEFINE...]; PATH defaults to cuda_src/SOURCE.cu. Session 12 found the
+ring forward's w-in-shared-memory win this way (README, "Strategy ring, forward, session 12").
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from mhc_aot import bench, cuda, device
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = "1024,32,2048 1024,16,4096 4096,16,1024 1024,32,3072"
+
+
+def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[int, bytes]]:
+    """(label, {NMAX: cubin}) of one LABEL=[PATH][:DEFINE...] for this GPU's architecture."""
+    label, _, rest = spec.partition("=")
+    path, *defines = rest.split(":")
+    path = path or str(ROOT / "cuda_src" / f"{source}.cu")
+    arch = f"sm_{device.mlx_arch_number()}"
+    bins = {}
+    for nmax in nmaxes:
+        name = cuda._binary(source, "bf16", nmax)[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "k.cubin"
+            cmd = ["nvcc", "-O3", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas=-v", f"-DMHC_NAME={name}",
+                   "-DMHC_DTYPE=bf16", f"-DMHC_NMAX={nmax}", f"-I{ROOT / 'cuda_src'}", *[f"-D{d}" for d in defines if d],
+                   path, "-o", str(out)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"{label}: nvcc failed:\n{r.stderr[-3000:]}")
+            regs = [ln.split("info    : ")[-1] for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
+            print(f"BUILD {label} n{nmax}: {'; '.join(regs)}", flush=True)
+            bins[nmax] = out.read_bytes()
+    return label, bins
+
+
+def use(source: str, bins: dict[int, bytes], shipped=cuda._binary) -> None:
+    def _binary(src, dtype, n):
+        name, binary, nmax = shipped(src, dtype, n)
+        return (name, bins[nmax], nmax) if src == source else (name, binary, nmax)
+
+    cuda._binary = _binary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("source", help="a static forward kernel's source name, e.g. mhc_forward_ring")
+    ap.add_argument("variants", nargs="+", help="LABEL=[PATH][:DEFINE...]; the first is the baseline")
+    ap.add_argument("--shapes", default=SHAPES, help=f"B,n,C words (default: {SHAPES})")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if not mx.cuda.is_available():
+        sys.exit("needs MLX's CUDA backend (mx.cuda.is_available() is False)")
+    variants = [compile_variant(args.source, v) for v in args.variants]
+    for shape in args.shapes.split():
+        B, n, C = (int(v) for v in shape.split(","))
+        case = bench.Case("throughput", B, n, C, "bfloat16", False)
+        inputs = bench.make_inputs(case)
+        base = None
+        for label, bins in variants:
+            use(args.source, bins)
+            runner = bench.make_runner("kernels", case, inputs)
+            if args.source.split("mhc_forward_")[-1] not in runner.note:
+                sys.exit(f"{shape}: dispatch runs {runner.note}, not {args.source}: pick shapes its rule serves")
+            o = runner.call()
+            o = (o[0] if isinstance(o, (tuple, list)) else o).astype(mx.float32)
+            base = o if base is None else base
+            print(f"DIFF {shape} {label:10s} max|d| {mx.max(mx.abs(o - base)).item():.3e} "
+                  f"nan {mx.any(mx.isnan(o)).item()}", flush=True)
+        res = {label: [] for label, _ in variants}
+        for rnd in range(args.rounds):
+            for label, bins in (variants if rnd % 2 == 0 else variants[::-1]):
+                use(args.source, bins)
+                runner = bench.make_runner("kernels", case, inputs)
+                res[label].append(bench.time_runner(runner, "throughput", 30, 5, repeats=5).median_us)
+        for label, ms in res.items():
+            print(f"AB {shape} {label:10s} {' '.join(f'{m:7.1f}' for m in sorted(ms))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
