@@ -21,11 +21,12 @@
 // inside token t's pass 2 (a group after each store, agg * w in two halves) measured slower in a
 // same-run A/B on the H200 (142.9 vs 139.5 us at (1024, 32, 2048), 173.2 vs 148.0 at (1024, 16,
 // 4096)), and slower still with w loaded a group ahead (150.4, 184.2).
-// Shared memory (floats): ring R * CHUNK_FLOATS (warp w's S slots at w S GROUP), agg * w C, Ms
-// N * N, hpre / hpost N each, 64 scratch, w C. In a slot, row j's 16-byte segment s sits at s ^ bit 2 of j.
+// Shared memory (floats): ring R * CHUNK_FLOATS (warp w's S slots at w S UNIT), agg * w C, Ms
+// N * N, hpre / hpost N each, 64 scratch, w C. In a slot, row j's 16-byte segment s sits at
+// unit_segment(j, s).
 // Launch: grid (G * RING_THREADS, 1, 1), G <= B CTAs (one per SM), threadgroup (RING_THREADS, 1, 1);
 // R >= a token's CHUNK_BYTES chunks is passed by the launcher (cuda._ring_slots): S = R CHUNK_BYTES
-// / (RING_WARPS GROUP bytes) >= C / 256, a token's groups per warp.
+// / (RING_WARPS UNIT bytes) >= K = C / (256 U), a token's units per warp.
 #include <cuda_pipeline.h>
 #include <type_traits>
 
@@ -95,7 +96,9 @@ __device__ __forceinline__ void sinkhorn_warp(const float* __restrict__ L, float
 // Groups a warp streams as one unit (a slot of its ring): 1 as built. MHC_RING_UNITS = 2 or 4 is a
 // candidate, unmeasured (scripts/gpu_source_ab.py): a lane's copies then cover 64 / 128 contiguous
 // bytes of a row instead of 32 (a warp's copy touches 8 / 4 rows, not 16) and a unit's rows are
-// stored 64 / 128 bytes at a time; it needs C % (256 U) == 0 and S >= K in units.
+// stored 64 / 128 bytes at a time; it needs C % (256 U) == 0 and S >= K in units (U = 4 at
+// n = 32: 128 registers, 4 bytes spilled). Why: with no output stores at all the built kernel
+// still took 101.8 us at (1024, 32, 2048) (H200): its reads, not the math, are what is left.
 #ifndef MHC_RING_UNITS
 #define MHC_RING_UNITS 1
 #endif

@@ -9,7 +9,8 @@
 #     pydantic annotated-doc -d .devwheels2
 #   pip download --no-deps liger-kernel==0.8.5 -d .devwheels2   # torch and triton are there
 # Stages (default all, in this order): build tests sweep bench dynamic profile; `ab` on request
-# (scripts/gpu_strategy_ab.py: strategies with and without their rules, same run).
+# (scripts/gpu_strategy_ab.py: strategies with and without their rules, same run; then
+# scripts/gpu_source_ab.py: the ring forward's compile-time candidates against the built kernel).
 # `tests` (every file) took ~200 s on the H100 and `bench` with torch.compile ~6 minutes, so a
 # 10-minute device call runs `build tests`, the next `build sweep bench dynamic profile` (build
 # is a no-op when the package is already installed). `dynamic` with Liger took ~190 s per pass
@@ -88,7 +89,10 @@ for s in $stages; do
     # same-run A/B (scripts/gpu_strategy_ab.py): the rules with and without the forward's `ring`,
     # then forward + backward with and without the backward's
     timeout 300 python3 scripts/gpu_strategy_ab.py ring || status=1
-    timeout 300 python3 scripts/gpu_strategy_ab.py backward_ring || status=1 ;;
+    timeout 300 python3 scripts/gpu_strategy_ab.py backward_ring || status=1
+    # the ring forward's wider-unit candidates against the built kernel (cuda_src/mhc_forward_ring.cu)
+    timeout 300 python3 scripts/gpu_source_ab.py mhc_forward_ring built= units2=:MHC_RING_UNITS=2 \
+      units4=:MHC_RING_UNITS=4 || status=1 ;;
   profile)
     stage profile
     # the static layer's large shape, then issue 6's dynamic shape; each report's per-kernel
