@@ -148,8 +148,9 @@ def _gpu_rules(backend: str) -> tuple[Rule, ...]:
              "each holding n x C/4 of it in shared memory from one read of x, the RMS sum crossing the cluster "
              "through distributed shared memory", **cl),
         *(rule("mhc_forward", "ring", f"bfloat16, n = {n}, C a multiple of 256 up to {max_C}, a token in one "
-               "CTA's shared memory: one persistent CTA per SM streams its tokens through a ring of chunks (x "
-               "read once, the next token's loads under this one's math), Sinkhorn in the same launch",
+               "CTA's shared memory: one persistent CTA per SM, each warp streaming its column groups of the "
+               "tokens through its own ring (x read once, the next token's loads under this one's math), "
+               "Sinkhorn in the same launch",
                max_C=max_C, n_in=(n,), **RING_FORWARD) for n, max_C in RING_MAX_C.items()),
         *(rule("mhc_backward", "ring", f"bfloat16, n = {n}, C a multiple of 256 up to {max_C}, a token's dout in "
                "one CTA's shared memory: one persistent CTA per SM streams x and dout once, keeps dout for dx and "
