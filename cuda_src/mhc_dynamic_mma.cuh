@@ -170,16 +170,32 @@ __device__ __forceinline__ void mix_back_rows(const uint32_t (&a)[2][N / 16][N /
   });
 }
 
+// N rows of SEGS 16-byte segments (seg(i, s)) stored to out (row stride C): SEGS lanes a row, whole
+// sectors. Unrolled by 2 beyond two segments a row (fully unrolled, mhc_forward_ring's 8 at
+// n = 32 took 128 registers and spilled).
+template <int N, int SEGS, typename Seg>
+__device__ __forceinline__ void store_rows(Seg seg, bf16* out, int C, int lane) {
+  static_assert(SEGS == 2 || SEGS == 4 || SEGS == 8, "a row of 2, 4 or 8 segments");
+  constexpr int SHIFT = SEGS == 2 ? 1 : SEGS == 4 ? 2 : 3;
+  auto store = [&](int e) {
+    const int i = e >> SHIFT, s = e & (SEGS - 1);
+    *reinterpret_cast<uint4*>(out + (size_t)i * C + 8 * s) = *reinterpret_cast<const uint4*>(seg(i, s));
+  };
+  if constexpr (SEGS == 2) {
+#pragma unroll
+    for (int e = lane; e < SEGS * N; e += 32) store(e);
+  } else {
+#pragma unroll 2
+    for (int e = lane; e < SEGS * N; e += 32) store(e);
+  }
+}
+
 template <int N, typename Seg, typename HP, typename Y>
 __device__ __forceinline__ void mix_store_rows(const uint32_t (&a)[2][N / 16][N / 16][4], Seg seg, const HP& hpost,
                                                Y y, bf16* out, int C, int lane) {
   mix_back_rows<N>(a, seg, hpost, y, lane);
   __syncwarp();
-#pragma unroll
-  for (int e = lane; e < 2 * N; e += 32) {
-    const int i = e >> 1, h = e & 1;
-    *reinterpret_cast<uint4*>(out + (size_t)i * C + 8 * h) = *reinterpret_cast<const uint4*>(seg(i, h));
-  }
+  store_rows<N, 2>(seg, out, C, lane);
 }
 
 // mix_store_rows for a group held in a swizzled tile (segments seg0, seg0 + 1 of its N rows):

@@ -187,7 +187,8 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
   }
   uint32_t a[2][T16][T16][4];
   mma::split_a_fragments<N, false>(Ms, a, lane);
-  // pass 1's A tiles: hpre's hi term in row 0, its lo term in row 8 (lanes 0-3 hold both rows)
+  // pass 1's A tiles: hpre's hi term in row 0, its lo term in row 8 (lanes 0-3 hold both rows);
+  // split_a_tiles' hi / lo arithmetic written out (through it, the measured kernel's PTX changed)
   uint32_t apre[T16][4];
 #pragma unroll
   for (int kt = 0; kt < T16; ++kt)
@@ -267,22 +268,10 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
           const float2 v = *reinterpret_cast<const float2*>(aggw + cl + 8 * nt);
           return make_float2(v.x * r, v.y * r);
         };
-        auto seg = [&](int j, int sg) { return sl + unit_segment(j, 2 * gi + sg); };
-        if constexpr (U == 1) {
-          mma::mix_store_rows<N>(a, seg, hp, y, ob + c0, C, lane);
-        } else {
-          mma::mix_back_rows<N>(a, seg, hp, y, lane);
-        }
+        mma::mix_back_rows<N>(a, [&](int j, int sg) { return sl + unit_segment(j, 2 * gi + sg); }, hp, y, lane);
       }
-      if constexpr (U > 1) {  // the unit's rows, 32 U bytes each: 2 U lanes a row
-        __syncwarp();
-#pragma unroll 2
-        for (int e = lane; e < 2 * U * N; e += 32) {  // unrolled fully: 128 registers + spills at U = 4, n = 32
-          const int j = e >> (1 + U_SHIFT), sg = e & (2 * U - 1);
-          *reinterpret_cast<uint4*>(ob + c0 + (size_t)j * C + SEG * sg) =
-              *reinterpret_cast<const uint4*>(sl + unit_segment(j, sg));
-        }
-      }
+      __syncwarp();  // the unit's rows, 32 U bytes each: 2 U lanes a row
+      mma::store_rows<N, 2 * U>([&](int j, int sg) { return sl + unit_segment(j, sg); }, ob + c0, C, lane);
       __syncwarp();  // every lane's shared reads of the slot are done: it may be refilled
       ++consumed;
       issue();

@@ -245,20 +245,28 @@ RING_RULE = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_i
                           C_multiple=256, smem_need="ring")
 
 
-@pytest.mark.parametrize("B,n,C,slots", EMU_RING)
-def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, n, C, slots):
+def _emulated_ring(monkeypatch, B, n, C, slots, units=1):
+    """One emulated CTA (sm_count 1) on an sm_90, the forward ring's R as `slots` says: a token's
+    chunks ("token"), one more unit a warp ("wrap": a unit of every warp is n * units / 16 chunks)
+    or what shared memory holds ("all"); dispatch must then pick the ring."""
     from mhc_aot import cuda, device
 
     monkeypatch.setattr(dispatch, "cuda_sm", lambda: 90)
     monkeypatch.setattr(device, "sm_count", lambda: 1)
+    chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
+    if slots != "all":
+        monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap") * n * units // 16)
+    assert dispatch.choose("mhc_forward", n, C, "cuda", B=B, dtype=mx.bfloat16).strategy == "ring"
+
+
+@pytest.mark.parametrize("B,n,C,slots", EMU_RING)
+def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, n, C, slots):
+    from mhc_aot import cuda
+
     if slots == "token":
         monkeypatch.setattr(dispatch, "RULES", tuple(r for r in dispatch.RULES
                                                      if not (r.op == "mhc_backward" and r.strategy == "ring")))
-    chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
-    if slots != "all":
-        # a chunk holds 16 / n groups of each warp: n / 16 more chunks are one more group a warp
-        monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap") * n // 16)
-    assert dispatch.choose("mhc_forward", n, C, "cuda", B=B, dtype=mx.bfloat16).strategy == "ring"
+    _emulated_ring(monkeypatch, B, n, C, slots)
     _check("cuda", B, n, C, "bfloat16", tag="emulated-ring")
     name = cuda._binary("mhc_forward_ring", "bf16", n)[0]
     assert [nm for nm, _ in emulated_cuda.launched] == [name]
@@ -278,15 +286,10 @@ EMU_RING_UNITS = [(4, 32, 1024, 4, "wrap"), (3, 16, 2048, 4, "token"), (3, 32, 1
 
 @pytest.mark.parametrize("B,n,C,units,slots", EMU_RING_UNITS)
 def test_emulated_cuda_ring_units(emulated_cuda, copy_timing, monkeypatch, B, n, C, units, slots):
-    from mhc_aot import cuda, device
+    from mhc_aot import cuda
 
-    monkeypatch.setattr(dispatch, "cuda_sm", lambda: 90)
-    monkeypatch.setattr(device, "sm_count", lambda: 1)
     emulated_cuda.defines = {"mhc_forward_ring": (f"MHC_RING_UNITS={units}",)}
-    chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
-    # a unit of every warp is n * units / 16 chunks
-    monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap") * n * units // 16)
-    assert dispatch.choose("mhc_forward", n, C, "cuda", B=B, dtype=mx.bfloat16).strategy == "ring"
+    _emulated_ring(monkeypatch, B, n, C, slots, units)
     _check("cuda", B, n, C, "bfloat16", tag=f"emulated-ring-units{units}")
     assert [nm for nm, _ in emulated_cuda.launched] == [cuda._binary("mhc_forward_ring", "bf16", n)[0]]
 
