@@ -15,6 +15,9 @@ DTYPES = ("f32", "f16", "bf16")
 NMAX_VALUES = (2, 4, 8, 16, 32, 64)  # DESIGN.md section 4
 RESIDENT_NMAX = (2, 4)  # strategy `resident` (CUDA): a token's streams held on chip
 CLUSTER_NMAX = (16, 32)  # strategy `cluster` (CUDA, bfloat16): n equal to NMAX, tensor-core tiles of 16
+# strategy `ring`'s forward (cuda_src/mhc_forward_ring.cu, MHC_RING_UNITS): 16-column groups a warp
+# streams as one ring slot; the launcher takes the widest that C allows (C % (256 units) == 0)
+RING_UNITS = (1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class KernelVariant:
     dtype: str | None  # None: float32 parameters only (Sinkhorn)
     nmax: int  # 0 = generic n
     min_arch: int = 0  # oldest SM it is built for (90: thread block clusters); 0 = every listed arch
+    units: int = 1  # the forward ring's groups a slot (MHC_RING_UNITS; 1: the macro left undefined)
 
     @property
     def name(self) -> str:
@@ -33,10 +37,15 @@ class KernelVariant:
             parts.append(self.dtype)
         if self.nmax:
             parts.append(f"n{self.nmax}")
+        if self.units > 1:
+            parts.append(f"u{self.units}")
         return "_".join(parts)
 
     def defines(self) -> dict[str, str]:
-        return {"MHC_NAME": self.name, "MHC_DTYPE": self.dtype or "f32", "MHC_NMAX": str(self.nmax)}
+        d = {"MHC_NAME": self.name, "MHC_DTYPE": self.dtype or "f32", "MHC_NMAX": str(self.nmax)}
+        if self.units > 1:
+            d["MHC_RING_UNITS"] = str(self.units)
+        return d
 
     def row(self) -> dict:
         return {**asdict(self), "name": self.name}
@@ -60,8 +69,9 @@ def _table() -> tuple[KernelVariant, ...]:
         v.append(KernelVariant("mhc_backward", "mhc_backward_dm", "fused", dt, 0))
     for nmax in CLUSTER_NMAX:  # CUDA sm_90+ only (no metal_src twin): a cluster of CTAs per token
         v.append(KernelVariant("mhc_forward", "mhc_forward_cluster", "cluster", "bf16", nmax, min_arch=90))
-    for nmax in CLUSTER_NMAX:  # CUDA only (no metal_src twin): a persistent CTA per SM, a ring of chunks
-        v.append(KernelVariant("mhc_forward", "mhc_forward_ring", "ring", "bf16", nmax))
+    for nmax in CLUSTER_NMAX:  # CUDA only (no metal_src twin): a persistent CTA per SM, a ring per warp
+        for units in RING_UNITS:
+            v.append(KernelVariant("mhc_forward", "mhc_forward_ring", "ring", "bf16", nmax, units=units))
     for nmax in CLUSTER_NMAX:  # CUDA only (no metal_src twin): dM on tensor cores (bfloat16, n == NMAX)
         v.append(KernelVariant("mhc_backward", "mhc_backward_dm_tc", "fused", "bf16", nmax))
     for nmax in CLUSTER_NMAX:  # CUDA only (no metal_src twin): the backward's ring (bfloat16, n == NMAX)

@@ -93,12 +93,13 @@ __device__ __forceinline__ void sinkhorn_warp(const float* __restrict__ L, float
   }
 }
 
-// Groups a warp streams as one unit (a slot of its ring): 1 as built. MHC_RING_UNITS = 2 or 4 is a
-// candidate, unmeasured (scripts/gpu_source_ab.py): a lane's copies then cover 64 / 128 contiguous
-// bytes of a row instead of 32 (a warp's copy touches 8 / 4 rows, not 16) and a unit's rows are
-// stored 64 / 128 bytes at a time; it needs C % (256 U) == 0 and S >= K in units (U = 4 at
-// n = 32: 112 registers, no spills). Why: with no output stores at all the built kernel
-// still took 101.8 us at (1024, 32, 2048) (H200): its reads, not the math, are what is left.
+// Groups a warp streams as one unit (a slot of its ring): built for 1, 2 and 4 (variants.py
+// RING_UNITS), the launcher taking the widest C allows (cuda.ring_units: C % (256 U) == 0). A lane's
+// copies cover 32 U contiguous bytes of a row (a warp's copy touches 16 / U rows) and a unit's rows
+// are stored 32 U bytes at a time. Why: with no output stores at all, U = 1 still took 97-102 us at
+// (1024, 32, 2048) on the H200 (79 at U = 4): its 32-byte pieces, not the math, set its pace.
+// Same-run A/B (scripts/gpu_source_ab.py, median us), U = 1 / 2 / 4: (1024, 32, 2048) 122.2 / 109.7
+// / 105.6, (4096, 16, 1024) 136.4 / 123.0 / 111.9. U = 4 at n = 32: 112 registers, no spills.
 #ifndef MHC_RING_UNITS
 #define MHC_RING_UNITS 1
 #endif

@@ -32,6 +32,8 @@ RING_THREADS, RING_CHUNK_BYTES = 512, 8192
 # rest of the shared memory holds dout)
 BRING_THREADS, BRING_MAX_X_SLOTS = 256, 8
 STEP_COLS = 16 * RING_THREADS // 32  # cuda_src/mhc_forward_ring.cu: a 16-column group per warp (C is a multiple)
+# its builds (build_tools/variants.py RING_UNITS): groups a warp streams as one slot, widest first
+RING_UNITS = (4, 2, 1)
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
@@ -43,11 +45,11 @@ def _arch_tag() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _binary(source: str, dtype: str | None, n: int | None) -> tuple[str, bytes, int]:
+def _binary(source: str, dtype: str | None, n: int | None, units: int = 1) -> tuple[str, bytes, int]:
     """(entry name, binary: the compressed fatbin of this GPU's cubin or else of the PTX,
-    compile-time NMAX) of a variant.
+    compile-time NMAX) of a variant (`units`: the forward ring's, see ring_units).
     Read and sha256-checked once per process."""
-    v = manifest.find("cuda", source, dtype, n)
+    v = manifest.find("cuda", source, dtype, n, units)
     tag = _arch_tag()
     if tag not in v.row["files"]:
         tag = "ptx"  # the driver JIT-compiles it for GPUs newer than every shipped cubin
@@ -85,8 +87,8 @@ def _bucket_binary(binary: bytes, bucket: int) -> bytes:
 
 
 def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes, output_dtypes, scalars,
-            grid, shared_floats: int = 0, threads: int = THREADS):
-    name, binary, _ = _binary(source, dtype, n)
+            grid, shared_floats: int = 0, threads: int = THREADS, units: int = 1):
+    name, binary, _ = _binary(source, dtype, n, units)
     scalars = [_f32(s) if isinstance(s, float) else s for s in scalars]
     smem = 4 * shared_floats
     if smem > device.max_shared_memory_per_block():
@@ -200,6 +202,15 @@ def _ring_slots(n: int, C: int) -> int:
     return _free_slots(_ring_fixed_floats(n, C))
 
 
+def ring_units(C: int) -> int:
+    """The forward ring's groups a slot for width C: the widest built that C is a multiple of
+    (STEP_COLS units columns). A lane's copies and stores then cover 32 units contiguous bytes of a
+    row: same-run A/B on the H200 (scripts/gpu_source_ab.py, queued forward, median us), units 1 /
+    2 / 4: (1024, 32, 2048) 122.2 / 109.7 / 105.6, (1024, 16, 4096) 129.8 / 110.8 / 104.9, (4096,
+    16, 1024) 136.4 / 123.0 / 111.9, (1024, 32, 3072) 172.6 / 153.3 / 147.2."""
+    return next(u for u in RING_UNITS if C % (STEP_COLS * u) == 0)
+
+
 def _forward_ring(x, L, hpre_raw, hpost_raw, w, iters, eps):
     B, n, C = x.shape
     _check_tc_token("mhc_forward_ring", x, STEP_COLS)
@@ -211,7 +222,7 @@ def _forward_ring(x, L, hpre_raw, hpost_raw, w, iters, eps):
     G = min(B, device.sm_count())  # one persistent CTA per SM
     return _launch("mhc_forward_ring", "bf16", n, [x, L, hpre_raw, hpost_raw, w], [(B, n, C), (B,), (n, n)],
                    [x.dtype, F32, F32], [n, C, B, iters, eps, R], (G * RING_THREADS, 1, 1),
-                   R * RING_CHUNK_BYTES // 4 + _ring_fixed_floats(n, C), RING_THREADS)
+                   R * RING_CHUNK_BYTES // 4 + _ring_fixed_floats(n, C), RING_THREADS, ring_units(C))
 
 
 def _fused_tc_ring_floats(dtype, n: int, C: int, nmax: int) -> int:

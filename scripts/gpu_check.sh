@@ -10,7 +10,7 @@
 #   pip download --no-deps liger-kernel==0.8.5 -d .devwheels2   # torch and triton are there
 # Stages (default all, in this order): build tests sweep bench dynamic profile; `ab` on request
 # (scripts/gpu_strategy_ab.py: strategies with and without their rules, same run; then
-# scripts/gpu_source_ab.py: the ring forward's compile-time candidates against the built kernel).
+# scripts/gpu_source_ab.py: the ring forward as shipped against its unit widths compiled on the device).
 # `tests` (every file) took ~200 s on the H100 and `bench` with torch.compile ~6 minutes, so a
 # 10-minute device call runs `build tests`, the next `build sweep bench dynamic profile` (build
 # is a no-op when the package is already installed). `dynamic` with Liger took ~190 s per pass
@@ -90,9 +90,9 @@ for s in $stages; do
     # then forward + backward with and without the backward's
     timeout 300 python3 scripts/gpu_strategy_ab.py ring || status=1
     timeout 300 python3 scripts/gpu_strategy_ab.py backward_ring || status=1
-    # the ring forward's wider-unit candidates against the built kernel (cuda_src/mhc_forward_ring.cu)
-    timeout 300 python3 scripts/gpu_source_ab.py mhc_forward_ring built= units2=:MHC_RING_UNITS=2 \
-      units4=:MHC_RING_UNITS=4 || status=1 ;;
+    # the ring forward as shipped (its widest units for each C) against its unit widths compiled here
+    timeout 300 python3 scripts/gpu_source_ab.py mhc_forward_ring shipped= units1=:MHC_RING_UNITS=1 \
+      units2=:MHC_RING_UNITS=2 || status=1 ;;
   profile)
     stage profile
     # the static layer's large shape, then issue 6's dynamic shape; each report's per-kernel

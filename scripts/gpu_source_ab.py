@@ -4,16 +4,19 @@ that source, then the static forward runs under the dispatch rules as shipped (s
 be ones the rules send to that kernel). For each shape: the outputs of every variant against the
 first's (same inputs), then the queued forward's median over rounds, the order alternating.
 
-  python scripts/gpu_source_ab.py mhc_forward_ring built= units4=:MHC_RING_UNITS=4
-  python scripts/gpu_source_ab.py mhc_forward_ring built= old=/tmp/old_ring.cu --shapes 1024,32,2048
+  python scripts/gpu_source_ab.py mhc_forward_ring shipped= units1=:MHC_RING_UNITS=1
+  python scripts/gpu_source_ab.py mhc_forward_ring shipped= old=/tmp/old_ring.cu --shapes 1024,32,2048
 
-A variant is LABEL=[PATH][:DEFINE...]; PATH defaults to cuda_src/SOURCE.cu. Session 12 found the
-ring forward's w-in-shared-memory win this way (README, "Strategy ring, forward, session 12").
+A variant is LABEL=[PATH][:DEFINE...]; PATH defaults to cuda_src/SOURCE.cu; LABEL= alone is the
+installed package's binaries as its launcher picks them. A compiled variant replaces every build of
+the source (the forward ring's units too: give MHC_RING_UNITS to time one). Session 12 found the
+ring forward's w-in-shared-memory win this way, session 13 its units (README).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,15 +30,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = "1024,32,2048 1024,16,4096 4096,16,1024 1024,32,3072"
 
 
-def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[int, bytes]]:
-    """(label, {NMAX: cubin}) of one LABEL=[PATH][:DEFINE...] for this GPU's architecture."""
+def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[int, tuple[str, bytes]] | None]:
+    """(label, {NMAX: (entry name, cubin)}) of one LABEL=[PATH][:DEFINE...] for this GPU's
+    architecture; (label, None) for LABEL= (the shipped binaries)."""
     label, _, rest = spec.partition("=")
+    if not rest:
+        return label, None
     path, *defines = rest.split(":")
     path = path or str(ROOT / "cuda_src" / f"{source}.cu")
     arch = f"sm_{device.mlx_arch_number()}"
     bins = {}
     for nmax in nmaxes:
-        name = cuda._binary(source, "bf16", nmax)[0]
+        name = re.sub(r"\W", "_", f"{source}_n{nmax}_ab_{label}")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "k.cubin"
             cmd = ["nvcc", "-O3", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas=-v", f"-DMHC_NAME={name}",
@@ -46,16 +52,16 @@ def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[
                 sys.exit(f"{label}: nvcc failed:\n{r.stderr[-3000:]}")
             regs = [ln.split("info    : ")[-1] for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
             print(f"BUILD {label} n{nmax}: {'; '.join(regs)}", flush=True)
-            bins[nmax] = out.read_bytes()
+            bins[nmax] = name, out.read_bytes()
     return label, bins
 
 
-def use(source: str, bins: dict[int, bytes], shipped=cuda._binary) -> None:
-    def _binary(src, dtype, n):
-        name, binary, nmax = shipped(src, dtype, n)
-        return (name, bins[nmax], nmax) if src == source else (name, binary, nmax)
+def use(source: str, bins: dict[int, tuple[str, bytes]] | None, shipped=cuda._binary) -> None:
+    def _binary(src, dtype, n, units=1):
+        name, binary, nmax = shipped(src, dtype, n, units)
+        return (*bins[nmax], nmax) if src == source else (name, binary, nmax)
 
-    cuda._binary = _binary
+    cuda._binary = shipped if bins is None else _binary
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ class Emulator:
         self.deferred_copies = False  # True: cp.async copies land at their wait (mhc_dynamic_emulate.h)
         self.defines = {}  # source -> ("NAME=VALUE", ...): a kernel's compile-time candidates
 
-    def binary(self, source, dtype, n):  # mhc_aot.cuda._binary's lookup rule, without shipped files
-        cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype]
+    def binary(self, source, dtype, n, units=1):  # mhc_aot.cuda._binary's lookup rule, without shipped files
+        cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype and v.units == units]
         fitting = sorted((v for v in cands if n is not None and v.nmax >= n), key=lambda v: v.nmax)
         v = (fitting[:1] or [v for v in cands if v.nmax == 0])[0]
         return v.name, b"", v.nmax
@@ -85,7 +85,8 @@ class Emulator:
 
     def lib(self, name):
         v = self.by_name[name]
-        key = (v.source, v.dtype or "f32", v.nmax, self.deferred_copies, tuple(self.defines.get(v.source, ())))
+        own = tuple(f"{k}={val}" for k, val in v.defines().items() if k not in ("MHC_NAME", "MHC_DTYPE", "MHC_NMAX"))
+        key = (v.source, v.dtype or "f32", v.nmax, self.deferred_copies, own + tuple(self.defines.get(v.source, ())))
         if key not in self.libs:
             self.libs[key] = self.build(*key)
         return self.libs[key]

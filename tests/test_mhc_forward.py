@@ -245,7 +245,7 @@ RING_RULE = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_i
                           C_multiple=256, smem_need="ring")
 
 
-def _emulated_ring(monkeypatch, B, n, C, slots, units=1):
+def _emulated_ring(monkeypatch, B, n, C, slots):
     """One emulated CTA (sm_count 1) on an sm_90, the forward ring's R as `slots` says: a token's
     chunks ("token"), one more unit a warp ("wrap": a unit of every warp is n * units / 16 chunks)
     or what shared memory holds ("all"); dispatch must then pick the ring."""
@@ -255,7 +255,8 @@ def _emulated_ring(monkeypatch, B, n, C, slots, units=1):
     monkeypatch.setattr(device, "sm_count", lambda: 1)
     chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
     if slots != "all":
-        monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap") * n * units // 16)
+        wrap = n * cuda.ring_units(C) // 16
+        monkeypatch.setattr(cuda, "_ring_slots", lambda n_, C_: chunks + (slots == "wrap") * wrap)
     assert dispatch.choose("mhc_forward", n, C, "cuda", B=B, dtype=mx.bfloat16).strategy == "ring"
 
 
@@ -268,7 +269,7 @@ def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, 
                                                      if not (r.op == "mhc_backward" and r.strategy == "ring")))
     _emulated_ring(monkeypatch, B, n, C, slots)
     _check("cuda", B, n, C, "bfloat16", tag="emulated-ring")
-    name = cuda._binary("mhc_forward_ring", "bf16", n)[0]
+    name = cuda._binary("mhc_forward_ring", "bf16", n, cuda.ring_units(C))[0]
     assert [nm for nm, _ in emulated_cuda.launched] == [name]
     assert emulated_cuda.grids[-1][0] == cuda.RING_THREADS  # one CTA: it walks all B tokens
     names = _cuda_gradients(emulated_cuda, "ring", B, n, C, "bfloat16")
@@ -277,21 +278,22 @@ def test_emulated_cuda_ring_forward(emulated_cuda, copy_timing, monkeypatch, B, 
     assert cuda._binary(backward, "bf16", n)[0] in names, names
 
 
-# The ring kernel's wider-unit candidates (MHC_RING_UNITS = 2 / 4: a warp streams 2 / 4 of its
-# groups as one slot, so a lane's copies cover 64 / 128 bytes of a row; not built by variants.py,
-# timed against the built kernel by scripts/gpu_source_ab.py), emulated: rings of a token + one
-# unit a warp (so they wrap) and of exactly a token.
-EMU_RING_UNITS = [(4, 32, 1024, 4, "wrap"), (3, 16, 2048, 4, "token"), (3, 32, 1024, 2, "wrap")]
+# The ring kernel's builds by unit width (groups a warp streams as one slot: 1 / 2 / 4, the widest
+# that C allows), emulated: rings of a token + one unit a warp (so they wrap) and of exactly a token.
+# (EMU_RING covers units 1 / 2 / 4 too, with its own ring sizes.)
+EMU_RING_UNITS = [(4, 32, 1024, 4, "wrap"), (3, 16, 2048, 4, "token"), (3, 32, 1536, 2, "wrap"), (2, 16, 1280, 1, "wrap")]
 
 
 @pytest.mark.parametrize("B,n,C,units,slots", EMU_RING_UNITS)
 def test_emulated_cuda_ring_units(emulated_cuda, copy_timing, monkeypatch, B, n, C, units, slots):
     from mhc_aot import cuda
 
-    emulated_cuda.defines = {"mhc_forward_ring": (f"MHC_RING_UNITS={units}",)}
-    _emulated_ring(monkeypatch, B, n, C, slots, units)
+    assert cuda.ring_units(C) == units
+    _emulated_ring(monkeypatch, B, n, C, slots)
     _check("cuda", B, n, C, "bfloat16", tag=f"emulated-ring-units{units}")
-    assert [nm for nm, _ in emulated_cuda.launched] == [cuda._binary("mhc_forward_ring", "bf16", n)[0]]
+    name = cuda._binary("mhc_forward_ring", "bf16", n, units)[0]
+    assert [nm for nm, _ in emulated_cuda.launched] == [name]
+    assert name.endswith(f"_u{units}") == (units > 1), name
 
 
 # The backward's ring kernel (bfloat16, n = 16 / 32) over its whole range (the test's rule: dispatch's
@@ -364,7 +366,7 @@ def test_ring_rule_conditions(op):
 # The ring kernel on the GPU over its whole range (RING_RULE): many tokens per CTA (B well above
 # the SM count), rings of exactly a token (n = 32, C = 3072; n = 16, C = 5632, the widest) on a
 # 227 KB GPU, few tokens.
-GPU_RING = [(400, 32, 2048), (300, 16, 512), (2, 32, 3072), (3, 16, 5632), (1, 32, 256)]
+GPU_RING = [(400, 32, 2048), (300, 16, 512), (2, 32, 3072), (3, 16, 5632), (1, 32, 256), (200, 32, 1536), (64, 16, 4096)]
 
 
 @pytest.mark.gpu
