@@ -40,56 +40,64 @@ constexpr int CHUNK_BYTES = 8192;              // the launcher's unit of ring me
 constexpr int CHUNK_FLOATS = CHUNK_BYTES / 4;
 constexpr int STEP_COLS = 16 * RING_WARPS;     // a 16-column group per warp: a token's C / STEP_COLS per warp
 
-// The transposing butterfly of sinkhorn_warp: at offset H, lanes with bit H keep the upper half of
-// the 2H live values and send the lower half (the partner the reverse); the H values left then sum
-// lanes l and l ^ H. From H = N / 2 down to 1, lane l ends with column l's sum in v[0].
-template <int N, int H>
-__device__ __forceinline__ void column_sums(float (&v)[N], int lane) {
-  const bool up = lane & H;
+// Sinkhorn (eq. 9) of the n x n logits in one warp, as scalings: M = diag(r) E diag(c) with
+// E = exp(L - rowmax L); a row step r_i *= g(r_i (E c)_i), a column step c_j *= h(c_j (E^T r)_j),
+// g / h: sk_recip with 1 / 0 past eps, as mhc_sinkhorn_fwd's steps on P (same eps rules, products
+// taken in another order). Lane i holds row i of E and column i (E^T's row i), so each step is one
+// matrix-vector product from registers: the other vector is read back from shared memory (8
+// float4 broadcasts) after a __syncwarp, no shuffles. lrow / lcol: L's row / column `lane` (lanes
+// past n: -inf). Ms[i * N + j] = M[i, j]; its first 2N floats carry r and c meanwhile.
+// (Before, lane i scaled P's row i and took column sums by a transposing butterfly, 63 shuffles a
+// round: the kernel ran 7-8 us faster without its Sinkhorn at (1024, 32, 2048), H200; and its
+// first loads of L waited behind the ring's copies.)
+template <int N>
+__device__ __forceinline__ float dot_broadcast(const float (&e)[N], const float* v) {
+  float acc[4] = {};
 #pragma unroll
-  for (int k = 0; k < H; ++k) {
-    const float send = up ? v[k] : v[k + H], keep = up ? v[k + H] : v[k];
-    v[k] = keep + __shfl_xor_sync(0xffffffffu, send, H);
+  for (int k = 0; k < N / 4; ++k) {
+    const float4 q = reinterpret_cast<const float4*>(v)[k];
+    acc[0] = fmaf(e[4 * k], q.x, acc[0]);
+    acc[1] = fmaf(e[4 * k + 1], q.y, acc[1]);
+    acc[2] = fmaf(e[4 * k + 2], q.z, acc[2]);
+    acc[3] = fmaf(e[4 * k + 3], q.w, acc[3]);
   }
-  if constexpr (H > 1) column_sums<N, H / 2>(v, lane);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
-// Sinkhorn (eq. 9) of the n x n logits L in one warp, lane i holding row i in registers (zeros past
-// n), so no barrier a round: row sums are local; column sums come from a transposing butterfly
-// (N - 1 shuffles leave column l's sum in lane l), whose reciprocals reach every lane by shuffles.
-// Same arithmetic as mhc_sinkhorn_fwd (exp after the row max, sk_recip with 1 / 0 past eps), summed
-// in another order. Ms[i * N + j] = M[i, j]. (The 16-warp version, two barriers a round, took
-// ~11% of the kernel on the H200 at (1024, 32, 2048), ncu.)
 template <int N>
-__device__ __forceinline__ void sinkhorn_warp(const float* __restrict__ L, float* Ms, int iters, float eps, int lane) {
-  const bool row = lane < N;
-  float p[N], m = -INFINITY;
+__device__ __forceinline__ void sinkhorn_warp(float (&e)[N], float (&et)[N], float* Ms, int iters, float eps, int lane) {
+  const bool on = lane < N;
+  float* cv = Ms;      // c, then (first) the row maxima
+  float* rv = Ms + N;  // r
+  float m = -INFINITY;
 #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    p[j] = row ? L[lane * N + j] : -INFINITY;
-    m = fmaxf(m, p[j]);
+  for (int j = 0; j < N; ++j) m = fmaxf(m, e[j]);
+  if (on) cv[lane] = m;
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < N; ++j) {  // E[lane, j] and E[j, lane], the same expf of the same inputs
+    e[j] = on ? expf(e[j] - m) : 0.0f;
+    et[j] = on ? expf(et[j] - cv[j]) : 0.0f;
   }
-#pragma unroll
-  for (int j = 0; j < N; ++j) p[j] = row ? expf(p[j] - m) : 0.0f;
+  float r = 1.0f, c = 1.0f;  // r_lane, c_lane
+  __syncwarp();
+  if (on) cv[lane] = c;
+  __syncwarp();
   for (int t = 0; t < iters; ++t) {
-    float s = 0.0f;
-#pragma unroll
-    for (int j = 0; j < N; ++j) s += p[j];
-    const float rr = sk_recip(s, eps, 1.0f);
-    float v[N];
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      p[j] *= rr;
-      v[j] = p[j];
-    }
-    column_sums<N, N / 2>(v, lane);
-    const float rc = sk_recip(v[0], eps, 0.0f);  // lane l < N: column l (lanes past N: zeros)
-#pragma unroll
-    for (int j = 0; j < N; ++j) p[j] *= __shfl_sync(0xffffffffu, rc, j);
+    r *= sk_recip(r * dot_broadcast<N>(e, cv), eps, 1.0f);  // row sums of P: r_i (E c)_i
+    if (on) rv[lane] = r;
+    __syncwarp();
+    c *= sk_recip(c * dot_broadcast<N>(et, rv), eps, 0.0f);  // column sums: c_j (E^T r)_j
+    if (on) cv[lane] = c;
+    __syncwarp();
   }
-  if (row) {
+  float cj[N];
 #pragma unroll
-    for (int j = 0; j < N; ++j) Ms[lane * N + j] = p[j];
+  for (int j = 0; j < N; ++j) cj[j] = cv[j];
+  __syncwarp();  // r and c are read: Ms may be overwritten
+  if (on) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) Ms[lane * N + j] = r * e[j] * cj[j];
   }
 }
 
@@ -174,14 +182,24 @@ extern "C" __global__ void __launch_bounds__(RING_THREADS, 1) MHC_NAME(
       }
     }
   };
+  // L and the activations' inputs are read before the ring's first copies: a global load issued
+  // after them waits behind them (same-run A/B, H200, median us: (1024, 32, 2048) 103.6 vs 110.1,
+  // (4096, 16, 1024) 109.1 vs 115.1)
+  float e[N], et[N];  // warp 0: L's row and column `lane`, for sinkhorn_warp
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const bool on = warp == 0 && lane < N;
+    e[j] = on ? L[lane * N + j] : -INFINITY;
+    et[j] = on ? L[j * N + lane] : -INFINITY;
+  }
+  float hraw = 0.0f;  // threads 0 .. 2N - 1: H_pre_raw, then H_post_raw
+  if (threadIdx.x < 2 * N) hraw = threadIdx.x < N ? H_pre_raw[threadIdx.x] : H_post_raw[threadIdx.x - N];
   issue();
 
-  // while the first token lands: M (one warp), the activations, M's A fragments
-  if (warp == 0) sinkhorn_warp<N>(L, Ms, iters, eps, lane);
-  if (threadIdx.x < N) {
-    hpre[threadIdx.x] = sigmoid(H_pre_raw[threadIdx.x]);
-    hpost[threadIdx.x] = 2.0f * sigmoid(H_post_raw[threadIdx.x]);
-  }
+  // while the first token lands: the activations, M (one warp), M's A fragments
+  if (threadIdx.x < N) hpre[threadIdx.x] = sigmoid(hraw);
+  else if (threadIdx.x < 2 * N) hpost[threadIdx.x - N] = 2.0f * sigmoid(hraw);
+  if (warp == 0) sinkhorn_warp<N>(e, et, Ms, iters, eps, lane);
   __syncthreads();
   if (blockIdx.x == 0) {
     for (int k = threadIdx.x; k < N * N; k += RING_THREADS) M[k] = Ms[k];
