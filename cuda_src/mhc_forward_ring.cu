@@ -45,11 +45,12 @@ constexpr int STEP_COLS = 16 * RING_WARPS;     // a 16-column group per warp: a 
 // g / h: sk_recip with 1 / 0 past eps, as mhc_sinkhorn_fwd's steps on P (same eps rules, products
 // taken in another order). Lane i holds row i of E and column i (E^T's row i), so each step is one
 // matrix-vector product from registers: the other vector is read back from shared memory (8
-// float4 broadcasts) after a __syncwarp, no shuffles. lrow / lcol: L's row / column `lane` (lanes
-// past n: -inf). Ms[i * N + j] = M[i, j]; its first 2N floats carry r and c meanwhile.
-// (Before, lane i scaled P's row i and took column sums by a transposing butterfly, 63 shuffles a
-// round: the kernel ran 7-8 us faster without its Sinkhorn at (1024, 32, 2048), H200; and its
-// first loads of L waited behind the ring's copies.)
+// float4 broadcasts) after a __syncwarp, no shuffles. e / et arrive as L's row / column `lane`
+// (lanes past n: -inf) and leave as E's. Ms[i * N + j] = M[i, j]; its first 2N floats carry c and r
+// meanwhile. (Before, lane i scaled P's row i and took column sums by a transposing butterfly, 63
+// shuffles a round: the kernel ran ~7 us faster without its Sinkhorn at (1024, 32, 2048), H200.
+// Same-run A/B with the early loads below, median us: (1024, 32, 2048) 97.7 vs 107.3, (4096, 16,
+// 1024) 101.5 vs 112.4. E's column in registers: 128 at n = 32, the cap at 512 threads, no spills.)
 template <int N>
 __device__ __forceinline__ float dot_broadcast(const float (&e)[N], const float* v) {
   float acc[4] = {};
@@ -104,10 +105,10 @@ __device__ __forceinline__ void sinkhorn_warp(float (&e)[N], float (&et)[N], flo
 // Groups a warp streams as one unit (a slot of its ring): built for 1, 2 and 4 (variants.py
 // RING_UNITS), the launcher taking the widest C allows (cuda.ring_units: C % (256 U) == 0). A lane's
 // copies cover 32 U contiguous bytes of a row (a warp's copy touches 16 / U rows) and a unit's rows
-// are stored 32 U bytes at a time. Why: with no output stores at all, U = 1 still took 97-102 us at
+// are stored 32 U bytes at a time. Why: with no output stores at all, U = 1 still took 98 us at
 // (1024, 32, 2048) on the H200 (79 at U = 4): its 32-byte pieces, not the math, set its pace.
 // Same-run A/B (scripts/gpu_source_ab.py, median us), U = 1 / 2 / 4: (1024, 32, 2048) 122.2 / 109.7
-// / 105.6, (4096, 16, 1024) 136.4 / 123.0 / 111.9. U = 4 at n = 32: 112 registers, no spills.
+// / 105.9, (4096, 16, 1024) 136.7 / 123.1 / 113.4.
 #ifndef MHC_RING_UNITS
 #define MHC_RING_UNITS 1
 #endif

@@ -206,8 +206,8 @@ def ring_units(C: int) -> int:
     """The forward ring's groups a slot for width C: the widest built that C is a multiple of
     (STEP_COLS units columns). A lane's copies and stores then cover 32 units contiguous bytes of a
     row: same-run A/B on the H200 (scripts/gpu_source_ab.py, queued forward, median us), units 1 /
-    2 / 4: (1024, 32, 2048) 122.2 / 109.7 / 105.6, (1024, 16, 4096) 129.8 / 110.8 / 104.9, (4096,
-    16, 1024) 136.4 / 123.0 / 111.9, (1024, 32, 3072) 172.6 / 153.3 / 147.2."""
+    2 / 4: (1024, 32, 2048) 122.2 / 109.7 / 105.9, (1024, 16, 4096) 130.3 / 111.4 / 106.0, (4096,
+    16, 1024) 136.7 / 123.1 / 113.4, (1024, 32, 3072) 172.8 / 153.4 / 148.1."""
     return next(u for u in RING_UNITS if C % (STEP_COLS * u) == 0)
 
 

@@ -95,7 +95,9 @@ CLUSTER_FORWARD = dict(n_in=(16, 32), dtypes=("bf16",), C_multiple=256, max_C=12
 # 34.4 vs 48.5, (1, 32, 2048) 34.7 vs 44.6; n = 16: (4096, 16, 1024) 139.5 vs 254.8, (1024, 16,
 # 2048) 82.2 vs 112.0, (4096, 16, 2048) 231.2 vs 367.8, (1024, 16, 4096) 134.5 vs 205.7, (256, 16,
 # 4096) 54.5 vs 68.1; evaluated latency mode alike. max_C is the widest measured (wider tokens fit
-# but leave the rings little room to load the next token early).
+# but leave the rings little room to load the next token early). Session 13's kernel (wider ring
+# slots, a faster Sinkhorn) is faster still on the ring's side: (1024, 32, 2048) 97.7 and (1024,
+# 32, 3072) 140.0 in scripts/gpu_source_ab.py; the comparison without the rule was not re-run.
 RING_FORWARD = dict(dtypes=("bf16",), C_multiple=256, smem_need="ring")
 RING_MAX_C = {32: 3072, 16: 4096}
 # The backward's `ring` (cuda_src/mhc_backward_ring.cu, same conditions; its dout ring holds a token:
