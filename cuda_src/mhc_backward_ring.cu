@@ -96,14 +96,32 @@ extern "C" __global__ void __launch_bounds__(BRING_THREADS, 1) MHC_NAME(
       }
     }
   };
+  // M, the activations' inputs and the first token's inv_rms are read before the rings' first
+  // copies, each later token's inv_rms a token ahead: a global load issued after the copies waits
+  // behind them (as in mhc_forward_ring). Same-run A/B on the H200 (scripts/gpu_source_ab.py
+  // --backward, queued forward + backward, median us; bit-identical outputs): (1024, 32, 2048)
+  // 361.2 vs 364.4, (1024, 16, 4096) 414.8 vs 427.5, (4096, 16, 1024) 401.3 vs 406.5. (w is still
+  // read from global in pass A: in shared memory it would cost the x ring a slot at n = 32.)
+  constexpr int MREG = (N * N + BRING_THREADS - 1) / BRING_THREADS;
+  float mreg[MREG];
+#pragma unroll
+  for (int u = 0; u < MREG; ++u) {
+    const int k = threadIdx.x + u * BRING_THREADS;
+    mreg[u] = k < N * N ? M[k] : 0.0f;
+  }
+  float hraw = 0.0f;  // threads 0 .. 2N - 1: H_pre_raw, then H_post_raw
+  if (threadIdx.x < 2 * N) hraw = threadIdx.x < N ? H_pre_raw[threadIdx.x] : H_post_raw[threadIdx.x - N];
+  float r_next = inv_rms[blockIdx.x];  // inv_rms of the CTA's next token, loaded a token ahead
   issue();
 
-  for (int k = threadIdx.x; k < N * N; k += BRING_THREADS) MsT[(k % N) * N + k / N] = M[k];
-  for (int c = threadIdx.x; c < C; c += BRING_THREADS) dws[c] = 0.0f;
-  if (threadIdx.x < N) {
-    hpre[threadIdx.x] = sigmoid(H_pre_raw[threadIdx.x]);
-    hpost[threadIdx.x] = 2.0f * sigmoid(H_post_raw[threadIdx.x]);
+#pragma unroll
+  for (int u = 0; u < MREG; ++u) {
+    const int k = threadIdx.x + u * BRING_THREADS;
+    if (k < N * N) MsT[(k % N) * N + k / N] = mreg[u];
   }
+  for (int c = threadIdx.x; c < C; c += BRING_THREADS) dws[c] = 0.0f;
+  if (threadIdx.x < N) hpre[threadIdx.x] = sigmoid(hraw);
+  else if (threadIdx.x < 2 * N) hpost[threadIdx.x - N] = 2.0f * sigmoid(hraw);
   __syncthreads();
   uint32_t aT[2][MT][MT][4];  // M^T, split: pass B's dx = M^T dout
   mma::split_a_fragments<N, false>(MsT, aT, lane);
@@ -117,7 +135,8 @@ extern "C" __global__ void __launch_bounds__(BRING_THREADS, 1) MHC_NAME(
   int xs = 0, ds0 = 0;  // x slot of the next pair to use; dout slot of the current token's pair 0
   for (int t = 0; t < mine; ++t) {
     const size_t b = blockIdx.x + (size_t)t * G;
-    const float r = inv_rms[b];
+    const float r = r_next;
+    if (t + 1 < mine) r_next = inv_rms[b + G];
     float uv[MT][4] = {};  // this token's u (column 0) and v (column 1) of rows 16 mt + g (+ 8)
     float dot = 0.0f;
     // pass A, pair by pair as they land

@@ -1,11 +1,13 @@
-"""Same-run A/B of source variants of one static forward kernel on the GPU: each variant is compiled
+"""Same-run A/B of source variants of one static-layer kernel on the GPU: each variant is compiled
 here with nvcc (this GPU's arch, the variant's -D defines) and swapped in for the shipped binary of
-that source, then the static forward runs under the dispatch rules as shipped (so the shapes must
-be ones the rules send to that kernel). For each shape: the outputs of every variant against the
-first's (same inputs), then the queued forward's median over rounds, the order alternating.
+that source, then the static forward (with --backward: forward + backward, every gradient) runs
+under the dispatch rules as shipped (so the shapes must be ones the rules send to that kernel). For
+each shape: the outputs of every variant against the first's (same inputs), then the queued call's
+median over rounds, the order alternating.
 
   python scripts/gpu_source_ab.py mhc_forward_ring shipped= units1=:MHC_RING_UNITS=1
   python scripts/gpu_source_ab.py mhc_forward_ring shipped= old=/tmp/old_ring.cu --shapes 1024,32,2048
+  python scripts/gpu_source_ab.py mhc_backward_ring --backward shipped= new=/tmp/new_bring.cu
 
 A variant is LABEL=[PATH][:DEFINE...]; PATH defaults to cuda_src/SOURCE.cu; LABEL= alone is the
 installed package's binaries as its launcher picks them. A compiled variant replaces every build of
@@ -23,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mhc_aot import bench, cuda, device
 
@@ -70,25 +73,31 @@ def main() -> None:
     ap.add_argument("variants", nargs="+", help="LABEL=[PATH][:DEFINE...]; the first is the baseline")
     ap.add_argument("--shapes", default=SHAPES, help=f"B,n,C words (default: {SHAPES})")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backward", action="store_true",
+                    help="time forward + backward (for a backward kernel's source, e.g. mhc_backward_ring)")
     args = ap.parse_args()
     if not mx.cuda.is_available():
         sys.exit("needs MLX's CUDA backend (mx.cuda.is_available() is False)")
     variants = [compile_variant(args.source, v) for v in args.variants]
+    op, _, strategy = args.source.removeprefix("mhc_").partition("_")  # e.g. backward, ring
+    if op == "backward" and not args.backward:
+        sys.exit(f"{args.source} runs in the backward: pass --backward")
+    want = f"bwd {strategy}" if op == "backward" else f"cuda:{strategy}"  # in the runner's note
     for shape in args.shapes.split():
         B, n, C = (int(v) for v in shape.split(","))
-        case = bench.Case("throughput", B, n, C, "bfloat16", False)
+        case = bench.Case("throughput", B, n, C, "bfloat16", args.backward)
         inputs = bench.make_inputs(case)
         base = None
         for label, bins in variants:
             use(args.source, bins)
             runner = bench.make_runner("kernels", case, inputs)
-            if args.source.split("mhc_forward_")[-1] not in runner.note:
+            if want not in runner.note:
                 sys.exit(f"{shape}: dispatch runs {runner.note}, not {args.source}: pick shapes its rule serves")
-            o = runner.call()
-            o = (o[0] if isinstance(o, (tuple, list)) else o).astype(mx.float32)
+            o = runner.call()  # the output, or (with --backward) the output and every gradient
+            o = [a.astype(mx.float32) for _, a in tree_flatten(o)]
             base = o if base is None else base
-            print(f"DIFF {shape} {label:10s} max|d| {mx.max(mx.abs(o - base)).item():.3e} "
-                  f"nan {mx.any(mx.isnan(o)).item()}", flush=True)
+            d = max(mx.max(mx.abs(a - c)).item() for a, c in zip(o, base))
+            print(f"DIFF {shape} {label:10s} max|d| {d:.3e} nan {any(mx.any(mx.isnan(a)).item() for a in o)}", flush=True)
         res = {label: [] for label, _ in variants}
         for rnd in range(args.rounds):
             for label, bins in (variants if rnd % 2 == 0 else variants[::-1]):
