@@ -4,7 +4,9 @@
 // Not part of any GPU build (a .h, so build_tools/cuda.py neither compiles nor hashes it).
 //
 // Semantics: one CTA at a time (one thread block cluster at a time for a kernel declared with
-// __cluster_dims__), its threads fibers run round-robin; __syncthreads is a barrier over the CTA,
+// __cluster_dims__, the whole grid at once for a persistent kernel whose CTAs wait on each other's
+// global counters: tests/cuda_emulation.py passes the grid as the cluster), its threads fibers run
+// round-robin (a spin-wait yields); bar.sync / bar.arrive id, count are emu_named_sync / _arrive; __syncthreads is a barrier over the CTA,
 // warp shuffles exchange through a per-warp buffer between two warp barriers, the cluster barrier
 // spans the cluster's CTAs; a thread that returns drops out of all three (as an exited GPU thread
 // does); __shared__ variables are function statics (shared by the threads of a launch: cluster
@@ -55,6 +57,7 @@ inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 struct float4 {
   float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct float2 {
   float x, y;
 };
@@ -194,6 +197,17 @@ template <typename P>
 inline P __ldg(const P* p) {
   return *p;
 }
+template <typename P>
+inline P __ldcg(const P* p) {
+  return *p;
+}
+// Global atomics and fences: the fibers of a launch run on one OS thread, one at a time.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = v + old;
+  return old;
+}
+inline void __threadfence() {}
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 
 // One CTA: its threads are fibers (ucontext) run round-robin on one OS thread; a thread that
@@ -227,6 +241,7 @@ struct EmuCta {
   ucontext_t sched;
   int cur = 0, threads = 0, nwarps = 0;
   std::vector<EmuBarrier> bar, warp;  // per CTA, per (CTA, warp)
+  std::vector<EmuBarrier> named;      // per (CTA, barrier id < 16): bar.sync id, count
   EmuBarrier cluster;
   std::vector<float> shfl;
   std::vector<uint64_t> xchg;  // per warp: 32 lanes x 8 words, for the warp-collective mma / ldmatrix
@@ -265,6 +280,19 @@ inline void emu_wait(EmuBarrier& b) {
 }
 
 inline void __syncthreads() { emu_wait(emu_cta->bar[emu_cta->cta()]); }
+
+// bar.sync id, count: the first `count` threads of the CTA to arrive (a kernel's subset of warps)
+inline void emu_named_sync(int id, int count) {
+  EmuBarrier& b = emu_cta->named[emu_cta->cta() * 16 + id];
+  b.expected = count;
+  emu_wait(b);
+}
+// bar.arrive id, count: counts toward the barrier without waiting for it
+inline void emu_named_arrive(int id, int count) {
+  EmuBarrier& b = emu_cta->named[emu_cta->cta() * 16 + id];
+  b.expected = count;
+  if (++b.count >= b.expected) b.release();
+}
 
 // A whole-warp barrier: every lane group of a launch makes the same __syncwarp calls (or exits),
 // so waiting for the warp is waiting for the group.
@@ -380,6 +408,7 @@ inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, i
   cta.fibers.resize(total);
   for (auto& f : cta.fibers) f.stack.resize(128 * 1024);
   cta.bar.resize(cluster);
+  cta.named.resize(size_t(cluster) * 16);
   cta.warp.resize(size_t(cluster) * nwarps);
   cta.shfl.assign(size_t(cluster) * nwarps * 32, 0.0f);
   cta.xchg.assign(size_t(cluster) * nwarps * 32 * 8, 0);
@@ -391,6 +420,7 @@ inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, i
       for (int x0 = 0; x0 < gx; x0 += cluster) {
         for (int k = 0; k < cluster; ++k) {
           cta.bar[k] = EmuBarrier{0, threads, 0};
+          for (int id = 0; id < 16; ++id) cta.named[k * 16 + id] = EmuBarrier{0, 0, 0};
           for (int w = 0; w < nwarps; ++w) cta.warp[k * nwarps + w] = EmuBarrier{0, std::min(32, threads - 32 * w), 0};
           cta.dyn[k].assign(smem_bytes / 4 + 64, NAN);  // poisoned: a read before a write shows
         }

@@ -56,6 +56,10 @@ LANES_MAX_N, LANES_MIN_T, LANES_THREADS = 8, 1024, 128
 # mode 49-51 and 76: still latency-bound, see mhc_dynamic_common.cuh.)
 REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::REG_N)
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
+# mhc_dynamic_coeffs_pre: coefficients + x_in reading x once (bfloat16, n <= CP_NMAX, with x_in, from
+# CP_MIN_T tokens): a persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles
+CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 384, 226832, 7  # its header
+CP_MIN_T = 1024
 
 
 _launch = cuda._launch
@@ -171,9 +175,38 @@ def _lane_grid(T: int, lanes: int, threads: int = LANES_THREADS) -> tuple[int, i
     return (_cdiv(T * per_token, threads) * threads, 1, 1)
 
 
+def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
+    """Groups of mhc_dynamic_coeffs_pre's persistent grid for x [T, n, C] (0: not that kernel): one
+    CTA per SM, so the groups of ceil(C / CP_CW) CTAs that the GPU holds at once, at most one per tile."""
+    if dtype != mx.bfloat16 or n > CP_NMAX or T < CP_MIN_T:
+        return 0
+    if device.max_shared_memory_per_block() < CP_SMEM_BYTES:
+        return 0
+    S = _cdiv(C, CP_CW)
+    resident = device.resident_ctas_per_sm(cuda.launch_smem(CP_SMEM_BYTES)) * device.sm_count()
+    return min(_cdiv(T, CP_TT), resident // S)
+
+
+def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int):
+    """mhc_dynamic_coeffs_pre: (h_pre, h_post, h_res, x_in, mix, invr), x read once."""
+    T, n, C = x3.shape
+    M, S, tiles = n * n + 2 * n, _cdiv(C, CP_CW), _cdiv(T, CP_TT)
+    # its counters, zeroed (the kernel zeroes them again when it ends)
+    sync = mx.zeros((2 + 2 * tiles,), mx.int32)
+    outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, phi32, b32, ap, apo, ar, sync],
+                   [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (G * CP_NSLOT * CP_TT * CP_RL * S,)],
+                   [F32, F32, F32, x3.dtype, F32, F32, F32],
+                   [n, C, T, S, G, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult],
+                   (G * S * CP_BLOCK, 1, 1), CP_SMEM_BYTES // 4, CP_BLOCK)
+    return list(outs[:6])
+
+
 def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
+    G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
+    if G:
+        return _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G)
     part, sq, S = _projection(x3.reshape(T, K), phi32, T, K, M, tag)
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
     nmax = _nmax("mhc_dynamic_coeffs", tag, n)

@@ -52,7 +52,10 @@ class Emulator:
             name = re.findall(r"[A-Za-z_]\w*", p)[-1]
             types.append(p[: p.rindex(name)].replace("__restrict__", "").strip())
         args = [f"({t})ptrs[{i}]" if "*" in t else f"({t})scal[{i}]" for i, t in enumerate(types)]
-        cluster = "CLUSTER" if "__cluster_dims__(CLUSTER" in text else "1"  # a cluster kernel names its size CLUSTER
+        # a cluster kernel names its size CLUSTER; a persistent grid whose CTAs wait on each other
+        # (MHC_GRID_RESIDENT) runs all its CTAs together, as one cluster of the whole grid
+        cluster = ("CLUSTER" if "__cluster_dims__(CLUSTER" in text else
+                   "gx" if "#define MHC_GRID_RESIDENT" in text else "1")
         body = text.replace("extern __shared__ float smem[];", "float* smem = emu_dyn_smem;") + (
             '\nextern "C" void emu_run(void** ptrs, const double* scal, int gx, int gy, int gz, int threads, '
             'long smem) {\n'

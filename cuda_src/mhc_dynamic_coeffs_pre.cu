@@ -1,0 +1,400 @@
+// mhc_coeffs with x_in, reading x once (bfloat16 x, n <= 4): the projection z = vec(x) @ phi and the
+// sum of squares (mhc_dynamic_proj_tc), the per-token coefficients (mhc_dynamic_coeffs: RMS scale,
+// activations, Liger's Sinkhorn) and x_in = h_pre . x (mhc_dynamic_pre) in one launch whose CTAs keep
+// the tokens' x in shared memory from the projection to x_in. The three-kernel path reads x twice
+// (the projection, then pre) and waits on a latency-bound coefficients launch between them.
+//
+// A persistent grid: G groups of S = ceil(C / CW) CTAs. CTA s of a group owns columns [s CW, s CW + CW)
+// of every stream: phi's rows j C + c for those columns (n x 128 x 24 floats) stay in shared memory
+// for the whole launch (read once, not once a token tile), and the group walks token tiles
+// z = g, g + G, g + 2 G, ... of TT tokens. Per tile a CTA:
+//   1. copies its columns of the tile's tokens into one of NBUF shared buffers (cp.async, AHEAD tiles
+//      ahead) and multiplies them on tensor cores (as proj_tc: bfloat16 x exact, phi split in three
+//      bfloat16 terms, the sums of squares on the diagonal of x x^T): partial z and sum of squares of
+//      every token over its columns, written to a global scratch slot, then one arrival on the
+//      tile's `projected` counter;
+//   2. (coefficient warps, their own loop) once all S partials of the tile are in, sums those of its
+//      own tokens (r = s, s + S, ... of the tile; 16 lanes a token, one lane per matrix element), the
+//      RMS scale, h_pre, h_post and the Sinkhorn by shuffles (Liger's order and divisions, as the
+//      register mode), writes the outputs and arrives on the tile's `published` counter;
+//   3. LAG tiles later (the coefficient warps' latency hides behind the next tiles' copies and
+//      products), once the tile is published: x_in of its columns from the x still in shared memory.
+// Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
+// order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
+// running. The last CTA to finish zeroes the counters again (a buffer that two launches share stays
+// valid); the launcher passes them zeroed. Nothing accumulates with atomics: per-CTA partials summed
+// in a fixed order.
+//
+// Block: BLOCK = 8 worker warps (steps 1 and 3) + CWARPS coefficient warps (tiles i = w, w + CWARPS, ...
+// of the group, so four tiles' coefficients can be in flight). Workers synchronise on named barrier 1.
+// Grid (threads): (G S BLOCK, 1, 1). Shared memory (dynamic): SMEM_BYTES.
+// Inputs: x [T, n, C] bfloat16, phi [n C, M] float32, b [M], alpha_pre / _post / _res [1], sync
+// [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], published[tiles]).
+// Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
+// mhc_dynamic_coeffs), part [G NSLOT TT RL S] float32 (scratch: the partials of a group's last NSLOT
+// tiles). MHC_GRID_RESIDENT: the CPU emulation runs all CTAs of the launch together.
+#include <cuda_pipeline.h>
+
+#include "mhc_dynamic_common.cuh"
+#include "mhc_dynamic_mma.cuh"
+
+using namespace mhc;
+
+#ifndef MHC_CP_LAG
+#define MHC_CP_LAG 5
+#endif
+
+namespace {
+constexpr int TT = 32;                     // tokens a tile (two m16 tiles)
+constexpr int CW = 128;                    // columns of each stream a CTA owns
+constexpr int NS = 4;                      // streams at most (M = n n + 2 n <= 24: three n8 tiles)
+constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zero-padded to MP), then the sum of squares
+constexpr int LAG = MHC_CP_LAG;            // iterations from a tile's projection to its x_in
+constexpr int AHEAD = 3;                   // DRAM tile buffers: tile i multiplied while i + 1, i + 2 land
+constexpr int NSLOT = LAG + 2;             // partial slots a group (slot i % NSLOT: see the partials' writes)
+constexpr int WORKERS = 256, HALF = WORKERS / 2, CWARPS = 4, BLOCK = WORKERS + 32 * CWARPS;
+constexpr int CSEGS = CW / 8;              // 16-byte segments of a stream's columns
+constexpr int SEGS = NS * CSEGS;           // of a token row in shared memory (64: 1 KB)
+constexpr int X_BYTES = TT * SEGS * 16;
+constexpr int KSTEPS = CW / 16;            // k16 steps a stream
+constexpr int PHI_SLOTS = NS * KSTEPS * NT * 32;  // float4 B-fragment values: [stream][step][n8 tile][lane]
+constexpr int HANDOFF = 2;                 // named barriers 2 .. 2 + LAG: tile i's partials written -> its signal
+constexpr int SMEM_BYTES = (AHEAD + 2) * X_BYTES + PHI_SLOTS * 16 + NS * TT * RL * 4 + 2 * TT * NS * 4 + 16;
+static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x an m16 tile each");
+static_assert(HANDOFF + LAG < 16, "named barrier ids");
+static_assert(SMEM_BYTES == 226832, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+}  // namespace
+
+#define MHC_GRID_RESIDENT 1
+
+#ifdef MHC_EMULATED
+__device__ __forceinline__ void named_sync(int id, int count) { emu_named_sync(id, count); }
+__device__ __forceinline__ void named_arrive(int id, int count) { emu_named_arrive(id, count); }
+__device__ __forceinline__ int ld_relaxed(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+__device__ __forceinline__ void spin_pause() { emu_yield(); }
+#else
+__device__ __forceinline__ void named_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+// Counter reads are relaxed: what a waiter then reads (partials, h_pre) it reads from L2 (ld.cg /
+// cp.async), after its own load of the counter returned and, for other threads, a barrier; the
+// writers published with __threadfence() before their atomicAdd.
+__device__ __forceinline__ int ld_relaxed(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void spin_pause() { __nanosleep(32); }
+#endif
+__device__ __forceinline__ void workers_sync() { named_sync(1, WORKERS); }
+__device__ __forceinline__ void spin_until(const int* p, int target, int seen) {
+  while (seen < target) {
+    spin_pause();
+    seen = ld_relaxed(p);
+  }
+}
+
+// element m of a token's sums, held by every lane (constant indices: v stays in registers)
+__device__ __forceinline__ float pick(const float (&v)[RL], int m) {
+  float r = 0.0f;
+#pragma unroll
+  for (int q = 0; q < RL; ++q)
+    if (q == m) r = v[q];
+  return r;
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
+    const bf16* __restrict__ x, const float* __restrict__ phi, const float* __restrict__ b,
+    const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post, const float* __restrict__ alpha_res,
+    const int* sync_in, float* h_pre, float* __restrict__ h_post, float* __restrict__ h_res, bf16* __restrict__ x_in,
+    float* __restrict__ mix, float* __restrict__ invr_out, float* part, int n, int C, int Tn, int S, int G, int tmax,
+    float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult) {
+  extern __shared__ float smem[];
+  unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+  bf16* dram = reinterpret_cast<bf16*>(base);                                // [AHEAD][TT][SEGS x 8]
+  bf16* stage = reinterpret_cast<bf16*>(base + AHEAD * X_BYTES);             // [2][TT][SEGS x 8]
+  float4* phis = reinterpret_cast<float4*>(base + (AHEAD + 2) * X_BYTES);   // [stream][k16 step][n8 tile][lane]
+  float* ksum = reinterpret_cast<float*>(phis + PHI_SLOTS);                 // [stream][TT][RL]
+  float* hps = ksum + NS * TT * RL;                                          // [2][TT][NS]: h_pre of staged tiles
+  int* ticket_s = reinterpret_cast<int*>(hps + 2 * TT * NS);
+  int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
+  const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
+  int* projected = sync + 2;
+  int* published = sync + 2 + tiles;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (tid == 0) *ticket_s = atomicAdd(sync, 1);
+  __syncthreads();
+  const int ticket = *ticket_s, g = ticket / S, s = ticket % S, c0 = s * CW;
+  const int ntile = g < tiles ? (tiles - g + G - 1) / G : 0;  // the group's tiles z = g + i G, i < ntile
+  auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };  // [TT][RL][S]
+
+  // phi's rows of this CTA's columns as B fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a k16 step, column
+  // 8 nt + g), zeros past C and M: split into bfloat16 terms at use (registers), kept as float32 here
+  for (int e = tid; e < PHI_SLOTS; e += BLOCK) {
+    const int l = e % 32, nt = (e / 32) % NT, kk = (e / (32 * NT)) % KSTEPS, j = e / (32 * NT * KSTEPS);
+    const int m = nt * 8 + l / 4, r0 = c0 + kk * 16 + 2 * (l % 4);
+    float v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int c = r0 + (u & 1) + 8 * (u >> 1);
+      v[u] = (j < n && c < C && m < M) ? __ldg(phi + ((size_t)j * C + c) * M + m) : 0.0f;
+    }
+    phis[e] = make_float4(v[0], v[1], v[2], v[3]);
+  }
+  __syncthreads();
+
+  if (warp < WORKERS / 32) {
+    // ---------------------------------------------------------------- workers: steps 1 and 3
+    // Threads 0 .. HALF - 1 copy the tiles from DRAM (AHEAD ahead), threads HALF .. WORKERS - 1 copy
+    // the x_in tiles back from L2 (read LAG + AHEAD - 1 iterations earlier: 128 CTAs x that many
+    // 32 KB tiles stay well inside L2) and their h_pre: cp.async waits are per thread, so neither
+    // stream's wait covers the other's copies.
+    const bool vec = C % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
+                     (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;
+    const bool dram_thread = tid < HALF;
+    const int ht = tid % HALF;
+    // row r's 16-byte segment sg (stream sg / CSEGS), stored at sg ^ (r & 7): an ldmatrix phase's
+    // eight rows sit in eight bank groups
+    auto seg_at = [&](bf16* tile, int r, int sg) { return tile + (size_t)r * SEGS * 8 + ((sg ^ (r & 7)) * 8); };
+    auto copy_tile = [&](bf16* dst, int i) {  // tile i of the group, this half's share; zeros past T, C and n
+      const int t0 = (g + i * G) * TT;
+      for (int e = ht; e < TT * SEGS; e += HALF) {
+        const int sg = e % SEGS, r = e / SEGS, j = sg / CSEGS, t = t0 + r, c = c0 + 8 * (sg % CSEGS);
+        bf16* d = seg_at(dst, r, sg);
+        const bf16* src = x + ((size_t)t * n + j) * C + c;
+        if (vec && j < n && t < Tn && c + 8 <= C) {
+          __pipeline_memcpy_async(d, src, 16);
+        } else {
+#pragma unroll
+          for (int u = 0; u < 8; ++u) d[u] = (j < n && t < Tn && c + u < C) ? src[u] : from_float<bf16>(0.0f);
+        }
+      }
+    };
+    const int mt = warp & 1, js = warp >> 1, g4 = lane / 4, q = lane % 4;
+    if (dram_thread) {
+#pragma unroll
+      for (int p = 0; p < AHEAD; ++p) {
+        if (p < ntile) copy_tile(dram + (size_t)p * TT * SEGS * 8, p);
+        __pipeline_commit();
+      }
+    }
+    int pub_seen = 0;  // warp HALF / 32's last read of published[] for the next staged tile
+    for (int i = 0; i < ntile + LAG; ++i) {
+      const int stage_next = i - LAG + 1;  // the tile staged this iteration for the next one's x_in
+      if (warp == HALF / 32 && stage_next >= 0 && stage_next < ntile)
+        pub_seen = ld_relaxed(published + g + stage_next * G);  // read now, looked at after the product
+      if (i < ntile) {
+        // step 1: the tile's partial projection over this CTA's columns
+        if (dram_thread) __pipeline_wait_prior(AHEAD - 1);  // this thread's copies of tile i have landed
+        workers_sync();                                      // everyone's have
+        bf16* xb = dram + (size_t)(i % AHEAD) * TT * SEGS * 8;
+        if (js < n) {
+          float acc[1][NT][4] = {}, sq[4] = {};
+#pragma unroll
+          for (int kk = 0; kk < KSTEPS; ++kk) {
+            const int row = mt * 16 + lane % 16;
+            uint32_t a[4], bq[NT][3][2];
+            mma::ldmatrix_x4<false>(a, seg_at(xb, row, js * CSEGS + 2 * kk + lane / 16));
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              const float4 pv = phis[((js * KSTEPS + kk) * NT + nt) * 32 + lane];
+              const float v4[4] = {pv.x, pv.y, pv.z, pv.w};
+              uint2 terms[3];
+              mma::split_b_fragment(v4, terms);
+#pragma unroll
+              for (int p = 0; p < 3; ++p) {
+                bq[nt][p][0] = terms[p].x;
+                bq[nt][p][1] = terms[p].y;
+              }
+            }
+            mma::mma_split3<NT>(acc[0], a, bq);
+            // sums of squares on the diagonal of x x^T (mhc_dynamic_proj_tc)
+            const uint32_t top[4] = {a[0], 0u, a[2], 0u}, bottom[4] = {0u, a[1], 0u, a[3]};
+            mma::bf16_16816(sq, top, a[0], a[2]);
+            mma::bf16_16816(sq, bottom, a[1], a[3]);
+          }
+          float* rows = ksum + ((size_t)js * TT + mt * 16) * RL;
+          mma::store_tiles<1, NT>(acc, rows, RL, lane);
+          if (q == g4 / 2) {
+            rows[(size_t)g4 * RL + MP] = (g4 & 1) ? sq[1] : sq[0];
+            rows[(size_t)(g4 + 8) * RL + MP] = (g4 & 1) ? sq[3] : sq[2];
+          }
+        }
+        workers_sync();  // buffer i % AHEAD is consumed: refill it with tile i + AHEAD
+        if (dram_thread) {
+          if (i + AHEAD < ntile) copy_tile(xb, i + AHEAD);
+          __pipeline_commit();
+        }
+        // the streams' sums, in stream order, into slot i % NSLOT: [token][value][split]. The slot's
+        // previous tile, i - NSLOT, was seen published (every CTA's coefficient warps had read its
+        // partials) at iteration i - NSLOT + LAG - 1 < i, before a barrier of this one.
+        float* dst = slot_part(i);
+        for (int e = tid; e < TT * RL; e += WORKERS) {
+          float v = 0.0f;
+          for (int j = 0; j < n; ++j) v += ksum[(size_t)j * TT * RL + e];
+          dst[(size_t)e * S + s] = v;
+        }
+        // the coefficient warp of tile i signals `projected` once every worker's writes are done
+        named_arrive(HANDOFF + i % (LAG + 1), WORKERS + 32);
+      }
+      // step 3, first half: copy tile stage_next back from L2 and, once its h_pre is published, its
+      // h_pre, into staging buffer stage_next % 2 (free: its last tile's x_in was a barrier ago)
+      if (!dram_thread) {
+        if (stage_next >= 0 && stage_next < ntile) {
+          const int b2 = stage_next % 2, t0 = (g + stage_next * G) * TT;
+          copy_tile(stage + (size_t)b2 * TT * SEGS * 8, stage_next);
+          if (warp == HALF / 32) {
+            spin_until(published + g + stage_next * G, S, pub_seen);
+            for (int e = lane; e < TT * NS; e += 32) {
+              const int r = e / NS, j = e % NS, t = t0 + r;
+              float* d = hps + b2 * TT * NS + e;
+              if (j < n && t < Tn) __pipeline_memcpy_async(d, h_pre + (size_t)t * n + j, 4);
+              else *d = 0.0f;
+            }
+          }
+        }
+        __pipeline_commit();
+        __pipeline_wait_prior(1);  // this thread's copies for tile i - LAG (staged last iteration) landed
+      }
+      const int ix = i - LAG;
+      if (ix >= 0) {
+        // step 3: x_in of tile ix over this CTA's columns
+        workers_sync();
+        const int t0 = (g + ix * G) * TT;
+        bf16* xb = stage + (size_t)(ix % 2) * TT * SEGS * 8;
+        const float* hb = hps + (ix % 2) * TT * NS;
+        for (int e = tid; e < TT * CSEGS; e += WORKERS) {
+          const int r = e / CSEGS, sg = e % CSEGS, t = t0 + r, c = c0 + 8 * sg;
+          if (t >= Tn || c >= C) continue;
+          float acc[8];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) acc[u] = 0.0f;
+          for (int j = 0; j < n; ++j) {  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
+            const uint4 w = *reinterpret_cast<const uint4*>(seg_at(xb, r, j * CSEGS + sg));
+            const bf16* xv = reinterpret_cast<const bf16*>(&w);
+            const float hj = hb[r * NS + j];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) acc[u] += to_float(xv[u]) * hj;
+          }
+          bf16* out = x_in + (size_t)t * C + c;
+          if (vec && c + 8 <= C) {
+            store_vec(out, acc);
+          } else {
+#pragma unroll
+            for (int u = 0; u < 8; ++u)
+              if (c + u < C) out[u] = from_float<bf16>(acc[u]);
+          }
+        }
+      }
+      workers_sync();  // ksum and staging buffer ix % 2 are free
+    }
+  } else {
+    // ---------------------------------------------------------------- coefficient warps: step 2
+    const int h = lane / 16, l16 = lane % 16;
+    const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
+    const int ii = l16 / n, jj = l16 % n;  // this lane's matrix element (row, column)
+    for (int i = warp - WORKERS / 32; i < ntile; i += CWARPS) {
+      const int z = g + i * G, t0 = z * TT;
+      named_sync(HANDOFF + i % (LAG + 1), WORKERS + 32);  // this CTA's partials of tile i are written
+      if (lane == 0) {
+        __threadfence();
+        atomicAdd(projected + z, 1);
+      }
+      if (s < TT) {  // this CTA has tokens r = s, s + S, ... of the tile
+        if (lane == 0) spin_until(projected + z, S, ld_relaxed(projected + z));
+        __syncwarp();
+        const float* src = slot_part(i);
+        for (int r0 = s; r0 < TT; r0 += 2 * S) {  // two tokens a pass: one a half-warp
+          const int r = r0 + h * S, t = t0 + r;
+          const bool valid = r < TT && t < Tn;
+          const float* pr = src + (size_t)min(r, TT - 1) * RL * S;
+          float v[RL];
+#pragma unroll
+          for (int m = 0; m < RL; ++m) v[m] = 0.0f;
+          for (int s0 = 0; s0 < S; s0 += 32) {  // every load of a round in flight at once
+            float a2[RL][2];
+#pragma unroll
+            for (int m = 0; m < RL; ++m)
+#pragma unroll
+              for (int u = 0; u < 2; ++u) {
+                const int s2 = s0 + 16 * u + l16;
+                a2[m][u] = s2 < S ? __ldcg(pr + (size_t)m * S + s2) : 0.0f;
+              }
+#pragma unroll
+            for (int m = 0; m < RL; ++m) v[m] += a2[m][0] + a2[m][1];
+          }
+#pragma unroll
+          for (int m = 0; m < RL; ++m)
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) v[m] += __shfl_xor_sync(0xffffffffu, v[m], o);  // within the half-warp
+          const float invr = rsqrtf(v[MP] / (float)(n * C) + rms_eps);
+          if (valid) {
+            for (int m = l16; m < M; m += 16) mix[(size_t)t * M + m] = pick(v, m) * invr;
+            if (l16 == 0) invr_out[t] = invr;
+            if (l16 < n) {
+              h_pre[(size_t)t * n + l16] = sigmoid(pick(v, l16) * invr * a_pre + b[l16]) + pre_eps;
+              h_post[(size_t)t * n + l16] = sigmoid(pick(v, n + l16) * invr * a_post + b[n + l16]) * post_mult;
+            }
+          }
+          // h_res: Liger's Sinkhorn with a lane per element; sums in index order as the register mode
+          const bool elem = l16 < n * n;
+          const float L = elem ? pick(v, 2 * n + l16) * invr * a_res + b[2 * n + l16] : 0.0f;
+          float P;
+          auto row_sum = [&](float val) {  // the n shuffles are independent: issued back to back
+            float got[NS];
+#pragma unroll
+            for (int j2 = 0; j2 < NS; ++j2) got[j2] = __shfl_sync(0xffffffffu, val, ii * n + min(j2, n - 1), 16);
+            float r = got[0];
+#pragma unroll
+            for (int j2 = 1; j2 < NS; ++j2)
+              if (j2 < n) r += got[j2];
+            return r;
+          };
+          auto col_sum = [&](float val) {
+            float got[NS];
+#pragma unroll
+            for (int i2 = 0; i2 < NS; ++i2) got[i2] = __shfl_sync(0xffffffffu, val, min(i2, n - 1) * n + jj, 16);
+            float r = got[0];
+#pragma unroll
+            for (int i2 = 1; i2 < NS; ++i2)
+              if (i2 < n) r += got[i2];
+            return r;
+          };
+          {
+            float got[NS];
+#pragma unroll
+            for (int j2 = 0; j2 < NS; ++j2) got[j2] = __shfl_sync(0xffffffffu, L, ii * n + min(j2, n - 1), 16);
+            float mxv = got[0];
+#pragma unroll
+            for (int j2 = 1; j2 < NS; ++j2)
+              if (j2 < n) mxv = fmaxf(mxv, got[j2]);
+            const float ex = expf(L - mxv);
+            P = dyn::sk_div(ex, row_sum(ex)) + sinkhorn_eps;
+          }
+          P = dyn::sk_div(P, col_sum(P) + sinkhorn_eps);
+          for (int it = 1; it < tmax; ++it) {
+            P = dyn::sk_div(P, row_sum(P) + sinkhorn_eps);
+            P = dyn::sk_div(P, col_sum(P) + sinkhorn_eps);
+          }
+          if (valid && elem) h_res[(size_t)t * n * n + l16] = P;
+        }
+      }
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence();
+        atomicAdd(published + z, 1);
+      }
+    }
+  }
+
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    if (atomicAdd(sync + 1, 1) == (int)gridDim.x - 1) {  // the last CTA: every wait is over
+      for (int e = 0; e < 2 + 2 * tiles; ++e) sync[e] = 0;
+    }
+  }
+}
