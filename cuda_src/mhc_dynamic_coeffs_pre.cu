@@ -51,17 +51,23 @@ constexpr int NS = 4;                      // streams at most (M = n n + 2 n <= 
 constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zero-padded to MP), then the sum of squares
 constexpr int LAG = MHC_CP_LAG;            // iterations from a tile's projection to its x_in
 constexpr int AHEAD = 3;                   // DRAM tile buffers: tile i multiplied while i + 1, i + 2 land
-constexpr int NSLOT = LAG + 2;             // partial slots a group (slot i % NSLOT: see the partials' writes)
+constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 constexpr int WORKERS = 256, HALF = WORKERS / 2, CWARPS = 4, BLOCK = WORKERS + 32 * CWARPS;
 constexpr int CSEGS = CW / 8;              // 16-byte segments of a stream's columns
 constexpr int SEGS = NS * CSEGS;           // of a token row in shared memory (64: 1 KB)
 constexpr int X_BYTES = TT * SEGS * 16;
 constexpr int KSTEPS = CW / 16;            // k16 steps a stream
 constexpr int PHI_SLOTS = NS * KSTEPS * NT * 32;  // float4 B-fragment values: [stream][step][n8 tile][lane]
-constexpr int HANDOFF = 2;                 // named barriers 2 .. 2 + LAG: tile i's partials written -> its signal
+// tile i's partials written -> its coefficient warp signals `projected`: named barrier handoff(i), three
+// ids per coefficient warp (2 .. 13). Workers arrive for tile i having seen tiles <= i - LAG published,
+// so each warp's synced every tile of its own up to there: at most ceil(LAG / CWARPS) of its instances
+// are open at once, and one id never holds two tiles.
+constexpr int HANDOFF = 2, HANDOFF_IDS = 3;
+__device__ __forceinline__ int handoff(int i) { return HANDOFF + (i % CWARPS) * HANDOFF_IDS + (i / CWARPS) % HANDOFF_IDS; }
 constexpr int SMEM_BYTES = (AHEAD + 2) * X_BYTES + PHI_SLOTS * 16 + NS * TT * RL * 4 + 2 * TT * NS * 4 + 16;
 static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x an m16 tile each");
-static_assert(HANDOFF + LAG < 16, "named barrier ids");
+static_assert(HANDOFF + CWARPS * HANDOFF_IDS <= 16 && (LAG + CWARPS - 1) / CWARPS <= HANDOFF_IDS, "named barrier ids");
+static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
 static_assert(SMEM_BYTES == 226832, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
@@ -238,7 +244,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           dst[(size_t)e * S + s] = v;
         }
         // the coefficient warp of tile i signals `projected` once every worker's writes are done
-        named_arrive(HANDOFF + i % (LAG + 1), WORKERS + 32);
+        named_arrive(handoff(i), WORKERS + 32);
       }
       // step 3, first half: copy tile stage_next back from L2 and, once its h_pre is published, its
       // h_pre, into staging buffer stage_next % 2 (free: its last tile's x_in was a barrier ago)
@@ -298,7 +304,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const int ii = l16 / n, jj = l16 % n;  // this lane's matrix element (row, column)
     for (int i = warp - WORKERS / 32; i < ntile; i += CWARPS) {
       const int z = g + i * G, t0 = z * TT;
-      named_sync(HANDOFF + i % (LAG + 1), WORKERS + 32);  // this CTA's partials of tile i are written
+      named_sync(handoff(i), WORKERS + 32);  // this CTA's partials of tile i are written
       if (lane == 0) {
         __threadfence();
         atomicAdd(projected + z, 1);

@@ -56,10 +56,13 @@ LANES_MAX_N, LANES_MIN_T, LANES_THREADS = 8, 1024, 128
 # mode 49-51 and 76: still latency-bound, see mhc_dynamic_common.cuh.)
 REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::REG_N)
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
-# mhc_dynamic_coeffs_pre: coefficients + x_in reading x once (bfloat16, n <= CP_NMAX, with x_in, from
-# CP_MIN_T tokens): a persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles
-CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 384, 226832, 7  # its header
-CP_MIN_T = 1024
+# mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
+# from CP_MIN_T tokens): a persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles.
+# Off (None) by default: on the H200 it ran slower than the three-kernel path on every config tried
+# (T = 8192, n = 4, C = 4096: forward 598 vs 441 us, scripts/gpu_dynamic_ab.py; README, issue 6).
+# Tests and that script set CP_MIN_T to run it.
+CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 384, 226832, 12  # its header
+CP_MIN_T: int | None = None
 
 
 _launch = cuda._launch
@@ -178,7 +181,7 @@ def _lane_grid(T: int, lanes: int, threads: int = LANES_THREADS) -> tuple[int, i
 def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
     """Groups of mhc_dynamic_coeffs_pre's persistent grid for x [T, n, C] (0: not that kernel): one
     CTA per SM, so the groups of ceil(C / CP_CW) CTAs that the GPU holds at once, at most one per tile."""
-    if dtype != mx.bfloat16 or n > CP_NMAX or T < CP_MIN_T:
+    if CP_MIN_T is None or dtype != mx.bfloat16 or n > CP_NMAX or T < CP_MIN_T:
         return 0
     if device.max_shared_memory_per_block() < CP_SMEM_BYTES:
         return 0

@@ -1,44 +1,61 @@
-"""Same-run A/B of the dynamic layer's coefficients + x_in on the GPU: mhc_dynamic_coeffs_pre (x read
-once, one persistent launch) against the three-kernel path it replaces (projection, coefficients,
-pre), DynamicMHC around an identity F as `mhc bench --layer dynamic` times it (queued throughput
-mode), alternating the order over rounds. Run-to-run spread on the device is larger than many
-differences worth measuring, so both run inside one process.
+"""Same-run A/B of the dynamic layer's coefficients + x_in on the GPU: the three-kernel path
+(projection, coefficients, pre) against mhc_dynamic_coeffs_pre (x read from DRAM once, one
+persistent launch) as built and, optionally, as source variants compiled here with -D defines (as
+scripts/gpu_source_ab.py). DynamicMHC around an identity F as `mhc bench --layer dynamic` times it
+(queued throughput mode), the order alternating over rounds: run-to-run spread on the device is
+larger than many differences worth measuring, so all run inside one process.
 
-  python scripts/gpu_dynamic_ab.py              # forward
-  python scripts/gpu_dynamic_ab.py backward     # forward + backward
+  python scripts/gpu_dynamic_ab.py                                   # three-kernel path vs one-read
+  python scripts/gpu_dynamic_ab.py lag3=:MHC_CP_LAG=3 lag9=:MHC_CP_LAG=9
+  python scripts/gpu_dynamic_ab.py --backward
 
 Prints one line per (config, path): the sorted medians of the rounds (us).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
-from mhc_aot import bench, cuda_dynamic, kernel_ops
+from mhc_aot import bench, cuda, cuda_dynamic, kernel_ops
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_source_ab  # noqa: E402  (compile_variant, use)
+
+SOURCE = "mhc_dynamic_coeffs_pre"
 CONFIGS = [(8192, 4, 4096), (4096, 4, 2048), (16384, 4, 2048), (2048, 4, 4096), (1024, 4, 4096), (8192, 2, 4096),
            (8192, 4, 1024)]
 
 
-def main(backward: bool = False, rounds: int = 3) -> None:
-    default = cuda_dynamic.CP_MIN_T
-    paths = (("one-read", default), ("three", 10 ** 9))
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs="*", help="LABEL=[PATH][:DEFINE...] of mhc_dynamic_coeffs_pre")
+    ap.add_argument("--backward", action="store_true", help="time forward + backward")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    shipped = cuda._binary
+    # (label, CP_MIN_T, binaries): the three kernels, the one-read kernel as built, the variants
+    paths = [("three", None, None), ("one-read", 1024, None)]
+    paths += [(label, 1024, bins) for label, bins in (gpu_source_ab.compile_variant(SOURCE, v, (4,))
+                                                      for v in args.variants)]
     for T, n, C in CONFIGS:
-        res: dict[str, list[float]] = {tag: [] for tag, _ in paths}
-        for rnd in range(rounds):
-            for tag, min_t in (paths if rnd % 2 == 0 else paths[::-1]):
+        res: dict[str, list[float]] = {label: [] for label, _, _ in paths}
+        for rnd in range(args.rounds):
+            for label, min_t, bins in (paths if rnd % 2 == 0 else paths[::-1]):
                 cuda_dynamic.CP_MIN_T = min_t
-                # the path is chosen when a graph is traced: no cached trace of the other one replays
+                gpu_source_ab.use(SOURCE, bins, shipped)
+                # the path is chosen when a graph is traced: no cached trace of another one replays
                 kernel_ops._compiled.cache_clear()
                 cuda_dynamic._coeffs_fn.cache_clear()
-                case = bench.Case("throughput", T, n, C, "bfloat16", backward, layer="dynamic")
+                case = bench.Case("throughput", T, n, C, "bfloat16", args.backward, layer="dynamic")
                 runner = bench.make_runner("kernels", case, bench.make_inputs(case))
-                res[tag].append(bench.time_runner(runner, "throughput", 30, 5, repeats=5).median_us)
-        for tag, medians in res.items():
-            print(f"AB dynamic {'fwd+bwd' if backward else 'fwd'} {T},{n},{C} {tag:8s} "
+                res[label].append(bench.time_runner(runner, "throughput", 30, 5, repeats=5).median_us)
+        for label, medians in res.items():
+            print(f"AB dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C} {label:8s} "
                   f"{' '.join(f'{m:7.1f}' for m in sorted(medians))}", flush=True)
-    cuda_dynamic.CP_MIN_T = default
+    gpu_source_ab.use(SOURCE, None, shipped)
 
 
 if __name__ == "__main__":
-    main(backward=sys.argv[1:2] == ["backward"])
+    main()

@@ -744,3 +744,18 @@ def test_emulated_cuda_coeffs_pre(emulated_cuda_regs, copies, monkeypatch, B, n,
     _check_forward("cuda", B, n, C, "bfloat16")
     names = [nm for nm, _ in emulated_cuda_regs.launched]
     assert "mhc_dynamic_coeffs_pre_bf16_n4" in names, names
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+@pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 201), (2048, 2, 1000), (1, 1, 8)])
+def test_gpu_coeffs_pre(monkeypatch, B, n, C):
+    """mhc_dynamic_coeffs_pre on the GPU (off in the default dispatch: cuda_dynamic.CP_MIN_T), forward
+    and every gradient (its mix, invr and h_pre feed the backward kernels) against the Liger port."""
+    from mhc_aot import cuda_dynamic
+
+    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    assert cuda_dynamic.coeffs_pre_groups(B, n, C, mx.bfloat16) > 0
+    _check_forward("cuda", B, n, C, "bfloat16")
+    if B * C <= 2048 * 1000:
+        _check_gradients("cuda", B, n, C, "bfloat16")
