@@ -95,6 +95,15 @@ __device__ __forceinline__ int ld_relaxed(const int* p) {
 }
 __device__ __forceinline__ void spin_pause() { __nanosleep(32); }
 #endif
+// *counter += 1 after every write this thread has seen (its own, and its barrier partners')
+__device__ __forceinline__ void signal(int* counter) {
+#if defined(MHC_CP_RELEASE) && !defined(MHC_EMULATED)
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
+#else
+  __threadfence();
+  atomicAdd(counter, 1);
+#endif
+}
 __device__ __forceinline__ void workers_sync() { named_sync(1, WORKERS); }
 __device__ __forceinline__ void spin_until(const int* p, int target, int seen) {
   while (seen < target) {
@@ -305,10 +314,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     for (int i = warp - WORKERS / 32; i < ntile; i += CWARPS) {
       const int z = g + i * G, t0 = z * TT;
       named_sync(handoff(i), WORKERS + 32);  // this CTA's partials of tile i are written
-      if (lane == 0) {
-        __threadfence();
-        atomicAdd(projected + z, 1);
-      }
+      if (lane == 0) signal(projected + z);
       if (s < TT) {  // this CTA has tokens r = s, s + S, ... of the tile
         if (lane == 0) spin_until(projected + z, S, ld_relaxed(projected + z));
         __syncwarp();
@@ -389,10 +395,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
       }
       __syncwarp();
-      if (lane == 0) {
-        __threadfence();
-        atomicAdd(published + z, 1);
-      }
+      if (lane == 0) signal(published + z);
     }
   }
 
