@@ -14,6 +14,8 @@ Kernels per op (geometry mirrors each kernel's header comment; grids are given i
                          -> dx (token-tiled dz @ phi^T + RMS term + h_pre dx_in [+ post_res's dx])
                          -> dphi_tc (bfloat16 x, n <= 4: tensor cores) or skinny (dphi = x^T dz,
                             tokens split S ways) -> colsum (dphi unless S = 1, db, dalpha: one launch)
+                 [mhc_dynamic_coeffs_pre: projection + coefficients + x_in with x read from DRAM once,
+                  a persistent grid; off in the dispatch (CP_MIN_T), measured slower on the H200]
   mhc_pre       pre / pre_bwd (per token)
   mhc_post_res  post_res (x and f read once) / post_res_bwd (per token)
 DynamicMHC reads x in post_res through an alias output of mhc_coeffs (x itself, see coeffs), so
