@@ -355,37 +355,24 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           const bool elem = l16 < n * n;
           const float L = elem ? pick(v, 2 * n + l16) * invr * a_res + b[2 * n + l16] : 0.0f;
           float P;
-          auto row_sum = [&](float val) {  // the n shuffles are independent: issued back to back
+          // a row's (ROW) or a column's n values, gathered by independent shuffles issued back to back,
+          // folded in index order
+          auto fold = [&](float val, bool row, auto op) {
             float got[NS];
 #pragma unroll
-            for (int j2 = 0; j2 < NS; ++j2) got[j2] = __shfl_sync(0xffffffffu, val, ii * n + min(j2, n - 1), 16);
+            for (int k = 0; k < NS; ++k)
+              got[k] = __shfl_sync(0xffffffffu, val, row ? ii * n + min(k, n - 1) : min(k, n - 1) * n + jj, 16);
             float r = got[0];
 #pragma unroll
-            for (int j2 = 1; j2 < NS; ++j2)
-              if (j2 < n) r += got[j2];
+            for (int k = 1; k < NS; ++k)
+              if (k < n) r = op(r, got[k]);
             return r;
           };
-          auto col_sum = [&](float val) {
-            float got[NS];
-#pragma unroll
-            for (int i2 = 0; i2 < NS; ++i2) got[i2] = __shfl_sync(0xffffffffu, val, min(i2, n - 1) * n + jj, 16);
-            float r = got[0];
-#pragma unroll
-            for (int i2 = 1; i2 < NS; ++i2)
-              if (i2 < n) r += got[i2];
-            return r;
-          };
-          {
-            float got[NS];
-#pragma unroll
-            for (int j2 = 0; j2 < NS; ++j2) got[j2] = __shfl_sync(0xffffffffu, L, ii * n + min(j2, n - 1), 16);
-            float mxv = got[0];
-#pragma unroll
-            for (int j2 = 1; j2 < NS; ++j2)
-              if (j2 < n) mxv = fmaxf(mxv, got[j2]);
-            const float ex = expf(L - mxv);
-            P = dyn::sk_div(ex, row_sum(ex)) + sinkhorn_eps;
-          }
+          auto add = [](float a, float c) { return a + c; };
+          auto row_sum = [&](float val) { return fold(val, true, add); };
+          auto col_sum = [&](float val) { return fold(val, false, add); };
+          const float ex = expf(L - fold(L, true, [](float a, float c) { return fmaxf(a, c); }));
+          P = dyn::sk_div(ex, row_sum(ex)) + sinkhorn_eps;
           P = dyn::sk_div(P, col_sum(P) + sinkhorn_eps);
           for (int it = 1; it < tmax; ++it) {
             P = dyn::sk_div(P, row_sum(P) + sinkhorn_eps);
