@@ -1,24 +1,25 @@
-// mhc_coeffs with x_in, reading x once (bfloat16 x, n <= 4): the projection z = vec(x) @ phi and the
-// sum of squares (mhc_dynamic_proj_tc), the per-token coefficients (mhc_dynamic_coeffs: RMS scale,
-// activations, Liger's Sinkhorn) and x_in = h_pre . x (mhc_dynamic_pre) in one launch whose CTAs keep
-// the tokens' x in shared memory from the projection to x_in. The three-kernel path reads x twice
-// (the projection, then pre) and waits on a latency-bound coefficients launch between them.
+// mhc_coeffs with x_in, reading x from DRAM once (bfloat16 x, n <= 4): the projection z = vec(x) @ phi
+// and the sum of squares (mhc_dynamic_proj_tc), the per-token coefficients (mhc_dynamic_coeffs: RMS
+// scale, activations, Liger's Sinkhorn) and x_in = h_pre . x (mhc_dynamic_pre) in one launch. The
+// three-kernel path reads x from DRAM twice (the projection, then pre) and waits on a latency-bound
+// coefficients launch between them. Measured slower than that path on the H200 (README, session 14):
+// the dispatch does not choose it (mhc_aot/cuda_dynamic.py, CP_MIN_T).
 //
 // A persistent grid: G groups of S = ceil(C / CW) CTAs. CTA s of a group owns columns [s CW, s CW + CW)
 // of every stream: phi's rows j C + c for those columns (n x 128 x 24 floats) stay in shared memory
 // for the whole launch (read once, not once a token tile), and the group walks token tiles
-// z = g, g + G, g + 2 G, ... of TT tokens. Per tile a CTA:
-//   1. copies its columns of the tile's tokens into one of NBUF shared buffers (cp.async, AHEAD tiles
-//      ahead) and multiplies them on tensor cores (as proj_tc: bfloat16 x exact, phi split in three
-//      bfloat16 terms, the sums of squares on the diagonal of x x^T): partial z and sum of squares of
-//      every token over its columns, written to a global scratch slot, then one arrival on the
-//      tile's `projected` counter;
+// z = g, g + G, g + 2 G, ... of TT tokens. Per tile (iteration i of the group) a CTA:
+//   1. (workers) copies its columns of the tile's tokens from DRAM into one of AHEAD shared buffers
+//      (cp.async, AHEAD tiles ahead) and multiplies them on tensor cores (as proj_tc: bfloat16 x exact,
+//      phi split in three bfloat16 terms, the sums of squares on the diagonal of x x^T): partial z
+//      and sum of squares of every token over its columns, written to a global scratch slot; the
+//      tile's coefficient warp then arrives on the tile's `projected` counter (named-barrier handoff);
 //   2. (coefficient warps, their own loop) once all S partials of the tile are in, sums those of its
 //      own tokens (r = s, s + S, ... of the tile; 16 lanes a token, one lane per matrix element), the
 //      RMS scale, h_pre, h_post and the Sinkhorn by shuffles (Liger's order and divisions, as the
 //      register mode), writes the outputs and arrives on the tile's `published` counter;
-//   3. LAG tiles later (the coefficient warps' latency hides behind the next tiles' copies and
-//      products), once the tile is published: x_in of its columns from the x still in shared memory.
+//   3. (workers) LAG iterations later, once the tile is published: x_in of its columns from the tile
+//      copied back from L2 (and its h_pre) into a staging buffer the iteration before.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
 // order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
 // running. The last CTA to finish zeroes the counters again (a buffer that two launches share stays
@@ -95,14 +96,11 @@ __device__ __forceinline__ int ld_relaxed(const int* p) {
 }
 __device__ __forceinline__ void spin_pause() { __nanosleep(32); }
 #endif
-// *counter += 1 after every write this thread has seen (its own, and its barrier partners')
+// *counter += 1 after every write this thread has seen (its own, and its barrier partners'). A
+// red.release.gpu instead measured the same (README, session 14).
 __device__ __forceinline__ void signal(int* counter) {
-#if defined(MHC_CP_RELEASE) && !defined(MHC_EMULATED)
-  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
-#else
   __threadfence();
   atomicAdd(counter, 1);
-#endif
 }
 __device__ __forceinline__ void workers_sync() { named_sync(1, WORKERS); }
 __device__ __forceinline__ void spin_until(const int* p, int target, int seen) {

@@ -6,8 +6,9 @@
 // Semantics: one CTA at a time (one thread block cluster at a time for a kernel declared with
 // __cluster_dims__, the whole grid at once for a persistent kernel whose CTAs wait on each other's
 // global counters: tests/cuda_emulation.py passes the grid as the cluster), its threads fibers run
-// round-robin (a spin-wait yields); bar.sync / bar.arrive id, count are emu_named_sync / _arrive; __syncthreads is a barrier over the CTA,
-// warp shuffles exchange through a per-warp buffer between two warp barriers, the cluster barrier
+// round-robin (a spin-wait yields); bar.sync / bar.arrive id, count are emu_named_sync / _arrive;
+// __syncthreads is a barrier over the CTA, warp shuffles exchange through a per-warp buffer between
+// two warp barriers, the cluster barrier
 // spans the cluster's CTAs; a thread that returns drops out of all three (as an exited GPU thread
 // does); __shared__ variables are function statics (shared by the threads of a launch: cluster
 // kernels use dynamic shared memory only); dynamic shared memory is one buffer per CTA of a

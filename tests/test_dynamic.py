@@ -266,8 +266,8 @@ def _check_forward(backend, B, n, C, dtype_name, cfg=CFG):
     _err_ok(h_pre.reshape(-1, n), e_pre, t32, "h_pre " + what)
     _err_ok(h_post.reshape(-1, n), e_post, t32, "h_post " + what)
     _err_ok(h_res.reshape(-1, n, n), e_res, t32, "h_res " + what)
-    # the separate ops give the same coefficients (to float32 rounding: with x_in, many bfloat16 tokens
-    # take mhc_dynamic_coeffs_pre, whose projection sums in another order; measured 1.0e-6 at T = 8192)
+    # the separate ops give the same coefficients (to float32 rounding: where mhc_dynamic_coeffs_pre is
+    # switched on, the op with x_in sums the projection in another order; 1.0e-6 measured at T = 8192)
     h2 = _run(ops.mhc_coeffs, x, *params, **cfg, backend=backend)
     for a, b in zip(h2, (h_pre, h_post, h_res)):
         assert rel_error64(a, to64(b)) < 4e-6
@@ -622,20 +622,10 @@ def emulated_cuda(_emulator, monkeypatch, request):
     """The emulated kernels, with the per-token coefficient math in each mode of
     mhc_dynamic_coeffs(_bwd): one CTA per token, a lane group per token, or a thread per token with
     its matrices in registers (n <= REG_N; larger n then take lane groups) at any T here."""
-    return _emulate(_emulator, monkeypatch, request.param)
-
-
-@pytest.fixture
-def emulated_cuda_regs(_emulator, monkeypatch):
-    """The emulated kernels in the register mode only (for kernels the mode does not change)."""
-    return _emulate(_emulator, monkeypatch, "regs")
-
-
-def _emulate(_emulator, monkeypatch, mode):
     from mhc_aot import cuda, cuda_dynamic, kernel_ops
 
-    monkeypatch.setattr(cuda_dynamic, "LANES_MIN_T", 10 ** 9 if mode == "cta" else 1)
-    if mode == "lanes":
+    monkeypatch.setattr(cuda_dynamic, "LANES_MIN_T", 10 ** 9 if request.param == "cta" else 1)
+    if request.param == "lanes":
         monkeypatch.setattr(cuda_dynamic, "REG_N", 0)  # lane groups for every n <= LANES_MAX_N
     monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
     monkeypatch.setattr(cuda_dynamic, "SK_JC", 8)  # a multiple of every vector width
@@ -648,8 +638,8 @@ def _emulate(_emulator, monkeypatch, mode):
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dynamic, "_choose", lambda op, n, C, backend, T: (
         dispatch.Choice("cuda", "fused", None, "emulated") if backend == "cuda" else real_choose(op, n, C, backend, T)))
-    _emulator.mode, _emulator.launched = mode, []
-    _emulator.deferred_copies = False
+    _emulator.mode, _emulator.launched = request.param, []
+    _emulator.deferred_copies = False  # copy_timing sets it where a test asks
     return _emulator
 
 
@@ -728,21 +718,20 @@ def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
 @pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (300, 4, 200, 2), (70, 3, 201, 6), (40, 1, 136, 2),
                                        (96, 2, 128, 1)],
                          ids=["two-groups", "one-group-ten-tiles", "element-rows", "n1-ragged-split", "one-cta"])
-@pytest.mark.parametrize("copies", ["copies_at_issue", "copies_at_wait"])
-def test_emulated_cuda_coeffs_pre(emulated_cuda_regs, copies, monkeypatch, B, n, C, sms):
+@pytest.mark.parametrize("emulated_cuda", ["regs"], indirect=True)  # the coefficient mode does not apply
+def test_emulated_cuda_coeffs_pre(emulated_cuda, copy_timing, monkeypatch, B, n, C, sms):
     """mhc_dynamic_coeffs_pre (coefficients + x_in, x read once) with its CTAs waiting on each other:
     groups of ceil(C / 128) CTAs, each walking more tiles than its shared buffers and partial slots
     (ten tiles, one group), a ragged last split and token tile, rows that are not 16-byte multiples
     (C = 201) and n < 4 (unused streams); cp.async copies landing at issue and at their wait."""
     from mhc_aot import cuda_dynamic
 
-    emulated_cuda_regs.deferred_copies = copies == "copies_at_wait"  # as the copy_timing fixture
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
     monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
     monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
     monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: sms)
     _check_forward("cuda", B, n, C, "bfloat16")
-    names = [nm for nm, _ in emulated_cuda_regs.launched]
+    names = [nm for nm, _ in emulated_cuda.launched]
     assert "mhc_dynamic_coeffs_pre_bf16_n4" in names, names
 
 
