@@ -44,6 +44,9 @@ using namespace mhc;
 #ifndef MHC_CP_LAG
 #define MHC_CP_LAG 5
 #endif
+#ifndef MHC_CP_AHEAD
+#define MHC_CP_AHEAD 4
+#endif
 
 namespace {
 constexpr int TT = 32;                     // tokens a tile (two m16 tiles)
@@ -51,25 +54,27 @@ constexpr int CW = 128;                    // columns of each stream a CTA owns
 constexpr int NS = 4;                      // streams at most (M = n n + 2 n <= 24: three n8 tiles)
 constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zero-padded to MP), then the sum of squares
 constexpr int LAG = MHC_CP_LAG;            // iterations from a tile's projection to its x_in
-constexpr int AHEAD = 3;                   // DRAM tile buffers: tile i multiplied while i + 1, i + 2 land
+constexpr int AHEAD = MHC_CP_AHEAD;        // DRAM tile buffers: tile i multiplied while i + 1 .. i + AHEAD - 1 land
 constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 constexpr int WORKERS = 256, HALF = WORKERS / 2, CWARPS = 4, BLOCK = WORKERS + 32 * CWARPS;
 constexpr int CSEGS = CW / 8;              // 16-byte segments of a stream's columns
 constexpr int SEGS = NS * CSEGS;           // of a token row in shared memory (64: 1 KB)
 constexpr int X_BYTES = TT * SEGS * 16;
 constexpr int KSTEPS = CW / 16;            // k16 steps a stream
-constexpr int PHI_SLOTS = NS * KSTEPS * NT * 32;  // float4 B-fragment values: [stream][step][n8 tile][lane]
+constexpr int KH = KSTEPS / 2;             // k16 steps a worker warp: warp = (stream, half of the columns)
+constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (stream, half) each
 // tile i's partials written -> its coefficient warp signals `projected`: named barrier handoff(i), three
 // ids per coefficient warp (2 .. 13). Workers arrive for tile i having seen tiles <= i - LAG published,
 // so each warp's synced every tile of its own up to there: at most ceil(LAG / CWARPS) of its instances
 // are open at once, and one id never holds two tiles.
 constexpr int HANDOFF = 2, HANDOFF_IDS = 3;
 __device__ __forceinline__ int handoff(int i) { return HANDOFF + (i % CWARPS) * HANDOFF_IDS + (i / CWARPS) % HANDOFF_IDS; }
-constexpr int SMEM_BYTES = (AHEAD + 2) * X_BYTES + PHI_SLOTS * 16 + NS * TT * RL * 4 + 2 * TT * NS * 4 + 16;
-static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x an m16 tile each");
+constexpr int SMEM_BYTES = (AHEAD + 2) * X_BYTES + SLICES * TT * RL * 4 + 2 * TT * NS * 4 + 16;
+static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x half its columns each");
+static_assert(HALF % SEGS == 0, "a copying thread keeps one segment (stream, 8 columns) in all its rows");
 static_assert(HANDOFF + CWARPS * HANDOFF_IDS <= 16 && (LAG + CWARPS - 1) / CWARPS <= HANDOFF_IDS, "named barrier ids");
 static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
-static_assert(SMEM_BYTES == 226832, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(AHEAD != 4 || SMEM_BYTES == 223248, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
 #define MHC_GRID_RESIDENT 1
@@ -110,6 +115,18 @@ __device__ __forceinline__ void spin_until(const int* p, int target, int seen) {
   }
 }
 
+#ifdef MHC_CP_TRACE  // timing only: globaltimer stamps over mix (scripts/trace_coeffs_pre.py)
+__device__ __forceinline__ unsigned gtimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return (unsigned)t;
+}
+#define TRACE(i, ev) \
+  do { if ((i) < 64) reinterpret_cast<unsigned*>(mix)[((size_t)ticket * 64 + (i)) * 10 + (ev)] = gtimer(); } while (0)
+#else
+#define TRACE(i, ev)
+#endif
+
 // element m of a token's sums, held by every lane (constant indices: v stays in registers)
 __device__ __forceinline__ float pick(const float (&v)[RL], int m) {
   float r = 0.0f;
@@ -129,9 +146,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
   bf16* dram = reinterpret_cast<bf16*>(base);                                // [AHEAD][TT][SEGS x 8]
   bf16* stage = reinterpret_cast<bf16*>(base + AHEAD * X_BYTES);             // [2][TT][SEGS x 8]
-  float4* phis = reinterpret_cast<float4*>(base + (AHEAD + 2) * X_BYTES);   // [stream][k16 step][n8 tile][lane]
-  float* ksum = reinterpret_cast<float*>(phis + PHI_SLOTS);                 // [stream][TT][RL]
-  float* hps = ksum + NS * TT * RL;                                          // [2][TT][NS]: h_pre of staged tiles
+  float* ksum = reinterpret_cast<float*>(base + (AHEAD + 2) * X_BYTES);    // [stream][half][TT][RL]
+  float* hps = ksum + SLICES * TT * RL;                                          // [2][TT][NS]: h_pre of staged tiles
   int* ticket_s = reinterpret_cast<int*>(hps + 2 * TT * NS);
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
@@ -142,22 +158,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   __syncthreads();
   const int ticket = *ticket_s, g = ticket / S, s = ticket % S, c0 = s * CW;
   const int ntile = g < tiles ? (tiles - g + G - 1) / G : 0;  // the group's tiles z = g + i G, i < ntile
-  auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };  // [TT][RL][S]
-
-  // phi's rows of this CTA's columns as B fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a k16 step, column
-  // 8 nt + g), zeros past C and M: split into bfloat16 terms at use (registers), kept as float32 here
-  for (int e = tid; e < PHI_SLOTS; e += BLOCK) {
-    const int l = e % 32, nt = (e / 32) % NT, kk = (e / (32 * NT)) % KSTEPS, j = e / (32 * NT * KSTEPS);
-    const int m = nt * 8 + l / 4, r0 = c0 + kk * 16 + 2 * (l % 4);
-    float v[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int c = r0 + (u & 1) + 8 * (u >> 1);
-      v[u] = (j < n && c < C && m < M) ? __ldg(phi + ((size_t)j * C + c) * M + m) : 0.0f;
-    }
-    phis[e] = make_float4(v[0], v[1], v[2], v[3]);
-  }
-  __syncthreads();
+  // [split][TT][RL]: a CTA's partials of a tile are one contiguous block (coalesced stores on the
+  // workers' path; the coefficient warps' strided loads are off it)
+  auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
 
   if (warp < WORKERS / 32) {
     // ---------------------------------------------------------------- workers: steps 1 and 3
@@ -172,8 +175,25 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // row r's 16-byte segment sg (stream sg / CSEGS), stored at sg ^ (r & 7): an ldmatrix phase's
     // eight rows sit in eight bank groups
     auto seg_at = [&](bf16* tile, int r, int sg) { return tile + (size_t)r * SEGS * 8 + ((sg ^ (r & 7)) * 8); };
+    // A copying thread's segment: stream jt, columns [ct, ct + 8) of rows ht / SEGS + k HALF / SEGS. A whole
+    // tile of in-range 16-byte segments takes the unrolled path: one add and one cp.async a row (the
+    // general loop's index arithmetic was a fifth of the kernel's instructions, ncu, session 15).
+    const int sgt = ht % SEGS, rt0 = ht / SEGS, jt = sgt / CSEGS, ct = c0 + 8 * (sgt % CSEGS);
+    const bool seg_fast = vec && ct + 8 <= C;
+    const size_t row_pitch = (size_t)n * C;
     auto copy_tile = [&](bf16* dst, int i) {  // tile i of the group, this half's share; zeros past T, C and n
       const int t0 = (g + i * G) * TT;
+      if (seg_fast && t0 + TT <= Tn) {
+        if (jt < n) {  // segments of streams >= n are never read
+          const bf16* src = x + ((size_t)(t0 + rt0) * n + jt) * C + ct;
+#pragma unroll
+          for (int k = 0; k < TT * SEGS / HALF; ++k) {
+            const int r = rt0 + k * (HALF / SEGS);
+            __pipeline_memcpy_async(seg_at(dst, r, sgt), src + (size_t)k * (HALF / SEGS) * row_pitch, 16);
+          }
+        }
+        return;
+      }
       for (int e = ht; e < TT * SEGS; e += HALF) {
         const int sg = e % SEGS, r = e / SEGS, j = sg / CSEGS, t = t0 + r, c = c0 + 8 * (sg % CSEGS);
         bf16* d = seg_at(dst, r, sg);
@@ -186,7 +206,31 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
       }
     };
-    const int mt = warp & 1, js = warp >> 1, g4 = lane / 4, q = lane % 4;
+    // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
+    // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
+    // three bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
+    // use was a third of the kernel's instructions, ncu, session 15)
+    const int js = warp >> 1, kh = warp & 1, g4 = lane / 4, q = lane % 4;
+    uint32_t bq[KH][NT][3][2];
+#pragma unroll
+    for (int k = 0; k < KH; ++k)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int m = nt * 8 + g4, r0 = c0 + (kh * KH + k) * 16 + 2 * q;
+        float v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int c = r0 + (u & 1) + 8 * (u >> 1);
+          v[u] = (js < n && c < C && m < M) ? __ldg(phi + ((size_t)js * C + c) * M + m) : 0.0f;
+        }
+        uint2 terms[3];
+        mma::split_b_fragment(v, terms);
+#pragma unroll
+        for (int p = 0; p < 3; ++p) {
+          bq[k][nt][p][0] = terms[p].x;
+          bq[k][nt][p][1] = terms[p].y;
+        }
+      }
     if (dram_thread) {
 #pragma unroll
       for (int p = 0; p < AHEAD; ++p) {
@@ -194,64 +238,72 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         __pipeline_commit();
       }
     }
-    int pub_seen = 0;  // warp HALF / 32's last read of published[] for the next staged tile
+    // warp HALF / 32 reads published[] of the tile it stages an iteration ahead: a global load waits
+    // behind this SM's cp.async stream (~1 us, session 15's trace), so it is in flight for a whole
+    // iteration before it is looked at
+    int pub_seen = 0, pub_ahead = 0;
     for (int i = 0; i < ntile + LAG; ++i) {
       const int stage_next = i - LAG + 1;  // the tile staged this iteration for the next one's x_in
-      if (warp == HALF / 32 && stage_next >= 0 && stage_next < ntile)
-        pub_seen = ld_relaxed(published + g + stage_next * G);  // read now, looked at after the product
+      if (warp == HALF / 32) {
+        pub_seen = pub_ahead;
+        if (stage_next + 1 >= 0 && stage_next + 1 < ntile) pub_ahead = ld_relaxed(published + g + (stage_next + 1) * G);
+      }
       if (i < ntile) {
         // step 1: the tile's partial projection over this CTA's columns
         if (dram_thread) __pipeline_wait_prior(AHEAD - 1);  // this thread's copies of tile i have landed
         workers_sync();                                      // everyone's have
+        if (tid == 0) TRACE(i, 6);
         bf16* xb = dram + (size_t)(i % AHEAD) * TT * SEGS * 8;
         if (js < n) {
-          float acc[1][NT][4] = {}, sq[4] = {};
+          float acc[2][NT][4] = {}, sq[2][4] = {};
 #pragma unroll
-          for (int kk = 0; kk < KSTEPS; ++kk) {
-            const int row = mt * 16 + lane % 16;
-            uint32_t a[4], bq[NT][3][2];
-            mma::ldmatrix_x4<false>(a, seg_at(xb, row, js * CSEGS + 2 * kk + lane / 16));
+          for (int k = 0; k < KH; ++k)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-              const float4 pv = phis[((js * KSTEPS + kk) * NT + nt) * 32 + lane];
-              const float v4[4] = {pv.x, pv.y, pv.z, pv.w};
-              uint2 terms[3];
-              mma::split_b_fragment(v4, terms);
-#pragma unroll
-              for (int p = 0; p < 3; ++p) {
-                bq[nt][p][0] = terms[p].x;
-                bq[nt][p][1] = terms[p].y;
-              }
+            for (int mt = 0; mt < 2; ++mt) {
+              uint32_t a[4];
+              mma::ldmatrix_x4<false>(a, seg_at(xb, mt * 16 + lane % 16, js * CSEGS + 2 * (kh * KH + k) + lane / 16));
+              mma::mma_split3<NT>(acc[mt], a, bq[k]);
+              // sums of squares on the diagonal of x x^T (mhc_dynamic_proj_tc)
+              const uint32_t top[4] = {a[0], 0u, a[2], 0u}, bottom[4] = {0u, a[1], 0u, a[3]};
+              mma::bf16_16816(sq[mt], top, a[0], a[2]);
+              mma::bf16_16816(sq[mt], bottom, a[1], a[3]);
             }
-            mma::mma_split3<NT>(acc[0], a, bq);
-            // sums of squares on the diagonal of x x^T (mhc_dynamic_proj_tc)
-            const uint32_t top[4] = {a[0], 0u, a[2], 0u}, bottom[4] = {0u, a[1], 0u, a[3]};
-            mma::bf16_16816(sq, top, a[0], a[2]);
-            mma::bf16_16816(sq, bottom, a[1], a[3]);
-          }
-          float* rows = ksum + ((size_t)js * TT + mt * 16) * RL;
-          mma::store_tiles<1, NT>(acc, rows, RL, lane);
+          float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
+          mma::store_tiles<2, NT>(acc, rows, RL, lane);
           if (q == g4 / 2) {
-            rows[(size_t)g4 * RL + MP] = (g4 & 1) ? sq[1] : sq[0];
-            rows[(size_t)(g4 + 8) * RL + MP] = (g4 & 1) ? sq[3] : sq[2];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              rows[(size_t)(mt * 16 + g4) * RL + MP] = (g4 & 1) ? sq[mt][1] : sq[mt][0];
+              rows[(size_t)(mt * 16 + g4 + 8) * RL + MP] = (g4 & 1) ? sq[mt][3] : sq[mt][2];
+            }
           }
         }
-        workers_sync();  // buffer i % AHEAD is consumed: refill it with tile i + AHEAD
+        workers_sync();  // buffer i % AHEAD is consumed, ksum written
+        if (tid == 0) TRACE(i, 9);
+        // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
+        // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) at
+        // iteration i - NSLOT + LAG - 1 < i, before a barrier of this one.
+        float* dst = slot_part(i) + (size_t)s * TT * RL;
+#pragma unroll
+        for (int k = 0; k < (TT * RL + WORKERS - 1) / WORKERS; ++k) {
+          const int e = tid + k * WORKERS;
+          if (e < TT * RL) {
+            float v = 0.0f;
+#pragma unroll
+            for (int j = 0; j < SLICES; ++j)
+              if (j < 2 * n) v += ksum[(size_t)j * TT * RL + e];
+            dst[e] = v;
+          }
+        }
+        // the coefficient warp of tile i signals `projected` once every worker's writes are done
+        named_arrive(handoff(i), WORKERS + 32);
+        // then the refill of buffer i % AHEAD with tile i + AHEAD (issuing cp.async can stall on a full
+        // memory queue: not before the handoff)
         if (dram_thread) {
           if (i + AHEAD < ntile) copy_tile(xb, i + AHEAD);
           __pipeline_commit();
         }
-        // the streams' sums, in stream order, into slot i % NSLOT: [token][value][split]. The slot's
-        // previous tile, i - NSLOT, was seen published (every CTA's coefficient warps had read its
-        // partials) at iteration i - NSLOT + LAG - 1 < i, before a barrier of this one.
-        float* dst = slot_part(i);
-        for (int e = tid; e < TT * RL; e += WORKERS) {
-          float v = 0.0f;
-          for (int j = 0; j < n; ++j) v += ksum[(size_t)j * TT * RL + e];
-          dst[(size_t)e * S + s] = v;
-        }
-        // the coefficient warp of tile i signals `projected` once every worker's writes are done
-        named_arrive(handoff(i), WORKERS + 32);
+        if (tid == 0) TRACE(i, 0);
       }
       // step 3, first half: copy tile stage_next back from L2 and, once its h_pre is published, its
       // h_pre, into staging buffer stage_next % 2 (free: its last tile's x_in was a barrier ago)
@@ -261,6 +313,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           copy_tile(stage + (size_t)b2 * TT * SEGS * 8, stage_next);
           if (warp == HALF / 32) {
             spin_until(published + g + stage_next * G, S, pub_seen);
+            if (lane == 0) TRACE(stage_next, 8);
             for (int e = lane; e < TT * NS; e += 32) {
               const int r = e / NS, j = e % NS, t = t0 + r;
               float* d = hps + b2 * TT * NS + e;
@@ -271,11 +324,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
         __pipeline_commit();
         __pipeline_wait_prior(1);  // this thread's copies for tile i - LAG (staged last iteration) landed
+        if (tid == HALF) TRACE(i, 1);
       }
       const int ix = i - LAG;
       if (ix >= 0) {
         // step 3: x_in of tile ix over this CTA's columns
         workers_sync();
+        if (tid == 0) TRACE(i, 7);
         const int t0 = (g + ix * G) * TT;
         bf16* xb = stage + (size_t)(ix % 2) * TT * SEGS * 8;
         const float* hb = hps + (ix % 2) * TT * NS;
@@ -302,7 +357,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           }
         }
       }
+      if (tid == 0) TRACE(i, 2);
       workers_sync();  // ksum and staging buffer ix % 2 are free
+      if (tid == 0) TRACE(i, 3);
     }
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2
@@ -313,14 +370,15 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       const int z = g + i * G, t0 = z * TT;
       named_sync(handoff(i), WORKERS + 32);  // this CTA's partials of tile i are written
       if (lane == 0) signal(projected + z);
-      if (s < TT) {  // this CTA has tokens r = s, s + S, ... of the tile
+      // this CTA has tokens r = s, s + S, ... of the tile
+      if (s < TT) {
         if (lane == 0) spin_until(projected + z, S, ld_relaxed(projected + z));
-        __syncwarp();
+          __syncwarp();
         const float* src = slot_part(i);
         for (int r0 = s; r0 < TT; r0 += 2 * S) {  // two tokens a pass: one a half-warp
           const int r = r0 + h * S, t = t0 + r;
           const bool valid = r < TT && t < Tn;
-          const float* pr = src + (size_t)min(r, TT - 1) * RL * S;
+          const float* pr = src + (size_t)min(r, TT - 1) * RL;
           float v[RL];
 #pragma unroll
           for (int m = 0; m < RL; ++m) v[m] = 0.0f;
@@ -331,7 +389,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
               for (int u = 0; u < 2; ++u) {
                 const int s2 = s0 + 16 * u + l16;
-                a2[m][u] = s2 < S ? __ldcg(pr + (size_t)m * S + s2) : 0.0f;
+                a2[m][u] = s2 < S ? __ldcg(pr + (size_t)s2 * TT * RL + m) : 0.0f;
               }
 #pragma unroll
             for (int m = 0; m < RL; ++m) v[m] += a2[m][0] + a2[m][1];
@@ -341,17 +399,30 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
             for (int o = 8; o > 0; o >>= 1) v[m] += __shfl_xor_sync(0xffffffffu, v[m], o);  // within the half-warp
           const float invr = rsqrtf(v[MP] / (float)(n * C) + rms_eps);
-          if (valid) {
+              if (valid) {
+#ifndef MHC_CP_TRACE
             for (int m = l16; m < M; m += 16) mix[(size_t)t * M + m] = pick(v, m) * invr;
+#endif
             if (l16 == 0) invr_out[t] = invr;
             if (l16 < n) {
               h_pre[(size_t)t * n + l16] = sigmoid(pick(v, l16) * invr * a_pre + b[l16]) + pre_eps;
               h_post[(size_t)t * n + l16] = sigmoid(pick(v, n + l16) * invr * a_post + b[n + l16]) * post_mult;
             }
           }
+        }
+      }
+      __syncwarp();
+      if (lane == 0) signal(published + z);
+      // h_res after the publication: the workers' x_in needs only h_pre
+      if (s < TT) {
+        for (int r0 = s; r0 < TT; r0 += 2 * S) {
+          const int r = r0 + h * S, t = t0 + r;
+          const bool valid = r < TT && t < Tn;
           // h_res: Liger's Sinkhorn with a lane per element; sums in index order as the register mode
           const bool elem = l16 < n * n;
-          const float L = elem ? pick(v, 2 * n + l16) * invr * a_res + b[2 * n + l16] : 0.0f;
+          // (v_m invr) a_res + b_m, as loop 1 would have it: mix as written there (its own lanes, a
+          // __syncwarp ago)
+          const float L = elem && valid ? __ldcg(mix + (size_t)t * M + 2 * n + l16) * a_res + b[2 * n + l16] : 0.0f;
           float P;
           // a row's (ROW) or a column's n values, gathered by independent shuffles issued back to back,
           // folded in index order
@@ -379,8 +450,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           if (valid && elem) h_res[(size_t)t * n * n + l16] = P;
         }
       }
-      __syncwarp();
-      if (lane == 0) signal(published + z);
     }
   }
 

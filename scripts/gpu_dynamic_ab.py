@@ -33,13 +33,16 @@ def main() -> None:
     ap.add_argument("variants", nargs="*", help="LABEL=[PATH][:DEFINE...] of mhc_dynamic_coeffs_pre")
     ap.add_argument("--backward", action="store_true", help="time forward + backward")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--configs", default=None, help="T:n:C,... (default: the seven above)")
     args = ap.parse_args()
     shipped = cuda._binary
     # (label, CP_MIN_T, binaries): the three kernels, the one-read kernel as built, the variants
     paths = [("three", None, None), ("one-read", 1024, None)]
     paths += [(label, 1024, bins) for label, bins in (gpu_source_ab.compile_variant(SOURCE, v, (4,))
                                                       for v in args.variants)]
-    for T, n, C in CONFIGS:
+    configs = ([tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")] if args.configs
+               else CONFIGS)
+    for T, n, C in configs:
         res: dict[str, list[float]] = {label: [] for label, _, _ in paths}
         for rnd in range(args.rounds):
             for label, min_t, bins in (paths if rnd % 2 == 0 else paths[::-1]):

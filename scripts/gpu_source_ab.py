@@ -48,7 +48,7 @@ def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "k.cubin"
             cmd = ["nvcc", "-O3", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas=-v", f"-DMHC_NAME={name}",
-                   "-DMHC_DTYPE=bf16", f"-DMHC_NMAX={nmax}", f"-I{ROOT / 'cuda_src'}", *[f"-D{d}" for d in defines if d],
+                   "-DMHC_DTYPE=bf16", f"-DMHC_NMAX={nmax}", f"-I{ROOT / 'cuda_src'}", *[d if d.startswith("-") else f"-D{d}" for d in defines if d],
                    path, "-o", str(out)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:

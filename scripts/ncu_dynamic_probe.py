@@ -1,0 +1,28 @@
+"""A target for Nsight Compute: a few DynamicMHC forward calls (identity F, bfloat16) at one shape with
+mhc_dynamic_coeffs_pre in the dispatch, as built or as a variant compiled here (e.g. with -lineinfo).
+
+  ncu -k regex:coeffs_pre python3 scripts/ncu_dynamic_probe.py [T n C] [LABEL=[PATH][:DEFINE|-FLAG...]]
+"""
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from mhc_aot import bench, cuda, cuda_dynamic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_source_ab  # noqa: E402
+
+SOURCE = "mhc_dynamic_coeffs_pre"
+nums = [a for a in sys.argv[1:] if "=" not in a]
+specs = [a for a in sys.argv[1:] if "=" in a]
+T, n, C = (int(v) for v in (nums[:3] or (8192, 4, 4096)))
+if specs:
+    gpu_source_ab.use(SOURCE, gpu_source_ab.compile_variant(SOURCE, specs[0], (4,))[1], cuda._binary)
+cuda_dynamic.CP_MIN_T = 1
+case = bench.Case("throughput", T, n, C, "bfloat16", False, layer="dynamic")
+runner = bench.make_runner("kernels", case, bench.make_inputs(case))
+for _ in range(3):
+    runner.evaluate(runner.call())
+mx.synchronize()
+print(runner.note, flush=True)

@@ -1,0 +1,49 @@
+"""Timing trace of mhc_dynamic_coeffs_pre (compiled here with -DMHC_CP_TRACE: globaltimer stamps over
+its mix output; outputs otherwise wrong): per event, the median over CTAs and tiles of its time
+relative to the tile's landing in the workers (event 6).
+
+  python scripts/trace_coeffs_pre.py [T n C] [DEFINE ...]
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import mlx.core as mx
+
+from mhc_aot import cuda, cuda_dynamic
+from mhc_aot.dynamic import Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_source_ab  # noqa: E402
+
+nums = [a for a in sys.argv[1:] if a.lstrip("-").isdigit()]
+defs = [a for a in sys.argv[1:] if not a.lstrip("-").isdigit()]
+T, n, C = (int(v) for v in (nums[:3] or (8192, 4, 4096)))
+SOURCE = "mhc_dynamic_coeffs_pre"
+gpu_source_ab.use(SOURCE, gpu_source_ab.compile_variant(SOURCE, "trace=:MHC_CP_TRACE:" + ":".join(defs), (4,))[1],
+                  cuda._binary)
+cuda_dynamic.CP_MIN_T = 1
+G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
+S = -(-C // 128)
+x = (mx.random.normal((T, n, C)) * 0.5).astype(mx.bfloat16)
+phi = mx.random.normal((n * C, n * n + 2 * n)) * 0.01
+b, a = mx.zeros((n * n + 2 * n,)), mx.array([1.0])
+for _ in range(3):
+    outs = cuda_dynamic._coeffs_pre(x, phi, b, a, a, a, Config(), G)
+    mx.eval(outs)
+mix = np.array(outs[4]).reshape(-1).view(np.uint32)
+ntile = -(-T // 32) // G
+ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
+names = {9: "product done", 0: "DRAM refill issued", 1: "copy-back issued, staged landed",
+         7: "x_in start (after barrier)", 2: "x_in done", 3: "iteration end (after barrier)"}
+ref = ev[:, :, 6]
+print(f"T={T} n={n} C={C} G={G} S={S} tiles/group={ntile}")
+it = np.diff(ref, axis=1)
+print(f"iteration (tile landed -> next tile landed) median {np.median(it)/1e3:.2f} us, p10 {np.percentile(it,10)/1e3:.2f}, p90 {np.percentile(it,90)/1e3:.2f}")
+span = (ref[:, -1] - ref[:, 0]) / 1e3
+print(f"first to last tile per CTA: median {np.median(span):.1f} us")
+for e, name in names.items():
+    r = (((ev[:, :, e] - ref + 2**31) % 2**32) - 2**31)[:, 6:-1]
+    print(f"{e} {name:34s} after tile landed: p10 {np.percentile(r,10)/1e3:6.2f} median {np.median(r)/1e3:6.2f} p90 {np.percentile(r,90)/1e3:6.2f} us")
+pub = (((ev[:, 1:-1, 8] - ev[:, 1:-1, 6] + 2**31) % 2**32) - 2**31)
+print(f"8 published seen after the same tile landed: median {np.median(pub)/1e3:.2f} us")
