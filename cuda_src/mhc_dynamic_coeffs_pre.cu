@@ -6,18 +6,21 @@
 // the dispatch does not choose it (mhc_aot/cuda_dynamic.py, CP_MIN_T).
 //
 // A persistent grid: G groups of S = ceil(C / CW) CTAs. CTA s of a group owns columns [s CW, s CW + CW)
-// of every stream: phi's rows j C + c for those columns (n x 128 x 24 floats) stay in shared memory
-// for the whole launch (read once, not once a token tile), and the group walks token tiles
-// z = g, g + G, g + 2 G, ... of TT tokens. Per tile (iteration i of the group) a CTA:
+// of every stream: phi's rows j C + c for those columns (n x 128 x 24 floats) are read once and held
+// for the whole launch as split B fragments in the registers of the worker warps (warp = stream x half
+// of the columns), and the group walks token tiles z = g, g + G, g + 2 G, ... of TT tokens. Per tile
+// (iteration i of the group) a CTA:
 //   1. (workers) copies its columns of the tile's tokens from DRAM into one of AHEAD shared buffers
-//      (cp.async, AHEAD tiles ahead) and multiplies them on tensor cores (as proj_tc: bfloat16 x exact,
-//      phi split in three bfloat16 terms, the sums of squares on the diagonal of x x^T): partial z
-//      and sum of squares of every token over its columns, written to a global scratch slot; the
-//      tile's coefficient warp then arrives on the tile's `projected` counter (named-barrier handoff);
+//      (cp.async, AHEAD - 1 tiles ahead) and multiplies them on tensor cores (as proj_tc: bfloat16 x
+//      exact, phi split in three bfloat16 terms, the sums of squares on the diagonal of x x^T): partial
+//      z and sum of squares of every token over its columns, written as one block to a global scratch
+//      slot; the tile's coefficient warp then arrives on the tile's `projected` counter (named-barrier
+//      handoff);
 //   2. (coefficient warps, their own loop) once all S partials of the tile are in, sums those of its
-//      own tokens (r = s, s + S, ... of the tile; 16 lanes a token, one lane per matrix element), the
-//      RMS scale, h_pre, h_post and the Sinkhorn by shuffles (Liger's order and divisions, as the
-//      register mode), writes the outputs and arrives on the tile's `published` counter;
+//      own tokens (r = s, s + S, ... of the tile; 16 lanes a token), the RMS scale, h_pre and h_post,
+//      writes them and mix, and arrives on the tile's `published` counter; then h_res by the Sinkhorn
+//      (a lane per matrix element, shuffles, Liger's order and divisions as the register mode), from
+//      mix as written, off the workers' path;
 //   3. (workers) LAG iterations later, once the tile is published: x_in of its columns from the tile
 //      copied back from L2 (and its h_pre) into a staging buffer the iteration before.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
@@ -32,8 +35,9 @@
 // Inputs: x [T, n, C] bfloat16, phi [n C, M] float32, b [M], alpha_pre / _post / _res [1], sync
 // [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], published[tiles]).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
-// mhc_dynamic_coeffs), part [G NSLOT TT RL S] float32 (scratch: the partials of a group's last NSLOT
-// tiles). MHC_GRID_RESIDENT: the CPU emulation runs all CTAs of the launch together.
+// mhc_dynamic_coeffs), part [G NSLOT S TT RL] float32 (scratch: the partials of a group's last NSLOT
+// tiles). MHC_GRID_RESIDENT: the CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
+// (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix.
 #include <cuda_pipeline.h>
 
 #include "mhc_dynamic_common.cuh"
