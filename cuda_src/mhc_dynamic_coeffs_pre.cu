@@ -247,43 +247,82 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // iteration before it is looked at
     int pub_seen = 0, pub_ahead = 0;
     for (int i = 0; i < ntile + LAG; ++i) {
-      const int stage_next = i - LAG + 1;  // the tile staged this iteration for the next one's x_in
+      const int ix = i - LAG;          // the tile whose x_in this iteration forms
+      const int stage_next = ix + 1;   // the tile staged this iteration for the next one's x_in
       if (warp == HALF / 32) {
         pub_seen = pub_ahead;
         if (stage_next + 1 >= 0 && stage_next + 1 < ntile) pub_ahead = ld_relaxed(published + g + (stage_next + 1) * G);
       }
-      if (i < ntile) {
-        // step 1: the tile's partial projection over this CTA's columns
-        if (dram_thread) __pipeline_wait_prior(AHEAD - 1);  // this thread's copies of tile i have landed
-        workers_sync();                                      // everyone's have
-        if (tid == 0) TRACE(i, 6);
-        bf16* xb = dram + (size_t)(i % AHEAD) * TT * SEGS * 8;
-        if (js < n) {
-          float acc[2][NT][4] = {}, sq[2][4] = {};
+      // this thread's copies of tile i (DRAM threads) or of tile ix and its h_pre (staging threads,
+      // issued last iteration) have landed; after the barrier, everyone's have
+      if (dram_thread) {
+        if (i < ntile) __pipeline_wait_prior(AHEAD - 1);
+      } else {
+        __pipeline_wait_prior(0);
+      }
+      workers_sync();
+      if (tid == 0) TRACE(i, 6);
+      // steps 1 and 3 in one phase: the product of tile i on tensor cores, x_in of tile ix on the CUDA
+      // cores while the products are in flight (the accumulators are read only after x_in)
+      bf16* xb = dram + (size_t)(i % AHEAD) * TT * SEGS * 8;
+      const bool product = i < ntile && js < n;
+      float acc[2][NT][4] = {}, sq[2][4] = {};
+      if (product) {
 #pragma unroll
-          for (int k = 0; k < KH; ++k)
+        for (int k = 0; k < KH; ++k)
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-              uint32_t a[4];
-              mma::ldmatrix_x4<false>(a, seg_at(xb, mt * 16 + lane % 16, js * CSEGS + 2 * (kh * KH + k) + lane / 16));
-              mma::mma_split3<NT>(acc[mt], a, bq[k]);
-              // sums of squares on the diagonal of x x^T (mhc_dynamic_proj_tc)
-              const uint32_t top[4] = {a[0], 0u, a[2], 0u}, bottom[4] = {0u, a[1], 0u, a[3]};
-              mma::bf16_16816(sq[mt], top, a[0], a[2]);
-              mma::bf16_16816(sq[mt], bottom, a[1], a[3]);
-            }
-          float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
-          mma::store_tiles<2, NT>(acc, rows, RL, lane);
-          if (q == g4 / 2) {
+          for (int mt = 0; mt < 2; ++mt) {
+            uint32_t a[4];
+            mma::ldmatrix_x4<false>(a, seg_at(xb, mt * 16 + lane % 16, js * CSEGS + 2 * (kh * KH + k) + lane / 16));
+            mma::mma_split3<NT>(acc[mt], a, bq[k]);
+            // sums of squares on the diagonal of x x^T (mhc_dynamic_proj_tc)
+            const uint32_t top[4] = {a[0], 0u, a[2], 0u}, bottom[4] = {0u, a[1], 0u, a[3]};
+            mma::bf16_16816(sq[mt], top, a[0], a[2]);
+            mma::bf16_16816(sq[mt], bottom, a[1], a[3]);
+          }
+      }
+      if (ix >= 0) {
+        const int t0 = (g + ix * G) * TT;
+        bf16* sb = stage + (size_t)(ix % 2) * TT * SEGS * 8;
+        const float* hb = hps + (ix % 2) * TT * NS;
+        for (int e = tid; e < TT * CSEGS; e += WORKERS) {
+          const int r = e / CSEGS, sg = e % CSEGS, t = t0 + r, c = c0 + 8 * sg;
+          if (t >= Tn || c >= C) continue;
+          float xa[8];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-              rows[(size_t)(mt * 16 + g4) * RL + MP] = (g4 & 1) ? sq[mt][1] : sq[mt][0];
-              rows[(size_t)(mt * 16 + g4 + 8) * RL + MP] = (g4 & 1) ? sq[mt][3] : sq[mt][2];
-            }
+          for (int u = 0; u < 8; ++u) xa[u] = 0.0f;
+          for (int j = 0; j < n; ++j) {  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
+            const uint4 w = *reinterpret_cast<const uint4*>(seg_at(sb, r, j * CSEGS + sg));
+            const bf16* xv = reinterpret_cast<const bf16*>(&w);
+            const float hj = hb[r * NS + j];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) xa[u] += to_float(xv[u]) * hj;
+          }
+          bf16* out = x_in + (size_t)t * C + c;
+          if (vec && c + 8 <= C) {
+            store_vec(out, xa);
+          } else {
+#pragma unroll
+            for (int u = 0; u < 8; ++u)
+              if (c + u < C) out[u] = from_float<bf16>(xa[u]);
           }
         }
-        workers_sync();  // buffer i % AHEAD is consumed, ksum written
-        if (tid == 0) TRACE(i, 9);
+      }
+      if (product) {
+        float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
+        mma::store_tiles<2, NT>(acc, rows, RL, lane);
+        if (q == g4 / 2) {
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            rows[(size_t)(mt * 16 + g4) * RL + MP] = (g4 & 1) ? sq[mt][1] : sq[mt][0];
+            rows[(size_t)(mt * 16 + g4 + 8) * RL + MP] = (g4 & 1) ? sq[mt][3] : sq[mt][2];
+          }
+        }
+      }
+      if (tid == 0) TRACE(i, 7);
+      workers_sync();  // ksum written; DRAM buffer i % AHEAD and staging buffer ix % 2 consumed
+      if (tid == 0) TRACE(i, 9);
+      if (i < ntile) {
         // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
         // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) at
         // iteration i - NSLOT + LAG - 1 < i, before a barrier of this one.
@@ -309,8 +348,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
         if (tid == 0) TRACE(i, 0);
       }
-      // step 3, first half: copy tile stage_next back from L2 and, once its h_pre is published, its
-      // h_pre, into staging buffer stage_next % 2 (free: its last tile's x_in was a barrier ago)
+      // copy tile stage_next back from L2 and, once it is published, its h_pre, into staging buffer
+      // stage_next % 2 (free: its last tile's x_in was before the barrier above)
       if (!dram_thread) {
         if (stage_next >= 0 && stage_next < ntile) {
           const int b2 = stage_next % 2, t0 = (g + stage_next * G) * TT;
@@ -327,43 +366,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           }
         }
         __pipeline_commit();
-        __pipeline_wait_prior(1);  // this thread's copies for tile i - LAG (staged last iteration) landed
         if (tid == HALF) TRACE(i, 1);
       }
-      const int ix = i - LAG;
-      if (ix >= 0) {
-        // step 3: x_in of tile ix over this CTA's columns
-        workers_sync();
-        if (tid == 0) TRACE(i, 7);
-        const int t0 = (g + ix * G) * TT;
-        bf16* xb = stage + (size_t)(ix % 2) * TT * SEGS * 8;
-        const float* hb = hps + (ix % 2) * TT * NS;
-        for (int e = tid; e < TT * CSEGS; e += WORKERS) {
-          const int r = e / CSEGS, sg = e % CSEGS, t = t0 + r, c = c0 + 8 * sg;
-          if (t >= Tn || c >= C) continue;
-          float acc[8];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) acc[u] = 0.0f;
-          for (int j = 0; j < n; ++j) {  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
-            const uint4 w = *reinterpret_cast<const uint4*>(seg_at(xb, r, j * CSEGS + sg));
-            const bf16* xv = reinterpret_cast<const bf16*>(&w);
-            const float hj = hb[r * NS + j];
-#pragma unroll
-            for (int u = 0; u < 8; ++u) acc[u] += to_float(xv[u]) * hj;
-          }
-          bf16* out = x_in + (size_t)t * C + c;
-          if (vec && c + 8 <= C) {
-            store_vec(out, acc);
-          } else {
-#pragma unroll
-            for (int u = 0; u < 8; ++u)
-              if (c + u < C) out[u] = from_float<bf16>(acc[u]);
-          }
-        }
-      }
-      if (tid == 0) TRACE(i, 2);
-      workers_sync();  // ksum and staging buffer ix % 2 are free
-      if (tid == 0) TRACE(i, 3);
     }
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2

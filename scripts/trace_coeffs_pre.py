@@ -1,6 +1,6 @@
 """Timing trace of mhc_dynamic_coeffs_pre (compiled here with -DMHC_CP_TRACE: globaltimer stamps over
 its mix output; outputs otherwise wrong): per event, the median over CTAs and tiles of its time
-relative to the tile's landing in the workers (event 6).
+relative to the iteration's first barrier (event 6: tile i and the staged tile landed).
 
   python scripts/trace_coeffs_pre.py [T n C] [DEFINE ...]
 """
@@ -34,8 +34,8 @@ for _ in range(3):
 mix = np.array(outs[4]).reshape(-1).view(np.uint32)
 ntile = -(-T // 32) // G
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
-names = {9: "product done", 0: "DRAM refill issued", 1: "copy-back issued, staged landed",
-         7: "x_in start (after barrier)", 2: "x_in done", 3: "iteration end (after barrier)"}
+names = {7: "product + x_in done (before barrier)", 9: "after the barrier", 0: "partials, handoff, DRAM refill issued",
+         1: "copy-back + h_pre issued"}
 ref = ev[:, :, 6]
 print(f"T={T} n={n} C={C} G={G} S={S} tiles/group={ntile}")
 it = np.diff(ref, axis=1)
