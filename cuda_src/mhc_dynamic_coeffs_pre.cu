@@ -2,8 +2,8 @@
 // and the sum of squares (mhc_dynamic_proj_tc), the per-token coefficients (mhc_dynamic_coeffs: RMS
 // scale, activations, Liger's Sinkhorn) and x_in = h_pre . x (mhc_dynamic_pre) in one launch. The
 // three-kernel path reads x from DRAM twice (the projection, then pre) and waits on a latency-bound
-// coefficients launch between them. Measured slower than that path on the H200 (README, session 14):
-// the dispatch does not choose it (mhc_aot/cuda_dynamic.py, CP_MIN_T).
+// coefficients launch between them. Measured slower than that path on the H200 at large T (README,
+// sessions 14 and 15): the dispatch does not choose it (mhc_aot/cuda_dynamic.py, CP_MIN_T).
 //
 // A persistent grid: G groups of S = ceil(C / CW) CTAs. CTA s of a group owns columns [s CW, s CW + CW)
 // of every stream: phi's rows j C + c for those columns (n x 128 x 24 floats) are read once and held

@@ -60,8 +60,9 @@ REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::R
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
 # from CP_MIN_T tokens): a persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles.
-# Off (None) by default: on the H200 it ran slower than the three-kernel path on every config tried
-# (T = 8192, n = 4, C = 4096: forward 587.6 vs 435.1 us, scripts/gpu_dynamic_ab.py; README, issue 6).
+# Off (None) by default: on the H200 it runs slower than the three-kernel path at large T (T = 8192, n = 4,
+# C = 4096: forward 539.0 vs 438.1 us in session 15, scripts/gpu_dynamic_ab.py; README, issue 6) and wins
+# only at T = 1024 (100.2 vs 106.6) and (4096, 4, 2048) (146.5 vs 150.3): not a rule worth having yet.
 # Tests and that script set CP_MIN_T to run it.
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 384, 223248, 12  # its header
 CP_MIN_T: int | None = None
