@@ -151,7 +151,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   bf16* dram = reinterpret_cast<bf16*>(base);                                // [AHEAD][TT][SEGS x 8]
   bf16* stage = reinterpret_cast<bf16*>(base + AHEAD * X_BYTES);             // [2][TT][SEGS x 8]
   float* ksum = reinterpret_cast<float*>(base + (AHEAD + 2) * X_BYTES);    // [stream][half][TT][RL]
-  float* hps = ksum + SLICES * TT * RL;                                          // [2][TT][NS]: h_pre of staged tiles
+  float* hps = ksum + SLICES * TT * RL;                                      // [2][TT][NS]: staged h_pre
   int* ticket_s = reinterpret_cast<int*>(hps + 2 * TT * NS);
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;

@@ -9,7 +9,8 @@ median over rounds, the order alternating.
   python scripts/gpu_source_ab.py mhc_forward_ring shipped= old=/tmp/old_ring.cu --shapes 1024,32,2048
   python scripts/gpu_source_ab.py mhc_backward_ring --backward shipped= new=/tmp/new_bring.cu
 
-A variant is LABEL=[PATH][:DEFINE...]; PATH defaults to cuda_src/SOURCE.cu; LABEL= alone is the
+A variant is LABEL=[PATH][:DEFINE...]; PATH defaults to cuda_src/SOURCE.cu; a DEFINE that starts
+with "-" is an nvcc flag (e.g. -lineinfo for Nsight Compute); LABEL= alone is the
 installed package's binaries as its launcher picks them. A compiled variant replaces every build of
 the source (the forward ring's units too: give MHC_RING_UNITS to time one). Session 12 found the
 ring forward's w-in-shared-memory win this way, session 13 its units (README).
@@ -47,9 +48,10 @@ def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[
         name = re.sub(r"\W", "_", f"{source}_n{nmax}_ab_{label}")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "k.cubin"
+            # a DEFINE is passed as -DDEFINE, a word starting with "-" as the nvcc flag it is (-lineinfo)
+            flags = [d if d.startswith("-") else f"-D{d}" for d in defines if d]
             cmd = ["nvcc", "-O3", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas=-v", f"-DMHC_NAME={name}",
-                   "-DMHC_DTYPE=bf16", f"-DMHC_NMAX={nmax}", f"-I{ROOT / 'cuda_src'}", *[d if d.startswith("-") else f"-D{d}" for d in defines if d],
-                   path, "-o", str(out)]
+                   "-DMHC_DTYPE=bf16", f"-DMHC_NMAX={nmax}", f"-I{ROOT / 'cuda_src'}", *flags, path, "-o", str(out)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 sys.exit(f"{label}: nvcc failed:\n{r.stderr[-3000:]}")

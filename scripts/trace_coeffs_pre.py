@@ -33,17 +33,23 @@ for _ in range(3):
     mx.eval(outs)
 mix = np.array(outs[4]).reshape(-1).view(np.uint32)
 ntile = -(-T // 32) // G
+# the kernel's TRACE: 10 stamps for each of a CTA's first 64 tiles, [ticket][tile][event], over mix [T, M]
+if G * S * 64 * 10 > mix.size or ntile > 64:
+    sys.exit(f"T={T} n={n} C={C}: the trace needs mix to hold {G * S * 640} stamps (it holds {mix.size}) and at "
+             f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
-names = {7: "product + x_in done (before barrier)", 9: "after the barrier", 0: "partials, handoff, DRAM refill issued",
-         1: "copy-back + h_pre issued"}
+names = {7: "product + x_in done (before barrier)", 9: "after the barrier",
+         0: "partials, handoff, DRAM refill issued", 1: "copy-back + h_pre issued"}
 ref = ev[:, :, 6]
 print(f"T={T} n={n} C={C} G={G} S={S} tiles/group={ntile}")
 it = np.diff(ref, axis=1)
-print(f"iteration (tile landed -> next tile landed) median {np.median(it)/1e3:.2f} us, p10 {np.percentile(it,10)/1e3:.2f}, p90 {np.percentile(it,90)/1e3:.2f}")
+print(f"iteration (tile landed -> next tile landed) median {np.median(it) / 1e3:.2f} us, "
+      f"p10 {np.percentile(it, 10) / 1e3:.2f}, p90 {np.percentile(it, 90) / 1e3:.2f}")
 span = (ref[:, -1] - ref[:, 0]) / 1e3
 print(f"first to last tile per CTA: median {np.median(span):.1f} us")
 for e, name in names.items():
     r = (((ev[:, :, e] - ref + 2**31) % 2**32) - 2**31)[:, 6:-1]
-    print(f"{e} {name:34s} after tile landed: p10 {np.percentile(r,10)/1e3:6.2f} median {np.median(r)/1e3:6.2f} p90 {np.percentile(r,90)/1e3:6.2f} us")
+    print(f"{e} {name:38s} after tile landed: p10 {np.percentile(r, 10) / 1e3:6.2f} "
+          f"median {np.median(r) / 1e3:6.2f} p90 {np.percentile(r, 90) / 1e3:6.2f} us")
 pub = (((ev[:, 1:-1, 8] - ev[:, 1:-1, 6] + 2**31) % 2**32) - 2**31)
-print(f"8 published seen after the same tile landed: median {np.median(pub)/1e3:.2f} us")
+print(f"8 published seen after the same tile landed: median {np.median(pub) / 1e3:.2f} us")
