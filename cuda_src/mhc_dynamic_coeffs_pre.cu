@@ -381,7 +381,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       // this CTA has tokens r = s, s + S, ... of the tile
       if (s < TT) {
         if (lane == 0) spin_until(projected + z, S, ld_relaxed(projected + z));
-          __syncwarp();
+        __syncwarp();
         const float* src = slot_part(i);
         for (int r0 = s; r0 < TT; r0 += 2 * S) {  // two tokens a pass: one a half-warp
           const int r = r0 + h * S, t = t0 + r;
@@ -407,7 +407,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
             for (int o = 8; o > 0; o >>= 1) v[m] += __shfl_xor_sync(0xffffffffu, v[m], o);  // within the half-warp
           const float invr = rsqrtf(v[MP] / (float)(n * C) + rms_eps);
-              if (valid) {
+          if (valid) {
 #ifndef MHC_CP_TRACE
             for (int m = l16; m < M; m += 16) mix[(size_t)t * M + m] = pick(v, m) * invr;
 #endif
