@@ -51,13 +51,24 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// One 16-byte load of Vec<E>::N elements, widened to float32.
+// One 16-byte load of Vec<E>::N elements, raw: issue a thread's loads first, widen them later.
 template <typename E>
-__device__ __forceinline__ void load_vec(const E* p, float (&v)[Vec<E>::N]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+__device__ __forceinline__ uint4 ldg_vec(const E* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// The Vec<E>::N elements of a raw 16-byte vector, widened to float32.
+template <typename E>
+__device__ __forceinline__ void widen_vec(const uint4& raw, float (&v)[Vec<E>::N]) {
   const E* e = reinterpret_cast<const E*>(&raw);
 #pragma unroll
   for (int k = 0; k < Vec<E>::N; ++k) v[k] = to_float(e[k]);
+}
+
+// One 16-byte load of Vec<E>::N elements, widened to float32.
+template <typename E>
+__device__ __forceinline__ void load_vec(const E* p, float (&v)[Vec<E>::N]) {
+  widen_vec<E>(ldg_vec(p), v);
 }
 
 // Round to E (nearest even) and store 16 bytes.

@@ -7,7 +7,7 @@
 //   x_in[c] = sum_j h_pre[j] x[t, j, c], stored in MHC_DTYPE                              (:878-890)
 // zpart / sq come from the projection (mhc_dynamic_proj_tc or mhc_dynamic_skinny, S splits of K).
 // mix and invr are kept for the backward.
-// Two modes (`lanes`):
+// Three modes (`lanes`):
 //   0: one CTA per token (any n): the per-token math spread over the CTA, x_in computed before the
 //      Sinkhorn so the token's loads overlap it. Grid (threads): (T * THREADS, 1, 1), block THREADS;
 //      shared memory: M + n n + n + sinkhorn_floats(n, tmax, 2) floats.
@@ -16,9 +16,12 @@
 //      start in different banks); with_pre must be 0 (mhc_dynamic_pre computes x_in, a pure stream
 //      over x that no Sinkhorn holds back). Grid (threads): (ceil(T lanes / blockDim) * blockDim, 1, 1);
 //      shared memory: blockDim / lanes * slice floats.
-//   lanes < 0: the register mode (variants with 0 < NMAX <= dyn::REG_N, n <= NMAX): a thread per
-//      token, its matrix in registers (dyn::sinkhorn_forward_regs); no shared memory.
-//      Grid (threads): (ceil(T / blockDim) * blockDim, 1, 1).
+//   lanes = ELEMS (-2): the element mode (n <= dyn::LANE_N): a half-warp per token, a lane per
+//      matrix element (dyn::sinkhorn_forward_lanes); no shared memory. Grid (threads):
+//      (ceil(16 T / blockDim) * blockDim, 1, 1). (ncu, H200, T = 8192, n = 4: 37-39 us; the thread
+//      per token with its matrices in registers that it replaced took 47-54 at ~1 warp per scheduler.
+//      Without its Sinkhorn the element mode saved only ~5 us of the layer's forward: the rest is
+//      not the chain of 2 tmax phases.)
 // Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alpha_pre, alpha_post, alpha_res (float32
 // scalars, read once: separate inputs, so no stacking op runs before the launch).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre),
@@ -28,6 +31,7 @@
 using namespace mhc;
 
 namespace {
+constexpr int ELEMS = -2;  // `lanes` of the element mode (mhc_aot/cuda_dynamic.py)
 // Token t's coefficients, run by group g (the CTA or a lane group) on `base` (shared memory laid
 // out as the header says). with_pre only with the CTA group.
 template <class G>
@@ -89,62 +93,44 @@ __device__ __forceinline__ void token_coeffs(
   for (int e = g.rank; e < n * n; e += g.size) h_res[(size_t)t * n * n + e] = P[e];
 }
 
-// Token t's coefficients by one thread, everything in registers (n <= N = NMAX <= dyn::REG_N): the
-// values of token_coeffs in lane mode, the same operations in the same order.
-template <int N>
-__device__ __forceinline__ void token_coeffs_regs(
-    int t, const float* __restrict__ zpart, const float* __restrict__ sq, const float* __restrict__ b, float a_pre,
-    float a_post, float a_res, float* __restrict__ h_pre, float* __restrict__ h_post, float* __restrict__ h_res,
-    float* __restrict__ mix, float* __restrict__ invr_out, int n, int C, int Tn, int S, int tmax, float rms_eps,
-    float pre_eps, float sinkhorn_eps, float post_mult) {
-  const int M = n * n + 2 * n;
-  float zpre[N], zpost[N], zres[N][N];  // z's pre / post / residual segments
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    zpre[i] = zpost[i] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < N; ++j) zres[i][j] = 0.0f;
-  }
-  float ss = 0.0f;
-  for (int s = 0; s < S; ++s) {  // the projection's S partials, each summed in split order
-    const float* zp = zpart + ((size_t)s * Tn + t) * M;
+// Token t's coefficients by a half-warp, a lane per matrix element (n <= dyn::LANE_N): the values of
+// token_coeffs in lane mode and of the backward's recompute (mhc_dynamic_coeffs_bwd), the same
+// operations in the same order (lane l16 sums its own entries' S partials in split order). `valid`: t < T; a half-warp past the end still runs (its warp's shuffles need every
+// lane) on token T - 1 and writes nothing.
+__device__ __forceinline__ void token_coeffs_elems(
+    int t, bool valid, int lane, const float* __restrict__ zpart, const float* __restrict__ sq,
+    const float* __restrict__ b, float a_pre, float a_post, float a_res, float* __restrict__ h_pre,
+    float* __restrict__ h_post, float* __restrict__ h_res, float* __restrict__ mix, float* __restrict__ invr_out,
+    int n, int C, int Tn, int S, int tmax, float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult) {
+  const int M = n * n + 2 * n, l16 = lane % 16;
+  const bool elem = l16 < n * n, act = l16 < n;  // act: the lane of stream l16's pre / post entries
+  float ss = 0.0f, zp = 0.0f, zo = 0.0f, zr = 0.0f;
+  for (int s = 0; s < S; ++s) {
+    const float* row = zpart + ((size_t)s * Tn + t) * M;
     ss += sq[(size_t)s * Tn + t];
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if (i >= n) continue;
-      zpre[i] += zp[i];
-      zpost[i] += zp[n + i];
-#pragma unroll
-      for (int j = 0; j < N; ++j)
-        if (j < n) zres[i][j] += zp[2 * n + i * n + j];
+    if (act) {
+      zp += row[l16];
+      zo += row[n + l16];
     }
+    if (elem) zr += row[2 * n + l16];
   }
   const float invr = rsqrtf(ss / (float)(n * C) + rms_eps);
-  invr_out[t] = invr;
+  const float vr = zr * invr;
   float* mt = mix + (size_t)t * M;
-  float L[N][N], P[N][N];
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    if (i >= n) continue;
-    const float vp = zpre[i] * invr, vo = zpost[i] * invr;
-    mt[i] = vp;
-    mt[n + i] = vo;
-    h_pre[(size_t)t * n + i] = sigmoid(vp * a_pre + b[i]) + pre_eps;
-    h_post[(size_t)t * n + i] = sigmoid(vo * a_post + b[n + i]) * post_mult;
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      if (j >= n) continue;
-      const float v = zres[i][j] * invr;
-      mt[2 * n + i * n + j] = v;
-      L[i][j] = v * a_res + b[2 * n + i * n + j];
+  if (valid) {
+    if (l16 == 0) invr_out[t] = invr;
+    if (act) {
+      const float vp = zp * invr, vo = zo * invr;
+      mt[l16] = vp;
+      mt[n + l16] = vo;
+      h_pre[(size_t)t * n + l16] = sigmoid(vp * a_pre + b[l16]) + pre_eps;
+      h_post[(size_t)t * n + l16] = sigmoid(vo * a_post + b[n + l16]) * post_mult;
     }
+    if (elem) mt[2 * n + l16] = vr;
   }
-  dyn::sinkhorn_forward_regs<N>(L, P, n, tmax, sinkhorn_eps, nullptr);
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-      if (i < n && j < n) h_res[(size_t)t * n * n + i * n + j] = P[i][j];
+  const float L = elem ? vr * a_res + b[2 * n + l16] : 0.0f;
+  const float P = dyn::sinkhorn_forward_lanes(L, n, tmax, sinkhorn_eps, lane);
+  if (valid && elem) h_res[(size_t)t * n * n + l16] = P;
 }
 }  // namespace
 
@@ -158,14 +144,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     int with_pre, int lanes, int slice) {
   extern __shared__ float smem[];
   const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-  if (lanes < 0) {  // the register mode: passed only to variants with 0 < NMAX <= dyn::REG_N
-    if constexpr (NMAX > 0 && NMAX <= dyn::REG_N) {
-      const int t = blockIdx.x * blockDim.x + threadIdx.x;
-      if (t < Tn)
-        token_coeffs_regs<NMAX>(t, zpart, sq, b, a_pre, a_post, a_res, h_pre, h_post, h_res, mix, invr_out, n, C, Tn,
-                                S, tmax, rms_eps, pre_eps, sinkhorn_eps, post_mult);
-      return;
-    }
+  if (lanes == ELEMS) {  // a lane per matrix element, 16 lanes a token: n <= dyn::LANE_N
+    const int g = blockIdx.x * blockDim.x + threadIdx.x, t = g / 16;
+    token_coeffs_elems(min(t, Tn - 1), t < Tn, threadIdx.x % 32, zpart, sq, b, a_pre, a_post, a_res, h_pre, h_post,
+                       h_res, mix, invr_out, n, C, Tn, S, tmax, rms_eps, pre_eps, sinkhorn_eps, post_mult);
+    return;
   }
   if (lanes) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;

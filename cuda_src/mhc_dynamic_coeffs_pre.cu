@@ -373,7 +373,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // ---------------------------------------------------------------- coefficient warps: step 2
     const int h = lane / 16, l16 = lane % 16;
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-    const int ii = l16 / n, jj = l16 % n;  // this lane's matrix element (row, column)
     for (int i = warp - WORKERS / 32; i < ntile; i += CWARPS) {
       const int z = g + i * G, t0 = z * TT;
       named_sync(handoff(i), WORKERS + 32);  // this CTA's partials of tile i are written
@@ -426,35 +425,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         for (int r0 = s; r0 < TT; r0 += 2 * S) {
           const int r = r0 + h * S, t = t0 + r;
           const bool valid = r < TT && t < Tn;
-          // h_res: Liger's Sinkhorn with a lane per element; sums in index order as the register mode
+          // h_res: Liger's Sinkhorn with a lane per element (dyn::sinkhorn_forward_lanes)
           const bool elem = l16 < n * n;
           // (v_m invr) a_res + b_m, as loop 1 would have it: mix as written there (its own lanes, a
           // __syncwarp ago)
           const float L = elem && valid ? __ldcg(mix + (size_t)t * M + 2 * n + l16) * a_res + b[2 * n + l16] : 0.0f;
-          float P;
-          // a row's (ROW) or a column's n values, gathered by independent shuffles issued back to back,
-          // folded in index order
-          auto fold = [&](float val, bool row, auto op) {
-            float got[NS];
-#pragma unroll
-            for (int k = 0; k < NS; ++k)
-              got[k] = __shfl_sync(0xffffffffu, val, row ? ii * n + min(k, n - 1) : min(k, n - 1) * n + jj, 16);
-            float r = got[0];
-#pragma unroll
-            for (int k = 1; k < NS; ++k)
-              if (k < n) r = op(r, got[k]);
-            return r;
-          };
-          auto add = [](float a, float c) { return a + c; };
-          auto row_sum = [&](float val) { return fold(val, true, add); };
-          auto col_sum = [&](float val) { return fold(val, false, add); };
-          const float ex = expf(L - fold(L, true, [](float a, float c) { return fmaxf(a, c); }));
-          P = dyn::sk_div(ex, row_sum(ex)) + sinkhorn_eps;
-          P = dyn::sk_div(P, col_sum(P) + sinkhorn_eps);
-          for (int it = 1; it < tmax; ++it) {
-            P = dyn::sk_div(P, row_sum(P) + sinkhorn_eps);
-            P = dyn::sk_div(P, col_sum(P) + sinkhorn_eps);
-          }
+          const float P = dyn::sinkhorn_forward_lanes(L, n, tmax, sinkhorn_eps, lane);
           if (valid && elem) h_res[(size_t)t * n * n + l16] = P;
         }
       }

@@ -286,9 +286,9 @@ __device__ __forceinline__ void sinkhorn_backward(float* G, SinkhornSmem s, floa
 // the matrix lives in registers, so the serial chain of ~2 tmax phases no longer waits on a
 // shared-memory round trip and a barrier per phase (ncu, H100, T = 8192, n = 4: lane groups of 4
 // took 64 us forward and 84 us backward; this mode 49-51 and 76: still one serial chain per
-// thread at ~2 warps per SM, so more lanes per token is the next step). The operations and order are those
-// of sinkhorn_forward / sinkhorn_backward above. `hist` (the backward's recompute) receives the
-// history in SinkhornSmem's layout, with n = N; the forward passes none.
+// thread at ~2 warps per SM; the forward now takes a lane per element, sinkhorn_forward_lanes below).
+// The operations and order are those of sinkhorn_forward / sinkhorn_backward above. `hist` (the
+// backward's recompute) receives the history in SinkhornSmem's layout, with n = N.
 constexpr int REG_N = 4;
 
 // One normalisation of P in registers: rows (ROWS) or columns divided by their sum + eps, each
@@ -353,6 +353,40 @@ __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], fl
     normalise_regs<false>(P, n, eps, hist ? hist->cs(t) : nullptr);
     keep(t);
   }
+}
+
+// ---------------------------------------------------------------- the same Sinkhorn, a lane per element
+// A half-warp per token for n <= LANE_N: lane l16 = lane % 16 holds element (l16 / n, l16 % n) of the
+// logits L and returns that element of h_res (lanes >= n n carry values nobody reads). A row's or a
+// column's n values are gathered by independent shuffles issued back to back and folded in index
+// order: the operations and order of sinkhorn_forward_regs, so the same results. Every lane of the
+// warp calls it (full-mask shuffles). The chain a token waits on is ~2 tmax short shuffle-and-divide
+// phases spread over 16 threads, so 16x the warps of the register mode hide each other's latency.
+constexpr int LANE_N = 4;
+
+__device__ __forceinline__ float sinkhorn_forward_lanes(float L, int n, int tmax, float eps, int lane) {
+  const int l16 = lane % 16, ii = l16 / n, jj = l16 % n;
+  auto fold = [&](float val, bool row, auto op) {
+    float got[LANE_N];
+#pragma unroll
+    for (int k = 0; k < LANE_N; ++k)
+      got[k] = __shfl_sync(0xffffffffu, val, row ? ii * n + min(k, n - 1) : min(k, n - 1) * n + jj, 16);
+    float r = got[0];
+#pragma unroll
+    for (int k = 1; k < LANE_N; ++k)
+      if (k < n) r = op(r, got[k]);
+    return r;
+  };
+  auto add = [](float a, float c) { return a + c; };
+  const float ex = expf(L - fold(L, true, [](float a, float c) { return fmaxf(a, c); }));
+  float P = sk_div(ex, fold(ex, true, add)) + eps;  // row softmax, then + eps
+  P = sk_div(P, fold(P, false, add) + eps);         // first column normalisation
+#pragma unroll 1
+  for (int it = 1; it < tmax; ++it) {
+    P = sk_div(P, fold(P, true, add) + eps);
+    P = sk_div(P, fold(P, false, add) + eps);
+  }
+  return P;
 }
 
 // The backward of one normalisation on G in registers: ROWS (rows) or columns divided by their

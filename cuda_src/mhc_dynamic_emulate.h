@@ -210,6 +210,11 @@ inline int atomicAdd(int* p, int v) {
 }
 inline void __threadfence() {}
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
 
 // One CTA: its threads are fibers (ucontext) run round-robin on one OS thread; a thread that
 // waits at a barrier yields until the barrier's generation moves on.

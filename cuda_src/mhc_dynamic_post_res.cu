@@ -4,8 +4,8 @@
 // Inputs: x [T, n, C], f [T, C] (MHC_DTYPE), h_post [T, n], h_res [T, n, n] (float32).
 // Output: x_out [T, n, C]. Grid (threads): (T * THREADS, ceil(ceil(C / VEC) / THREADS), 1); each
 // thread one 16-byte column vector of every stream of one token. Compile-time NMAX >= n keeps
-// the token's n vectors in registers; NMAX = 0 re-reads them per output stream (L1 hits).
-// Shared memory: n n + n floats.
+// the token's n vectors in registers (and the coefficients: no shared memory, no barrier); NMAX = 0
+// re-reads them per output stream (L1 hits). Shared memory: n n + n floats (NMAX = 0, scalar path).
 #include "mhc_dynamic_common.cuh"
 
 using namespace mhc;
@@ -17,41 +17,61 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
   float* hr = smem;        // n n
   float* hpo = hr + n * n; // n
   const int t = blockIdx.x, tid = threadIdx.x;
-  for (int e = tid; e < n * n; e += THREADS) hr[e] = h_res[(size_t)t * n * n + e];
-  for (int e = tid; e < n; e += THREADS) hpo[e] = h_post[(size_t)t * n + e];
-  __syncthreads();
   constexpr int V = Vec<T>::N;
   const int v = blockIdx.y * THREADS + tid;
   const T* xt = x + (size_t)t * n * C;
   const T* ft = f + (size_t)t * C;
   T* ot = out + (size_t)t * n * C;
-  if (vec_ok<T>(C, xt, ft, ot)) {
-    if (v >= C / V) return;
-    float fv[V];
-    load_vec(ft + v * V, fv);
-    if constexpr (NMAX > 0) {
-      float xv[NMAX > 0 ? NMAX : 1][V];
+  if constexpr (NMAX > 0) {
+    constexpr int NR = NMAX > 0 ? NMAX : 1;  // (array sizes of the discarded NMAX = 0 branch)
+    // The 16-byte path (taken by the whole CTA or none of it): f's and x's vectors are loaded before
+    // the coefficients, which every thread reads itself (L1 broadcasts), so the token's DRAM reads are
+    // in flight at once instead of behind a coefficient load and a barrier.
+    if (vec_ok<T>(C, xt, ft, ot)) {
+      if (v >= C / V) return;
+      uint4 xr[NR];
+      const uint4 fr = ldg_vec(ft + v * V);
 #pragma unroll
       for (int i = 0; i < NMAX; ++i)
-        if (i < n) load_vec(xt + (size_t)i * C + v * V, xv[i]);
+        if (i < n) xr[i] = ldg_vec(xt + (size_t)i * C + v * V);
+      float w[NR][NR], hp[NR];
+#pragma unroll
+      for (int o = 0; o < NMAX; ++o) {
+        hp[o] = o < n ? __ldg(h_post + (size_t)t * n + o) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) w[o][i] = o < n && i < n ? __ldg(h_res + ((size_t)t * n + o) * n + i) : 0.0f;
+      }
+      float fv[V], xv[NR][V];
+      widen_vec<T>(fr, fv);
+#pragma unroll
+      for (int i = 0; i < NMAX; ++i) widen_vec<T>(xr[i], xv[i]);
 #pragma unroll
       for (int o = 0; o < NMAX; ++o) {
         if (o < n) {
           float acc[V];
 #pragma unroll
-          for (int e = 0; e < V; ++e) acc[e] = fv[e] * hpo[o];
+          for (int e = 0; e < V; ++e) acc[e] = fv[e] * hp[o];
 #pragma unroll
           for (int i = 0; i < NMAX; ++i) {
             if (i < n) {
-              const float w = hr[o * n + i];
 #pragma unroll
-              for (int e = 0; e < V; ++e) acc[e] += xv[i][e] * w;
+              for (int e = 0; e < V; ++e) acc[e] += xv[i][e] * w[o][i];
             }
           }
           store_vec(ot + (size_t)o * C + v * V, acc);
         }
       }
-    } else {
+      return;
+    }
+  }
+  for (int e = tid; e < n * n; e += THREADS) hr[e] = h_res[(size_t)t * n * n + e];
+  for (int e = tid; e < n; e += THREADS) hpo[e] = h_post[(size_t)t * n + e];
+  __syncthreads();
+  if (vec_ok<T>(C, xt, ft, ot)) {  // NMAX = 0: x's vectors re-read per output stream (L1 hits)
+    if (v >= C / V) return;
+    float fv[V];
+    load_vec(ft + v * V, fv);
+    {
       for (int o = 0; o < n; ++o) {
         float acc[V];
 #pragma unroll

@@ -11,8 +11,9 @@
 // (w / 4): its A fragments come by ldmatrix (each x element is read from shared memory once), its
 // B fragments (phi's three terms, split once per CTA into fragment order, one 8-byte load per
 // lane and MMA tile) serve four token tiles. The four k-groups' sums meet in shared memory at the
-// end. The sum of squares rides on the same A fragments: the diagonal of x x^T on tensor cores
-// (bfloat16 squares are exact float32 products), two MMAs per 16 x 16 block.
+// end. The sum of squares rides on the same A fragments, on the CUDA cores (bfloat16 squares are
+// exact float32 products; as the x x^T diagonal on tensor cores, two more MMAs per 16 x 16 block, it
+// held up the tensor pipe: 18 us of a T = 8192 forward on the H200).
 // (ncu, H100, T = 8192, K = 16384: the WMMA version with one token tile per warp and B fragments
 // reloaded per tile ran 247 us at 33% of DRAM bandwidth, bound by its shared-memory reads.)
 // Grid (threads): (THREADS, S, ceil(T / 128)): token tiles are the slowest grid dimension, so the
@@ -84,7 +85,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
   auto load_phi = [&](int st, float (&v)[PhiStage::PER_THREAD][4]) { PhiStage::load(v, phi, k_first(st), k_last(st), M, tid); };
   auto store_phi = [&](const float (&v)[PhiStage::PER_THREAD][4], int pb) { PhiStage::store(v, pf(pb), tid); };
 
-  float acc[4][NT][4] = {}, sqacc[4][4] = {};
+  float acc[4][NT][4] = {}, sqacc[4][2] = {};  // sqacc[mt]: this lane's columns of rows g, g + 8
   float pv[PhiStage::PER_THREAD][4];
 #pragma unroll
   for (int st = 0; st < NS - 1; ++st) {
@@ -109,12 +110,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
       uint32_t a[4];
       mma::ldmatrix_x4<false>(a, &xb[mg * 64 + mt * 16 + lane % 16][kg * 16 + (lane / 16) * 8]);
       mma::mma_split3(acc[mt], a, b);
-      // sums of squares as x x^T: rows 0-7 times themselves (A's rows 8-15 zero), then rows 8-15
-      // (rows 0-7 zero), so slot (g, g) of d[0..1] holds |x_g|^2 and slot (g + 8, g) of d[2..3]
-      // holds |x_{g+8}|^2 with no cross terms: both products share sqacc
-      const uint32_t top[4] = {a[0], 0u, a[2], 0u}, bottom[4] = {0u, a[1], 0u, a[3]};
-      mma::bf16_16816(sqacc[mt], top, a[0], a[2]);
-      mma::bf16_16816(sqacc[mt], bottom, a[1], a[3]);
+      // sums of squares on the CUDA cores from the same A fragments (a[0], a[2]: row g; a[1], a[3]:
+      // row g + 8; bfloat16 squares are exact float32 products), off the tensor pipe, which the three
+      // split terms keep busy (H200, T = 8192: the x x^T diagonal on tensor cores cost ~18 us a forward)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          const uint32_t word = a[h + 2 * w];
+          const float lo = __uint_as_float(word << 16), hi = __uint_as_float(word & 0xffff0000u);
+          sqacc[mt][h] = fmaf(lo, lo, sqacc[mt][h]);
+          sqacc[mt][h] = fmaf(hi, hi, sqacc[mt][h]);
+        }
     }
     if (it + 1 < stages) {
       store_phi(pv, (it + 1) & 1);  // buffer (it + 1) & 1 was last read in iteration it - 1
@@ -128,10 +135,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
 #pragma unroll
   for (int mt = 0; mt < 4; ++mt) {
     float* lo = red + ((size_t)kg * TB + mg * 64 + mt * 16 + g) * RL;
-    float* hi = lo + 8 * RL;
-    if (q == g / 2) {  // the lane holding diagonal (g, g) of both x x^T products
-      lo[MP] = (g & 1) ? sqacc[mt][1] : sqacc[mt][0];  // constant indices: sqacc stays in registers
-      hi[MP] = (g & 1) ? sqacc[mt][3] : sqacc[mt][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // the row's four lanes (q) in a fixed order
+      float v = sqacc[mt][h];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      if (q == 0) lo[h * 8 * RL + MP] = v;
     }
   }
   __syncthreads();

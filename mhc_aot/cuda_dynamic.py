@@ -6,11 +6,13 @@ that launch the backward kernels.
 Kernels per op (geometry mirrors each kernel's header comment; grids are given in threads):
   mhc_coeffs    forward  proj_tc (bfloat16 x, n <= 4: mma.sync, four-stage cp.async) or skinny
                          (z = vec(x) @ phi, K split S ways, + sum of squares)
-                         -> coeffs: RMS scale, activations, Sinkhorn per token, by a thread with
-                            its matrices in registers (n <= REG_N) or a lane group (n <= 8), from
-                            LANES_MIN_T tokens (then x_in by pre), else by a CTA (with x_in)
+                         -> coeffs: RMS scale, activations, Sinkhorn per token, by a half-warp
+                            with a lane per matrix element (n <= ELEMS_MAX_N) or a lane group
+                            (n <= 8), from LANES_MIN_T tokens (then x_in by pre), else by a CTA
+                            (with x_in)
                 backward [pre_bwd without dx: the dots dx_in . x, lane mode only]
-                         -> coeffs_bwd (sigmoid and Sinkhorn backward; lane group or CTA as forward)
+                         -> coeffs_bwd (sigmoid and Sinkhorn backward; a thread per token with its
+                            matrices in registers (n <= REG_N), a lane group or a CTA)
                          -> dx (token-tiled dz @ phi^T + RMS term + h_pre dx_in [+ post_res's dx])
                          -> dphi_tc (bfloat16 x, n <= 4: tensor cores) or skinny (dphi = x^T dz,
                             tokens split S ways) -> colsum (dphi unless S = 1, db, dalpha: one launch)
@@ -50,13 +52,19 @@ POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 # counts at small T. (ncu, H100, T = 8192, one thread per token: forward 80 us, backward 128 us at
 # 3% occupancy, serial-latency bound; CTA per token: 311 / 621 us holding x behind barriers.)
 LANES_MAX_N, LANES_MIN_T, LANES_THREADS = 8, 1024, 128
-# Register mode (lanes = REGS, on a variant with 0 < NMAX <= REG_N, so n <= 4, from LANES_MIN_T
-# tokens): a thread per token with its matrices in registers; the backward keeps only the Sinkhorn
-# history in shared memory, ~2 KB per token at tmax = 20. CTAs of one warp: a serial chain per
-# thread, so the tokens spread over as many SMs as there are warps (three per SM in the backward).
-# (ncu, H100, T = 8192, n = 4: lane groups of four took 64 us forward and 84 us backward, this
-# mode 49-51 and 76: still latency-bound, see mhc_dynamic_common.cuh.)
+# Register mode of the backward (lanes = REGS, on a variant with 0 < NMAX <= REG_N, so n <= 4, from
+# LANES_MIN_T tokens): a thread per token with its matrices in registers, only the Sinkhorn history
+# in shared memory, ~2 KB per token at tmax = 20. CTAs of one warp: a serial chain per thread, so the
+# tokens spread over as many SMs as there are warps (three per SM). (ncu, H100, T = 8192, n = 4: lane
+# groups of four took 84 us, this mode 76: still latency-bound, see mhc_dynamic_common.cuh.)
 REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::REG_N)
+# Element mode of the forward (lanes = ELEMS, n <= ELEMS_MAX_N = dyn::LANE_N, from LANES_MIN_T tokens):
+# a half-warp per token, a lane per matrix element, LANES_THREADS per CTA (cuda_src/mhc_dynamic_coeffs.cu).
+# (Same-run A/B, H200, DynamicMHC forward: 372.5 vs 381.3 us at T = 8192, n = 4, C = 4096, 94.0 vs
+# 101.8 at T = 1024, the same at (4096, 4, 2048) and (8192, 2, 4096), against the register mode, which
+# the forward no longer has; ncu: 37-39 us vs 47-54.) The forward's modes: a CTA per token, elements,
+# lane groups (n > ELEMS_MAX_N).
+ELEMS, ELEMS_MAX_N = -2, 4
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
 # from CP_MIN_T tokens): a persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles.
@@ -158,6 +166,11 @@ def _lanes(n: int, T: int, nmax: int) -> int:
         return 0
     if 0 < nmax <= REG_N:
         return REGS
+    return _group_lanes(n)
+
+
+def _group_lanes(n: int) -> int:
+    """Lanes per token of a lane group: the power of two >= n."""
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -217,12 +230,14 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
     nmax = _nmax("mhc_dynamic_coeffs", tag, n)
     lanes = _lanes(n, T, nmax)
-    slice_ = 0 if lanes == REGS else _lane_slice(lanes, floats)  # registers: no shared memory
+    if lanes:  # the forward has no register mode: a lane per matrix element, else lane groups
+        lanes = ELEMS if n <= ELEMS_MAX_N else _group_lanes(n)
+    slice_ = 0 if lanes == ELEMS else _lane_slice(lanes, floats)  # registers: no shared memory
     fused_pre = with_pre and slice_ is None  # a CTA per token computes x_in itself
     if slice_ is None:
         mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), floats, THREADS)
-    elif lanes == REGS:
-        mode, geometry = [0, REGS, 0], (_lane_grid(T, REGS, REGS_THREADS), 0, REGS_THREADS)
+    elif lanes == ELEMS:
+        mode, geometry = [0, ELEMS, 0], (_lane_grid(T, 16), 0, LANES_THREADS)
     else:
         mode, geometry = [0, lanes, slice_], (_lane_grid(T, lanes), LANES_THREADS // lanes * slice_, LANES_THREADS)
     outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar],

@@ -8,6 +8,9 @@ larger than many differences worth measuring, so all run inside one process.
   python scripts/gpu_dynamic_ab.py                                   # three-kernel path vs one-read
   python scripts/gpu_dynamic_ab.py lag3=:MHC_CP_LAG=3 lag9=:MHC_CP_LAG=9
   python scripts/gpu_dynamic_ab.py --backward
+  python scripts/gpu_dynamic_ab.py --source mhc_dynamic_post_res old=/tmp/old_post_res.cu   # the three-kernel
+                                   path with a variant of one of its kernels (NMAX 4 and 0 builds)
+  python scripts/gpu_dynamic_ab.py --source mhc_dynamic_coeffs regs=@ELEMS_MAX_N=0   # a rule's knob
 
 Prints one line per (config, path): the sorted medians of the rounds (us).
 """
@@ -30,16 +33,24 @@ CONFIGS = [(8192, 4, 4096), (4096, 4, 2048), (16384, 4, 2048), (2048, 4, 4096), 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("variants", nargs="*", help="LABEL=[PATH][:DEFINE...] of mhc_dynamic_coeffs_pre")
+    ap.add_argument("variants", nargs="*", help="LABEL=[PATH][:DEFINE...] of the source")
+    ap.add_argument("--source", default=SOURCE, help=f"the kernel the variants replace (default {SOURCE})")
     ap.add_argument("--backward", action="store_true", help="time forward + backward")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", default=None, help="T:n:C,... (default: the seven above)")
     args = ap.parse_args()
     shipped = cuda._binary
     # (label, CP_MIN_T, binaries): the three kernels, the one-read kernel as built, the variants
-    paths = [("three", None, None), ("one-read", 1024, None)]
-    paths += [(label, 1024, bins) for label, bins in (gpu_source_ab.compile_variant(SOURCE, v, (4,))
-                                                      for v in args.variants)]
+    one_read = args.source == SOURCE
+    paths = [("three", None, None)] + ([("one-read", 1024, None)] if one_read else [])
+    # LABEL=@NAME=VALUE,...: the shipped binaries with attributes of mhc_aot.cuda_dynamic set (a rule's knob)
+    knobs = {v.partition("=")[0]: dict(kv.split("=") for kv in v.partition("=")[2][1:].split(","))
+             for v in args.variants if v.partition("=")[2].startswith("@")}
+    paths += [(label, 1024 if one_read else None, bins)
+              for label, bins in (gpu_source_ab.compile_variant(args.source, v, (4,) if one_read else (4, 0))
+                                  for v in args.variants if v.partition("=")[0] not in knobs)]
+    paths += [(label, None, None) for label in knobs]
+    defaults = {k: getattr(cuda_dynamic, k) for kv in knobs.values() for k in kv}
     configs = ([tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")] if args.configs
                else CONFIGS)
     for T, n, C in configs:
@@ -47,7 +58,9 @@ def main() -> None:
         for rnd in range(args.rounds):
             for label, min_t, bins in (paths if rnd % 2 == 0 else paths[::-1]):
                 cuda_dynamic.CP_MIN_T = min_t
-                gpu_source_ab.use(SOURCE, bins, shipped)
+                for k, v in defaults.items():
+                    setattr(cuda_dynamic, k, type(v)(knobs[label][k]) if k in knobs.get(label, {}) else v)
+                gpu_source_ab.use(args.source, bins, shipped)
                 # the path is chosen when a graph is traced: no cached trace of another one replays
                 kernel_ops._compiled.cache_clear()
                 cuda_dynamic._coeffs_fn.cache_clear()
@@ -57,7 +70,7 @@ def main() -> None:
         for label, medians in res.items():
             print(f"AB dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C} {label:8s} "
                   f"{' '.join(f'{m:7.1f}' for m in sorted(medians))}", flush=True)
-    gpu_source_ab.use(SOURCE, None, shipped)
+    gpu_source_ab.use(args.source, None, shipped)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 mhc_dynamic_coeffs_pre in the dispatch, as built or as a variant compiled here (e.g. with -lineinfo).
 
   ncu -k regex:coeffs_pre python3 scripts/ncu_dynamic_probe.py [T n C] [LABEL=[PATH][:DEFINE|-FLAG...]]
+  ncu python3 scripts/ncu_dynamic_probe.py [T n C] three    # the dispatched path (no one-read kernel)
 """
 import sys
 from pathlib import Path
@@ -14,12 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_source_ab  # noqa: E402
 
 SOURCE = "mhc_dynamic_coeffs_pre"
-nums = [a for a in sys.argv[1:] if "=" not in a]
+three = "three" in sys.argv[1:]
+nums = [a for a in sys.argv[1:] if "=" not in a and a != "three"]
 specs = [a for a in sys.argv[1:] if "=" in a]
 T, n, C = (int(v) for v in (nums[:3] or (8192, 4, 4096)))
 if specs:
     gpu_source_ab.use(SOURCE, gpu_source_ab.compile_variant(SOURCE, specs[0], (4,))[1], cuda._binary)
-cuda_dynamic.CP_MIN_T = 1
+cuda_dynamic.CP_MIN_T = None if three else 1
 case = bench.Case("throughput", T, n, C, "bfloat16", False, layer="dynamic")
 runner = bench.make_runner("kernels", case, bench.make_inputs(case))
 for _ in range(3):

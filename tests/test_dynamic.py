@@ -620,13 +620,15 @@ def _emulator():
 @pytest.fixture(params=["cta", "lanes", "regs"])
 def emulated_cuda(_emulator, monkeypatch, request):
     """The emulated kernels, with the per-token coefficient math in each mode of
-    mhc_dynamic_coeffs(_bwd): one CTA per token, a lane group per token, or a thread per token with
-    its matrices in registers (n <= REG_N; larger n then take lane groups) at any T here."""
+    mhc_dynamic_coeffs(_bwd): one CTA per token, a lane group per token, or ("regs") a half-warp per
+    token with a lane per matrix element forward (n <= ELEMS_MAX_N) and a thread per token with its
+    matrices in registers backward (n <= REG_N; larger n then take lane groups) at any T here."""
     from mhc_aot import cuda, cuda_dynamic, kernel_ops
 
     monkeypatch.setattr(cuda_dynamic, "LANES_MIN_T", 10 ** 9 if request.param == "cta" else 1)
-    if request.param == "lanes":
-        monkeypatch.setattr(cuda_dynamic, "REG_N", 0)  # lane groups for every n <= LANES_MAX_N
+    if request.param == "lanes":  # lane groups for every n <= LANES_MAX_N
+        monkeypatch.setattr(cuda_dynamic, "REG_N", 0)
+        monkeypatch.setattr(cuda_dynamic, "ELEMS_MAX_N", 0)
     monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
     monkeypatch.setattr(cuda_dynamic, "SK_JC", 8)  # a multiple of every vector width
     monkeypatch.setattr(cuda_dynamic, "COLSUM_CTA_ROWS", 2)
@@ -643,15 +645,18 @@ def emulated_cuda(_emulator, monkeypatch, request):
     return _emulator
 
 
-@pytest.mark.parametrize("n,lanes", [(4, {"cta": 0, "lanes": 4, "regs": -1}), (3, {"cta": 0, "lanes": 4, "regs": -1}),
-                                     (5, {"cta": 0, "lanes": 8, "regs": 8})])
+@pytest.mark.parametrize("n,lanes", [(4, {"cta": (0, 0), "lanes": (4, 4), "regs": (-2, -1)}),
+                                     (3, {"cta": (0, 0), "lanes": (4, 4), "regs": (-2, -1)}),
+                                     (5, {"cta": (0, 0), "lanes": (8, 8), "regs": (8, 8)})])
 def test_emulated_cuda_coeffs_mode_launched(emulated_cuda, n, lanes):
     """Each mode of the fixture really runs: the `lanes` scalar (second to last) of every
-    mhc_dynamic_coeffs(_bwd) launch, forward and backward (regs: n <= REG_N only)."""
+    mhc_dynamic_coeffs launch (forward; -2 the element mode) and mhc_dynamic_coeffs_bwd launch
+    (backward; -1 the register mode), elements and registers for n <= 4 only."""
     _check_gradients("cuda", 3, n, 8, "float32")
-    modes = {nm: sc[-2] for nm, sc in emulated_cuda.launched if nm.startswith("mhc_dynamic_coeffs")}
-    assert {nm.startswith("mhc_dynamic_coeffs_bwd") for nm in modes} == {False, True}, modes
-    assert set(modes.values()) == {lanes[emulated_cuda.mode]}, modes
+    launched = [(nm.startswith("mhc_dynamic_coeffs_bwd"), sc[-2]) for nm, sc in emulated_cuda.launched
+                if nm.startswith("mhc_dynamic_coeffs")]
+    fwd, bwd = lanes[emulated_cuda.mode]
+    assert set(launched) == {(False, fwd), (True, bwd)}, launched
 
 
 @pytest.mark.parametrize("shape,dtype_name", EMU_CASES, ids=[f"{s}-{d}" for s, d in EMU_CASES])
