@@ -26,7 +26,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     constexpr int NR = NMAX > 0 ? NMAX : 1;  // (array sizes of the discarded NMAX = 0 branch)
     // The 16-byte path (taken by the whole CTA or none of it): f's and x's vectors are loaded before
     // the coefficients, which every thread reads itself (L1 broadcasts), so the token's DRAM reads are
-    // in flight at once instead of behind a coefficient load and a barrier.
+    // in flight at once instead of behind a coefficient load and a barrier (H200, T = 8192, n = 4,
+    // C = 4096: the layer's forward 408.0 vs 427.7 us).
     if (vec_ok<T>(C, xt, ft, ot)) {
       if (v >= C / V) return;
       uint4 xr[NR];

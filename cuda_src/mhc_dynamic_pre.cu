@@ -16,7 +16,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     constexpr int NR = NMAX > 0 ? NMAX : 1;  // (array sizes of the discarded NMAX = 0 branch)
     // The 16-byte path (the whole CTA or none of it): x's vectors are loaded before h_pre, which
     // every thread reads itself (L1 broadcasts), so the token's DRAM reads are in flight at once
-    // instead of behind an h_pre load and a barrier.
+    // instead of behind an h_pre load and a barrier (H200, T = 8192: the layer's forward 407.1 vs 411.1 us).
     constexpr int V = Vec<T>::N;
     const int v = blockIdx.y * THREADS + threadIdx.x;
     const T* xt = x + (size_t)t * n * C;
