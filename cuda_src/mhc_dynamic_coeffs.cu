@@ -95,8 +95,9 @@ __device__ __forceinline__ void token_coeffs(
 
 // Token t's coefficients by a half-warp, a lane per matrix element (n <= dyn::LANE_N): the values of
 // token_coeffs in lane mode and of the backward's recompute (mhc_dynamic_coeffs_bwd), the same
-// operations in the same order (lane l16 sums its own entries' S partials in split order). `valid`: t < T; a half-warp past the end still runs (its warp's shuffles need every
-// lane) on token T - 1 and writes nothing.
+// operations in the same order (lane l16 sums its own entries' S partials in split order).
+// `valid`: t < T; a half-warp past the end still runs (its warp's shuffles need every lane) on
+// token T - 1 and writes nothing.
 __device__ __forceinline__ void token_coeffs_elems(
     int t, bool valid, int lane, const float* __restrict__ zpart, const float* __restrict__ sq,
     const float* __restrict__ b, float a_pre, float a_post, float a_res, float* __restrict__ h_pre,

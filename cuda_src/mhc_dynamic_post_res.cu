@@ -72,20 +72,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     if (v >= C / V) return;
     float fv[V];
     load_vec(ft + v * V, fv);
-    {
-      for (int o = 0; o < n; ++o) {
-        float acc[V];
+    for (int o = 0; o < n; ++o) {
+      float acc[V];
 #pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] = fv[e] * hpo[o];
-        for (int i = 0; i < n; ++i) {
-          float xv[V];
-          load_vec(xt + (size_t)i * C + v * V, xv);
-          const float w = hr[o * n + i];
+      for (int e = 0; e < V; ++e) acc[e] = fv[e] * hpo[o];
+      for (int i = 0; i < n; ++i) {
+        float xv[V];
+        load_vec(xt + (size_t)i * C + v * V, xv);
+        const float w = hr[o * n + i];
 #pragma unroll
-          for (int e = 0; e < V; ++e) acc[e] += xv[e] * w;
-        }
-        store_vec(ot + (size_t)o * C + v * V, acc);
+        for (int e = 0; e < V; ++e) acc[e] += xv[e] * w;
       }
+      store_vec(ot + (size_t)o * C + v * V, acc);
     }
   } else {
     for (int c = v * V; c < min(C, v * V + V); ++c) {
