@@ -41,7 +41,8 @@ for s in $stages; do
   build)
     stage build
     # the device's copy may show an old `git log`: name the sources by their content instead
-    echo "sources: $(cat cuda_src/* mhc_aot/*.py | sha1sum | cut -c1-12) (cat cuda_src/* mhc_aot/*.py | sha1sum)"
+    # (LC_ALL=C: the glob's order follows the locale's collation, which differs between machines)
+    echo "sources: $(LC_ALL=C bash -c 'cat cuda_src/* mhc_aot/*.py' | sha1sum | cut -c1-12) (LC_ALL=C; cat cuda_src/* mhc_aot/*.py | sha1sum)"
     if ! command -v mhc >/dev/null; then  # not yet installed on this machine
       python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
     fi
