@@ -17,11 +17,12 @@
 //      over x that no Sinkhorn holds back). Grid (threads): (ceil(T lanes / blockDim) * blockDim, 1, 1);
 //      shared memory: blockDim / lanes * slice floats.
 //   lanes = ELEMS (-2): the element mode (n <= dyn::LANE_N): a half-warp per token, a lane per
-//      matrix element (dyn::sinkhorn_forward_lanes); no shared memory. Grid (threads):
-//      (ceil(16 T / blockDim) * blockDim, 1, 1). (ncu, H200, T = 8192, n = 4: 37-39 us; the thread
-//      per token with its matrices in registers that it replaced took 47-54 at ~1 warp per scheduler.
-//      Without its Sinkhorn the element mode saved only ~5 us of the layer's forward: the rest is
-//      not the chain of 2 tmax phases.)
+//      matrix element (dyn::sinkhorn_forward_lanes). The alphas and b, which every token reads,
+//      come through shared memory, one global load each per CTA: loaded by every warp, they were
+//      the same few addresses requested by each of T / 2 warps at the kernel's start, queued at
+//      their L2 slices (ncu, H200, T = 8192, n = 4: 37-39 us, a third of the warps' stall samples
+//      on the alphas' load, an L2 slice far busier than the others). Grid (threads):
+//      (ceil(16 T / blockDim) * blockDim, 1, 1); shared memory: 3 + M floats.
 // Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alpha_pre, alpha_post, alpha_res (float32
 // scalars, read once: separate inputs, so no stacking op runs before the launch).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre),
@@ -100,7 +101,7 @@ __device__ __forceinline__ void token_coeffs(
 // token T - 1 and writes nothing.
 __device__ __forceinline__ void token_coeffs_elems(
     int t, bool valid, int lane, const float* __restrict__ zpart, const float* __restrict__ sq,
-    const float* __restrict__ b, float a_pre, float a_post, float a_res, float* __restrict__ h_pre,
+    const float* b, float a_pre, float a_post, float a_res, float* __restrict__ h_pre,
     float* __restrict__ h_post, float* __restrict__ h_res, float* __restrict__ mix, float* __restrict__ invr_out,
     int n, int C, int Tn, int S, int tmax, float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult) {
   const int M = n * n + 2 * n, l16 = lane % 16;
@@ -144,13 +145,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     int n, int C, int Tn, int S, int tmax, float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult,
     int with_pre, int lanes, int slice) {
   extern __shared__ float smem[];
-  const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
   if (lanes == ELEMS) {  // a lane per matrix element, 16 lanes a token: n <= dyn::LANE_N
+    // the alphas and b, read by every token: one load each per CTA (the header says why)
+    const int M = n * n + 2 * n;
+    if (threadIdx.x < 3 + M) {
+      const int i = threadIdx.x;
+      smem[i] = i == 0 ? *alpha_pre : i == 1 ? *alpha_post : i == 2 ? *alpha_res : b[i - 3];
+    }
+    __syncthreads();
     const int g = blockIdx.x * blockDim.x + threadIdx.x, t = g / 16;
-    token_coeffs_elems(min(t, Tn - 1), t < Tn, threadIdx.x % 32, zpart, sq, b, a_pre, a_post, a_res, h_pre, h_post,
-                       h_res, mix, invr_out, n, C, Tn, S, tmax, rms_eps, pre_eps, sinkhorn_eps, post_mult);
+    token_coeffs_elems(min(t, Tn - 1), t < Tn, threadIdx.x % 32, zpart, sq, smem + 3, smem[0], smem[1], smem[2],
+                       h_pre, h_post, h_res, mix, invr_out, n, C, Tn, S, tmax, rms_eps, pre_eps, sinkhorn_eps,
+                       post_mult);
     return;
   }
+  const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
   if (lanes) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;
     if (t < Tn)  // a whole group leaves together: its __syncwarp masks stay complete

@@ -63,7 +63,9 @@ REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::R
 # (Same-run A/B, H200, DynamicMHC forward: 372.5 vs 381.3 us at T = 8192, n = 4, C = 4096, 94.0 vs
 # 101.8 at T = 1024, the same at (4096, 4, 2048) and (8192, 2, 4096), against the register mode, which
 # the forward no longer has; ncu: 37-39 us vs 47-54.) The forward's modes: a CTA per token, elements,
-# lane groups (n > ELEMS_MAX_N).
+# lane groups (n > ELEMS_MAX_N). The alphas and b come through shared memory (3 + M floats), one load per
+# CTA (ncu, H200, T = 8192, n = 4: 26.7 us vs 38.1 with every warp loading them; forward A/B 370.4 vs
+# 373.5 us at (8192, 4, 4096), 232.5 vs 241.2 at (8192, 2, 4096)).
 ELEMS, ELEMS_MAX_N = -2, 4
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
@@ -237,7 +239,7 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
     if slice_ is None:
         mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), floats, THREADS)
     elif lanes == ELEMS:
-        mode, geometry = [0, ELEMS, 0], (_lane_grid(T, 16), 0, LANES_THREADS)
+        mode, geometry = [0, ELEMS, 0], (_lane_grid(T, 16), 3 + M, LANES_THREADS)  # the alphas and b
     else:
         mode, geometry = [0, lanes, slice_], (_lane_grid(T, lanes), LANES_THREADS // lanes * slice_, LANES_THREADS)
     outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar],

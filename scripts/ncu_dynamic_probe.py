@@ -3,6 +3,8 @@ mhc_dynamic_coeffs_pre in the dispatch, as built or as a variant compiled here (
 
   ncu -k regex:coeffs_pre python3 scripts/ncu_dynamic_probe.py [T n C] [LABEL=[PATH][:DEFINE|-FLAG...]]
   ncu python3 scripts/ncu_dynamic_probe.py [T n C] three    # the dispatched path (no one-read kernel)
+  ncu --import-source yes ... three lineinfo=mhc_dynamic_proj_tc,mhc_dynamic_coeffs   # those kernels
+      compiled here with -lineinfo (NMAX 4 and 0; their names end in _ab_li), for ncu's source page
 """
 import sys
 from pathlib import Path
@@ -17,10 +19,13 @@ import gpu_source_ab  # noqa: E402
 SOURCE = "mhc_dynamic_coeffs_pre"
 three = "three" in sys.argv[1:]
 nums = [a for a in sys.argv[1:] if "=" not in a and a != "three"]
-specs = [a for a in sys.argv[1:] if "=" in a]
+lineinfo = [src for a in sys.argv[1:] if a.startswith("lineinfo=") for src in a.partition("=")[2].split(",")]
+specs = [a for a in sys.argv[1:] if "=" in a and not a.startswith("lineinfo=")]
 T, n, C = (int(v) for v in (nums[:3] or (8192, 4, 4096)))
 if specs:
     gpu_source_ab.use(SOURCE, gpu_source_ab.compile_variant(SOURCE, specs[0], (4,))[1], cuda._binary)
+for src in lineinfo:  # each wraps the lookup before it
+    gpu_source_ab.use(src, gpu_source_ab.compile_variant(src, "li=:-lineinfo", (4, 0))[1], cuda._binary)
 cuda_dynamic.CP_MIN_T = None if three else 1
 case = bench.Case("throughput", T, n, C, "bfloat16", False, layer="dynamic")
 runner = bench.make_runner("kernels", case, bench.make_inputs(case))
