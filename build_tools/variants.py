@@ -91,6 +91,7 @@ DYNAMIC_NMAX = (4, 0)
 
 def _dynamic_variants() -> list[KernelVariant]:
     v = [KernelVariant("mhc_coeffs", "mhc_dynamic_colsum", "fused", None, 0),
+         KernelVariant("mhc_coeffs", "mhc_dynamic_phi_split", "fused", None, 0),  # proj_tc's B fragments
          KernelVariant("mhc_coeffs", "mhc_dynamic_proj_tc", "fused", "bf16", 0),  # tensor cores: bfloat16 x
          KernelVariant("mhc_coeffs", "mhc_dynamic_dphi_tc", "fused", "bf16", 0),
          # coefficients + x_in reading x once (bfloat16, n <= 4): a persistent grid, column-owned phi

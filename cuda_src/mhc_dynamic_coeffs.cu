@@ -21,8 +21,10 @@
 //      come through shared memory, one global load each per CTA: loaded by every warp, they were
 //      the same few addresses requested by each of T / 2 warps at the kernel's start, queued at
 //      their L2 slices (ncu, H200, T = 8192, n = 4: 37-39 us, a third of the warps' stall samples
-//      on the alphas' load, an L2 slice far busier than the others). Grid (threads):
-//      (ceil(16 T / blockDim) * blockDim, 1, 1); shared memory: 3 + M floats.
+//      on the alphas' load, an L2 slice far busier than the others; one load per CTA of 128
+//      threads: 26.7 us, still 60% of the samples waiting on it). So the CTAs are large
+//      (ELEMS_THREADS in mhc_aot/cuda_dynamic.py, at most MAX_BLOCK): fewer requests to those
+//      addresses. Grid (threads): (ceil(16 T / blockDim) * blockDim, 1, 1); shared memory: 3 + M floats.
 // Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alpha_pre, alpha_post, alpha_res (float32
 // scalars, read once: separate inputs, so no stacking op runs before the launch).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre),
@@ -32,7 +34,8 @@
 using namespace mhc;
 
 namespace {
-constexpr int ELEMS = -2;  // `lanes` of the element mode (mhc_aot/cuda_dynamic.py)
+constexpr int ELEMS = -2;         // `lanes` of the element mode (mhc_aot/cuda_dynamic.py)
+constexpr int MAX_BLOCK = 1024;   // threads per CTA at most: the element mode's ELEMS_THREADS
 // Token t's coefficients, run by group g (the CTA or a lane group) on `base` (shared memory laid
 // out as the header says). with_pre only with the CTA group.
 template <class G>
@@ -136,7 +139,7 @@ __device__ __forceinline__ void token_coeffs_elems(
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
+extern "C" __global__ void __launch_bounds__(MAX_BLOCK) MHC_NAME(
     const T* __restrict__ x, const float* __restrict__ zpart, const float* __restrict__ sq,
     const float* __restrict__ b, const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post,
     const float* __restrict__ alpha_res,

@@ -243,20 +243,6 @@ struct BStage {
       }
     }
   }
-  // load for a stage of whole rows (row_end >= row0 + 16 STEPS): src points at row0. Its offsets
-  // depend on tid and M alone, so a loop over stages keeps them and adds the stage's row0 (the
-  // projection's x and phi address arithmetic was a third of its instructions per stage).
-  static __device__ __forceinline__ void load_whole(float (&v)[PER_THREAD][4], const float* __restrict__ src, int M,
-                                                    int tid) {
-#pragma unroll
-    for (int i = 0; i < PER_THREAD; ++i) {
-      const int e = tid + i * THREADS_, l = e % 32, nt = (e / 32) % NT, kk = e / (32 * NT);
-      const int m = nt * 8 + l / 4, off = (kk * 16 + 2 * (l % 4)) * M + m;
-      const bool ok = e < SLOTS && m < M;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) v[i][j] = ok ? __ldg(src + off + ((j & 1) + 8 * (j >> 1)) * M) : 0.0f;
-    }
-  }
   // split and store what load gave into the stage buffer dst (BYTES)
   static __device__ __forceinline__ void store(const float (&v)[PER_THREAD][4], uint2* dst, int tid) {
 #pragma unroll

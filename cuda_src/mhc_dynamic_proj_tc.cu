@@ -9,8 +9,11 @@
 // not 16-byte aligned): three stages are in flight while one is multiplied, so the x stream never
 // waits on one load-compute cycle. Warp w takes k16-step w % 4 of every stage for 64 tokens
 // (w / 4): its A fragments come by ldmatrix (each x element is read from shared memory once), its
-// B fragments (phi's three terms, split once per CTA into fragment order, one 8-byte load per
-// lane and MMA tile) serve four token tiles. The four k-groups' sums meet in shared memory at the
+// B fragments (phi's three terms, one 8-byte load per lane, MMA tile and term) serve four token
+// tiles. mhc_dynamic_phi_split wrote them once per forward in fragment order, a contiguous 9216-byte
+// block a chunk, which the CTA copies through registers into one of two shared buffers (loaded two
+// stages ahead, stored one ahead); each CTA loading and splitting phi itself cost ~16 us of a
+// T = 8192 forward on the H200 (the same chunks split again in every token tile). The four k-groups' sums meet in shared memory at the
 // end. The sum of squares rides on the same A fragments, on the CUDA cores (bfloat16 squares are
 // exact float32 products; as the x x^T diagonal on tensor cores, two more MMAs per 16 x 16 block, it
 // held up the tensor pipe: 18 us of a T = 8192 forward on the H200).
@@ -39,6 +42,7 @@ constexpr int XV = TB * KC / V / THREADS;         // x vectors per thread per st
 constexpr int KSTEPS = KC / 16;                   // k16 steps per stage = k-groups of warps
 using PhiStage = mma::BStage<KSTEPS, NT, THREADS>;  // phi's B fragments of one stage
 constexpr int X_BYTES = TB * XLD * 2, P_BYTES = PhiStage::BYTES;
+constexpr int PV = (P_BYTES / 16 + THREADS - 1) / THREADS;  // 16-byte pieces of a stage's B fragments a thread
 constexpr int RL = MP + 1;                        // floats per token row of the k-group sums (odd: fewer conflicts)
 constexpr int SMEM_BYTES = NS * X_BYTES + 2 * P_BYTES;
 static_assert(THREADS == 256 && KSTEPS * 2 == THREADS / 32, "8 warps: 4 k-groups x 2 token halves");
@@ -48,7 +52,7 @@ static_assert(SMEM_BYTES == 92160, "keep TC_SMEM_BYTES in mhc_aot/cuda_dynamic.p
 
 // two CTAs per SM (shared memory allows two): at most 128 registers per thread
 extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
-    const bf16* __restrict__ x, const float* __restrict__ phi, float* __restrict__ part, float* __restrict__ sq,
+    const bf16* __restrict__ x, const uint2* __restrict__ frag, float* __restrict__ part, float* __restrict__ sq,
     int Tn, int K, int M) {
   extern __shared__ float smem[];
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
@@ -64,10 +68,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
   auto k_last = [&](int st) { return min(K, k_first(st) + KC); };
   const bool vec = K % V == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
   // whole: every chunk is KC columns of 16-byte aligned rows (n C % 64 == 0, the usual case). Then a
-  // thread's copies and phi loads sit at fixed offsets from the chunk's first column, kept across
-  // stages: a stage costs an add and the copy or load each instead of the bounds-checked address
-  // arithmetic of the general path (386 instructions a warp and stage there, ncu, H200, T = 8192:
-  // 108.0 us; with this path 105.3, a same-run A/B of the forward 1-3 us faster at four shapes).
+  // thread's x copies sit at fixed offsets from the chunk's first column, kept across stages: a
+  // stage costs an add and the copy each instead of the bounds-checked address arithmetic of the
+  // general path (with phi's loads done the same way: ncu, H200, T = 8192, 105.3 vs 108.0 us).
   const bool whole = vec && K % KC == 0;
   // thread tid's x vectors: rows tid / 8 + 32 i of the tile, columns 8 (tid % 8) .. + 7 of the chunk
   static_assert(KC / V == 8 && THREADS % 8 == 0, "a thread's vectors share one column");
@@ -104,18 +107,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
       }
     }
   };
-  // this thread's phi values of stage st (zeros past the chunk's end), then split into buffer pb
-  auto load_phi = [&](int st, float (&v)[PhiStage::PER_THREAD][4]) {
-    if (whole) {
-      PhiStage::load_whole(v, phi + (size_t)k_first(st) * M, M, tid);
-    } else {
-      PhiStage::load(v, phi, k_first(st), k_last(st), M, tid);
-    }
+  // the B fragments of stage st (frag's block for chunk s + st S): this thread's 16-byte pieces
+  // e = tid + i THREADS, loaded, then stored into buffer pb
+  auto load_phi = [&](int st, uint4 (&v)[PV]) {
+    const uint4* src = reinterpret_cast<const uint4*>(frag + (size_t)(s + st * S) * (P_BYTES / 8));
+#pragma unroll
+    for (int i = 0; i < PV; ++i)
+      if (tid + i * THREADS < P_BYTES / 16) v[i] = __ldg(src + tid + i * THREADS);
   };
-  auto store_phi = [&](const float (&v)[PhiStage::PER_THREAD][4], int pb) { PhiStage::store(v, pf(pb), tid); };
+  auto store_phi = [&](const uint4 (&v)[PV], int pb) {
+    uint4* dst = reinterpret_cast<uint4*>(pf(pb));
+#pragma unroll
+    for (int i = 0; i < PV; ++i)
+      if (tid + i * THREADS < P_BYTES / 16) dst[tid + i * THREADS] = v[i];
+  };
 
   float acc[4][NT][4] = {}, sqacc[4][2] = {};  // sqacc[mt]: this lane's columns of rows g, g + 8
-  float pv[PhiStage::PER_THREAD][4];
+  uint4 pv[PV];
 #pragma unroll
   for (int st = 0; st < NS - 1; ++st) {
     if (st < stages) stage_x(st);

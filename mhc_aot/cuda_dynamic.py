@@ -4,7 +4,8 @@
 that launch the backward kernels.
 
 Kernels per op (geometry mirrors each kernel's header comment; grids are given in threads):
-  mhc_coeffs    forward  proj_tc (bfloat16 x, n <= 4: mma.sync, four-stage cp.async) or skinny
+  mhc_coeffs    forward  [phi_split: phi's bfloat16 terms in fragment order, once] -> proj_tc
+                         (bfloat16 x, n <= 4: mma.sync, four-stage cp.async) or skinny
                          (z = vec(x) @ phi, K split S ways, + sum of squares)
                          -> coeffs: RMS scale, activations, Sinkhorn per token, by a half-warp
                             with a lane per matrix element (n <= ELEMS_MAX_N) or a lane group
@@ -43,6 +44,9 @@ WARPS = THREADS // 32
 SK_RB, SK_MB, SK_JC = 64, 32, 32  # cuda_src/mhc_dynamic_skinny.cu
 DX_TT, DX_KB = 64, 128  # cuda_src/mhc_dynamic_dx.cu
 TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES = 128, 24, 64, 92160  # cuda_src/mhc_dynamic_proj_tc.cu
+# mhc_dynamic_phi_split: a thread per (k16 step, n8 tile, lane) slot, each writing three uint2 terms
+TC_STEP_SLOTS = 3 * 32
+TC_STEP_U32 = TC_STEP_SLOTS * 3 * 2
 DPHI_KB, DPHI_TC, DPHI_SMEM_BYTES = 128, 64, 88064  # cuda_src/mhc_dynamic_dphi_tc.cu
 POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 # mhc_dynamic_coeffs(_bwd) lane mode: a group of lanes (the power of two >= n) per token, synchronised
@@ -65,8 +69,11 @@ REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::R
 # the forward no longer has; ncu: 37-39 us vs 47-54.) The forward's modes: a CTA per token, elements,
 # lane groups (n > ELEMS_MAX_N). The alphas and b come through shared memory (3 + M floats), one load per
 # CTA (ncu, H200, T = 8192, n = 4: 26.7 us vs 38.1 with every warp loading them; forward A/B 370.4 vs
-# 373.5 us at (8192, 4, 4096), 232.5 vs 241.2 at (8192, 2, 4096)).
-ELEMS, ELEMS_MAX_N = -2, 4
+# 373.5 us at (8192, 4, 4096), 232.5 vs 241.2 at (8192, 2, 4096)), in CTAs of ELEMS_THREADS: every CTA's
+# load of those few addresses queues at their L2 slices, so the fewer CTAs the better (kernel's MAX_BLOCK;
+# same-run A/B, H200, forward: 356.1 us at T = 8192, n = 4, C = 4096 vs 361.4 with 128 threads and 359.2
+# with 256; 117.7 vs 122.8 / 126.1 at T = 2048; the same within noise at (16384, 4, 2048)).
+ELEMS, ELEMS_MAX_N, ELEMS_THREADS = -2, 4, 1024
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
 # from CP_MIN_T tokens): a persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles.
@@ -116,12 +123,19 @@ def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str)
     (n <= 4), else the CUDA-core skinny kernel."""
     if tag != "bf16" or M > TC_MP:
         return _skinny(xk, phi32, T, K, M, K, 1, True, tag)
+    # phi's three bfloat16 terms in the MMAs' fragment order, once: every token tile reads the same chunks,
+    # which each proj_tc CTA used to load and split itself (same-run A/B, H200, forward: 358.7 vs 369.7 us
+    # at T = 8192, n = 4, C = 4096; 71.2 vs 74.8 at T = 32, 74.5 vs 77.9 at T = 1024; within noise at
+    # (4096, 4, 2048) and (8192, 2, 4096); ncu: phi_split 3.3 us, proj_tc 88-90 vs 105)
+    steps = _cdiv(K, TC_KC) * (TC_KC // 16)
+    (frag,) = _launch("mhc_dynamic_phi_split", None, None, [phi32], [(steps * TC_STEP_U32,)], [mx.uint32],
+                      [K, M, steps], (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
     tiles = _cdiv(T, TC_TB)
     # as many K splits as keep every CTA resident at once: a partial second wave would double the time
     resident = device.resident_ctas_per_sm(cuda.launch_smem(TC_SMEM_BYTES)) * device.sm_count()
     # (split s takes K chunks s, s + S, ...: the kernel's header says why)
     S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
-    part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, phi32], [(S, T, M), (S, T)], [F32, F32],
+    part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, frag], [(S, T, M), (S, T)], [F32, F32],
                        [T, K, M], (THREADS, S, tiles), TC_SMEM_BYTES // 4)
     return part, sq, S
 
@@ -239,7 +253,7 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
     if slice_ is None:
         mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), floats, THREADS)
     elif lanes == ELEMS:
-        mode, geometry = [0, ELEMS, 0], (_lane_grid(T, 16), 3 + M, LANES_THREADS)  # the alphas and b
+        mode, geometry = [0, ELEMS, 0], (_lane_grid(T, 16, ELEMS_THREADS), 3 + M, ELEMS_THREADS)  # the alphas and b
     else:
         mode, geometry = [0, lanes, slice_], (_lane_grid(T, lanes), LANES_THREADS // lanes * slice_, LANES_THREADS)
     outs = list(_launch("mhc_dynamic_coeffs", tag, n, [x3, part, sq, b32, ap, apo, ar],

@@ -14,8 +14,10 @@ import numpy as np
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 CUDA_SRC = ROOT / "cuda_src"
-EMU_NP = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
-EMU_NAN = {mx.float32: np.float32(np.nan), mx.float16: np.float16(np.nan), mx.bfloat16: np.uint16(0x7FC0)}
+# uint32: mhc_dynamic_phi_split's packed bfloat16 pairs, poisoned as two bfloat16 NaNs
+EMU_NP = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.uint32: np.uint32}
+EMU_NAN = {mx.float32: np.float32(np.nan), mx.float16: np.float16(np.nan), mx.bfloat16: np.uint16(0x7FC0),
+           mx.uint32: np.uint32(0x7FC07FC0)}
 
 
 class Emulator:
