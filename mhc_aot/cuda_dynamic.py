@@ -63,7 +63,7 @@ LANES_MAX_N, LANES_MIN_T, LANES_THREADS = 8, 1024, 128
 # groups of four took 84 us, this mode 76: still latency-bound, see mhc_dynamic_common.cuh.)
 REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::REG_N)
 # Element mode of the forward (lanes = ELEMS, n <= ELEMS_MAX_N = dyn::LANE_N, from LANES_MIN_T tokens):
-# a half-warp per token, a lane per matrix element, LANES_THREADS per CTA (cuda_src/mhc_dynamic_coeffs.cu).
+# a half-warp per token, a lane per matrix element, ELEMS_THREADS per CTA (cuda_src/mhc_dynamic_coeffs.cu).
 # (Same-run A/B, H200, DynamicMHC forward: 372.5 vs 381.3 us at T = 8192, n = 4, C = 4096, 94.0 vs
 # 101.8 at T = 1024, the same at (4096, 4, 2048) and (8192, 2, 4096), against the register mode, which
 # the forward no longer has; ncu: 37-39 us vs 47-54.) The forward's modes: a CTA per token, elements,
