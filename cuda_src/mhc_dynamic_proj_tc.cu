@@ -13,10 +13,11 @@
 // tiles. mhc_dynamic_phi_split wrote them once per forward in fragment order, a contiguous 9216-byte
 // block a chunk, which the CTA copies through registers into one of two shared buffers (loaded two
 // stages ahead, stored one ahead); each CTA loading and splitting phi itself cost ~16 us of a
-// T = 8192 forward on the H200 (the same chunks split again in every token tile). The four k-groups' sums meet in shared memory at the
-// end. The sum of squares rides on the same A fragments, on the CUDA cores (bfloat16 squares are
-// exact float32 products; as the x x^T diagonal on tensor cores, two more MMAs per 16 x 16 block, it
-// held up the tensor pipe: 18 us of a T = 8192 forward on the H200).
+// T = 8192 forward on the H200 (the same chunks split again in every token tile). The four
+// k-groups' sums meet in shared memory at the end. The sum of squares rides on the same A
+// fragments, on the CUDA cores (bfloat16 squares are exact float32 products; as the x x^T diagonal
+// on tensor cores, two more MMAs per 16 x 16 block, it held up the tensor pipe: 18 us of a T = 8192
+// forward on the H200).
 // (ncu, H100, T = 8192, K = 16384: the WMMA version with one token tile per warp and B fragments
 // reloaded per tile ran 247 us at 33% of DRAM bandwidth, bound by its shared-memory reads.)
 // Grid (threads): (THREADS, S, ceil(T / 128)): token tiles are the slowest grid dimension, so the
