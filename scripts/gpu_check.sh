@@ -13,7 +13,7 @@
 # scripts/gpu_source_ab.py: the ring forward as shipped against its unit widths compiled on the device).
 # `tests` (every file) took ~200 s on the H100 and `bench` with torch.compile ~6 minutes, so a
 # 10-minute device call runs `build tests`, the next `build sweep bench dynamic profile` (build
-# is a no-op when the package is already installed). `dynamic` with Liger took ~190 s per pass
+# is a no-op when this machine's last build was of the same kernel sources). `dynamic` with Liger took ~190 s per pass
 # (its child process compiles and autotunes Triton kernels for each shape first).
 # Everything printed goes to $OUT/log.txt (or ./gpu-out without $OUT); `mhc profile` writes $OUT/profile-static/ and $OUT/profile-dynamic/.
 # Knobs for a call with less device time: MHC_GPU_TESTS narrows the test run (default: every
@@ -43,8 +43,14 @@ for s in $stages; do
     # the device's copy may show an old `git log`: name the sources by their content instead
     # (LC_ALL=C: the glob's order follows the locale's collation, which differs between machines)
     echo "sources: $(LC_ALL=C bash -c 'cat cuda_src/* mhc_aot/*.py' | sha1sum | cut -c1-12) (LC_ALL=C; cat cuda_src/* mhc_aot/*.py | sha1sum)"
-    if ! command -v mhc >/dev/null; then  # not yet installed on this machine
+    # (re)build unless this machine's last build was of these kernel sources: a warm machine keeps the
+    # ignored mhc_aot/kernels/ of an earlier call, whose cubins may come from other sources (session 18
+    # ran a whole test stage on such a leftover build)
+    built=mhc_aot/kernels/.gpu_check_sources
+    kernel_sources=$(LC_ALL=C bash -c 'cat cuda_src/* build_tools/*.py setup.py' | sha1sum | cut -c1-12)
+    if ! command -v mhc >/dev/null || [ "$(cat "$built" 2>/dev/null)" != "$kernel_sources" ]; then
       python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+      echo "$kernel_sources" > "$built"
     fi
     python3 -c "import pydantic" 2>/dev/null || echo "pydantic missing: typer's CLI will fail; see this script's header"
     mhc info || status=1
