@@ -72,7 +72,9 @@ REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::R
 # 373.5 us at (8192, 4, 4096), 232.5 vs 241.2 at (8192, 2, 4096)), in CTAs of ELEMS_THREADS: every CTA's
 # load of those few addresses queues at their L2 slices, so the fewer CTAs the better (kernel's MAX_BLOCK;
 # same-run A/B, H200, forward: 356.1 us at T = 8192, n = 4, C = 4096 vs 361.4 with 128 threads and 359.2
-# with 256; 117.7 vs 122.8 / 126.1 at T = 2048; the same within noise at (16384, 4, 2048)).
+# with 256; 117.7 vs 122.8 / 126.1 at T = 2048; the same within noise at (16384, 4, 2048)). Most of what
+# is left waits on the alphas' 4-byte arrays in MLX's managed small pool (README, session 18: the kernel
+# 11-12 us with them in an ordinary array, 25-30 as shipped).
 ELEMS, ELEMS_MAX_N, ELEMS_THREADS = -2, 4, 1024
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
