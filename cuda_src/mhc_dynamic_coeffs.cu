@@ -24,9 +24,10 @@
 //      on the alphas' load, an L2 slice far busier than the others; one load per CTA of 128
 //      threads: 26.7 us, still 60% of the samples waiting on it). So the CTAs are large
 //      (ELEMS_THREADS in mhc_aot/cuda_dynamic.py, at most MAX_BLOCK): fewer requests to those
-//      addresses. What that one load still waits on is the alphas' memory: MLX keeps arrays of <= 8
-//      bytes in a managed, read-mostly pool, and with the alphas in an ordinary 16-float array the
-//      kernel took 11-12 us instead of 25-30 (ncu, H100, T = 8192, n = 4; README, session 18).
+//      addresses. That one load waited on the alphas' memory (MLX keeps arrays of <= 8 bytes in a
+//      managed, read-mostly pool: 25-30 us, against 11-12 from an ordinary array; ncu, H100, T = 8192,
+//      n = 4; README, session 18): on the tensor-core path the launcher passes views of
+//      mhc_dynamic_phi_split's copy of the alphas and b instead (mhc_aot/cuda_dynamic.py, _from_consts).
 //      Grid (threads): (ceil(16 T / blockDim) * blockDim, 1, 1); shared memory: 3 + M floats.
 // Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alpha_pre, alpha_post, alpha_res (float32
 // scalars, read once: separate inputs, so no stacking op runs before the launch).

@@ -6,7 +6,13 @@
 // block of 4 NT 3 32 uint2 (9216 bytes) that proj_tc copies with its x tile. Every proj_tc CTA
 // loaded and split its chunks itself before (the same chunks in every token tile: ncu, H200, T = 8192,
 // n = 4, 16 us of the forward when timed without it).
-// Grid (threads): (STEPS * NT * 32, 1, 1), a thread per (step, tile, lane). No dtype: phi is float32.
+// In the same launch it copies the alphas and b into consts = [alpha_pre, alpha_post, alpha_res, b[0..M)],
+// an ordinary device array that mhc_dynamic_coeffs and mhc_dynamic_coeffs_bwd read instead: MLX keeps
+// arrays of <= 8 bytes (each alpha) in a managed, read-mostly pool, and every coefficients CTA loading
+// them from there waited (ncu, H100, T = 8192, n = 4: coefficients 25-30 us with the alphas' own arrays,
+// 11-12 with an ordinary array; README, session 18). Here 3 + M threads of the first CTA load them once.
+// Grid (threads): (STEPS * NT * 32, 1, 1), a thread per (step, tile, lane); STEPS * NT * 32 >= 3 + M.
+// No dtype: phi is float32.
 #include "mhc_dynamic_common.cuh"
 #include "mhc_dynamic_mma.cuh"
 
@@ -16,9 +22,12 @@ namespace {
 constexpr int NT = 3;  // n8 tiles: M <= 24 (mhc_dynamic_proj_tc)
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(const float* __restrict__ phi, uint2* __restrict__ frag,
-                                                              int K, int M, int steps) {
+extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
+    const float* __restrict__ phi, const float* __restrict__ b, const float* __restrict__ alpha_pre,
+    const float* __restrict__ alpha_post, const float* __restrict__ alpha_res, uint2* __restrict__ frag,
+    float* __restrict__ consts, int K, int M, int steps) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e < 3 + M) consts[e] = e == 0 ? *alpha_pre : e == 1 ? *alpha_post : e == 2 ? *alpha_res : b[e - 3];
   if (e >= steps * NT * 32) return;
   const int l = e % 32, nt = (e / 32) % NT, kk = e / (32 * NT);
   const int m = nt * 8 + l / 4, r0 = kk * 16 + 2 * (l % 4);

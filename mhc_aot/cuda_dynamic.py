@@ -73,8 +73,10 @@ REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::R
 # load of those few addresses queues at their L2 slices, so the fewer CTAs the better (kernel's MAX_BLOCK;
 # same-run A/B, H200, forward: 356.1 us at T = 8192, n = 4, C = 4096 vs 361.4 with 128 threads and 359.2
 # with 256; 117.7 vs 122.8 / 126.1 at T = 2048; the same within noise at (16384, 4, 2048)). Most of what
-# is left waits on the alphas' 4-byte arrays in MLX's managed small pool (README, session 18: the kernel
-# 11-12 us with them in an ordinary array, 25-30 as shipped).
+# was left waited on the alphas' 4-byte arrays in MLX's managed small pool: on the tensor-core path the
+# coefficient kernels (forward and backward) read phi_split's copy of them in an ordinary array (its
+# header; same-run A/B, H200, forward at (8192, 4, 4096): 342.9 vs 356.4 us, ncu 11.2-11.6 us vs ~26;
+# forward + backward 1231.7 vs 1238.4; within noise at T = 32 and 1024; README, session 19).
 ELEMS, ELEMS_MAX_N, ELEMS_THREADS = -2, 4, 1024
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
@@ -120,18 +122,32 @@ def _skinny(A: mx.array, B: mx.array, R: int, J: int, Mc: int, sr: int, sj: int,
     return part, sq, S
 
 
-def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str):
-    """part [S, T, M] and sq [S, T] of z = vec(x) @ phi: tensor cores for bfloat16 x and M <= 24
-    (n <= 4), else the CUDA-core skinny kernel."""
-    if tag != "bf16" or M > TC_MP:
-        return _skinny(xk, phi32, T, K, M, K, 1, True, tag)
+def _uses_phi_split(tag: str | None, M: int) -> bool:
+    """The forward projection runs on tensor cores (bfloat16 x, M <= 24): phi_split precedes it."""
+    return tag == "bf16" and M <= TC_MP
+
+
+def _from_consts(consts: mx.array) -> tuple:
+    """(b, alpha_pre, alpha_post, alpha_res) as views of phi_split's consts [3 + M] (no copies)."""
+    return consts[3:], consts[0:1], consts[1:2], consts[2:3]
+
+
+def _projection(xk: mx.array, phi32: mx.array, params: tuple, T: int, K: int, M: int, tag: str):
+    """part [S, T, M], sq [S, T], S of z = vec(x) @ phi (tensor cores for bfloat16 x and M <= 24,
+    n <= 4, else the CUDA-core skinny kernel), and consts: phi_split's copy of params = (b, alpha_pre,
+    alpha_post, alpha_res) on the tensor-core path (its header says why the coefficient kernels read
+    that copy), else None."""
+    if not _uses_phi_split(tag, M):
+        return (*_skinny(xk, phi32, T, K, M, K, 1, True, tag), None)
     # phi's three bfloat16 terms in the MMAs' fragment order, once: every token tile reads the same chunks,
     # which each proj_tc CTA used to load and split itself (same-run A/B, H200, forward: 358.7 vs 369.7 us
     # at T = 8192, n = 4, C = 4096; 71.2 vs 74.8 at T = 32, 74.5 vs 77.9 at T = 1024; within noise at
     # (4096, 4, 2048) and (8192, 2, 4096); ncu: phi_split 3.3 us, proj_tc 88-90 vs 105)
     steps = _cdiv(K, TC_KC) * (TC_KC // 16)
-    (frag,) = _launch("mhc_dynamic_phi_split", None, None, [phi32], [(steps * TC_STEP_U32,)], [mx.uint32],
-                      [K, M, steps], (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
+    b32, ap, apo, ar = params
+    frag, consts = _launch("mhc_dynamic_phi_split", None, None, [phi32, b32, ap, apo, ar],
+                           [(steps * TC_STEP_U32,), (3 + M,)], [mx.uint32, F32],
+                           [K, M, steps], (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
     tiles = _cdiv(T, TC_TB)
     # as many K splits as keep every CTA resident at once: a partial second wave would double the time
     resident = device.resident_ctas_per_sm(cuda.launch_smem(TC_SMEM_BYTES)) * device.sm_count()
@@ -139,7 +155,7 @@ def _projection(xk: mx.array, phi32: mx.array, T: int, K: int, M: int, tag: str)
     S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
     part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, frag], [(S, T, M), (S, T)], [F32, F32],
                        [T, K, M], (THREADS, S, tiles), TC_SMEM_BYTES // 4)
-    return part, sq, S
+    return part, sq, S, consts
 
 
 def _dphi_partials(xk: mx.array, dz: mx.array, T: int, K: int, M: int, tag: str):
@@ -239,12 +255,16 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int):
 
 
 def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
+    """[h_pre, h_post, h_res, x_in (or [1]), mix, invr, consts]: consts as _projection returns it,
+    b32 where it returned None."""
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
     if G:
-        return _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G)
-    part, sq, S = _projection(x3.reshape(T, K), phi32, T, K, M, tag)
+        return [*_coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G), b32]
+    part, sq, S, consts = _projection(x3.reshape(T, K), phi32, (b32, ap, apo, ar), T, K, M, tag)
+    if consts is not None:
+        b32, ap, apo, ar = _from_consts(consts)
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
     nmax = _nmax("mhc_dynamic_coeffs", tag, n)
     lanes = _lanes(n, T, nmax)
@@ -265,7 +285,8 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
                         *geometry))
     if with_pre and not fused_pre:
         outs[3] = _pre_fwd(x3, outs[0])
-    return outs
+    # consts for the backward (b32, unread there, where no phi_split ran: see _coeffs_bwd)
+    return outs + [b32 if consts is None else consts]
 
 
 def _coeffs_bwd_smem(n: int, tmax: int, nmax: int) -> int:
@@ -299,11 +320,13 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     x3, phi32, b32, ap, apo, ar = primals
     # alias: the layer's mhc_post_res read x through this op's last output (x itself), so that
     # output's cotangent is x's gradient from post_res: the dx kernel adds it in its one pass
-    acc = cotangents[6].astype(x3.dtype).reshape(x3.shape[0], -1) if alias else None
+    acc = cotangents[7].astype(x3.dtype).reshape(x3.shape[0], -1) if alias else None
     dh_pre, dh_post, dh_res, dx_in = cotangents[:4]
     h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
+    if _uses_phi_split(tag, M) and not (with_pre and coeffs_pre_groups(T, n, C, x3.dtype)):
+        b32, ap, apo, ar = _from_consts(outputs[6])  # the forward's phi_split copy (its header says why)
     # with_pre false: an unused input slot gets x3 itself (the kernels never read it then; a fresh
     # placeholder array would cost a launch)
     g_in = dx_in.astype(x3.dtype) if with_pre else x3
@@ -370,7 +393,7 @@ def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, st
     outs = compiled_call(_coeffs_fn(cfg, with_pre, alias), x3, phi.astype(F32), b.astype(F32),
                          alpha_pre.astype(F32), alpha_post.astype(F32), alpha_res.astype(F32))
     picked = list(outs[:4]) if with_pre else list(outs[:3])
-    return (*picked, outs[6]) if alias else tuple(picked)
+    return (*picked, outs[7]) if alias else tuple(picked)
 
 
 # ---------------------------------------------------------------- mhc_pre
