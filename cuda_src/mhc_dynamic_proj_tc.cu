@@ -36,7 +36,12 @@
 using namespace mhc;
 
 namespace {
-constexpr int TB = 128, KC = 64, NS = 4, NT = 3, MP = 8 * NT;
+// MHC_TC_NS: the stages, a define for same-run A/Bs only (scripts/gpu_dynamic_ab.py with the matching
+// TC_SMEM_BYTES); the launcher's TC_SMEM_BYTES is for 4.
+#ifndef MHC_TC_NS
+#define MHC_TC_NS 4
+#endif
+constexpr int TB = 128, KC = 64, NS = MHC_TC_NS, NT = 3, MP = 8 * NT;
 constexpr int V = 8;                              // bf16 per 16-byte vector
 constexpr int XLD = KC + 8;                       // bf16 per x row in shared memory: ldmatrix rows hit distinct banks
 constexpr int XV = TB * KC / V / THREADS;         // x vectors per thread per stage
@@ -48,7 +53,7 @@ constexpr int RL = MP + 1;                        // floats per token row of the
 constexpr int SMEM_BYTES = NS * X_BYTES + 2 * P_BYTES;
 static_assert(THREADS == 256 && KSTEPS * 2 == THREADS / 32, "8 warps: 4 k-groups x 2 token halves");
 static_assert(KSTEPS * TB * RL * 4 <= NS * X_BYTES, "the k-group sums reuse the x stages' bytes");
-static_assert(SMEM_BYTES == 92160, "keep TC_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(NS != 4 || SMEM_BYTES == 92160, "keep TC_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
 // two CTAs per SM (shared memory allows two): at most 128 registers per thread

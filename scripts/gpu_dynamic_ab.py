@@ -11,6 +11,8 @@ larger than many differences worth measuring, so all run inside one process.
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_post_res old=/tmp/old_post_res.cu   # the three-kernel
                                    path with a variant of one of its kernels (NMAX 4 and 0 builds)
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_coeffs regs=@ELEMS_MAX_N=0   # a rule's knob
+  python scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_tc ns5=:MHC_TC_NS=5@TC_SMEM_BYTES=110592
+                                   # a DEFINE and the launch constant it changes
 
 Prints one line per (config, path): the sorted medians of the rounds (us).
 """
@@ -33,7 +35,7 @@ CONFIGS = [(8192, 4, 4096), (4096, 4, 2048), (16384, 4, 2048), (2048, 4, 4096), 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("variants", nargs="*", help="LABEL=[PATH][:DEFINE...] of the source")
+    ap.add_argument("variants", nargs="*", help="LABEL=[PATH][:DEFINE...][@KNOB=VALUE,...]")
     ap.add_argument("--source", default=SOURCE, help=f"the kernel the variants replace (default {SOURCE})")
     ap.add_argument("--backward", action="store_true", help="time forward + backward")
     ap.add_argument("--rounds", type=int, default=3)
@@ -43,13 +45,15 @@ def main() -> None:
     # (label, CP_MIN_T, binaries): the three kernels, the one-read kernel as built, the variants
     one_read = args.source == SOURCE
     paths = [("three", None, None)] + ([("one-read", 1024, None)] if one_read else [])
-    # LABEL=@NAME=VALUE,...: the shipped binaries with attributes of mhc_aot.cuda_dynamic set (a rule's knob)
-    knobs = {v.partition("=")[0]: dict(kv.split("=") for kv in v.partition("=")[2][1:].split(","))
-             for v in args.variants if v.partition("=")[2].startswith("@")}
-    paths += [(label, 1024 if one_read else None, bins)
-              for label, bins in (gpu_source_ab.compile_variant(args.source, v, (4,) if one_read else (4, 0))
-                                  for v in args.variants if v.partition("=")[0] not in knobs)]
-    paths += [(label, None, None) for label in knobs]
+    # LABEL=[PATH][:DEFINE...][@NAME=VALUE,...]: the variant's binaries (the shipped ones without PATH or
+    # DEFINE) with attributes of mhc_aot.cuda_dynamic set (a rule's knob, or a launch constant such as
+    # TC_SMEM_BYTES that a DEFINE changes)
+    specs = {v.partition("=")[0]: v.partition("=")[2].partition("@") for v in args.variants}
+    knobs = {label: dict(kv.split("=") for kv in spec[2].split(",")) if spec[2] else {}
+             for label, spec in specs.items()}
+    for label, (src, _, _) in specs.items():
+        bins = gpu_source_ab.compile_variant(args.source, f"{label}={src}", (4,) if one_read else (4, 0))[1] if src else None
+        paths.append((label, 1024 if one_read and bins is not None else None, bins))
     defaults = {k: getattr(cuda_dynamic, k) for kv in knobs.values() for k in kv}
     configs = ([tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")] if args.configs
                else CONFIGS)
