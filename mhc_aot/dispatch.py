@@ -52,6 +52,11 @@ class Rule:
                 and self.min_C <= C and (self.max_C is None or C <= self.max_C))
 
 
+# Streams the generic Metal kernels hold per-stream values for in threadgroup memory
+# (metal_src/mhc_common.h GENERIC_N_LIMIT, mhc_aot.metal.GENERIC_N_LIMIT)
+METAL_GENERIC_N_LIMIT = 256
+
+
 # `fused` runs one CTA per token and keeps agg (C floats) in shared memory: up to FUSED_MAX_C
 # channels. `column` tiles each token's C over CTAs and reads x twice. Where column runs below
 # FUSED_MAX_C, it was measured faster on the H100 (bf16, MLX 0.32.4, 2026-11-23):
@@ -186,17 +191,25 @@ RULES: tuple[Rule, ...] = (
     *_gpu_rules("metal"),
     *(Rule("cpu", op, "portable", None, None, "MLX has no custom-kernel primitive on its CPU backend")
       for op in ("sinkhorn", "mhc_forward", "mhc_backward", "stream_mix_add")),
-    # Dynamic mHC (mhc_aot/dynamic.py): CUDA kernels (mhc_aot/cuda_dynamic.py); Metal has none yet.
+    # Dynamic mHC (mhc_aot/dynamic.py): CUDA kernels (mhc_aot/cuda_dynamic.py)
     *(Rule("cuda", op, "fused", None, None, why) for op, why in (
         ("mhc_coeffs", "RMS scale and projection in one pass over x, then per-token activations and "
                        "Sinkhorn: a lane group per token for n <= 8 from 1024 tokens (x_in then one more "
                        "pass), else a CTA per token with x_in fused (cuda_dynamic.LANES_*)"),
         ("mhc_pre", "one pass: x_in = h_pre . x"),
         ("mhc_post_res", "one pass: out = h_res x + h_post f_out"))),
-    *(Rule(backend, op, "portable", None, None,
-           "MLX has no custom-kernel primitive on its CPU backend" if backend == "cpu" else
-           "no Metal kernels for dynamic mHC yet: MLX ops")
-      for backend in ("metal", "cpu") for op in ("mhc_coeffs", "mhc_pre", "mhc_post_res")),
+    # Metal (mhc_aot/metal_dynamic.py): the token passes as kernels, for the streams their threadgroup
+    # memory holds (mhc_aot/metal.py's GENERIC_N_LIMIT); the coefficients as MLX ops (no Metal twin of
+    # the coefficient kernels yet; the projection is one MLX matmul)
+    *(Rule("metal", op, "fused", None, None, why, max_n=METAL_GENERIC_N_LIMIT) for op, why in (
+        ("mhc_pre", "one pass: x_in = h_pre . x (DynamicMHC takes x_in from it after MLX-op coefficients)"),
+        ("mhc_post_res", "one pass: out = h_res x + h_post f_out"))),
+    Rule("metal", "mhc_coeffs", "portable", None, None,
+         "no Metal kernels for the dynamic coefficients yet: MLX ops (the projection one matmul)"),
+    *(Rule("metal", op, "portable", None, None, f"n > {METAL_GENERIC_N_LIMIT}: more streams than the Metal "
+           "kernels' threadgroup memory holds: MLX ops") for op in ("mhc_pre", "mhc_post_res")),
+    *(Rule("cpu", op, "portable", None, None, "MLX has no custom-kernel primitive on its CPU backend")
+      for op in ("mhc_coeffs", "mhc_pre", "mhc_post_res")),
 )
 
 

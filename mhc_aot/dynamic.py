@@ -10,7 +10,8 @@ Ops (re-exported by `mhc_aot.ops`), on x [..., n, C]; every one differentiable i
 The formulas and where each comes from in Liger-Kernel are in `dynamic_reference`.
 
 backend: "auto" (follow MLX's default device), "portable" (MLX ops arranged for speed, compiled
-once per configuration), "reference" (the readable reference), "cuda" (the precompiled kernels).
+once per configuration), "reference" (the readable reference), "cuda" (the precompiled kernels),
+"metal" (kernels for mhc_pre and mhc_post_res; the coefficients as MLX ops: mhc_aot/dispatch.py).
 """
 
 from __future__ import annotations
@@ -107,6 +108,13 @@ def _kernels(choice: dispatch.Choice):
         from . import cuda_dynamic
 
         return cuda_dynamic
+    if choice.backend == "metal":
+        if not mx.metal.is_available():
+            raise RuntimeError("backend='metal': MLX reports no metal device here (mx.metal.is_available() is "
+                               "False): run on such a machine with MLX's Metal build, or pass backend='portable'")
+        from . import metal_dynamic
+
+        return metal_dynamic
     raise ValueError(f"dynamic mHC has no {choice.backend} kernels (strategy {choice.strategy!r}): "
                      f"pass backend='portable'")
 
@@ -173,7 +181,13 @@ def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: s
         h = ref.mhc_coeffs(x3, phi, b, *alphas, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult)
         outs = (*h, ref.mhc_pre(x3, h[0]).astype(x.dtype)) if with_pre else h
     elif choice.strategy == "portable":
-        outs = _portable_coeffs(cfg, with_pre)(x3, phi, b, *alphas)
+        pre = _choose("mhc_pre", n, C, backend, T) if with_pre and backend != "portable" else None
+        if pre is not None and pre.strategy == "fused":
+            # Metal: coefficients by MLX ops (dispatch rule), x_in by the pre kernel
+            h = _portable_coeffs(cfg, False)(x3, phi, b, *alphas)
+            outs = (*h, _kernels(pre).pre(x3, h[0], pre.strategy))
+        else:
+            outs = _portable_coeffs(cfg, with_pre)(x3, phi, b, *alphas)
     else:
         outs = _kernels(choice).coeffs(x3, phi, b, *alphas, cfg, with_pre, choice.strategy, alias=alias)
         if alias:

@@ -753,3 +753,71 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
     _check_forward("cuda", B, n, C, "bfloat16")
     if B * C <= 2048 * 1000:
         _check_gradients("cuda", B, n, C, "bfloat16")
+
+
+# ---------------------------------------------------------------- Metal, emulated on the CPU
+# The Metal twins of the token passes (metal_src/mhc_dynamic_pre*.metal, mhc_dynamic_post_res*.metal)
+# run under the CPU emulation of tests/metal_emulation.py through mhc_aot.metal_dynamic's launchers;
+# on Metal the coefficients are MLX ops by dispatch rule, so backend="metal" checks the whole op set
+# and the layer. Cases: compile-time n (n <= 4) and generic n, 4-column vectors (C % 4 == 0) and the
+# scalar path, more than one threadgroup of columns (C > 1024), every dtype.
+METAL_EMU_CASES = [((3, 4, 40), "float32"), ((3, 4, 40), "bfloat16"), ((5, 2, 33), "float32"), ((2, 5, 16), "float16"),
+                   ((9, 1, 9), "bfloat16"), (((2, 2), 16, 8), "float32"), ((2, 3, 1030), "float16"),
+                   ((2, 4, 2052), "float32")]
+METAL_TOKEN_KERNELS = ("mhc_dynamic_pre", "mhc_dynamic_pre_bwd", "mhc_dynamic_post_res", "mhc_dynamic_post_res_bwd")
+
+
+@pytest.fixture(scope="module")
+def _metal_emulations():
+    import tempfile
+
+    import metal_emulation
+
+    return metal_emulation.emulations(__import__("pathlib").Path(tempfile.gettempdir()) / "mhc-aot-metal-emulation")
+
+
+@pytest.fixture
+def emulated_metal(_metal_emulations, monkeypatch):
+    import metal_emulation
+
+    metal_emulation.patch(monkeypatch, _metal_emulations)
+    _metal_emulations.launched.clear()
+    return _metal_emulations
+
+
+def _launched_sources(launched):
+    """The kernel sources behind variant names (mhc_dynamic_pre_bf16_n4 -> mhc_dynamic_pre)."""
+    return {next(s for s in sorted(METAL_TOKEN_KERNELS, key=len, reverse=True) if name.startswith(s + "_"))
+            for name in launched}
+
+
+@pytest.mark.parametrize("shape,dtype_name", METAL_EMU_CASES, ids=[f"{s}-{d}" for s, d in METAL_EMU_CASES])
+def test_emulated_metal_kernels_vs_liger64(emulated_metal, shape, dtype_name):
+    B, n, C = shape
+    _check_forward("metal", B, n, C, dtype_name)
+    _check_gradients("metal", B, n, C, dtype_name)
+    assert _launched_sources(emulated_metal.launched) == set(METAL_TOKEN_KERNELS)
+
+
+@pytest.mark.parametrize("B,n,C,dtype_name,f_dtype", [((2, 3), 4, 32, "float32", mx.float32),
+                                                      (5, 3, 17, "bfloat16", mx.bfloat16),
+                                                      (6, 4, 20, "float16", mx.float16)])
+def test_emulated_metal_layer_vs_liger64(emulated_metal, B, n, C, dtype_name, f_dtype):
+    """DynamicMHC on Metal, forward and every gradient: MLX-op coefficients, x_in from the pre kernel,
+    the post-combine and its backward (F in x's dtype) as kernels."""
+    _check_layer("metal", B, n, C, dtype_name, f_dtype)
+    assert _launched_sources(emulated_metal.launched) == set(METAL_TOKEN_KERNELS)
+
+
+def test_metal_dispatch_of_the_dynamic_ops():
+    """Metal: the token passes as kernels up to the streams their threadgroup memory holds, MLX ops
+    above and for the coefficients (documented rules, not exceptions)."""
+    from mhc_aot import metal
+
+    limit = dispatch.METAL_GENERIC_N_LIMIT
+    assert limit == metal.GENERIC_N_LIMIT
+    for op in ("mhc_pre", "mhc_post_res"):
+        assert dispatch.choose(op, 4, 4096, "metal", B=8192).strategy == "fused"
+        assert dispatch.choose(op, limit, 7, "metal", B=1).strategy == "fused"
+        assert dispatch.choose(op, limit + 1, 7, "metal", B=1).strategy == "portable"
+    assert dispatch.choose("mhc_coeffs", 4, 4096, "metal", B=8192).strategy == "portable"
