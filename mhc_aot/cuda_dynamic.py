@@ -294,19 +294,6 @@ def _coeffs_bwd_smem(n: int, tmax: int, nmax: int) -> int:
     return 2 * M + n * n + n + WARPS * nr + nr + sinkhorn_floats(n, tmax, tmax + 1)
 
 
-def _portable_coeffs_vjp(primals, cotangents, cfg, with_pre: bool):
-    """MLX's VJP of the portable graph (the documented exit: Sinkhorn history over shared memory)."""
-    from . import dynamic
-
-    def graph(x3, phi32, b32, ap, apo, ar):
-        h = dynamic._coeffs_graph(x3, phi32, b32, ap, apo, ar, cfg)
-        return (*h, dynamic._pre_graph(x3, h[0])) if with_pre else h
-
-    cots = list(cotangents[:4] if with_pre else cotangents[:3])
-    _, vjps = mx.vjp(graph, list(primals), cots)
-    return tuple(vjps)
-
-
 def _pre_bwd(x3, h_pre, g, want_dx: bool):
     """mhc_dynamic_pre_bwd: (dx [T, n, C] or an unwritten [1], dots [T, n] = sum_c g[t, c] x[t, j, c])."""
     T, n, C = x3.shape
@@ -344,7 +331,9 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     else:
         smem = _coeffs_bwd_smem(n, cfg.tmax, nmax)
         if not _fits(smem):
-            vjps = _portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
+            from . import dynamic
+
+            vjps = dynamic._portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
             return (vjps[0] + acc.reshape(x3.shape), *vjps[1:]) if alias else vjps
         dots, mode, geometry = mix, [0, 0], ((T * THREADS, 1, 1), smem, THREADS)  # the CTA computes the dots
     dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], [(T, M), (T,), (T, M + 3)],

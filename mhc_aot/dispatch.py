@@ -55,6 +55,9 @@ class Rule:
 # Streams the generic Metal kernels hold per-stream values for in threadgroup memory
 # (metal_src/mhc_common.h GENERIC_N_LIMIT, mhc_aot.metal.GENERIC_N_LIMIT)
 METAL_GENERIC_N_LIMIT = 256
+# Streams the Metal coefficient kernel's per-token matrices fit in threadgroup memory for
+# (metal_src/mhc_dynamic_coeffs.metal COEFFS_N_LIMIT, mhc_aot.metal_dynamic.COEFFS_N_LIMIT)
+METAL_COEFFS_N_LIMIT = 32
 
 
 # `fused` runs one CTA per token and keeps agg (C floats) in shared memory: up to FUSED_MAX_C
@@ -198,14 +201,18 @@ RULES: tuple[Rule, ...] = (
                        "pass), else a CTA per token with x_in fused (cuda_dynamic.LANES_*)"),
         ("mhc_pre", "one pass: x_in = h_pre . x"),
         ("mhc_post_res", "one pass: out = h_res x + h_post f_out"))),
-    # Metal (mhc_aot/metal_dynamic.py): the token passes as kernels, for the streams their threadgroup
-    # memory holds (mhc_aot/metal.py's GENERIC_N_LIMIT); the coefficients as MLX ops (no Metal twin of
-    # the coefficient kernels yet; the projection is one MLX matmul)
-    *(Rule("metal", op, "fused", None, None, why, max_n=METAL_GENERIC_N_LIMIT) for op, why in (
-        ("mhc_pre", "one pass: x_in = h_pre . x (DynamicMHC takes x_in from it after MLX-op coefficients)"),
-        ("mhc_post_res", "one pass: out = h_res x + h_post f_out"))),
+    # Metal (mhc_aot/metal_dynamic.py): kernels for the streams their threadgroup memory holds
+    # (the coefficients' matrices: METAL_COEFFS_N_LIMIT; the token passes' per-stream values: mhc_aot/metal.py's
+    # GENERIC_N_LIMIT), MLX ops above
+    Rule("metal", "mhc_coeffs", "fused", None, None,
+         "projection as one MLX matmul, then RMS scale, activations, Sinkhorn and x_in a threadgroup per token; "
+         "backward: MLX's VJP (no Metal backward kernels for the coefficients yet)", max_n=METAL_COEFFS_N_LIMIT),
     Rule("metal", "mhc_coeffs", "portable", None, None,
-         "no Metal kernels for the dynamic coefficients yet: MLX ops (the projection one matmul)"),
+         f"n > {METAL_COEFFS_N_LIMIT}: more streams than the Metal coefficient kernel's threadgroup memory holds: "
+         "MLX ops (DynamicMHC then takes x_in from the pre kernel)"),
+    *(Rule("metal", op, "fused", None, None, why, max_n=METAL_GENERIC_N_LIMIT) for op, why in (
+        ("mhc_pre", "one pass: x_in = h_pre . x"),
+        ("mhc_post_res", "one pass: out = h_res x + h_post f_out"))),
     *(Rule("metal", op, "portable", None, None, f"n > {METAL_GENERIC_N_LIMIT}: more streams than the Metal "
            "kernels' threadgroup memory holds: MLX ops") for op in ("mhc_pre", "mhc_post_res")),
     *(Rule("cpu", op, "portable", None, None, "MLX has no custom-kernel primitive on its CPU backend")

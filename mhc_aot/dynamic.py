@@ -11,7 +11,7 @@ The formulas and where each comes from in Liger-Kernel are in `dynamic_reference
 
 backend: "auto" (follow MLX's default device), "portable" (MLX ops arranged for speed, compiled
 once per configuration), "reference" (the readable reference), "cuda" (the precompiled kernels),
-"metal" (kernels for mhc_pre and mhc_post_res; the coefficients as MLX ops: mhc_aot/dispatch.py).
+"metal" (the Metal kernels; the coefficients' projection and backward as MLX ops: mhc_aot/metal_dynamic.py).
 """
 
 from __future__ import annotations
@@ -153,6 +153,18 @@ def _portable_coeffs(cfg: Config, with_pre: bool):
     return mx.compile(f)
 
 
+def _portable_coeffs_vjp(primals, cotangents, cfg: Config, with_pre: bool):
+    """MLX's VJP of the portable graph, for a kernel forward whose backward takes it by a documented
+    rule (CUDA: a Sinkhorn history over shared memory; Metal: no backward kernels for the coefficients)."""
+    def graph(x3, phi32, b32, ap, apo, ar):
+        h = _coeffs_graph(x3, phi32, b32, ap, apo, ar, cfg)
+        return (*h, _pre_graph(x3, h[0])) if with_pre else h
+
+    cots = list(cotangents[:4] if with_pre else cotangents[:3])
+    _, vjps = mx.vjp(graph, list(primals), cots)
+    return tuple(vjps)
+
+
 _portable_pre = mx.compile(_pre_graph)
 _portable_post_res = mx.compile(_post_res_graph)
 
@@ -183,7 +195,7 @@ def _coeffs(x, phi, b, alpha_pre, alpha_post, alpha_res, cfg: Config, backend: s
     elif choice.strategy == "portable":
         pre = _choose("mhc_pre", n, C, backend, T) if with_pre and backend != "portable" else None
         if pre is not None and pre.strategy == "fused":
-            # Metal: coefficients by MLX ops (dispatch rule), x_in by the pre kernel
+            # Metal, n above the coefficient kernel's limit: MLX-op coefficients (dispatch rule), x_in by the pre kernel
             h = _portable_coeffs(cfg, False)(x3, phi, b, *alphas)
             outs = (*h, _kernels(pre).pre(x3, h[0], pre.strategy))
         else:

@@ -1,20 +1,23 @@
-"""Metal launchers of dynamic mHC's token passes (metal_src/mhc_dynamic_pre*.metal,
-metal_src/mhc_dynamic_post_res*.metal) through `mhc_aot.metal`'s launch helper (the preloaded
-metallib, the scalars buffer, NaN-poisoned outputs under `testing.poisoned_outputs()`). Gradients:
-`mx.custom_function` VJPs that launch the backward kernels, as mhc_aot/cuda_dynamic.py does.
+"""Metal launchers of dynamic mHC (metal_src/mhc_dynamic_*.metal) through `mhc_aot.metal`'s launch
+helper (the preloaded metallib, the scalars buffer, NaN-poisoned outputs under
+`testing.poisoned_outputs()`). Gradients: `mx.custom_function` VJPs, as mhc_aot/cuda_dynamic.py.
 
+  mhc_coeffs    forward: the projection z = vec(x) @ phi and the sums of squares as MLX ops (one
+                float32 matmul), then coeffs: RMS scale, activations, Sinkhorn and (with_pre) x_in,
+                a threadgroup per token (the CUDA kernel's mode 0), n <= COEFFS_N_LIMIT
+                backward: MLX's VJP of the portable graph (no Metal twin of the backward kernels yet)
   mhc_pre       pre (x_in = h_pre . x, one pass) / pre_bwd (dx and the dots dx_in . x, per token)
   mhc_post_res  post_res (x and f read once) / post_res_bwd (per token)
-
-The coefficients (mhc_coeffs) have no Metal kernels yet: on Metal they run as MLX ops by a dispatch
-rule (mhc_aot/dispatch.py), their projection as MLX's matmul; DynamicMHC then takes x_in from the
-pre kernel here (dynamic._coeffs).
+Larger n take MLX ops by dispatch rule (mhc_aot/dispatch.py); with n between the two limits,
+DynamicMHC takes MLX-op coefficients and x_in from the pre kernel (dynamic._coeffs).
 
 NOT RUN ON APPLE HARDWARE: as mhc_aot/metal.py says, checked on Linux by the syntax-and-type check
 and by running the kernels and these launchers under the CPU emulation of tests/test_metal_sources.py.
 """
 
 from __future__ import annotations
+
+import functools
 
 import mlx.core as mx
 
@@ -24,6 +27,7 @@ from .kernel_ops import compiled_call, dtype_tag, single
 F32 = mx.float32
 THREADS = metal.THREADS
 VEC = 4  # metal_src/mhc_common.h: columns a thread takes in the token passes
+COEFFS_N_LIMIT = 32  # metal_src/mhc_dynamic_coeffs.metal: streams its threadgroup arrays hold (generic kernel)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -33,6 +37,49 @@ def _cdiv(a: int, b: int) -> int:
 def _column_grid(T: int, C: int) -> tuple[int, int, int]:
     """Grid (threads) of the one-pass kernels: VEC columns a thread, threadgroup y = the token."""
     return (_cdiv(_cdiv(C, VEC), THREADS) * THREADS, T, 1)
+
+
+# ---------------------------------------------------------------- mhc_coeffs (+ pre)
+def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
+    T, n, C = x3.shape
+    M = n * n + 2 * n
+    xk = x3.reshape(T, n * C).astype(F32)
+    # the projection's one "split" (the kernel sums S of them): MLX's float32 matmul and sum of squares
+    part, sq = (xk @ phi32)[None], mx.sum(xk * xk, axis=-1)[None]
+    outs = metal._launch("mhc_dynamic_coeffs", dtype_tag(x3.dtype), n, [x3, part, sq, b32, ap, apo, ar],
+                         [(T, n), (T, n), (T, n, n), (T, C) if with_pre else (1,), (T, M), (T,)],
+                         [F32, F32, F32, x3.dtype, F32, F32],
+                         [n, C, T, 1, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult,
+                          int(with_pre), 0, 0], (T * THREADS, 1, 1))
+    return tuple(outs[:4]) if with_pre else tuple(outs[:3])
+
+
+@functools.lru_cache(maxsize=None)
+def _coeffs_fn(cfg, with_pre: bool):
+    @mx.custom_function
+    def f(x3, phi32, b32, ap, apo, ar):
+        return _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre)
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        from . import dynamic
+
+        return dynamic._portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
+
+    return f
+
+
+def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, strategy: str = "fused",
+           alias: bool = False):
+    """(h_pre, h_post, h_res[, x_in][, x]) of x3 [T, n, C]; alias: x itself last (the layer's post_res
+    reads it; on Metal nothing joins the two x-gradients)."""
+    n = x3.shape[1]
+    if n > COEFFS_N_LIMIT:
+        raise ValueError(f"mhc_coeffs with n={n} streams: the Metal coefficient kernel serves n <= {COEFFS_N_LIMIT} "
+                         f"(its per-token matrices live in threadgroup memory); pass backend='portable'")
+    outs = compiled_call(_coeffs_fn(cfg, with_pre), x3, phi.astype(F32), b.astype(F32), alpha_pre.astype(F32),
+                         alpha_post.astype(F32), alpha_res.astype(F32))
+    return (*outs, x3) if alias else tuple(outs)
 
 
 # ---------------------------------------------------------------- mhc_pre

@@ -756,15 +756,18 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
 
 
 # ---------------------------------------------------------------- Metal, emulated on the CPU
-# The Metal twins of the token passes (metal_src/mhc_dynamic_pre*.metal, mhc_dynamic_post_res*.metal)
-# run under the CPU emulation of tests/metal_emulation.py through mhc_aot.metal_dynamic's launchers;
-# on Metal the coefficients are MLX ops by dispatch rule, so backend="metal" checks the whole op set
-# and the layer. Cases: compile-time n (n <= 4) and generic n, 4-column vectors (C % 4 == 0) and the
-# scalar path, more than one threadgroup of columns (C > 1024), every dtype.
+# The Metal kernels of dynamic mHC (metal_src/mhc_dynamic_*.metal: the coefficients forward, pre,
+# post_res and their backward) run under the CPU emulation of tests/metal_emulation.py through
+# mhc_aot.metal_dynamic's launchers; the coefficients' projection (an MLX matmul) and backward (MLX's
+# VJP) are MLX ops by dispatch rule. Cases: compile-time n (n <= 4) and the generic kernels (n = 5,
+# 16, and n = 33 above the coefficient kernel's limit: MLX-op coefficients, the pre kernel's x_in),
+# 4-column vectors (C % 4 == 0) and the scalar path, more than one threadgroup of columns (C > 1024),
+# every dtype.
 METAL_EMU_CASES = [((3, 4, 40), "float32"), ((3, 4, 40), "bfloat16"), ((5, 2, 33), "float32"), ((2, 5, 16), "float16"),
                    ((9, 1, 9), "bfloat16"), (((2, 2), 16, 8), "float32"), ((2, 3, 1030), "float16"),
-                   ((2, 4, 2052), "float32")]
-METAL_TOKEN_KERNELS = ("mhc_dynamic_pre", "mhc_dynamic_pre_bwd", "mhc_dynamic_post_res", "mhc_dynamic_post_res_bwd")
+                   ((2, 4, 2052), "float32"), ((2, 33, 4), "float32")]
+METAL_KERNELS = ("mhc_dynamic_coeffs", "mhc_dynamic_pre", "mhc_dynamic_pre_bwd", "mhc_dynamic_post_res",
+                 "mhc_dynamic_post_res_bwd")
 
 
 @pytest.fixture(scope="module")
@@ -787,37 +790,43 @@ def emulated_metal(_metal_emulations, monkeypatch):
 
 def _launched_sources(launched):
     """The kernel sources behind variant names (mhc_dynamic_pre_bf16_n4 -> mhc_dynamic_pre)."""
-    return {next(s for s in sorted(METAL_TOKEN_KERNELS, key=len, reverse=True) if name.startswith(s + "_"))
+    return {next(s for s in sorted(METAL_KERNELS, key=len, reverse=True) if name.startswith(s + "_"))
             for name in launched}
 
 
 @pytest.mark.parametrize("shape,dtype_name", METAL_EMU_CASES, ids=[f"{s}-{d}" for s, d in METAL_EMU_CASES])
 def test_emulated_metal_kernels_vs_liger64(emulated_metal, shape, dtype_name):
+    from mhc_aot import metal_dynamic
+
     B, n, C = shape
     _check_forward("metal", B, n, C, dtype_name)
     _check_gradients("metal", B, n, C, dtype_name)
-    assert _launched_sources(emulated_metal.launched) == set(METAL_TOKEN_KERNELS)
+    want = set(METAL_KERNELS) - ({"mhc_dynamic_coeffs"} if n > metal_dynamic.COEFFS_N_LIMIT else set())
+    assert _launched_sources(emulated_metal.launched) == want
 
 
 @pytest.mark.parametrize("B,n,C,dtype_name,f_dtype", [((2, 3), 4, 32, "float32", mx.float32),
                                                       (5, 3, 17, "bfloat16", mx.bfloat16),
                                                       (6, 4, 20, "float16", mx.float16)])
 def test_emulated_metal_layer_vs_liger64(emulated_metal, B, n, C, dtype_name, f_dtype):
-    """DynamicMHC on Metal, forward and every gradient: MLX-op coefficients, x_in from the pre kernel,
-    the post-combine and its backward (F in x's dtype) as kernels."""
+    """DynamicMHC on Metal, forward and every gradient: the coefficients with x_in fused, the
+    post-combine and its backward (F in x's dtype) as kernels; the coefficients' backward MLX's VJP."""
     _check_layer("metal", B, n, C, dtype_name, f_dtype)
-    assert _launched_sources(emulated_metal.launched) == set(METAL_TOKEN_KERNELS)
+    assert _launched_sources(emulated_metal.launched) == {"mhc_dynamic_coeffs", "mhc_dynamic_post_res",
+                                                          "mhc_dynamic_post_res_bwd"}
 
 
 def test_metal_dispatch_of_the_dynamic_ops():
-    """Metal: the token passes as kernels up to the streams their threadgroup memory holds, MLX ops
-    above and for the coefficients (documented rules, not exceptions)."""
-    from mhc_aot import metal
+    """Metal: kernels up to the streams their threadgroup memory holds, MLX ops above (documented
+    rules, not exceptions)."""
+    from mhc_aot import metal, metal_dynamic
 
-    limit = dispatch.METAL_GENERIC_N_LIMIT
-    assert limit == metal.GENERIC_N_LIMIT
+    limit, coeffs_limit = dispatch.METAL_GENERIC_N_LIMIT, dispatch.METAL_COEFFS_N_LIMIT
+    assert limit == metal.GENERIC_N_LIMIT and coeffs_limit == metal_dynamic.COEFFS_N_LIMIT
     for op in ("mhc_pre", "mhc_post_res"):
         assert dispatch.choose(op, 4, 4096, "metal", B=8192).strategy == "fused"
         assert dispatch.choose(op, limit, 7, "metal", B=1).strategy == "fused"
         assert dispatch.choose(op, limit + 1, 7, "metal", B=1).strategy == "portable"
-    assert dispatch.choose("mhc_coeffs", 4, 4096, "metal", B=8192).strategy == "portable"
+    assert dispatch.choose("mhc_coeffs", 4, 4096, "metal", B=8192).strategy == "fused"
+    assert dispatch.choose("mhc_coeffs", coeffs_limit, 7, "metal", B=1).strategy == "fused"
+    assert dispatch.choose("mhc_coeffs", coeffs_limit + 1, 7, "metal", B=1).strategy == "portable"
