@@ -33,8 +33,8 @@ inline void block_sum_n(thread float (&v)[R], threadgroup float* scratch, thread
 
 // dots[j] = sum_c g[c] x[j, c] for j < n, one token: x [n, C], g [C] (both T, row-major).
 // Compile-time NM >= n: one pass over the token with NM accumulators per thread; NM = 0: one block
-// reduction per stream (x re-read per stream, from cache). `scratch`: NSIMD * max(NM, 1) floats;
-// `dots`: n floats (threadgroup). Every thread must call it.
+// reduction per stream (x re-read per stream, from cache). `scratch`: NSIMD * max(NM, 1) + max(NM, 1)
+// floats; `dots`: n floats (threadgroup). Every thread must call it.
 template <int NM>
 inline void stream_dots(device const T* x, device const T* g, int n, int C, threadgroup float* scratch,
                         threadgroup float* dots, Tid t) {
@@ -51,7 +51,9 @@ inline void stream_dots(device const T* x, device const T* g, int n, int C, thre
           if (j < n) acc[j] += gc * to_float(x[size_t(j) * C + u * W + e]);
       }
     }
-    block_sum_n<NA>(acc, scratch, dots, t);
+    block_sum_n<NA>(acc, scratch, scratch + NSIMD * NA, t);  // NA sums: dots may hold only n floats
+    for (int j = int(t.tid); j < n; j += THREADS) dots[j] = scratch[NSIMD * NA + j];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
   } else {
     for (int j = 0; j < n; ++j) {
       float acc[1] = {0.0f};

@@ -9,7 +9,7 @@
 
 using namespace mhc;
 
-static_assert(NSIMD * (NMAX > 0 ? NMAX : 1) + NCAP <= TG_FLOATS_MAX, "threadgroup memory over 32 KB");
+static_assert((NSIMD + 1) * (NMAX > 0 ? NMAX : 1) + NCAP <= TG_FLOATS_MAX, "threadgroup memory over 32 KB");
 
 // The CUDA kernel's scalar arguments, in order (the `scalars` input buffer).
 struct Scalars {
@@ -23,7 +23,7 @@ kernel void MHC_ENTRY(device const T* x [[buffer(0)]], device const float* h_pre
                       device float* dh_pre [[buffer(5)]], uint tid [[thread_index_in_threadgroup]],
                       uint lane [[thread_index_in_simdgroup]], uint sg [[simdgroup_index_in_threadgroup]],
                       uint3 tgid [[threadgroup_position_in_grid]]) {
-  threadgroup float scratch[NSIMD * (NMAX > 0 ? NMAX : 1)];
+  threadgroup float scratch[(NSIMD + 1) * (NMAX > 0 ? NMAX : 1)];
   threadgroup float dots[NCAP];
   const Tid tt{tid, lane, sg};
   const int n = s.n, C = s.C, t = int(tgid.x);

@@ -5,14 +5,16 @@ helper (the preloaded metallib, the scalars buffer, NaN-poisoned outputs under
   mhc_coeffs    forward: the projection z = vec(x) @ phi and the sums of squares as MLX ops (one
                 float32 matmul), then coeffs: RMS scale, activations, Sinkhorn and (with_pre) x_in,
                 a threadgroup per token (the CUDA kernel's mode 0), n <= COEFFS_N_LIMIT
-                backward: MLX's VJP of the portable graph (no Metal twin of the backward kernels yet)
+                backward: coeffs_bwd (activations' and Sinkhorn's derivatives, a threadgroup per token),
+                then dx = dz phi^T + factor x + h_pre dx_in and dphi = x^T dz as MLX matmuls
   mhc_pre       pre (x_in = h_pre . x, one pass) / pre_bwd (dx and the dots dx_in . x, per token)
   mhc_post_res  post_res (x and f read once) / post_res_bwd (per token)
 Larger n take MLX ops by dispatch rule (mhc_aot/dispatch.py); with n between the two limits,
 DynamicMHC takes MLX-op coefficients and x_in from the pre kernel (dynamic._coeffs).
 
 NOT RUN ON APPLE HARDWARE: as mhc_aot/metal.py says, checked on Linux by the syntax-and-type check
-and by running the kernels and these launchers under the CPU emulation of tests/test_metal_sources.py.
+and by running the kernels and these launchers under the CPU emulation of tests/metal_emulation.py
+(tests/test_dynamic.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ F32 = mx.float32
 THREADS = metal.THREADS
 VEC = 4  # metal_src/mhc_common.h: columns a thread takes in the token passes
 COEFFS_N_LIMIT = 32  # metal_src/mhc_dynamic_coeffs.metal: streams its threadgroup arrays hold (generic kernel)
+COEFFS_BWD_POOL = 7168  # metal_src/mhc_dynamic_coeffs_bwd.metal: its threadgroup floats (28 KB)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -41,32 +44,66 @@ def _column_grid(T: int, C: int) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------- mhc_coeffs (+ pre)
 def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
+    """[h_pre, h_post, h_res, x_in (or an unwritten [1]), mix, invr]: mix and invr for the backward."""
     T, n, C = x3.shape
     M = n * n + 2 * n
     xk = x3.reshape(T, n * C).astype(F32)
     # the projection's one "split" (the kernel sums S of them): MLX's float32 matmul and sum of squares
     part, sq = (xk @ phi32)[None], mx.sum(xk * xk, axis=-1)[None]
-    outs = metal._launch("mhc_dynamic_coeffs", dtype_tag(x3.dtype), n, [x3, part, sq, b32, ap, apo, ar],
+    return metal._launch("mhc_dynamic_coeffs", dtype_tag(x3.dtype), n, [x3, part, sq, b32, ap, apo, ar],
                          [(T, n), (T, n), (T, n, n), (T, C) if with_pre else (1,), (T, M), (T,)],
                          [F32, F32, F32, x3.dtype, F32, F32],
                          [n, C, T, 1, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult,
                           int(with_pre), 0, 0], (T * THREADS, 1, 1))
-    return tuple(outs[:4]) if with_pre else tuple(outs[:3])
 
 
 @functools.lru_cache(maxsize=None)
 def _coeffs_fn(cfg, with_pre: bool):
     @mx.custom_function
     def f(x3, phi32, b32, ap, apo, ar):
-        return _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre)
+        return tuple(_coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre))
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
+        return _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre)
+
+    return f
+
+
+def coeffs_bwd_floats(n: int, tmax: int, nmax: int) -> int:
+    """Threadgroup floats mhc_dynamic_coeffs_bwd uses for one token (its header's layout)."""
+    M, nr = n * n + 2 * n, max(nmax, 1)
+    return 2 * M + n * n + n + (THREADS // 32) * nr + nr + (tmax + 1) * n * n + 2 * tmax * n
+
+
+def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
+    """The coefficients' backward: the per-token math (the activations' and the Sinkhorn's derivatives,
+    the stream dots of x_in's cotangent) by mhc_dynamic_coeffs_bwd, the products with x and phi as MLX
+    float32 matmuls (dx = dz phi^T + factor x + h_pre dx_in, dphi = x^T dz), db and dalpha as column
+    sums. Documented exit: a Sinkhorn history over the kernel's threadgroup pool (large n or tmax)
+    takes MLX's VJP of the portable graph."""
+    x3, phi32, b32, ap, apo, ar = primals
+    T, n, C = x3.shape
+    K, M, tag = n * C, n * n + 2 * n, dtype_tag(x3.dtype)
+    if coeffs_bwd_floats(n, cfg.tmax, metal._kernel("mhc_dynamic_coeffs_bwd", tag, n).nmax) > COEFFS_BWD_POOL:
         from . import dynamic
 
         return dynamic._portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
-
-    return f
+    h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
+    dh_pre, dh_post, dh_res = (c.astype(F32) for c in cotangents[:3])
+    # with_pre false: x3 itself fills the unread dx_in slot, mix the unread dots slot (no placeholder op)
+    g_in = cotangents[3].astype(x3.dtype) if with_pre else x3
+    dz, factor, rows = metal._launch("mhc_dynamic_coeffs_bwd", tag, n,
+                                     [x3, mix, invr, b32, ap, apo, ar, dh_pre, dh_post, dh_res, g_in, mix],
+                                     [(T, M), (T,), (T, M + 3)], [F32, F32, F32],
+                                     [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre), 0, 0],
+                                     (T * THREADS, 1, 1))
+    xk = x3.reshape(T, K).astype(F32)
+    dx = dz @ phi32.T + factor[:, None] * xk
+    if with_pre:  # the pre-aggregation's own x-gradient
+        dx = dx + (h_pre[:, :, None] * g_in.astype(F32)[:, None, :]).reshape(T, K)
+    sums = mx.sum(rows, axis=0)
+    return (dx.astype(x3.dtype).reshape(T, n, C), xk.T @ dz, sums[:M], sums[M], sums[M + 1], sums[M + 2])
 
 
 def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, strategy: str = "fused",
@@ -79,7 +116,8 @@ def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, st
                          f"(its per-token matrices live in threadgroup memory); pass backend='portable'")
     outs = compiled_call(_coeffs_fn(cfg, with_pre), x3, phi.astype(F32), b.astype(F32), alpha_pre.astype(F32),
                          alpha_post.astype(F32), alpha_res.astype(F32))
-    return (*outs, x3) if alias else tuple(outs)
+    picked = tuple(outs[:4]) if with_pre else tuple(outs[:3])
+    return (*picked, x3) if alias else picked
 
 
 # ---------------------------------------------------------------- mhc_pre

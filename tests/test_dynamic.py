@@ -766,8 +766,8 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
 METAL_EMU_CASES = [((3, 4, 40), "float32"), ((3, 4, 40), "bfloat16"), ((5, 2, 33), "float32"), ((2, 5, 16), "float16"),
                    ((9, 1, 9), "bfloat16"), (((2, 2), 16, 8), "float32"), ((2, 3, 1030), "float16"),
                    ((2, 4, 2052), "float32"), ((2, 33, 4), "float32")]
-METAL_KERNELS = ("mhc_dynamic_coeffs", "mhc_dynamic_pre", "mhc_dynamic_pre_bwd", "mhc_dynamic_post_res",
-                 "mhc_dynamic_post_res_bwd")
+METAL_KERNELS = ("mhc_dynamic_coeffs", "mhc_dynamic_coeffs_bwd", "mhc_dynamic_pre", "mhc_dynamic_pre_bwd",
+                 "mhc_dynamic_post_res", "mhc_dynamic_post_res_bwd")
 
 
 @pytest.fixture(scope="module")
@@ -801,7 +801,8 @@ def test_emulated_metal_kernels_vs_liger64(emulated_metal, shape, dtype_name):
     B, n, C = shape
     _check_forward("metal", B, n, C, dtype_name)
     _check_gradients("metal", B, n, C, dtype_name)
-    want = set(METAL_KERNELS) - ({"mhc_dynamic_coeffs"} if n > metal_dynamic.COEFFS_N_LIMIT else set())
+    want = set(METAL_KERNELS) - ({"mhc_dynamic_coeffs", "mhc_dynamic_coeffs_bwd"} if n > metal_dynamic.COEFFS_N_LIMIT
+                                 else set())
     assert _launched_sources(emulated_metal.launched) == want
 
 
@@ -809,11 +810,27 @@ def test_emulated_metal_kernels_vs_liger64(emulated_metal, shape, dtype_name):
                                                       (5, 3, 17, "bfloat16", mx.bfloat16),
                                                       (6, 4, 20, "float16", mx.float16)])
 def test_emulated_metal_layer_vs_liger64(emulated_metal, B, n, C, dtype_name, f_dtype):
-    """DynamicMHC on Metal, forward and every gradient: the coefficients with x_in fused, the
-    post-combine and its backward (F in x's dtype) as kernels; the coefficients' backward MLX's VJP."""
+    """DynamicMHC on Metal, forward and every gradient: the coefficients with x_in fused and their
+    backward, the post-combine and its backward (F in x's dtype) as kernels."""
     _check_layer("metal", B, n, C, dtype_name, f_dtype)
-    assert _launched_sources(emulated_metal.launched) == {"mhc_dynamic_coeffs", "mhc_dynamic_post_res",
-                                                          "mhc_dynamic_post_res_bwd"}
+    assert _launched_sources(emulated_metal.launched) == {"mhc_dynamic_coeffs", "mhc_dynamic_coeffs_bwd",
+                                                          "mhc_dynamic_post_res", "mhc_dynamic_post_res_bwd"}
+
+
+def test_emulated_metal_coeffs_without_pre_and_documented_exit(emulated_metal, monkeypatch):
+    """mhc_coeffs alone (no x_in: its slots unread), and a Sinkhorn history over the backward kernel's
+    threadgroup pool taking MLX's VJP (documented), both matching Liger; the pool's size is the
+    kernel's."""
+    from mhc_aot import metal_dynamic
+
+    text = (ROOT / "metal_src" / "mhc_dynamic_coeffs_bwd.metal").read_text()
+    assert f"POOL = {metal_dynamic.COEFFS_BWD_POOL};" in text
+    _check_gradients("metal", 6, 3, 24, "float32", with_pre=False)
+    assert "mhc_dynamic_coeffs_bwd" in _launched_sources(emulated_metal.launched)
+    emulated_metal.launched.clear()
+    monkeypatch.setattr(metal_dynamic, "COEFFS_BWD_POOL", metal_dynamic.coeffs_bwd_floats(3, CFG["tmax"], 4) - 1)
+    _check_gradients("metal", 6, 3, 24, "float32")
+    assert "mhc_dynamic_coeffs_bwd" not in _launched_sources(emulated_metal.launched)
 
 
 def test_metal_dispatch_of_the_dynamic_ops():

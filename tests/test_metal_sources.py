@@ -40,13 +40,13 @@ METAL = ROOT / "metal_src"
 needs_clang = pytest.mark.skipif(bm.find_clang() is None,
                                  reason="clang not installed (apt-get install -y --no-install-recommends clang)")
 
-# CUDA kernels of the dynamic layer (issue 6) without a Metal twin yet: the coefficients' backward
-# and projection kernels (on Metal the projection is an MLX matmul and the backward MLX's VJP, by
-# dispatch rule), and the CUDA-only tensor-core and one-read kernels with their header. Ported:
-# mhc_dynamic_coeffs (its CTA-per-token mode), mhc_dynamic_pre, mhc_dynamic_post_res and their
-# backward kernels. Any other CUDA kernel or header without a Metal twin fails
+# CUDA kernels of the dynamic layer (issue 6) without a Metal twin yet: the GEMM-like kernels of the
+# coefficients (on Metal the projection, dx and dphi are MLX matmuls, db and dalpha MLX sums), and
+# the CUDA-only tensor-core and one-read kernels with their header. Ported: mhc_dynamic_coeffs and
+# mhc_dynamic_coeffs_bwd (their CTA-per-token mode), mhc_dynamic_pre, mhc_dynamic_post_res and the
+# latter two's backward kernels. Any other CUDA kernel or header without a Metal twin fails
 # test_every_cuda_kernel_has_a_metal_twin / test_headers_are_parallel.
-PENDING_DYNAMIC = ("mhc_dynamic_coeffs_bwd", "mhc_dynamic_skinny", "mhc_dynamic_dx",
+PENDING_DYNAMIC = ("mhc_dynamic_skinny", "mhc_dynamic_dx",
                    "mhc_dynamic_colsum", "mhc_dynamic_phi_split", "mhc_dynamic_proj_tc", "mhc_dynamic_dphi_tc",
                    "mhc_dynamic_coeffs_pre")
 PENDING_HEADERS = ("mhc_dynamic_mma",)
