@@ -206,7 +206,7 @@ RULES: tuple[Rule, ...] = (
     # GENERIC_N_LIMIT), MLX ops above
     Rule("metal", "mhc_coeffs", "fused", None, None,
          "projection as one MLX matmul, then RMS scale, activations, Sinkhorn and x_in a threadgroup per token; "
-         "backward: MLX's VJP (no Metal backward kernels for the coefficients yet)", max_n=METAL_COEFFS_N_LIMIT),
+         "backward: their derivatives a threadgroup per token, dx and dphi as MLX matmuls", max_n=METAL_COEFFS_N_LIMIT),
     Rule("metal", "mhc_coeffs", "portable", None, None,
          f"n > {METAL_COEFFS_N_LIMIT}: more streams than the Metal coefficient kernel's threadgroup memory holds: "
          "MLX ops (DynamicMHC then takes x_in from the pre kernel)"),

@@ -11,7 +11,7 @@ The formulas and where each comes from in Liger-Kernel are in `dynamic_reference
 
 backend: "auto" (follow MLX's default device), "portable" (MLX ops arranged for speed, compiled
 once per configuration), "reference" (the readable reference), "cuda" (the precompiled kernels),
-"metal" (the Metal kernels; the coefficients' projection and backward as MLX ops: mhc_aot/metal_dynamic.py).
+"metal" (the Metal kernels, with the projection, dx and dphi as MLX matmuls: mhc_aot/metal_dynamic.py).
 """
 
 from __future__ import annotations
