@@ -1,7 +1,8 @@
 """metal_src/ checked on Linux in CI (no Apple hardware, no Metal compiler): a syntax-and-type
 check of every variant, and the Metal kernels' interfaces against the CUDA kernels, the
-KernelVariant table and the build pipeline's dry run. These are compiler and text checks of the
-sources; no Metal kernel is built or run here.
+KernelVariant table and the build pipeline's dry run: compiler and text checks of the sources. The
+static layer's kernels also RUN here under the CPU emulation of tests/metal_emulation.py (last
+section; the dynamic layer's in test_dynamic.py); no Metal compiler or GPU is involved.
 
 Shape table: none (no numerics). What is checked, per variant of build_tools/variants.py whose
 source has a .metal twin: the LINUX SYNTAX-AND-TYPE CHECK (clang, C++ for OpenCL, against the
