@@ -61,6 +61,9 @@ def _tol(table, dtype, backend, mlx_matmul: bool = False):
     return table[dtype]
 BF16_FACTOR = testing.BF16_REFERENCE_FACTOR
 CFG = dict(tmax=20, rms_eps=1e-6, pre_eps=0.0, sinkhorn_eps=1e-6, post_mult=2.0)  # LigerMHC's defaults
+# another configuration, each eps large enough that leaving it out (or misplacing it) is far outside the
+# tolerances, which Liger's 1e-6 ones are not
+CFG_OTHER = dict(tmax=7, rms_eps=0.05, pre_eps=1e-3, sinkhorn_eps=0.05, post_mult=3.0)
 
 
 # ---------------------------------------------------------------- reference: LigerMHC in float64 numpy
@@ -309,12 +312,12 @@ def test_config(backend, cfg):
 
 
 # ---------------------------------------------------------------- gradients
-def _loss_coeffs(backend, G, with_pre=True):
+def _loss_coeffs(backend, G, with_pre=True, cfg=CFG):
     def loss(x, phi, b, ap, apo, ar):
         if not with_pre:
-            h_pre, h_post, h_res = ops.mhc_coeffs(x, phi, b, ap, apo, ar, **CFG, backend=backend)
+            h_pre, h_post, h_res = ops.mhc_coeffs(x, phi, b, ap, apo, ar, **cfg, backend=backend)
             return mx.sum(h_pre * G[0]) + mx.sum(h_post * G[1]) + mx.sum(h_res * G[2])
-        h_pre, h_post, h_res, x_in = ops.mhc_coeffs_pre(x, phi, b, ap, apo, ar, **CFG, backend=backend)
+        h_pre, h_post, h_res, x_in = ops.mhc_coeffs_pre(x, phi, b, ap, apo, ar, **cfg, backend=backend)
         return (mx.sum(h_pre * G[0]) + mx.sum(h_post * G[1]) + mx.sum(h_res * G[2])
                 + mx.sum(x_in.astype(mx.float32) * G[3]))
     return loss
@@ -333,7 +336,7 @@ def test_gradients_vs_liger64(backend, B, n, C, dtype_name):
     _check_gradients(backend, B, n, C, dtype_name)
 
 
-def _check_gradients(backend, B, n, C, dtype_name, with_pre=True):
+def _check_gradients(backend, B, n, C, dtype_name, with_pre=True, cfg=CFG):
     seed = seed_of("grad", backend, B, n, C, dtype_name)
     x = _x((*leading(B), n, C), dtype_name, seed)
     lead = tuple(x.shape[:-2])
@@ -343,7 +346,7 @@ def _check_gradients(backend, B, n, C, dtype_name, with_pre=True):
          (((*lead, n), k[0]), ((*lead, n), k[1]), ((*lead, n, n), k[2]), ((*lead, C), k[3]))]
     what = f"[{backend}] B={B} n={n} C={C} {dtype_name}"
     with testing.poisoned_outputs():
-        grads = mx.grad(_loss_coeffs(backend, G, with_pre), argnums=tuple(range(6)))(x, *params)
+        grads = mx.grad(_loss_coeffs(backend, G, with_pre, cfg), argnums=tuple(range(6)))(x, *params)
         mx.eval(grads)
     assert grads[0].dtype == x.dtype and grads[0].shape == x.shape and grads[1].dtype == params[0].dtype
     # float64: coefficients backward + the pre path (x_in's cotangent flows to h_pre and to x)
@@ -354,9 +357,9 @@ def _check_gradients(backend, B, n, C, dtype_name, with_pre=True):
     G64_in = G64[3]  # the pre-only check below uses it whatever with_pre is
     if not with_pre:
         G64[3] = np.zeros_like(G64[3])
-    h_pre, _, _, saved = liger_coeffs64(x64, *p64, **CFG)
+    h_pre, _, _, saved = liger_coeffs64(x64, *p64, **cfg)
     dx_pre, dh_pre = liger_pre_bwd64(x64, h_pre, G64[3])
-    want = list(liger_coeffs_bwd64(saved, p64[0], *p64[2:], G64[0] + dh_pre, G64[1], G64[2], n, **CFG))
+    want = list(liger_coeffs_bwd64(saved, p64[0], *p64[2:], G64[0] + dh_pre, G64[1], G64[2], n, **cfg))
     want[0] = want[0].reshape(x64.shape) + dx_pre
     names = ("dx", "dphi", "db", "dalpha_pre", "dalpha_post", "dalpha_res")
     for g, w, nm in zip(grads, want, names):
@@ -685,6 +688,7 @@ def test_emulated_cuda_coeffs_without_pre_config_and_layer(emulated_cuda):
     _check_gradients("cuda", 6, 3, 24, "float32", with_pre=False)
     _check_forward("cuda", 6, 4, 37, "float32", dict(tmax=7, rms_eps=1e-5, pre_eps=1e-4, sinkhorn_eps=1e-6,
                                                     post_mult=3.0))
+    _check_gradients("cuda", 6, 4, 37, "float32", cfg=CFG_OTHER)  # every eps large enough to show
     m = _layer(4, 16, 3, "cuda")
     x = _x((5, 4, 16), "float32", 4)
     _err_ok(_run(m, x).reshape(5, 4, 16), _layer64(m, to64(x)), 1e-5, "emulated DynamicMHC")
@@ -815,6 +819,13 @@ def test_emulated_metal_layer_vs_liger64(emulated_metal, B, n, C, dtype_name, f_
     _check_layer("metal", B, n, C, dtype_name, f_dtype)
     assert _launched_sources(emulated_metal.launched) == {"mhc_dynamic_coeffs", "mhc_dynamic_coeffs_bwd",
                                                           "mhc_dynamic_post_res", "mhc_dynamic_post_res_bwd"}
+
+
+def test_emulated_metal_config(emulated_metal):
+    """A configuration other than Liger's defaults, forward and every gradient."""
+    _check_forward("metal", 6, 4, 37, "float32", CFG_OTHER)
+    _check_gradients("metal", 6, 4, 37, "float32", cfg=CFG_OTHER)
+    _check_gradients("metal", 5, 6, 16, "float32", cfg=CFG_OTHER)  # the generic kernels
 
 
 def test_emulated_metal_coeffs_without_pre_and_documented_exit(emulated_metal, monkeypatch):
