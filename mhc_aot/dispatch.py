@@ -205,14 +205,15 @@ RULES: tuple[Rule, ...] = (
     # (the coefficients' matrices: METAL_COEFFS_N_LIMIT; the token passes' per-stream values: mhc_aot/metal.py's
     # GENERIC_N_LIMIT), MLX ops above
     Rule("metal", "mhc_coeffs", "fused", None, None,
-         "projection as one MLX matmul, then RMS scale, activations, Sinkhorn and x_in a threadgroup per token; "
-         "backward: their derivatives a threadgroup per token, dx and dphi as MLX matmuls", max_n=METAL_COEFFS_N_LIMIT),
+         f"n <= {METAL_COEFFS_N_LIMIT}: projection as one MLX matmul, then RMS scale, activations, Sinkhorn and x_in "
+         "a threadgroup per token; backward: their derivatives a threadgroup per token, dx and dphi as MLX matmuls",
+         max_n=METAL_COEFFS_N_LIMIT),
     Rule("metal", "mhc_coeffs", "portable", None, None,
          f"n > {METAL_COEFFS_N_LIMIT}: more streams than the Metal coefficient kernel's threadgroup memory holds: "
          "MLX ops (DynamicMHC then takes x_in from the pre kernel)"),
-    *(Rule("metal", op, "fused", None, None, why, max_n=METAL_GENERIC_N_LIMIT) for op, why in (
-        ("mhc_pre", "one pass: x_in = h_pre . x"),
-        ("mhc_post_res", "one pass: out = h_res x + h_post f_out"))),
+    *(Rule("metal", op, "fused", None, None, f"n <= {METAL_GENERIC_N_LIMIT}: {why}", max_n=METAL_GENERIC_N_LIMIT)
+      for op, why in (("mhc_pre", "one pass: x_in = h_pre . x"),
+                      ("mhc_post_res", "one pass: out = h_res x + h_post f_out"))),
     *(Rule("metal", op, "portable", None, None, f"n > {METAL_GENERIC_N_LIMIT}: more streams than the Metal "
            "kernels' threadgroup memory holds: MLX ops") for op in ("mhc_pre", "mhc_post_res")),
     *(Rule("cpu", op, "portable", None, None, "MLX has no custom-kernel primitive on its CPU backend")
