@@ -155,7 +155,7 @@ def _portable_coeffs(cfg: Config, with_pre: bool):
 
 def _portable_coeffs_vjp(primals, cotangents, cfg: Config, with_pre: bool):
     """MLX's VJP of the portable graph, for a kernel forward whose backward takes it by a documented
-    rule (CUDA: a Sinkhorn history over shared memory; Metal: no backward kernels for the coefficients)."""
+    rule: a Sinkhorn history over the backward kernel's shared (CUDA) or threadgroup (Metal) memory."""
     def graph(x3, phi32, b32, ap, apo, ar):
         h = _coeffs_graph(x3, phi32, b32, ap, apo, ar, cfg)
         return (*h, _pre_graph(x3, h[0])) if with_pre else h

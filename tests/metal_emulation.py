@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -54,7 +55,10 @@ class EmulatedKernel:
                 for o, dt in zip(outs, output_dtypes)]
 
 
-def emulations(cache: Path):
+CACHE = Path(tempfile.gettempdir()) / "mhc-aot-metal-emulation"  # one build per variant for every test file
+
+
+def emulations(cache: Path = CACHE):
     """get(source, dtype, n) -> EmulatedKernel, manifest.find's rule over the variant table instead
     of shipped files (built on first use, cached in `cache`); get.launched lists the launches."""
     if shutil.which("g++") is None:

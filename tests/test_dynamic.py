@@ -776,11 +776,9 @@ METAL_KERNELS = ("mhc_dynamic_coeffs", "mhc_dynamic_coeffs_bwd", "mhc_dynamic_pr
 
 @pytest.fixture(scope="module")
 def _metal_emulations():
-    import tempfile
-
     import metal_emulation
 
-    return metal_emulation.emulations(__import__("pathlib").Path(tempfile.gettempdir()) / "mhc-aot-metal-emulation")
+    return metal_emulation.emulations()
 
 
 @pytest.fixture

@@ -295,8 +295,8 @@ GRAD_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def _emulations(tmp_path_factory):
-    return metal_emulation.emulations(Path(tmp_path_factory.getbasetemp()).parent / "mhc-aot-metal-emulation")
+def _emulations():
+    return metal_emulation.emulations()
 
 
 @pytest.fixture
