@@ -94,9 +94,11 @@ def _build_variant(nvcc: str, ptxas: str, fatbinary: str, v: KernelVariant, out_
     cubin_archs = [a for a in cubin_archs if a >= v.min_arch]
     ptx_arch = max(ptx_arch, v.min_arch)
     key = _source_hash(v)
-    cdir = cache / f"{v.name}-{key[:16]}-{'_'.join(map(str, cubin_archs))}-{ptx_arch}"
     defines = [f"-D{k}={val}" for k, val in v.defines().items()]
     src = SRC / f"{v.source}.cu"
+    if v.arch_exact:
+        return _build_arch_exact(nvcc, fatbinary, v, out_dir, cache, cubin_archs, key, defines, src)
+    cdir = cache / f"{v.name}-{key[:16]}-{'_'.join(map(str, cubin_archs))}-{ptx_arch}"
     files = {f"sm_{a}": f"{v.name}.sm_{a}.fatbin" for a in cubin_archs}
     files["ptx"] = f"{v.name}.compute_{ptx_arch}.fatbin"
     if not all((cdir / f).exists() for f in files.values()):
@@ -115,6 +117,10 @@ def _build_variant(nvcc: str, ptxas: str, fatbinary: str, v: KernelVariant, out_
         else:
             _run(base[:-2] + [f"-arch=compute_{ptx_arch}", "-ptx", str(src), "-o", str(ptx)])
         _fatbin(fatbinary, ptx, "ptx", ptx_arch, cdir / files["ptx"])
+    return _entry(v, key, cdir, files, out_dir)
+
+
+def _entry(v: KernelVariant, key: str, cdir: Path, files: dict, out_dir: Path) -> dict:
     entry = {**v.row(), "backend": "cuda", "source_sha256": key, "files": {}, "sha256": {}}
     for tag, f in files.items():
         data = (cdir / f).read_bytes()
@@ -122,6 +128,21 @@ def _build_variant(nvcc: str, ptxas: str, fatbinary: str, v: KernelVariant, out_
         entry["files"][tag] = f"cuda/{f}"
         entry["sha256"][tag] = hashlib.sha256(data).hexdigest()
     return entry
+
+
+def _build_arch_exact(nvcc: str, fatbinary: str, v: KernelVariant, out_dir: Path, cache: Path, cubin_archs: list[int],
+                      key: str, defines: list[str], src: Path) -> dict:
+    """An arch_exact variant: one sm_<min_arch>a cubin, shipped under tag sm_<min_arch> when that arch is
+    listed (else no file: the dispatch never picks it), and no PTX."""
+    a = v.min_arch
+    files = {f"sm_{a}": f"{v.name}.sm_{a}a.fatbin"} if a in cubin_archs else {}
+    cdir = cache / f"{v.name}-{key[:16]}-sm_{a}a"
+    if files and not (cdir / files[f"sm_{a}"]).exists():
+        cdir.mkdir(parents=True, exist_ok=True)
+        cubin = cdir / f"{v.name}.sm_{a}a.cubin"
+        _run([nvcc, *NVCC_FLAGS, "-I", str(SRC), *defines, f"-arch=sm_{a}a", "-cubin", str(src), "-o", str(cubin)])
+        _run([fatbinary, f"--create={cdir / files[f'sm_{a}']}", f"--image3=kind=elf,sm={a}a,file={cubin}", *FATBIN_FLAGS])
+    return _entry(v, key, cdir, files, out_dir)
 
 
 def build(kernels_dir: Path, cache: Path, log=print) -> tuple[dict, list[dict]]:

@@ -28,6 +28,9 @@ class KernelVariant:
     dtype: str | None  # None: float32 parameters only (Sinkhorn)
     nmax: int  # 0 = generic n
     min_arch: int = 0  # oldest SM it is built for (90: thread block clusters); 0 = every listed arch
+    # True: built for exactly min_arch with its arch-specific features (sm_90a: TMA's tensormap.replace),
+    # one cubin shipped under tag sm_<min_arch> and no PTX (nothing newer could run it)
+    arch_exact: bool = False
     units: int = 1  # the forward ring's groups a slot (MHC_RING_UNITS; 1: the macro left undefined)
 
     @property
@@ -94,8 +97,9 @@ def _dynamic_variants() -> list[KernelVariant]:
          KernelVariant("mhc_coeffs", "mhc_dynamic_phi_split", "fused", None, 0),  # proj_tc's B fragments
          KernelVariant("mhc_coeffs", "mhc_dynamic_proj_tc", "fused", "bf16", 0),  # tensor cores: bfloat16 x
          KernelVariant("mhc_coeffs", "mhc_dynamic_dphi_tc", "fused", "bf16", 0),
-         # coefficients + x_in reading x once (bfloat16, n <= 4): a persistent grid, column-owned phi
-         KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_pre", "fused", "bf16", 4)]
+         # coefficients + x_in reading x once (bfloat16, n <= 4): a persistent grid, column-owned phi,
+         # tiles moved by TMA (sm_90a)
+         KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_pre", "fused", "bf16", 4, min_arch=90, arch_exact=True)]
     for dt in DTYPES:
         for src in ("mhc_dynamic_skinny", "mhc_dynamic_dx"):
             v.append(KernelVariant("mhc_coeffs", src, "fused", dt, 0))

@@ -2,16 +2,19 @@
 // and the sum of squares (mhc_dynamic_proj_tc), the per-token coefficients (mhc_dynamic_coeffs: RMS
 // scale, activations, Liger's Sinkhorn) and x_in = h_pre . x (mhc_dynamic_pre) in one launch. The
 // three-kernel path reads x from DRAM twice (the projection, then pre) and waits on a latency-bound
-// coefficients launch between them. Measured slower than that path on the H200 at large T (README,
-// sessions 14 and 15): the dispatch does not choose it (mhc_aot/cuda_dynamic.py, CP_MIN_T).
+// coefficients launch between them. Its tiles move by TMA (mhc_tma.cuh): one thread issues a tile's
+// copies, so the 256 workers spend no instructions on addresses and copies (the cp.async version,
+// sessions 14-15, ran slower than the three-kernel path on the H200). sm_90a only; bfloat16 x with
+// C % 8 == 0 (TMA's 16-byte row strides) at a 16-byte aligned address.
 //
 // A persistent grid: G groups of S = ceil(C / CW) CTAs. CTA s of a group owns columns [s CW, s CW + CW)
 // of every stream: phi's rows j C + c for those columns (n x 128 x 24 floats) are read once and held
 // for the whole launch as split B fragments in the registers of the worker warps (warp = stream x half
 // of the columns), and the group walks token tiles z = g, g + G, g + 2 G, ... of TT tokens. Per tile
 // (iteration i of the group) a CTA:
-//   1. (workers) copies its columns of the tile's tokens from DRAM into one of AHEAD shared buffers
-//      (cp.async, AHEAD - 1 tiles ahead) and multiplies them on tensor cores (as proj_tc: bfloat16 x
+//   1. (workers) multiplies its columns of the tile's tokens, copied from DRAM into one of AHEAD shared
+//      buffers AHEAD tiles ahead (two TMA boxes of 64 columns x TT tokens x n streams, issued by thread
+//      0; the 128-byte swizzle), on tensor cores (as proj_tc: bfloat16 x
 //      exact, phi split in three bfloat16 terms, the sums of squares on the diagonal of x x^T): partial
 //      z and sum of squares of every token over its columns, written as one block to a global scratch
 //      slot; the tile's coefficient warp then arrives on the tile's `projected` counter (named-barrier
@@ -22,7 +25,8 @@
 //      (a lane per matrix element, shuffles, Liger's order and divisions as the register mode), from
 //      mix as written, off the workers' path;
 //   3. (workers) LAG iterations later, once the tile is published: x_in of its columns from the tile
-//      copied back from L2 (and its h_pre) into a staging buffer the iteration before.
+//      copied back from L2 (the same boxes, issued by thread HALF) and its h_pre (cp.async) into a
+//      staging buffer the iteration before.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
 // order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
 // running. The last CTA to finish zeroes the counters again (a buffer that two launches share stays
@@ -32,16 +36,19 @@
 // Block: BLOCK = 8 worker warps (steps 1 and 3) + CWARPS coefficient warps (tiles i = w, w + CWARPS, ...
 // of the group, so four tiles' coefficients can be in flight). Workers synchronise on named barrier 1.
 // Grid (threads): (G S BLOCK, 1, 1). Shared memory (dynamic): SMEM_BYTES.
-// Inputs: x [T, n, C] bfloat16, phi [n C, M] float32, b [M], alpha_pre / _post / _res [1], sync
-// [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], published[tiles]).
+// Inputs: x [T, n, C] bfloat16, tmpl [32] uint32 (x's tensor-map template: mhc_aot/tma.py, dims
+// (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] float32, b [M], alpha_pre / _post / _res
+// [1], sync [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], published[tiles]).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
 // mhc_dynamic_coeffs), part [G NSLOT S TT RL] float32 (scratch: the partials of a group's last NSLOT
-// tiles). MHC_GRID_RESIDENT: the CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
+// tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh). MHC_GRID_RESIDENT: the
+// CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix.
 #include <cuda_pipeline.h>
 
 #include "mhc_dynamic_common.cuh"
 #include "mhc_dynamic_mma.cuh"
+#include "mhc_tma.cuh"
 
 using namespace mhc;
 
@@ -62,8 +69,9 @@ constexpr int AHEAD = MHC_CP_AHEAD;        // DRAM tile buffers: tile i multipli
 constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 constexpr int WORKERS = 256, HALF = WORKERS / 2, CWARPS = 4, BLOCK = WORKERS + 32 * CWARPS;
 constexpr int CSEGS = CW / 8;              // 16-byte segments of a stream's columns
-constexpr int SEGS = NS * CSEGS;           // of a token row in shared memory (64: 1 KB)
-constexpr int X_BYTES = TT * SEGS * 16;
+constexpr int BOXC = 64;                   // a TMA box's columns: one 128-byte swizzled line a (token, stream)
+constexpr int X_BYTES = TT * NS * CW * 2;  // a tile buffer: [CW / BOXC][NS][TT] lines of 128 bytes
+constexpr int TM_BYTES = 128;              // the CTA's tensor map, staged in shared memory
 constexpr int KSTEPS = CW / 16;            // k16 steps a stream
 constexpr int KH = KSTEPS / 2;             // k16 steps a worker warp: warp = (stream, half of the columns)
 constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (stream, half) each
@@ -73,12 +81,20 @@ constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (
 // are open at once, and one id never holds two tiles.
 constexpr int HANDOFF = 2, HANDOFF_IDS = 3;
 __device__ __forceinline__ int handoff(int i) { return HANDOFF + (i % CWARPS) * HANDOFF_IDS + (i / CWARPS) % HANDOFF_IDS; }
-constexpr int SMEM_BYTES = (AHEAD + 2) * X_BYTES + SLICES * TT * RL * 4 + 2 * TT * NS * 4 + 16;
+// 1024 bytes of slack: the buffers start at the first 1024-byte boundary (the 128-byte swizzle's)
+constexpr int SMEM_BYTES = 1024 + (AHEAD + 2) * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 2 * TT * NS * 4 +
+                           8 * (AHEAD + 2) + 16;
 static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x half its columns each");
-static_assert(HALF % SEGS == 0, "a copying thread keeps one segment (stream, 8 columns) in all its rows");
+static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers keep 1024-byte alignment");
 static_assert(HANDOFF + CWARPS * HANDOFF_IDS <= 16 && (LAG + CWARPS - 1) / CWARPS <= HANDOFF_IDS, "named barrier ids");
 static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
-static_assert(AHEAD != 4 || SMEM_BYTES == 223248, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(AHEAD != 4 || SMEM_BYTES == 224448, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+// byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
+// sg / 8's line (j, r), chunk sg % 8 swizzled (ldmatrix's eight rows and x_in's eight segments of a
+// phase fall in eight bank groups)
+__device__ __forceinline__ uint32_t tile_at(int r, int j, int sg) {
+  return tma::swizzle128(((sg >> 3) * NS + j) * TT + r, sg & 7);
+}
 }  // namespace
 
 #define MHC_GRID_RESIDENT 1
@@ -141,24 +157,41 @@ __device__ __forceinline__ float pick(const float (&v)[RL], int m) {
 }
 
 extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
-    const bf16* __restrict__ x, const float* __restrict__ phi, const float* __restrict__ b,
+    const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const float* __restrict__ phi, const float* __restrict__ b,
     const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post, const float* __restrict__ alpha_res,
     const int* sync_in, float* h_pre, float* __restrict__ h_post, float* __restrict__ h_res, bf16* __restrict__ x_in,
-    float* __restrict__ mix, float* __restrict__ invr_out, float* part, int n, int C, int Tn, int S, int G, int tmax,
+    float* __restrict__ mix, float* __restrict__ invr_out, float* part, uint32_t* maps, int n, int C, int Tn, int S, int G, int tmax,
     float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult) {
   extern __shared__ float smem[];
+  // the buffers from the first 1024-byte boundary of shared memory (SMEM_BYTES has the slack)
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
-  bf16* dram = reinterpret_cast<bf16*>(base);                                // [AHEAD][TT][SEGS x 8]
-  bf16* stage = reinterpret_cast<bf16*>(base + AHEAD * X_BYTES);             // [2][TT][SEGS x 8]
-  float* ksum = reinterpret_cast<float*>(base + (AHEAD + 2) * X_BYTES);    // [stream][half][TT][RL]
+  base += (1024u - (tma::smem_addr(base) & 1023u)) & 1023u;
+  unsigned char* dram = base;                                                // [AHEAD] tile buffers
+  unsigned char* stage = base + AHEAD * X_BYTES;                             // [2] tile buffers
+  uint32_t* tm = reinterpret_cast<uint32_t*>(base + (AHEAD + 2) * X_BYTES);  // the tensor map, staged
+  float* ksum = reinterpret_cast<float*>(base + (AHEAD + 2) * X_BYTES + TM_BYTES);  // [stream][half][TT][RL]
   float* hps = ksum + SLICES * TT * RL;                                      // [2][TT][NS]: staged h_pre
-  int* ticket_s = reinterpret_cast<int*>(hps + 2 * TT * NS);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(hps + 2 * TT * NS);          // [AHEAD] DRAM, [2] staging
+  int* ticket_s = reinterpret_cast<int*>(bars + AHEAD + 2);
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 2;
   int* published = sync + 2 + tiles;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  if (tid == 0) *ticket_s = atomicAdd(sync, 1);
+#ifndef MHC_EMULATED
+  if ((reinterpret_cast<uintptr_t>(x) & 15) != 0) {  // TMA reads from 16-byte aligned addresses only
+    if (tid == 0 && blockIdx.x == 0)
+      printf("mhc_dynamic_coeffs_pre: x is not 16-byte aligned (a view at an odd element offset); pass a copy of x\n");
+    __trap();
+  }
+#endif
+  uint32_t* gmap = maps + (size_t)blockIdx.x * 32;  // this CTA's published tensor map
+  if (warp == 0) tma::publish_map(gmap, tm, tmpl, x, lane);
+  if (tid == 0) {
+    *ticket_s = atomicAdd(sync, 1);
+    for (int k = 0; k < AHEAD + 2; ++k) tma::bar_init(bars + k, 1);
+    tma::bar_init_fence();
+  }
   __syncthreads();
   const int ticket = *ticket_s, g = ticket / S, s = ticket % S, c0 = s * CW;
   const int ntile = g < tiles ? (tiles - g + G - 1) / G : 0;  // the group's tiles z = g + i G, i < ntile
@@ -168,48 +201,21 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 
   if (warp < WORKERS / 32) {
     // ---------------------------------------------------------------- workers: steps 1 and 3
-    // Threads 0 .. HALF - 1 copy the tiles from DRAM (AHEAD ahead), threads HALF .. WORKERS - 1 copy
-    // the x_in tiles back from L2 (read LAG + AHEAD - 1 iterations earlier: 128 CTAs x that many
-    // 32 KB tiles stay well inside L2) and their h_pre: cp.async waits are per thread, so neither
-    // stream's wait covers the other's copies.
-    const bool vec = C % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
-                     (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;
-    const bool dram_thread = tid < HALF;
-    const int ht = tid % HALF;
-    // row r's 16-byte segment sg (stream sg / CSEGS), stored at sg ^ (r & 7): an ldmatrix phase's
-    // eight rows sit in eight bank groups
-    auto seg_at = [&](bf16* tile, int r, int sg) { return tile + (size_t)r * SEGS * 8 + ((sg ^ (r & 7)) * 8); };
-    // A copying thread's segment: stream jt, columns [ct, ct + 8) of rows ht / SEGS + k HALF / SEGS. A whole
-    // tile of in-range 16-byte segments takes the unrolled path: one add and one cp.async a row (the
-    // general loop's index arithmetic was a fifth of the kernel's instructions, ncu, session 15).
-    const int sgt = ht % SEGS, rt0 = ht / SEGS, jt = sgt / CSEGS, ct = c0 + 8 * (sgt % CSEGS);
-    const bool seg_fast = vec && ct + 8 <= C;
-    const size_t row_pitch = (size_t)n * C;
-    auto copy_tile = [&](bf16* dst, int i) {  // tile i of the group, this half's share; zeros past T, C and n
+    // Thread 0 issues the tiles' copies from DRAM (AHEAD ahead), thread HALF the x_in tiles' copies
+    // back from L2 (read LAG + AHEAD - 1 iterations earlier: 128 CTAs x that many 32 KB tiles stay
+    // inside L2), warp HALF / 32 their h_pre (cp.async). Each copy completes on its buffer's mbarrier:
+    // DRAM buffer i % AHEAD in its (i / AHEAD)-th phase, staging buffer ix % 2 in its (ix / 2)-th.
+    const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
+    uint64_t* dbar = bars;
+    uint64_t* sbar = bars + AHEAD;
+    if (tid == 0 || tid == HALF) tma::acquire_map(gmap);
+    auto issue_tile = [&](unsigned char* dst, uint64_t* bar, int i) {  // tile i of the group: two boxes
       const int t0 = (g + i * G) * TT;
-      if (seg_fast && t0 + TT <= Tn) {
-        if (jt < n) {  // segments of streams >= n are never read
-          const bf16* src = x + ((size_t)(t0 + rt0) * n + jt) * C + ct;
-#pragma unroll
-          for (int k = 0; k < TT * SEGS / HALF; ++k) {
-            const int r = rt0 + k * (HALF / SEGS);
-            __pipeline_memcpy_async(seg_at(dst, r, sgt), src + (size_t)k * (HALF / SEGS) * row_pitch, 16);
-          }
-        }
-        return;
-      }
-      for (int e = ht; e < TT * SEGS; e += HALF) {
-        const int sg = e % SEGS, r = e / SEGS, j = sg / CSEGS, t = t0 + r, c = c0 + 8 * (sg % CSEGS);
-        bf16* d = seg_at(dst, r, sg);
-        const bf16* src = x + ((size_t)t * n + j) * C + c;
-        if (vec && j < n && t < Tn && c + 8 <= C) {
-          __pipeline_memcpy_async(d, src, 16);
-        } else {
-#pragma unroll
-          for (int u = 0; u < 8; ++u) d[u] = (j < n && t < Tn && c + u < C) ? src[u] : from_float<bf16>(0.0f);
-        }
-      }
+      tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
+      tma::load_3d(dst, gmap, bar, c0, t0, 0);
+      tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
     };
+    auto at = [&](unsigned char* tile, int r, int j, int sg) { return tile + tile_at(r, j, sg); };
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
     // three bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
@@ -235,15 +241,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           bq[k][nt][p][1] = terms[p].y;
         }
       }
-    if (dram_thread) {
-#pragma unroll
-      for (int p = 0; p < AHEAD; ++p) {
-        if (p < ntile) copy_tile(dram + (size_t)p * TT * SEGS * 8, p);
-        __pipeline_commit();
-      }
-    }
+    if (tid == 0)
+      for (int p = 0; p < AHEAD && p < ntile; ++p) issue_tile(dram + (size_t)p * X_BYTES, dbar + p, p);
     // warp HALF / 32 reads published[] of the tile it stages an iteration ahead: a global load waits
-    // behind this SM's cp.async stream (~1 us, session 15's trace), so it is in flight for a whole
+    // behind this SM's copy stream (~1 us in session 15's cp.async trace), so it is in flight for a whole
     // iteration before it is looked at
     int pub_seen = 0, pub_ahead = 0;
     for (int i = 0; i < ntile + LAG; ++i) {
@@ -253,18 +254,16 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         pub_seen = pub_ahead;
         if (stage_next + 1 >= 0 && stage_next + 1 < ntile) pub_ahead = ld_relaxed(published + g + (stage_next + 1) * G);
       }
-      // this thread's copies of tile i (DRAM threads) or of tile ix and its h_pre (staging threads,
-      // issued last iteration) have landed; after the barrier, everyone's have
-      if (dram_thread) {
-        if (i < ntile) __pipeline_wait_prior(AHEAD - 1);
-      } else {
-        __pipeline_wait_prior(0);
-      }
+      // tile i and tile ix (issued last iteration) have landed; the staging warp's h_pre copies too,
+      // and after the barrier everyone sees them
+      if (i < ntile) tma::wait(dbar + i % AHEAD, (i / AHEAD) & 1);
+      if (ix >= 0) tma::wait(sbar + ix % 2, (ix / 2) & 1);
+      __pipeline_wait_prior(0);
       workers_sync();
       if (tid == 0) TRACE(i, 6);
       // steps 1 and 3 in one phase: the product of tile i on tensor cores, x_in of tile ix on the CUDA
       // cores while the products are in flight (the accumulators are read only after x_in)
-      bf16* xb = dram + (size_t)(i % AHEAD) * TT * SEGS * 8;
+      unsigned char* xb = dram + (size_t)(i % AHEAD) * X_BYTES;
       const bool product = i < ntile && js < n;
       float acc[2][NT][4] = {}, sq[2][4] = {};
       if (product) {
@@ -273,7 +272,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             uint32_t a[4];
-            mma::ldmatrix_x4<false>(a, seg_at(xb, mt * 16 + lane % 16, js * CSEGS + 2 * (kh * KH + k) + lane / 16));
+            mma::ldmatrix_x4<false>(a, at(xb, mt * 16 + lane % 16, js, 2 * (kh * KH + k) + lane / 16));
             mma::mma_split3<NT>(acc[mt], a, bq[k]);
             // sums of squares on the diagonal of x x^T (mhc_dynamic_proj_tc)
             const uint32_t top[4] = {a[0], 0u, a[2], 0u}, bottom[4] = {0u, a[1], 0u, a[3]};
@@ -283,7 +282,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       if (ix >= 0) {
         const int t0 = (g + ix * G) * TT;
-        bf16* sb = stage + (size_t)(ix % 2) * TT * SEGS * 8;
+        unsigned char* sb = stage + (size_t)(ix % 2) * X_BYTES;
         const float* hb = hps + (ix % 2) * TT * NS;
         for (int e = tid; e < TT * CSEGS; e += WORKERS) {
           const int r = e / CSEGS, sg = e % CSEGS, t = t0 + r, c = c0 + 8 * sg;
@@ -292,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
           for (int u = 0; u < 8; ++u) xa[u] = 0.0f;
           for (int j = 0; j < n; ++j) {  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
-            const uint4 w = *reinterpret_cast<const uint4*>(seg_at(sb, r, j * CSEGS + sg));
+            const uint4 w = *reinterpret_cast<const uint4*>(at(sb, r, j, sg));
             const bf16* xv = reinterpret_cast<const bf16*>(&w);
             const float hj = hb[r * NS + j];
 #pragma unroll
@@ -340,29 +339,24 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
         // the coefficient warp of tile i signals `projected` once every worker's writes are done
         named_arrive(handoff(i), WORKERS + 32);
-        // then the refill of buffer i % AHEAD with tile i + AHEAD (issuing cp.async can stall on a full
-        // memory queue: not before the handoff)
-        if (dram_thread) {
-          if (i + AHEAD < ntile) copy_tile(xb, i + AHEAD);
-          __pipeline_commit();
-        }
+        // then the refill of buffer i % AHEAD with tile i + AHEAD (its product was read before the
+        // barrier above)
+        if (tid == 0 && i + AHEAD < ntile) issue_tile(xb, dbar + i % AHEAD, i + AHEAD);
         if (tid == 0) TRACE(i, 0);
       }
       // copy tile stage_next back from L2 and, once it is published, its h_pre, into staging buffer
       // stage_next % 2 (free: its last tile's x_in was before the barrier above)
-      if (!dram_thread) {
+      if (warp == HALF / 32) {
         if (stage_next >= 0 && stage_next < ntile) {
           const int b2 = stage_next % 2, t0 = (g + stage_next * G) * TT;
-          copy_tile(stage + (size_t)b2 * TT * SEGS * 8, stage_next);
-          if (warp == HALF / 32) {
-            spin_until(published + g + stage_next * G, S, pub_seen);
-            if (lane == 0) TRACE(stage_next, 8);
-            for (int e = lane; e < TT * NS; e += 32) {
-              const int r = e / NS, j = e % NS, t = t0 + r;
-              float* d = hps + b2 * TT * NS + e;
-              if (j < n && t < Tn) __pipeline_memcpy_async(d, h_pre + (size_t)t * n + j, 4);
-              else *d = 0.0f;
-            }
+          if (tid == HALF) issue_tile(stage + (size_t)b2 * X_BYTES, sbar + b2, stage_next);
+          spin_until(published + g + stage_next * G, S, pub_seen);
+          if (lane == 0) TRACE(stage_next, 8);
+          for (int e = lane; e < TT * NS; e += 32) {
+            const int r = e / NS, j = e % NS, t = t0 + r;
+            float* d = hps + b2 * TT * NS + e;
+            if (j < n && t < Tn) __pipeline_memcpy_async(d, h_pre + (size_t)t * n + j, 4);
+            else *d = 0.0f;
           }
         }
         __pipeline_commit();

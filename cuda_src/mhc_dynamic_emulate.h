@@ -17,6 +17,8 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
@@ -25,6 +27,7 @@
 #include <cmath>
 #include <deque>
 #include <functional>
+#include <map>
 #include <type_traits>
 #include <vector>
 
@@ -240,6 +243,22 @@ struct EmuFiber {
   std::deque<std::vector<EmuCopy>> groups;     // committed, not yet retired (oldest first)
 };
 
+// An mbarrier (mhc_tma.cuh): arrivals and transaction bytes pending in its current phase; a TMA copy
+// lands at issue, or (MHC_EMU_DEFERRED_COPIES) when a thread first waits on its barrier, the latest
+// the hardware allows: a read of the buffer before that wait sees the poison.
+struct EmuMbar {
+  int expected = 0, pending = 0;
+  long tx = 0;
+  unsigned phase = 0;  // phases completed
+  std::vector<std::pair<void*, std::vector<unsigned char>>> deferred;
+  void check() {
+    if (pending == 0 && tx == 0) {
+      ++phase;
+      pending = expected;
+    }
+  }
+};
+
 // The CTAs that run together: one, or the CTAs of one cluster (fiber t is thread t % threads of
 // CTA t / threads); barriers, shuffle and exchange buffers are per CTA / per warp of that CTA.
 struct EmuCta {
@@ -252,6 +271,7 @@ struct EmuCta {
   std::vector<float> shfl;
   std::vector<uint64_t> xchg;  // per warp: 32 lanes x 8 words, for the warp-collective mma / ldmatrix
   std::vector<std::vector<float>> dyn;  // dynamic shared memory per CTA
+  std::map<const void*, struct EmuMbar> mbars;  // mbarriers (mhc_tma.cuh) by their shared-memory address
   std::function<void()> body;
   int cta() const { return cur / threads; }
   int warp_index() const { return cta() * nwarps + (cur % threads) / 32; }  // of the running thread
@@ -391,6 +411,100 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   for (int j = 0; j < 4; ++j) r[j] = out[j];
 }
 }  // namespace mma
+}  // namespace mhc
+
+// TMA (mhc_tma.cuh). The emulated tensor map: mhc_aot.tma's template in tests/cuda_emulation.py's
+// layout (32 words: address, rank, swizzle bytes, element bytes, dims, byte strides of dims 1.., box,
+// a magic word), not the driver's opaque one.
+namespace mhc {
+namespace tma {
+constexpr uint32_t EMU_MAGIC = 0x54554D45u;  // "EMUT"
+struct EmuMap {
+  uint64_t addr;
+  uint32_t rank, swizzle, elem;
+  uint32_t dims[5];
+  uint64_t strides[5];  // bytes; strides[0] unused (dim 0 is contiguous)
+  uint32_t box[5];
+  uint32_t pad[6];
+  uint32_t magic;
+};
+static_assert(sizeof(EmuMap) == 128, "the emulated map fills the 128 bytes of a CUtensorMap");
+inline uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p)); }
+inline void emu_fail(const char* what) {
+  fprintf(stderr, "emulated TMA: %s\n", what);
+  abort();
+}
+inline void publish_map(uint32_t* gslot, uint32_t* tm, const uint32_t* tmpl, const void* global, int lane) {
+  __syncwarp();
+  if (lane == 0) {
+    memcpy(tm, tmpl, 128);
+    EmuMap* m = reinterpret_cast<EmuMap*>(tm);
+    if (m->magic != EMU_MAGIC) emu_fail("the template is not an emulated tensor map (tests/cuda_emulation.py)");
+    m->addr = reinterpret_cast<uint64_t>(global);
+    memcpy(gslot, tm, 128);
+  }
+  __syncwarp();
+}
+inline void acquire_map(const uint32_t*) {}
+inline EmuMbar& emu_bar(uint64_t* bar) { return emu_cta->mbars[bar]; }
+inline void bar_init(uint64_t* bar, int count) {
+  EmuMbar& b = emu_bar(bar);
+  b = EmuMbar{};
+  b.expected = b.pending = count;
+}
+inline void bar_init_fence() {}
+inline void expect_tx(uint64_t* bar, uint32_t bytes) {
+  EmuMbar& b = emu_bar(bar);
+  b.tx += bytes;
+  --b.pending;
+  b.check();
+}
+inline void emu_land(EmuMbar& b) {
+  for (auto& [dst, bytes] : b.deferred) {
+    memcpy(dst, bytes.data(), bytes.size());
+    b.tx -= long(bytes.size());
+  }
+  b.deferred.clear();
+  b.check();
+}
+inline void load_3d(void* dst, const uint32_t* gslot, uint64_t* bar, int c0, int c1, int c2) {
+  const EmuMap& m = *reinterpret_cast<const EmuMap*>(gslot);
+  if (m.magic != EMU_MAGIC || m.rank != 3) emu_fail("load_3d through a map that is not a published 3D emulated map");
+  if (m.swizzle == 128 && (reinterpret_cast<uintptr_t>(dst) & 1023)) emu_fail("128-byte swizzle into a buffer not 1024-byte aligned");
+  if (m.box[0] * m.elem % 16) emu_fail("box rows must be multiples of 16 bytes");
+  const size_t row = size_t(m.box[0]) * m.elem, bytes = row * m.box[1] * m.box[2];
+  if (m.swizzle == 128 && row != 128) emu_fail("the 128-byte swizzle takes 128-byte box rows here");
+  std::vector<unsigned char> out(bytes, 0);
+  const int c[3] = {c0, c1, c2};
+  for (uint32_t k2 = 0; k2 < m.box[2]; ++k2)
+    for (uint32_t k1 = 0; k1 < m.box[1]; ++k1)
+      for (uint32_t k0 = 0; k0 < m.box[0]; ++k0) {
+        const long g0 = long(c[0]) + k0, g1 = long(c[1]) + k1, g2 = long(c[2]) + k2;
+        if (g0 < 0 || g1 < 0 || g2 < 0 || g0 >= m.dims[0] || g1 >= m.dims[1] || g2 >= m.dims[2]) continue;  // zero fill
+        size_t off = ((size_t(k2) * m.box[1] + k1) * m.box[0] + k0) * m.elem;
+        if (m.swizzle == 128) off ^= ((off >> 7) & 7) << 4;
+        const unsigned char* src = reinterpret_cast<const unsigned char*>(m.addr) + size_t(g0) * m.elem +
+                                   size_t(g1) * m.strides[1] + size_t(g2) * m.strides[2];
+        memcpy(out.data() + off, src, m.elem);
+      }
+  EmuMbar& b = emu_bar(bar);
+  b.deferred.emplace_back(dst, std::move(out));
+#ifndef MHC_EMU_DEFERRED_COPIES
+  emu_land(b);
+#endif
+}
+inline void wait(uint64_t* bar, uint32_t parity) {
+  for (;;) {
+    EmuMbar& b = emu_bar(bar);
+    if ((b.phase & 1u) != parity) return;  // the phase of this parity has completed
+    if (!b.deferred.empty()) {
+      emu_land(b);
+      continue;
+    }
+    emu_yield();
+  }
+}
+}  // namespace tma
 }  // namespace mhc
 
 inline void emu_trampoline() {

@@ -53,6 +53,11 @@ def _binary(source: str, dtype: str | None, n: int | None, units: int = 1) -> tu
     tag = _arch_tag()
     if tag not in v.row["files"]:
         tag = "ptx"  # the driver JIT-compiles it for GPUs newer than every shipped cubin
+    if tag not in v.row["files"]:  # an arch_exact variant (build_tools/variants.py) built for another GPU
+        raise manifest.KernelArtifactError(
+            f"{v.name} ships only a cubin for {', '.join(v.row['files']) or 'no GPU (its arch was not built)'}, "
+            f"not for this GPU ({_arch_tag() or 'unknown arch'}): the dispatch should not have chosen it; "
+            f"pass backend='portable' and report this")
     return v.name, v.read(tag, verify=True), v.nmax
 
 

@@ -18,7 +18,8 @@ Kernels per op (geometry mirrors each kernel's header comment; grids are given i
                          -> dphi_tc (bfloat16 x, n <= 4: tensor cores) or skinny (dphi = x^T dz,
                             tokens split S ways) -> colsum (dphi unless S = 1, db, dalpha: one launch)
                  [mhc_dynamic_coeffs_pre: projection + coefficients + x_in with x read from DRAM once,
-                  a persistent grid; off in the dispatch (CP_MIN_T), measured slower on the H200]
+                  a persistent grid, tiles moved by TMA (sm_90a, C % 8 == 0); off in the dispatch
+                  unless CP_MIN_T is set]
   mhc_pre       pre / pre_bwd (per token)
   mhc_post_res  post_res (x and f read once) / post_res_bwd (per token)
 DynamicMHC reads x in post_res through an alias output of mhc_coeffs (x itself, see coeffs), so
@@ -35,7 +36,7 @@ import functools
 
 import mlx.core as mx
 
-from . import cuda, device
+from . import cuda, device, tma
 from .kernel_ops import compiled_call, dtype_tag, single
 
 F32 = mx.float32
@@ -80,12 +81,14 @@ REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::R
 ELEMS, ELEMS_MAX_N, ELEMS_THREADS = -2, 4, 1024
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
-# from CP_MIN_T tokens): a persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles.
+# from CP_MIN_T tokens, on sm_90 (its sm_90a cubin: TMA) with C % 8 == 0 (TMA's 16-byte row strides)): a
+# persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles.
 # Off (None) by default: on the H200 it runs slower than the three-kernel path at large T (T = 8192, n = 4,
 # C = 4096: forward 539.0 vs 438.1 us in session 15, scripts/gpu_dynamic_ab.py; README, issue 6) and wins
 # only at T = 1024 (100.2 vs 106.6) and (4096, 4, 2048) (146.5 vs 150.3): not a rule worth having yet.
 # Tests and that script set CP_MIN_T to run it.
-CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 384, 223248, 12  # its header
+CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 384, 224448, 12  # its header
+CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = None
 
 
@@ -231,7 +234,9 @@ def _lane_grid(T: int, lanes: int, threads: int = LANES_THREADS) -> tuple[int, i
 def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
     """Groups of mhc_dynamic_coeffs_pre's persistent grid for x [T, n, C] (0: not that kernel): one
     CTA per SM, so the groups of ceil(C / CP_CW) CTAs that the GPU holds at once, at most one per tile."""
-    if CP_MIN_T is None or dtype != mx.bfloat16 or n > CP_NMAX or T < CP_MIN_T:
+    if CP_MIN_T is None or dtype != mx.bfloat16 or n > CP_NMAX or T < CP_MIN_T or C % 8:
+        return 0
+    if device.mlx_arch_number() != CP_ARCH:
         return 0
     if device.max_shared_memory_per_block() < CP_SMEM_BYTES:
         return 0
@@ -246,9 +251,13 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int):
     M, S, tiles = n * n + 2 * n, _cdiv(C, CP_CW), _cdiv(T, CP_TT)
     # its counters, zeroed (the kernel zeroes them again when it ends)
     sync = mx.zeros((2 + 2 * tiles,), mx.int32)
-    outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, phi32, b32, ap, apo, ar, sync],
-                   [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (G * CP_NSLOT * CP_TT * CP_RL * S,)],
-                   [F32, F32, F32, x3.dtype, F32, F32, F32],
+    # x as (C, T, n) with boxes of CP_BOXC columns x CP_TT tokens x n streams: a box lands as n x CP_TT
+    # lines of 128 bytes, a stream's tokens consecutive (the kernel's ldmatrix rows)
+    tmpl = tma.template("bf16", (C, T, n), (n * C * 2, C * 2), (CP_BOXC, CP_TT, n), 128)
+    outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, tmpl, phi32, b32, ap, apo, ar, sync],
+                   [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (G * CP_NSLOT * CP_TT * CP_RL * S,),
+                    (G * S * 32,)],
+                   [F32, F32, F32, x3.dtype, F32, F32, F32, mx.uint32],
                    [n, C, T, S, G, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult],
                    (G * S * CP_BLOCK, 1, 1), CP_SMEM_BYTES // 4, CP_BLOCK)
     return list(outs[:6])

@@ -43,6 +43,8 @@ def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[
     path, *defines = rest.split(":")
     path = path or str(ROOT / "cuda_src" / f"{source}.cu")
     arch = f"sm_{device.mlx_arch_number()}"
+    if "mhc_tma.cuh" in Path(path).read_text():  # TMA's tensormap.replace: the arch-specific target (sm_90a)
+        arch += "a"
     bins = {}
     for nmax in nmaxes:
         name = re.sub(r"\W", "_", f"{source}_n{nmax}_ab_{label}")

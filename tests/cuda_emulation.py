@@ -20,6 +20,22 @@ EMU_NAN = {mx.float32: np.float32(np.nan), mx.float16: np.float16(np.nan), mx.bf
            mx.uint32: np.uint32(0x7FC07FC0)}
 
 
+def tensor_map(dtype, dims, strides, box, swizzle) -> bytes:
+    """mhc_aot.tma.encode's stand-in: the emulated map of mhc_dynamic_emulate.h (mhc::tma::EmuMap; its
+    address written by the kernel), checked as cuTensorMapEncodeTiled checks it."""
+    import struct
+
+    elem = {"bf16": 2, "f16": 2, "f32": 4}[dtype]
+    rank = len(dims)
+    assert rank <= 5 and len(strides) == rank - 1 and len(box) == rank
+    assert all(s % 16 == 0 for s in strides), f"TMA strides are multiples of 16 bytes: {strides}"
+    assert all(1 <= b <= 256 for b in box) and box[0] * elem % 16 == 0, f"box {box}"
+    assert swizzle in (0, 128) and (swizzle == 0 or box[0] * elem <= swizzle), (swizzle, box)
+    pad5 = lambda v, fill=0: list(v) + [fill] * (5 - len(v))  # noqa: E731
+    return struct.pack("<Q3I5I5Q5I6II", 0, rank, swizzle, elem, *pad5(dims), *pad5([0, *strides]),
+                       *pad5(box), *[0] * 6, 0x54554D45)
+
+
 class Emulator:
     def __init__(self, cache):
         import importlib.util

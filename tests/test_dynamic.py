@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from backends import assert_bf16_factor, gpu_param, leading, rel_error64, seed_of, to64
-from cuda_emulation import ROOT, Emulator
+from cuda_emulation import ROOT, Emulator, tensor_map
 from mhc_aot import DynamicMHC, dispatch, dynamic, ops, testing
 from mhc_aot import dynamic_reference as ref
 
@@ -626,7 +626,7 @@ def emulated_cuda(_emulator, monkeypatch, request):
     mhc_dynamic_coeffs(_bwd): one CTA per token, a lane group per token, or ("regs") a half-warp per
     token with a lane per matrix element forward (n <= ELEMS_MAX_N) and a thread per token with its
     matrices in registers backward (n <= REG_N; larger n then take lane groups) at any T here."""
-    from mhc_aot import cuda, cuda_dynamic, kernel_ops
+    from mhc_aot import cuda, cuda_dynamic, kernel_ops, tma
 
     monkeypatch.setattr(cuda_dynamic, "LANES_MIN_T", 10 ** 9 if request.param == "cta" else 1)
     if request.param == "lanes":  # lane groups for every n <= LANES_MAX_N
@@ -640,6 +640,7 @@ def emulated_cuda(_emulator, monkeypatch, request):
     real_choose = dynamic._choose
     monkeypatch.setattr(cuda, "_binary", _emulator.binary)
     monkeypatch.setattr(mx.fast, "precompiled_cuda_kernel", _emulator.kernel)
+    monkeypatch.setattr(tma, "encode", tensor_map)  # the emulated tensor map (no libcuda here)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dynamic, "_choose", lambda op, n, C, backend, T: (
         dispatch.Choice("cuda", "fused", None, "emulated") if backend == "cuda" else real_choose(op, n, C, backend, T)))
@@ -724,18 +725,22 @@ def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
     _err_ok(out, want, TOL[mx.bfloat16], "post_res with float32 f")
 
 
-@pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (300, 4, 200, 2), (70, 3, 201, 6), (40, 1, 136, 2),
-                                       (96, 2, 128, 1)],
-                         ids=["two-groups", "one-group-ten-tiles", "element-rows", "n1-ragged-split", "one-cta"])
+@pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (300, 4, 200, 2), (70, 3, 216, 6), (40, 1, 136, 2),
+                                       (96, 2, 128, 1), (33, 4, 8, 3)],
+                         ids=["two-groups", "one-group-ten-tiles", "n3-half-box", "n1-ragged-split", "one-cta",
+                              "c8-empty-box"])
 @pytest.mark.parametrize("emulated_cuda", ["regs"], indirect=True)  # the coefficient mode does not apply
 def test_emulated_cuda_coeffs_pre(emulated_cuda, copy_timing, monkeypatch, B, n, C, sms):
     """mhc_dynamic_coeffs_pre (coefficients + x_in, x read once) with its CTAs waiting on each other:
     groups of ceil(C / 128) CTAs, each walking more tiles than its shared buffers and partial slots
-    (ten tiles, one group), a ragged last split and token tile, rows that are not 16-byte multiples
-    (C = 201) and n < 4 (unused streams); cp.async copies landing at issue and at their wait."""
+    (ten tiles, one group), a ragged last split and token tile, a CTA whose second 64-column box is
+    partly (C = 200, 216) or wholly (C = 136, 8) past C, and n < 4 (unused streams); TMA copies (the
+    emulated tensor map: 128-byte swizzle, zero fill) and cp.async copies landing at issue and at
+    their wait."""
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: cuda_dynamic.CP_ARCH)
     monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
     monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
     monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: sms)
@@ -746,12 +751,16 @@ def test_emulated_cuda_coeffs_pre(emulated_cuda, copy_timing, monkeypatch, B, n,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
-@pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 201), (2048, 2, 1000), (1, 1, 8)])
+@pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 216), (2048, 2, 1000), (1, 1, 8),
+                                   (33, 4, 136)])
 def test_gpu_coeffs_pre(monkeypatch, B, n, C):
-    """mhc_dynamic_coeffs_pre on the GPU (off in the default dispatch: cuda_dynamic.CP_MIN_T), forward
-    and every gradient (its mix, invr and h_pre feed the backward kernels) against the Liger port."""
+    """mhc_dynamic_coeffs_pre on the GPU (TMA: sm_90 only; off in the default dispatch unless
+    cuda_dynamic.CP_MIN_T is set), forward and every gradient (its mix, invr and h_pre feed the backward
+    kernels) against the Liger port; second boxes partly and wholly past C (C = 200, 136, 8)."""
     from mhc_aot import cuda_dynamic
 
+    if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.CP_ARCH:
+        pytest.skip(f"mhc_dynamic_coeffs_pre is built for sm_{cuda_dynamic.CP_ARCH}a only (TMA)")
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
     assert cuda_dynamic.coeffs_pre_groups(B, n, C, mx.bfloat16) > 0
     _check_forward("cuda", B, n, C, "bfloat16")

@@ -46,13 +46,20 @@ def test_gpu_kernels_shipped(backend):
 
 def test_cuda_variants_respect_min_arch():
     """A variant with min_arch (the cluster forward: sm_90) ships cubins from that arch on and PTX for at
-    least it, never a binary an older GPU would load; every other variant ships what the build listed."""
+    least it, never a binary an older GPU would load; an arch_exact one (TMA: sm_90a) only its one cubin;
+    every other variant ships what the build listed."""
     _distribution()
     rows = [r for r in manifest.load()["variants"] if r.get("backend") == "cuda"]
     if not rows:
         pytest.skip("no CUDA kernels in this install (no nvcc at build time)")
     listed = {tag for r in rows if not r.get("min_arch") for tag in r["files"]}
-    gated = [r for r in rows if r.get("min_arch")]
+    exact = [r for r in rows if r.get("arch_exact")]
+    assert exact, "the variant table has arch_exact variants (mhc_dynamic_coeffs_pre): the manifest lost them"
+    for r in exact:  # one sm_<min_arch>a cubin under tag sm_<min_arch> where that arch was built, no PTX
+        want = {f"sm_{r['min_arch']}"} & listed
+        assert set(r["files"]) == want, f"{r['name']}: files {sorted(r['files'])}, expected {sorted(want)}"
+        assert all(f.endswith(f"sm_{r['min_arch']}a.fatbin") for f in r["files"].values()), r["files"]
+    gated = [r for r in rows if r.get("min_arch") and not r.get("arch_exact")]
     assert gated, "the variant table has min_arch variants (mhc_forward_cluster): the manifest lost them"
     for r in gated:
         sms = [int(t[3:]) for t in r["files"] if t.startswith("sm_")]
