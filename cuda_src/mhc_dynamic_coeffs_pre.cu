@@ -209,11 +209,21 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     uint64_t* dbar = bars;
     uint64_t* sbar = bars + AHEAD;
     if (tid == 0 || tid == HALF) tma::acquire_map(gmap);
+    // MHC_CP_L2HINT: the DRAM read keeps its lines in L2 (evict_last) until the copy back drops them
+    // (evict_first)
+#ifdef MHC_CP_L2HINT
+    const uint64_t policy = tid == 0 ? tma::policy_evict_last() : tma::policy_evict_first();
+#endif
     auto issue_tile = [&](unsigned char* dst, uint64_t* bar, int i) {  // tile i of the group: two boxes
       const int t0 = (g + i * G) * TT;
       tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
+#ifdef MHC_CP_L2HINT
+      tma::load_3d(dst, gmap, bar, c0, t0, 0, policy);
+      tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0, policy);
+#else
       tma::load_3d(dst, gmap, bar, c0, t0, 0);
       tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
+#endif
     };
     auto at = [&](unsigned char* tile, int r, int j, int sg) { return tile + tile_at(r, j, sg); };
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B

@@ -493,6 +493,11 @@ inline void load_3d(void* dst, const uint32_t* gslot, uint64_t* bar, int c0, int
   emu_land(b);
 #endif
 }
+inline void load_3d(void* dst, const uint32_t* gslot, uint64_t* bar, int c0, int c1, int c2, uint64_t) {
+  load_3d(dst, gslot, bar, c0, c1, c2);  // an L2 policy changes no value
+}
+inline uint64_t policy_evict_last() { return 1; }
+inline uint64_t policy_evict_first() { return 2; }
 inline void wait(uint64_t* bar, uint32_t parity) {
   for (;;) {
     EmuMbar& b = emu_bar(bar);
