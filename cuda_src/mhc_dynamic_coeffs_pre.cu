@@ -147,6 +147,14 @@ __device__ __forceinline__ unsigned gtimer() {
 #define TRACE(i, ev)
 #endif
 
+#ifdef MHC_CP_SQ_CUDA
+// the squares of a register's two bfloat16 summed in float32
+__device__ __forceinline__ float sq_pair(uint32_t v) {
+  const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xffff0000u);
+  return lo * lo + hi * hi;
+}
+#endif
+
 // element m of a token's sums, held by every lane (constant indices: v stays in registers)
 __device__ __forceinline__ float pick(const float (&v)[RL], int m) {
   float r = 0.0f;
@@ -274,7 +282,11 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       // steps 1 and 3 in one phase: the product of tile i on tensor cores, x_in of tile ix on the CUDA
       // cores while the products are in flight (the accumulators are read only after x_in)
       unsigned char* xb = dram + (size_t)(i % AHEAD) * X_BYTES;
+#ifdef MHC_CP_SKIP_PRODUCT  // timing only (scripts/trace_coeffs_pre.py): wrong coefficients
+      const bool product = false;
+#else
       const bool product = i < ntile && js < n;
+#endif
       float acc[2][NT][4] = {}, sq[2][4] = {};
       if (product) {
 #pragma unroll
@@ -283,14 +295,30 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           for (int mt = 0; mt < 2; ++mt) {
             uint32_t a[4];
             mma::ldmatrix_x4<false>(a, at(xb, mt * 16 + lane % 16, js, 2 * (kh * KH + k) + lane / 16));
+#ifdef MHC_CP_SPLIT2  // A/B knob: phi's two leading bfloat16 terms only (16 bits of its 24)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+              for (int p = 1; p >= 0; --p) mma::bf16_16816(acc[mt][nt], a, bq[k][nt][p][0], bq[k][nt][p][1]);
+#else
             mma::mma_split3<NT>(acc[mt], a, bq[k]);
+#endif
+#ifdef MHC_CP_SQ_CUDA  // A/B knob: sums of squares of the lane's eight values on the CUDA cores
+            sq[mt][0] += sq_pair(a[0]) + sq_pair(a[2]);  // row g
+            sq[mt][2] += sq_pair(a[1]) + sq_pair(a[3]);  // row g + 8
+#else
             // sums of squares on the diagonal of x x^T (mhc_dynamic_proj_tc)
             const uint32_t top[4] = {a[0], 0u, a[2], 0u}, bottom[4] = {0u, a[1], 0u, a[3]};
             mma::bf16_16816(sq[mt], top, a[0], a[2]);
             mma::bf16_16816(sq[mt], bottom, a[1], a[3]);
+#endif
           }
       }
+#ifdef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
+      if (false) {
+#else
       if (ix >= 0) {
+#endif
         const int t0 = (g + ix * G) * TT;
         unsigned char* sb = stage + (size_t)(ix % 2) * X_BYTES;
         const float* hb = hps + (ix % 2) * TT * NS;
@@ -320,7 +348,24 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (product) {
         float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
         mma::store_tiles<2, NT>(acc, rows, RL, lane);
+#ifdef MHC_CP_SQ_CUDA
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int u = 0; u < 4; u += 2)
+#pragma unroll
+            for (int o = 1; o < 4; o <<= 1) sq[mt][u] += __shfl_xor_sync(0xffffffffu, sq[mt][u], o);  // over q
+        if (q == 0) {
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            rows[(size_t)(mt * 16 + g4) * RL + MP] = sq[mt][0];
+            rows[(size_t)(mt * 16 + g4 + 8) * RL + MP] = sq[mt][2];
+          }
+        }
+        if (false) {
+#else
         if (q == g4 / 2) {
+#endif
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             rows[(size_t)(mt * 16 + g4) * RL + MP] = (g4 & 1) ? sq[mt][1] : sq[mt][0];
