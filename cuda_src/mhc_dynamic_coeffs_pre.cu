@@ -425,10 +425,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     for (int i = warp - WORKERS / 32; i < ntile; i += CWARPS) {
       const int z = g + i * G, t0 = z * TT;
       named_sync(handoff(i), WORKERS + 32);  // this CTA's partials of tile i are written
+      if (lane == 0) TRACE(i, 2);
       if (lane == 0) signal(projected + z);
       // this CTA has tokens r = s, s + S, ... of the tile
       if (s < TT) {
         if (lane == 0) spin_until(projected + z, S, ld_relaxed(projected + z));
+        if (lane == 0) TRACE(i, 3);
         __syncwarp();
         const float* src = slot_part(i);
         for (int r0 = s; r0 < TT; r0 += 2 * S) {  // two tokens a pass: one a half-warp
@@ -469,6 +471,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       __syncwarp();
       if (lane == 0) signal(published + z);
+      if (lane == 0) TRACE(i, 4);
       // h_res after the publication: the workers' x_in needs only h_pre
       if (s < TT) {
         for (int r0 = s; r0 < TT; r0 += 2 * S) {
@@ -483,6 +486,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           if (valid && elem) h_res[(size_t)t * n * n + l16] = P;
         }
       }
+      if (lane == 0) TRACE(i, 5);
     }
   }
 

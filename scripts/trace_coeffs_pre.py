@@ -39,7 +39,9 @@ if G * S * 64 * 10 > mix.size or ntile > 64:
              f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
 names = {7: "product + x_in done (before barrier)", 9: "after the barrier",
-         0: "partials, handoff, DRAM refill issued", 1: "copy-back + h_pre issued"}
+         0: "partials, handoff, DRAM refill issued", 1: "copy-back + h_pre issued",
+         2: "coefficient warp: own partials synced", 3: "coefficient warp: all S projected",
+         4: "coefficient warp: published", 5: "coefficient warp: h_res done"}
 ref = ev[:, :, 6]
 print(f"T={T} n={n} C={C} G={G} S={S} tiles/group={ntile}")
 it = np.diff(ref, axis=1)
@@ -53,3 +55,12 @@ for e, name in names.items():
           f"median {np.median(r) / 1e3:6.2f} p90 {np.percentile(r, 90) / 1e3:6.2f} us")
 pub = (((ev[:, 1:-1, 8] - ev[:, 1:-1, 6] + 2**31) % 2**32) - 2**31)
 print(f"8 published seen after the same tile landed: median {np.median(pub) / 1e3:.2f} us")
+# the coefficient warps (tiles w, w + 4, ...): time from its own partials synced to h_res done, and the
+# gap from its previous tile's h_res to this tile's handoff (> 0: the warp waited for the workers)
+wrap = lambda d: ((d + 2**31) % 2**32) - 2**31  # noqa: E731
+busy = wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 2])
+gap = wrap(ev[:, 4:-1, 2] - ev[:, :-5, 5])
+print(f"coefficient warp per tile: handoff -> h_res median {np.median(busy) / 1e3:.2f} us "
+      f"(projected wait {np.median(wrap(ev[:, 4:-1, 3] - ev[:, 4:-1, 2])) / 1e3:.2f}, to published "
+      f"{np.median(wrap(ev[:, 4:-1, 4] - ev[:, 4:-1, 3])) / 1e3:.2f}, Sinkhorn {np.median(wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 4])) / 1e3:.2f}); "
+      f"idle before the handoff median {np.median(gap) / 1e3:.2f} us")
