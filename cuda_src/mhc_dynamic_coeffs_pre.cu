@@ -17,10 +17,10 @@
 //      0; the 128-byte swizzle), on tensor cores (as proj_tc: bfloat16 x
 //      exact, phi split in three bfloat16 terms, the sums of squares on the diagonal of x x^T): partial
 //      z and sum of squares of every token over its columns, written as one block to a global scratch
-//      slot; the tile's coefficient warp then arrives on the tile's `projected` counter (named-barrier
-//      handoff);
+//      slot; each worker warp then arrives on the tile's `projected` counter (8 S arrivals a tile: the
+//      signal does not wait for a coefficient warp, session 21's trace);
 //   2. (coefficient warps, their own loop) once all S partials of the tile are in, sums those of its
-//      own tokens (r = s, s + S, ... of the tile; 16 lanes a token), the RMS scale, h_pre and h_post,
+//      own tokens (r = s, s + S, ... of the tile; a lane per sum), the RMS scale, h_pre and h_post,
 //      writes them and mix, and arrives on the tile's `published` counter; then h_res by the Sinkhorn
 //      (a lane per matrix element, shuffles, Liger's order and divisions as the register mode), from
 //      mix as written, off the workers' path;
@@ -67,7 +67,10 @@ constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zer
 constexpr int LAG = MHC_CP_LAG;            // iterations from a tile's projection to its x_in
 constexpr int AHEAD = MHC_CP_AHEAD;        // DRAM tile buffers: tile i multiplied while i + 1 .. i + AHEAD - 1 land
 constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
-constexpr int WORKERS = 256, HALF = WORKERS / 2, CWARPS = 4, BLOCK = WORKERS + 32 * CWARPS;
+#ifndef MHC_CP_CWARPS
+#define MHC_CP_CWARPS 4
+#endif
+constexpr int WORKERS = 256, HALF = WORKERS / 2, CWARPS = MHC_CP_CWARPS, BLOCK = WORKERS + 32 * CWARPS;
 constexpr int CSEGS = CW / 8;              // 16-byte segments of a stream's columns
 constexpr int BOXC = 64;                   // a TMA box's columns: one 128-byte swizzled line a (token, stream)
 constexpr int X_BYTES = TT * NS * CW * 2;  // a tile buffer: [CW / BOXC][NS][TT] lines of 128 bytes
@@ -75,18 +78,12 @@ constexpr int TM_BYTES = 128;              // the CTA's tensor map, staged in sh
 constexpr int KSTEPS = CW / 16;            // k16 steps a stream
 constexpr int KH = KSTEPS / 2;             // k16 steps a worker warp: warp = (stream, half of the columns)
 constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (stream, half) each
-// tile i's partials written -> its coefficient warp signals `projected`: named barrier handoff(i), three
-// ids per coefficient warp (2 .. 13). Workers arrive for tile i having seen tiles <= i - LAG published,
-// so each warp's synced every tile of its own up to there: at most ceil(LAG / CWARPS) of its instances
-// are open at once, and one id never holds two tiles.
-constexpr int HANDOFF = 2, HANDOFF_IDS = 3;
-__device__ __forceinline__ int handoff(int i) { return HANDOFF + (i % CWARPS) * HANDOFF_IDS + (i / CWARPS) % HANDOFF_IDS; }
 // 1024 bytes of slack: the buffers start at the first 1024-byte boundary (the 128-byte swizzle's)
 constexpr int SMEM_BYTES = 1024 + (AHEAD + 2) * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 2 * TT * NS * 4 +
                            8 * (AHEAD + 2) + 16;
 static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x half its columns each");
 static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers keep 1024-byte alignment");
-static_assert(HANDOFF + CWARPS * HANDOFF_IDS <= 16 && (LAG + CWARPS - 1) / CWARPS <= HANDOFF_IDS, "named barrier ids");
+static_assert(RL <= 32, "a lane per partial sum");
 static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
 static_assert(AHEAD != 4 || SMEM_BYTES == 224448, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
@@ -101,15 +98,11 @@ __device__ __forceinline__ uint32_t tile_at(int r, int j, int sg) {
 
 #ifdef MHC_EMULATED
 __device__ __forceinline__ void named_sync(int id, int count) { emu_named_sync(id, count); }
-__device__ __forceinline__ void named_arrive(int id, int count) { emu_named_arrive(id, count); }
 __device__ __forceinline__ int ld_relaxed(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 __device__ __forceinline__ void spin_pause() { emu_yield(); }
 #else
 __device__ __forceinline__ void named_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void named_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 // Counter reads are relaxed: what a waiter then reads (partials, h_pre) it reads from L2 (ld.cg /
 // cp.async), after its own load of the counter returned and, for other threads, a barrier; the
@@ -154,15 +147,6 @@ __device__ __forceinline__ float sq_pair(uint32_t v) {
   return lo * lo + hi * hi;
 }
 #endif
-
-// element m of a token's sums, held by every lane (constant indices: v stays in registers)
-__device__ __forceinline__ float pick(const float (&v)[RL], int m) {
-  float r = 0.0f;
-#pragma unroll
-  for (int q = 0; q < RL; ++q)
-    if (q == m) r = v[q];
-  return r;
-}
 
 extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const float* __restrict__ phi, const float* __restrict__ b,
@@ -392,8 +376,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
             dst[e] = v;
           }
         }
-        // the coefficient warp of tile i signals `projected` once every worker's writes are done
-        named_arrive(handoff(i), WORKERS + 32);
+        // each warp signals `projected` once its lanes' writes are done (the coefficient warps wait for
+        // all 8 S signals: every CTA's every warp)
+        __syncwarp();
+        if (lane == 0) signal(projected + g + i * G);
         // then the refill of buffer i % AHEAD with tile i + AHEAD (its product was read before the
         // barrier above)
         if (tid == 0 && i + AHEAD < ntile) issue_tile(xb, dbar + i % AHEAD, i + AHEAD);
@@ -424,48 +410,33 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
     for (int i = warp - WORKERS / 32; i < ntile; i += CWARPS) {
       const int z = g + i * G, t0 = z * TT;
-      named_sync(handoff(i), WORKERS + 32);  // this CTA's partials of tile i are written
       if (lane == 0) TRACE(i, 2);
-      if (lane == 0) signal(projected + z);
       // this CTA has tokens r = s, s + S, ... of the tile
       if (s < TT) {
-        if (lane == 0) spin_until(projected + z, S, ld_relaxed(projected + z));
+        if (lane == 0) spin_until(projected + z, S * (WORKERS / 32), ld_relaxed(projected + z));
         if (lane == 0) TRACE(i, 3);
         __syncwarp();
         const float* src = slot_part(i);
-        for (int r0 = s; r0 < TT; r0 += 2 * S) {  // two tokens a pass: one a half-warp
-          const int r = r0 + h * S, t = t0 + r;
-          const bool valid = r < TT && t < Tn;
-          const float* pr = src + (size_t)min(r, TT - 1) * RL;
-          float v[RL];
+        const int m = min(lane, RL - 1);  // lane m sums element m (z_m, m < M; the sum of squares at MP)
+        for (int r = s; r < TT; r += S) {
+          const int t = t0 + r;
+          const float* pr = src + (size_t)r * RL + m;
+          float v = 0.0f;
+          for (int s0 = 0; s0 < S; s0 += 32) {  // every load of a round in flight at once; splits in order
+            float a[32];
 #pragma unroll
-          for (int m = 0; m < RL; ++m) v[m] = 0.0f;
-          for (int s0 = 0; s0 < S; s0 += 32) {  // every load of a round in flight at once
-            float a2[RL][2];
+            for (int u = 0; u < 32; ++u) a[u] = s0 + u < S ? __ldcg(pr + (size_t)(s0 + u) * TT * RL) : 0.0f;
 #pragma unroll
-            for (int m = 0; m < RL; ++m)
-#pragma unroll
-              for (int u = 0; u < 2; ++u) {
-                const int s2 = s0 + 16 * u + l16;
-                a2[m][u] = s2 < S ? __ldcg(pr + (size_t)s2 * TT * RL + m) : 0.0f;
-              }
-#pragma unroll
-            for (int m = 0; m < RL; ++m) v[m] += a2[m][0] + a2[m][1];
+            for (int u = 0; u < 32; ++u) v += a[u];
           }
-#pragma unroll
-          for (int m = 0; m < RL; ++m)
-#pragma unroll
-            for (int o = 8; o > 0; o >>= 1) v[m] += __shfl_xor_sync(0xffffffffu, v[m], o);  // within the half-warp
-          const float invr = rsqrtf(v[MP] / (float)(n * C) + rms_eps);
-          if (valid) {
+          const float invr = rsqrtf(__shfl_sync(0xffffffffu, v, MP) / (float)(n * C) + rms_eps);
+          if (t < Tn) {
 #ifndef MHC_CP_TRACE
-            for (int m = l16; m < M; m += 16) mix[(size_t)t * M + m] = pick(v, m) * invr;
+            if (lane < M) mix[(size_t)t * M + lane] = v * invr;
 #endif
-            if (l16 == 0) invr_out[t] = invr;
-            if (l16 < n) {
-              h_pre[(size_t)t * n + l16] = sigmoid(pick(v, l16) * invr * a_pre + b[l16]) + pre_eps;
-              h_post[(size_t)t * n + l16] = sigmoid(pick(v, n + l16) * invr * a_post + b[n + l16]) * post_mult;
-            }
+            if (lane == MP) invr_out[t] = invr;
+            if (lane < n) h_pre[(size_t)t * n + lane] = sigmoid(v * invr * a_pre + b[lane]) + pre_eps;
+            else if (lane < 2 * n) h_post[(size_t)t * n + lane - n] = sigmoid(v * invr * a_post + b[lane]) * post_mult;
           }
         }
       }
