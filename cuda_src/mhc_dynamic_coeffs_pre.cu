@@ -17,8 +17,9 @@
 //      0; the 128-byte swizzle), on tensor cores (as proj_tc: bfloat16 x
 //      exact, phi split in three bfloat16 terms, the sums of squares on the diagonal of x x^T): partial
 //      z and sum of squares of every token over its columns, written as one block to a global scratch
-//      slot; each worker warp then arrives on the tile's `projected` counter (8 S arrivals a tile: the
-//      signal does not wait for a coefficient warp, session 21's trace);
+//      slot; the signaler warp then arrives on the tile's `projected` counter (named-barrier handoff;
+//      a warp that does nothing else, so the signal never waits for a busy coefficient warp: session
+//      21's trace);
 //   2. (coefficient warps, their own loop) once all S partials of the tile are in, sums those of its
 //      own tokens (r = s, s + S, ... of the tile; a lane per sum), the RMS scale, h_pre and h_post,
 //      writes them and mix, and arrives on the tile's `published` counter; then h_res by the Sinkhorn
@@ -33,8 +34,9 @@
 // valid); the launcher passes them zeroed. Nothing accumulates with atomics: per-CTA partials summed
 // in a fixed order.
 //
-// Block: BLOCK = 8 worker warps (steps 1 and 3) + CWARPS coefficient warps (tiles i = w, w + CWARPS, ...
-// of the group, so four tiles' coefficients can be in flight). Workers synchronise on named barrier 1.
+// Block: BLOCK = 8 worker warps (steps 1 and 3) + the signaler + CWARPS coefficient warps (tiles i = w,
+// w + CWARPS, ... of the group, so CWARPS tiles' coefficients can be in flight). Workers synchronise on
+// named barrier 1.
 // Grid (threads): (G S BLOCK, 1, 1). Shared memory (dynamic): SMEM_BYTES.
 // Inputs: x [T, n, C] bfloat16, tmpl [32] uint32 (x's tensor-map template: mhc_aot/tma.py, dims
 // (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] float32, b [M], alpha_pre / _post / _res
@@ -68,9 +70,15 @@ constexpr int LAG = MHC_CP_LAG;            // iterations from a tile's projectio
 constexpr int AHEAD = MHC_CP_AHEAD;        // DRAM tile buffers: tile i multiplied while i + 1 .. i + AHEAD - 1 land
 constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 #ifndef MHC_CP_CWARPS
-#define MHC_CP_CWARPS 4
+#define MHC_CP_CWARPS 3
 #endif
-constexpr int WORKERS = 256, HALF = WORKERS / 2, CWARPS = MHC_CP_CWARPS, BLOCK = WORKERS + 32 * CWARPS;
+constexpr int WORKERS = 256, HALF = WORKERS / 2, CWARPS = MHC_CP_CWARPS, BLOCK = WORKERS + 32 + 32 * CWARPS;
+// tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
+// `projected`: named barrier handoff(i). Workers arrive for tile i having seen tile i - LAG + 1
+// published, so every CTA's signaler had synced every tile up to there: an id is reused only after
+// its last tile was synced.
+constexpr int HANDOFF = 2, HANDOFF_IDS = 14;
+__device__ __forceinline__ int handoff(int i) { return HANDOFF + i % HANDOFF_IDS; }
 constexpr int CSEGS = CW / 8;              // 16-byte segments of a stream's columns
 constexpr int BOXC = 64;                   // a TMA box's columns: one 128-byte swizzled line a (token, stream)
 constexpr int X_BYTES = TT * NS * CW * 2;  // a tile buffer: [CW / BOXC][NS][TT] lines of 128 bytes
@@ -84,6 +92,7 @@ constexpr int SMEM_BYTES = 1024 + (AHEAD + 2) * X_BYTES + TM_BYTES + SLICES * TT
 static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x half its columns each");
 static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers keep 1024-byte alignment");
 static_assert(RL <= 32, "a lane per partial sum");
+static_assert(HANDOFF + HANDOFF_IDS <= 16 && LAG < HANDOFF_IDS, "named barrier ids");
 static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
 static_assert(AHEAD != 4 || SMEM_BYTES == 224448, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
@@ -98,11 +107,15 @@ __device__ __forceinline__ uint32_t tile_at(int r, int j, int sg) {
 
 #ifdef MHC_EMULATED
 __device__ __forceinline__ void named_sync(int id, int count) { emu_named_sync(id, count); }
+__device__ __forceinline__ void named_arrive(int id, int count) { emu_named_arrive(id, count); }
 __device__ __forceinline__ int ld_relaxed(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 __device__ __forceinline__ void spin_pause() { emu_yield(); }
 #else
 __device__ __forceinline__ void named_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 // Counter reads are relaxed: what a waiter then reads (partials, h_pre) it reads from L2 (ld.cg /
 // cp.async), after its own load of the counter returned and, for other threads, a barrier; the
@@ -263,6 +276,25 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       __pipeline_wait_prior(0);
       workers_sync();
       if (tid == 0) TRACE(i, 6);
+      // copy tile stage_next back from L2 and, once it is published, its h_pre, into staging buffer
+      // stage_next % 2 (free: its last tile's x_in was before the barrier above), first thing in the
+      // iteration: they land by the next one's
+      if (warp == HALF / 32) {
+        if (stage_next >= 0 && stage_next < ntile) {
+          const int b2 = stage_next % 2, t0 = (g + stage_next * G) * TT;
+          if (tid == HALF) issue_tile(stage + (size_t)b2 * X_BYTES, sbar + b2, stage_next);
+          spin_until(published + g + stage_next * G, S, pub_seen);
+          if (lane == 0) TRACE(stage_next, 8);
+          for (int e = lane; e < TT * NS; e += 32) {
+            const int r = e / NS, j = e % NS, t = t0 + r;
+            float* d = hps + b2 * TT * NS + e;
+            if (j < n && t < Tn) __pipeline_memcpy_async(d, h_pre + (size_t)t * n + j, 4);
+            else *d = 0.0f;
+          }
+        }
+        __pipeline_commit();
+        if (tid == HALF) TRACE(i, 1);
+      }
       // steps 1 and 3 in one phase: the product of tile i on tensor cores, x_in of tile ix on the CUDA
       // cores while the products are in flight (the accumulators are read only after x_in)
       unsigned char* xb = dram + (size_t)(i % AHEAD) * X_BYTES;
@@ -376,44 +408,30 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
             dst[e] = v;
           }
         }
-        // each warp signals `projected` once its lanes' writes are done (the coefficient warps wait for
-        // all 8 S signals: every CTA's every warp)
-        __syncwarp();
-        if (lane == 0) signal(projected + g + i * G);
+        // the signaler signals `projected` once every worker's writes are done
+        named_arrive(handoff(i), WORKERS + 32);
         // then the refill of buffer i % AHEAD with tile i + AHEAD (its product was read before the
         // barrier above)
         if (tid == 0 && i + AHEAD < ntile) issue_tile(xb, dbar + i % AHEAD, i + AHEAD);
         if (tid == 0) TRACE(i, 0);
       }
-      // copy tile stage_next back from L2 and, once it is published, its h_pre, into staging buffer
-      // stage_next % 2 (free: its last tile's x_in was before the barrier above)
-      if (warp == HALF / 32) {
-        if (stage_next >= 0 && stage_next < ntile) {
-          const int b2 = stage_next % 2, t0 = (g + stage_next * G) * TT;
-          if (tid == HALF) issue_tile(stage + (size_t)b2 * X_BYTES, sbar + b2, stage_next);
-          spin_until(published + g + stage_next * G, S, pub_seen);
-          if (lane == 0) TRACE(stage_next, 8);
-          for (int e = lane; e < TT * NS; e += 32) {
-            const int r = e / NS, j = e % NS, t = t0 + r;
-            float* d = hps + b2 * TT * NS + e;
-            if (j < n && t < Tn) __pipeline_memcpy_async(d, h_pre + (size_t)t * n + j, 4);
-            else *d = 0.0f;
-          }
-        }
-        __pipeline_commit();
-        if (tid == HALF) TRACE(i, 1);
-      }
+    }
+  } else if (warp == WORKERS / 32) {
+    // ---------------------------------------------------------------- the signaler
+    for (int i = 0; i < ntile; ++i) {
+      named_sync(handoff(i), WORKERS + 32);  // this CTA's partials of tile i are written
+      if (lane == 0) signal(projected + g + i * G);
     }
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2
     const int h = lane / 16, l16 = lane % 16;
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-    for (int i = warp - WORKERS / 32; i < ntile; i += CWARPS) {
+    for (int i = warp - WORKERS / 32 - 1; i < ntile; i += CWARPS) {
       const int z = g + i * G, t0 = z * TT;
       if (lane == 0) TRACE(i, 2);
       // this CTA has tokens r = s, s + S, ... of the tile
       if (s < TT) {
-        if (lane == 0) spin_until(projected + z, S * (WORKERS / 32), ld_relaxed(projected + z));
+        if (lane == 0) spin_until(projected + z, S, ld_relaxed(projected + z));
         if (lane == 0) TRACE(i, 3);
         __syncwarp();
         const float* src = slot_part(i);
