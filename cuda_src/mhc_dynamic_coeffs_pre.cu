@@ -55,7 +55,7 @@
 using namespace mhc;
 
 #ifndef MHC_CP_LAG
-#define MHC_CP_LAG 5
+#define MHC_CP_LAG 7
 #endif
 #ifndef MHC_CP_AHEAD
 #define MHC_CP_AHEAD 4
@@ -92,6 +92,7 @@ constexpr int SMEM_BYTES = 1024 + (AHEAD + 2) * X_BYTES + TM_BYTES + SLICES * TT
 static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x half its columns each");
 static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers keep 1024-byte alignment");
 static_assert(RL <= 32, "a lane per partial sum");
+static_assert(TT * RL % 4 == 0, "a slice and a CTA's partials are whole float4s");
 static_assert(HANDOFF + HANDOFF_IDS <= 16 && LAG < HANDOFF_IDS, "named barrier ids");
 static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
 static_assert(AHEAD != 4 || SMEM_BYTES == 224448, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
@@ -153,13 +154,11 @@ __device__ __forceinline__ unsigned gtimer() {
 #define TRACE(i, ev)
 #endif
 
-#ifdef MHC_CP_SQ_CUDA
 // the squares of a register's two bfloat16 summed in float32
 __device__ __forceinline__ float sq_pair(uint32_t v) {
   const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xffff0000u);
   return lo * lo + hi * hi;
 }
-#endif
 
 extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const float* __restrict__ phi, const float* __restrict__ b,
@@ -319,15 +318,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #else
             mma::mma_split3<NT>(acc[mt], a, bq[k]);
 #endif
-#ifdef MHC_CP_SQ_CUDA  // A/B knob: sums of squares of the lane's eight values on the CUDA cores
+            // sums of squares of the lane's eight values on the CUDA cores, idle while the MMAs run (the
+            // diagonal of x x^T on tensor cores, as mhc_dynamic_proj_tc, cost two MMAs of eleven)
             sq[mt][0] += sq_pair(a[0]) + sq_pair(a[2]);  // row g
             sq[mt][2] += sq_pair(a[1]) + sq_pair(a[3]);  // row g + 8
-#else
-            // sums of squares on the diagonal of x x^T (mhc_dynamic_proj_tc)
-            const uint32_t top[4] = {a[0], 0u, a[2], 0u}, bottom[4] = {0u, a[1], 0u, a[3]};
-            mma::bf16_16816(sq[mt], top, a[0], a[2]);
-            mma::bf16_16816(sq[mt], bottom, a[1], a[3]);
-#endif
           }
       }
 #ifdef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
@@ -364,7 +358,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (product) {
         float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
         mma::store_tiles<2, NT>(acc, rows, RL, lane);
-#ifdef MHC_CP_SQ_CUDA
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -378,16 +371,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
             rows[(size_t)(mt * 16 + g4 + 8) * RL + MP] = sq[mt][2];
           }
         }
-        if (false) {
-#else
-        if (q == g4 / 2) {
-#endif
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            rows[(size_t)(mt * 16 + g4) * RL + MP] = (g4 & 1) ? sq[mt][1] : sq[mt][0];
-            rows[(size_t)(mt * 16 + g4 + 8) * RL + MP] = (g4 & 1) ? sq[mt][3] : sq[mt][2];
-          }
-        }
       }
       if (tid == 0) TRACE(i, 7);
       workers_sync();  // ksum written; DRAM buffer i % AHEAD and staging buffer ix % 2 consumed
@@ -396,15 +379,23 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
         // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) at
         // iteration i - NSLOT + LAG - 1 < i, before a barrier of this one.
-        float* dst = slot_part(i) + (size_t)s * TT * RL;
+        // (four floats a load and a store: a quarter of the instructions of one float each)
+        float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
+        const float4* src4 = reinterpret_cast<const float4*>(ksum);
 #pragma unroll
-        for (int k = 0; k < (TT * RL + WORKERS - 1) / WORKERS; ++k) {
+        for (int k = 0; k < (TT * RL / 4 + WORKERS - 1) / WORKERS; ++k) {
           const int e = tid + k * WORKERS;
-          if (e < TT * RL) {
-            float v = 0.0f;
+          if (e < TT * RL / 4) {
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
             for (int j = 0; j < SLICES; ++j)
-              if (j < 2 * n) v += ksum[(size_t)j * TT * RL + e];
+              if (j < 2 * n) {
+                const float4 w = src4[(size_t)j * TT * RL / 4 + e];
+                v.x += w.x;
+                v.y += w.y;
+                v.z += w.z;
+                v.w += w.w;
+              }
             dst[e] = v;
           }
         }
