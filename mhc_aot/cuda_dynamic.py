@@ -83,10 +83,10 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
 # from CP_MIN_T tokens, on sm_90 (its sm_90a cubin: TMA) with C % 8 == 0 (TMA's 16-byte row strides)): a
 # persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles.
-# Off (None) by default: on the H200 it runs slower than the three-kernel path at large T (T = 8192, n = 4,
-# C = 4096: forward 539.0 vs 438.1 us in session 15, scripts/gpu_dynamic_ab.py; README, issue 6) and wins
-# only at T = 1024 (100.2 vs 106.6) and (4096, 4, 2048) (146.5 vs 150.3): not a rule worth having yet.
-# Tests and that script set CP_MIN_T to run it.
+# Off (None) by default: on the H200 it still runs slower than the three-kernel path (session 21,
+# scripts/gpu_dynamic_ab.py, DynamicMHC forward: 367.0 vs 341.6 us at (8192, 4, 4096), 278.2 vs 212.5 at
+# (8192, 2, 4096), 122.3 vs 114.7 at (4096, 4, 2048); 82.9 vs 78.9 at (1024, 4, 4096), within the spread):
+# not a rule worth having yet (README, issue 6). Tests and that script set CP_MIN_T to run it.
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 384, 224448, 12  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = None
