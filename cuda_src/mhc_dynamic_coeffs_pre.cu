@@ -14,8 +14,8 @@
 // (iteration i of the group) a CTA:
 //   1. (workers) multiplies its columns of the tile's tokens, copied from DRAM into one of AHEAD shared
 //      buffers AHEAD tiles ahead (two TMA boxes of 64 columns x TT tokens x n streams, issued by thread
-//      0; the 128-byte swizzle), on tensor cores (as proj_tc: bfloat16 x
-//      exact, phi split in three bfloat16 terms, the sums of squares on the diagonal of x x^T): partial
+//      0; the 128-byte swizzle), on tensor cores (as proj_tc: bfloat16 x exact, phi split in three
+//      bfloat16 terms; the sums of squares on the CUDA cores from the same A fragments): partial
 //      z and sum of squares of every token over its columns, written as one block to a global scratch
 //      slot; the signaler warp then arrives on the tile's `projected` counter (named-barrier handoff;
 //      a warp that does nothing else, so the signal never waits for a busy coefficient warp: session

@@ -236,7 +236,7 @@ def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
     CTA per SM, so the groups of ceil(C / CP_CW) CTAs that the GPU holds at once, at most one per tile."""
     if CP_MIN_T is None or dtype != mx.bfloat16 or n > CP_NMAX or T < CP_MIN_T or C % 8:
         return 0
-    if device.mlx_arch_number() != CP_ARCH:
+    if device.mlx_arch_number() != CP_ARCH:  # its one cubin is sm_90a (TMA)
         return 0
     if device.max_shared_memory_per_block() < CP_SMEM_BYTES:
         return 0

@@ -19,7 +19,6 @@ import numpy as np
 
 # CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion (cuda.h)
 DTYPE = {"bf16": 9, "f16": 6, "f32": 7}
-ELEM_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 SWIZZLE = {0: 0, 32: 1, 64: 2, 128: 3}  # bytes -> enum
 L2_PROMOTION_256B = 3
 PLACEHOLDER = 1 << 20  # 16-byte aligned; replaced on the device
