@@ -26,7 +26,7 @@
 //      (a lane per matrix element, shuffles, Liger's order and divisions as the register mode), from
 //      mix as written, off the workers' path;
 //   3. (workers) LAG iterations later, once the tile is published: x_in of its columns from the tile
-//      copied back from L2 (the same boxes, issued by thread HALF) and its h_pre (cp.async) into a
+//      copied back from L2 (the same boxes) and its h_pre (cp.async), both issued by the signaler, into a
 //      staging buffer the iteration before.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
 // order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
@@ -87,7 +87,14 @@ constexpr int KSTEPS = CW / 16;            // k16 steps a stream
 constexpr int KH = KSTEPS / 2;             // k16 steps a worker warp: warp = (stream, half of the columns)
 constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (stream, half) each
 // 1024 bytes of slack: the buffers start at the first 1024-byte boundary (the 128-byte swizzle's)
-constexpr int SMEM_BYTES = 1024 + (AHEAD + 2) * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 2 * TT * NS * 4 +
+// MHC_CP_ONESYNC (A/B knob): ksum double-buffered (tile i's in buffer i % 2), so the workers need no
+// barrier at an iteration's start: one CTA-wide barrier a tile instead of two
+#ifdef MHC_CP_ONESYNC
+constexpr int KSUMS = 2;
+#else
+constexpr int KSUMS = 1;
+#endif
+constexpr int SMEM_BYTES = 1024 + (AHEAD + 2) * X_BYTES + TM_BYTES + KSUMS * SLICES * TT * RL * 4 + 2 * TT * NS * 4 +
                            8 * (AHEAD + 2) + 16;
 static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x half its columns each");
 static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers keep 1024-byte alignment");
@@ -95,7 +102,8 @@ static_assert(RL <= 32, "a lane per partial sum");
 static_assert(TT * RL % 4 == 0, "a slice and a CTA's partials are whole float4s");
 static_assert(HANDOFF + HANDOFF_IDS <= 16 && LAG < HANDOFF_IDS, "named barrier ids");
 static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
-static_assert(AHEAD != 4 || SMEM_BYTES == 224448, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(AHEAD != 4 || KSUMS != 1 || SMEM_BYTES == 224448, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(SMEM_BYTES <= 224448, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
 // sg / 8's line (j, r), chunk sg % 8 swizzled (ldmatrix's eight rows and x_in's eight segments of a
 // phase fall in eight bank groups)
@@ -174,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   unsigned char* stage = base + AHEAD * X_BYTES;                             // [2] tile buffers
   uint32_t* tm = reinterpret_cast<uint32_t*>(base + (AHEAD + 2) * X_BYTES);  // the tensor map, staged
   float* ksum = reinterpret_cast<float*>(base + (AHEAD + 2) * X_BYTES + TM_BYTES);  // [stream][half][TT][RL]
-  float* hps = ksum + SLICES * TT * RL;                                      // [2][TT][NS]: staged h_pre
+  float* hps = ksum + KSUMS * SLICES * TT * RL;                                      // [2][TT][NS]: staged h_pre
   uint64_t* bars = reinterpret_cast<uint64_t*>(hps + 2 * TT * NS);          // [AHEAD] DRAM, [2] staging
   int* ticket_s = reinterpret_cast<int*>(bars + AHEAD + 2);
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
@@ -193,7 +201,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (warp == 0) tma::publish_map(gmap, tm, tmpl, x, lane);
   if (tid == 0) {
     *ticket_s = atomicAdd(sync, 1);
-    for (int k = 0; k < AHEAD + 2; ++k) tma::bar_init(bars + k, 1);
+    // DRAM buffers: the issuing thread's arrival; staging buffers: that and the signaler's 32 lanes'
+    // cp.async arrivals (h_pre)
+    for (int k = 0; k < AHEAD + 2; ++k) tma::bar_init(bars + k, k < AHEAD ? 1 : 33);
     tma::bar_init_fence();
   }
   __syncthreads();
@@ -203,32 +213,32 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   // workers' path; the coefficient warps' strided loads are off it)
   auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
 
+// Thread 0 issues the tiles' copies from DRAM (AHEAD ahead), the signaler the x_in tiles' copies back
+// from L2 (read LAG + 1 iterations earlier: 128 CTAs x that many 32 KB tiles stay inside L2) and
+// their h_pre (cp.async). Each completes on its buffer's mbarrier: DRAM buffer i % AHEAD in its
+// (i / AHEAD)-th phase, staging buffer ix % 2 in its (ix / 2)-th.
+  uint64_t* dbar = bars;
+  uint64_t* sbar = bars + AHEAD;
+  if (tid == 0 || tid == WORKERS) tma::acquire_map(gmap);
+  // MHC_CP_L2HINT: the DRAM read keeps its lines in L2 (evict_last) until the copy back drops them
+  // (evict_first)
+#ifdef MHC_CP_L2HINT
+  const uint64_t policy = tid == 0 ? tma::policy_evict_last() : tma::policy_evict_first();
+#endif
+  auto issue_tile = [&](unsigned char* dst, uint64_t* bar, int i) {  // tile i of the group: two boxes
+    const int t0 = (g + i * G) * TT;
+    tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
+#ifdef MHC_CP_L2HINT
+    tma::load_3d(dst, gmap, bar, c0, t0, 0, policy);
+    tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0, policy);
+#else
+    tma::load_3d(dst, gmap, bar, c0, t0, 0);
+    tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
+#endif
+  };
   if (warp < WORKERS / 32) {
     // ---------------------------------------------------------------- workers: steps 1 and 3
-    // Thread 0 issues the tiles' copies from DRAM (AHEAD ahead), thread HALF the x_in tiles' copies
-    // back from L2 (read LAG + AHEAD - 1 iterations earlier: 128 CTAs x that many 32 KB tiles stay
-    // inside L2), warp HALF / 32 their h_pre (cp.async). Each copy completes on its buffer's mbarrier:
-    // DRAM buffer i % AHEAD in its (i / AHEAD)-th phase, staging buffer ix % 2 in its (ix / 2)-th.
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
-    uint64_t* dbar = bars;
-    uint64_t* sbar = bars + AHEAD;
-    if (tid == 0 || tid == HALF) tma::acquire_map(gmap);
-    // MHC_CP_L2HINT: the DRAM read keeps its lines in L2 (evict_last) until the copy back drops them
-    // (evict_first)
-#ifdef MHC_CP_L2HINT
-    const uint64_t policy = tid == 0 ? tma::policy_evict_last() : tma::policy_evict_first();
-#endif
-    auto issue_tile = [&](unsigned char* dst, uint64_t* bar, int i) {  // tile i of the group: two boxes
-      const int t0 = (g + i * G) * TT;
-      tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
-#ifdef MHC_CP_L2HINT
-      tma::load_3d(dst, gmap, bar, c0, t0, 0, policy);
-      tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0, policy);
-#else
-      tma::load_3d(dst, gmap, bar, c0, t0, 0);
-      tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
-#endif
-    };
     auto at = [&](unsigned char* tile, int r, int j, int sg) { return tile + tile_at(r, j, sg); };
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
@@ -257,43 +267,17 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
     if (tid == 0)
       for (int p = 0; p < AHEAD && p < ntile; ++p) issue_tile(dram + (size_t)p * X_BYTES, dbar + p, p);
-    // warp HALF / 32 reads published[] of the tile it stages an iteration ahead: a global load waits
-    // behind this SM's copy stream (~1 us in session 15's cp.async trace), so it is in flight for a whole
-    // iteration before it is looked at
-    int pub_seen = 0, pub_ahead = 0;
     for (int i = 0; i < ntile + LAG; ++i) {
-      const int ix = i - LAG;          // the tile whose x_in this iteration forms
-      const int stage_next = ix + 1;   // the tile staged this iteration for the next one's x_in
-      if (warp == HALF / 32) {
-        pub_seen = pub_ahead;
-        if (stage_next + 1 >= 0 && stage_next + 1 < ntile) pub_ahead = ld_relaxed(published + g + (stage_next + 1) * G);
-      }
-      // tile i and tile ix (issued last iteration) have landed; the staging warp's h_pre copies too,
-      // and after the barrier everyone sees them
+      const int ix = i - LAG;  // the tile whose x_in this iteration forms
+      // tile i and tile ix (its x and h_pre, staged by the signaler) have landed and are visible
       if (i < ntile) tma::wait(dbar + i % AHEAD, (i / AHEAD) & 1);
       if (ix >= 0) tma::wait(sbar + ix % 2, (ix / 2) & 1);
-      __pipeline_wait_prior(0);
+#ifndef MHC_CP_ONESYNC  // ksum free again (the partials of tile i - 1 read)
       workers_sync();
+#endif
       if (tid == 0) TRACE(i, 6);
-      // copy tile stage_next back from L2 and, once it is published, its h_pre, into staging buffer
-      // stage_next % 2 (free: its last tile's x_in was before the barrier above), first thing in the
-      // iteration: they land by the next one's
-      if (warp == HALF / 32) {
-        if (stage_next >= 0 && stage_next < ntile) {
-          const int b2 = stage_next % 2, t0 = (g + stage_next * G) * TT;
-          if (tid == HALF) issue_tile(stage + (size_t)b2 * X_BYTES, sbar + b2, stage_next);
-          spin_until(published + g + stage_next * G, S, pub_seen);
-          if (lane == 0) TRACE(stage_next, 8);
-          for (int e = lane; e < TT * NS; e += 32) {
-            const int r = e / NS, j = e % NS, t = t0 + r;
-            float* d = hps + b2 * TT * NS + e;
-            if (j < n && t < Tn) __pipeline_memcpy_async(d, h_pre + (size_t)t * n + j, 4);
-            else *d = 0.0f;
-          }
-        }
-        __pipeline_commit();
-        if (tid == HALF) TRACE(i, 1);
-      }
+      // ksum of tile i (ONESYNC: its buffer's last tile, i - 2, was read before the barrier of iteration i - 1)
+      float* ks = ksum + (size_t)(i % KSUMS) * SLICES * TT * RL;
       // steps 1 and 3 in one phase: the product of tile i on tensor cores, x_in of tile ix on the CUDA
       // cores while the products are in flight (the accumulators are read only after x_in)
       unsigned char* xb = dram + (size_t)(i % AHEAD) * X_BYTES;
@@ -338,6 +322,23 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           float xa[8];
 #pragma unroll
           for (int u = 0; u < 8; ++u) xa[u] = 0.0f;
+#ifdef MHC_CP_XIN_UNROLL  // A/B knob: every stream's load in flight before the first sum
+          uint4 wv[NS];
+          float hv[NS];
+#pragma unroll
+          for (int j = 0; j < NS; ++j)
+            if (j < n) {
+              wv[j] = *reinterpret_cast<const uint4*>(at(sb, r, j, sg));
+              hv[j] = hb[r * NS + j];
+            }
+#pragma unroll
+          for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
+            if (j < n) {
+              const bf16* xv = reinterpret_cast<const bf16*>(&wv[j]);
+#pragma unroll
+              for (int u = 0; u < 8; ++u) xa[u] += to_float(xv[u]) * hv[j];
+            }
+#else
           for (int j = 0; j < n; ++j) {  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
             const uint4 w = *reinterpret_cast<const uint4*>(at(sb, r, j, sg));
             const bf16* xv = reinterpret_cast<const bf16*>(&w);
@@ -345,6 +346,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
             for (int u = 0; u < 8; ++u) xa[u] += to_float(xv[u]) * hj;
           }
+#endif
           bf16* out = x_in + (size_t)t * C + c;
           if (vec && c + 8 <= C) {
             store_vec(out, xa);
@@ -356,7 +358,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
       }
       if (product) {
-        float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
+        float* rows = ks + (size_t)(js * 2 + kh) * TT * RL;
         mma::store_tiles<2, NT>(acc, rows, RL, lane);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
@@ -381,7 +383,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         // iteration i - NSLOT + LAG - 1 < i, before a barrier of this one.
         // (four floats a load and a store: a quarter of the instructions of one float each)
         float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
-        const float4* src4 = reinterpret_cast<const float4*>(ksum);
+        const float4* src4 = reinterpret_cast<const float4*>(ks);
 #pragma unroll
         for (int k = 0; k < (TT * RL / 4 + WORKERS - 1) / WORKERS; ++k) {
           const int e = tid + k * WORKERS;
@@ -399,19 +401,39 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
             dst[e] = v;
           }
         }
-        // the signaler signals `projected` once every worker's writes are done
-        named_arrive(handoff(i), WORKERS + 32);
-        // then the refill of buffer i % AHEAD with tile i + AHEAD (its product was read before the
-        // barrier above)
+        // the refill of buffer i % AHEAD with tile i + AHEAD (its product was read before the barrier
+        // above)
         if (tid == 0 && i + AHEAD < ntile) issue_tile(xb, dbar + i % AHEAD, i + AHEAD);
         if (tid == 0) TRACE(i, 0);
       }
+      // to the signaler: tile i's partials are written (i < ntile), staging buffer ix % 2 is consumed
+      named_arrive(handoff(i), WORKERS + 32);
     }
   } else if (warp == WORKERS / 32) {
     // ---------------------------------------------------------------- the signaler
-    for (int i = 0; i < ntile; ++i) {
-      named_sync(handoff(i), WORKERS + 32);  // this CTA's partials of tile i are written
-      if (lane == 0) signal(projected + g + i * G);
+    // After the workers' iteration j: `projected` of tile j, then tile st = j - LAG + 2 (x_in at
+    // iteration j + 2) copied back from L2 into staging buffer st % 2 (its last tile's x_in was at
+    // iteration j) and, once published, its h_pre. published[] of the next tile to stage is read a
+    // whole iteration before it is looked at (a global load waits behind this SM's copy stream).
+    int pub_seen = 0, pub_ahead = 0;
+    for (int j = 0; j < ntile + LAG; ++j) {
+      named_sync(handoff(j), WORKERS + 32);
+      if (j < ntile && lane == 0) signal(projected + g + j * G);
+      const int st = j - LAG + 2;
+      pub_seen = pub_ahead;
+      if (st + 1 >= 0 && st + 1 < ntile) pub_ahead = ld_relaxed(published + g + (st + 1) * G);
+      if (st >= 0 && st < ntile) {
+        const int b2 = st % 2, t0 = (g + st * G) * TT;
+        if (lane == 0) issue_tile(stage + (size_t)b2 * X_BYTES, sbar + b2, st);
+        spin_until(published + g + st * G, S, pub_seen);
+        if (lane == 0) TRACE(st, 8);
+        for (int e = lane; e < TT * NS; e += 32) {  // only (r, j < n, t < T) entries are ever read
+          const int r = e / NS, jj = e % NS, t = t0 + r;
+          if (jj < n && t < Tn) __pipeline_memcpy_async(hps + b2 * TT * NS + e, h_pre + (size_t)t * n + jj, 4);
+        }
+        tma::bar_arrive_cp_async(sbar + b2);  // each lane, once its copies land
+        if (lane == 0) TRACE(j, 1);
+      }
     }
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2

@@ -79,6 +79,12 @@ __device__ __forceinline__ uint64_t policy_evict_first() {
   return p;
 }
 
+// An arrival on bar (counted in its bar_init count: no pending increment) once every cp.async this
+// thread issued before has landed.
+__device__ __forceinline__ void bar_arrive_cp_async(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // Until the phase of bar with this parity has completed (its copies have landed and are visible).
 __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
   asm volatile(
