@@ -68,7 +68,15 @@ constexpr int NS = 4;                      // streams at most (M = n n + 2 n <= 
 constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zero-padded to MP), then the sum of squares
 constexpr int LAG = MHC_CP_LAG;            // iterations from a tile's projection to its x_in
 constexpr int AHEAD = MHC_CP_AHEAD;        // DRAM tile buffers: tile i multiplied while i + 1 .. i + AHEAD - 1 land
-constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
+constexpr int NSLOT = 12;
+#ifndef MHC_CP_SK_TILES
+#define MHC_CP_SK_TILES 4
+#endif
+#ifndef MHC_CP_SK_ILP
+#define MHC_CP_SK_ILP 2
+#endif
+constexpr int SK_TILES = MHC_CP_SK_TILES;  // a coefficient warp's tiles whose h_res it forms together
+constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass (two half-warps: 2 SK_ILP a pass)                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 #ifndef MHC_CP_CWARPS
 #define MHC_CP_CWARPS 3
 #endif
@@ -101,6 +109,7 @@ static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers 
 static_assert(RL <= 32, "a lane per partial sum");
 static_assert(TT * RL % 4 == 0, "a slice and a CTA's partials are whole float4s");
 static_assert(HANDOFF + HANDOFF_IDS <= 16 && LAG < HANDOFF_IDS, "named barrier ids");
+static_assert(LAG >= 2, "the signaler stages tile j - LAG + 2 after the workers' iteration j");
 static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
 static_assert(AHEAD != 4 || KSUMS != 1 || SMEM_BYTES == 224448, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 224448, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
@@ -474,18 +483,32 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       __syncwarp();
       if (lane == 0) signal(published + z);
       if (lane == 0) TRACE(i, 4);
-      // h_res after the publication: the workers' x_in needs only h_pre
-      if (s < TT) {
-        for (int r0 = s; r0 < TT; r0 += 2 * S) {
-          const int r = r0 + h * S, t = t0 + r;
-          const bool valid = r < TT && t < Tn;
-          // h_res: Liger's Sinkhorn with a lane per element (dyn::sinkhorn_forward_lanes)
-          const bool elem = l16 < n * n;
-          // (v_m invr) a_res + b_m, as loop 1 would have it: mix as written there (its own lanes, a
-          // __syncwarp ago)
-          const float L = elem && valid ? __ldcg(mix + (size_t)t * M + 2 * n + l16) * a_res + b[2 * n + l16] : 0.0f;
-          const float P = dyn::sinkhorn_forward_lanes(L, n, tmax, sinkhorn_eps, lane);
-          if (valid && elem) h_res[(size_t)t * n * n + l16] = P;
+      // h_res after the publication (the workers' x_in needs only h_pre), batched: the tokens of SK_TILES
+      // of this warp's tiles at once, SK_ILP a lane in each half-warp (nothing in this launch waits on
+      // h_res, and a token's Sinkhorn is a latency-bound chain: session 22's trace had the coefficient
+      // warps busy 7.8 us a tile, 4.4 of it one token's Sinkhorn, so they set the pace)
+      const int own = (i - (warp - WORKERS / 32 - 1)) / CWARPS;  // this warp's tiles before tile i
+      if (s < TT && (own % SK_TILES == SK_TILES - 1 || i + CWARPS >= ntile)) {
+        const int i0 = i - (own % SK_TILES) * CWARPS;             // the batch's first tile
+        const int per = (TT - s + S - 1) / S;                      // tokens r = s, s + S, ... a tile
+        const int ntok = per * ((i - i0) / CWARPS + 1);
+        const bool elem = l16 < n * n;
+        for (int e0 = 0; e0 < ntok; e0 += 2 * SK_ILP) {
+          float L[SK_ILP], P[SK_ILP];
+          int t[SK_ILP];
+#pragma unroll
+          for (int u = 0; u < SK_ILP; ++u) {
+            const int e = e0 + h * SK_ILP + u, r = s + (e % per) * S;
+            t[u] = (g + (i0 + (e / per) * CWARPS) * G) * TT + r;
+            if (e >= ntok || t[u] >= Tn) t[u] = -1;
+            // (v_m invr) a_res + b_m, as loop 1 would have it: mix as written there (by this warp, a
+            // __syncwarp ago)
+            L[u] = elem && t[u] >= 0 ? __ldcg(mix + (size_t)t[u] * M + 2 * n + l16) * a_res + b[2 * n + l16] : 0.0f;
+          }
+          dyn::sinkhorn_forward_lanes_k<SK_ILP>(L, P, n, tmax, sinkhorn_eps, lane);  // Liger's Sinkhorn
+#pragma unroll
+          for (int u = 0; u < SK_ILP; ++u)
+            if (elem && t[u] >= 0) h_res[(size_t)t[u] * n * n + l16] = P[u];
         }
       }
       if (lane == 0) TRACE(i, 5);

@@ -364,29 +364,57 @@ __device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], fl
 // phases spread over 16 threads, so 16x the warps of the register mode hide each other's latency.
 constexpr int LANE_N = 4;
 
-__device__ __forceinline__ float sinkhorn_forward_lanes(float L, int n, int tmax, float eps, int lane) {
+// K tokens a lane (K independent chains interleaved: a latency-bound chain issues K times the work in
+// about the same time; the one-read kernel batches its tokens' h_res so). Each token's operations and
+// their order are those of K = 1.
+template <int K>
+__device__ __forceinline__ void sinkhorn_forward_lanes_k(const float (&L)[K], float (&P)[K], int n, int tmax, float eps,
+                                                         int lane) {
   const int l16 = lane % 16, ii = l16 / n, jj = l16 % n;
-  auto fold = [&](float val, bool row, auto op) {
-    float got[LANE_N];
+  // out[u] = op-fold of the n values of val[u]'s row (or column) through this lane, in index order
+  auto fold = [&](const float (&val)[K], bool row, auto op, float (&out)[K]) {
+    float got[K][LANE_N];
 #pragma unroll
     for (int k = 0; k < LANE_N; ++k)
-      got[k] = __shfl_sync(0xffffffffu, val, row ? ii * n + min(k, n - 1) : min(k, n - 1) * n + jj, 16);
-    float r = got[0];
 #pragma unroll
-    for (int k = 1; k < LANE_N; ++k)
-      if (k < n) r = op(r, got[k]);
-    return r;
+      for (int u = 0; u < K; ++u)
+        got[u][k] = __shfl_sync(0xffffffffu, val[u], row ? ii * n + min(k, n - 1) : min(k, n - 1) * n + jj, 16);
+#pragma unroll
+    for (int u = 0; u < K; ++u) {
+      float r = got[u][0];
+#pragma unroll
+      for (int k = 1; k < LANE_N; ++k)
+        if (k < n) r = op(r, got[u][k]);
+      out[u] = r;
+    }
   };
   auto add = [](float a, float c) { return a + c; };
-  const float ex = expf(L - fold(L, true, [](float a, float c) { return fmaxf(a, c); }));
-  float P = sk_div(ex, fold(ex, true, add)) + eps;  // row softmax, then + eps
-  P = sk_div(P, fold(P, false, add) + eps);         // first column normalisation
+  float f[K], ex[K];
+  fold(L, true, [](float a, float c) { return fmaxf(a, c); }, f);
+#pragma unroll
+  for (int u = 0; u < K; ++u) ex[u] = expf(L[u] - f[u]);
+  fold(ex, true, add, f);
+#pragma unroll
+  for (int u = 0; u < K; ++u) P[u] = sk_div(ex[u], f[u]) + eps;  // row softmax, then + eps
+  fold(P, false, add, f);
+#pragma unroll
+  for (int u = 0; u < K; ++u) P[u] = sk_div(P[u], f[u] + eps);   // first column normalisation
 #pragma unroll 1
   for (int it = 1; it < tmax; ++it) {
-    P = sk_div(P, fold(P, true, add) + eps);
-    P = sk_div(P, fold(P, false, add) + eps);
+    fold(P, true, add, f);
+#pragma unroll
+    for (int u = 0; u < K; ++u) P[u] = sk_div(P[u], f[u] + eps);
+    fold(P, false, add, f);
+#pragma unroll
+    for (int u = 0; u < K; ++u) P[u] = sk_div(P[u], f[u] + eps);
   }
-  return P;
+}
+
+__device__ __forceinline__ float sinkhorn_forward_lanes(float L, int n, int tmax, float eps, int lane) {
+  const float l[1] = {L};
+  float p[1];
+  sinkhorn_forward_lanes_k<1>(l, p, n, tmax, eps, lane);
+  return p[0];
 }
 
 // The backward of one normalisation on G in registers: ROWS (rows) or columns divided by their

@@ -55,11 +55,11 @@ for e, name in names.items():
           f"median {np.median(r) / 1e3:6.2f} p90 {np.percentile(r, 90) / 1e3:6.2f} us")
 pub = (((ev[:, 1:-1, 8] - ev[:, 1:-1, 6] + 2**31) % 2**32) - 2**31)
 print(f"8 published seen after the same tile landed: median {np.median(pub) / 1e3:.2f} us")
-# the coefficient warps (tiles w, w + 4, ...): time from its own partials synced to h_res done, and the
+# the coefficient warps (tiles w, w + 3, ...: CWARPS = 3): time from its own partials synced to h_res done, and the
 # gap from its previous tile's h_res to this tile's handoff (> 0: the warp waited for the workers)
 wrap = lambda d: ((d + 2**31) % 2**32) - 2**31  # noqa: E731
 busy = wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 2])
-gap = wrap(ev[:, 4:-1, 2] - ev[:, :-5, 5])
+gap = wrap(ev[:, 3:-1, 2] - ev[:, :-4, 5])
 print(f"coefficient warp per tile: handoff -> h_res median {np.median(busy) / 1e3:.2f} us "
       f"(projected wait {np.median(wrap(ev[:, 4:-1, 3] - ev[:, 4:-1, 2])) / 1e3:.2f}, to published "
       f"{np.median(wrap(ev[:, 4:-1, 4] - ev[:, 4:-1, 3])) / 1e3:.2f}, Sinkhorn {np.median(wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 4])) / 1e3:.2f}); "
