@@ -12,9 +12,9 @@
 // for the whole launch as split B fragments in the registers of the worker warps (warp = stream x half
 // of the columns), and the group walks token tiles z = g, g + G, g + 2 G, ... of TT tokens. Per tile
 // (iteration i of the group) a CTA:
-//   1. (workers) multiplies its columns of the tile's tokens, copied from DRAM into one of AHEAD shared
-//      buffers AHEAD tiles ahead (two TMA boxes of 64 columns x TT tokens x n streams, issued by thread
-//      0; the 128-byte swizzle), on tensor cores (as proj_tc: bfloat16 x exact, phi split in three
+//   1. (workers) multiplies its columns of the tile's tokens, copied from DRAM into a ring of RING
+//      shared buffers (two TMA boxes of 64 columns x TT tokens x n streams, issued by thread 0; the
+//      128-byte swizzle), on tensor cores (as proj_tc: bfloat16 x exact, phi split in three
 //      bfloat16 terms; the sums of squares on the CUDA cores from the same A fragments): partial
 //      z and sum of squares of every token over its columns, written as one block to a global scratch
 //      slot; the signaler warp then arrives on the tile's `projected` counter (named-barrier handoff;
@@ -25,9 +25,8 @@
 //      writes them and mix, and arrives on the tile's `published` counter; then h_res by the Sinkhorn
 //      (a lane per matrix element, shuffles, Liger's order and divisions as the register mode), from
 //      mix as written, off the workers' path;
-//   3. (workers) LAG iterations later, once the tile is published: x_in of its columns from the tile
-//      copied back from L2 (the same boxes) and its h_pre (cp.async), both issued by the signaler, into a
-//      staging buffer the iteration before.
+//   3. (workers) LAG iterations later, once the tile is published: x_in of its columns from the tile,
+//      still in its ring buffer, and its h_pre, staged by the signaler (cp.async) two iterations before.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
 // order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
 // running. The last CTA to finish zeroes the counters again (a buffer that two launches share stays
@@ -55,10 +54,10 @@
 using namespace mhc;
 
 #ifndef MHC_CP_LAG
-#define MHC_CP_LAG 7
+#define MHC_CP_LAG 4
 #endif
-#ifndef MHC_CP_AHEAD
-#define MHC_CP_AHEAD 4
+#ifndef MHC_CP_RING
+#define MHC_CP_RING 6
 #endif
 
 namespace {
@@ -67,7 +66,12 @@ constexpr int CW = 128;                    // columns of each stream a CTA owns
 constexpr int NS = 4;                      // streams at most (M = n n + 2 n <= 24: three n8 tiles)
 constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zero-padded to MP), then the sum of squares
 constexpr int LAG = MHC_CP_LAG;            // iterations from a tile's projection to its x_in
-constexpr int AHEAD = MHC_CP_AHEAD;        // DRAM tile buffers: tile i multiplied while i + 1 .. i + AHEAD - 1 land
+// tile buffers, a ring: tile i lands in buffer i % RING, is multiplied at iteration i, read again for
+// its x_in at iteration i + LAG, and the buffer then takes tile i + RING (RING - LAG - 1 iterations
+// ahead). Session 22 measured why the tile stays in shared memory: the earlier copy back from L2,
+// ~9 iterations (~40 MB of the GPU's traffic) after the first read, missed L2 almost always (ncu,
+// H200, T = 8192: 534 MB read from DRAM for x's 268)
+constexpr int RING = MHC_CP_RING;
 constexpr int NSLOT = 12;
 #ifndef MHC_CP_SK_TILES
 #define MHC_CP_SK_TILES 4
@@ -80,7 +84,7 @@ constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass
 #ifndef MHC_CP_CWARPS
 #define MHC_CP_CWARPS 3
 #endif
-constexpr int WORKERS = 256, HALF = WORKERS / 2, CWARPS = MHC_CP_CWARPS, BLOCK = WORKERS + 32 + 32 * CWARPS;
+constexpr int WORKERS = 256, CWARPS = MHC_CP_CWARPS, BLOCK = WORKERS + 32 + 32 * CWARPS;
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having seen tile i - LAG + 1
 // published, so every CTA's signaler had synced every tile up to there: an id is reused only after
@@ -95,24 +99,17 @@ constexpr int KSTEPS = CW / 16;            // k16 steps a stream
 constexpr int KH = KSTEPS / 2;             // k16 steps a worker warp: warp = (stream, half of the columns)
 constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (stream, half) each
 // 1024 bytes of slack: the buffers start at the first 1024-byte boundary (the 128-byte swizzle's)
-// MHC_CP_ONESYNC (A/B knob): ksum double-buffered (tile i's in buffer i % 2), so the workers need no
-// barrier at an iteration's start: one CTA-wide barrier a tile instead of two
-#ifdef MHC_CP_ONESYNC
-constexpr int KSUMS = 2;
-#else
-constexpr int KSUMS = 1;
-#endif
-constexpr int SMEM_BYTES = 1024 + (AHEAD + 2) * X_BYTES + TM_BYTES + KSUMS * SLICES * TT * RL * 4 + 2 * TT * NS * 4 +
-                           8 * (AHEAD + 2) + 16;
+constexpr int SMEM_BYTES = 1024 + RING * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 2 * TT * NS * 4 + 8 * (RING + 2) + 16;
 static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x half its columns each");
 static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers keep 1024-byte alignment");
 static_assert(RL <= 32, "a lane per partial sum");
 static_assert(TT * RL % 4 == 0, "a slice and a CTA's partials are whole float4s");
 static_assert(HANDOFF + HANDOFF_IDS <= 16 && LAG < HANDOFF_IDS, "named barrier ids");
-static_assert(LAG >= 2, "the signaler stages tile j - LAG + 2 after the workers' iteration j");
+static_assert(LAG >= 2, "the signaler stages h_pre of tile j - LAG + 2 after the workers' iteration j");
+static_assert(RING >= LAG + 2, "tile i + 1 is issued by the end of iteration i - 1 (after x_in of tile i + 1 - RING)");
 static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
-static_assert(AHEAD != 4 || KSUMS != 1 || SMEM_BYTES == 224448, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
-static_assert(SMEM_BYTES <= 224448, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
+static_assert(RING != 6 || SMEM_BYTES == 224464, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(SMEM_BYTES <= 224464, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
 // sg / 8's line (j, r), chunk sg % 8 swizzled (ldmatrix's eight rows and x_in's eight segments of a
 // phase fall in eight bank groups)
@@ -187,13 +184,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   // the buffers from the first 1024-byte boundary of shared memory (SMEM_BYTES has the slack)
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
   base += (1024u - (tma::smem_addr(base) & 1023u)) & 1023u;
-  unsigned char* dram = base;                                                // [AHEAD] tile buffers
-  unsigned char* stage = base + AHEAD * X_BYTES;                             // [2] tile buffers
-  uint32_t* tm = reinterpret_cast<uint32_t*>(base + (AHEAD + 2) * X_BYTES);  // the tensor map, staged
-  float* ksum = reinterpret_cast<float*>(base + (AHEAD + 2) * X_BYTES + TM_BYTES);  // [stream][half][TT][RL]
-  float* hps = ksum + KSUMS * SLICES * TT * RL;                                      // [2][TT][NS]: staged h_pre
-  uint64_t* bars = reinterpret_cast<uint64_t*>(hps + 2 * TT * NS);          // [AHEAD] DRAM, [2] staging
-  int* ticket_s = reinterpret_cast<int*>(bars + AHEAD + 2);
+  unsigned char* ring = base;                                           // [RING] tile buffers
+  uint32_t* tm = reinterpret_cast<uint32_t*>(base + RING * X_BYTES);    // the tensor map, staged
+  float* ksum = reinterpret_cast<float*>(base + RING * X_BYTES + TM_BYTES);  // [stream][half][TT][RL]
+  float* hps = ksum + SLICES * TT * RL;                                 // [2][TT][NS]: staged h_pre
+  uint64_t* bars = reinterpret_cast<uint64_t*>(hps + 2 * TT * NS);      // [RING] tiles, [2] h_pre
+  int* ticket_s = reinterpret_cast<int*>(bars + RING + 2);
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 2;
@@ -210,9 +206,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (warp == 0) tma::publish_map(gmap, tm, tmpl, x, lane);
   if (tid == 0) {
     *ticket_s = atomicAdd(sync, 1);
-    // DRAM buffers: the issuing thread's arrival; staging buffers: that and the signaler's 32 lanes'
-    // cp.async arrivals (h_pre)
-    for (int k = 0; k < AHEAD + 2; ++k) tma::bar_init(bars + k, k < AHEAD ? 1 : 33);
+    // tile buffers: the issuing thread's arrival; h_pre: the signaler's 32 lanes' cp.async arrivals
+    for (int k = 0; k < RING + 2; ++k) tma::bar_init(bars + k, k < RING ? 1 : 32);
     tma::bar_init_fence();
   }
   __syncthreads();
@@ -222,31 +217,22 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   // workers' path; the coefficient warps' strided loads are off it)
   auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
 
-// Thread 0 issues the tiles' copies from DRAM (AHEAD ahead), the signaler the x_in tiles' copies back
-// from L2 (read LAG + 1 iterations earlier: 128 CTAs x that many 32 KB tiles stay inside L2) and
-// their h_pre (cp.async). Each completes on its buffer's mbarrier: DRAM buffer i % AHEAD in its
-// (i / AHEAD)-th phase, staging buffer ix % 2 in its (ix / 2)-th.
+  // Thread 0 issues the tiles' copies (tile i into ring buffer i % RING, completing on dbar[i % RING]'s
+  // (i / RING)-th phase); the signaler stages their h_pre (cp.async, completing on sbar[ix % 2]'s
+  // (ix / 2)-th phase).
   uint64_t* dbar = bars;
-  uint64_t* sbar = bars + AHEAD;
-  if (tid == 0 || tid == WORKERS) tma::acquire_map(gmap);
-  // MHC_CP_L2HINT: the DRAM read keeps its lines in L2 (evict_last) until the copy back drops them
-  // (evict_first)
-#ifdef MHC_CP_L2HINT
-  const uint64_t policy = tid == 0 ? tma::policy_evict_last() : tma::policy_evict_first();
-#endif
-  auto issue_tile = [&](unsigned char* dst, uint64_t* bar, int i) {  // tile i of the group: two boxes
-    const int t0 = (g + i * G) * TT;
-    tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
-#ifdef MHC_CP_L2HINT
-    tma::load_3d(dst, gmap, bar, c0, t0, 0, policy);
-    tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0, policy);
-#else
-    tma::load_3d(dst, gmap, bar, c0, t0, 0);
-    tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
-#endif
-  };
+  uint64_t* sbar = bars + RING;
   if (warp < WORKERS / 32) {
     // ---------------------------------------------------------------- workers: steps 1 and 3
+    if (tid == 0) tma::acquire_map(gmap);
+    auto issue_tile = [&](int i) {  // tile i of the group: two boxes
+      const int t0 = (g + i * G) * TT;
+      unsigned char* dst = ring + (size_t)(i % RING) * X_BYTES;
+      uint64_t* bar = dbar + i % RING;
+      tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
+      tma::load_3d(dst, gmap, bar, c0, t0, 0);
+      tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
+    };
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
     auto at = [&](unsigned char* tile, int r, int j, int sg) { return tile + tile_at(r, j, sg); };
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
@@ -275,21 +261,18 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
       }
     if (tid == 0)
-      for (int p = 0; p < AHEAD && p < ntile; ++p) issue_tile(dram + (size_t)p * X_BYTES, dbar + p, p);
+      for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     for (int i = 0; i < ntile + LAG; ++i) {
       const int ix = i - LAG;  // the tile whose x_in this iteration forms
-      // tile i and tile ix (its x and h_pre, staged by the signaler) have landed and are visible
-      if (i < ntile) tma::wait(dbar + i % AHEAD, (i / AHEAD) & 1);
+      // tile i has landed and tile ix's h_pre (staged by the signaler) too, and are visible (tile ix
+      // itself is still in its buffer: landed, seen at iteration ix)
+      if (i < ntile) tma::wait(dbar + i % RING, (i / RING) & 1);
       if (ix >= 0) tma::wait(sbar + ix % 2, (ix / 2) & 1);
-#ifndef MHC_CP_ONESYNC  // ksum free again (the partials of tile i - 1 read)
-      workers_sync();
-#endif
+      workers_sync();  // ksum free again (the partials of tile i - 1 read)
       if (tid == 0) TRACE(i, 6);
-      // ksum of tile i (ONESYNC: its buffer's last tile, i - 2, was read before the barrier of iteration i - 1)
-      float* ks = ksum + (size_t)(i % KSUMS) * SLICES * TT * RL;
       // steps 1 and 3 in one phase: the product of tile i on tensor cores, x_in of tile ix on the CUDA
       // cores while the products are in flight (the accumulators are read only after x_in)
-      unsigned char* xb = dram + (size_t)(i % AHEAD) * X_BYTES;
+      unsigned char* xb = ring + (size_t)(i % RING) * X_BYTES;
 #ifdef MHC_CP_SKIP_PRODUCT  // timing only (scripts/trace_coeffs_pre.py): wrong coefficients
       const bool product = false;
 #else
@@ -323,7 +306,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (ix >= 0) {
 #endif
         const int t0 = (g + ix * G) * TT;
-        unsigned char* sb = stage + (size_t)(ix % 2) * X_BYTES;
+        unsigned char* sb = ring + (size_t)(ix % RING) * X_BYTES;  // still there since iteration ix
         const float* hb = hps + (ix % 2) * TT * NS;
         for (int e = tid; e < TT * CSEGS; e += WORKERS) {
           const int r = e / CSEGS, sg = e % CSEGS, t = t0 + r, c = c0 + 8 * sg;
@@ -331,23 +314,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           float xa[8];
 #pragma unroll
           for (int u = 0; u < 8; ++u) xa[u] = 0.0f;
-#ifdef MHC_CP_XIN_UNROLL  // A/B knob: every stream's load in flight before the first sum
-          uint4 wv[NS];
-          float hv[NS];
-#pragma unroll
-          for (int j = 0; j < NS; ++j)
-            if (j < n) {
-              wv[j] = *reinterpret_cast<const uint4*>(at(sb, r, j, sg));
-              hv[j] = hb[r * NS + j];
-            }
-#pragma unroll
-          for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
-            if (j < n) {
-              const bf16* xv = reinterpret_cast<const bf16*>(&wv[j]);
-#pragma unroll
-              for (int u = 0; u < 8; ++u) xa[u] += to_float(xv[u]) * hv[j];
-            }
-#else
           for (int j = 0; j < n; ++j) {  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
             const uint4 w = *reinterpret_cast<const uint4*>(at(sb, r, j, sg));
             const bf16* xv = reinterpret_cast<const bf16*>(&w);
@@ -355,7 +321,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
             for (int u = 0; u < 8; ++u) xa[u] += to_float(xv[u]) * hj;
           }
-#endif
           bf16* out = x_in + (size_t)t * C + c;
           if (vec && c + 8 <= C) {
             store_vec(out, xa);
@@ -367,7 +332,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
       }
       if (product) {
-        float* rows = ks + (size_t)(js * 2 + kh) * TT * RL;
+        float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
         mma::store_tiles<2, NT>(acc, rows, RL, lane);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
@@ -384,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
       }
       if (tid == 0) TRACE(i, 7);
-      workers_sync();  // ksum written; DRAM buffer i % AHEAD and staging buffer ix % 2 consumed
+      workers_sync();  // ksum written; ring buffer ix % RING (tile ix's x_in) and h_pre buffer ix % 2 consumed
       if (tid == 0) TRACE(i, 9);
       if (i < ntile) {
         // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
@@ -392,7 +357,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         // iteration i - NSLOT + LAG - 1 < i, before a barrier of this one.
         // (four floats a load and a store: a quarter of the instructions of one float each)
         float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
-        const float4* src4 = reinterpret_cast<const float4*>(ks);
+        const float4* src4 = reinterpret_cast<const float4*>(ksum);
 #pragma unroll
         for (int k = 0; k < (TT * RL / 4 + WORKERS - 1) / WORKERS; ++k) {
           const int e = tid + k * WORKERS;
@@ -410,20 +375,20 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
             dst[e] = v;
           }
         }
-        // the refill of buffer i % AHEAD with tile i + AHEAD (its product was read before the barrier
-        // above)
-        if (tid == 0 && i + AHEAD < ntile) issue_tile(xb, dbar + i % AHEAD, i + AHEAD);
-        if (tid == 0) TRACE(i, 0);
       }
-      // to the signaler: tile i's partials are written (i < ntile), staging buffer ix % 2 is consumed
+      // the refill of buffer ix % RING with tile ix + RING (tile ix's x_in was read before the barrier
+      // above)
+      if (tid == 0 && ix >= 0 && ix + RING < ntile) issue_tile(ix + RING);
+      if (tid == 0) TRACE(i, 0);
+      // to the signaler: tile i's partials are written (i < ntile), h_pre buffer ix % 2 is consumed
       named_arrive(handoff(i), WORKERS + 32);
     }
   } else if (warp == WORKERS / 32) {
     // ---------------------------------------------------------------- the signaler
-    // After the workers' iteration j: `projected` of tile j, then tile st = j - LAG + 2 (x_in at
-    // iteration j + 2) copied back from L2 into staging buffer st % 2 (its last tile's x_in was at
-    // iteration j) and, once published, its h_pre. published[] of the next tile to stage is read a
-    // whole iteration before it is looked at (a global load waits behind this SM's copy stream).
+    // After the workers' iteration j: `projected` of tile j, then, once tile st = j - LAG + 2 (x_in at
+    // iteration j + 2) is published, its h_pre into h_pre buffer st % 2 (its last tile's x_in was at
+    // iteration j). published[] of the next tile to stage is read a whole iteration before it is
+    // looked at (a global load waits behind this SM's copy stream).
     int pub_seen = 0, pub_ahead = 0;
     for (int j = 0; j < ntile + LAG; ++j) {
       named_sync(handoff(j), WORKERS + 32);
@@ -433,7 +398,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (st + 1 >= 0 && st + 1 < ntile) pub_ahead = ld_relaxed(published + g + (st + 1) * G);
       if (st >= 0 && st < ntile) {
         const int b2 = st % 2, t0 = (g + st * G) * TT;
-        if (lane == 0) issue_tile(stage + (size_t)b2 * X_BYTES, sbar + b2, st);
         spin_until(published + g + st * G, S, pub_seen);
         if (lane == 0) TRACE(st, 8);
         for (int e = lane; e < TT * NS; e += 32) {  // only (r, j < n, t < T) entries are ever read
