@@ -39,7 +39,7 @@ if G * S * 64 * 10 > mix.size or ntile > 64:
              f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
 names = {7: "product + x_in done (before barrier)", 9: "after the barrier",
-         0: "partials, handoff, DRAM refill issued", 1: "copy-back + h_pre issued",
+         0: "partials, handoff, DRAM refill issued", 1: "h_pre staged (signaler)",
          2: "coefficient warp: own partials synced", 3: "coefficient warp: all S projected",
          4: "coefficient warp: published", 5: "coefficient warp: h_res done"}
 ref = ev[:, :, 6]
