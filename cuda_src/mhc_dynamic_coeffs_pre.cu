@@ -107,6 +107,8 @@ static_assert(TT * RL % 4 == 0, "a slice and a CTA's partials are whole float4s"
 static_assert(HANDOFF + HANDOFF_IDS <= 16 && LAG < HANDOFF_IDS, "named barrier ids");
 static_assert(LAG >= 2, "the signaler stages h_pre of tile j - LAG + 2 after the workers' iteration j");
 static_assert(RING >= LAG + 2, "tile i + 1 is issued by the end of iteration i - 1 (after x_in of tile i + 1 - RING)");
+static_assert(KH == 4 && TT * CSEGS == 2 * WORKERS && NS == 4,
+              "the interleaved phase: a worker's 2 x_in items x 4 streams, one a (k16 step, m16 tile) of its product");
 static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
 static_assert(RING != 6 || SMEM_BYTES == 224464, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 224464, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
@@ -234,6 +236,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
     };
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
+    // the first RING tiles' copies before phi's fragments load (those loads then overlap the copies)
+    if (tid == 0)
+      for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     auto at = [&](unsigned char* tile, int r, int j, int sg) { return tile + tile_at(r, j, sg); };
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
@@ -260,8 +265,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           bq[k][nt][p][1] = terms[p].y;
         }
       }
-    if (tid == 0)
-      for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     for (int i = 0; i < ntile + LAG; ++i) {
       const int ix = i - LAG;  // the tile whose x_in this iteration forms
       // tile i has landed and tile ix's h_pre (staged by the signaler) too, and are visible (tile ix
@@ -279,55 +282,82 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       const bool product = i < ntile && js < n;
 #endif
       float acc[2][NT][4] = {}, sq[2][4] = {};
-      if (product) {
+      // one k16 step of one m16 tile of the product (tensor cores) and its sums of squares (CUDA cores)
+      auto product_step = [&](int k, int mt) {
+        uint32_t a[4];
+        mma::ldmatrix_x4<false>(a, at(xb, mt * 16 + lane % 16, js, 2 * (kh * KH + k) + lane / 16));
+#ifdef MHC_CP_SPLIT2  // A/B knob: phi's two leading bfloat16 terms only (16 bits of its 24)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int p = 1; p >= 0; --p) mma::bf16_16816(acc[mt][nt], a, bq[k][nt][p][0], bq[k][nt][p][1]);
+#else
+        mma::mma_split3<NT>(acc[mt], a, bq[k]);
+#endif
+        // sums of squares of the lane's eight values on the CUDA cores, idle while the MMAs run (the
+        // diagonal of x x^T on tensor cores, as mhc_dynamic_proj_tc, cost two MMAs of eleven)
+        sq[mt][0] += sq_pair(a[0]) + sq_pair(a[2]);  // row g
+        sq[mt][2] += sq_pair(a[1]) + sq_pair(a[3]);  // row g + 8
+      };
+      // x_in of tile ix: item e is 8 columns (segment e % CSEGS) of token e / CSEGS; Liger's order
+      // (streams 0, 1, ...: mhc_dynamic_pre)
+      const int t0x = (g + ix * G) * TT;
+      unsigned char* sb = ring + (size_t)((ix + RING) % RING) * X_BYTES;  // tile ix, there since iteration ix
+      const float* hb = hps + (ix & 1) * TT * NS;
+      auto xin_add = [&](float (&xa)[8], int e, int j) {
+        const uint4 w = *reinterpret_cast<const uint4*>(at(sb, e / CSEGS, j, e % CSEGS));
+        const bf16* xv = reinterpret_cast<const bf16*>(&w);
+        const float hj = hb[(e / CSEGS) * NS + j];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) xa[u] += to_float(xv[u]) * hj;
+      };
+      auto xin_store = [&](const float (&xa)[8], int e) {
+        const int t = t0x + e / CSEGS, c = c0 + 8 * (e % CSEGS);
+        if (t >= Tn || c >= C) return;
+        bf16* out = x_in + (size_t)t * C + c;
+        if (vec && c + 8 <= C) {
+          store_vec(out, xa);
+        } else {
+#pragma unroll
+          for (int u = 0; u < 8; ++u)
+            if (c + u < C) out[u] = from_float<bf16>(xa[u]);
+        }
+      };
+#ifdef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
+      const bool xin = false;
+#else
+      const bool xin = ix >= 0;
+#endif
+#ifdef MHC_CP_SEQUENTIAL  // A/B knob: the two phases one after the other
+      if (false) {
+#else
+      if (product && xin && n == NS) {
+#endif
+        // steps 1 and 3 interleaved in one straight block: the product's k16 steps (k, mt) and the
+        // thread's two x_in items' streams, one (item, stream) a step, so the CUDA cores' x_in work
+        // fills the tensor cores' latency (session 22: the two phases one after the other took 1.89 us
+        // a tile, 1.09 and 0.64 alone)
+        float xa[2][8] = {};
 #pragma unroll
         for (int k = 0; k < KH; ++k)
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
-            uint32_t a[4];
-            mma::ldmatrix_x4<false>(a, at(xb, mt * 16 + lane % 16, js, 2 * (kh * KH + k) + lane / 16));
-#ifdef MHC_CP_SPLIT2  // A/B knob: phi's two leading bfloat16 terms only (16 bits of its 24)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int p = 1; p >= 0; --p) mma::bf16_16816(acc[mt][nt], a, bq[k][nt][p][0], bq[k][nt][p][1]);
-#else
-            mma::mma_split3<NT>(acc[mt], a, bq[k]);
-#endif
-            // sums of squares of the lane's eight values on the CUDA cores, idle while the MMAs run (the
-            // diagonal of x x^T on tensor cores, as mhc_dynamic_proj_tc, cost two MMAs of eleven)
-            sq[mt][0] += sq_pair(a[0]) + sq_pair(a[2]);  // row g
-            sq[mt][2] += sq_pair(a[1]) + sq_pair(a[3]);  // row g + 8
+            product_step(k, mt);
+            xin_add(xa[k / 2], tid + (k / 2) * WORKERS, 2 * (k % 2) + mt);
+            if (k % 2 == 1 && mt == 1) xin_store(xa[k / 2], tid + (k / 2) * WORKERS);  // its last stream
           }
-      }
-#ifdef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
-      if (false) {
-#else
-      if (ix >= 0) {
-#endif
-        const int t0 = (g + ix * G) * TT;
-        unsigned char* sb = ring + (size_t)(ix % RING) * X_BYTES;  // still there since iteration ix
-        const float* hb = hps + (ix % 2) * TT * NS;
-        for (int e = tid; e < TT * CSEGS; e += WORKERS) {
-          const int r = e / CSEGS, sg = e % CSEGS, t = t0 + r, c = c0 + 8 * sg;
-          if (t >= Tn || c >= C) continue;
-          float xa[8];
+      } else {
+        if (product) {
 #pragma unroll
-          for (int u = 0; u < 8; ++u) xa[u] = 0.0f;
-          for (int j = 0; j < n; ++j) {  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
-            const uint4 w = *reinterpret_cast<const uint4*>(at(sb, r, j, sg));
-            const bf16* xv = reinterpret_cast<const bf16*>(&w);
-            const float hj = hb[r * NS + j];
+          for (int k = 0; k < KH; ++k)
 #pragma unroll
-            for (int u = 0; u < 8; ++u) xa[u] += to_float(xv[u]) * hj;
-          }
-          bf16* out = x_in + (size_t)t * C + c;
-          if (vec && c + 8 <= C) {
-            store_vec(out, xa);
-          } else {
-#pragma unroll
-            for (int u = 0; u < 8; ++u)
-              if (c + u < C) out[u] = from_float<bf16>(xa[u]);
+            for (int mt = 0; mt < 2; ++mt) product_step(k, mt);
+        }
+        if (xin) {
+          for (int e = tid; e < TT * CSEGS; e += WORKERS) {
+            float xa[8] = {};
+            for (int j = 0; j < n; ++j) xin_add(xa, e, j);
+            xin_store(xa, e);
           }
         }
       }
