@@ -84,6 +84,10 @@ constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass
 // warps: WORKERS / 32 workers, the signaler, the x_in warp, CWARPS coefficient warps
 constexpr int WORKERS = 256, CWARPS = MHC_CP_CWARPS, BLOCK = WORKERS + 64 + 32 * CWARPS;
 constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + 1;
+#ifndef MHC_CP_XU
+#define MHC_CP_XU 4
+#endif
+constexpr int XU = MHC_CP_XU;  // x_in items a lane of the x_in warp has in flight
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
 // the x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
@@ -104,7 +108,7 @@ static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers 
 static_assert(RL <= 32, "a lane per partial sum");
 static_assert(TT * RL % 4 == 0, "a slice and a CTA's partials are whole float4s");
 static_assert(HANDOFF + HANDOFF_IDS <= 16 && RING < HANDOFF_IDS, "named barrier ids");
-static_assert(TT * CSEGS % 32 == 0 && 32 % CSEGS == 0 && TT <= 32, "x_in: whole items a lane; h_pre a lane per token");
+static_assert(TT * CSEGS % (32 * XU) == 0 && 32 % CSEGS == 0 && TT <= 32, "x_in: whole rounds of XU items a lane; h_pre a lane per token");
 static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 224448, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
@@ -360,27 +364,41 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
       unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
 #ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
-      for (int k = 0; k < TT * CSEGS / 32; ++k) {
-        const int r = 2 * k + lane / CSEGS, t = t0 + r;
-        float xa[8] = {};
+      // XU items a lane at once: their 4 XU loads in flight together (one warp does the whole tile's
+      // x_in, so its latency is hidden only by its own independent work)
+      for (int k0 = 0; k0 < TT * CSEGS / 32; k0 += XU) {
+        uint4 w[XU][NS];
+        float hj[XU][NS];
 #pragma unroll
-        for (int j = 0; j < NS; ++j) {  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
-          const float hj = __shfl_sync(0xffffffffu, hp[j], r);
-          if (j < n) {
-            const uint4 w = *reinterpret_cast<const uint4*>(at(xb, r, j, sg));
-            const bf16* xv = reinterpret_cast<const bf16*>(&w);
+        for (int u = 0; u < XU; ++u) {
+          const int r = 2 * (k0 + u) + lane / CSEGS;
 #pragma unroll
-            for (int u = 0; u < 8; ++u) xa[u] += to_float(xv[u]) * hj;
+          for (int j = 0; j < NS; ++j) {
+            hj[u][j] = __shfl_sync(0xffffffffu, hp[j], r);
+            if (j < n) w[u][j] = *reinterpret_cast<const uint4*>(at(xb, r, j, sg));
           }
         }
-        if (t >= Tn || c >= C) continue;
-        bf16* out = x_in + (size_t)t * C + c;
-        if (vec && c + 8 <= C) {
-          store_vec(out, xa);
-        } else {
 #pragma unroll
-          for (int u = 0; u < 8; ++u)
-            if (c + u < C) out[u] = from_float<bf16>(xa[u]);
+        for (int u = 0; u < XU; ++u) {
+          const int t = t0 + 2 * (k0 + u) + lane / CSEGS;
+          float xa[8] = {};
+#pragma unroll
+          for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
+            if (j < n) {
+              const bf16* xv = reinterpret_cast<const bf16*>(&w[u][j]);
+#pragma unroll
+              for (int v = 0; v < 8; ++v) xa[v] += to_float(xv[v]) * hj[u][j];
+            }
+          if (t < Tn && c < C) {
+            bf16* out = x_in + (size_t)t * C + c;
+            if (vec && c + 8 <= C) {
+              store_vec(out, xa);
+            } else {
+#pragma unroll
+              for (int v = 0; v < 8; ++v)
+                if (c + v < C) out[v] = from_float<bf16>(xa[v]);
+            }
+          }
         }
       }
 #endif
