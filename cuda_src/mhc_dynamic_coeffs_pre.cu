@@ -10,30 +10,31 @@
 // A persistent grid: G groups of S = ceil(C / CW) CTAs. CTA s of a group owns columns [s CW, s CW + CW)
 // of every stream: phi's rows j C + c for those columns (n x 128 x 24 floats) are read once and held
 // for the whole launch as split B fragments in the registers of the worker warps (warp = stream x half
-// of the columns), and the group walks token tiles z = g, g + G, g + 2 G, ... of TT tokens. Per tile
-// (iteration i of the group) a CTA:
-//   1. (workers) multiplies its columns of the tile's tokens, copied from DRAM into a ring of RING
-//      shared buffers (two TMA boxes of 64 columns x TT tokens x n streams, issued by thread 0; the
-//      128-byte swizzle), on tensor cores (as proj_tc: bfloat16 x exact, phi split in three
-//      bfloat16 terms; the sums of squares on the CUDA cores from the same A fragments): partial
-//      z and sum of squares of every token over its columns, written as one block to a global scratch
-//      slot; the signaler warp then arrives on the tile's `projected` counter (named-barrier handoff;
-//      a warp that does nothing else, so the signal never waits for a busy coefficient warp: session
-//      21's trace);
+// of the columns), and the group walks token tiles z = g, g + G, g + 2 G, ... of TT tokens. Tile i of
+// the group (two TMA boxes of 64 columns x TT tokens x n streams, the 128-byte swizzle) lands in ring
+// buffer i % RING and stays there until its x_in is formed; then the buffer takes tile i + RING. Per
+// tile a CTA:
+//   1. (workers, iteration i) multiplies its columns of the tile's tokens on tensor cores (as proj_tc:
+//      bfloat16 x exact, phi split in three bfloat16 terms; the sums of squares on the CUDA cores from
+//      the same A fragments): partial z and sum of squares of every token over its columns, written as
+//      one block to a global scratch slot; the signaler warp then arrives on the tile's `projected`
+//      counter (named-barrier handoff; a warp that does nothing else, so the signal never waits for a
+//      busy warp: session 21's trace);
 //   2. (coefficient warps, their own loop) once all S partials of the tile are in, sums those of its
 //      own tokens (r = s, s + S, ... of the tile; a lane per sum), the RMS scale, h_pre and h_post,
-//      writes them and mix, and arrives on the tile's `published` counter; then h_res by the Sinkhorn
-//      (a lane per matrix element, shuffles, Liger's order and divisions as the register mode), from
-//      mix as written, off the workers' path;
-//   3. (workers) LAG iterations later, once the tile is published: x_in of its columns from the tile,
-//      still in its ring buffer, and its h_pre, staged by the signaler (cp.async) two iterations before.
+//      writes them and mix, and arrives on the tile's `published` counter; then, batched over a few of
+//      its tiles, h_res by the Sinkhorn (a lane per matrix element, shuffles, Liger's order and
+//      divisions as the register mode) from mix as written, off every other warp's path;
+//   3. (the x_in warp, its own loop) once the tile is published: x_in of its columns from the tile in
+//      its ring buffer and h_pre, then the buffer's refill (session 22: the workers forming x_in
+//      between products took ~0.7 us of their ~2.5 a tile).
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
 // order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
 // running. The last CTA to finish zeroes the counters again (a buffer that two launches share stays
 // valid); the launcher passes them zeroed. Nothing accumulates with atomics: per-CTA partials summed
 // in a fixed order.
 //
-// Block: BLOCK = 8 worker warps (steps 1 and 3) + the signaler + CWARPS coefficient warps (tiles i = w,
+// Block: BLOCK = 8 worker warps + the signaler + XWARPS x_in warps + CWARPS coefficient warps (tiles i = w,
 // w + CWARPS, ... of the group, so CWARPS tiles' coefficients can be in flight). Workers synchronise on
 // named barrier 1.
 // Grid (threads): (G S BLOCK, 1, 1). Shared memory (dynamic): SMEM_BYTES.
@@ -53,9 +54,6 @@
 
 using namespace mhc;
 
-#ifndef MHC_CP_LAG
-#define MHC_CP_LAG 4
-#endif
 #ifndef MHC_CP_RING
 #define MHC_CP_RING 6
 #endif
@@ -65,12 +63,11 @@ constexpr int TT = 32;                     // tokens a tile (two m16 tiles)
 constexpr int CW = 128;                    // columns of each stream a CTA owns
 constexpr int NS = 4;                      // streams at most (M = n n + 2 n <= 24: three n8 tiles)
 constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zero-padded to MP), then the sum of squares
-constexpr int LAG = MHC_CP_LAG;            // iterations from a tile's projection to its x_in
-// tile buffers, a ring: tile i lands in buffer i % RING, is multiplied at iteration i, read again for
-// its x_in at iteration i + LAG, and the buffer then takes tile i + RING (RING - LAG - 1 iterations
-// ahead). Session 22 measured why the tile stays in shared memory: the earlier copy back from L2,
-// ~9 iterations (~40 MB of the GPU's traffic) after the first read, missed L2 almost always (ncu,
-// H200, T = 8192: 534 MB read from DRAM for x's 268)
+// tile buffers, a ring: tile i lands in buffer i % RING, is multiplied at the workers' iteration i,
+// read again by the x_in warp once the tile is published, and the buffer then takes tile i + RING.
+// Session 22 measured why the tile stays in shared memory: the earlier copy back from L2, ~9 tiles
+// (~40 MB of the GPU's traffic) after the first read, missed L2 almost always (ncu, H200, T = 8192:
+// 534 MB read from DRAM for x's 268)
 constexpr int RING = MHC_CP_RING;
 constexpr int NSLOT = 12;
 #ifndef MHC_CP_SK_TILES
@@ -84,12 +81,24 @@ constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass
 #ifndef MHC_CP_CWARPS
 #define MHC_CP_CWARPS 3
 #endif
-constexpr int WORKERS = 256, CWARPS = MHC_CP_CWARPS, BLOCK = WORKERS + 32 + 32 * CWARPS;
+#ifndef MHC_CP_XWARPS
+#define MHC_CP_XWARPS 4
+#endif
+// warps: WORKERS / 32 workers, the signaler, XWARPS x_in warps, CWARPS coefficient warps. 512 threads
+// leave 128 registers a thread; the workers, with x_in elsewhere, need no more (ptxas: no spills)
+constexpr int WORKERS = 256, CWARPS = MHC_CP_CWARPS, XWARPS = MHC_CP_XWARPS;
+constexpr int BLOCK = WORKERS + 32 + 32 * XWARPS + 32 * CWARPS;
+constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XWARPS;
+#ifndef MHC_CP_XU
+#define MHC_CP_XU 4
+#endif
+constexpr int XU = MHC_CP_XU;  // x_in items a lane of the x_in warp has in flight
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
-// `projected`: named barrier handoff(i). Workers arrive for tile i having seen tile i - LAG + 1
-// published, so every CTA's signaler had synced every tile up to there: an id is reused only after
-// its last tile was synced.
-constexpr int HANDOFF = 2, HANDOFF_IDS = 14;
+// `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
+// the x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
+// i - RING: an id is reused only after its last tile was synced.
+constexpr int HANDOFF = 2, HANDOFF_IDS = 13;
+constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warps are done with a tile
 __device__ __forceinline__ int handoff(int i) { return HANDOFF + i % HANDOFF_IDS; }
 constexpr int CSEGS = CW / 8;              // 16-byte segments of a stream's columns
 constexpr int BOXC = 64;                   // a TMA box's columns: one 128-byte swizzled line a (token, stream)
@@ -99,19 +108,18 @@ constexpr int KSTEPS = CW / 16;            // k16 steps a stream
 constexpr int KH = KSTEPS / 2;             // k16 steps a worker warp: warp = (stream, half of the columns)
 constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (stream, half) each
 // 1024 bytes of slack: the buffers start at the first 1024-byte boundary (the 128-byte swizzle's)
-constexpr int SMEM_BYTES = 1024 + RING * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 2 * TT * NS * 4 + 8 * (RING + 2) + 16;
+constexpr int SMEM_BYTES = 1024 + RING * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 8 * RING + 16;
 static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x half its columns each");
 static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers keep 1024-byte alignment");
 static_assert(RL <= 32, "a lane per partial sum");
 static_assert(TT * RL % 4 == 0, "a slice and a CTA's partials are whole float4s");
-static_assert(HANDOFF + HANDOFF_IDS <= 16 && LAG < HANDOFF_IDS, "named barrier ids");
-static_assert(LAG >= 2, "the signaler stages h_pre of tile j - LAG + 2 after the workers' iteration j");
-static_assert(RING >= LAG + 2, "tile i + 1 is issued by the end of iteration i - 1 (after x_in of tile i + 1 - RING)");
-static_assert(KH == 4 && TT * CSEGS == 2 * WORKERS && NS == 4,
-              "the interleaved phase: a worker's 2 x_in items x 4 streams, one a (k16 step, m16 tile) of its product");
-static_assert(NSLOT >= LAG + 1, "a slot is rewritten only after its tile was seen published");
-static_assert(RING != 6 || SMEM_BYTES == 224464, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
-static_assert(SMEM_BYTES <= 224464, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
+static_assert(HANDOFF + HANDOFF_IDS <= 16 && RING < HANDOFF_IDS, "named barrier ids");
+static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 32,
+              "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
+static_assert(XIN_DONE < 16, "named barrier ids");
+static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
+static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(SMEM_BYTES <= 224448, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
 // sg / 8's line (j, r), chunk sg % 8 swizzled (ldmatrix's eight rows and x_in's eight segments of a
 // phase fall in eight bank groups)
@@ -189,9 +197,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   unsigned char* ring = base;                                           // [RING] tile buffers
   uint32_t* tm = reinterpret_cast<uint32_t*>(base + RING * X_BYTES);    // the tensor map, staged
   float* ksum = reinterpret_cast<float*>(base + RING * X_BYTES + TM_BYTES);  // [stream][half][TT][RL]
-  float* hps = ksum + SLICES * TT * RL;                                 // [2][TT][NS]: staged h_pre
-  uint64_t* bars = reinterpret_cast<uint64_t*>(hps + 2 * TT * NS);      // [RING] tiles, [2] h_pre
-  int* ticket_s = reinterpret_cast<int*>(bars + RING + 2);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(ksum + SLICES * TT * RL);  // [RING] tiles
+  int* ticket_s = reinterpret_cast<int*>(bars + RING);
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 2;
@@ -208,8 +215,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (warp == 0) tma::publish_map(gmap, tm, tmpl, x, lane);
   if (tid == 0) {
     *ticket_s = atomicAdd(sync, 1);
-    // tile buffers: the issuing thread's arrival; h_pre: the signaler's 32 lanes' cp.async arrivals
-    for (int k = 0; k < RING + 2; ++k) tma::bar_init(bars + k, k < RING ? 1 : 32);
+    for (int k = 0; k < RING; ++k) tma::bar_init(bars + k, 1);  // the issuing thread's arrival
     tma::bar_init_fence();
   }
   __syncthreads();
@@ -219,27 +225,24 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   // workers' path; the coefficient warps' strided loads are off it)
   auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
 
-  // Thread 0 issues the tiles' copies (tile i into ring buffer i % RING, completing on dbar[i % RING]'s
-  // (i / RING)-th phase); the signaler stages their h_pre (cp.async, completing on sbar[ix % 2]'s
-  // (ix / 2)-th phase).
+  // Tile i lands in ring buffer i % RING and completes dbar[i % RING]'s (i / RING)-th phase. Thread 0
+  // issues the first RING tiles; the x_in warp issues tile ix + RING once its x_in of tile ix is done.
   uint64_t* dbar = bars;
-  uint64_t* sbar = bars + RING;
+  auto issue_tile = [&](int i) {  // tile i of the group: two boxes
+    const int t0 = (g + i * G) * TT;
+    unsigned char* dst = ring + (size_t)(i % RING) * X_BYTES;
+    uint64_t* bar = dbar + i % RING;
+    tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
+    tma::load_3d(dst, gmap, bar, c0, t0, 0);
+    tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
+  };
+  auto at = [&](unsigned char* tile, int r, int j, int sg) { return tile + tile_at(r, j, sg); };
   if (warp < WORKERS / 32) {
-    // ---------------------------------------------------------------- workers: steps 1 and 3
+    // ---------------------------------------------------------------- workers: step 1
     if (tid == 0) tma::acquire_map(gmap);
-    auto issue_tile = [&](int i) {  // tile i of the group: two boxes
-      const int t0 = (g + i * G) * TT;
-      unsigned char* dst = ring + (size_t)(i % RING) * X_BYTES;
-      uint64_t* bar = dbar + i % RING;
-      tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
-      tma::load_3d(dst, gmap, bar, c0, t0, 0);
-      tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
-    };
-    const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
     // the first RING tiles' copies before phi's fragments load (those loads then overlap the copies)
     if (tid == 0)
       for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
-    auto at = [&](unsigned char* tile, int r, int j, int sg) { return tile + tile_at(r, j, sg); };
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
     // three bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
@@ -265,103 +268,37 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           bq[k][nt][p][1] = terms[p].y;
         }
       }
-    for (int i = 0; i < ntile + LAG; ++i) {
-      const int ix = i - LAG;  // the tile whose x_in this iteration forms
-      // tile i has landed and tile ix's h_pre (staged by the signaler) too, and are visible (tile ix
-      // itself is still in its buffer: landed, seen at iteration ix)
-      if (i < ntile) tma::wait(dbar + i % RING, (i / RING) & 1);
-      if (ix >= 0) tma::wait(sbar + ix % 2, (ix / 2) & 1);
-      workers_sync();  // ksum free again (the partials of tile i - 1 read)
+    for (int i = 0; i < ntile; ++i) {
+      tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible
+      workers_sync();                              // ksum free again (the partials of tile i - 1 read)
       if (tid == 0) TRACE(i, 6);
-      // steps 1 and 3 in one phase: the product of tile i on tensor cores, x_in of tile ix on the CUDA
-      // cores while the products are in flight (the accumulators are read only after x_in)
       unsigned char* xb = ring + (size_t)(i % RING) * X_BYTES;
 #ifdef MHC_CP_SKIP_PRODUCT  // timing only (scripts/trace_coeffs_pre.py): wrong coefficients
       const bool product = false;
 #else
-      const bool product = i < ntile && js < n;
+      const bool product = js < n;
 #endif
       float acc[2][NT][4] = {}, sq[2][4] = {};
-      // one k16 step of one m16 tile of the product (tensor cores) and its sums of squares (CUDA cores)
-      auto product_step = [&](int k, int mt) {
-        uint32_t a[4];
-        mma::ldmatrix_x4<false>(a, at(xb, mt * 16 + lane % 16, js, 2 * (kh * KH + k) + lane / 16));
-#ifdef MHC_CP_SPLIT2  // A/B knob: phi's two leading bfloat16 terms only (16 bits of its 24)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int p = 1; p >= 0; --p) mma::bf16_16816(acc[mt][nt], a, bq[k][nt][p][0], bq[k][nt][p][1]);
-#else
-        mma::mma_split3<NT>(acc[mt], a, bq[k]);
-#endif
-        // sums of squares of the lane's eight values on the CUDA cores, idle while the MMAs run (the
-        // diagonal of x x^T on tensor cores, as mhc_dynamic_proj_tc, cost two MMAs of eleven)
-        sq[mt][0] += sq_pair(a[0]) + sq_pair(a[2]);  // row g
-        sq[mt][2] += sq_pair(a[1]) + sq_pair(a[3]);  // row g + 8
-      };
-      // x_in of tile ix: item e is 8 columns (segment e % CSEGS) of token e / CSEGS; Liger's order
-      // (streams 0, 1, ...: mhc_dynamic_pre)
-      const int t0x = (g + ix * G) * TT;
-      unsigned char* sb = ring + (size_t)((ix + RING) % RING) * X_BYTES;  // tile ix, there since iteration ix
-      const float* hb = hps + (ix & 1) * TT * NS;
-      auto xin_add = [&](float (&xa)[8], int e, int j) {
-        const uint4 w = *reinterpret_cast<const uint4*>(at(sb, e / CSEGS, j, e % CSEGS));
-        const bf16* xv = reinterpret_cast<const bf16*>(&w);
-        const float hj = hb[(e / CSEGS) * NS + j];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) xa[u] += to_float(xv[u]) * hj;
-      };
-      auto xin_store = [&](const float (&xa)[8], int e) {
-        const int t = t0x + e / CSEGS, c = c0 + 8 * (e % CSEGS);
-        if (t >= Tn || c >= C) return;
-        bf16* out = x_in + (size_t)t * C + c;
-        if (vec && c + 8 <= C) {
-          store_vec(out, xa);
-        } else {
-#pragma unroll
-          for (int u = 0; u < 8; ++u)
-            if (c + u < C) out[u] = from_float<bf16>(xa[u]);
-        }
-      };
-#ifdef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
-      const bool xin = false;
-#else
-      const bool xin = ix >= 0;
-#endif
-#ifdef MHC_CP_SEQUENTIAL  // A/B knob: the two phases one after the other
-      if (false) {
-#else
-      if (product && xin && n == NS) {
-#endif
-        // steps 1 and 3 interleaved in one straight block: the product's k16 steps (k, mt) and the
-        // thread's two x_in items' streams, one (item, stream) a step, so the CUDA cores' x_in work
-        // fills the tensor cores' latency (session 22: the two phases one after the other took 1.89 us
-        // a tile, 1.09 and 0.64 alone)
-        float xa[2][8] = {};
+      if (product) {
 #pragma unroll
         for (int k = 0; k < KH; ++k)
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
-            product_step(k, mt);
-            xin_add(xa[k / 2], tid + (k / 2) * WORKERS, 2 * (k % 2) + mt);
-            if (k % 2 == 1 && mt == 1) xin_store(xa[k / 2], tid + (k / 2) * WORKERS);  // its last stream
-          }
-      } else {
-        if (product) {
+            uint32_t a[4];
+            mma::ldmatrix_x4<false>(a, at(xb, mt * 16 + lane % 16, js, 2 * (kh * KH + k) + lane / 16));
+#ifdef MHC_CP_SPLIT2  // A/B knob: phi's two leading bfloat16 terms only (16 bits of its 24)
 #pragma unroll
-          for (int k = 0; k < KH; ++k)
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) product_step(k, mt);
-        }
-        if (xin) {
-          for (int e = tid; e < TT * CSEGS; e += WORKERS) {
-            float xa[8] = {};
-            for (int j = 0; j < n; ++j) xin_add(xa, e, j);
-            xin_store(xa, e);
+              for (int p = 1; p >= 0; --p) mma::bf16_16816(acc[mt][nt], a, bq[k][nt][p][0], bq[k][nt][p][1]);
+#else
+            mma::mma_split3<NT>(acc[mt], a, bq[k]);
+#endif
+            // sums of squares of the lane's eight values on the CUDA cores, idle while the MMAs run (the
+            // diagonal of x x^T on tensor cores, as mhc_dynamic_proj_tc, cost two MMAs of eleven)
+            sq[mt][0] += sq_pair(a[0]) + sq_pair(a[2]);  // row g
+            sq[mt][2] += sq_pair(a[1]) + sq_pair(a[3]);  // row g + 8
           }
-        }
-      }
-      if (product) {
         float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
         mma::store_tiles<2, NT>(acc, rows, RL, lane);
 #pragma unroll
@@ -379,70 +316,112 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
       }
       if (tid == 0) TRACE(i, 7);
-      workers_sync();  // ksum written; ring buffer ix % RING (tile ix's x_in) and h_pre buffer ix % 2 consumed
+      workers_sync();  // ksum written
       if (tid == 0) TRACE(i, 9);
-      if (i < ntile) {
-        // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
-        // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) at
-        // iteration i - NSLOT + LAG - 1 < i, before a barrier of this one.
-        // (four floats a load and a store: a quarter of the instructions of one float each)
-        float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
-        const float4* src4 = reinterpret_cast<const float4*>(ksum);
+      // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
+      // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) by the
+      // x_in warp before it issued tile i - NSLOT + RING <= i, which landed before this iteration.
+      // (four floats a load and a store: a quarter of the instructions of one float each)
+      float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
+      const float4* src4 = reinterpret_cast<const float4*>(ksum);
 #pragma unroll
-        for (int k = 0; k < (TT * RL / 4 + WORKERS - 1) / WORKERS; ++k) {
-          const int e = tid + k * WORKERS;
-          if (e < TT * RL / 4) {
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int k = 0; k < (TT * RL / 4 + WORKERS - 1) / WORKERS; ++k) {
+        const int e = tid + k * WORKERS;
+        if (e < TT * RL / 4) {
+          float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-            for (int j = 0; j < SLICES; ++j)
-              if (j < 2 * n) {
-                const float4 w = src4[(size_t)j * TT * RL / 4 + e];
-                v.x += w.x;
-                v.y += w.y;
-                v.z += w.z;
-                v.w += w.w;
-              }
-            dst[e] = v;
+          for (int j = 0; j < SLICES; ++j)
+            if (j < 2 * n) {
+              const float4 w = src4[(size_t)j * TT * RL / 4 + e];
+              v.x += w.x;
+              v.y += w.y;
+              v.z += w.z;
+              v.w += w.w;
+            }
+          dst[e] = v;
+        }
+      }
+      named_arrive(handoff(i), WORKERS + 32);  // to the signaler: tile i's partials are written
+      if (tid == 0) TRACE(i, 0);
+    }
+  } else if (warp == SIGNALER) {
+    // ---------------------------------------------------------------- the signaler
+    for (int j = 0; j < ntile; ++j) {
+      named_sync(handoff(j), WORKERS + 32);
+      if (lane == 0) signal(projected + g + j * G);
+    }
+  } else if (warp < XWARP + XWARPS) {
+    // ---------------------------------------------------------------- the x_in warps: step 3
+    // Tile ix once it is published: its h_pre (lane r holds token r's), then x_in = h_pre . x of its
+    // tokens' columns from the tile in its ring buffer (x_in warp xw: tokens xw TT / XWARPS ...; lane:
+    // segment lane % 16 of tokens 2 k + lane / 16; a load instruction reads four whole 128-byte lines),
+    // then, once every x_in warp is done with it, the buffer's refill with tile ix + RING. published[]
+    // of the next tile is read a tile ahead (a global load waits behind this SM's copies). (Session 22:
+    // one x_in warp took 5.4 us a tile, the workers 1.54 without x_in.)
+    const int xw = warp - XWARP, rx = xw * (TT / XWARPS);  // this warp's first token of a tile
+    if (warp == XWARP && lane == 0) tma::acquire_map(gmap);
+    const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
+    const int sg = lane % CSEGS, c = c0 + 8 * sg;
+    int pub_ahead = ntile > 0 ? ld_relaxed(published + g) : 0;
+    for (int ix = 0; ix < ntile; ++ix) {
+      const int pub_seen = pub_ahead;
+      if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
+      spin_until(published + g + ix * G, S, pub_seen);
+      if (warp == XWARP && lane == 0) TRACE(ix, 8);
+      const int t0 = (g + ix * G) * TT;
+      float hp[NS];
+#pragma unroll
+      for (int j = 0; j < NS; ++j) hp[j] = j < n && t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
+      tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
+      unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
+#ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
+      // XU items a lane at once: their 4 XU loads in flight together (one warp does the whole tile's
+      // x_in, so its latency is hidden only by its own independent work)
+      for (int k0 = 0; k0 < TT * CSEGS / (32 * XWARPS); k0 += XU) {
+        uint4 w[XU][NS];
+        float hj[XU][NS];
+#pragma unroll
+        for (int u = 0; u < XU; ++u) {
+          const int r = rx + 2 * (k0 + u) + lane / CSEGS;
+#pragma unroll
+          for (int j = 0; j < NS; ++j) {
+            hj[u][j] = __shfl_sync(0xffffffffu, hp[j], r);
+            if (j < n) w[u][j] = *reinterpret_cast<const uint4*>(at(xb, r, j, sg));
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < XU; ++u) {
+          const int t = t0 + rx + 2 * (k0 + u) + lane / CSEGS;
+          float xa[8] = {};
+#pragma unroll
+          for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
+            if (j < n) {
+              const bf16* xv = reinterpret_cast<const bf16*>(&w[u][j]);
+#pragma unroll
+              for (int v = 0; v < 8; ++v) xa[v] += to_float(xv[v]) * hj[u][j];
+            }
+          if (t < Tn && c < C) {
+            bf16* out = x_in + (size_t)t * C + c;
+            if (vec && c + 8 <= C) {
+              store_vec(out, xa);
+            } else {
+#pragma unroll
+              for (int v = 0; v < 8; ++v)
+                if (c + v < C) out[v] = from_float<bf16>(xa[v]);
+            }
           }
         }
       }
-      // the refill of buffer ix % RING with tile ix + RING (tile ix's x_in was read before the barrier
-      // above)
-      if (tid == 0 && ix >= 0 && ix + RING < ntile) issue_tile(ix + RING);
-      if (tid == 0) TRACE(i, 0);
-      // to the signaler: tile i's partials are written (i < ntile), h_pre buffer ix % 2 is consumed
-      named_arrive(handoff(i), WORKERS + 32);
-    }
-  } else if (warp == WORKERS / 32) {
-    // ---------------------------------------------------------------- the signaler
-    // After the workers' iteration j: `projected` of tile j, then, once tile st = j - LAG + 2 (x_in at
-    // iteration j + 2) is published, its h_pre into h_pre buffer st % 2 (its last tile's x_in was at
-    // iteration j). published[] of the next tile to stage is read a whole iteration before it is
-    // looked at (a global load waits behind this SM's copy stream).
-    int pub_seen = 0, pub_ahead = 0;
-    for (int j = 0; j < ntile + LAG; ++j) {
-      named_sync(handoff(j), WORKERS + 32);
-      if (j < ntile && lane == 0) signal(projected + g + j * G);
-      const int st = j - LAG + 2;
-      pub_seen = pub_ahead;
-      if (st + 1 >= 0 && st + 1 < ntile) pub_ahead = ld_relaxed(published + g + (st + 1) * G);
-      if (st >= 0 && st < ntile) {
-        const int b2 = st % 2, t0 = (g + st * G) * TT;
-        spin_until(published + g + st * G, S, pub_seen);
-        if (lane == 0) TRACE(st, 8);
-        for (int e = lane; e < TT * NS; e += 32) {  // only (r, j < n, t < T) entries are ever read
-          const int r = e / NS, jj = e % NS, t = t0 + r;
-          if (jj < n && t < Tn) __pipeline_memcpy_async(hps + b2 * TT * NS + e, h_pre + (size_t)t * n + jj, 4);
-        }
-        tma::bar_arrive_cp_async(sbar + b2);  // each lane, once its copies land
-        if (lane == 0) TRACE(j, 1);
-      }
+#endif
+      named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp's reads of the buffer are done
+      if (warp == XWARP && lane == 0 && ix + RING < ntile) issue_tile(ix + RING);
+      if (warp == XWARP && lane == 0) TRACE(ix, 1);
     }
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2
     const int h = lane / 16, l16 = lane % 16;
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-    for (int i = warp - WORKERS / 32 - 1; i < ntile; i += CWARPS) {
+    for (int i = warp - COEFF0; i < ntile; i += CWARPS) {
       const int z = g + i * G, t0 = z * TT;
       if (lane == 0) TRACE(i, 2);
       // this CTA has tokens r = s, s + S, ... of the tile
@@ -481,7 +460,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       // of this warp's tiles at once, SK_ILP a lane in each half-warp (nothing in this launch waits on
       // h_res, and a token's Sinkhorn is a latency-bound chain: session 22's trace had the coefficient
       // warps busy 7.8 us a tile, 4.4 of it one token's Sinkhorn, so they set the pace)
-      const int own = (i - (warp - WORKERS / 32 - 1)) / CWARPS;  // this warp's tiles before tile i
+      const int own = (i - (warp - COEFF0)) / CWARPS;  // this warp's tiles before tile i
       if (s < TT && (own % SK_TILES == SK_TILES - 1 || i + CWARPS >= ntile)) {
         const int i0 = i - (own % SK_TILES) * CWARPS;             // the batch's first tile
         const int per = (TT - s + S - 1) / S;                      // tokens r = s, s + S, ... a tile

@@ -87,7 +87,7 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # scripts/gpu_dynamic_ab.py, DynamicMHC forward: 367.0 vs 341.6 us at (8192, 4, 4096), 278.2 vs 212.5 at
 # (8192, 2, 4096), 122.3 vs 114.7 at (4096, 4, 2048); 82.9 vs 78.9 at (1024, 4, 4096), within the spread):
 # not a rule worth having yet (README, issue 6). Tests and that script set CP_MIN_T to run it.
-CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 384, 224464, 12  # its header
+CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 12  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = None
 

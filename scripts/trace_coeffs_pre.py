@@ -39,7 +39,7 @@ if G * S * 64 * 10 > mix.size or ntile > 64:
              f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
 names = {7: "product + x_in done (before barrier)", 9: "after the barrier",
-         0: "partials, handoff, DRAM refill issued", 1: "h_pre staged (signaler)",
+         0: "partials, handoff, DRAM refill issued", 1: "x_in warp: tile done, refill issued",
          2: "coefficient warp: own partials synced", 3: "coefficient warp: all S projected",
          4: "coefficient warp: published", 5: "coefficient warp: h_res done"}
 ref = ev[:, :, 6]
@@ -54,7 +54,7 @@ for e, name in names.items():
     print(f"{e} {name:38s} after tile landed: p10 {np.percentile(r, 10) / 1e3:6.2f} "
           f"median {np.median(r) / 1e3:6.2f} p90 {np.percentile(r, 90) / 1e3:6.2f} us")
 pub = (((ev[:, 1:-1, 8] - ev[:, 1:-1, 6] + 2**31) % 2**32) - 2**31)
-print(f"8 published seen after the same tile landed: median {np.median(pub) / 1e3:.2f} us")
+print(f"8 published seen by the x_in warp after the tile landed: median {np.median(pub) / 1e3:.2f} us")
 # the coefficient warps (tiles w, w + 3, ...: CWARPS = 3): time from its own partials synced to h_res done, and the
 # gap from its previous tile's h_res to this tile's handoff (> 0: the warp waited for the workers)
 wrap = lambda d: ((d + 2**31) % 2**32) - 2**31  # noqa: E731
