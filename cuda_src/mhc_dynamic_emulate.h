@@ -493,33 +493,6 @@ inline void load_3d(void* dst, const uint32_t* gslot, uint64_t* bar, int c0, int
   emu_land(b);
 #endif
 }
-inline void load_3d(void* dst, const uint32_t* gslot, uint64_t* bar, int c0, int c1, int c2, uint64_t) {
-  load_3d(dst, gslot, bar, c0, c1, c2);  // an L2 policy changes no value
-}
-// cp.async.mbarrier.arrive.noinc: the thread's cp.async copies so far land with the arrival (at once,
-// or under MHC_EMU_DEFERRED_COPIES when a thread first waits on the barrier)
-inline void bar_arrive_cp_async(uint64_t* bar) {
-  EmuFiber& f = emu_cta->fibers[emu_cta->cur];
-  EmuMbar& b = emu_bar(bar);
-  std::vector<EmuCopy> copies;
-  for (auto& grp : f.groups) copies.insert(copies.end(), grp.begin(), grp.end());
-  copies.insert(copies.end(), f.open.begin(), f.open.end());
-  f.groups.clear();
-  f.open.clear();
-  for (const EmuCopy& c : copies) {  // the source as it is now (written and published before the copy)
-    const unsigned char* src = static_cast<const unsigned char*>(c.src);
-    b.deferred.emplace_back(c.dst, std::vector<unsigned char>(src, src + c.bytes));
-    b.tx += long(c.bytes);  // landed by emu_land, which counts them back
-  }
-  --b.pending;
-#ifndef MHC_EMU_DEFERRED_COPIES
-  emu_land(b);
-#else
-  b.check();
-#endif
-}
-inline uint64_t policy_evict_last() { return 1; }
-inline uint64_t policy_evict_first() { return 2; }
 inline void wait(uint64_t* bar, uint32_t parity) {
   for (;;) {
     EmuMbar& b = emu_bar(bar);

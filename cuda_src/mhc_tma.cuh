@@ -60,31 +60,6 @@ __device__ __forceinline__ void load_3d(void* dst, const uint32_t* gslot, uint64
       ::"r"(smem_addr(dst)), "l"(gslot), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)) : "memory");
 }
 
-// The same with an L2 eviction policy (policy_evict_last / _first) for the box's lines.
-__device__ __forceinline__ void load_3d(void* dst, const uint32_t* gslot, uint64_t* bar, int c0, int c1, int c2,
-                                        uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%2, %3, %4}], [%5], %6;"
-      ::"r"(smem_addr(dst)), "l"(gslot), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)), "l"(policy) : "memory");
-}
-__device__ __forceinline__ uint64_t policy_evict_last() {
-  uint64_t p;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ uint64_t policy_evict_first() {
-  uint64_t p;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-
-// An arrival on bar (counted in its bar_init count: no pending increment) once every cp.async this
-// thread issued before has landed.
-__device__ __forceinline__ void bar_arrive_cp_async(uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
 // Until the phase of bar with this parity has completed (its copies have landed and are visible).
 __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
   asm volatile(

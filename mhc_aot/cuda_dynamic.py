@@ -83,10 +83,13 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
 # from CP_MIN_T tokens, on sm_90 (its sm_90a cubin: TMA) with C % 8 == 0 (TMA's 16-byte row strides)): a
 # persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles.
-# Off (None) by default: on the H200 it still runs slower than the three-kernel path (session 21,
-# scripts/gpu_dynamic_ab.py, DynamicMHC forward: 367.0 vs 341.6 us at (8192, 4, 4096), 278.2 vs 212.5 at
-# (8192, 2, 4096), 122.3 vs 114.7 at (4096, 4, 2048); 82.9 vs 78.9 at (1024, 4, 4096), within the spread):
-# not a rule worth having yet (README, issue 6). Tests and that script set CP_MIN_T to run it.
+# Off (None) by default: on the H200 it ties the three-kernel path at (8192, 4, 4096) and is slower
+# elsewhere (session 22, scripts/gpu_dynamic_ab.py, DynamicMHC forward, medians of 3 rounds: 341.3 vs
+# 344.3 us at (8192, 4, 4096), 253.0 vs 212.6 at (8192, 2, 4096), 120.8 vs 110.0 at (4096, 4, 2048),
+# 362.1 vs 345.4 at (16384, 4, 2048)). It reads x from DRAM once (ncu, its ring: 270 MB for x's 268) where the
+# three kernels read ~600 MB, which should count more on the H100 (lower bandwidth, same SM count),
+# but it has not been timed there: not a rule worth having yet (README, issue 6). Tests and that
+# script set CP_MIN_T to run it.
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 12  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = None
