@@ -556,9 +556,25 @@ inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, i
           f.ctx.uc_link = &cta.sched;
           makecontext(&f.ctx, emu_trampoline, 0);
         }
+        // MHC_EMU_SHUFFLE=seed: each round resumes the threads in a new pseudo-random order (any order is
+        // a schedule a GPU may run), so a thread that passes a wait early can act before others that
+        // passed it late; without it, thread order (which can hide a missing barrier between warps)
+        std::vector<int> order(total);
+        for (int t = 0; t < total; ++t) order[t] = t;
+#ifdef MHC_EMU_SHUFFLE
+        uint64_t rng = 0x9e3779b97f4a7c15ull * (uint64_t)(MHC_EMU_SHUFFLE + 1) + (uint64_t)x0;
+#endif
         for (int live = total; live > 0;) {
           live = 0;
-          for (int t = 0; t < total; ++t) {
+#ifdef MHC_EMU_SHUFFLE
+          for (int k = total - 1; k > 0; --k) {  // Fisher-Yates with xorshift64
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            std::swap(order[k], order[(int)(rng % (uint64_t)(k + 1))]);
+          }
+#endif
+          for (int t : order) {
             if (cta.fibers[t].done) continue;
             cta.cur = t;
             threadIdx = {unsigned(t % threads), 0, 0};

@@ -735,8 +735,24 @@ def test_emulated_cuda_coeffs_pre(emulated_cuda, copy_timing, monkeypatch, B, n,
     groups of ceil(C / 128) CTAs, each walking more tiles than its shared buffers and partial slots
     (ten tiles, one group), a ragged last split and token tile, a CTA whose second 64-column box is
     partly (C = 200, 216) or wholly (C = 136, 8) past C, and n < 4 (unused streams); TMA copies (the
-    emulated tensor map: 128-byte swizzle, zero fill) and cp.async copies landing at issue and at
-    their wait."""
+    emulated tensor map: 128-byte swizzle, zero fill) landing at issue and at their wait."""
+    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
+
+
+@pytest.mark.parametrize("B,n,C,sms,seed", [(300, 4, 200, 2, 1), (300, 4, 200, 2, 2), (100, 4, 256, 4, 3),
+                                            (70, 3, 216, 6, 4)],
+                         ids=["one-group-ten-tiles-s1", "one-group-ten-tiles-s2", "two-groups-s3", "n3-half-box-s4"])
+@pytest.mark.parametrize("emulated_cuda", ["regs"], indirect=True)
+def test_emulated_cuda_coeffs_pre_shuffled(emulated_cuda, monkeypatch, B, n, C, sms, seed):
+    """The same with the threads resumed in a pseudo-random order each round (MHC_EMU_SHUFFLE): a warp
+    that passes a wait early then acts before others that passed it late, which shows a missing
+    barrier between warps that thread order hides (a ring buffer refilled by the first x_in warp before
+    the other x_in warps had read it passed every ordered run)."""
+    emulated_cuda.shuffle_seed = seed
+    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
+
+
+def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms):
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
