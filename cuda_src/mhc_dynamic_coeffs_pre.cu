@@ -66,12 +66,12 @@ constexpr int CW = 128;                    // columns of each stream a CTA owns
 constexpr int NS = 4;                      // streams at most (M = n n + 2 n <= 24: three n8 tiles)
 constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zero-padded to MP), then the sum of squares
 // tile buffers, a ring: tile i lands in buffer i % RING, is multiplied at the workers' iteration i,
-// read again by the x_in warp once the tile is published, and the buffer then takes tile i + RING.
+// read again by the x_in warps once the tile is published, and the buffer then takes tile i + RING.
 // Session 22 measured why the tile stays in shared memory: the earlier copy back from L2, ~9 tiles
 // (~40 MB of the GPU's traffic) after the first read, missed L2 almost always (ncu, H200, T = 8192:
 // 534 MB read from DRAM for x's 268)
 constexpr int RING = MHC_CP_RING;
-constexpr int NSLOT = 12;
+constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 #ifndef MHC_CP_SK_TILES
 #define MHC_CP_SK_TILES 4
 #endif
@@ -79,7 +79,7 @@ constexpr int NSLOT = 12;
 #define MHC_CP_SK_ILP 2
 #endif
 constexpr int SK_TILES = MHC_CP_SK_TILES;  // a coefficient warp's tiles whose h_res it forms together
-constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass (two half-warps: 2 SK_ILP a pass)                  // partial slots a group (slot i % NSLOT: see the partials' writes)
+constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass (two half-warps: 2 SK_ILP a pass)
 #ifndef MHC_CP_CWARPS
 #define MHC_CP_CWARPS 3
 #endif
@@ -87,17 +87,18 @@ constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass
 #define MHC_CP_XWARPS 4
 #endif
 // warps: WORKERS / 32 workers, the signaler, XWARPS x_in warps, CWARPS coefficient warps. 512 threads
-// leave 128 registers a thread; the workers, with x_in elsewhere, need no more (ptxas: no spills)
+// leave 128 registers a thread; the workers, with x_in elsewhere, fit (ptxas: 32 bytes of spills at
+// XU = 4, 4 at XU = 2)
 constexpr int WORKERS = 256, CWARPS = MHC_CP_CWARPS, XWARPS = MHC_CP_XWARPS;
 constexpr int BLOCK = WORKERS + 32 + 32 * XWARPS + 32 * CWARPS;
 constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XWARPS;
 #ifndef MHC_CP_XU
 #define MHC_CP_XU 4
 #endif
-constexpr int XU = MHC_CP_XU;  // x_in items a lane of the x_in warp has in flight
+constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
-// the x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
+// the first x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
 // i - RING: an id is reused only after its last tile was synced.
 constexpr int HANDOFF = 2, HANDOFF_IDS = 13;
 constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warps are done with a tile
@@ -121,7 +122,7 @@ static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 3
 static_assert(XIN_DONE < 16, "named barrier ids");
 static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
-static_assert(SMEM_BYTES <= 224448, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
+static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
 // sg / 8's line (j, r), chunk sg % 8 swizzled (ldmatrix's eight rows and x_in's eight segments of a
 // phase fall in eight bank groups)
@@ -228,7 +229,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
 
   // Tile i lands in ring buffer i % RING and completes dbar[i % RING]'s (i / RING)-th phase. Thread 0
-  // issues the first RING tiles; the x_in warp issues tile ix + RING once its x_in of tile ix is done.
+  // issues the first RING tiles; the first x_in warp issues tile ix + RING once every x_in warp's x_in
+  // of tile ix is done.
   uint64_t* dbar = bars;
   auto issue_tile = [&](int i) {  // tile i of the group: two boxes
     const int t0 = (g + i * G) * TT;
@@ -322,7 +324,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (tid == 0) TRACE(i, 9);
       // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
       // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) by the
-      // x_in warp before it issued tile i - NSLOT + RING <= i, which landed before this iteration.
+      // x_in warps before the first issued tile i - NSLOT + RING <= i, which landed before this iteration.
       // (four floats a load and a store: a quarter of the instructions of one float each)
       float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
       const float4* src4 = reinterpret_cast<const float4*>(ksum);
@@ -377,8 +379,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
       unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
 #ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
-      // XU items a lane at once: their 4 XU loads in flight together (one warp does the whole tile's
-      // x_in, so its latency is hidden only by its own independent work)
+      // XU items a lane at once: their 4 XU loads in flight together (a warp's latency is hidden only by
+      // its own independent work and the few other x_in warps)
       for (int k0 = 0; k0 < TT * CSEGS / (32 * XWARPS); k0 += XU) {
         uint4 w[XU][NS];
         float hj[XU][NS];
