@@ -48,8 +48,6 @@
 // tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh). MHC_GRID_RESIDENT: the
 // CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix.
-#include <cuda_pipeline.h>
-
 #include "mhc_dynamic_common.cuh"
 #include "mhc_dynamic_mma.cuh"
 #include "mhc_tma.cuh"
@@ -145,9 +143,9 @@ __device__ __forceinline__ void named_sync(int id, int count) {
 __device__ __forceinline__ void named_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
-// Counter reads are relaxed: what a waiter then reads (partials, h_pre) it reads from L2 (ld.cg /
-// cp.async), after its own load of the counter returned and, for other threads, a barrier; the
-// writers published with __threadfence() before their atomicAdd.
+// Counter reads are relaxed: what a waiter then reads (partials, h_pre) it reads from L2 (ld.cg),
+// after its own load of the counter returned; the writers published with __threadfence() before
+// their atomicAdd.
 __device__ __forceinline__ int ld_relaxed(const int* p) {
   int v;
   asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -282,7 +280,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #else
       const bool product = js < n;
 #endif
-      float acc[2][NT][4] = {}, sq[2][4] = {};
+      float acc[2][NT][4] = {}, sq[2][2] = {};  // sq[mt]: rows g, g + 8 of m16 tile mt
       if (product) {
 #pragma unroll
         for (int k = 0; k < KH; ++k)
@@ -301,21 +299,21 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
             // sums of squares of the lane's eight values on the CUDA cores, idle while the MMAs run (the
             // diagonal of x x^T on tensor cores, as mhc_dynamic_proj_tc, cost two MMAs of eleven)
             sq[mt][0] += sq_pair(a[0]) + sq_pair(a[2]);  // row g
-            sq[mt][2] += sq_pair(a[1]) + sq_pair(a[3]);  // row g + 8
+            sq[mt][1] += sq_pair(a[1]) + sq_pair(a[3]);  // row g + 8
           }
         float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
         mma::store_tiles<2, NT>(acc, rows, RL, lane);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int u = 0; u < 4; u += 2)
+          for (int u = 0; u < 2; ++u)
 #pragma unroll
             for (int o = 1; o < 4; o <<= 1) sq[mt][u] += __shfl_xor_sync(0xffffffffu, sq[mt][u], o);  // over q
         if (q == 0) {
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             rows[(size_t)(mt * 16 + g4) * RL + MP] = sq[mt][0];
-            rows[(size_t)(mt * 16 + g4 + 8) * RL + MP] = sq[mt][2];
+            rows[(size_t)(mt * 16 + g4 + 8) * RL + MP] = sq[mt][1];
           }
         }
       }
@@ -460,7 +458,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       __syncwarp();
       if (lane == 0) signal(published + z);
       if (lane == 0) TRACE(i, 4);
-      // h_res after the publication (the workers' x_in needs only h_pre), batched: the tokens of SK_TILES
+      // h_res after the publication (x_in needs only h_pre), batched: the tokens of SK_TILES
       // of this warp's tiles at once, SK_ILP a lane in each half-warp (nothing in this launch waits on
       // h_res, and a token's Sinkhorn is a latency-bound chain: session 22's trace had the coefficient
       // warps busy 7.8 us a tile, 4.4 of it one token's Sinkhorn, so they set the pace)
