@@ -725,23 +725,23 @@ def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
     _err_ok(out, want, TOL[mx.bfloat16], "post_res with float32 f")
 
 
-@pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (300, 4, 200, 2), (70, 3, 216, 6), (40, 1, 136, 2),
+@pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (420, 4, 200, 2), (70, 3, 216, 6), (40, 1, 136, 2),
                                        (96, 2, 128, 1), (33, 4, 8, 3)],
-                         ids=["two-groups", "one-group-ten-tiles", "n3-half-box", "n1-ragged-split", "one-cta",
+                         ids=["two-groups", "one-group-14-tiles", "n3-half-box", "n1-ragged-split", "one-cta",
                               "c8-empty-box"])
 @pytest.mark.parametrize("emulated_cuda", ["regs"], indirect=True)  # the coefficient mode does not apply
 def test_emulated_cuda_coeffs_pre(emulated_cuda, copy_timing, monkeypatch, B, n, C, sms):
     """mhc_dynamic_coeffs_pre (coefficients + x_in, x read once) with its CTAs waiting on each other:
     groups of ceil(C / 128) CTAs, each walking more tiles than its shared buffers and partial slots
-    (ten tiles, one group), a ragged last split and token tile, a CTA whose second 64-column box is
+    (14 tiles, one group: a slot rewritten once every CTA has read its earlier tile), a ragged last split and token tile, a CTA whose second 64-column box is
     partly (C = 200, 216) or wholly (C = 136, 8) past C, and n < 4 (unused streams); TMA copies (the
     emulated tensor map: 128-byte swizzle, zero fill) landing at issue and at their wait."""
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
 
-@pytest.mark.parametrize("B,n,C,sms,seed", [(300, 4, 200, 2, 1), (300, 4, 200, 2, 2), (100, 4, 256, 4, 3),
+@pytest.mark.parametrize("B,n,C,sms,seed", [(420, 4, 200, 2, 1), (420, 4, 200, 2, 2), (100, 4, 256, 4, 3),
                                             (70, 3, 216, 6, 4)],
-                         ids=["one-group-ten-tiles-s1", "one-group-ten-tiles-s2", "two-groups-s3", "n3-half-box-s4"])
+                         ids=["one-group-14-tiles-s1", "one-group-14-tiles-s2", "two-groups-s3", "n3-half-box-s4"])
 @pytest.mark.parametrize("emulated_cuda", ["regs"], indirect=True)
 def test_emulated_cuda_coeffs_pre_shuffled(emulated_cuda, monkeypatch, B, n, C, sms, seed):
     """The same with the threads resumed in a pseudo-random order each round (MHC_EMU_SHUFFLE): a warp
