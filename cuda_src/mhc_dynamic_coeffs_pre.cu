@@ -73,7 +73,10 @@ constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zer
 // (~40 MB of the GPU's traffic) after the first read, missed L2 almost always (ncu, H200, T = 8192:
 // 534 MB read from DRAM for x's 268)
 constexpr int RING = MHC_CP_RING;
-constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
+#ifndef MHC_CP_NSLOT
+#define MHC_CP_NSLOT 12
+#endif
+constexpr int NSLOT = MHC_CP_NSLOT;        // partial slots a group (slot i % NSLOT: see the partials' writes)
 constexpr int NE = NS + 1;                 // pre-partials a token: its pre logits (e < n) and sum of squares (e = NS)
 #ifndef MHC_CP_SK_TILES
 #define MHC_CP_SK_TILES 4
@@ -432,6 +435,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       const int proj_seen = proj_ahead;
       if (ix + 1 < ntile) proj_ahead = ld_relaxed(projected + g + (ix + 1) * G);
       spin_until(projected + g + ix * G, S, proj_seen);
+      // tile ix + RING's partials go to the slot of tile iw = ix + RING - NSLOT: every CTA of the group
+      // must have read tile iw's (its coefficient warps and x_in warps: published = 2 S) before that
+      // tile's workers write them. Read here, so that the refill below does not wait for the load.
+      const int iw = ix + RING - NSLOT;
+      const bool refill = warp == XWARP && lane == 0 && ix + RING < ntile;
+      const int read_seen = refill && iw >= 0 ? ld_relaxed(published + g + iw * G) : 2 * S;
       const int t0 = (g + ix * G) * TT;
       // lane 4 k + j: token rx + k's h_pre of stream j (one sigmoid a lane)
       float v[NE], vj = 0.0f;
@@ -483,15 +492,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
 #endif
       named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp's reads of the buffer (and the partials) are done
-      if (warp == XWARP && lane == 0) {
-        signal(published + g + ix * G);
-        // tile ix + RING's partials go to the slot of tile ix + RING - NSLOT: every CTA of the group
-        // must have read that tile's (coefficient warps and x_in warps: 2 S) before its workers write them
-        const int iw = ix + RING - NSLOT;
-        if (ix + RING < ntile && iw >= 0) spin_until(published + g + iw * G, 2 * S, ld_relaxed(published + g + iw * G));
-        if (ix + RING < ntile) issue_tile(ix + RING);
+      if (refill) {
+        if (iw >= 0) spin_until(published + g + iw * G, 2 * S, read_seen);
+        issue_tile(ix + RING);
       }
+      // then `published` (this CTA's x_in warps have read tile ix's partials): after the refill, whose
+      // issue would otherwise wait for the fence, i.e. for this thread's x_in stores to complete
       if (warp == XWARP && lane == 0) TRACE(ix, 1);
+      if (warp == XWARP && lane == 0) signal(published + g + ix * G);
     }
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2
