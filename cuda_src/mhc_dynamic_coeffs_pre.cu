@@ -198,31 +198,54 @@ __device__ __forceinline__ float sq_pair(uint32_t v) {
 // ([NE][TT][SP] floats, a token's splits contiguous): lane (token, q = lane % 4) adds splits 16 k + 4 q + u
 // in order, then two butterfly steps over the token's four lanes (xor: all four end with the same bits).
 // The x_in warps (h_pre for x_in) and the coefficient warps (the h_pre, mix and invr they write) both sum
-// this way, so x_in is formed with the very h_pre that is written.
-__device__ __forceinline__ void pre_sums(const float* pre, int r, int n, int S, int SP, int lane, float (&v)[NE]) {
+// this way, so x_in is formed with the very h_pre that is written. In two halves: pre_load issues the
+// loads of rounds k = 0, 1 (S <= 32: all of them), pre_reduce adds them (and loads any further rounds),
+// so that the x_in warps can have a tile's loads in flight while they form the previous tile's x_in.
+__device__ __forceinline__ void pre_load(const float* pre, int r, int n, int S, int SP, int lane, float4 (&w)[2][NE]) {
+  const int q = lane % 4;
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+#pragma unroll
+    for (int e = 0; e < NE; ++e) {
+      const int s = 16 * k + 4 * q;
+      w[k][e] = (e < n || e == NS) && s < S ? __ldcg(reinterpret_cast<const float4*>(pre + ((size_t)e * TT + r) * SP + s))
+                                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+__device__ __forceinline__ void pre_add(float (&v)[NE], const float4 (&w)[NE], int s, int S) {
+#pragma unroll
+  for (int e = 0; e < NE; ++e) {
+    if (s < S) v[e] += w[e].x;
+    if (s + 1 < S) v[e] += w[e].y;
+    if (s + 2 < S) v[e] += w[e].z;
+    if (s + 3 < S) v[e] += w[e].w;
+  }
+}
+__device__ __forceinline__ void pre_reduce(const float* pre, int r, int n, int S, int SP, int lane, const float4 (&w)[2][NE],
+                                           float (&v)[NE]) {
   const int q = lane % 4;
 #pragma unroll
   for (int e = 0; e < NE; ++e) v[e] = 0.0f;
-#pragma unroll 2
-  for (int k0 = 0; k0 < S; k0 += 16) {  // two rounds at S = 32: their 2 NE loads in flight together
+  pre_add(v, w[0], 4 * q, S);
+  pre_add(v, w[1], 16 + 4 * q, S);
+  for (int k0 = 32; k0 < S; k0 += 16) {  // C > 32 CW only
     const int s = k0 + 4 * q;
-    float4 w[NE];
+    float4 u[NE];
 #pragma unroll
     for (int e = 0; e < NE; ++e)
-      w[e] = (e < n || e == NS) && s < S ? __ldcg(reinterpret_cast<const float4*>(pre + ((size_t)e * TT + r) * SP + s))
+      u[e] = (e < n || e == NS) && s < S ? __ldcg(reinterpret_cast<const float4*>(pre + ((size_t)e * TT + r) * SP + s))
                                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-    for (int e = 0; e < NE; ++e) {
-      if (s < S) v[e] += w[e].x;
-      if (s + 1 < S) v[e] += w[e].y;
-      if (s + 2 < S) v[e] += w[e].z;
-      if (s + 3 < S) v[e] += w[e].w;
-    }
+    pre_add(v, u, s, S);
   }
 #pragma unroll
   for (int e = 0; e < NE; ++e)
 #pragma unroll
     for (int o = 1; o < 4; o <<= 1) v[e] += __shfl_xor_sync(0xffffffffu, v[e], o);
+}
+__device__ __forceinline__ void pre_sums(const float* pre, int r, int n, int S, int SP, int lane, float (&v)[NE]) {
+  float4 w[2][NE];
+  pre_load(pre, r, n, S, SP, lane, w);
+  pre_reduce(pre, r, n, S, SP, lane, w, v);
 }
 // 1 / RMS(token) from its sum of squares, and h_pre from its pre logit's sum v (Liger: sigmoid((v invr)
 // alpha_pre + b) + pre_eps): one definition for both warps that form them
@@ -430,11 +453,15 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
     const int sg = lane % CSEGS, c = c0 + 8 * sg;
     const float a_pre = *alpha_pre;
-    int proj_ahead = ntile > 0 ? ld_relaxed(projected + g) : 0;
+    // tile ix's pre-partials, loaded (pre_load) once the tile is projected: under the previous tile's x_in
+    // when it was projected by then (a warp behind the workers), else after it
+    float4 pw[2][NE];
+    if (ntile > 0) {
+      spin_until(projected + g, S, ld_relaxed(projected + g));
+      pre_load(slot_pre(0), rx + lane / 4, n, S, SP, lane, pw);
+    }
+    int proj_ahead = ntile > 1 ? ld_relaxed(projected + g + G) : 0;  // tile ix + 1's count, read a tile ahead
     for (int ix = 0; ix < ntile; ++ix) {
-      const int proj_seen = proj_ahead;
-      if (ix + 1 < ntile) proj_ahead = ld_relaxed(projected + g + (ix + 1) * G);
-      spin_until(projected + g + ix * G, S, proj_seen);
       // tile ix + RING's partials go to the slot of tile iw = ix + RING - NSLOT: every CTA of the group
       // must have read tile iw's (its coefficient warps and x_in warps: published = 2 S) before that
       // tile's workers write them. Read here, so that the refill below does not wait for the load.
@@ -444,12 +471,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       const int t0 = (g + ix * G) * TT;
       // lane 4 k + j: token rx + k's h_pre of stream j (one sigmoid a lane)
       float v[NE], vj = 0.0f;
-      pre_sums(slot_pre(ix), rx + lane / 4, n, S, SP, lane, v);
+      pre_reduce(slot_pre(ix), rx + lane / 4, n, S, SP, lane, pw, v);
 #pragma unroll
       for (int j = 0; j < NS; ++j)
         if (lane % 4 == j) vj = v[j];
       const float hp = lane % 4 < n ? pre_gate(vj, inv_rms(v[NS], n, C, rms_eps), a_pre, __ldg(b + lane % 4), pre_eps) : 0.0f;
       if (warp == XWARP && lane == 0) TRACE(ix, 8);
+      const bool early = ix + 1 < ntile && proj_ahead >= S;
+      if (early) pre_load(slot_pre(ix + 1), rx + lane / 4, n, S, SP, lane, pw);
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
       unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
 #ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
@@ -496,10 +525,15 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         if (iw >= 0) spin_until(published + g + iw * G, 2 * S, read_seen);
         issue_tile(ix + RING);
       }
-      // then `published` (this CTA's x_in warps have read tile ix's partials): after the refill, whose
-      // issue would otherwise wait for the fence, i.e. for this thread's x_in stores to complete
       if (warp == XWARP && lane == 0) TRACE(ix, 1);
-      if (warp == XWARP && lane == 0) signal(published + g + ix * G);
+      // then `published` (this CTA's x_in warps have read tile ix's partials: their values are used, so
+      // the loads are done): no fence, which would wait for this thread's x_in stores to complete
+      if (warp == XWARP && lane == 0) atomicAdd(published + g + ix * G, 1);
+      if (ix + 1 < ntile && !early) {
+        spin_until(projected + g + (ix + 1) * G, S, proj_ahead);
+        pre_load(slot_pre(ix + 1), rx + lane / 4, n, S, SP, lane, pw);
+      }
+      if (ix + 2 < ntile) proj_ahead = ld_relaxed(projected + g + (ix + 2) * G);
     }
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2
