@@ -2,7 +2,7 @@
 its mix output; outputs otherwise wrong): per event, the median over CTAs and tiles of its time
 relative to the iteration's first barrier (event 6: tile i and the staged tile landed).
 
-  python scripts/trace_coeffs_pre.py [T n C] [DEFINE ...]
+  python scripts/trace_coeffs_pre.py [T n C] [DEFINE ...] [VARIANT.cu] [@LAUNCH_CONSTANT=VALUE ...]
 """
 import sys
 from pathlib import Path
@@ -17,11 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_source_ab  # noqa: E402
 
 nums = [a for a in sys.argv[1:] if a.lstrip("-").isdigit()]
-defs = [a for a in sys.argv[1:] if not a.lstrip("-").isdigit()]
+path = next((a for a in sys.argv[1:] if a.endswith(".cu")), "")  # a variant's source (default: the shipped one)
+knobs = dict(a[1:].split("=") for a in sys.argv[1:] if a.startswith("@"))  # launch constants, e.g. @CP_SMEM_BYTES=N
+defs = [a for a in sys.argv[1:] if not a.lstrip("-").isdigit() and a != path and not a.startswith("@")]
 T, n, C = (int(v) for v in (nums[:3] or (8192, 4, 4096)))
 SOURCE = "mhc_dynamic_coeffs_pre"
-gpu_source_ab.use(SOURCE, gpu_source_ab.compile_variant(SOURCE, "trace=:MHC_CP_TRACE:" + ":".join(defs), (4,))[1],
+gpu_source_ab.use(SOURCE, gpu_source_ab.compile_variant(SOURCE, f"trace={path}:MHC_CP_TRACE:" + ":".join(defs), (4,))[1],
                   cuda._binary)
+for k, v in knobs.items():
+    setattr(cuda_dynamic, k, int(v))
 cuda_dynamic.CP_MIN_T = 1
 G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
 S = -(-C // 128)
