@@ -17,23 +17,19 @@
 //   1. (workers, iteration i) multiplies its columns of the tile's tokens on tensor cores (as proj_tc:
 //      bfloat16 x exact, phi split in three bfloat16 terms; the sums of squares on the CUDA cores from
 //      the same A fragments): partial z and sum of squares of every token over its columns, written as
-//      one block to a global scratch slot (and the pre logits' and the sums of squares again, split-minor,
-//      for the x_in warps); the signaler warp then arrives on the tile's `projected`
+//      one block to a global scratch slot; the signaler warp then arrives on the tile's `projected`
 //      counter (named-barrier handoff; a warp that does nothing else, so the signal never waits for a
 //      busy warp: session 21's trace);
 //   2. (coefficient warps, their own loop) once all S partials of the tile are in, sums those of its
-//      own tokens (r = s, s + S, ... of the tile; a lane per sum; the pre logits and the sum of squares
-//      as the x_in warps sum them), the RMS scale, h_pre and h_post, writes them and mix, and arrives on
-//      the tile's `published` counter (its partials read); then, batched over a few of its tiles, h_res
-//      by the Sinkhorn (a lane per matrix element, shuffles, Liger's order and divisions as the register
-//      mode) from mix as written, off every other warp's path;
-//   3. (XWARPS x_in warps, their own loop) also once all S partials are in: h_pre of the tile's tokens
-//      (every CTA of the group forms all TT tokens' h_pre itself, from 5 KB of pre-partials an x_in warp,
-//      rather than waiting for S CTAs' coefficient warps to publish theirs), x_in of its columns from
-//      the tile in its ring buffer (each warp TT / XWARPS of the tokens), then, once all are done,
-//      `published` and the buffer's refill. Session 22 (H200, T = 8192, n = 4, C = 4096): the workers
-//      forming x_in between their products took 2.46 us a tile, 1.54 without it; one x_in warp took 5.4
-//      us a tile, four take ~1.8 next to the workers' 2.08.
+//      own tokens (r = s, s + S, ... of the tile; a lane per sum), the RMS scale, h_pre and h_post,
+//      writes them and mix, and arrives on the tile's `published` counter; then, batched over a few of
+//      its tiles, h_res by the Sinkhorn (a lane per matrix element, shuffles, Liger's order and
+//      divisions as the register mode) from mix as written, off every other warp's path;
+//   3. (XWARPS x_in warps, their own loop) once the tile is published: x_in of its columns from the
+//      tile in its ring buffer and h_pre (each warp TT / XWARPS of the tokens), then, once all are done,
+//      the buffer's refill. Session 22 (H200, T = 8192, n = 4, C = 4096): the workers forming x_in
+//      between their products took 2.46 us a tile, 1.54 without it; one x_in warp took 5.4 us a tile,
+//      four take ~1.8 next to the workers' 2.08.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
 // order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
 // running. The last CTA to finish zeroes the counters again (a buffer that two launches share stays
@@ -48,8 +44,8 @@
 // (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] float32, b [M], alpha_pre / _post / _res
 // [1], sync [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], published[tiles]).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
-// mhc_dynamic_coeffs), part [G NSLOT S TT RL + G NSLOT NE TT SP] float32 (scratch: the partials of a
-// group's last NSLOT tiles, then their pre-partials; SP = S rounded up to 16), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh). MHC_GRID_RESIDENT: the
+// mhc_dynamic_coeffs), part [G NSLOT S TT RL] float32 (scratch: the partials of a group's last NSLOT
+// tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh). MHC_GRID_RESIDENT: the
 // CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix.
 #include "mhc_dynamic_common.cuh"
@@ -68,16 +64,12 @@ constexpr int CW = 128;                    // columns of each stream a CTA owns
 constexpr int NS = 4;                      // streams at most (M = n n + 2 n <= 24: three n8 tiles)
 constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zero-padded to MP), then the sum of squares
 // tile buffers, a ring: tile i lands in buffer i % RING, is multiplied at the workers' iteration i,
-// read again by the x_in warps once the tile is projected, and the buffer then takes tile i + RING.
+// read again by the x_in warps once the tile is published, and the buffer then takes tile i + RING.
 // Session 22 measured why the tile stays in shared memory: the earlier copy back from L2, ~9 tiles
 // (~40 MB of the GPU's traffic) after the first read, missed L2 almost always (ncu, H200, T = 8192:
 // 534 MB read from DRAM for x's 268)
 constexpr int RING = MHC_CP_RING;
-#ifndef MHC_CP_NSLOT
-#define MHC_CP_NSLOT 12
-#endif
-constexpr int NSLOT = MHC_CP_NSLOT;        // partial slots a group (slot i % NSLOT: see the partials' writes)
-constexpr int NE = NS + 1;                 // pre-partials a token: its pre logits (e < n) and sum of squares (e = NS)
+constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 #ifndef MHC_CP_SK_TILES
 #define MHC_CP_SK_TILES 4
 #endif
@@ -93,19 +85,19 @@ constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass
 #define MHC_CP_XWARPS 4
 #endif
 // warps: WORKERS / 32 workers, the signaler, XWARPS x_in warps, CWARPS coefficient warps. 512 threads
-// leave 128 registers a thread; the workers, with x_in elsewhere, fit (ptxas: 28 bytes of spills at
-// XU = 2; 204 at XU = 4, where the x_in warps' h_pre (two IEEE divisions, calls) shares the loop)
+// leave 128 registers a thread; the workers, with x_in elsewhere, fit (ptxas: 32 bytes of spills at
+// XU = 4, 4 at XU = 2)
 constexpr int WORKERS = 256, CWARPS = MHC_CP_CWARPS, XWARPS = MHC_CP_XWARPS;
 constexpr int BLOCK = WORKERS + 32 + 32 * XWARPS + 32 * CWARPS;
 constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XWARPS;
 #ifndef MHC_CP_XU
-#define MHC_CP_XU 2
+#define MHC_CP_XU 4
 #endif
 constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
-// the first x_in warp issued after tile i - RING was projected (this CTA's signaler signalled it), so
-// this CTA's signaler had synced tile i - RING: an id is reused only after its last tile was synced.
+// the first x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
+// i - RING: an id is reused only after its last tile was synced.
 constexpr int HANDOFF = 2, HANDOFF_IDS = 13;
 constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warps are done with a tile
 __device__ __forceinline__ int handoff(int i) { return HANDOFF + i % HANDOFF_IDS; }
@@ -124,10 +116,9 @@ static_assert(RL <= 32, "a lane per partial sum");
 static_assert(TT * RL % 4 == 0, "a slice and a CTA's partials are whole float4s");
 static_assert(HANDOFF + HANDOFF_IDS <= 16 && RING < HANDOFF_IDS, "named barrier ids");
 static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 32,
-              "x_in: whole rounds of XU items a lane of each x_in warp");
-static_assert(TT / XWARPS == 8, "an x_in warp's tokens: four lanes a token (pre_sums)");
+              "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
 static_assert(XIN_DONE < 16, "named barrier ids");
-static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen read (published = 2 S)");
+static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
@@ -194,68 +185,6 @@ __device__ __forceinline__ float sq_pair(uint32_t v) {
   return lo * lo + hi * hi;
 }
 
-// The pre logits and the sum of squares of token r summed over the S splits, from a slot of pre-partials
-// ([NE][TT][SP] floats, a token's splits contiguous): lane (token, q = lane % 4) adds splits 16 k + 4 q + u
-// in order, then two butterfly steps over the token's four lanes (xor: all four end with the same bits).
-// The x_in warps (h_pre for x_in) and the coefficient warps (the h_pre, mix and invr they write) both sum
-// this way, so x_in is formed with the very h_pre that is written. In two halves: pre_load issues the
-// loads of rounds k = 0, 1 (S <= 32: all of them), pre_reduce adds them (and loads any further rounds),
-// so that the x_in warps can have a tile's loads in flight while they form the previous tile's x_in.
-__device__ __forceinline__ void pre_load(const float* pre, int r, int n, int S, int SP, int lane, float4 (&w)[2][NE]) {
-  const int q = lane % 4;
-#pragma unroll
-  for (int k = 0; k < 2; ++k)
-#pragma unroll
-    for (int e = 0; e < NE; ++e) {
-      const int s = 16 * k + 4 * q;
-      w[k][e] = (e < n || e == NS) && s < S ? __ldcg(reinterpret_cast<const float4*>(pre + ((size_t)e * TT + r) * SP + s))
-                                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-}
-__device__ __forceinline__ void pre_add(float (&v)[NE], const float4 (&w)[NE], int s, int S) {
-#pragma unroll
-  for (int e = 0; e < NE; ++e) {
-    if (s < S) v[e] += w[e].x;
-    if (s + 1 < S) v[e] += w[e].y;
-    if (s + 2 < S) v[e] += w[e].z;
-    if (s + 3 < S) v[e] += w[e].w;
-  }
-}
-__device__ __forceinline__ void pre_reduce(const float* pre, int r, int n, int S, int SP, int lane, const float4 (&w)[2][NE],
-                                           float (&v)[NE]) {
-  const int q = lane % 4;
-#pragma unroll
-  for (int e = 0; e < NE; ++e) v[e] = 0.0f;
-  pre_add(v, w[0], 4 * q, S);
-  pre_add(v, w[1], 16 + 4 * q, S);
-  for (int k0 = 32; k0 < S; k0 += 16) {  // C > 32 CW only
-    const int s = k0 + 4 * q;
-    float4 u[NE];
-#pragma unroll
-    for (int e = 0; e < NE; ++e)
-      u[e] = (e < n || e == NS) && s < S ? __ldcg(reinterpret_cast<const float4*>(pre + ((size_t)e * TT + r) * SP + s))
-                                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    pre_add(v, u, s, S);
-  }
-#pragma unroll
-  for (int e = 0; e < NE; ++e)
-#pragma unroll
-    for (int o = 1; o < 4; o <<= 1) v[e] += __shfl_xor_sync(0xffffffffu, v[e], o);
-}
-__device__ __forceinline__ void pre_sums(const float* pre, int r, int n, int S, int SP, int lane, float (&v)[NE]) {
-  float4 w[2][NE];
-  pre_load(pre, r, n, S, SP, lane, w);
-  pre_reduce(pre, r, n, S, SP, lane, w, v);
-}
-// 1 / RMS(token) from its sum of squares, and h_pre from its pre logit's sum v (Liger: sigmoid((v invr)
-// alpha_pre + b) + pre_eps): one definition for both warps that form them
-__device__ __forceinline__ float inv_rms(float sq, int n, int C, float rms_eps) {
-  return rsqrtf(sq / (float)(n * C) + rms_eps);
-}
-__device__ __forceinline__ float pre_gate(float v, float invr, float a_pre, float b, float pre_eps) {
-  return sigmoid(v * invr * a_pre + b) + pre_eps;
-}
-
 extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const float* __restrict__ phi, const float* __restrict__ b,
     const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post, const float* __restrict__ alpha_res,
@@ -296,10 +225,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   // [split][TT][RL]: a CTA's partials of a tile are one contiguous block (coalesced stores on the
   // workers' path; the coefficient warps' strided loads are off it)
   auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
-  // the pre-partials after them: [G NSLOT][NE][TT][SP], SP = S rounded up to 16 (whole float4 rows of 64 bytes)
-  const int SP = (S + 15) / 16 * 16;
-  float* pre_part = part + (size_t)G * NSLOT * TT * RL * S;
-  auto slot_pre = [&](int i) { return pre_part + (size_t)(g * NSLOT + i % NSLOT) * NE * TT * SP; };
 
   // Tile i lands in ring buffer i % RING and completes dbar[i % RING]'s (i / RING)-th phase. Thread 0
   // issues the first RING tiles; the first x_in warp issues tile ix + RING once every x_in warp's x_in
@@ -396,11 +321,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       workers_sync();  // ksum written
       if (tid == 0) TRACE(i, 9);
       // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
-      // i - NSLOT, had been read by every CTA of the group (its coefficient warps and its x_in warps:
-      // published = 2 S) when the x_in warps issued tile i, which landed before this iteration.
+      // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) by the
+      // x_in warps before the first issued tile i - NSLOT + RING <= i, which landed before this iteration.
       // (four floats a load and a store: a quarter of the instructions of one float each)
       float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
-      float* pre = slot_pre(i) + s;
       const float4* src4 = reinterpret_cast<const float4*>(ksum);
 #pragma unroll
       for (int k = 0; k < (TT * RL / 4 + WORKERS - 1) / WORKERS; ++k) {
@@ -417,13 +341,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
               v.w += w.w;
             }
           dst[e] = v;
-          // the pre logits and the sum of squares again, split-minor (what the x_in warps read: pre_sums)
-          const float f[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int r = (4 * e + k) / RL, m = 4 * e + k - r * RL;
-            if (m < n || m == MP) pre[((size_t)(m < n ? m : NS) * TT + r) * SP] = f[k];
-          }
         }
       }
       named_arrive(handoff(i), WORKERS + 32);  // to the signaler: tile i's partials are written
@@ -437,48 +354,26 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     }
   } else if (warp < XWARP + XWARPS) {
     // ---------------------------------------------------------------- the x_in warps: step 3
-    // Tile ix once it is projected (every CTA's partials in): h_pre of the warp's tokens from the
-    // pre-partials (pre_sums: lane l, token rx + l / 4), then x_in = h_pre . x of its tokens' columns
-    // from the tile in its ring buffer (x_in warp xw: tokens xw TT / XWARPS ...; lane: segment lane % 16
-    // of tokens 2 k + lane / 16; a load instruction reads four whole 128-byte lines), then, once every
-    // x_in warp is done with it, `published` (this CTA has read the tile's partials) and the buffer's
-    // refill with tile ix + RING. projected[] of the next tile is read a tile ahead (a global load waits
-    // behind this SM's copies). Forming h_pre here, rather than waiting for the coefficient warps of all
-    // S CTAs to publish it, takes two global round trips and the slowest CTA's coefficients off the ring's
-    // path (session 22: a tile's published h_pre reached the x_in warps 10 us after it landed, and the
-    // ring of RING tiles ran dry). (Session 22: one x_in warp took 5.4 us a tile, the workers 1.54
-    // without x_in.)
+    // Tile ix once it is published: its h_pre (lane r holds token r's), then x_in = h_pre . x of its
+    // tokens' columns from the tile in its ring buffer (x_in warp xw: tokens xw TT / XWARPS ...; lane:
+    // segment lane % 16 of tokens 2 k + lane / 16; a load instruction reads four whole 128-byte lines),
+    // then, once every x_in warp is done with it, the buffer's refill with tile ix + RING. published[]
+    // of the next tile is read a tile ahead (a global load waits behind this SM's copies). (Session 22:
+    // one x_in warp took 5.4 us a tile, the workers 1.54 without x_in.)
     const int xw = warp - XWARP, rx = xw * (TT / XWARPS);  // this warp's first token of a tile
     if (warp == XWARP && lane == 0) tma::acquire_map(gmap);
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
     const int sg = lane % CSEGS, c = c0 + 8 * sg;
-    const float a_pre = *alpha_pre;
-    // tile ix's pre-partials, loaded (pre_load) once the tile is projected: under the previous tile's x_in
-    // when it was projected by then (a warp behind the workers), else after it
-    float4 pw[2][NE];
-    if (ntile > 0) {
-      spin_until(projected + g, S, ld_relaxed(projected + g));
-      pre_load(slot_pre(0), rx + lane / 4, n, S, SP, lane, pw);
-    }
-    int proj_ahead = ntile > 1 ? ld_relaxed(projected + g + G) : 0;  // tile ix + 1's count, read a tile ahead
+    int pub_ahead = ntile > 0 ? ld_relaxed(published + g) : 0;
     for (int ix = 0; ix < ntile; ++ix) {
-      // tile ix + RING's partials go to the slot of tile iw = ix + RING - NSLOT: every CTA of the group
-      // must have read tile iw's (its coefficient warps and x_in warps: published = 2 S) before that
-      // tile's workers write them. Read here, so that the refill below does not wait for the load.
-      const int iw = ix + RING - NSLOT;
-      const bool refill = warp == XWARP && lane == 0 && ix + RING < ntile;
-      const int read_seen = refill && iw >= 0 ? ld_relaxed(published + g + iw * G) : 2 * S;
-      const int t0 = (g + ix * G) * TT;
-      // lane 4 k + j: token rx + k's h_pre of stream j (one sigmoid a lane)
-      float v[NE], vj = 0.0f;
-      pre_reduce(slot_pre(ix), rx + lane / 4, n, S, SP, lane, pw, v);
-#pragma unroll
-      for (int j = 0; j < NS; ++j)
-        if (lane % 4 == j) vj = v[j];
-      const float hp = lane % 4 < n ? pre_gate(vj, inv_rms(v[NS], n, C, rms_eps), a_pre, __ldg(b + lane % 4), pre_eps) : 0.0f;
+      const int pub_seen = pub_ahead;
+      if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
+      spin_until(published + g + ix * G, S, pub_seen);
       if (warp == XWARP && lane == 0) TRACE(ix, 8);
-      const bool early = ix + 1 < ntile && proj_ahead >= S;
-      if (early) pre_load(slot_pre(ix + 1), rx + lane / 4, n, S, SP, lane, pw);
+      const int t0 = (g + ix * G) * TT;
+      float hp[NS];
+#pragma unroll
+      for (int j = 0; j < NS; ++j) hp[j] = j < n && t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
       unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
 #ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
@@ -492,7 +387,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           const int r = rx + 2 * (k0 + u) + lane / CSEGS;
 #pragma unroll
           for (int j = 0; j < NS; ++j) {
-            hj[u][j] = __shfl_sync(0xffffffffu, hp, 4 * (r - rx) + j);
+            hj[u][j] = __shfl_sync(0xffffffffu, hp[j], r);
             if (j < n) w[u][j] = *reinterpret_cast<const uint4*>(at(xb, r, j, sg));
           }
         }
@@ -520,20 +415,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
       }
 #endif
-      named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp's reads of the buffer (and the partials) are done
-      if (refill) {
-        if (iw >= 0) spin_until(published + g + iw * G, 2 * S, read_seen);
-        issue_tile(ix + RING);
-      }
+      named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp's reads of the buffer are done
+      if (warp == XWARP && lane == 0 && ix + RING < ntile) issue_tile(ix + RING);
       if (warp == XWARP && lane == 0) TRACE(ix, 1);
-      // then `published` (this CTA's x_in warps have read tile ix's partials: their values are used, so
-      // the loads are done): no fence, which would wait for this thread's x_in stores to complete
-      if (warp == XWARP && lane == 0) atomicAdd(published + g + ix * G, 1);
-      if (ix + 1 < ntile && !early) {
-        spin_until(projected + g + (ix + 1) * G, S, proj_ahead);
-        pre_load(slot_pre(ix + 1), rx + lane / 4, n, S, SP, lane, pw);
-      }
-      if (ix + 2 < ntile) proj_ahead = ld_relaxed(projected + g + (ix + 2) * G);
     }
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2
@@ -560,21 +444,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
             for (int u = 0; u < 32; ++u) v += a[u];
           }
-          // the pre logits and the sum of squares as the x_in warps sum them (pre_sums), so that h_pre,
-          // mix and invr written here are the values x_in was formed with
-          float vp[NE];
-          pre_sums(slot_pre(i), r, n, S, SP, lane, vp);
-#pragma unroll
-          for (int e = 0; e < NS; ++e)
-            if (lane == e && e < n) v = vp[e];
-          if (lane == MP) v = vp[NS];
-          const float invr = inv_rms(__shfl_sync(0xffffffffu, v, MP), n, C, rms_eps);
+          const float invr = rsqrtf(__shfl_sync(0xffffffffu, v, MP) / (float)(n * C) + rms_eps);
           if (t < Tn) {
 #ifndef MHC_CP_TRACE
             if (lane < M) mix[(size_t)t * M + lane] = v * invr;
 #endif
             if (lane == MP) invr_out[t] = invr;
-            if (lane < n) h_pre[(size_t)t * n + lane] = pre_gate(v, invr, a_pre, b[lane], pre_eps);
+            if (lane < n) h_pre[(size_t)t * n + lane] = sigmoid(v * invr * a_pre + b[lane]) + pre_eps;
             else if (lane < 2 * n) h_post[(size_t)t * n + lane - n] = sigmoid(v * invr * a_post + b[lane]) * post_mult;
           }
         }

@@ -459,11 +459,6 @@ inline void expect_tx(uint64_t* bar, uint32_t bytes) {
   --b.pending;
   b.check();
 }
-inline void arrive(uint64_t* bar) {
-  EmuMbar& b = emu_bar(bar);
-  --b.pending;
-  b.check();
-}
 inline void emu_land(EmuMbar& b) {
   for (auto& [dst, bytes] : b.deferred) {
     memcpy(dst, bytes.data(), bytes.size());

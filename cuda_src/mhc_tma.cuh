@@ -51,12 +51,6 @@ __device__ __forceinline__ void expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
 
-// A plain arrival on bar (release at CTA scope: this thread's earlier shared-memory writes are visible
-// to a thread whose wait on the phase returns).
-__device__ __forceinline__ void arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-
 // The box at coordinates (c0, c1, c2) of the map in gslot into dst (its layout and swizzle are the
 // map's; dst 1024-byte aligned under the 128-byte swizzle); out-of-range elements read as zero and
 // count toward the box's bytes.

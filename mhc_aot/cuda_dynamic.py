@@ -91,7 +91,6 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # but it has not been timed there: not a rule worth having yet (README, issue 6). Tests and that
 # script set CP_MIN_T to run it.
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 12  # its header
-CP_NE = CP_NMAX + 1  # pre-partials a token (the pre logits and the sum of squares)
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = None
 
@@ -253,14 +252,13 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int):
     """mhc_dynamic_coeffs_pre: (h_pre, h_post, h_res, x_in, mix, invr), x read once."""
     T, n, C = x3.shape
     M, S, tiles = n * n + 2 * n, _cdiv(C, CP_CW), _cdiv(T, CP_TT)
-    SP = _cdiv(S, 16) * 16  # a pre-partial row's splits, padded to whole 64-byte rows
     # its counters, zeroed (the kernel zeroes them again when it ends)
     sync = mx.zeros((2 + 2 * tiles,), mx.int32)
     # x as (C, T, n) with boxes of CP_BOXC columns x CP_TT tokens x n streams: a box lands as n x CP_TT
     # lines of 128 bytes, a stream's tokens consecutive (the kernel's ldmatrix rows)
     tmpl = tma.template("bf16", (C, T, n), (n * C * 2, C * 2), (CP_BOXC, CP_TT, n), 128)
     outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, tmpl, phi32, b32, ap, apo, ar, sync],
-                   [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (G * CP_NSLOT * CP_TT * (CP_RL * S + CP_NE * SP),),
+                   [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (G * CP_NSLOT * CP_TT * CP_RL * S,),
                     (G * S * 32,)],
                    [F32, F32, F32, x3.dtype, F32, F32, F32, mx.uint32],
                    [n, C, T, S, G, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult],

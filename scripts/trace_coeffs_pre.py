@@ -58,7 +58,7 @@ for e, name in names.items():
     print(f"{e} {name:38s} after tile landed: p10 {np.percentile(r, 10) / 1e3:6.2f} "
           f"median {np.median(r) / 1e3:6.2f} p90 {np.percentile(r, 90) / 1e3:6.2f} us")
 pub = (((ev[:, 1:-1, 8] - ev[:, 1:-1, 6] + 2**31) % 2**32) - 2**31)
-print(f"8 h_pre formed by the x_in warp (all S projected) after the tile landed: median {np.median(pub) / 1e3:.2f} us")
+print(f"8 x_in warp: the tile's h_pre in hand, after the tile landed: median {np.median(pub) / 1e3:.2f} us")
 # a ring buffer's refill: tile i + RING issued by the x_in warp (event 1 of tile i) -> the workers past its wait
 ring = int(next((d.split("=")[1] for d in defs if d.startswith("MHC_CP_RING=")), 6))
 fill = (((ev[:, ring:, 6] - ev[:, :-ring, 1] + 2**31) % 2**32) - 2**31)
