@@ -1,6 +1,6 @@
 """Timing trace of mhc_dynamic_coeffs_pre (compiled here with -DMHC_CP_TRACE: globaltimer stamps over
 its mix output; outputs otherwise wrong): per event, the median over CTAs and tiles of its time
-relative to the iteration's first barrier (event 6: tile i and the staged tile landed).
+relative to the iteration's first barrier (event 6: tile i landed, the workers past their barrier).
 
   python scripts/trace_coeffs_pre.py [T n C] [DEFINE ...] [VARIANT.cu] [@LAUNCH_CONSTANT=VALUE ...]
 """

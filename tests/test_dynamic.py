@@ -733,8 +733,9 @@ def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
 def test_emulated_cuda_coeffs_pre(emulated_cuda, copy_timing, monkeypatch, B, n, C, sms):
     """mhc_dynamic_coeffs_pre (coefficients + x_in, x read once) with its CTAs waiting on each other:
     groups of ceil(C / 128) CTAs, each walking more tiles than its shared buffers and partial slots
-    (14 tiles, one group: a slot rewritten once every CTA has read its earlier tile), a ragged last split and token tile, a CTA whose second 64-column box is
-    partly (C = 200, 216) or wholly (C = 136, 8) past C, and n < 4 (unused streams); TMA copies (the
+    (14 tiles, one group: a partial slot rewritten once every CTA has read its earlier tile), a ragged
+    last split and token tile, a CTA whose second 64-column box is partly (C = 200, 216) or wholly
+    (C = 136, 8) past C, and n < 4 (unused streams); TMA copies (the
     emulated tensor map: 128-byte swizzle, zero fill) landing at issue and at their wait."""
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
