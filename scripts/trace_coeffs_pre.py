@@ -59,6 +59,19 @@ for e, name in names.items():
           f"median {np.median(r) / 1e3:6.2f} p90 {np.percentile(r, 90) / 1e3:6.2f} us")
 pub = (((ev[:, 1:-1, 8] - ev[:, 1:-1, 6] + 2**31) % 2**32) - 2**31)
 print(f"8 x_in warp: the tile's h_pre in hand, after the tile landed: median {np.median(pub) / 1e3:.2f} us")
+# the skew between a group's CTAs: for each tile, the spread of its landing (event 6, absolute stamps) over the
+# group's S CTAs, and where this CTA's landing falls after the group's first; every hand-over waits for the last
+# CTA of the group, so a tile's chain starts at the group's latest landing, not at this CTA's
+land = ev[:, :, 6].reshape(G, S, ntile)
+rel = (((land - land[:, :1] + 2**31) % 2**32) - 2**31)  # vs CTA 0 of the group: wraps once in ~4.3 s
+spread = (rel.max(axis=1) - rel.min(axis=1))[:, 6:-1]
+late = (rel - rel.min(axis=1, keepdims=True))[:, :, 6:-1]
+last = rel.argmax(axis=1)[:, 6:-1]  # [G, tiles]: the group's last CTA to land each tile
+persistent = np.median([np.bincount(row).max() / row.size for row in last])  # its most frequent one's share
+print(f"landing spread over a group's {S} CTAs per tile: p10 {np.percentile(spread, 10) / 1e3:.2f} median "
+      f"{np.median(spread) / 1e3:.2f} p90 {np.percentile(spread, 90) / 1e3:.2f} us; a CTA's landing after the "
+      f"group's first: median {np.median(late) / 1e3:.2f} us; a group's most frequent last CTA is last in "
+      f"{persistent * 100:.0f}% of its tiles")
 # a ring buffer's refill: tile i + RING issued by the x_in warp (event 1 of tile i) -> the workers past its wait
 ring = int(next((d.split("=")[1] for d in defs if d.startswith("MHC_CP_RING=")), 6))
 fill = (((ev[:, ring:, 6] - ev[:, :-ring, 1] + 2**31) % 2**32) - 2**31)

@@ -785,6 +785,35 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
         _check_gradients("cuda", B, n, C, "bfloat16")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+def test_gpu_coeffs_pre_shared_sync(monkeypatch):
+    """Launches of mhc_dynamic_coeffs_pre on one sync buffer (MLX can merge two equal zeros arrays of a
+    compiled graph into one): the last CTA of each launch zeroes the counters again, so the next launch
+    on new x gives exactly what it gives on a fresh buffer, and the buffer ends zeroed. 32 tiles a
+    group: the partial slots are reused within each launch too."""
+    from mhc_aot import cuda_dynamic
+
+    if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.CP_ARCH:
+        pytest.skip(f"mhc_dynamic_coeffs_pre is built for sm_{cuda_dynamic.CP_ARCH}a only (TMA)")
+    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    T, n, C = 16384, 4, 1024
+    G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
+    assert G > 0
+    sync = mx.zeros((2 + 2 * -(-T // cuda_dynamic.CP_TT),), mx.int32)
+    mx.eval(sync)
+    phi, b, ap, apo, ar = _params(n, C, 0)
+    args = (phi, b, ap.reshape(1), apo.reshape(1), ar.reshape(1), dynamic.Config(**CFG), G)
+    for seed in (1, 2, 3):
+        x = _x((T, n, C), "bfloat16", seed)
+        shared = cuda_dynamic._coeffs_pre(x, *args, sync=sync)
+        mx.eval(shared)
+        fresh = cuda_dynamic._coeffs_pre(x, *args)
+        for name, got, want in zip(("h_pre", "h_post", "h_res", "x_in", "mix", "invr"), shared, fresh):
+            assert mx.array_equal(got, want).item(), f"launch {seed} on the shared buffer: {name} differs"
+        assert not np.array(sync).any(), f"launch {seed} left its counters set"
+
+
 # ---------------------------------------------------------------- Metal, emulated on the CPU
 # The Metal kernels of dynamic mHC (metal_src/mhc_dynamic_*.metal: the coefficients forward, pre,
 # post_res and their backward) run under the CPU emulation of tests/metal_emulation.py through
