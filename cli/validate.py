@@ -173,10 +173,12 @@ def variant_name(backend: str, op: str, strategy: str, dtype: str, n: int) -> st
         return "portable"
     rows = [r for r in _manifest_rows() if r["backend"] == backend and r["op"] == op
             and (r["strategy"] == strategy or strategy == "no rule")]  # no rule: the shipped family, unreachable
-    names = []
+    names, tag = [], manifest.DTYPE_TAGS[dtype]
     for source in dict.fromkeys(r["source"] for r in rows):
         typed = any(r["dtype"] for r in rows if r["source"] == source)
-        names.append(manifest.find(backend, source, manifest.DTYPE_TAGS[dtype] if typed else None, n).name)
+        if typed and not any(r["source"] == source and r["dtype"] == tag for r in rows):
+            continue  # built for other dtypes only (mhc_dynamic_proj_tc: bfloat16): not on this dtype's path
+        names.append(manifest.find(backend, source, tag if typed else None, n).name)
     return "+".join(names) or f"{backend}:{op}:{strategy}"
 
 

@@ -192,6 +192,22 @@ def test_validate_quick(fmt):
         assert "portable path" in data and "is what is validated" in data
 
 
+def test_validate_variant_names_only_kernels_built_for_the_dtype():
+    """A kernel family whose sources are built for some dtypes only (the dynamic coefficients'
+    tensor-core projection: bfloat16) names, for another dtype, the kernels that run for it, not a
+    missing kernel with reinstall advice (every float32 and float16 mhc_coeffs row did until session 24)."""
+    from mhc_aot.cli import validate
+
+    rows = [r for r in validate._manifest_rows() if r["backend"] == "cuda" and r["op"] == "mhc_coeffs"]
+    if not rows:
+        pytest.skip("this build shipped no CUDA dynamic kernels (no nvcc)")
+    strategy = rows[0]["strategy"]
+    bf16 = validate.variant_name("cuda", "mhc_coeffs", strategy, "bfloat16", 4).split("+")
+    f32 = validate.variant_name("cuda", "mhc_coeffs", strategy, "float32", 4).split("+")
+    assert "mhc_dynamic_proj_tc_bf16" in bf16 and not any("proj_tc" in v for v in f32), (bf16, f32)
+    assert any(v.startswith("mhc_dynamic_coeffs_f32") for v in f32), f32
+
+
 def test_validate_names_a_broken_variant(monkeypatch):
     """A portable forward made wrong on purpose: exit 1, the variant and op named."""
     from mhc_aot import ops
