@@ -224,6 +224,37 @@ def _grads(fn, args, Gs):
     return list(g)
 
 
+# The arguments with a leading token axis, per op (every op's outputs have one): the float32
+# reference's gradients are also taken with the tokens in other orders (the same sums, rounded in
+# another order), so a gradient's bound rests on more than one sample of float32 rounding.
+TOKEN_ARGS = {"mhc_forward": (0,), "stream_mix_add": (0, 2), "mhc_coeffs": (0,), "mhc_pre": (0, 1),
+              "mhc_post_res": (0, 1, 2, 3)}
+
+
+def _token_orders(B: int) -> list[mx.array]:
+    """As given, reversed, rotated by one: up to three distinct orders of B tokens."""
+    orders = [mx.arange(B), mx.arange(B - 1, -1, -1), (mx.arange(B) + 1) % B]
+    return [o for i, o in enumerate(orders) if not any(mx.array_equal(o, p).item() for p in orders[:i])]
+
+
+def _reference_errors(check: Check, ref_fn, args, Gs, truth) -> list[float]:
+    """Per argument: the largest error of the float32 reference's gradient over the token orders (one
+    order for an op without a token axis). A sum of terms of both signs (the alpha gradients) has
+    an error set by cancellation; one order's error is one draw of it, which a kernel's own order
+    exceeded twice over in 1-3 of 100 runs of the float32 mhc_coeffs rows (H200, session 24)."""
+    token = TOKEN_ARGS.get(check.op, ())
+    errs = [0.0] * len(args)
+    for order in _token_orders(args[0].shape[0]) if token else [None]:
+        if order is None:
+            grads = _grads(ref_fn, args, Gs)
+        else:
+            back = mx.argsort(order)
+            grads = _grads(ref_fn, [a[order] if i in token else a for i, a in enumerate(args)], [G[order] for G in Gs])
+            grads = [g[back] if i in token else g for i, g in enumerate(grads)]
+        errs = [max(e, _rel(g, t)) for e, g, t in zip(errs, grads, truth)]
+    return errs
+
+
 def _grads64(fn, args, Gs):
     """float64 gradients, returned as float32 made on the CPU stream too: float64 has no GPU
     kernels, so even the cast must not run on a GPU stream."""
@@ -348,12 +379,13 @@ def run_check(check: Check) -> dict:
             Gs = [testing.random_input(o.shape, mx.float32, _seed(check) + 1 + i) for i, o in enumerate(outs)]
             with testing.poisoned_outputs():
                 got = _grads(fn, args, Gs)
-            ref = _grads(ref_fn, args, Gs)
             # bound: the tolerance, or factor x the float32 reference's own error where it cannot
-            # reach it (float32 gradients of sums over tokens: 2.3e-5 seen against a 1e-5 bound)
+            # reach it (float32 gradients of sums over tokens: 2.3e-5 seen against a 1e-5 bound), its
+            # largest over a few token orders (_reference_errors)
             truth = _grads64(_dynamic_truth_fn(check.op) if check.dynamic else TRUTH64[check.op], args, Gs)
-            items = [(f"d{nm}", _rel(g, t), max(testing.tolerance(g.dtype), factor * _rel(r, t)))
-                     for nm, g, r, t in zip(names, got, ref, truth)]
+            ref_errs = _reference_errors(check, ref_fn, args, Gs, truth)
+            items = [(f"d{nm}", _rel(g, t), max(testing.tolerance(g.dtype), factor * r))
+                     for nm, g, r, t in zip(names, got, ref_errs, truth)]
         else:
             with testing.poisoned_outputs():
                 got = _as_tuple(fn(*args))
