@@ -788,8 +788,8 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
 @pytest.mark.gpu
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
 def test_gpu_coeffs_pre_shared_sync(monkeypatch):
-    """Launches of mhc_dynamic_coeffs_pre on one sync buffer (MLX can merge two equal zeros arrays of a
-    compiled graph into one): the last CTA of each launch zeroes the counters again, so the next launch
+    """Launches of mhc_dynamic_coeffs_pre on one sync buffer (as when mx.compile merges two equal zeros
+    arrays of a graph): the last CTA of each launch zeroes the counters again, so the next launch
     on new x gives exactly what it gives on a fresh buffer, and the buffer ends zeroed. 32 tiles a
     group: the partial slots are reused within each launch too."""
     from mhc_aot import cuda_dynamic
