@@ -208,6 +208,29 @@ def test_validate_variant_names_only_kernels_built_for_the_dtype():
     assert any(v.startswith("mhc_dynamic_coeffs_f32") for v in f32), f32
 
 
+def test_validate_reference_error_over_token_orders(monkeypatch):
+    """A gradient's bound rests on the float32 reference's worst error over distinct token orders:
+    the orders are permutations, each undone on the gradients with a token axis, and they round the
+    float32 reference differently (a larger error than the given order's on these inputs)."""
+    from mhc_aot.cli import validate
+
+    for B, count in ((1, 1), (2, 2), (3, 3), (5, 3)):
+        orders = validate._token_orders(B)
+        assert len(orders) == count and all(sorted(o.tolist()) == list(range(B)) for o in orders)
+    monkeypatch.setattr(validate, "_seed", lambda check: 7)
+    check = validate.Check("portable", "mhc_coeffs", True, 3, 4, 130, "float32", "portable", "portable")
+    with mx.stream(mx.cpu):  # float32 arithmetic (a GPU's matmuls may run in TF32)
+        args, _ = validate._inputs(check)
+        ref_fn = validate._reference_fn(check.op)
+        outs = validate._as_tuple(ref_fn(*args))
+        Gs = [mx.random.normal(o.shape, key=mx.random.key(11 + i)) for i, o in enumerate(outs)]
+        truth = validate._grads64(validate._dynamic_truth_fn(check.op), args, Gs)
+        one = [validate._rel(g, t) for g, t in zip(validate._grads(ref_fn, args, Gs), truth)]
+        worst = validate._reference_errors(check, ref_fn, args, Gs, truth)
+    assert all(w >= o for w, o in zip(worst, one)) and any(w > o for w, o in zip(worst, one)), (one, worst)
+    assert max(worst) < 1e-4, worst  # still rounding: an order not undone would show as an O(1) error
+
+
 def test_validate_names_a_broken_variant(monkeypatch):
     """A portable forward made wrong on purpose: exit 1, the variant and op named."""
     from mhc_aot import ops
