@@ -233,8 +233,8 @@ TOKEN_ARGS = {"mhc_forward": (0,), "stream_mix_add": (0, 2), "mhc_coeffs": (0,),
 
 def _token_orders(B: int) -> list[mx.array]:
     """As given, reversed, rotated by one: up to three distinct orders of B tokens."""
-    orders = [mx.arange(B), mx.arange(B - 1, -1, -1), (mx.arange(B) + 1) % B]
-    return [o for i, o in enumerate(orders) if not any(mx.array_equal(o, p).item() for p in orders[:i])]
+    orders = dict.fromkeys((tuple(range(B)), tuple(range(B - 1, -1, -1)), tuple((i + 1) % B for i in range(B))))
+    return [mx.array(o) for o in orders]
 
 
 def _reference_errors(check: Check, ref_fn, args, Gs, truth) -> list[float]:

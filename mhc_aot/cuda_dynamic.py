@@ -248,14 +248,19 @@ def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
     return min(_cdiv(T, CP_TT), resident // S)
 
 
+def coeffs_pre_sync_len(T: int) -> int:
+    """int32 counters of mhc_dynamic_coeffs_pre: ticket, done, then projected and published per tile."""
+    return 2 + 2 * _cdiv(T, CP_TT)
+
+
 def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None):
     """mhc_dynamic_coeffs_pre: (h_pre, h_post, h_res, x_in, mix, invr), x read once. sync: the kernel's
     zeroed counters (default: new zeros; a test passes one buffer to several launches)."""
     T, n, C = x3.shape
-    M, S, tiles = n * n + 2 * n, _cdiv(C, CP_CW), _cdiv(T, CP_TT)
+    M, S = n * n + 2 * n, _cdiv(C, CP_CW)
     # its counters, zeroed (the kernel zeroes them again when it ends)
     if sync is None:
-        sync = mx.zeros((2 + 2 * tiles,), mx.int32)
+        sync = mx.zeros((coeffs_pre_sync_len(T),), mx.int32)
     # x as (C, T, n) with boxes of CP_BOXC columns x CP_TT tokens x n streams: a box lands as n x CP_TT
     # lines of 128 bytes, a stream's tokens consecutive (the kernel's ldmatrix rows)
     tmpl = tma.template("bf16", (C, T, n), (n * C * 2, C * 2), (CP_BOXC, CP_TT, n), 128)

@@ -28,7 +28,7 @@ for k, v in knobs.items():
     setattr(cuda_dynamic, k, int(v))
 cuda_dynamic.CP_MIN_T = 1
 G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
-S = -(-C // 128)
+S = -(-C // cuda_dynamic.CP_CW)
 x = (mx.random.normal((T, n, C)) * 0.5).astype(mx.bfloat16)
 phi = mx.random.normal((n * C, n * n + 2 * n)) * 0.01
 b, a = mx.zeros((n * n + 2 * n,)), mx.array([1.0])
@@ -36,7 +36,7 @@ for _ in range(3):
     outs = cuda_dynamic._coeffs_pre(x, phi, b, a, a, a, Config(), G)
     mx.eval(outs)
 mix = np.array(outs[4]).reshape(-1).view(np.uint32)
-ntile = -(-T // 32) // G
+ntile = -(-T // cuda_dynamic.CP_TT) // G
 # the kernel's TRACE: 10 stamps for each of a CTA's first 64 tiles, [ticket][tile][event], over mix [T, M]
 if G * S * 64 * 10 > mix.size or ntile > 64:
     sys.exit(f"T={T} n={n} C={C}: the trace needs mix to hold {G * S * 640} stamps (it holds {mix.size}) and at "

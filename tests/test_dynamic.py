@@ -800,7 +800,7 @@ def test_gpu_coeffs_pre_shared_sync(monkeypatch):
     T, n, C = 16384, 4, 1024
     G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
     assert G > 0
-    sync = mx.zeros((2 + 2 * -(-T // cuda_dynamic.CP_TT),), mx.int32)
+    sync = mx.zeros((cuda_dynamic.coeffs_pre_sync_len(T),), mx.int32)
     mx.eval(sync)
     phi, b, ap, apo, ar = _params(n, C, 0)
     args = (phi, b, ap.reshape(1), apo.reshape(1), ar.reshape(1), dynamic.Config(**CFG), G)
