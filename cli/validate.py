@@ -11,7 +11,9 @@ mhc_aot.dynamic_reference, run in float64; their outputs are checked against its
 Outputs pass below the dtype's tolerance, and in
 bfloat16 also within testing.BF16_REFERENCE_FACTOR x the reference's own bfloat16 error. Gradients
 pass below the tolerance or, where mx.grad of the float32 reference itself cannot reach it (sums of
-cancelling terms), within that factor of the reference's own error (as tests/test_gradients.py).
+cancelling terms), within that factor of the reference's own error (as tests/test_gradients.py); a
+dynamic op's shared arguments (phi, b, the alphas) also within the tolerance of the sum of their
+gradient's terms' magnitudes (TERM_SHAPES), which bounds a cancelling sum's rounding.
 """
 
 from __future__ import annotations
@@ -255,6 +257,61 @@ def _reference_errors(check: Check, ref_fn, args, Gs, truth) -> list[float]:
     return errs
 
 
+# A shared argument's gradient (one without a token axis) is a sum over the argument's uses, and a
+# float32 sum's rounding is set by its terms' magnitudes (|error| <= N u sum |terms| for N terms),
+# not by the total, which cancellation can make small: dalpha_res sums dlogit * mix over every
+# token and residual logit. Per op: the shape each shared argument is broadcast to, one copy per
+# use (the alphas scale each logit; phi and b enter once per token); the reference takes such copies.
+TERM_SHAPES = {"mhc_coeffs": lambda T, n, C: {1: (T, n * C, n * n + 2 * n), 2: (T, n * n + 2 * n), 3: (T, n),
+                                              4: (T, n), 5: (T, n, n)}}
+TERM_CHUNK_ELEMENTS = 1 << 22  # float64 elements of the largest copy per chunk of tokens (32 MB)
+
+
+def _term_magnitudes(check: Check, truth_fn, args, Gs) -> dict[int, mx.array]:
+    """Per shared argument i: the sum over its uses of |that use's term of the gradient| (float64 on
+    the CPU stream, returned as float32), from mx.grad with respect to a copy per use (TERM_SHAPES),
+    a chunk of tokens at a time."""
+    shapes = TERM_SHAPES.get(check.op)
+    if shapes is None:
+        return {}
+    token, T = TOKEN_ARGS[check.op], args[0].shape[0]
+    step = max(1, TERM_CHUNK_ELEMENTS // max(math.prod(s) for s in shapes(1, check.n, check.C).values()))
+    sums: dict[int, mx.array] = {}
+    with mx.stream(mx.cpu):
+        a64 = [a.astype(mx.float64) for a in args]
+        G64 = [G.astype(mx.float64) for G in Gs]
+        for t0 in range(0, T, step):
+            rows = slice(t0, min(T, t0 + step))
+            chunk = [a[rows] if i in token else a for i, a in enumerate(a64)]
+            Gc = [G[rows] for G in G64]
+            uses = {i: mx.broadcast_to(chunk[i], s) for i, s in shapes(rows.stop - t0, check.n, check.C).items()}
+
+            def loss(*copies, chunk=chunk, Gc=Gc, uses=uses):
+                a = list(chunk)
+                for i, c in zip(uses, copies):
+                    a[i] = c
+                return sum(mx.sum(o * G) for o, G in zip(_as_tuple(truth_fn(*a)), Gc))
+
+            terms = _as_tuple(mx.grad(loss, argnums=tuple(range(len(uses))))(*uses.values()))
+            for i, g in zip(uses, terms):
+                m = mx.sum(mx.abs(g).reshape(-1, *args[i].shape), axis=0)
+                sums[i] = sums[i] + m if i in sums else m
+            mx.eval(sums)
+        out = {i: m.astype(mx.float32) for i, m in sums.items()}
+        mx.eval(out)
+    return out
+
+
+def _magnitude_bound(tol: float, terms: mx.array | None, truth: mx.array) -> float:
+    """The tolerance on the terms' magnitudes, as a relative error against the truth (what `_rel`
+    reports): tol ||sum |terms| || / ||truth||; 0 for an argument without terms."""
+    if terms is None:
+        return 0.0
+    size = float(mx.linalg.norm(terms.reshape(-1)).item())
+    denom = float(mx.linalg.norm(truth.astype(mx.float32).reshape(-1)).item())
+    return tol * size / denom if denom > 0 else tol * size
+
+
 def _grads64(fn, args, Gs):
     """float64 gradients, returned as float32 made on the CPU stream too: float64 has no GPU
     kernels, so even the cast must not run on a GPU stream."""
@@ -379,13 +436,17 @@ def run_check(check: Check) -> dict:
             Gs = [testing.random_input(o.shape, mx.float32, _seed(check) + 1 + i) for i, o in enumerate(outs)]
             with testing.poisoned_outputs():
                 got = _grads(fn, args, Gs)
-            # bound: the tolerance, or factor x the float32 reference's own error where it cannot
+            # bound: the tolerance; or factor x the float32 reference's own error where it cannot
             # reach it (float32 gradients of sums over tokens: 2.3e-5 seen against a 1e-5 bound), its
-            # largest over a few token orders (_reference_errors)
-            truth = _grads64(_dynamic_truth_fn(check.op) if check.dynamic else TRUTH64[check.op], args, Gs)
+            # largest over a few token orders (_reference_errors); or, for a shared argument, the
+            # tolerance on its terms' magnitudes (_term_magnitudes: a cancelling sum)
+            truth_fn = _dynamic_truth_fn(check.op) if check.dynamic else TRUTH64[check.op]
+            truth = _grads64(truth_fn, args, Gs)
             ref_errs = _reference_errors(check, ref_fn, args, Gs, truth)
-            items = [(f"d{nm}", _rel(g, t), max(testing.tolerance(g.dtype), factor * r))
-                     for nm, g, r, t in zip(names, got, ref_errs, truth)]
+            terms = _term_magnitudes(check, truth_fn, args, Gs)
+            items = [(f"d{nm}", _rel(g, t), max(testing.tolerance(g.dtype), factor * r,
+                                                _magnitude_bound(testing.tolerance(g.dtype), terms.get(i), t)))
+                     for i, (nm, g, r, t) in enumerate(zip(names, got, ref_errs, truth))]
         else:
             with testing.poisoned_outputs():
                 got = _as_tuple(fn(*args))
@@ -463,7 +524,8 @@ def validate(
              f"device {mx.default_device()}, backend {backend}",
              "error = ||out - ref|| / ||ref|| vs float64; backward = worst gradient of x and every parameter; "
              "bound: outputs = tolerance (bfloat16: and <= factor x the reference's error); "
-             "gradients = max(tolerance, factor x the float32 reference's error)"]
+             "gradients = max(tolerance, factor x the float32 reference's error, "
+             "shared arguments: tolerance x ||sum |terms| || / ||truth||)"]
     if tf32 != "0":
         notes.append(f"{TF32_ENV}={tf32} (set by the caller): MLX's float32 matmuls may run in TF32, outside the "
                      f"float32 tolerance of the portable path's checks; unset it to validate float32 arithmetic")

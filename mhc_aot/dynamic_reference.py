@@ -47,18 +47,20 @@ def rms_projection(x: mx.array, phi: mx.array, rms_eps: float = DEFAULT_RMS_EPS)
     v = _acc(x.reshape(T, -1))
     invr = mx.rsqrt(mx.mean(v * v, axis=-1) + rms_eps)
     # one sum of products per column, not a matmul: MLX's float32 matmuls are TF32 on CUDA by
-    # default, and a [T, K, M] broadcast would hold M copies of x
+    # default, and a [T, K, M] broadcast would hold M copies of x. phi may also be [T, K, M], a copy
+    # per token (`mhc validate` takes the gradient's terms that way)
     phi = _acc(phi)
-    z = mx.stack([mx.sum(v * phi[:, m], axis=-1) for m in range(phi.shape[1])], axis=-1)
+    z = mx.stack([mx.sum(v * phi[..., m], axis=-1) for m in range(phi.shape[-1])], axis=-1)
     return z * invr[:, None], invr
 
 
 def split_logits(mix: mx.array, b: mx.array, alpha_pre, alpha_post, alpha_res, n: int):
-    """logits = alpha * mix + b per segment (ops/mhc.py:452-453, 469): pre [T, n], post [T, n], res [T, n, n]."""
+    """logits = alpha * mix + b per segment (ops/mhc.py:452-453, 469): pre [T, n], post [T, n], res [T, n, n].
+    b may also be [T, M] and the alphas of the logits' shapes, a copy per use (`mhc validate`)."""
     b = _acc(b)
-    pre = mix[:, :n] * alpha_pre + b[:n]
-    post = mix[:, n:2 * n] * alpha_post + b[n:2 * n]
-    res = mix[:, 2 * n:].reshape(-1, n, n) * alpha_res + b[2 * n:].reshape(n, n)
+    pre = mix[:, :n] * alpha_pre + b[..., :n]
+    post = mix[:, n:2 * n] * alpha_post + b[..., n:2 * n]
+    res = mix[:, 2 * n:].reshape(-1, n, n) * alpha_res + b[..., 2 * n:].reshape(*b.shape[:-1], n, n)
     return pre, post, res
 
 

@@ -231,6 +231,62 @@ def test_validate_reference_error_over_token_orders(monkeypatch):
     assert max(worst) < 1e-4, worst  # still rounding: an order not undone would show as an O(1) error
 
 
+def test_validate_shared_gradient_bound_rests_on_its_terms(monkeypatch):
+    """A shared argument's gradient (phi, b, the alphas) is a sum over its uses, and validate bounds
+    its error by the tolerance on the sum of its terms' magnitudes: per token for phi and b (equal to
+    a loop over tokens here), per logit for the alphas (at least the per-token sum). At this seed
+    dalpha_res cancels to 0.2% of its terms' sum: an error of half that bound passes, three times it
+    fails, and without the terms the first fails too (the float32 rows' flake, session 24)."""
+    from mhc_aot import ops, testing
+    from mhc_aot.cli import validate
+
+    monkeypatch.setattr(validate, "_seed", lambda check: 1)
+    check = validate.Check("portable", "mhc_coeffs", True, 3, 4, 130, "float32", "portable", "portable")
+    truth_fn = validate._dynamic_truth_fn(check.op)
+    with mx.stream(mx.cpu):  # float32 arithmetic (a GPU's matmuls may run in TF32)
+        args, _ = validate._inputs(check)
+        outs = validate._as_tuple(validate._reference_fn(check.op)(*args))
+        Gs = [testing.random_input(o.shape, mx.float32, 2 + i) for i, o in enumerate(outs)]
+        truth = validate._grads64(truth_fn, args, Gs)
+        terms = validate._term_magnitudes(check, truth_fn, args, Gs)
+        assert sorted(terms) == [1, 2, 3, 4, 5]  # phi, b, alpha_pre, alpha_post, alpha_res
+        per_token = [validate._grads64(truth_fn, [args[0][t:t + 1], *args[1:]], [G[t:t + 1] for G in Gs])
+                     for t in range(check.B)]
+        for i in range(1, 6):
+            tokens = sum(mx.abs(g[i]) for g in per_token)
+            if i <= 2:
+                assert mx.allclose(terms[i], tokens, rtol=1e-5, atol=0).item(), i
+            else:
+                assert terms[i].item() >= tokens.item() * (1 - 1e-6) >= abs(truth[i].item()) * (1 - 1e-6), i
+    size = terms[5].item()
+    assert abs(truth[5].item()) < 0.01 * size  # the premise: a cancelling sum
+
+    def shifted(delta):
+        @mx.custom_function
+        def shift(a):
+            return a
+
+        @shift.vjp
+        def shift_vjp(primals, cotangent, output):
+            return (cotangent + delta,)
+
+        return lambda x, *p: ops.mhc_coeffs_pre(x, *p[:4], shift(p[4]), backend="portable")
+
+    real_op_fn = validate._op_fn
+
+    def row(k):  # the op under test shifted; the float32 reference (also through _op_fn) as it is
+        monkeypatch.setattr(validate, "_op_fn", lambda op, backend: (
+            shifted(k * testing.tolerance(mx.float32) * size) if backend == "portable" else real_op_fn(op, backend)))
+        with mx.stream(mx.cpu):
+            return validate.run_check(check)
+
+    assert row(0.5)["result"] == "pass"
+    wrong = row(3.0)
+    assert wrong["result"] == "FAIL" and wrong["checked"] == "dalpha_res", wrong
+    monkeypatch.setattr(validate, "_term_magnitudes", lambda *a: {})
+    assert row(0.5)["result"] == "FAIL"
+
+
 def test_validate_names_a_broken_variant(monkeypatch):
     """A portable forward made wrong on purpose: exit 1, the variant and op named."""
     from mhc_aot import ops
