@@ -62,6 +62,11 @@ for s in $stages; do
     timeout "${MHC_TESTS_TIMEOUT:-480}" python3 -m pytest -q -rfE -m gpu -p no:cacheprovider --timeout=300 ${MHC_GPU_TESTS:-tests} \
       > "$out/gpu_tests.log" 2>&1 || status=1
     grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests.log" | head -60
+    # the native shim's tests in full (few are gpu-marked): the shim crashed next to MLX's CUDA build
+    # in a test that `-m gpu` never ran (session 25)
+    timeout 120 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_shim.py > "$out/shim_tests.log" 2>&1 || status=1
+    echo "shim tests, every one:"
+    grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)|Fatal Python error" "$out/shim_tests.log" | head -20
     # the forward's `cluster` strategy runs only with MLX's CUDA graphs off (mhc_aot/dispatch.py,
     # CLUSTER_FORWARD): the forward, gradient and layer tests again in that mode
     [ "${MHC_NO_GRAPHS_TESTS:-1}" = 0 ] && continue

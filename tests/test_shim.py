@@ -191,6 +191,19 @@ def test_metal_kernel_key_format():
     assert "const constant float* x" in small["source"] and "const constant float& s" in small["source"]
 
 
+def test_metal_kernel_key_with_mlx_imported_first():
+    """In a child process that imports MLX and runs an op on its default device first (on a GPU
+    machine, MLX's CUDA build), the key equals this process's; the shim once crashed the interpreter
+    there (H200, session 25: formatting through libstdc++ streams), which a child process reports as
+    a failure instead of ending the test session."""
+    args = ("demo", [("x", "float16_t", 16, 2), ("p", "int32_t", 8, 1)], [("out", "float")], "\n// body\n")
+    code = ("import mlx.core as mx; mx.eval(mx.ones((4,)) + 1); from mhc_aot import _shim; "
+            f"print(_shim.metal_kernel_key(*{args!r})['library_name'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split() == [_shim.metal_kernel_key(*args)["library_name"]]
+
+
 def _mlx_source(name, inputs, outputs, body):
     """MLX's own generated source for a metal_kernel call (verbose printout, export tracing)."""
     from mhc_aot import metal as mm

@@ -20,7 +20,7 @@
 // changed) fails loudly at the first launch instead of running anything else.
 #include <cstdint>
 #include <cstring>
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -163,6 +163,18 @@ const std::pair<const char*, const char*> MLX_ATTRIBUTES[] = {
     {"threads_per_simdgroup", "uint"},               {"threads_per_threadgroup", "uint3"},
 };
 
+// Decimal text by snprintf. With MLX's CUDA build imported first, metal_kernel_key crashed the
+// interpreter on the device (H200, gcc 13.3, session 25) while it formatted with std::to_string and
+// std::ostringstream; the same function formatting with snprintf passes there. Which libstdc++ state
+// the crash came from was not isolated (LD_DEBUG showed none of this library's symbols bound to
+// libmlx); plain C formatting keeps the key off it. tests/test_shim.py runs the key in a child process
+// with MLX imported first.
+std::string decimal(long long v) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "%lld", v);
+  return buf;
+}
+
 }  // namespace
 
 unsigned long long libcxx_string_hash(const std::string& s) { return cityhash64(s.data(), s.size()); }
@@ -197,15 +209,15 @@ py::dict metal_kernel_key(const std::string& name, const std::vector<KernelInput
   for (size_t i = 0; i < inputs.size(); ++i) {
     const auto& [n, type, size, ndim] = inputs[i];
     src += std::string("  const ") + (size < MLX_MAX_CONSTANT_ARRAY_SIZE ? "constant" : "device") + " " + type +
-           (ndim == 0 ? "&" : "*") + " " + n + " [[buffer(" + std::to_string(index++) + ")]],\n";
+           (ndim == 0 ? "&" : "*") + " " + n + " [[buffer(" + decimal(index++) + ")]],\n";
     if (ndim > 0) {
-      if (std::get<0>(shape_infos[i])) src += "  const constant int* " + n + "_shape [[buffer(" + std::to_string(index++) + ")]],\n";
-      if (std::get<1>(shape_infos[i])) src += "  const constant int64_t* " + n + "_strides [[buffer(" + std::to_string(index++) + ")]],\n";
-      if (std::get<2>(shape_infos[i])) src += "  const constant int& " + n + "_ndim [[buffer(" + std::to_string(index++) + ")]],\n";
+      if (std::get<0>(shape_infos[i])) src += "  const constant int* " + n + "_shape [[buffer(" + decimal(index++) + ")]],\n";
+      if (std::get<1>(shape_infos[i])) src += "  const constant int64_t* " + n + "_strides [[buffer(" + decimal(index++) + ")]],\n";
+      if (std::get<2>(shape_infos[i])) src += "  const constant int& " + n + "_ndim [[buffer(" + decimal(index++) + ")]],\n";
     }
   }
   for (const auto& [n, type] : outputs) {
-    src += "  device " + type + "* " + n + " [[buffer(" + std::to_string(index) + ")]]";
+    src += "  device " + type + "* " + n + " [[buffer(" + decimal(index) + ")]]";
     // MLX's condition, kept verbatim (it compares a buffer index with an array count)
     src += (index < inputs.size() + outputs.size() - 1 || !attributes.empty()) ? ",\n" : ") {\n";
     ++index;
@@ -220,13 +232,15 @@ py::dict metal_kernel_key(const std::string& name, const std::vector<KernelInput
   h = std::hash<std::string>{}(src);  // this process's libc++: what libmlx.dylib computes
   impl = "std::hash<std::string> of this build's libc++";
 #endif
-  std::ostringstream key;
-  key << kernel_name << "_" << std::hex << h << std::dec << "_" << compile_options;
+  // snprintf, not an ostringstream: see decimal()
+  char hex[32];
+  std::snprintf(hex, sizeof(hex), "_%llx_", h);
+  const std::string library_name = kernel_name + hex + decimal(compile_options);
   py::dict d;
   d["kernel_name"] = kernel_name;
   d["source"] = src;
   d["source_hash"] = h;
-  d["library_name"] = key.str();
+  d["library_name"] = library_name;
   d["hash_impl"] = impl;
   d["portable_hash_matches"] = portable == h;
   d["uses_shape_buffers_or_attributes"] = !attributes.empty() || index != inputs.size() + outputs.size();
