@@ -72,6 +72,12 @@ print(f"landing spread over a group's {S} CTAs per tile: p10 {np.percentile(spre
       f"{np.median(spread) / 1e3:.2f} p90 {np.percentile(spread, 90) / 1e3:.2f} us; a CTA's landing after the "
       f"group's first: median {np.median(late) / 1e3:.2f} us; a group's most frequent last CTA is last in "
       f"{persistent * 100:.0f}% of its tiles")
+# which CTAs lag: the split index (a CTA's column range) of each group's most frequent last CTA. The same
+# index across groups points at the columns (their phi rows, their L2 slices); different ones at the CTA's SM
+top = [np.bincount(row, minlength=S).argmax() for row in last]
+share = [np.bincount(row, minlength=S).max() / row.size for row in last]
+print("most frequent last CTA per group (split index: share of the group's tiles): "
+      + ", ".join(f"{t}: {100 * f:.0f}%" for t, f in zip(top, share)))
 # a ring buffer's refill: tile i + RING issued by the x_in warp (event 1 of tile i) -> the workers past its wait
 ring = int(next((d.split("=")[1] for d in defs if d.startswith("MHC_CP_RING=")), 6))
 fill = (((ev[:, ring:, 6] - ev[:, :-ring, 1] + 2**31) % 2**32) - 2**31)
