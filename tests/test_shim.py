@@ -191,7 +191,7 @@ def test_metal_kernel_key_format():
     assert "const constant float* x" in small["source"] and "const constant float& s" in small["source"]
 
 
-def test_metal_kernel_key_with_mlx_imported_first():
+def test_metal_kernel_key_with_mlx_imported_first(tmp_path):
     """In a child process that imports MLX and runs an op on its default device first (on a GPU
     machine, MLX's CUDA build), the key equals this process's; the shim once crashed the interpreter
     there (H200, session 25: formatting through libstdc++ streams), which a child process reports as
@@ -199,7 +199,14 @@ def test_metal_kernel_key_with_mlx_imported_first():
     args = ("demo", [("x", "float16_t", 16, 2), ("p", "int32_t", 8, 1)], [("out", "float")], "\n// body\n")
     code = ("import mlx.core as mx; mx.eval(mx.ones((4,)) + 1); from mhc_aot import _shim; "
             f"print(_shim.metal_kernel_key(*{args!r})['library_name'])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # the child imports the mhc_aot this process tests (not a source tree's, whose _shim/ folder of
+    # sources would import as an empty namespace package), run from a folder of its own
+    import os
+
+    import mhc_aot
+
+    env = {**os.environ, "PYTHONPATH": str(Path(mhc_aot.__file__).resolve().parent.parent)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.split() == [_shim.metal_kernel_key(*args)["library_name"]]
 
