@@ -77,7 +77,7 @@ def _device_facts() -> dict:
 
 def _shim_facts() -> dict:
     try:
-        from mhc_aot import _shim
+        _shim = device.load_shim()
     except ImportError as e:
         return {"shim": f"not importable ({e})"}
     facts = {}

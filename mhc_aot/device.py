@@ -13,12 +13,26 @@ import functools
 DEFAULT_SM_COUNT = 132
 
 
+def load_shim():
+    """mhc_aot._shim, the compiled extension; ImportError saying why where it is not there. Python run
+    from the repo root after a non-editable install imports the source tree, whose `_shim/` folder
+    (the C++ sources) would import as an empty namespace package: that is refused by name."""
+    from . import _shim
+
+    if getattr(_shim, "__file__", None) is None:
+        where = next(iter(getattr(_shim, "__path__", [])), "?")
+        raise ImportError(f"mhc_aot was imported from a source tree without its build outputs ({where} holds "
+                          "the shim's sources, not the compiled shim): run Python outside the repository's root "
+                          "so the installed mhc_aot is imported, or build in place with `pip install -e .`")
+    return _shim
+
+
 @functools.lru_cache(maxsize=1)
 def cuda_facts() -> dict:
     """The shim's CUDA device facts, or {'available': False, 'reason': ...}."""
     try:
-        from . import _shim
-    except ImportError as e:  # the package was installed without its native shim
+        _shim = load_shim()
+    except ImportError as e:  # installed without its native shim, or a source tree without build outputs
         return {"available": False, "reason": f"mhc_aot._shim not importable: {e}"}
     if not hasattr(_shim, "cuda_device_facts"):
         return {"available": False, "reason": "this build of the shim has no CUDA driver query"}
@@ -82,7 +96,7 @@ def max_shared_memory_per_block() -> int:
 @functools.lru_cache(maxsize=1)
 def _nvtx():
     try:
-        from . import _shim
+        _shim = load_shim()
     except ImportError:
         return None
     return _shim if getattr(_shim, "nvtx_available", lambda: {})().get("available") else None

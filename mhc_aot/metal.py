@@ -31,7 +31,7 @@ import tempfile
 
 import mlx.core as mx
 
-from . import dispatch, kernel_ops, manifest, testing
+from . import device, dispatch, kernel_ops, manifest, testing
 from .kernel_ops import dtype_tag
 
 THREADS = 256  # metal_src/mhc_common.h
@@ -63,10 +63,9 @@ class MetalPreloadError(RuntimeError):
 
 def _shim():
     try:
-        from . import _shim
+        return device.load_shim()
     except ImportError as e:
         raise MetalPreloadError(f"mhc_aot._shim is not importable ({e}): {manifest.REINSTALL_HINT}") from e
-    return _shim
 
 
 @functools.lru_cache(maxsize=1)

@@ -211,6 +211,30 @@ def test_metal_kernel_key_with_mlx_imported_first(tmp_path):
     assert r.stdout.split() == [_shim.metal_kernel_key(*args)["library_name"]]
 
 
+def test_source_tree_without_build_outputs_says_so(tmp_path):
+    """The package's Python files next to an uncompiled `_shim/` folder of sources (what Python run from
+    the repo root after a non-editable install imports): the shim is refused by name, with the way
+    out, where it used to import as an empty namespace package and fail on a missing attribute."""
+    import os
+
+    import mhc_aot
+
+    tree = tmp_path / "mhc_aot"
+    (tree / "_shim").mkdir(parents=True)
+    for f in Path(mhc_aot.__file__).resolve().parent.glob("*.py"):
+        (tree / f.name).write_text(f.read_text())
+    code = ("from mhc_aot import device\n"
+            "try:\n    device.load_shim()\nexcept ImportError as e:\n    print('refused:', e)\n"
+            "print('facts:', device.cuda_facts()['reason'])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("refused: mhc_aot was imported from a source tree without its build outputs"), lines
+    assert "pip install -e ." in lines[0] and str(tree / "_shim") in lines[0]
+    assert lines[1].startswith("facts: mhc_aot._shim not importable: mhc_aot was imported from a source tree"), lines
+
+
 def _mlx_source(name, inputs, outputs, body):
     """MLX's own generated source for a metal_kernel call (verbose printout, export tracing)."""
     from mhc_aot import metal as mm
