@@ -268,38 +268,33 @@ TERM_CHUNK_ELEMENTS = 1 << 22  # float64 elements of the largest copy per chunk 
 
 
 def _term_magnitudes(check: Check, truth_fn, args, Gs) -> dict[int, mx.array]:
-    """Per shared argument i: the sum over its uses of |that use's term of the gradient| (float64 on
-    the CPU stream, returned as float32), from mx.grad with respect to a copy per use (TERM_SHAPES),
-    a chunk of tokens at a time."""
+    """Per shared argument i: the sum over its uses of |that use's term of the gradient| (float64
+    gradients through _grads64, as float32), from mx.grad with respect to a copy per use
+    (TERM_SHAPES), a chunk of tokens at a time."""
     shapes = TERM_SHAPES.get(check.op)
     if shapes is None:
         return {}
     token, T = TOKEN_ARGS[check.op], args[0].shape[0]
     step = max(1, TERM_CHUNK_ELEMENTS // max(math.prod(s) for s in shapes(1, check.n, check.C).values()))
     sums: dict[int, mx.array] = {}
-    with mx.stream(mx.cpu):
-        a64 = [a.astype(mx.float64) for a in args]
-        G64 = [G.astype(mx.float64) for G in Gs]
-        for t0 in range(0, T, step):
-            rows = slice(t0, min(T, t0 + step))
-            chunk = [a[rows] if i in token else a for i, a in enumerate(a64)]
-            Gc = [G[rows] for G in G64]
-            uses = {i: mx.broadcast_to(chunk[i], s) for i, s in shapes(rows.stop - t0, check.n, check.C).items()}
+    for t0 in range(0, T, step):
+        rows = slice(t0, min(T, t0 + step))
+        chunk = [a[rows] if i in token else a for i, a in enumerate(args)]
+        uses = {i: mx.broadcast_to(chunk[i], s) for i, s in shapes(rows.stop - t0, check.n, check.C).items()}
 
-            def loss(*copies, chunk=chunk, Gc=Gc, uses=uses):
-                a = list(chunk)
-                for i, c in zip(uses, copies):
-                    a[i] = c
-                return sum(mx.sum(o * G) for o, G in zip(_as_tuple(truth_fn(*a)), Gc))
+        def per_use(*copies, chunk=chunk, uses=uses):
+            a = [c.astype(copies[0].dtype) for c in chunk]  # the truth's float64
+            for i, c in zip(uses, copies):
+                a[i] = c
+            return truth_fn(*a)
 
-            terms = _as_tuple(mx.grad(loss, argnums=tuple(range(len(uses))))(*uses.values()))
+        terms = _grads64(per_use, list(uses.values()), [G[rows] for G in Gs])
+        with mx.stream(mx.cpu):
             for i, g in zip(uses, terms):
                 m = mx.sum(mx.abs(g).reshape(-1, *args[i].shape), axis=0)
                 sums[i] = sums[i] + m if i in sums else m
             mx.eval(sums)
-        out = {i: m.astype(mx.float32) for i, m in sums.items()}
-        mx.eval(out)
-    return out
+    return sums
 
 
 def _magnitude_bound(tol: float, terms: mx.array | None, truth: mx.array) -> float:

@@ -16,6 +16,7 @@ Tolerance table: none. Reference: MLX's own generated source; libc++'s std::hash
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+import mhc_aot
 from mhc_aot import _shim, cuda, manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,10 +203,6 @@ def test_metal_kernel_key_with_mlx_imported_first(tmp_path):
             f"print(_shim.metal_kernel_key(*{args!r})['library_name'])")
     # the child imports the mhc_aot this process tests (not a source tree's, whose _shim/ folder of
     # sources would import as an empty namespace package), run from a folder of its own
-    import os
-
-    import mhc_aot
-
     env = {**os.environ, "PYTHONPATH": str(Path(mhc_aot.__file__).resolve().parent.parent)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
@@ -215,10 +213,6 @@ def test_source_tree_without_build_outputs_says_so(tmp_path):
     """The package's Python files next to an uncompiled `_shim/` folder of sources (what Python run from
     the repo root after a non-editable install imports): the shim is refused by name, with the way
     out, where it used to import as an empty namespace package and fail on a missing attribute."""
-    import os
-
-    import mhc_aot
-
     tree = tmp_path / "mhc_aot"
     (tree / "_shim").mkdir(parents=True)
     for f in Path(mhc_aot.__file__).resolve().parent.glob("*.py"):
