@@ -183,3 +183,35 @@ def grads64(fn, args, G) -> list[np.ndarray]:
         g = g if isinstance(g, (tuple, list)) else (g,)
         mx.eval(g)
     return [np.array(t) for t in g]
+
+
+def outcomes_with_tf32(node_ids: list[str], timeout: int = 300) -> dict[str, str]:
+    """node id -> "passed" / "failed" / "skipped" of these tests run again in a child pytest with
+    MLX_ENABLE_TF32=1 (MLX's default, which conftest.py turns off for the suite): what a user who
+    leaves MLX's default gets. The child tests the same mhc_aot as this process."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    import mhc_aot
+
+    tests = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        env = {**os.environ, "MLX_ENABLE_TF32": "1",
+               "PYTHONPATH": str(Path(mhc_aot.__file__).resolve().parent.parent)}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+               *[str(tests / i) for i in node_ids]]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp, env=env)
+        assert report.exists(), f"the child pytest wrote no report (exit {r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
+        out = {}
+        for case in ET.parse(report).getroot().iter("testcase"):
+            # junit names the test by its module path with dots ("test_layer") and its name with the params
+            kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+            out[f"{case.get('classname').split('.')[-1]}.py::{case.get('name')}"] = {"failure": "failed", "error": "failed"}.get(kind, kind)
+    missing = [i for i in node_ids if i not in out]
+    assert not missing, f"the child pytest did not run {missing}:\n{r.stdout[-3000:]}"
+    return out

@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from backends import assert_bf16_factor, gpu_param, leading, rel_error64, seed_of, to64
+from backends import NEEDS_CUDA, assert_bf16_factor, gpu_param, leading, outcomes_with_tf32, rel_error64, seed_of, to64
 from cuda_emulation import ROOT, Emulator, tensor_map
 from mhc_aot import DynamicMHC, dispatch, dynamic, ops, testing
 from mhc_aot import dynamic_reference as ref
@@ -911,3 +911,22 @@ def test_metal_dispatch_of_the_dynamic_ops():
     assert dispatch.choose("mhc_coeffs", 4, 4096, "metal", B=8192).strategy == "fused"
     assert dispatch.choose("mhc_coeffs", coeffs_limit, 7, "metal", B=1).strategy == "fused"
     assert dispatch.choose("mhc_coeffs", coeffs_limit + 1, 7, "metal", B=1).strategy == "portable"
+
+
+# ---------------------------------------------------------------- MLX's TF32 default
+# float32 gradient checks that the portable path failed on the H200 with MLX_ENABLE_TF32 on (session 26)
+TF32_CHECKS = ["test_dynamic.py::test_gradients_vs_liger64[{}-4-8-15-float32]",
+               "test_dynamic.py::test_gradients_vs_liger64[{}-2-16-7-float32]"]
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+def test_cuda_kernels_float32_exact_with_mlx_tf32_on():
+    """The suite runs with MLX_ENABLE_TF32=0 (conftest.py); with MLX's default the dynamic CUDA kernels'
+    float32 gradients still pass (the projection, dx and dphi are kernels, not MLX matmuls), while the
+    portable path's fail, which shows the setting took effect."""
+    kernels, portable = [c.format("cuda") for c in TF32_CHECKS], [c.format("portable") for c in TF32_CHECKS]
+    got = outcomes_with_tf32(kernels + portable)
+    assert {i: got[i] for i in kernels} == dict.fromkeys(kernels, "passed")
+    assert {i: got[i] for i in portable} == dict.fromkeys(portable, "failed"), \
+        "with MLX_ENABLE_TF32=1 the portable path met float32 tolerances: TF32 no longer applies (MLX changed?)"

@@ -8,8 +8,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from backends import (BACKENDS, DTYPE_NAMES, assert_bf16_factor, assert_close, dispatch_edges, import_mhc_mlx,
-                      leading, rel_error64, run_forward, seed_of, to64)
+from backends import (BACKENDS, DTYPE_NAMES, NEEDS_CUDA, assert_bf16_factor, assert_close, dispatch_edges, import_mhc_mlx,
+                      leading, outcomes_with_tf32, rel_error64, run_forward, seed_of, to64)
 from mhc_aot import MHCLayer, MHCRewire, reference, testing
 
 # ---------------------------------------------------------------- shape table
@@ -229,3 +229,24 @@ def test_rewire_vs_direct_formula(backend, lead, n, dims, dtype_name):
     via_post = run_forward(rewire.mhc.post_combine, x.reshape(*lead, n, dims // n),
                            mx.array(y_inner.astype(np.float32)).astype(dt))
     assert_close(via_post.reshape(x.shape), direct.reshape(x.shape), TOL[dt], f"post_combine[{backend}] {dtype_name}")
+
+
+# ---------------------------------------------------------------- MLX's TF32 default
+# float32 checks that the portable path failed on the H200 with MLX_ENABLE_TF32 left on (session 26)
+TF32_CHECKS = ["test_gradients.py::test_mhc_forward_vs_reference_grad[{}-16-8-255-float32]",
+               "test_gradients.py::test_mhc_forward_vs_reference_grad[{}-3-4-64-float32]",
+               "test_layer.py::test_layer_vs_numpy64[{}-2-32-16-float32]",
+               "test_stream_mix_add.py::test_vs_numpy64[{}-8-32-1024-float32]"]
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+def test_cuda_kernels_float32_exact_with_mlx_tf32_on():
+    """The suite runs with MLX_ENABLE_TF32=0 (conftest.py); a user who keeps MLX's default gets TF32
+    matmuls. The static kernels use none: their float32 checks pass with it on, while the same checks
+    of the portable path (an MLX matmul for the mix) fail, which shows the setting took effect."""
+    kernels, portable = [c.format("cuda") for c in TF32_CHECKS], [c.format("portable") for c in TF32_CHECKS]
+    got = outcomes_with_tf32(kernels + portable)
+    assert {i: got[i] for i in kernels} == dict.fromkeys(kernels, "passed")
+    assert {i: got[i] for i in portable} == dict.fromkeys(portable, "failed"), \
+        "with MLX_ENABLE_TF32=1 the portable path met float32 tolerances: TF32 no longer applies (MLX changed?)"
