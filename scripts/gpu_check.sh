@@ -8,8 +8,11 @@
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     pydantic annotated-doc -d .devwheels2
 #   pip download --no-deps liger-kernel==0.8.5 -d .devwheels2   # torch and triton are there
-# Stages (default all, in this order): build tests sweep bench dynamic profile; `ab` on request
-# (scripts/gpu_strategy_ab.py: strategies with and without their rules, same run; then
+#   pip download --no-deps pytest-xdist==3.8.0 execnet==2.1.2 -d .devwheels2   # for the `alltests` stage
+# Stages (default all, in this order): build tests sweep bench dynamic profile; `alltests` and `ab` on request
+# (`alltests`: the README's test command, every test file and not only `-m gpu`, in 14 pytest-xdist workers:
+# 437 s on the H200's 16 cores in session 26; with `build` it fills a device call: `build alltests`;
+# `ab`: scripts/gpu_strategy_ab.py, strategies with and without their rules, same run; then
 # scripts/gpu_source_ab.py: the ring forward as shipped against its unit widths compiled on the device).
 # `tests` (every file) took ~200 s on the H100 and `bench` with torch.compile ~6 minutes, so a
 # 10-minute device call runs `build tests`, the next `build sweep bench dynamic profile` (build
@@ -75,6 +78,15 @@ for s in $stages; do
       || status=1
     echo "MLX_USE_CUDA_GRAPHS=0:"
     grep -E "^(FAILED|ERROR)|AssertionError|^[0-9]+ (passed|failed)" "$out/gpu_tests_no_graphs.log" | head -30 ;;
+  alltests)
+    stage alltests
+    # non-gpu tests run here too, on a CUDA default device (the portable path, the emulations):
+    # session 26 ran them on the GPU machine for the first time (103 failed before conftest.py pinned
+    # MLX_ENABLE_TF32=0). Without pytest-xdist, one process (~15 minutes: too long for one call)
+    python3 -c "import xdist" 2>/dev/null && workers="-n 14 --dist worksteal -p no:benchmark" || workers=""
+    timeout "${MHC_TESTS_TIMEOUT:-500}" python3 -m pytest -q -rfE $workers -p no:cacheprovider --timeout=300 tests \
+      > "$out/all_tests.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR)|^[0-9]+ (passed|failed)" "$out/all_tests.log" | head -60 ;;
   sweep)
     stage sweep
     timeout 240 python3 scripts/gpu_dispatch_sweep.py || status=1 ;;
