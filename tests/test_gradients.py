@@ -6,7 +6,9 @@ Ground truth is mx.grad of the same math in float64 (backends.forward64). A grad
 its error is below the dtype's tolerance or, where the float32 reference itself cannot reach that
 (a gradient that is a sum of cancelling terms: dH_pre is ~0 at n = 1, where RMSNorm erases the
 scale of H_pre), at most REFERENCE_FACTOR x the reference's own error: never worse than mx.grad
-of the reference.
+of the reference. dH_pre_raw may also be off by the tolerance of its terms' summed magnitudes
+(_pre_magnitudes): that sum cancels, and another summation order (a GPU's) need not match the
+reference's rounding.
 """
 
 from __future__ import annotations
