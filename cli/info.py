@@ -72,6 +72,9 @@ def _device_facts() -> dict:
             facts["cuda driver query"] = cuda.get("reason", "unavailable")
         facts["MLX CUDA graphs"] = ("on (MLX's default; the `cluster` forward stays off: see `mhc info --dispatch`)"
                                     if dispatch.cuda_graphs() else "off (MLX_USE_CUDA_GRAPHS=0)")
+        facts["MLX float32 matmuls"] = (
+            "TF32 (MLX's default; MLX_ENABLE_TF32=0 for float32): the kernels use none, the portable path and "
+            "the dynamic layer's documented exits do" if device.mlx_tf32() else "float32 (MLX_ENABLE_TF32=0)")
     return facts
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 DEFAULT_SM_COUNT = 132
 
@@ -25,6 +26,17 @@ def load_shim():
                           "the shim's sources, not the compiled shim): run Python outside the repository's root "
                           "so the installed mhc_aot is imported, or build in place with `pip install -e .`")
     return _shim
+
+
+def mlx_tf32() -> bool:
+    """Whether MLX computes float32 matmuls in TF32 on CUDA: its default, off with MLX_ENABLE_TF32=0
+    (an integer MLX reads once per process, at its first such matmul). The kernels use no MLX matmul;
+    the portable path and the dynamic layer's documented exits (a Sinkhorn history over shared memory)
+    do, so their float32 results are TF32-accurate (~1e-4) unless it is off."""
+    try:
+        return int(os.environ.get("MLX_ENABLE_TF32", "1")) != 0
+    except ValueError:
+        return True
 
 
 @functools.lru_cache(maxsize=1)

@@ -85,6 +85,25 @@ def test_info_formats(fmt):
         assert "MLX" in data and "dispatch" in data and "FUSED" not in data
 
 
+@pytest.mark.parametrize("env,want", [(None, "TF32"), ("1", "TF32"), ("0", "float32"), ("2", "TF32")])
+def test_info_says_whether_mlx_float32_matmuls_are_tf32(monkeypatch, env, want):
+    """On CUDA, `mhc info` says whether MLX's float32 matmuls (the portable path's) are TF32, as MLX
+    reads MLX_ENABLE_TF32 (an integer, 0 = off; unset = MLX's default, on)."""
+    from mhc_aot import device
+    from mhc_aot.cli import info as info_cli
+
+    if env is None:
+        monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
+    else:
+        monkeypatch.setenv("MLX_ENABLE_TF32", env)
+    monkeypatch.setattr(info_cli.dispatch, "device_backend", lambda device=None: "cuda")
+    monkeypatch.setattr(device, "cuda_facts", lambda: {"available": False, "reason": "stubbed"})
+    facts = info_cli._device_facts()
+    assert facts["MLX float32 matmuls"].split()[0] == want
+    monkeypatch.setattr(info_cli.dispatch, "device_backend", lambda device=None: "cpu")
+    assert "MLX float32 matmuls" not in info_cli._device_facts()  # MLX's CPU matmuls are float32
+
+
 def test_info_fails_with_the_fix_when_kernels_are_corrupted(monkeypatch):
     bad = (f"kernel file x.cubin of variant mhc_forward_fused_f32 does not match its sha256 in the manifest "
            f"(corrupted): {manifest.REINSTALL_HINT}")
