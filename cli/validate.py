@@ -28,7 +28,7 @@ from typing import Annotated
 import mlx.core as mx
 import typer
 
-from mhc_aot import dispatch, dynamic_reference, manifest, ops, reference, testing
+from mhc_aot import device, dispatch, dynamic_reference, manifest, ops, reference, testing
 
 from . import output
 from .options import DtypeOpt, FormatOpt, OutOpt, QuietOpt, parse_dtypes
@@ -472,7 +472,7 @@ def run_check(check: Check) -> dict:
 # before its first matmul, as MLX's own test harness does. The portable path's float32 projection is
 # such a matmul; a float32 check is a check of float32 arithmetic, so validate pins it (an explicit
 # setting by the caller wins and is reported).
-TF32_ENV = "MLX_ENABLE_TF32"
+TF32_ENV = device.TF32_ENV
 
 
 def validate(

@@ -28,13 +28,16 @@ def load_shim():
     return _shim
 
 
+TF32_ENV = "MLX_ENABLE_TF32"
+
+
 def mlx_tf32() -> bool:
     """Whether MLX computes float32 matmuls in TF32 on CUDA: its default, off with MLX_ENABLE_TF32=0
     (an integer MLX reads once per process, at its first such matmul). The kernels use no MLX matmul;
     the portable path and the dynamic layer's documented exits (a Sinkhorn history over shared memory)
     do, so their float32 results are TF32-accurate (~1e-4) unless it is off."""
     try:
-        return int(os.environ.get("MLX_ENABLE_TF32", "1")) != 0
+        return int(os.environ.get(TF32_ENV, "1")) != 0
     except ValueError:
         return True
 

@@ -133,8 +133,16 @@ def mix_add64(x, M, bias):
     return M @ x + bias
 
 
-def forward64(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters=20, eps=1e-5):
-    H_pre, H_post = sigmoid64(H_pre_raw), 2.0 * sigmoid64(H_post_raw)
-    agg = mx.sum(x * H_pre[:, None], axis=-2)
-    y = agg * mx.rsqrt(mx.mean(agg * agg, axis=-1, keepdims=True) + eps) * rms_weight
+def _aggregate64(x, H_pre_raw):
+    H_pre = sigmoid64(H_pre_raw)
+    return mx.sum(x * (H_pre[:, None] if H_pre.ndim == 1 else H_pre), axis=-2)
+
+
+def forward64(x, H_pre_raw, H_post_raw, H_res_raw, rms_weight, iters=20, eps=1e-5, pre_rms_raw=None):
+    """pre_rms_raw: H_pre_raw for the aggregate inside RMSNorm's RMS, given apart from the one it scales
+    (either may then be [..., n, C], a copy per token and column: a gradient's terms per use)."""
+    H_post = 2.0 * sigmoid64(H_post_raw)
+    agg = _aggregate64(x, H_pre_raw)
+    agg_rms = agg if pre_rms_raw is None else _aggregate64(x, pre_rms_raw)
+    y = agg * mx.rsqrt(mx.mean(agg_rms * agg_rms, axis=-1, keepdims=True) + eps) * rms_weight
     return mix_add64(x, sinkhorn64(H_res_raw, iters, eps), H_post[:, None] * y[..., None, :])

@@ -215,3 +215,13 @@ def outcomes_with_tf32(node_ids: list[str], timeout: int = 300) -> dict[str, str
     missing = [i for i in node_ids if i not in out]
     assert not missing, f"the child pytest did not run {missing}:\n{r.stdout[-3000:]}"
     return out
+
+
+def assert_kernels_exact_with_tf32(checks: list[str]) -> None:
+    """checks (node ids with "{}" for the backend), rerun with MLX_ENABLE_TF32=1: the CUDA kernels' pass,
+    the portable path's fail (the control that the setting took effect)."""
+    kernels, portable = [c.format("cuda") for c in checks], [c.format("portable") for c in checks]
+    got = outcomes_with_tf32(kernels + portable)
+    assert {i: got[i] for i in kernels} == dict.fromkeys(kernels, "passed")
+    assert {i: got[i] for i in portable} == dict.fromkeys(portable, "failed"), \
+        "with MLX_ENABLE_TF32=1 the portable path met float32 tolerances: TF32 no longer applies (MLX changed?)"

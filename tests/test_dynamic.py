@@ -28,7 +28,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from backends import NEEDS_CUDA, assert_bf16_factor, gpu_param, leading, outcomes_with_tf32, rel_error64, seed_of, to64
+from backends import (NEEDS_CUDA, assert_bf16_factor, assert_kernels_exact_with_tf32, gpu_param, leading, rel_error64,
+                      seed_of, to64)
 from cuda_emulation import ROOT, Emulator, tensor_map
 from mhc_aot import DynamicMHC, dispatch, dynamic, ops, testing
 from mhc_aot import dynamic_reference as ref
@@ -925,8 +926,4 @@ def test_cuda_kernels_float32_exact_with_mlx_tf32_on():
     """The suite runs with MLX_ENABLE_TF32=0 (conftest.py); with MLX's default the dynamic CUDA kernels'
     float32 gradients still pass (the projection, dx and dphi are kernels, not MLX matmuls), while the
     portable path's fail, which shows the setting took effect."""
-    kernels, portable = [c.format("cuda") for c in TF32_CHECKS], [c.format("portable") for c in TF32_CHECKS]
-    got = outcomes_with_tf32(kernels + portable)
-    assert {i: got[i] for i in kernels} == dict.fromkeys(kernels, "passed")
-    assert {i: got[i] for i in portable} == dict.fromkeys(portable, "failed"), \
-        "with MLX_ENABLE_TF32=1 the portable path met float32 tolerances: TF32 no longer applies (MLX changed?)"
+    assert_kernels_exact_with_tf32(TF32_CHECKS)

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from backends import (BACKENDS, DTYPE_NAMES, KERNEL_BACKENDS, dispatch_edges, forward64, grads64, leading,
-                      mix_add64, random_M, rel_error64, run_forward, seed_of, sigmoid64, sinkhorn64, split_for_cpu,
-                      to64)
+                      mix_add64, random_M, rel_error64, run_forward, seed_of, sinkhorn64, split_for_cpu, to64)
 from mhc_aot import MHCLayer, ops, reference, testing
 
 # ---------------------------------------------------------------- shape table
@@ -100,23 +99,14 @@ def _assert_grads_close(got, ref, truth, names, dtype, what, magnitudes=None):
 # That bound is 7e-5 at (3, 4, 64) and 2e-4 at ((2, 3), 4, 65) in float32 (1.001 x the gradient fails
 # there), 0.099 at 2-2-16385 and 0.93 at 1-1-1; at 1-1-1 in bfloat16 (the cotangent is rounded to
 # bfloat16, then cancels to 1e-5 of itself) it exceeds 1: dH_pre_raw has no digits to check there.
-def _forward64_pre_uses(x, pre_scaled, pre_rms, H_post_raw, H_res_raw, rms_weight, iters=20, eps=1e-5):
-    """forward64 with H_pre_raw given per use, each [B, n, C]: the aggregate RMSNorm scales and the
-    one its RMS is taken of."""
-    agg = mx.sum(x * sigmoid64(pre_scaled), axis=-2)
-    agg_rms = mx.sum(x * sigmoid64(pre_rms), axis=-2)
-    y = agg * mx.rsqrt(mx.mean(agg_rms * agg_rms, axis=-1, keepdims=True) + eps) * rms_weight
-    H_post = 2.0 * sigmoid64(H_post_raw)
-    return mix_add64(x, sinkhorn64(H_res_raw, iters, eps), H_post[:, None] * y[..., None, :])
-
-
 def _pre_magnitudes(args, G) -> dict[int, np.ndarray]:
     """{1: sum over dH_pre_raw's terms of their magnitudes} in float64 ([n])."""
     x, pre = args[0], args[1]
     n, C = x.shape[-2:]
     x3, G3 = x.reshape(-1, n, C), G.reshape(-1, n, C)
     uses = [mx.broadcast_to(pre[:, None], x3.shape)] * 2
-    terms = grads64(lambda x3, *a: _forward64_pre_uses(x3, *a), [x3, *uses, *args[2:]], G3)[1:3]
+    terms = grads64(lambda x3, scaled, in_rms, *p: forward64(x3, scaled, *p, pre_rms_raw=in_rms),
+                    [x3, *uses, *args[2:]], G3)[1:3]
     return {1: sum(np.abs(t).sum(axis=(0, 2)) for t in terms)}
 
 

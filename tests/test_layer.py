@@ -8,8 +8,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from backends import (BACKENDS, DTYPE_NAMES, NEEDS_CUDA, assert_bf16_factor, assert_close, dispatch_edges, import_mhc_mlx,
-                      leading, outcomes_with_tf32, rel_error64, run_forward, seed_of, to64)
+from backends import (BACKENDS, DTYPE_NAMES, NEEDS_CUDA, assert_bf16_factor, assert_close, assert_kernels_exact_with_tf32,
+                      dispatch_edges, import_mhc_mlx, leading, rel_error64, run_forward, seed_of, to64)
 from mhc_aot import MHCLayer, MHCRewire, reference, testing
 
 # ---------------------------------------------------------------- shape table
@@ -245,8 +245,4 @@ def test_cuda_kernels_float32_exact_with_mlx_tf32_on():
     """The suite runs with MLX_ENABLE_TF32=0 (conftest.py); a user who keeps MLX's default gets TF32
     matmuls. The static kernels use none: their float32 checks pass with it on, while the same checks
     of the portable path (an MLX matmul for the mix) fail, which shows the setting took effect."""
-    kernels, portable = [c.format("cuda") for c in TF32_CHECKS], [c.format("portable") for c in TF32_CHECKS]
-    got = outcomes_with_tf32(kernels + portable)
-    assert {i: got[i] for i in kernels} == dict.fromkeys(kernels, "passed")
-    assert {i: got[i] for i in portable} == dict.fromkeys(portable, "failed"), \
-        "with MLX_ENABLE_TF32=1 the portable path met float32 tolerances: TF32 no longer applies (MLX changed?)"
+    assert_kernels_exact_with_tf32(TF32_CHECKS)
