@@ -26,7 +26,7 @@
 //      (ELEMS_THREADS in mhc_aot/cuda_dynamic.py, at most MAX_BLOCK): fewer requests to those
 //      addresses. That one load waited on the alphas' memory (MLX keeps arrays of <= 8 bytes in a
 //      managed, read-mostly pool: 25-30 us, against 11-12 from an ordinary array; ncu, H100, T = 8192,
-//      n = 4; README, session 18): on the tensor-core path the launcher passes views of
+//      n = 4; docs/HISTORY.md, session 18): on the tensor-core path the launcher passes views of
 //      mhc_dynamic_phi_split's copy of the alphas and b instead (mhc_aot/cuda_dynamic.py, _from_consts).
 //      Grid (threads): (ceil(16 T / blockDim) * blockDim, 1, 1); shared memory: 3 + M floats.
 // Inputs: x [T, n, C], zpart [S, T, M], sq [S, T], b [M], alpha_pre, alpha_post, alpha_res (float32

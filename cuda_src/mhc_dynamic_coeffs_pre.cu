@@ -154,7 +154,7 @@ __device__ __forceinline__ int ld_relaxed(const int* p) {
 __device__ __forceinline__ void spin_pause() { __nanosleep(32); }
 #endif
 // *counter += 1 after every write this thread has seen (its own, and its barrier partners'). A
-// red.release.gpu instead measured the same (README, session 14).
+// red.release.gpu instead measured the same (docs/HISTORY.md, session 14).
 __device__ __forceinline__ void signal(int* counter) {
   __threadfence();
   atomicAdd(counter, 1);

@@ -10,7 +10,8 @@
 // an ordinary device array that mhc_dynamic_coeffs and mhc_dynamic_coeffs_bwd read instead: MLX keeps
 // arrays of <= 8 bytes (each alpha) in a managed, read-mostly pool, and every coefficients CTA loading
 // them from there waited (ncu, H100, T = 8192, n = 4: coefficients 25-30 us with the alphas' own arrays,
-// 11-12 with an ordinary array; README, session 18). Here 3 + M threads of the first CTA load them once.
+// 11-12 with an ordinary array; docs/HISTORY.md, session 18).
+// Here 3 + M threads of the first CTA load them once.
 // Grid (threads): (STEPS * NT * 32, 1, 1), a thread per (step, tile, lane); STEPS * NT * 32 >= 3 + M.
 // No dtype: phi is float32.
 #include "mhc_dynamic_common.cuh"

@@ -7,7 +7,7 @@
 // acquire_map). Box copies then go through that slot (load_3d), completing on an mbarrier
 // (expect_tx, wait). sm_90a only: tensormap.replace is an arch-specific instruction, so kernels
 // including this header are built as sm_90a cubins (build_tools/variants.py, arch_exact).
-// Probe and numbers: scripts/probes/tma_probe.py (README, session 20). The CPU emulation
+// Probe and numbers: scripts/probes/tma_probe.py (docs/HISTORY.md, session 20). The CPU emulation
 // (mhc_dynamic_emulate.h, tests only) defines MHC_EMULATED and implements the same calls.
 #pragma once
 

@@ -77,7 +77,7 @@ REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::R
 # was left waited on the alphas' 4-byte arrays in MLX's managed small pool: on the tensor-core path the
 # coefficient kernels (forward and backward) read phi_split's copy of them in an ordinary array (its
 # header; same-run A/B, H200, forward at (8192, 4, 4096): 342.9 vs 356.4 us, ncu 11.2-11.6 us vs ~26;
-# forward + backward 1231.7 vs 1238.4; within noise at T = 32 and 1024; README, session 19).
+# forward + backward 1231.7 vs 1238.4; within noise at T = 32 and 1024; docs/HISTORY.md, session 19).
 ELEMS, ELEMS_MAX_N, ELEMS_THREADS = -2, 4, 1024
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
@@ -88,8 +88,8 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # 344.3 us at (8192, 4, 4096), 253.0 vs 212.6 at (8192, 2, 4096), 120.8 vs 110.0 at (4096, 4, 2048),
 # 362.1 vs 345.4 at (16384, 4, 2048)). It reads x from DRAM once (ncu, its ring: 270 MB for x's 268) where the
 # three kernels read ~600 MB, which should count more on the H100 (lower bandwidth, same SM count),
-# but it has not been timed there: not a rule worth having yet (README, issue 6). Tests and that
-# script set CP_MIN_T to run it.
+# but it has not been timed there: not a rule worth having yet (README, Results: the dynamic layer).
+# Tests and that script set CP_MIN_T to run it.
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 12  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = None

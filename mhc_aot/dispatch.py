@@ -75,7 +75,7 @@ METAL_COEFFS_N_LIMIT = 32
 # wider rows take MLX's own VJP of the portable graph (documented here, shown by `mhc info`).
 # `resident` (CUDA only, n <= RESIDENT_MAX_N, C <= RESIDENT_MAX_C: cuda_src/mhc_*_resident.cu)
 # keeps each token on chip from its load to its store, so x (and dout) are read from DRAM once, and
-# the forward runs the Sinkhorn in the same launch. H100, bf16, (4096, 4, 4096): see README; the
+# the forward runs the Sinkhorn in the same launch. H100, bf16, (4096, 4, 4096): see docs/HISTORY.md; the
 # fused forward there was 146 us per call (131 its kernel alone, a copy of x 98) and fused
 # forward + backward 971 us. The backward takes it only where its token (x and dout: 2 n C
 # elements, 64 KB in bf16 at the limits) fits the GPU's shared memory per block, else `fused`.

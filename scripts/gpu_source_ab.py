@@ -13,7 +13,7 @@ A variant is LABEL=[PATH][:DEFINE...]; PATH defaults to cuda_src/SOURCE.cu; a DE
 with "-" is an nvcc flag (e.g. -lineinfo for Nsight Compute); LABEL= alone is the
 installed package's binaries as its launcher picks them. A compiled variant replaces every build of
 the source (the forward ring's units too: give MHC_RING_UNITS to time one). Session 12 found the
-ring forward's w-in-shared-memory win this way, session 13 its units (README).
+ring forward's w-in-shared-memory win this way, session 13 its units (docs/HISTORY.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Probe (issue 6, README session 20): TMA copies inside a kernel launched by MLX's
+"""Probe (issue 6, docs/HISTORY.md session 20): TMA copies inside a kernel launched by MLX's
 mx.fast.precompiled_cuda_kernel, which passes no CUtensorMap. The host encodes a template tensor map
 (libcuda's cuTensorMapEncodeTiled, a placeholder address) and passes its 128 bytes as an input array;
 the kernel (scripts/probes/tma_stream.cu, built here for sm_90a) writes x's address into its own copy

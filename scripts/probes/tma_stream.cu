@@ -7,7 +7,7 @@
 // through NST shared-memory stages, one thread issuing each box's copy (cp.async.bulk.tensor) with an
 // mbarrier, and sums x: out [G * 128] holds each thread's sum (float32; -DMHC_PROBE_ROWS: row sums
 // out[r] = sum_c x[r, c] by atomics, much slower). Probe for issue 6's one-read kernel
-// (README, session 20): does it run through MLX, and at what rate does one issuing thread stream?
+// (docs/HISTORY.md, session 20): does it run through MLX, and at what rate does one issuing thread stream?
 // Build: nvcc -arch=sm_90a -cubin -DBC=64 -DBR=32 -DNST=4. Grid (threads): (G * 128, 1, 1).
 #include <cstdint>
 #include <cuda_bf16.h>
