@@ -248,10 +248,13 @@ RING_RULE = dispatch.Rule("cuda", "mhc_forward", "ring", None, None, "test", n_i
 def _emulated_ring(monkeypatch, B, n, C, slots):
     """One emulated CTA (sm_count 1) on an sm_90, the forward ring's R as `slots` says: a token's
     chunks ("token"), one more unit a warp ("wrap": a unit of every warp is n * units / 16 chunks)
-    or what shared memory holds ("all"); dispatch must then pick the ring."""
+    or what shared memory holds ("all"); dispatch must then pick the ring. With MLX's CUDA graphs
+    on (its default): with them off, `cluster` takes these shapes on an sm_90 (session 27 ran the
+    suite so on the H200, where this assumed the machine's setting)."""
     from mhc_aot import cuda, device
 
     monkeypatch.setattr(dispatch, "cuda_sm", lambda: 90)
+    monkeypatch.setattr(dispatch, "cuda_graphs", lambda: True)
     monkeypatch.setattr(device, "sm_count", lambda: 1)
     chunks = C // (cuda.RING_CHUNK_BYTES // (2 * n))  # a token's
     if slots != "all":
@@ -345,11 +348,15 @@ def test_ring_rule_conditions(op):
     max_cs, need = ((dispatch.RING_MAX_C, cuda.ring_smem_bytes) if op == "mhc_forward"
                     else (dispatch.RING_BACKWARD_MAX_C, cuda.backward_ring_smem_bytes))
 
-    def strategy(n, C, **kw):
-        return dispatch.choose(op, n, C, "cuda", **{"B": 1024, "dtype": "bfloat16", "sm": 90, **kw}).strategy
+    def strategy(n, C, **kw):  # MLX's CUDA graphs on (its default) unless kw says otherwise
+        return dispatch.choose(op, n, C, "cuda", **{"B": 1024, "dtype": "bfloat16", "sm": 90, "graphs": True,
+                                                    **kw}).strategy
 
     for n, max_C in max_cs.items():
         assert strategy(n, 256) == strategy(n, max_C) == "ring"
+        # with the graphs off, the forward's `cluster` comes first where it runs (sm_90+)
+        assert strategy(n, 1024, graphs=False) == ("cluster" if op == "mhc_forward" else "ring")
+        assert strategy(n, 1024, graphs=False, sm=80) == "ring"
         assert strategy(n, max_C + 256) != "ring"  # beyond the measured range
         assert strategy(n, 384) != "ring"  # not a multiple of 256
         assert strategy(n, 1024, dtype="float16") != "ring"
