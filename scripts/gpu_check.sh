@@ -12,6 +12,7 @@
 # Stages (default all, in this order): build tests sweep bench dynamic profile; `alltests` and `ab` on request
 # (`alltests`: the README's test command, every test file and not only `-m gpu`, in 14 pytest-xdist workers:
 # 437-490 s on the H200's 16 cores in session 26, 243 s in session 27; with `build` it fills a device call: `build alltests`;
+# with MLX_USE_CUDA_GRAPHS=0 in the environment the whole suite runs where `cluster` is dispatched: 269 s, session 27;
 # `ab`: scripts/gpu_strategy_ab.py, strategies with and without their rules, same run; then
 # scripts/gpu_source_ab.py: the ring forward as shipped against its unit widths compiled on the device).
 # `tests` (every file) took ~200 s on the H100 and `bench` with torch.compile ~6 minutes, so a

@@ -54,7 +54,9 @@ def pytest_report_header(config):
     gpus = [name for name, ok in (("cuda", mx.cuda.is_available()), ("metal", mx.metal.is_available())) if ok]
     return [f"mhc_aot {mhc_aot.__version__} from {Path(mhc_aot.__file__).parent}",
             f"mlx {mx.__version__}, default device {mx.default_device()}, GPU backends: {', '.join(gpus) or 'none'}, "
-            f"{TF32_ENV}={os.environ[TF32_ENV]}"]
+            f"{TF32_ENV}={os.environ[TF32_ENV]}",
+            # dispatch differs with MLX's CUDA graphs off (`cluster` runs only then): say which mode ran
+            f"MLX_USE_CUDA_GRAPHS={os.environ.get('MLX_USE_CUDA_GRAPHS', 'unset (on)')}"]
 
 
 # ---------------------------------------------------------------- CUDA kernels, emulated on the CPU
