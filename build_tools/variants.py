@@ -32,6 +32,9 @@ class KernelVariant:
     # one cubin shipped under tag sm_<min_arch> and no PTX (nothing newer could run it)
     arch_exact: bool = False
     units: int = 1  # the forward ring's groups a slot (MHC_RING_UNITS; 1: the macro left undefined)
+    # the projection's bfloat16 terms of phi (MHC_PHI_TERMS): 1 for a phi that is bfloat16 already;
+    # 0: the macro left undefined (the source's default, three: a float32 phi)
+    terms: int = 0
 
     @property
     def name(self) -> str:
@@ -42,12 +45,16 @@ class KernelVariant:
             parts.append(f"n{self.nmax}")
         if self.units > 1:
             parts.append(f"u{self.units}")
+        if self.terms:
+            parts.append(f"t{self.terms}")
         return "_".join(parts)
 
     def defines(self) -> dict[str, str]:
         d = {"MHC_NAME": self.name, "MHC_DTYPE": self.dtype or "f32", "MHC_NMAX": str(self.nmax)}
         if self.units > 1:
             d["MHC_RING_UNITS"] = str(self.units)
+        if self.terms:
+            d["MHC_PHI_TERMS"] = str(self.terms)
         return d
 
     def row(self) -> dict:
@@ -96,6 +103,7 @@ def _dynamic_variants() -> list[KernelVariant]:
     v = [KernelVariant("mhc_coeffs", "mhc_dynamic_colsum", "fused", None, 0),
          KernelVariant("mhc_coeffs", "mhc_dynamic_phi_split", "fused", None, 0),  # proj_tc's B fragments
          KernelVariant("mhc_coeffs", "mhc_dynamic_proj_tc", "fused", "bf16", 0),  # tensor cores: bfloat16 x
+         KernelVariant("mhc_coeffs", "mhc_dynamic_proj_tc", "fused", "bf16", 0, terms=1),  # ... and bfloat16 phi
          KernelVariant("mhc_coeffs", "mhc_dynamic_dphi_tc", "fused", "bf16", 0),
          # coefficients + x_in reading x once (bfloat16, n <= 4): a persistent grid, column-owned phi,
          # tiles moved by TMA (sm_90a)

@@ -220,14 +220,16 @@ __device__ __forceinline__ void split_b_fragment(const float (&v)[4], uint2 (&ou
 
 // One pipeline stage of a float32 B operand [rows, M] (phi in the projection, dz in dphi) as the
 // MMAs read it: STEPS k16 steps x NT n8 tiles x 32 lanes, each lane's four values (rows 2q, 2q+1,
-// 2q+8, 2q+9 of its k16 step, column 8 nt + g) split into three bfloat16 register pairs, stored
+// 2q+8, 2q+9 of its k16 step, column 8 nt + g) split into TERMS bfloat16 register pairs (three:
+// float32-exact; one: an operand that is bfloat16 already, such as a bfloat16 phi), stored
 // [step][tile][term][lane] (8 bytes each) so that a warp's load of one (step, tile, term) is 256
-// contiguous bytes. A CTA of THREADS_ threads fills it: thread tid owns slots tid + i THREADS_.
-template <int STEPS, int NT, int THREADS_>
+// contiguous bytes. A CTA of THREADS_ threads fills it (three terms): thread tid owns slots tid + i THREADS_.
+template <int STEPS, int NT, int THREADS_, int TERMS = 3>
 struct BStage {
+  static_assert(TERMS == 1 || TERMS == 3, "one bfloat16 term (a bfloat16 operand) or three (float32)");
   static constexpr int SLOTS = STEPS * NT * 32;
   static constexpr int PER_THREAD = (SLOTS + THREADS_ - 1) / THREADS_;
-  static constexpr int BYTES = SLOTS * 3 * 8;
+  static constexpr int BYTES = SLOTS * TERMS * 8;
 
   // this thread's slot values of rows [row0, row0 + 16 STEPS) of src (zeros from row_end and M on)
   static __device__ __forceinline__ void load(float (&v)[PER_THREAD][4], const float* __restrict__ src, int row0,
@@ -245,6 +247,7 @@ struct BStage {
   }
   // split and store what load gave into the stage buffer dst (BYTES)
   static __device__ __forceinline__ void store(const float (&v)[PER_THREAD][4], uint2* dst, int tid) {
+    static_assert(TERMS == 3, "store splits float32 values in three terms");
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
       const int e = tid + i * THREADS_;
@@ -257,26 +260,32 @@ struct BStage {
     }
   }
   // a warp's B registers of k16 step kk: b[tile][term] = {b0, b1}
-  static __device__ __forceinline__ void fragments(uint32_t (&b)[NT][3][2], const uint2* src, int kk, int lane) {
-    const uint2* p0 = src + kk * NT * 3 * 32 + lane;
+  static __device__ __forceinline__ void fragments(uint32_t (&b)[NT][TERMS][2], const uint2* src, int kk, int lane) {
+    const uint2* p0 = src + kk * NT * TERMS * 32 + lane;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int p = 0; p < 3; ++p) {
-        const uint2 u = p0[(nt * 3 + p) * 32];
+      for (int p = 0; p < TERMS; ++p) {
+        const uint2 u = p0[(nt * TERMS + p) * 32];
         b[nt][p][0] = u.x;
         b[nt][p][1] = u.y;
       }
   }
 };
 
-// d[mt][nt] += A[mt] (hi + mid + lo)[nt]: the three split terms, lo first
-template <int NT>
-__device__ __forceinline__ void mma_split3(float (&d)[NT][4], const uint32_t (&a)[4], const uint32_t (&b)[NT][3][2]) {
+// d[mt][nt] += A[mt] B[nt], B's TERMS split terms summed smallest first (hi + mid + lo: lo first)
+template <int NT, int TERMS>
+__device__ __forceinline__ void mma_terms(float (&d)[NT][4], const uint32_t (&a)[4], const uint32_t (&b)[NT][TERMS][2]) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int p = 2; p >= 0; --p) bf16_16816(d[nt], a, b[nt][p][0], b[nt][p][1]);
+    for (int p = TERMS - 1; p >= 0; --p) bf16_16816(d[nt], a, b[nt][p][0], b[nt][p][1]);
+}
+
+// d[mt][nt] += A[mt] (hi + mid + lo)[nt]: the three split terms, lo first
+template <int NT>
+__device__ __forceinline__ void mma_split3(float (&d)[NT][4], const uint32_t (&a)[4], const uint32_t (&b)[NT][3][2]) {
+  mma_terms<NT, 3>(d, a, b);
 }
 
 // A warp's MT x NT accumulator tiles into rows [16 mt, 16 mt + 16) x columns [0, 8 NT) of out

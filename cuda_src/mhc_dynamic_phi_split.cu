@@ -1,9 +1,11 @@
 // phi [K, M] float32 -> mhc_dynamic_proj_tc's B fragments, once per forward:
-//   frag[((kk NT + nt) 3 + p) 32 + lane] = term p of the four phi values lane holds in k16 step kk
+//   frag[((kk NT + nt) terms + p) 32 + lane] = term p of the four phi values lane holds in k16 step kk
 //   and n8 tile nt (mma::BStage's layout: rows 16 kk + 2 q, + 1, + 8, + 9 of column 8 nt + g, each
-//   split as hi + mid + lo, three bfloat16 register pairs; zeros from row K and column M on),
+//   split as hi + mid + lo, three bfloat16 register pairs, or, with terms = 1 for a phi that was
+//   bfloat16 before the launcher's float32 copy, hi alone, which is then phi exactly; zeros from row
+//   K and column M on),
 // for STEPS = ceil(K / 64) * 4 k16 steps, so each 64-row chunk of the projection is one contiguous
-// block of 4 NT 3 32 uint2 (9216 bytes) that proj_tc copies with its x tile. Every proj_tc CTA
+// block of 4 NT terms 32 uint2 (9216 bytes, 3072 with one term) that proj_tc copies with its x tile. Every proj_tc CTA
 // loaded and split its chunks itself before (the same chunks in every token tile: ncu, H200, T = 8192,
 // n = 4, 16 us of the forward when timed without it).
 // In the same launch it copies the alphas and b into consts = [alpha_pre, alpha_post, alpha_res, b[0..M)],
@@ -26,7 +28,7 @@ constexpr int NT = 3;  // n8 tiles: M <= 24 (mhc_dynamic_proj_tc)
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const float* __restrict__ phi, const float* __restrict__ b, const float* __restrict__ alpha_pre,
     const float* __restrict__ alpha_post, const float* __restrict__ alpha_res, uint2* __restrict__ frag,
-    float* __restrict__ consts, int K, int M, int steps) {
+    float* __restrict__ consts, int K, int M, int steps, int terms) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e < 3 + M) consts[e] = e == 0 ? *alpha_pre : e == 1 ? *alpha_post : e == 2 ? *alpha_res : b[e - 3];
   if (e >= steps * NT * 32) return;
@@ -38,8 +40,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const int r = r0 + (j & 1) + 8 * (j >> 1);
     v[j] = (m < M && r < K) ? phi[(size_t)r * M + m] : 0.0f;
   }
-  uint2 terms[3];
-  mma::split_b_fragment(v, terms);
-#pragma unroll
-  for (int p = 0; p < 3; ++p) frag[((size_t)(kk * NT + nt) * 3 + p) * 32 + l] = terms[p];
+  uint2 split[3];
+  mma::split_b_fragment(v, split);
+  for (int p = 0; p < terms; ++p) frag[((size_t)(kk * NT + nt) * terms + p) * 32 + l] = split[p];
 }

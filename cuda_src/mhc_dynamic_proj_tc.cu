@@ -2,7 +2,11 @@
 //   part[s, t, m] = sum_{k in split s} x[t, k] phi[k, m],   sq[s, t] = sum_{k in split s} x[t, k]^2
 // the same outputs as mhc_dynamic_skinny (which serves every other case). bfloat16 x is exact in
 // the bfloat16 MMA; float32 phi is split as phi = hi + mid + lo (three bfloat16 terms, exact to
-// 2^-24 relative), so three MMAs with float32 accumulation give a float32-accurate product.
+// 2^-24 relative), so three MMAs with float32 accumulation give a float32-accurate product. A phi
+// that is bfloat16 already (as in Liger's benchmark: phi in x's dtype) is its own hi, mid = lo = 0:
+// the MHC_PHI_TERMS = 1 variant multiplies by hi alone, the same product in a third of the MMAs and
+// of phi's fragment bytes (session 16's timing-only variant: three terms cost ~14 us of a T = 8192
+// forward over one, H200).
 //
 // CTA: 128 tokens x 24 columns (three n8 tiles of mma.m16n8k16), K streamed KC = 64 at a time
 // through NS = 4 shared-memory stages (cp.async, 16 bytes per copy; element loads when rows are
@@ -10,7 +14,7 @@
 // waits on one load-compute cycle. Warp w takes k16-step w % 4 of every stage for 64 tokens
 // (w / 4): its A fragments come by ldmatrix (each x element is read from shared memory once), its
 // B fragments (phi's three terms, one 8-byte load per lane, MMA tile and term) serve four token
-// tiles. mhc_dynamic_phi_split wrote them once per forward in fragment order, a contiguous 9216-byte
+// tiles. mhc_dynamic_phi_split wrote them once per forward in fragment order, a contiguous 9216-byte (one term: 3072)
 // block a chunk, which the CTA copies through registers into one of two shared buffers (loaded two
 // stages ahead, stored one ahead); each CTA loading and splitting phi itself cost ~16 us of a
 // T = 8192 forward on the H200 (the same chunks split again in every token tile). The four
@@ -41,19 +45,24 @@ namespace {
 #ifndef MHC_TC_NS
 #define MHC_TC_NS 4
 #endif
+// MHC_PHI_TERMS: phi's bfloat16 terms (build_tools/variants.py: 3 for a float32 phi, 1 for a bfloat16 one)
+#ifndef MHC_PHI_TERMS
+#define MHC_PHI_TERMS 3
+#endif
+constexpr int TERMS = MHC_PHI_TERMS;
 constexpr int TB = 128, KC = 64, NS = MHC_TC_NS, NT = 3, MP = 8 * NT;
 constexpr int V = 8;                              // bf16 per 16-byte vector
 constexpr int XLD = KC + 8;                       // bf16 per x row in shared memory: ldmatrix rows hit distinct banks
 constexpr int XV = TB * KC / V / THREADS;         // x vectors per thread per stage
 constexpr int KSTEPS = KC / 16;                   // k16 steps per stage = k-groups of warps
-using PhiStage = mma::BStage<KSTEPS, NT, THREADS>;  // phi's B fragments of one stage
+using PhiStage = mma::BStage<KSTEPS, NT, THREADS, TERMS>;  // phi's B fragments of one stage
 constexpr int X_BYTES = TB * XLD * 2, P_BYTES = PhiStage::BYTES;
 constexpr int PV = (P_BYTES / 16 + THREADS - 1) / THREADS;  // 16-byte pieces of a stage's B fragments a thread
 constexpr int RL = MP + 1;                        // floats per token row of the k-group sums (odd: fewer conflicts)
 constexpr int SMEM_BYTES = NS * X_BYTES + 2 * P_BYTES;
 static_assert(THREADS == 256 && KSTEPS * 2 == THREADS / 32, "8 warps: 4 k-groups x 2 token halves");
 static_assert(KSTEPS * TB * RL * 4 <= NS * X_BYTES, "the k-group sums reuse the x stages' bytes");
-static_assert(NS != 4 || SMEM_BYTES == 92160, "keep TC_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(NS != 4 || SMEM_BYTES == (TERMS == 3 ? 92160 : 79872), "keep TC_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 }  // namespace
 
 // two CTAs per SM (shared memory allows two): at most 128 registers per thread
@@ -146,14 +155,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) MHC_NAME(
     __syncthreads();  // everyone's have; phi buffer it & 1 is stored; stage it - 1's buffers are consumed
     if (it + NS - 1 < stages) stage_x(it + NS - 1);  // into the buffer stage it - 1 used
     __pipeline_commit();
-    uint32_t b[NT][3][2];
+    uint32_t b[NT][TERMS][2];
     PhiStage::fragments(b, pf(it & 1), kg, lane);
     bf16 (*xb)[XLD] = xs(it % NS);
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) {
       uint32_t a[4];
       mma::ldmatrix_x4<false>(a, &xb[mg * 64 + mt * 16 + lane % 16][kg * 16 + (lane / 16) * 8]);
-      mma::mma_split3(acc[mt], a, b);
+      mma::mma_terms<NT, TERMS>(acc[mt], a, b);
       // sums of squares on the CUDA cores from the same A fragments (a[0], a[2]: row g; a[1], a[3]:
       // row g + 8; bfloat16 squares are exact float32 products), off the tensor pipe, which the three
       // split terms keep busy (H200, T = 8192: the x x^T diagonal on tensor cores cost ~18 us a forward)

@@ -430,6 +430,11 @@ def _seed_runner(case: Case, inp: Inputs) -> Runner:
     return Runner("seed", lambda: vjp(*inp.args), note=note)
 
 
+# phi's dtype in the dynamic rows: float32 (DynamicMHC's default) in every table so far; Liger's peer
+# keeps phi in x's dtype (its own benchmark's choice). scripts/gpu_dynamic_ab.py --phi-dtype sets it.
+DYNAMIC_PHI_DTYPE = mx.float32
+
+
 def dynamic_layer(n: int, C: int, backend: str = "auto"):
     """DynamicMHC(nn.Identity(), n, C) with non-trivial b and alphas (not the init's zeros and ones),
     evaluated: what the dynamic rows and `mhc profile --layer dynamic` run."""
@@ -437,7 +442,7 @@ def dynamic_layer(n: int, C: int, backend: str = "auto"):
 
     from . import DynamicMHC
 
-    layer = DynamicMHC(nn.Identity(), n, C, backend=backend, key=mx.random.key(1))
+    layer = DynamicMHC(nn.Identity(), n, C, backend=backend, key=mx.random.key(1), phi_dtype=DYNAMIC_PHI_DTYPE)
     layer.b = 0.5 * mx.random.normal((n * n + 2 * n,), key=mx.random.key(2))
     layer.alpha_pre, layer.alpha_post, layer.alpha_res = (mx.array(a, mx.float32) for a in (1.1, 0.9, 1.3))
     mx.eval(layer.parameters())

@@ -45,11 +45,11 @@ def _arch_tag() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _binary(source: str, dtype: str | None, n: int | None, units: int = 1) -> tuple[str, bytes, int]:
+def _binary(source: str, dtype: str | None, n: int | None, units: int = 1, terms: int = 0) -> tuple[str, bytes, int]:
     """(entry name, binary: the compressed fatbin of this GPU's cubin or else of the PTX,
-    compile-time NMAX) of a variant (`units`: the forward ring's, see ring_units).
-    Read and sha256-checked once per process."""
-    v = manifest.find("cuda", source, dtype, n, units)
+    compile-time NMAX) of a variant (`units`: the forward ring's, see ring_units; `terms`: the
+    projection's terms of phi, see mhc_aot.cuda_dynamic). Read and sha256-checked once per process."""
+    v = manifest.find("cuda", source, dtype, n, units, terms)
     tag = _arch_tag()
     if tag not in v.row["files"]:
         tag = "ptx"  # the driver JIT-compiles it for GPUs newer than every shipped cubin
@@ -92,8 +92,8 @@ def _bucket_binary(binary: bytes, bucket: int) -> bytes:
 
 
 def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes, output_dtypes, scalars,
-            grid, shared_floats: int = 0, threads: int = THREADS, units: int = 1):
-    name, binary, _ = _binary(source, dtype, n, units)
+            grid, shared_floats: int = 0, threads: int = THREADS, units: int = 1, terms: int = 0):
+    name, binary, _ = _binary(source, dtype, n, units, terms)
     scalars = [_f32(s) if isinstance(s, float) else s for s in scalars]
     smem = 4 * shared_floats
     if smem > device.max_shared_memory_per_block():

@@ -44,10 +44,19 @@ THREADS = cuda.THREADS  # cuda_src/mhc_common.cuh
 WARPS = THREADS // 32
 SK_RB, SK_MB, SK_JC = 64, 32, 32  # cuda_src/mhc_dynamic_skinny.cu
 DX_TT, DX_KB = 64, 128  # cuda_src/mhc_dynamic_dx.cu
-TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES = 128, 24, 64, 92160  # cuda_src/mhc_dynamic_proj_tc.cu
-# mhc_dynamic_phi_split: a thread per (k16 step, n8 tile, lane) slot, each writing three uint2 terms
+TC_TB, TC_MP, TC_KC, TC_SMEM_BYTES = 128, 24, 64, 92160  # cuda_src/mhc_dynamic_proj_tc.cu (three terms)
+# mhc_dynamic_phi_split: a thread per (k16 step, n8 tile, lane) slot, each writing `terms` uint2 terms
 TC_STEP_SLOTS = 3 * 32
-TC_STEP_U32 = TC_STEP_SLOTS * 3 * 2
+TC_STEP_U32 = TC_STEP_SLOTS * 2  # a k16 step's fragments, one term
+# phi's bfloat16 terms in the projection when phi is bfloat16: it is then its own first term, so one
+# gives the same product as three (the variant MHC_PHI_TERMS = 1) in a third of the MMAs; a float32
+# (or float16) phi takes three. A knob for same-run A/Bs (scripts/gpu_dynamic_ab.py @BF16_PHI_TERMS=3).
+BF16_PHI_TERMS = 1
+
+
+def _tc_smem_bytes(terms: int) -> int:
+    """proj_tc's shared memory: its x stages and two stages of phi's fragments, `terms` terms each."""
+    return TC_SMEM_BYTES - 2 * (3 - terms) * (TC_KC // 16) * TC_STEP_SLOTS * 8
 DPHI_KB, DPHI_TC, DPHI_SMEM_BYTES = 128, 64, 88064  # cuda_src/mhc_dynamic_dphi_tc.cu
 POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 # mhc_dynamic_coeffs(_bwd) lane mode: a group of lanes (the power of two >= n) per token, synchronised
@@ -138,11 +147,12 @@ def _from_consts(consts: mx.array) -> tuple:
     return consts[3:], consts[0:1], consts[1:2], consts[2:3]
 
 
-def _projection(xk: mx.array, phi32: mx.array, params: tuple, T: int, K: int, M: int, tag: str):
+def _projection(xk: mx.array, phi32: mx.array, params: tuple, T: int, K: int, M: int, tag: str, terms: int = 3):
     """part [S, T, M], sq [S, T], S of z = vec(x) @ phi (tensor cores for bfloat16 x and M <= 24,
-    n <= 4, else the CUDA-core skinny kernel), and consts: phi_split's copy of params = (b, alpha_pre,
-    alpha_post, alpha_res) on the tensor-core path (its header says why the coefficient kernels read
-    that copy), else None."""
+    n <= 4, with phi in `terms` bfloat16 terms (1 only where phi32 holds bfloat16 values), else the
+    CUDA-core skinny kernel), and consts: phi_split's copy of params = (b, alpha_pre, alpha_post,
+    alpha_res) on the tensor-core path (its header says why the coefficient kernels read that copy),
+    else None."""
     if not _uses_phi_split(tag, M):
         return (*_skinny(xk, phi32, T, K, M, K, 1, True, tag), None)
     # phi's three bfloat16 terms in the MMAs' fragment order, once: every token tile reads the same chunks,
@@ -152,15 +162,16 @@ def _projection(xk: mx.array, phi32: mx.array, params: tuple, T: int, K: int, M:
     steps = _cdiv(K, TC_KC) * (TC_KC // 16)
     b32, ap, apo, ar = params
     frag, consts = _launch("mhc_dynamic_phi_split", None, None, [phi32, b32, ap, apo, ar],
-                           [(steps * TC_STEP_U32,), (3 + M,)], [mx.uint32, F32],
-                           [K, M, steps], (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
+                           [(steps * TC_STEP_U32 * terms,), (3 + M,)], [mx.uint32, F32],
+                           [K, M, steps, terms], (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
     tiles = _cdiv(T, TC_TB)
+    smem = TC_SMEM_BYTES if terms == 3 else _tc_smem_bytes(terms)
     # as many K splits as keep every CTA resident at once: a partial second wave would double the time
-    resident = device.resident_ctas_per_sm(cuda.launch_smem(TC_SMEM_BYTES)) * device.sm_count()
+    resident = device.resident_ctas_per_sm(cuda.launch_smem(smem)) * device.sm_count()
     # (split s takes K chunks s, s + S, ...: the kernel's header says why)
     S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
     part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, frag], [(S, T, M), (S, T)], [F32, F32],
-                       [T, K, M], (THREADS, S, tiles), TC_SMEM_BYTES // 4)
+                       [T, K, M], (THREADS, S, tiles), smem // 4, terms=0 if terms == 3 else terms)
     return part, sq, S, consts
 
 
@@ -273,15 +284,15 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None):
     return list(outs[:6])
 
 
-def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
+def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int = 3):
     """[h_pre, h_post, h_res, x_in (or [1]), mix, invr, consts]: consts as _projection returns it,
-    b32 where it returned None."""
+    b32 where it returned None. phi_terms: the projection's bfloat16 terms of phi (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
     if G:
         return [*_coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G), b32]
-    part, sq, S, consts = _projection(x3.reshape(T, K), phi32, (b32, ap, apo, ar), T, K, M, tag)
+    part, sq, S, consts = _projection(x3.reshape(T, K), phi32, (b32, ap, apo, ar), T, K, M, tag, phi_terms)
     if consts is not None:
         b32, ap, apo, ar = _from_consts(consts)
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
@@ -372,10 +383,10 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _coeffs_fn(cfg, with_pre: bool, alias: bool):
+def _coeffs_fn(cfg, with_pre: bool, alias: bool, phi_terms: int = 3):
     @mx.custom_function
     def f(x3, phi32, b32, ap, apo, ar):
-        outs = tuple(_coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre))
+        outs = tuple(_coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre, phi_terms))
         # x itself as a last output (MLX shares its buffer: no copy): see _coeffs_bwd
         return (*outs, x3) if alias else outs
 
@@ -398,7 +409,9 @@ def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, st
 
         outs = dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
         return (*outs, x3) if alias else outs
-    outs = compiled_call(_coeffs_fn(cfg, with_pre, alias), x3, phi.astype(F32), b.astype(F32),
+    # a bfloat16 phi is exact in one bfloat16 term (its float32 copy holds the same values)
+    phi_terms = BF16_PHI_TERMS if phi.dtype == mx.bfloat16 else 3
+    outs = compiled_call(_coeffs_fn(cfg, with_pre, alias, phi_terms), x3, phi.astype(F32), b.astype(F32),
                          alpha_pre.astype(F32), alpha_post.astype(F32), alpha_res.astype(F32))
     picked = list(outs[:4]) if with_pre else list(outs[:3])
     return (*picked, outs[7]) if alias else tuple(picked)

@@ -8,6 +8,8 @@ larger than many differences worth measuring, so all run inside one process.
   python scripts/gpu_dynamic_ab.py                                   # three-kernel path vs one-read
   python scripts/gpu_dynamic_ab.py lag3=:MHC_CP_LAG=3 lag9=:MHC_CP_LAG=9
   python scripts/gpu_dynamic_ab.py --backward
+  python scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_tc --phi-dtype bfloat16 terms3=@BF16_PHI_TERMS=3
+                                   # a bfloat16 phi: the projection's one term (shipped) vs three
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_post_res old=/tmp/old_post_res.cu   # the three-kernel
                                    path with a variant of one of its kernels (NMAX 4 and 0 builds)
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_coeffs regs=@ELEMS_MAX_N=0   # a rule's knob
@@ -40,7 +42,10 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true", help="time forward + backward")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", default=None, help="T:n:C,... (default: the seven above)")
+    ap.add_argument("--phi-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the layer's phi (bfloat16: Liger's benchmark, and the projection's one-term variant)")
     args = ap.parse_args()
+    bench.DYNAMIC_PHI_DTYPE = getattr(bench.mx, args.phi_dtype)
     shipped = cuda._binary
     # (label, CP_MIN_T, binaries): the three kernels, the one-read kernel as built, the variants
     one_read = args.source == SOURCE

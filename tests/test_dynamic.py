@@ -171,11 +171,11 @@ def liger_post_res_bwd64(x, f, h_post, h_res, go):
 
 
 # ---------------------------------------------------------------- inputs
-def _params(n, C, seed, phi_scale=None):
+def _params(n, C, seed, phi_scale=None, phi_dtype=mx.float32):
     """Non-trivial parameters (not Liger's init: b != 0, alphas != 1) with O(1) logits."""
     k = mx.random.split(mx.random.key(seed), 5)
     M = n * n + 2 * n
-    phi = mx.random.normal((n * C, M), key=k[0]) * (phi_scale or 1.5 / np.sqrt(n * C))
+    phi = (mx.random.normal((n * C, M), key=k[0]) * (phi_scale or 1.5 / np.sqrt(n * C))).astype(phi_dtype)
     b = 0.5 * mx.random.normal((M,), key=k[1])
     a = 0.5 + mx.random.uniform(shape=(3,), key=k[2])
     return phi, b, a[0], a[1], a[2]
@@ -255,10 +255,10 @@ def test_forward_vs_liger64(backend, B, n, C, dtype_name):
     _check_forward(backend, B, n, C, dtype_name)
 
 
-def _check_forward(backend, B, n, C, dtype_name, cfg=CFG):
+def _check_forward(backend, B, n, C, dtype_name, cfg=CFG, phi_dtype=mx.float32):
     seed = seed_of("fwd", backend, B, n, C, dtype_name)
     x = _x((*leading(B), n, C), dtype_name, seed)
-    params = _params(n, C, seed)
+    params = _params(n, C, seed, phi_dtype=phi_dtype)
     lead = tuple(x.shape[:-2])
     h_pre, h_post, h_res, x_in = _run(ops.mhc_coeffs_pre, x, *params, **cfg, backend=backend)
     assert h_pre.shape == (*lead, n) and h_res.shape == (*lead, n, n) and x_in.shape == (*lead, C)
@@ -303,6 +303,15 @@ def test_forward_gpu_extra(B, n, C, dtype_name):
     _check_forward("cuda", B, n, C, dtype_name)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+@pytest.mark.parametrize("B,n,C", [(1000, 4, 4096), (300, 4, 301), (33, 2, 136)])
+def test_gpu_projection_bfloat16_phi(B, n, C):
+    """The projection's one-term variant (a bfloat16 phi) on the GPU against the float64 port."""
+    _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
+    _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
+
+
 @pytest.mark.parametrize("cfg", [dict(tmax=1, rms_eps=1e-3, pre_eps=0.25, sinkhorn_eps=1e-3, post_mult=1.0),
                                  dict(tmax=7, rms_eps=1e-6, pre_eps=1e-4, sinkhorn_eps=1e-6, post_mult=3.0),
                                  dict(tmax=50, rms_eps=1e-5, pre_eps=0.0, sinkhorn_eps=1e-8, post_mult=2.0)],
@@ -337,11 +346,11 @@ def test_gradients_vs_liger64(backend, B, n, C, dtype_name):
     _check_gradients(backend, B, n, C, dtype_name)
 
 
-def _check_gradients(backend, B, n, C, dtype_name, with_pre=True, cfg=CFG):
+def _check_gradients(backend, B, n, C, dtype_name, with_pre=True, cfg=CFG, phi_dtype=mx.float32):
     seed = seed_of("grad", backend, B, n, C, dtype_name)
     x = _x((*leading(B), n, C), dtype_name, seed)
     lead = tuple(x.shape[:-2])
-    params = _params(n, C, seed)
+    params = _params(n, C, seed, phi_dtype=phi_dtype)
     k = mx.random.split(mx.random.key(seed + 3), 6)
     G = [mx.random.normal(s, key=kk) for s, kk in
          (((*lead, n), k[0]), ((*lead, n), k[1]), ((*lead, n, n), k[2]), ((*lead, C), k[3]))]
@@ -364,7 +373,9 @@ def _check_gradients(backend, B, n, C, dtype_name, with_pre=True, cfg=CFG):
     want[0] = want[0].reshape(x64.shape) + dx_pre
     names = ("dx", "dphi", "db", "dalpha_pre", "dalpha_post", "dalpha_res")
     for g, w, nm in zip(grads, want, names):
-        _grad_check(g.reshape(np.shape(w)), w, x.dtype if nm == "dx" else mx.float32, f"{nm} {what}", backend)
+        # (dphi comes back in phi's dtype: MLX's VJP of the float32 copy the op takes)
+        tol_dtype = x.dtype if nm == "dx" else phi_dtype if nm == "dphi" else mx.float32
+        _grad_check(g.reshape(np.shape(w)), w, tol_dtype, f"{nm} {what}", backend)
 
     # post_res: every gradient
     f = _x((*lead, C), dtype_name, seed + 1)
@@ -684,6 +695,29 @@ def test_emulated_cuda_projection_streams_many_stages(emulated_cuda, copy_timing
     # ragged, over one split (19 stages) or interleaved over three (sms = 6: 7, 6 and 6)
     _check_forward("cuda", 130, 4, C, "bfloat16")
     _check_gradients("cuda", 130, 4, C, "bfloat16")  # dphi: token stages of 64, the last ragged
+
+
+@pytest.mark.parametrize("B,n,C", [(3, 4, 40), (130, 4, 301)])
+def test_emulated_cuda_projection_bfloat16_phi(emulated_cuda, monkeypatch, B, n, C):
+    """A bfloat16 phi (Liger's benchmark keeps phi in x's dtype) is exact in one bfloat16 term: the
+    projection runs its one-term variant (`_t1`), a float32 phi the three-term one, each against the
+    float64 port (16-byte and element rows, two token tiles at T = 130). The control: one term for a
+    float32 phi must fail the forward check, so the float32 cases tell the variants apart."""
+    from mhc_aot import cuda_dynamic
+
+    _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
+    _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
+    names = {nm for nm, _ in emulated_cuda.launched}
+    assert "mhc_dynamic_proj_tc_bf16_t1" in names and "mhc_dynamic_proj_tc_bf16" not in names, names
+    emulated_cuda.launched.clear()
+    _check_forward("cuda", B, n, C, "bfloat16")
+    names = {nm for nm, _ in emulated_cuda.launched}
+    assert "mhc_dynamic_proj_tc_bf16" in names and "mhc_dynamic_proj_tc_bf16_t1" not in names, names
+    real = cuda_dynamic._coeffs_fn
+    monkeypatch.setattr(cuda_dynamic, "_coeffs_fn", lambda cfg, with_pre, alias, phi_terms=3:
+                        real(cfg, with_pre, alias, 1))
+    with pytest.raises(AssertionError):
+        _check_forward("cuda", B, n, C, "bfloat16")
 
 
 def test_emulated_cuda_coeffs_without_pre_config_and_layer(emulated_cuda):
