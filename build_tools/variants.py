@@ -33,8 +33,8 @@ class KernelVariant:
     arch_exact: bool = False
     units: int = 1  # the forward ring's groups a slot (MHC_RING_UNITS; 1: the macro left undefined)
     # the projection's bfloat16 terms of phi (MHC_PHI_TERMS): 1 for a phi that is bfloat16 already;
-    # 0: the macro left undefined (the source's default, three: a float32 phi)
-    terms: int = 0
+    # 3 (the source's default, a float32 phi; the macro left undefined) for every other variant
+    terms: int = 3
 
     @property
     def name(self) -> str:
@@ -45,7 +45,7 @@ class KernelVariant:
             parts.append(f"n{self.nmax}")
         if self.units > 1:
             parts.append(f"u{self.units}")
-        if self.terms:
+        if self.terms != 3:
             parts.append(f"t{self.terms}")
         return "_".join(parts)
 
@@ -53,7 +53,7 @@ class KernelVariant:
         d = {"MHC_NAME": self.name, "MHC_DTYPE": self.dtype or "f32", "MHC_NMAX": str(self.nmax)}
         if self.units > 1:
             d["MHC_RING_UNITS"] = str(self.units)
-        if self.terms:
+        if self.terms != 3:
             d["MHC_PHI_TERMS"] = str(self.terms)
         return d
 

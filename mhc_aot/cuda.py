@@ -45,7 +45,7 @@ def _arch_tag() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _binary(source: str, dtype: str | None, n: int | None, units: int = 1, terms: int = 0) -> tuple[str, bytes, int]:
+def _binary(source: str, dtype: str | None, n: int | None, units: int = 1, terms: int = 3) -> tuple[str, bytes, int]:
     """(entry name, binary: the compressed fatbin of this GPU's cubin or else of the PTX,
     compile-time NMAX) of a variant (`units`: the forward ring's, see ring_units; `terms`: the
     projection's terms of phi, see mhc_aot.cuda_dynamic). Read and sha256-checked once per process."""
@@ -92,7 +92,7 @@ def _bucket_binary(binary: bytes, bucket: int) -> bytes:
 
 
 def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes, output_dtypes, scalars,
-            grid, shared_floats: int = 0, threads: int = THREADS, units: int = 1, terms: int = 0):
+            grid, shared_floats: int = 0, threads: int = THREADS, units: int = 1, terms: int = 3):
     name, binary, _ = _binary(source, dtype, n, units, terms)
     scalars = [_f32(s) if isinstance(s, float) else s for s in scalars]
     smem = 4 * shared_floats

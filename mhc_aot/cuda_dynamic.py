@@ -165,13 +165,13 @@ def _projection(xk: mx.array, phi32: mx.array, params: tuple, T: int, K: int, M:
                            [(steps * TC_STEP_U32 * terms,), (3 + M,)], [mx.uint32, F32],
                            [K, M, steps, terms], (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
     tiles = _cdiv(T, TC_TB)
-    smem = TC_SMEM_BYTES if terms == 3 else _tc_smem_bytes(terms)
+    smem = _tc_smem_bytes(terms)
     # as many K splits as keep every CTA resident at once: a partial second wave would double the time
     resident = device.resident_ctas_per_sm(cuda.launch_smem(smem)) * device.sm_count()
     # (split s takes K chunks s, s + S, ...: the kernel's header says why)
     S = max(1, min(_cdiv(K, TC_KC), resident // tiles))
     part, sq = _launch("mhc_dynamic_proj_tc", "bf16", None, [xk, frag], [(S, T, M), (S, T)], [F32, F32],
-                       [T, K, M], (THREADS, S, tiles), smem // 4, terms=0 if terms == 3 else terms)
+                       [T, K, M], (THREADS, S, tiles), smem // 4, terms=terms)
     return part, sq, S, consts
 
 

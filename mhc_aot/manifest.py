@@ -67,18 +67,18 @@ def variants(backend: str) -> list[Variant]:
 
 
 def find(backend: str, source: str, dtype: str | None = None, n: int | None = None, units: int = 1,
-         terms: int = 0) -> Variant:
+         terms: int = 3) -> Variant:
     """The variant of kernel `source` for dtype (tag) with the smallest compile-time NMAX >= n,
     else (n above every NMAX, or n None) its generic NMAX-0 variant; `units`: the forward ring's
     groups a slot (variants.RING_UNITS; 1 for every other kernel); `terms`: the projection's
-    bfloat16 terms of phi (1, or 0 for the default three; 0 for every other kernel)."""
+    bfloat16 terms of phi (variants.py: 1 or 3; 3 for every other kernel)."""
     candidates = [v for v in variants(backend) if v.row["source"] == source and v.row["dtype"] == dtype
-                  and v.row.get("units", 1) == units and v.row.get("terms", 0) == terms]
+                  and v.row.get("units", 1) == units and v.row.get("terms", 3) == terms]
     fitting = sorted((v for v in candidates if n is not None and v.nmax >= n), key=lambda v: v.nmax)
     candidates = fitting[:1] or [v for v in candidates if v.nmax == 0]
     if not candidates:
         raise KernelArtifactError(f"no shipped {backend} kernel {source} for dtype={dtype}, n={n}"
-                                  f"{f', units={units}' if units != 1 else ''}{f', terms={terms}' if terms else ''}: {REINSTALL_HINT}")
+                                  f"{f', units={units}' if units != 1 else ''}{f', terms={terms}' if terms != 3 else ''}: {REINSTALL_HINT}")
     return candidates[0]
 
 

@@ -64,7 +64,7 @@ def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[
 
 
 def use(source: str, bins: dict[int, tuple[str, bytes]] | None, shipped=cuda._binary) -> None:
-    def _binary(src, dtype, n, units=1, terms=0):
+    def _binary(src, dtype, n, units=1, terms=3):
         name, binary, nmax = shipped(src, dtype, n, units, terms)
         return (*bins[nmax], nmax) if src == source else (name, binary, nmax)
 

@@ -52,7 +52,7 @@ class Emulator:
         self.deferred_copies = False  # True: cp.async copies land at their wait (mhc_dynamic_emulate.h)
         self.shuffle_seed = None  # an int: threads resumed in a pseudo-random order each round (MHC_EMU_SHUFFLE)
 
-    def binary(self, source, dtype, n, units=1, terms=0):  # mhc_aot.cuda._binary's lookup rule, without shipped files
+    def binary(self, source, dtype, n, units=1, terms=3):  # mhc_aot.cuda._binary's lookup rule, without shipped files
         cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype and v.units == units
                  and v.terms == terms]
         fitting = sorted((v for v in cands if n is not None and v.nmax >= n), key=lambda v: v.nmax)
