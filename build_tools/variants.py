@@ -32,7 +32,8 @@ class KernelVariant:
     # one cubin shipped under tag sm_<min_arch> and no PTX (nothing newer could run it)
     arch_exact: bool = False
     units: int = 1  # the forward ring's groups a slot (MHC_RING_UNITS; 1: the macro left undefined)
-    # the projection's bfloat16 terms of phi (MHC_PHI_TERMS): 1 for a phi that is bfloat16 already;
+    # phi's bfloat16 terms in the projection's products (MHC_PHI_TERMS: proj_tc, coeffs_pre): 1 for a
+    # phi that is bfloat16 already;
     # 3 (the source's default, a float32 phi; the macro left undefined) for every other variant
     terms: int = 3
 
@@ -107,7 +108,9 @@ def _dynamic_variants() -> list[KernelVariant]:
          KernelVariant("mhc_coeffs", "mhc_dynamic_dphi_tc", "fused", "bf16", 0),
          # coefficients + x_in reading x once (bfloat16, n <= 4): a persistent grid, column-owned phi,
          # tiles moved by TMA (sm_90a)
-         KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_pre", "fused", "bf16", 4, min_arch=90, arch_exact=True)]
+         KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_pre", "fused", "bf16", 4, min_arch=90, arch_exact=True),
+         KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_pre", "fused", "bf16", 4, min_arch=90, arch_exact=True,
+                       terms=1)]  # ... and bfloat16 phi
     for dt in DTYPES:
         for src in ("mhc_dynamic_skinny", "mhc_dynamic_dx"):
             v.append(KernelVariant("mhc_coeffs", src, "fused", dt, 0))

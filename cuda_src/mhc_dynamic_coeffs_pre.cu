@@ -15,11 +15,11 @@
 // buffer i % RING and stays there until its x_in is formed; then the buffer takes tile i + RING. Per
 // tile a CTA:
 //   1. (workers, iteration i) multiplies its columns of the tile's tokens on tensor cores (as proj_tc:
-//      bfloat16 x exact, phi split in three bfloat16 terms; the sums of squares on the CUDA cores from
-//      the same A fragments): partial z and sum of squares of every token over its columns, written as
-//      one block to a global scratch slot; the signaler warp then arrives on the tile's `projected`
-//      counter (named-barrier handoff; a warp that does nothing else, so the signal never waits for a
-//      busy warp: session 21's trace);
+//      bfloat16 x exact, phi split in three bfloat16 terms, or one for a bfloat16 phi (MHC_PHI_TERMS);
+//      the sums of squares on the CUDA cores from the same A fragments): partial z and sum of squares
+//      of every token over its columns, written as one block to a global scratch slot; the signaler
+//      warp then arrives on the tile's `projected` counter (named-barrier handoff; a warp that does
+//      nothing else, so the signal never waits for a busy warp: session 21's trace);
 //   2. (coefficient warps, their own loop) once all S partials of the tile are in, sums those of its
 //      own tokens (r = s, s + S, ... of the tile; a lane per sum), the RMS scale, h_pre and h_post,
 //      writes them and mix, and arrives on the tile's `published` counter; then, batched over a few of
@@ -69,6 +69,15 @@ constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zer
 // (~40 MB of the GPU's traffic) after the first read, missed L2 almost always (ncu, H200, T = 8192:
 // 534 MB read from DRAM for x's 268)
 constexpr int RING = MHC_CP_RING;
+// MHC_PHI_TERMS: phi's bfloat16 terms held in the workers' registers (build_tools/variants.py: 3 for a
+// float32 phi, exact to its 24 bits; 1 for a bfloat16 phi, which is its own first term): one term is a
+// third of the MMAs and of the fragment registers (session 21's timing-only two-term knob, a numerics
+// change, took 2.78 us a tile against 2.94)
+#ifndef MHC_PHI_TERMS
+#define MHC_PHI_TERMS 3
+#endif
+constexpr int TERMS = MHC_PHI_TERMS;
+static_assert(TERMS == 1 || TERMS == 3, "one bfloat16 term (a bfloat16 phi) or three (float32)");
 constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 #ifndef MHC_CP_SK_TILES
 #define MHC_CP_SK_TILES 4
@@ -247,10 +256,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
-    // three bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
+    // TERMS bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
     // use was a third of the kernel's instructions, ncu, session 15)
     const int js = warp >> 1, kh = warp & 1, g4 = lane / 4, q = lane % 4;
-    uint32_t bq[KH][NT][3][2];
+    uint32_t bq[KH][NT][TERMS][2];
 #pragma unroll
     for (int k = 0; k < KH; ++k)
 #pragma unroll
@@ -265,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         uint2 terms[3];
         mma::split_b_fragment(v, terms);
 #pragma unroll
-        for (int p = 0; p < 3; ++p) {
+        for (int p = 0; p < TERMS; ++p) {  // one term: hi, which is phi itself when phi is bfloat16
           bq[k][nt][p][0] = terms[p].x;
           bq[k][nt][p][1] = terms[p].y;
         }
@@ -288,14 +297,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           for (int mt = 0; mt < 2; ++mt) {
             uint32_t a[4];
             mma::ldmatrix_x4<false>(a, at(xb, mt * 16 + lane % 16, js, 2 * (kh * KH + k) + lane / 16));
-#ifdef MHC_CP_SPLIT2  // A/B knob: phi's two leading bfloat16 terms only (16 bits of its 24)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int p = 1; p >= 0; --p) mma::bf16_16816(acc[mt][nt], a, bq[k][nt][p][0], bq[k][nt][p][1]);
-#else
-            mma::mma_split3<NT>(acc[mt], a, bq[k]);
-#endif
+            mma::mma_terms<NT, TERMS>(acc[mt], a, bq[k]);
             // sums of squares of the lane's eight values on the CUDA cores, idle while the MMAs run (the
             // diagonal of x x^T on tensor cores, as mhc_dynamic_proj_tc, cost two MMAs of eleven)
             sq[mt][0] += sq_pair(a[0]) + sq_pair(a[2]);  // row g

@@ -264,9 +264,10 @@ def coeffs_pre_sync_len(T: int) -> int:
     return 2 + 2 * _cdiv(T, CP_TT)
 
 
-def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None):
+def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: int = 3):
     """mhc_dynamic_coeffs_pre: (h_pre, h_post, h_res, x_in, mix, invr), x read once. sync: the kernel's
-    zeroed counters (default: new zeros; a test passes one buffer to several launches)."""
+    zeroed counters (default: new zeros; a test passes one buffer to several launches). phi_terms: phi's
+    bfloat16 terms in its products, as the projection's (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     M, S = n * n + 2 * n, _cdiv(C, CP_CW)
     # its counters, zeroed (the kernel zeroes them again when it ends)
@@ -280,7 +281,7 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None):
                     (G * S * 32,)],
                    [F32, F32, F32, x3.dtype, F32, F32, F32, mx.uint32],
                    [n, C, T, S, G, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult],
-                   (G * S * CP_BLOCK, 1, 1), CP_SMEM_BYTES // 4, CP_BLOCK)
+                   (G * S * CP_BLOCK, 1, 1), CP_SMEM_BYTES // 4, CP_BLOCK, terms=phi_terms)
     return list(outs[:6])
 
 
@@ -291,7 +292,7 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
     if G:
-        return [*_coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G), b32]
+        return [*_coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G, phi_terms=phi_terms), b32]
     part, sq, S, consts = _projection(x3.reshape(T, K), phi32, (b32, ap, apo, ar), T, K, M, tag, phi_terms)
     if consts is not None:
         b32, ap, apo, ar = _from_consts(consts)

@@ -788,7 +788,26 @@ def test_emulated_cuda_coeffs_pre_shuffled(emulated_cuda, monkeypatch, B, n, C, 
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
 
-def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms):
+@pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6)], ids=["two-groups", "n3-half-box"])
+@pytest.mark.parametrize("emulated_cuda", ["regs"], indirect=True)
+def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n, C, sms):
+    """A bfloat16 phi in mhc_dynamic_coeffs_pre: its one-term variant (`_t1`, phi is its own first
+    term), forward and every gradient against the float64 port. The control: one term for a float32
+    phi must fail the forward check, so the test tells the variants apart."""
+    from mhc_aot import cuda_dynamic
+
+    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dtype=mx.bfloat16)
+    _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
+    names = {nm for nm, _ in emulated_cuda.launched}
+    assert "mhc_dynamic_coeffs_pre_bf16_n4" not in names, names
+    real = cuda_dynamic._coeffs_fn
+    monkeypatch.setattr(cuda_dynamic, "_coeffs_fn", lambda cfg, with_pre, alias, phi_terms=3:
+                        real(cfg, with_pre, alias, 1))
+    with pytest.raises(AssertionError):
+        _check_forward("cuda", B, n, C, "bfloat16")
+
+
+def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dtype=mx.float32):
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
@@ -796,9 +815,10 @@ def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms):
     monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
     monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
     monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: sms)
-    _check_forward("cuda", B, n, C, "bfloat16")
+    _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=phi_dtype)
     names = [nm for nm, _ in emulated_cuda.launched]
-    assert "mhc_dynamic_coeffs_pre_bf16_n4" in names, names
+    want = "mhc_dynamic_coeffs_pre_bf16_n4" + ("_t1" if phi_dtype == mx.bfloat16 else "")
+    assert want in names, names
 
 
 @pytest.mark.gpu
@@ -818,6 +838,21 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
     _check_forward("cuda", B, n, C, "bfloat16")
     if B * C <= 2048 * 1000:
         _check_gradients("cuda", B, n, C, "bfloat16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+@pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 216)])
+def test_gpu_coeffs_pre_bfloat16_phi(monkeypatch, B, n, C):
+    """mhc_dynamic_coeffs_pre's one-term variant (a bfloat16 phi) on the GPU against the float64 port."""
+    from mhc_aot import cuda_dynamic
+
+    if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.CP_ARCH:
+        pytest.skip(f"mhc_dynamic_coeffs_pre is built for sm_{cuda_dynamic.CP_ARCH}a only (TMA)")
+    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
+    if B * C <= 2048 * 1000:
+        _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
 
 
 @pytest.mark.gpu
