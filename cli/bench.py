@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mhc_aot import bench, dispatch
 
 from . import output
-from .options import (BackwardOpt, BOpt, COpt, DtypeOpt, FormatOpt, ItersOpt, Layer, LayerOpt, Mode, NOpt, OutOpt, QuietOpt,
+from .options import (DTYPE_ALIASES, BackwardOpt, BOpt, COpt, DtypeOpt, FormatOpt, ItersOpt, Layer, LayerOpt, Mode, NOpt, OutOpt, QuietOpt,
                       WarmupOpt, check_count, parse_dtypes, parse_ints, split_list)
 
 HELP = """Time the mHC layer's forward (or forward + backward) against other implementations.
@@ -47,6 +47,8 @@ EPILOG = """Examples:
 
   mhc bench --layer dynamic --mode throughput --compare portable
 
+  mhc bench --layer dynamic --suite large --phi-dtype float32
+
   mhc bench --plot speedup.png"""
 
 
@@ -67,6 +69,10 @@ CompareOpt = Annotated[Optional[List[str]], typer.Option(
                             f"(default: {', '.join(bench.DEFAULT_COMPARE)}); repeat or comma-separate.")]
 RepeatsOpt = Annotated[Optional[int], typer.Option(
     "--repeats", help="Throughput mode: batches of --iters calls (one sample each).")]
+PhiDtypeOpt = Annotated[Optional[str], typer.Option(
+    "--phi-dtype", metavar="DTYPE",
+    help="--layer dynamic: phi's dtype, float32 (DynamicMHC's default), float16 or bfloat16; default: "
+         "x's dtype, as the liger peer's phi, so both time one configuration.")]
 PlotOpt = Annotated[Optional[Path], typer.Option(
     "--plot", help="Also draw the kernels' speedup by C into this PNG (needs the `plot` extra: matplotlib).",
     dir_okay=False)]
@@ -118,6 +124,18 @@ def parse_compare(values: Optional[List[str]]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_phi_dtype(value: Optional[str], layer: str) -> Optional[str]:
+    """--phi-dtype as a dtype name (None: x's dtype); only the dynamic layer has a phi."""
+    if value is None:
+        return None
+    if layer != "dynamic":
+        output.fail(f"--phi-dtype {value}: only --layer dynamic has a phi (got --layer {layer})")
+    key = value.lower()
+    if key not in DTYPE_ALIASES:
+        output.fail(f"--phi-dtype {value!r}: unknown dtype; expected float32, float16 or bfloat16")
+    return DTYPE_ALIASES[key]
+
+
 class _ProgressSteps:
     """bench.run's on_step callback driving a rich progress bar on stderr."""
 
@@ -138,9 +156,11 @@ class _ProgressSteps:
             self.progress.update(self.task, completed=self.progress.tasks[0].total, description="done")
 
 
-def columns(compare: list[str], backward: bool) -> list[output.Column]:
+def columns(compare: list[str], backward: bool, dynamic: bool = False) -> list[output.Column]:
     cols = [output.Column("B", "B"), output.Column("n", "n"), output.Column("C", "C"),
             output.Column("dtype", "dtype", justify="left")]
+    if dynamic:
+        cols.append(output.Column("phi_dtype", "phi", justify="left"))
     if backward:
         cols.append(output.Column("pass", "pass", justify="left"))
     cols += [output.Column("impl", "impl", justify="left"),
@@ -169,6 +189,7 @@ def bench_command(
     warmup: WarmupOpt = None,
     repeats: RepeatsOpt = None,
     compare: CompareOpt = None,
+    phi_dtype: PhiDtypeOpt = None,
     plot: PlotOpt = None,
     fmt: FormatOpt = None,
     out: OutOpt = None,
@@ -179,6 +200,7 @@ def bench_command(
                             split_list(config), suite.value if suite else None, layer.value)
     dtypes = parse_dtypes(dtype, [bench.DEFAULT_DTYPE])
     comparisons = parse_compare(compare)
+    phi = parse_phi_dtype(phi_dtype, layer.value)
     check_count("--iters", iters, 1)
     check_count("--warmup", warmup, 0)
     check_count("--repeats", repeats, 1)
@@ -190,7 +212,7 @@ def bench_command(
     d = bench.default_settings(mode_name)
     settings = bench.Settings(iters=iters or d.iters, warmup=d.warmup if warmup is None else warmup,
                               repeats=repeats or d.repeats)
-    cases = bench.make_cases(mode_name, shapes, dtypes, backward, layer.value)
+    cases = bench.make_cases(mode_name, shapes, dtypes, backward, layer.value, phi)
     impls = ["kernels", *comparisons]
     for c in impls:
         why = bench.availability(c, layer.value)
@@ -230,7 +252,7 @@ def bench_command(
                      "(MLX has no custom-kernel primitive on CPU)")
     title = (f"mhc bench: {mode_name}{', dynamic layer' if layer == Layer.dynamic else ''}"
              f"{', forward+backward' if backward else ', forward'}")
-    res = output.Result(title, result.rows, columns(comparisons, backward), meta=meta, notes=notes, command="bench")
+    res = output.Result(title, result.rows, columns(comparisons, backward, layer == Layer.dynamic), meta=meta, notes=notes, command="bench")
     output.emit(res, fmt, out, quiet)
     if plot is not None:
         try:

@@ -21,9 +21,9 @@ Byte model (effective GB/s = bytes / median time), with s = itemsize of x's dtyp
   forward            x read once + out written once                                  = 2 E s
   forward+backward   forward (x read, out written) + backward (x and dout read, dx written)
                                                                                       = 5 E s
-  dynamic layer      adds phi [n C, n n + 2 n] in float32 (P elements): + 4 P forward (read
-                     once), + 12 P forward+backward (read in each pass, dphi written); the
-                     per-token coefficients and x_in / f_out ([B, C]) are left out.
+  dynamic layer      adds phi [n C, n n + 2 n] (P elements of its dtype's size p): + p P forward
+                     (read once), + 3 p P forward+backward (read in each pass, dphi written);
+                     the per-token coefficients and x_in / f_out ([B, C]) are left out.
   Static parameters, M and per-token scalars are O(n^2 + C) and left out. This is the traffic of an
   ideal fused implementation, the same for every implementation, so GB/s ranks them on one
   footing. `copy_fraction` divides it by the copy bandwidth measured once per run (a float32
@@ -41,7 +41,10 @@ Implementations:
 With --layer dynamic the rows time DynamicMHC(nn.Identity(), n, C) (the mHC machinery alone) with
 backend auto / portable / reference, forward and forward + backward mx.compile'd alike, and
   liger      Liger-Kernel's LigerMHC functional chain (liger_mhc_coeffs + liger_mhc_pre +
-             liger_mhc_post_res, Triton) on CUDA, F = identity, same shapes and dtype;
+             liger_mhc_post_res, Triton) on CUDA, F = identity, same shapes and dtype, phi in x's
+             dtype (its own benchmark's choice);
+phi's dtype in the dynamic rows (Case.phi_dtype, `mhc bench --phi-dtype`): x's by default, as the
+liger peer's, so both time one configuration; float32 (DynamicMHC's default) on request.
 seed and torch have no dynamic layer, liger has no static one.
 The PyTorch peers (torch, liger) are timed in a child process each (mhc_aot/peer_worker.py), one
 per peer for all cases, after the in-process rows, in the same run and on the same seeded inputs,
@@ -124,6 +127,7 @@ class Case:
     dtype: str = DEFAULT_DTYPE
     backward: bool = False
     layer: str = "static"  # "static" (MHCLayer / ops.mhc_forward) or "dynamic" (DynamicMHC, F = identity)
+    phi_dtype: Optional[str] = None  # the dynamic layer's phi; None: x's dtype, as the liger peer's (see .phi)
 
     @property
     def elements(self) -> int:
@@ -134,19 +138,26 @@ class Case:
         return self.n * self.C * (self.n * self.n + 2 * self.n) if self.layer == "dynamic" else 0
 
     @property
+    def phi(self) -> str:
+        """The dynamic layer's phi dtype: phi_dtype, else x's."""
+        return self.phi_dtype or self.dtype
+
+    @property
     def itemsize(self) -> int:
         return testing.DTYPES[self.dtype].size
 
     @property
     def bytes_moved(self) -> int:
         """The byte model of the module docstring: 2 E s forward, 5 E s forward+backward; the
-        dynamic layer adds phi (float32): read once forward, read again and dphi written backward."""
+        dynamic layer adds phi: read once forward, read again and dphi written backward."""
         x_bytes = (5 if self.backward else 2) * self.elements * self.itemsize
-        return x_bytes + (3 if self.backward else 1) * 4 * self.phi_elements
+        if not self.phi_elements:
+            return x_bytes
+        return x_bytes + (3 if self.backward else 1) * testing.DTYPES[self.phi].size * self.phi_elements
 
     @property
     def label(self) -> str:
-        layer = " dynamic" if self.layer == "dynamic" else ""
+        layer = f" dynamic (phi {self.phi})" if self.layer == "dynamic" else ""
         return f"B={self.B} n={self.n} C={self.C} {self.dtype}{layer}{' fwd+bwd' if self.backward else ''}"
 
 
@@ -430,19 +441,14 @@ def _seed_runner(case: Case, inp: Inputs) -> Runner:
     return Runner("seed", lambda: vjp(*inp.args), note=note)
 
 
-# phi's dtype in the dynamic rows: float32 (DynamicMHC's default) in every table so far; Liger's peer
-# keeps phi in x's dtype (its own benchmark's choice). scripts/gpu_dynamic_ab.py --phi-dtype sets it.
-DYNAMIC_PHI_DTYPE = mx.float32
-
-
-def dynamic_layer(n: int, C: int, backend: str = "auto"):
-    """DynamicMHC(nn.Identity(), n, C) with non-trivial b and alphas (not the init's zeros and ones),
-    evaluated: what the dynamic rows and `mhc profile --layer dynamic` run."""
+def dynamic_layer(n: int, C: int, backend: str = "auto", phi_dtype: mx.Dtype = mx.float32):
+    """DynamicMHC(nn.Identity(), n, C) with non-trivial b and alphas (not the init's zeros and ones)
+    and phi in `phi_dtype`, evaluated: what the dynamic rows and `mhc profile --layer dynamic` run."""
     import mlx.nn as nn
 
     from . import DynamicMHC
 
-    layer = DynamicMHC(nn.Identity(), n, C, backend=backend, key=mx.random.key(1), phi_dtype=DYNAMIC_PHI_DTYPE)
+    layer = DynamicMHC(nn.Identity(), n, C, backend=backend, key=mx.random.key(1), phi_dtype=phi_dtype)
     layer.b = 0.5 * mx.random.normal((n * n + 2 * n,), key=mx.random.key(2))
     layer.alpha_pre, layer.alpha_post, layer.alpha_res = (mx.array(a, mx.float32) for a in (1.1, 0.9, 1.3))
     mx.eval(layer.parameters())
@@ -454,7 +460,7 @@ def _dynamic_runner(name: str, case: Case, inp: Inputs) -> Runner:
     Forward and forward + backward are mx.compile'd for every MLX implementation alike, as a model's
     step would be (the layer's Python - checks, dispatch - then runs once per shape, not per call)."""
     backend = {"kernels": "auto", "portable": "portable", "reference": "reference"}[name]
-    layer = dynamic_layer(case.n, case.C, backend)
+    layer = dynamic_layer(case.n, case.C, backend, testing.DTYPES[case.phi])
     names, values = zip(*tree_flatten(layer.trainable_parameters()))
 
     def fn(x, *p):
@@ -567,8 +573,11 @@ def time_in_child(impl: str, cases, settings, seed: int = INPUT_SEED) -> list[tu
 
 
 # ---------------------------------------------------------------- the benchmark
-def make_cases(mode: str, shapes, dtypes, backward: bool, layer: str = "static") -> list[Case]:
-    return [Case(mode, B, n, C, dt, backward, layer) for dt in dtypes for (B, n, C) in shapes]
+def make_cases(mode: str, shapes, dtypes, backward: bool, layer: str = "static",
+               phi_dtype: Optional[str] = None) -> list[Case]:
+    """Every (dtype, shape) case; the dynamic layer's phi in `phi_dtype` (None: each case's x dtype, as
+    the liger peer's phi)."""
+    return [Case(mode, B, n, C, dt, backward, layer, phi_dtype) for dt in dtypes for (B, n, C) in shapes]
 
 
 @dataclass
@@ -619,6 +628,7 @@ def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
         rows[ci, impl] = {
             "mode": case.mode, "layer": case.layer, "impl": impl,
             "B": case.B, "n": case.n, "C": case.C, "dtype": case.dtype,
+            **({"phi_dtype": case.phi if impl != "liger" else case.dtype} if case.layer == "dynamic" else {}),
             "pass": "forward+backward" if case.backward else "forward",
             "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us,
             "GBps": gbps, "copy_fraction": gbps / copy_gbps, "samples": len(t.samples_s), "note": note,

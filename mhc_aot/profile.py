@@ -4,7 +4,8 @@ Stages of the static layer: `sinkhorn` (ops.sinkhorn alone), `forward` (ops.mhc_
 included) and `backward` (mx.vjp with dout as the output's cotangent, w.r.t. x and all four
 parameters: the forward and backward of one training step, as `mhc bench --backward` times it). Of the dynamic layer (DynamicMHC around an identity F,
 as `mhc bench --layer dynamic`): `coeffs` (mhc_coeffs_pre: coefficients and x_in), `post_res`
-(mhc_post_res), `forward` (the layer) and `backward` (mx.vjp w.r.t. x and phi, b, alphas).
+(mhc_post_res), `forward` (the layer) and `backward` (mx.vjp w.r.t. x and phi, b, alphas), phi in
+x's dtype as the bench's default.
 Every call is timed between synchronisations (mx.synchronize, then the call and mx.eval of its
 result, then mx.synchronize), so one event is one call's wall
 time on the device, queueing included. The trace is the Trace Event Format's JSON object form:
@@ -52,7 +53,7 @@ def _dynamic_stage_functions(inp, backend: str) -> dict[str, Callable[[], object
     from . import dynamic
 
     _, n, C = inp.x.shape
-    layer = bench.dynamic_layer(n, C, backend)
+    layer = bench.dynamic_layer(n, C, backend, inp.x.dtype)  # phi in x's dtype, as mhc bench's default
     coeff_args = (layer.phi, layer.b, layer.alpha_pre, layer.alpha_post, layer.alpha_res)
     _, h_post, h_res, x_in = dynamic.mhc_coeffs_pre(inp.x, *coeff_args, backend=backend)
     mx.eval(h_post, h_res, x_in)

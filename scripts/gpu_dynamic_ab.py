@@ -10,6 +10,9 @@ larger than many differences worth measuring, so all run inside one process.
   python scripts/gpu_dynamic_ab.py --backward
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_tc --phi-dtype bfloat16 terms3=@BF16_PHI_TERMS=3
                                    # a bfloat16 phi: the projection's one term (shipped) vs three
+  python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 one-read-t3=@CP_MIN_T=1024,BF16_PHI_TERMS=3
+                                   # the same in the one-read kernel (a knob path runs the three
+                                   kernels unless it sets CP_MIN_T)
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_post_res old=/tmp/old_post_res.cu   # the three-kernel
                                    path with a variant of one of its kernels (NMAX 4 and 0 builds)
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_coeffs regs=@ELEMS_MAX_N=0   # a rule's knob
@@ -45,7 +48,6 @@ def main() -> None:
     ap.add_argument("--phi-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the layer's phi (bfloat16: Liger's benchmark, and the projection's one-term variant)")
     args = ap.parse_args()
-    bench.DYNAMIC_PHI_DTYPE = getattr(bench.mx, args.phi_dtype)
     shipped = cuda._binary
     # (label, CP_MIN_T, binaries): the three kernels, the one-read kernel as built, the variants
     one_read = args.source == SOURCE
@@ -66,14 +68,17 @@ def main() -> None:
         res: dict[str, list[float]] = {label: [] for label, _, _ in paths}
         for rnd in range(args.rounds):
             for label, min_t, bins in (paths if rnd % 2 == 0 else paths[::-1]):
-                cuda_dynamic.CP_MIN_T = min_t
                 for k, v in defaults.items():
-                    setattr(cuda_dynamic, k, type(v)(knobs[label][k]) if k in knobs.get(label, {}) else v)
+                    setattr(cuda_dynamic, k, v)
+                cuda_dynamic.CP_MIN_T = min_t
+                for k, v in knobs.get(label, {}).items():  # a knob's type from its default (CP_MIN_T: int)
+                    setattr(cuda_dynamic, k, int(v) if defaults[k] is None else type(defaults[k])(v))
                 gpu_source_ab.use(args.source, bins, shipped)
                 # the path is chosen when a graph is traced: no cached trace of another one replays
                 kernel_ops._compiled.cache_clear()
                 cuda_dynamic._coeffs_fn.cache_clear()
-                case = bench.Case("throughput", T, n, C, "bfloat16", args.backward, layer="dynamic")
+                case = bench.Case("throughput", T, n, C, "bfloat16", args.backward, layer="dynamic",
+                                  phi_dtype=args.phi_dtype)
                 runner = bench.make_runner("kernels", case, bench.make_inputs(case))
                 res[label].append(bench.time_runner(runner, "throughput", 30, 5, repeats=5).median_us)
         for label, medians in res.items():

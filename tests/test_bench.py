@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 
 from mhc_aot import bench, peer_worker
@@ -26,6 +27,11 @@ def test_byte_model():
     assert bwd.bytes_moved == 5 * 2 * 4 * 8 * 4  # + x, dout read and dx written
     dyn = bench.Case("latency", 2, 4, 8, "float32", layer="dynamic")
     assert dyn.bytes_moved == 2 * 2 * 4 * 8 * 4 + 4 * (4 * 8) * (16 + 8)  # + phi read once
+    dyn16 = bench.Case("latency", 2, 4, 8, "bfloat16", backward=True, layer="dynamic")  # phi in x's dtype
+    assert dyn16.phi == "bfloat16"
+    assert dyn16.bytes_moved == 5 * 2 * 4 * 8 * 2 + 3 * 2 * (4 * 8) * (16 + 8)  # + phi read twice, dphi written
+    dyn32 = bench.Case("latency", 2, 4, 8, "bfloat16", layer="dynamic", phi_dtype="float32")
+    assert dyn32.bytes_moved == 2 * 2 * 4 * 8 * 2 + 4 * (4 * 8) * (16 + 8)
 
 
 def test_percentile_interpolates():
@@ -81,10 +87,19 @@ def test_run_rows_and_speedups():
     assert res.meta["copy_GBps"] == 1.0 and res.meta["compare"] == ["portable", "reference"]
 
 
-def test_dynamic_layer_runs():
+def test_dynamic_layer_runs(monkeypatch):
     cases = bench.make_cases("latency", [(2, 2, 8)], ["bfloat16"], backward=True, layer="dynamic")
     res = bench.run(cases, ["portable"], bench.Settings(iters=2, warmup=1, repeats=1), copy_gbps=1.0)
     assert [r["layer"] for r in res.rows] == ["dynamic", "dynamic"]
+    assert [r["phi_dtype"] for r in res.rows] == ["bfloat16", "bfloat16"]
+    # the timed layer's phi is in the case's phi dtype: x's by default, else the one asked for
+    built = []
+    real = bench.dynamic_layer
+    monkeypatch.setattr(bench, "dynamic_layer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    for phi_dtype, want in ((None, mx.bfloat16), ("float32", mx.float32)):
+        case = bench.make_cases("latency", [(2, 2, 8)], ["bfloat16"], False, "dynamic", phi_dtype)[0]
+        bench.make_runner("portable", case, bench.make_inputs(case))
+        assert built[-1].phi.dtype == want, (phi_dtype, built[-1].phi.dtype)
     with pytest.raises(bench.BenchError, match="seed has no dynamic"):
         bench.run(cases, ["seed"], bench.Settings(iters=1, warmup=0, repeats=1), copy_gbps=1.0)
 

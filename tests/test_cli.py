@@ -168,7 +168,19 @@ def test_bench_compare_seed():
 def test_bench_dynamic_layer():
     r = invoke("bench", "--layer", "dynamic", *TINY, "--compare", "portable", "--format", "json", "--backward")
     assert r.exit_code == 0, r.stderr
-    assert {x["layer"] for x in json.loads(r.stdout)["rows"]} == {"dynamic"}
+    rows = json.loads(r.stdout)["rows"]
+    assert {x["layer"] for x in rows} == {"dynamic"}
+    assert {x["phi_dtype"] for x in rows} == {"bfloat16"}  # x's dtype (bench's default), as the liger peer's
+
+
+def test_bench_phi_dtype():
+    r = invoke("bench", "--layer", "dynamic", *TINY, "--compare", "none", "--format", "json", "--phi-dtype", "f32")
+    assert r.exit_code == 0, r.stderr
+    assert [x["phi_dtype"] for x in json.loads(r.stdout)["rows"]] == ["float32"]
+    r = invoke("bench", "--layer", "dynamic", *TINY, "--phi-dtype", "int8")
+    assert r.exit_code != 0 and "--phi-dtype 'int8'" in r.stderr and "bfloat16" in r.stderr
+    r = invoke("bench", *TINY, "--phi-dtype", "float32")
+    assert r.exit_code != 0 and "only --layer dynamic has a phi" in r.stderr
 
 
 def test_bench_plot_png(tmp_path):
