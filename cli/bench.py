@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mhc_aot import bench, dispatch
 
 from . import output
-from .options import (DTYPE_ALIASES, BackwardOpt, BOpt, COpt, DtypeOpt, FormatOpt, ItersOpt, Layer, LayerOpt, Mode, NOpt, OutOpt, QuietOpt,
+from .options import (BackwardOpt, BOpt, COpt, DtypeOpt, FormatOpt, ItersOpt, Layer, LayerOpt, Mode, NOpt, OutOpt, QuietOpt,
                       WarmupOpt, check_count, parse_dtypes, parse_ints, split_list)
 
 HELP = """Time the mHC layer's forward (or forward + backward) against other implementations.
@@ -130,10 +130,7 @@ def parse_phi_dtype(value: Optional[str], layer: str) -> Optional[str]:
         return None
     if layer != "dynamic":
         output.fail(f"--phi-dtype {value}: only --layer dynamic has a phi (got --layer {layer})")
-    key = value.lower()
-    if key not in DTYPE_ALIASES:
-        output.fail(f"--phi-dtype {value!r}: unknown dtype; expected float32, float16 or bfloat16")
-    return DTYPE_ALIASES[key]
+    return parse_dtypes([value], [], "--phi-dtype")[0]
 
 
 class _ProgressSteps:
@@ -252,7 +249,8 @@ def bench_command(
                      "(MLX has no custom-kernel primitive on CPU)")
     title = (f"mhc bench: {mode_name}{', dynamic layer' if layer == Layer.dynamic else ''}"
              f"{', forward+backward' if backward else ', forward'}")
-    res = output.Result(title, result.rows, columns(comparisons, backward, layer == Layer.dynamic), meta=meta, notes=notes, command="bench")
+    res = output.Result(title, result.rows, columns(comparisons, backward, layer == Layer.dynamic), meta=meta,
+                        notes=notes, command="bench")
     output.emit(res, fmt, out, quiet)
     if plot is not None:
         try:

@@ -84,13 +84,13 @@ def parse_ints(flag: str, values: Optional[List[str]], minimum: int = 1) -> list
     return out
 
 
-def parse_dtypes(values: Optional[List[str]], default: list[str]) -> list[str]:
+def parse_dtypes(values: Optional[List[str]], default: list[str], flag: str = "--dtype") -> list[str]:
     names = split_list(values)
     out = []
     for p in names:
         key = p.lower()
         if key not in DTYPE_ALIASES:
-            output.fail(f"--dtype {p!r}: unknown dtype; expected float32, float16 or bfloat16")
+            output.fail(f"{flag} {p!r}: unknown dtype; expected float32, float16 or bfloat16")
         out.append(DTYPE_ALIASES[key])
     return out or list(default)
 

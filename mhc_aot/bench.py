@@ -151,8 +151,6 @@ class Case:
         """The byte model of the module docstring: 2 E s forward, 5 E s forward+backward; the
         dynamic layer adds phi: read once forward, read again and dphi written backward."""
         x_bytes = (5 if self.backward else 2) * self.elements * self.itemsize
-        if not self.phi_elements:
-            return x_bytes
         return x_bytes + (3 if self.backward else 1) * testing.DTYPES[self.phi].size * self.phi_elements
 
     @property

@@ -703,8 +703,6 @@ def test_emulated_cuda_projection_bfloat16_phi(emulated_cuda, monkeypatch, B, n,
     projection runs its one-term variant (`_t1`), a float32 phi the three-term one, each against the
     float64 port (16-byte and element rows, two token tiles at T = 130). The control: one term for a
     float32 phi must fail the forward check, so the float32 cases tell the variants apart."""
-    from mhc_aot import cuda_dynamic
-
     _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
     _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
     names = {nm for nm, _ in emulated_cuda.launched}
@@ -713,6 +711,14 @@ def test_emulated_cuda_projection_bfloat16_phi(emulated_cuda, monkeypatch, B, n,
     _check_forward("cuda", B, n, C, "bfloat16")
     names = {nm for nm, _ in emulated_cuda.launched}
     assert "mhc_dynamic_proj_tc_bf16" in names and "mhc_dynamic_proj_tc_bf16_t1" not in names, names
+    _one_term_on_float32_phi_fails(monkeypatch, B, n, C)
+
+
+def _one_term_on_float32_phi_fails(monkeypatch, B, n, C):
+    """The control of the bfloat16-phi tests: one term forced on a float32 phi must fail the forward
+    check (float32 needs its three), so a test that passes tells the variants apart."""
+    from mhc_aot import cuda_dynamic
+
     real = cuda_dynamic._coeffs_fn
     monkeypatch.setattr(cuda_dynamic, "_coeffs_fn", lambda cfg, with_pre, alias, phi_terms=3:
                         real(cfg, with_pre, alias, 1))
@@ -794,17 +800,11 @@ def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n,
     """A bfloat16 phi in mhc_dynamic_coeffs_pre: its one-term variant (`_t1`, phi is its own first
     term), forward and every gradient against the float64 port. The control: one term for a float32
     phi must fail the forward check, so the test tells the variants apart."""
-    from mhc_aot import cuda_dynamic
-
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dtype=mx.bfloat16)
     _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
     names = {nm for nm, _ in emulated_cuda.launched}
     assert "mhc_dynamic_coeffs_pre_bf16_n4" not in names, names
-    real = cuda_dynamic._coeffs_fn
-    monkeypatch.setattr(cuda_dynamic, "_coeffs_fn", lambda cfg, with_pre, alias, phi_terms=3:
-                        real(cfg, with_pre, alias, 1))
-    with pytest.raises(AssertionError):
-        _check_forward("cuda", B, n, C, "bfloat16")
+    _one_term_on_float32_phi_fails(monkeypatch, B, n, C)
 
 
 def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dtype=mx.float32):
@@ -821,6 +821,17 @@ def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dty
     assert want in names, names
 
 
+def _coeffs_pre_on_gpu(monkeypatch):
+    """mhc_dynamic_coeffs_pre switched on (CP_MIN_T) for a GPU test, which skips off sm_90 (its one
+    cubin is sm_90a: TMA); returns mhc_aot.cuda_dynamic."""
+    from mhc_aot import cuda_dynamic
+
+    if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.CP_ARCH:
+        pytest.skip(f"mhc_dynamic_coeffs_pre is built for sm_{cuda_dynamic.CP_ARCH}a only (TMA)")
+    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    return cuda_dynamic
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
 @pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 216), (2048, 2, 1000), (1, 1, 8),
@@ -829,11 +840,7 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
     """mhc_dynamic_coeffs_pre on the GPU (TMA: sm_90 only; off in the default dispatch unless
     cuda_dynamic.CP_MIN_T is set), forward and every gradient (its mix, invr and h_pre feed the backward
     kernels) against the Liger port; second boxes partly and wholly past C (C = 200, 136, 8)."""
-    from mhc_aot import cuda_dynamic
-
-    if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.CP_ARCH:
-        pytest.skip(f"mhc_dynamic_coeffs_pre is built for sm_{cuda_dynamic.CP_ARCH}a only (TMA)")
-    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    cuda_dynamic = _coeffs_pre_on_gpu(monkeypatch)
     assert cuda_dynamic.coeffs_pre_groups(B, n, C, mx.bfloat16) > 0
     _check_forward("cuda", B, n, C, "bfloat16")
     if B * C <= 2048 * 1000:
@@ -845,11 +852,7 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
 @pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 216)])
 def test_gpu_coeffs_pre_bfloat16_phi(monkeypatch, B, n, C):
     """mhc_dynamic_coeffs_pre's one-term variant (a bfloat16 phi) on the GPU against the float64 port."""
-    from mhc_aot import cuda_dynamic
-
-    if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.CP_ARCH:
-        pytest.skip(f"mhc_dynamic_coeffs_pre is built for sm_{cuda_dynamic.CP_ARCH}a only (TMA)")
-    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    _coeffs_pre_on_gpu(monkeypatch)
     _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
     if B * C <= 2048 * 1000:
         _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
@@ -862,11 +865,7 @@ def test_gpu_coeffs_pre_shared_sync(monkeypatch):
     arrays of a graph): the last CTA of each launch zeroes the counters again, so the next launch
     on new x gives exactly what it gives on a fresh buffer, and the buffer ends zeroed. 32 tiles a
     group: the partial slots are reused within each launch too."""
-    from mhc_aot import cuda_dynamic
-
-    if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.CP_ARCH:
-        pytest.skip(f"mhc_dynamic_coeffs_pre is built for sm_{cuda_dynamic.CP_ARCH}a only (TMA)")
-    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    cuda_dynamic = _coeffs_pre_on_gpu(monkeypatch)
     T, n, C = 16384, 4, 1024
     G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
     assert G > 0
