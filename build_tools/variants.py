@@ -115,6 +115,8 @@ def _dynamic_variants() -> list[KernelVariant]:
         for src in ("mhc_dynamic_skinny", "mhc_dynamic_dx"):
             v.append(KernelVariant("mhc_coeffs", src, "fused", dt, 0))
         v.append(KernelVariant("mhc_pre", "mhc_dynamic_pre_bwd", "fused", dt, 0))
+        # few tokens, n <= 4: a CTA per token projects it itself, phi read in its own dtype (one launch)
+        v.append(KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_proj", "fused", dt, 4))
         for nmax in DYNAMIC_NMAX:
             v.append(KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs", "fused", dt, nmax))
             v.append(KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_bwd", "fused", dt, nmax))

@@ -8,9 +8,10 @@
 // zpart / sq come from the projection (mhc_dynamic_proj_tc or mhc_dynamic_skinny, S splits of K).
 // mix and invr are kept for the backward.
 // Three modes (`lanes`):
-//   0: one CTA per token (any n): the per-token math spread over the CTA, x_in computed before the
-//      Sinkhorn so the token's loads overlap it. Grid (threads): (T * THREADS, 1, 1), block THREADS;
-//      shared memory: M + n n + n + sinkhorn_floats(n, tmax, 2) floats.
+//   0: one CTA per token (any n): the per-token math spread over the CTA; for n <= dyn::LANE_N warp 0
+//      runs the Sinkhorn a lane per element while the others form x_in, else x_in comes before the
+//      CTA's Sinkhorn. Grid (threads): (T * THREADS, 1, 1), block THREADS; shared memory:
+//      M + n n + n + max(sinkhorn_floats(n, tmax, 2), 32 WARPS) floats.
 //   lanes (a power of two >= n, <= 32): `lanes` threads of a warp per token (dyn::LaneGroup), each
 //      group its own `slice` of shared memory (the same layout; slice odd, so neighbouring slices
 //      start in different banks); with_pre must be 0 (mhc_dynamic_pre computes x_in, a pure stream
@@ -33,74 +34,13 @@
 // scalars, read once: separate inputs, so no stacking op runs before the launch).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre),
 //          mix [T, M], invr [T].
-#include "mhc_dynamic_common.cuh"
+#include "mhc_dynamic_coeffs.cuh"
 
 using namespace mhc;
 
 namespace {
 constexpr int ELEMS = -2;         // `lanes` of the element mode (mhc_aot/cuda_dynamic.py)
 constexpr int MAX_BLOCK = 1024;   // threads per CTA at most: the element mode's ELEMS_THREADS
-// Token t's coefficients, run by group g (the CTA or a lane group) on `base` (shared memory laid
-// out as the header says). with_pre only with the CTA group.
-template <class G>
-__device__ __forceinline__ void token_coeffs(
-    G g, float* base, int t, const T* __restrict__ x, const float* __restrict__ zpart, const float* __restrict__ sq,
-    const float* __restrict__ b, float a_pre, float a_post, float a_res, float* __restrict__ h_pre,
-    float* __restrict__ h_post, float* __restrict__ h_res, T* __restrict__ x_in, float* __restrict__ mix,
-    float* __restrict__ invr_out, int n, int C, int Tn, int S, int tmax, float rms_eps, float pre_eps,
-    float sinkhorn_eps, float post_mult, bool with_pre) {
-  const int M = n * n + 2 * n;
-  float* mixs = base;          // M
-  float* L = mixs + M;         // n n residual logits
-  float* hp = L + n * n;       // n
-  dyn::SinkhornSmem sk{hp + n, n, tmax, 2};
-
-  // the projection's S partials of z[m] and of the sum of squares (entry M)
-  float ss = 0.0f;
-  if constexpr (G::cta) {
-    // a warp per entry, its lanes over the splits: few tokens come with many splits (T = 32:
-    // S = 256), where a serial loop per entry waits on S dependent L2 loads
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int q = warp; q <= M; q += dyn::WARPS) {
-      float v = 0.0f;
-      for (int s = lane; s < S; s += 32) v += q < M ? zpart[((size_t)s * Tn + t) * M + q] : sq[(size_t)s * Tn + t];
-      v = warp_sum(v);
-      if (lane == 0) (q < M ? mixs[q] : hp[0]) = v;  // hp is free until the activations
-    }
-    g.sync();
-    ss = hp[0];
-  } else {
-    for (int s = 0; s < S; ++s) ss += sq[(size_t)s * Tn + t];
-  }
-  const float invr = rsqrtf(ss / (float)(n * C) + rms_eps);
-  for (int m = g.rank; m < M; m += g.size) {
-    float z = 0.0f;
-    if constexpr (G::cta) {
-      z = mixs[m];
-    } else {
-      for (int s = 0; s < S; ++s) z += zpart[((size_t)s * Tn + t) * M + m];
-    }
-    const float v = z * invr;
-    mixs[m] = v;
-    mix[(size_t)t * M + m] = v;
-  }
-  if (g.rank == 0) invr_out[t] = invr;
-  g.sync();
-  for (int j = g.rank; j < n; j += g.size) {
-    const float pre = sigmoid(mixs[j] * a_pre + b[j]) + pre_eps;
-    hp[j] = pre;
-    h_pre[(size_t)t * n + j] = pre;
-    h_post[(size_t)t * n + j] = sigmoid(mixs[n + j] * a_post + b[n + j]) * post_mult;
-  }
-  for (int e = g.rank; e < n * n; e += g.size) L[e] = mixs[2 * n + e] * a_res + b[2 * n + e];
-  g.sync();
-  if constexpr (G::cta) {
-    if (with_pre) dyn::aggregate_token<NMAX>(x + (size_t)t * n * C, hp, x_in + (size_t)t * C, n, C, g.rank, g.size);
-  }
-  const float* P = dyn::sinkhorn_forward(L, sk, sinkhorn_eps, false, g);
-  for (int e = g.rank; e < n * n; e += g.size) h_res[(size_t)t * n * n + e] = P[e];
-}
-
 // Token t's coefficients by a half-warp, a lane per matrix element (n <= dyn::LANE_N): the values of
 // token_coeffs in lane mode and of the backward's recompute (mhc_dynamic_coeffs_bwd), the same
 // operations in the same order (lane l16 sums its own entries' S partials in split order).
@@ -170,13 +110,13 @@ extern "C" __global__ void __launch_bounds__(MAX_BLOCK) MHC_NAME(
   if (lanes) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;
     if (t < Tn)  // a whole group leaves together: its __syncwarp masks stay complete
-      token_coeffs(dyn::LaneGroup(lanes), smem + (size_t)(threadIdx.x / lanes) * slice, t, x, zpart, sq, b, a_pre, a_post, a_res,
+      dyn::token_coeffs(dyn::LaneGroup(lanes), smem + (size_t)(threadIdx.x / lanes) * slice, t, x, zpart, sq, b, a_pre, a_post, a_res,
                    h_pre, h_post, h_res, x_in, mix, invr_out, n, C, Tn, S, tmax, rms_eps, pre_eps, sinkhorn_eps,
                    post_mult, false);
     return;
   }
   // tokens in reverse: the projection kernel read the last tokens last, some are still in L2
   const int t = gridDim.x - 1 - blockIdx.x;
-  token_coeffs(dyn::CtaGroup{}, smem, t, x, zpart, sq, b, a_pre, a_post, a_res, h_pre, h_post, h_res, x_in, mix, invr_out, n, C,
+  dyn::token_coeffs(dyn::CtaGroup{}, smem, t, x, zpart, sq, b, a_pre, a_post, a_res, h_pre, h_post, h_res, x_in, mix, invr_out, n, C,
                Tn, S, tmax, rms_eps, pre_eps, sinkhorn_eps, post_mult, with_pre != 0);
 }

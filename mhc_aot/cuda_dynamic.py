@@ -102,6 +102,13 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 12  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = None
+# mhc_dynamic_coeffs_proj: for at most PROJ_MAX_T tokens (n <= PROJ_NMAX) a CTA per token projects its own
+# token, phi read in its own dtype: one launch for the coefficients (and x_in) instead of phi's cast,
+# phi_split, proj_tc and coeffs. Few tokens are host-bound (scripts/dynamic_host_probe.py: each kernel
+# costs the host ~14-20 us of async_eval on the H200), but every token reads all of phi from L2, so
+# it stops paying as T grows. PROJ_PV: the partial sums a thread keeps (its header).
+PROJ_MAX_T: int | None = 128
+PROJ_NMAX, PROJ_PV, PROJ_STAGE_BYTES, PROJ_NST_MAX = 4, 8, THREADS * 4 * 16, 8  # its header: PV, U, NST_MAX
 
 
 _launch = cuda._launch
@@ -122,6 +129,12 @@ def sinkhorn_floats(n: int, tmax: int, slots: int) -> int:
 
 def _fits(floats: int) -> bool:
     return 4 * floats <= device.max_shared_memory_per_block()
+
+
+def coeffs_cta_floats(n: int, tmax: int) -> int:
+    """Shared floats of mhc_dynamic_coeffs's CTA mode: mix, the residual logits, h_pre, then an area
+    for the Sinkhorn's rows that first holds the partial sums' WARPS x 32 scratch (its header)."""
+    return n * n + 2 * n + n * n + n + max(sinkhorn_floats(n, tmax, 2), 32 * WARPS)
 
 
 # ---------------------------------------------------------------- shared building blocks
@@ -245,6 +258,20 @@ def _lane_grid(T: int, lanes: int, threads: int = LANES_THREADS) -> tuple[int, i
     return (_cdiv(T * per_token, threads) * threads, 1, 1)
 
 
+def proj_stages(n: int, tmax: int) -> tuple[int, int]:
+    """(stages of mhc_dynamic_coeffs_proj's cp.async ring, its shared memory in bytes): the CTA mode's
+    floats (rounded up to 16 bytes), the threads' partial sums, then as many ring stages as fit (at most
+    PROJ_NST_MAX; fewer than 2: (0, 0), not that kernel)."""
+    fixed = 4 * (-(-coeffs_cta_floats(n, tmax) // 4) * 4 + THREADS * PROJ_PV)
+    stages = min(PROJ_NST_MAX, (device.max_shared_memory_per_block() - fixed) // PROJ_STAGE_BYTES)
+    return (stages, fixed + stages * PROJ_STAGE_BYTES) if stages >= 2 else (0, 0)
+
+
+def _uses_proj(T: int, n: int, tmax: int) -> bool:
+    """The coefficients by mhc_dynamic_coeffs_proj: few tokens, n <= PROJ_NMAX, two ring stages in shared memory."""
+    return PROJ_MAX_T is not None and T <= PROJ_MAX_T and n <= PROJ_NMAX and proj_stages(n, tmax)[0] > 0
+
+
 def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
     """Groups of mhc_dynamic_coeffs_pre's persistent grid for x [T, n, C] (0: not that kernel): one
     CTA per SM, so the groups of ceil(C / CP_CW) CTAs that the GPU holds at once, at most one per tile."""
@@ -285,11 +312,30 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: 
     return list(outs[:6])
 
 
-def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int = 3):
+PHI_KINDS = {mx.float32: 0, mx.bfloat16: 1, mx.float16: 2}  # mhc_dynamic_coeffs_proj's phi_kind
+
+
+def _coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool):
+    """mhc_dynamic_coeffs_proj: (h_pre, h_post, h_res, x_in (or [1]), mix, invr) of few tokens, phi in its dtype."""
+    T, n, C = x3.shape
+    M = n * n + 2 * n
+    stages, smem = proj_stages(n, cfg.tmax)
+    return list(_launch("mhc_dynamic_coeffs_proj", _tag(x3.dtype), n, [x3, phi, b32, ap, apo, ar],
+                        [(T, n), (T, n), (T, n, n), (T, C) if with_pre else (1,), (T, M), (T,)],
+                        [F32, F32, F32, x3.dtype, F32, F32],
+                        [n, C, T, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre),
+                         PHI_KINDS[phi.dtype], stages], (T * THREADS, 1, 1), smem // 4))
+
+
+def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int = 3):
     """[h_pre, h_post, h_res, x_in (or [1]), mix, invr, consts]: consts as _projection returns it,
-    b32 where it returned None. phi_terms: the projection's bfloat16 terms of phi (see BF16_PHI_TERMS)."""
+    b32 where it returned None. phi in its own dtype (float32 for every kernel but coeffs_proj);
+    phi_terms: the projection's bfloat16 terms of phi (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
+    if _uses_proj(T, n, cfg.tmax):
+        return [*_coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre), b32]
+    phi32 = phi.astype(F32)
     G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
     if G:
         return [*_coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G, phi_terms=phi_terms), b32]
@@ -304,7 +350,7 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int
     slice_ = 0 if lanes == ELEMS else _lane_slice(lanes, floats)  # registers: no shared memory
     fused_pre = with_pre and slice_ is None  # a CTA per token computes x_in itself
     if slice_ is None:
-        mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), floats, THREADS)
+        mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), coeffs_cta_floats(n, cfg.tmax), THREADS)
     elif lanes == ELEMS:
         mode, geometry = [0, ELEMS, 0], (_lane_grid(T, 16, ELEMS_THREADS), 3 + M, ELEMS_THREADS)  # the alphas and b
     else:
@@ -335,7 +381,9 @@ def _pre_bwd(x3, h_pre, g, want_dx: bool):
 
 
 def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
-    x3, phi32, b32, ap, apo, ar = primals
+    x3, phi, b32, ap, apo, ar = primals
+    phi32 = phi.astype(F32)
+    primals = (x3, phi32, b32, ap, apo, ar)
     # alias: the layer's mhc_post_res read x through this op's last output (x itself), so that
     # output's cotangent is x's gradient from post_res: the dx kernel adds it in its one pass
     acc = cotangents[7].astype(x3.dtype).reshape(x3.shape[0], -1) if alias else None
@@ -343,7 +391,8 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
-    if _uses_phi_split(tag, M) and not (with_pre and coeffs_pre_groups(T, n, C, x3.dtype)):
+    if (_uses_phi_split(tag, M) and not (with_pre and coeffs_pre_groups(T, n, C, x3.dtype))
+            and not _uses_proj(T, n, cfg.tmax)):
         b32, ap, apo, ar = _from_consts(outputs[6])  # the forward's phi_split copy (its header says why)
     # with_pre false: an unused input slot gets x3 itself (the kernels never read it then; a fresh
     # placeholder array would cost a launch)
@@ -365,6 +414,7 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
             from . import dynamic
 
             vjps = dynamic._portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
+            vjps = (vjps[0], vjps[1].astype(phi.dtype), *vjps[2:])
             return (vjps[0] + acc.reshape(x3.shape), *vjps[1:]) if alias else vjps
         dots, mode, geometry = mix, [0, 0], ((T * THREADS, 1, 1), smem, THREADS)  # the CTA computes the dots
     dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], [(T, M), (T,), (T, M + 3)],
@@ -380,14 +430,14 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     else:
         dphi, sums = _colsums(part.reshape(S, K * M), rows)
         dphi = dphi.reshape(K, M)
-    return dx.reshape(T, n, C), dphi, sums[:M], sums[M], sums[M + 1], sums[M + 2]
+    return dx.reshape(T, n, C), dphi.astype(phi.dtype), sums[:M], sums[M], sums[M + 1], sums[M + 2]
 
 
 @functools.lru_cache(maxsize=None)
 def _coeffs_fn(cfg, with_pre: bool, alias: bool, phi_terms: int = 3):
     @mx.custom_function
-    def f(x3, phi32, b32, ap, apo, ar):
-        outs = tuple(_coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre, phi_terms))
+    def f(x3, phi, b32, ap, apo, ar):
+        outs = tuple(_coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre, phi_terms))
         # x itself as a last output (MLX shares its buffer: no copy): see _coeffs_bwd
         return (*outs, x3) if alias else outs
 
@@ -404,15 +454,16 @@ def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, st
     also return x itself, through which the layer's mhc_post_res must read x, so that post_res's
     x-gradient reaches this op's backward and joins its dx in one kernel."""
     n = x3.shape[1]
-    if not _fits(n * n + 2 * n + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)):
+    if not _fits(coeffs_cta_floats(n, cfg.tmax)):
         # the per-token Sinkhorn of a very large n does not fit one CTA's shared memory: MLX ops
         from . import dynamic
 
         outs = dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
         return (*outs, x3) if alias else outs
-    # a bfloat16 phi is exact in one bfloat16 term (its float32 copy holds the same values)
+    # a bfloat16 phi is exact in one bfloat16 term (its float32 copy holds the same values). phi goes in
+    # as it is: the few-token kernel reads it so, the others cast it to float32 inside the op
     phi_terms = BF16_PHI_TERMS if phi.dtype == mx.bfloat16 else 3
-    outs = compiled_call(_coeffs_fn(cfg, with_pre, alias, phi_terms), x3, phi.astype(F32), b.astype(F32),
+    outs = compiled_call(_coeffs_fn(cfg, with_pre, alias, phi_terms), x3, phi, b.astype(F32),
                          alpha_pre.astype(F32), alpha_post.astype(F32), alpha_res.astype(F32))
     picked = list(outs[:4]) if with_pre else list(outs[:3])
     return (*picked, outs[7]) if alias else tuple(picked)

@@ -305,6 +305,25 @@ def test_forward_gpu_extra(B, n, C, dtype_name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+@pytest.mark.parametrize("B,n,C,dtype_name,phi_dtype", [(32, 4, 4096, "bfloat16", mx.bfloat16),
+                                                        (32, 4, 4096, "bfloat16", mx.float32),
+                                                        (128, 3, 301, "float32", mx.float16),
+                                                        (1, 2, 1000, "float16", mx.float32),
+                                                        (64, 4, 8, "float32", mx.float32)])
+@pytest.mark.parametrize("proj", [True, False], ids=["coeffs_proj", "partials"])
+def test_gpu_few_tokens(monkeypatch, B, n, C, dtype_name, phi_dtype, proj):
+    """Few tokens on the GPU, forward and every gradient against the float64 port: the coefficients by
+    mhc_dynamic_coeffs_proj (one launch, phi in its own dtype) and, with it switched off, by the
+    three-kernel path's CTA mode (z summed from the projection's many splits)."""
+    from mhc_aot import cuda_dynamic
+
+    monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", 10 ** 6 if proj else None)
+    _check_forward("cuda", B, n, C, dtype_name, phi_dtype=phi_dtype)
+    _check_gradients("cuda", B, n, C, dtype_name, phi_dtype=phi_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
 @pytest.mark.parametrize("B,n,C", [(1000, 4, 4096), (300, 4, 301), (33, 2, 136)])
 def test_gpu_projection_bfloat16_phi(B, n, C):
     """The projection's one-term variant (a bfloat16 phi) on the GPU against the float64 port."""
@@ -641,6 +660,7 @@ def emulated_cuda(_emulator, monkeypatch, request):
     from mhc_aot import cuda, cuda_dynamic, kernel_ops, tma
 
     monkeypatch.setattr(cuda_dynamic, "LANES_MIN_T", 10 ** 9 if request.param == "cta" else 1)
+    monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", None)  # test_emulated_cuda_coeffs_proj runs that kernel
     if request.param == "lanes":  # lane groups for every n <= LANES_MAX_N
         monkeypatch.setattr(cuda_dynamic, "REG_N", 0)
         monkeypatch.setattr(cuda_dynamic, "ELEMS_MAX_N", 0)
@@ -726,6 +746,37 @@ def _one_term_on_float32_phi_fails(monkeypatch, B, n, C):
         _check_forward("cuda", B, n, C, "bfloat16")
 
 
+PROJ_CASES = [(3, 4, 40, "float32", mx.float32), (5, 4, 40, "bfloat16", mx.bfloat16), (4, 3, 17, "float32", mx.float16),
+              (2, 2, 33, "bfloat16", mx.float32), ((2, 3), 1, 9, "float16", mx.bfloat16), (2, 4, 64, "float16", mx.float16),
+              (2, 4, 520, "bfloat16", mx.float32)]
+
+
+def _forward_coeff_kernels(launched) -> set[str]:
+    """The coefficient kernels among the launches of forward passes."""
+    return {nm for nm, _ in launched if nm.startswith(("mhc_dynamic_coeffs", "mhc_dynamic_proj_tc", "mhc_dynamic_skinny",
+                                                        "mhc_dynamic_phi_split"))}
+
+
+@pytest.mark.parametrize("B,n,C,dtype_name,phi_dtype", PROJ_CASES,
+                         ids=[f"{b}-{n}-{c}-{d}-phi_{str(p).split('.')[-1]}" for b, n, c, d, p in PROJ_CASES])
+@pytest.mark.parametrize("emulated_cuda", ["cta"], indirect=True)
+def test_emulated_cuda_coeffs_proj(emulated_cuda, copy_timing, monkeypatch, B, n, C, dtype_name, phi_dtype):
+    """mhc_dynamic_coeffs_proj (few tokens: a CTA projects its own token, phi read in its own dtype; one
+    launch for the coefficients and x_in), forward and every gradient (dphi in phi's dtype) against the
+    float64 port: phi rows in 16-byte chunks (M = 24, 8) through the cp.async ring (C = 520: ~13 stages a
+    thread, the ring wrapped) and element by element (M = 15, 3), tokens read by 16-byte vectors and
+    element by element (C = 17, 33, 9), each phi dtype. Its forward is the only coefficient kernel
+    launched."""
+    from mhc_aot import cuda_dynamic
+
+    monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", 10 ** 6)
+    _check_forward("cuda", B, n, C, dtype_name, phi_dtype=phi_dtype)
+    tag = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype_name]
+    assert _forward_coeff_kernels(emulated_cuda.launched) == {f"mhc_dynamic_coeffs_proj_{tag}_n4"}, \
+        _forward_coeff_kernels(emulated_cuda.launched)
+    _check_gradients("cuda", B, n, C, dtype_name, phi_dtype=phi_dtype)
+
+
 def test_emulated_cuda_coeffs_without_pre_config_and_layer(emulated_cuda):
     _check_gradients("cuda", 6, 3, 24, "float32", with_pre=False)
     _check_forward("cuda", 6, 4, 37, "float32", dict(tmax=7, rms_eps=1e-5, pre_eps=1e-4, sinkhorn_eps=1e-6,
@@ -754,7 +805,7 @@ def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
     from mhc_aot import cuda_dynamic
 
     n, tmax = 2, CFG["tmax"]
-    fwd = n * n + 2 * n + n * n + n + cuda_dynamic.sinkhorn_floats(n, tmax, 2)
+    fwd = cuda_dynamic.coeffs_cta_floats(n, tmax)
     monkeypatch.setattr(cuda_dynamic, "_fits", lambda floats: floats <= fwd)  # the backward's history does not
     _check_gradients("cuda", 3, n, 8, "float32")
     monkeypatch.setattr(cuda_dynamic, "_fits", lambda floats: False)  # nor does the forward's Sinkhorn
