@@ -7,7 +7,7 @@
 // token from L2: T x n C x M values, which is why this is for few tokens only (PROJ_MAX_T in
 // mhc_aot/cuda_dynamic.py).
 //
-// The projection: the token's sum of squares first (which leaves it in L1 and L2 for the products), then
+// The projection: the token is staged in shared memory (its sum of squares taken on the way), then
 // thread r of the first `active` = (THREADS / cpr) cpr threads owns chunk slot r % cpr of every row
 // k = r / cpr, r / cpr + active / cpr, ... of phi, where a row's M values are cpr chunks of V (16-byte
 // loads: V = 4 float32 or 8 bfloat16 / float16 values when M % V == 0 and phi is 16-byte aligned, else
@@ -15,7 +15,8 @@
 // and each thread keeps V sums. Then z[m] sums the partial of every thread of slot m / V in thread order.
 // Grid (threads): (T * THREADS, 1, 1), block THREADS. Shared memory (dynamic): coeff floats (M + n n +
 // n + max(sinkhorn_floats(n, tmax, 2), 32 WARPS), rounded up to 4), then THREADS * PV floats of
-// partials, then phi's ring (nst U THREADS 16-byte chunks): proj_smem_bytes in mhc_aot/cuda_dynamic.py.
+// partials, the token (n C values of MHC_DTYPE, rounded up to 16 bytes), then phi's ring (nst U THREADS
+// 16-byte chunks): proj_stages in mhc_aot/cuda_dynamic.py.
 // Inputs: x [T, n, C], phi [n C, M] (float32, bfloat16 or float16, phi_kind 0 / 1 / 2), b [M],
 // alpha_pre, alpha_post, alpha_res (float32 scalars). Outputs as mhc_dynamic_coeffs: h_pre [T, n],
 // h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre), mix [T, M], invr [T].
@@ -36,11 +37,11 @@ constexpr int PV = 8;  // sums a thread keeps at most (a 16-byte chunk of a 2-by
 // for 786 KB of phi a CTA)
 constexpr int U = 4, NST_MAX = 8;
 
-// z[m] of the token xt (K values, global: L1 and L2 hold it after its sum of squares) against phi [K, M]
-// in chunks of V values of P.
+// z[m] of the staged token xs (K values in shared memory) against phi [K, M] in chunks of V values of P.
+// rot: the stage this CTA starts at (CTAs that walk phi in step would ask the same L2 lines at once).
 template <int V, typename P>
-__device__ __forceinline__ void project(const T* __restrict__ xt, const P* __restrict__ phi, int K, int M,
-                                        float* part, uint4* ring, int nst, float* z) {
+__device__ __forceinline__ void project(const T* xs, const P* __restrict__ phi, int K, int M, float* part,
+                                        uint4* ring, int nst, int rot, float* z) {
   const int cpr = M / V, active = THREADS / cpr * cpr;
   const int r = threadIdx.x, slot = r % cpr;
   float acc[V];
@@ -50,7 +51,7 @@ __device__ __forceinline__ void project(const T* __restrict__ xt, const P* __res
     if constexpr (V == 1) {
       const int rstep = active / cpr;
 #pragma unroll 4
-      for (int k = r / cpr; k < K; k += rstep) acc[0] += to_float(xt[k]) * to_float(phi[(size_t)k * M + slot]);
+      for (int k = r / cpr; k < K; k += rstep) acc[0] += to_float(xs[k]) * to_float(phi[(size_t)k * M + slot]);
     } else {
       // the thread's chunks: flat 16-byte chunk c = r + i active of phi (row c / cpr, slot r % cpr)
       const long chunks = (long)K * cpr, mine = r < chunks ? (chunks - r + active - 1) / active : 0;
@@ -58,11 +59,13 @@ __device__ __forceinline__ void project(const T* __restrict__ xt, const P* __res
       // stage j's chunk u of thread r at ring[((j % nst) U + u) THREADS + r]: a warp's 16-byte reads of
       // one u are consecutive, so they take no bank conflicts
       uint4* my = ring + r;
+      // stage j is the thread's stage (j + rot) % stages (the same rotation for every thread of the CTA)
       auto issue = [&](int j) {
         if (j < stages) {
+          const int js = (j + rot) % stages;
 #pragma unroll
           for (int u = 0; u < U; ++u) {
-            const long i = (long)j * U + u;
+            const long i = (long)js * U + u;
             if (i < mine)
               __pipeline_memcpy_async(my + (size_t)((j % nst) * U + u) * THREADS,
                                       reinterpret_cast<const uint4*>(phi) + r + i * active, 16);
@@ -74,11 +77,12 @@ __device__ __forceinline__ void project(const T* __restrict__ xt, const P* __res
       for (int j = 0; j < stages; ++j) {
         issue(j + nst - 1);
         mma::wait_pending<0, NST_MAX - 1>(nst - 1);
+        const int js = (j + rot) % stages;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const long i = (long)j * U + u;
+          const long i = (long)js * U + u;
           if (i < mine) {
-            const float xv = to_float(xt[(r + i * active) / cpr]);
+            const float xv = to_float(xs[(r + i * active) / cpr]);
             float p[V];
             widen_vec<P>(my[(size_t)((j % nst) * U + u) * THREADS], p);
 #pragma unroll
@@ -101,22 +105,25 @@ __device__ __forceinline__ void project(const T* __restrict__ xt, const P* __res
 }
 
 template <typename P>
-__device__ __forceinline__ void project_any(const T* xt, const void* phi, int K, int M, float* part, uint4* ring,
-                                            int nst, float* z) {
+__device__ __forceinline__ void project_any(const T* xs, const void* phi, int K, int M, float* part, uint4* ring,
+                                            int nst, int rot, float* z) {
   const P* p = static_cast<const P*>(phi);
   constexpr int V = Vec<P>::N;
   if (M % V == 0 && (reinterpret_cast<uintptr_t>(phi) & 15) == 0)
-    project<V, P>(xt, p, K, M, part, ring, nst, z);
+    project<V, P>(xs, p, K, M, part, ring, nst, rot, z);
   else
-    project<1, P>(xt, p, K, M, part, ring, nst, z);
+    project<1, P>(xs, p, K, M, part, ring, nst, rot, z);
 }
 
-// token_coeffs's z for the CTA: the token's sum of squares, then the projection
+// token_coeffs's z for the CTA: the token staged in shared memory with its sum of squares, then the
+// projection. (Read from global memory instead, the token left L1 under phi's stream, and each stage's
+// products waited on an L2 round trip: ncu, H200, T = 32: 98.6 us)
 struct CtaProjection {
   const T* x;
   const void* phi;
   int phi_kind, K, nst;
   float* part;  // THREADS * PV floats
+  T* xs;        // K values
   uint4* ring;  // nst * U * THREADS chunks
   __device__ __forceinline__ void operator()(float* mixs, float* hp, float* red, int t, int M, const float*,
                                              const float*, int, int) const {
@@ -125,22 +132,29 @@ struct CtaProjection {
     constexpr int V = Vec<T>::N;
     if (K % V == 0 && (reinterpret_cast<uintptr_t>(xt) & 15) == 0) {
       for (int v = threadIdx.x; v < K / V; v += THREADS) {
+        const uint4 raw = ldg_vec(xt + v * V);
+        *reinterpret_cast<uint4*>(xs + v * V) = raw;
         float e[V];
-        load_vec<T>(xt + v * V, e);
+        widen_vec<T>(raw, e);
 #pragma unroll
         for (int i = 0; i < V; ++i) ss += e[i] * e[i];
       }
     } else {
-      for (int k = threadIdx.x; k < K; k += THREADS) ss += to_float(xt[k]) * to_float(xt[k]);
+      for (int k = threadIdx.x; k < K; k += THREADS) {
+        const T e = xt[k];
+        xs[k] = e;
+        ss += to_float(e) * to_float(e);
+      }
     }
-    ss = block_sum(ss, red);
+    ss = block_sum(ss, red);  // ends synchronised: xs is complete
     if (threadIdx.x == 0) hp[0] = ss;
+    const int rot = t * 7;
     if (phi_kind == 1)
-      project_any<bf16>(xt, phi, K, M, part, ring, nst, mixs);
+      project_any<bf16>(xs, phi, K, M, part, ring, nst, rot, mixs);
     else if (phi_kind == 2)
-      project_any<f16>(xt, phi, K, M, part, ring, nst, mixs);
+      project_any<f16>(xs, phi, K, M, part, ring, nst, rot, mixs);
     else
-      project_any<float>(xt, phi, K, M, part, ring, nst, mixs);
+      project_any<float>(xs, phi, K, M, part, ring, nst, rot, mixs);
   }
 };
 }  // namespace
@@ -157,9 +171,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
   const int sk = dyn::sinkhorn_floats(n, tmax, 2);
   const int coeff = (M + n * n + n + (sk > 32 * dyn::WARPS ? sk : 32 * dyn::WARPS) + 3) / 4 * 4;
   float* part = smem + coeff;
-  uint4* ring = reinterpret_cast<uint4*>(part + THREADS * PV);
+  T* xs = reinterpret_cast<T*>(part + THREADS * PV);
+  uint4* ring = reinterpret_cast<uint4*>(reinterpret_cast<char*>(xs) + ((size_t)n * C * sizeof(T) + 15) / 16 * 16);
   const int t = blockIdx.x;
   dyn::token_coeffs(dyn::CtaGroup{}, smem, t, x, nullptr, nullptr, b, *alpha_pre, *alpha_post, *alpha_res, h_pre,
                     h_post, h_res, x_in, mix, invr_out, n, C, Tn, 0, tmax, rms_eps, pre_eps, sinkhorn_eps, post_mult,
-                    with_pre != 0, CtaProjection{x, phi, phi_kind, n * C, nst, part, ring});
+                    with_pre != 0, CtaProjection{x, phi, phi_kind, n * C, nst, part, xs, ring});
 }

@@ -4,7 +4,9 @@
 that launch the backward kernels.
 
 Kernels per op (geometry mirrors each kernel's header comment; grids are given in threads):
-  mhc_coeffs    forward  [phi_split: phi's bfloat16 terms in fragment order, once] -> proj_tc
+  mhc_coeffs    forward  few tokens (PROJ_MAX_T), n <= 4: coeffs_proj alone (a CTA per token projects it
+                         itself, phi in its own dtype; the CTA mode below, with x_in), else
+                         [phi_split: phi's bfloat16 terms in fragment order, once] -> proj_tc
                          (bfloat16 x, n <= 4: mma.sync, four-stage cp.async) or skinny
                          (z = vec(x) @ phi, K split S ways, + sum of squares)
                          -> coeffs: RMS scale, activations, Sinkhorn per token, by a half-warp
@@ -258,18 +260,20 @@ def _lane_grid(T: int, lanes: int, threads: int = LANES_THREADS) -> tuple[int, i
     return (_cdiv(T * per_token, threads) * threads, 1, 1)
 
 
-def proj_stages(n: int, tmax: int) -> tuple[int, int]:
+def proj_stages(n: int, C: int, tmax: int, itemsize: int) -> tuple[int, int]:
     """(stages of mhc_dynamic_coeffs_proj's cp.async ring, its shared memory in bytes): the CTA mode's
-    floats (rounded up to 16 bytes), the threads' partial sums, then as many ring stages as fit (at most
-    PROJ_NST_MAX; fewer than 2: (0, 0), not that kernel)."""
-    fixed = 4 * (-(-coeffs_cta_floats(n, tmax) // 4) * 4 + THREADS * PROJ_PV)
+    floats (rounded up to 16 bytes), the threads' partial sums, the token (n C values, rounded up to 16
+    bytes), then as many ring stages as fit (at most PROJ_NST_MAX; fewer than 2: (0, 0), not that kernel)."""
+    fixed = 4 * (-(-coeffs_cta_floats(n, tmax) // 4) * 4 + THREADS * PROJ_PV) + -(-n * C * itemsize // 16) * 16
     stages = min(PROJ_NST_MAX, (device.max_shared_memory_per_block() - fixed) // PROJ_STAGE_BYTES)
     return (stages, fixed + stages * PROJ_STAGE_BYTES) if stages >= 2 else (0, 0)
 
 
-def _uses_proj(T: int, n: int, tmax: int) -> bool:
-    """The coefficients by mhc_dynamic_coeffs_proj: few tokens, n <= PROJ_NMAX, two ring stages in shared memory."""
-    return PROJ_MAX_T is not None and T <= PROJ_MAX_T and n <= PROJ_NMAX and proj_stages(n, tmax)[0] > 0
+def _uses_proj(T: int, n: int, C: int, dtype, tmax: int) -> bool:
+    """The coefficients by mhc_dynamic_coeffs_proj: few tokens, n <= PROJ_NMAX, the token and two ring
+    stages in shared memory."""
+    return (PROJ_MAX_T is not None and T <= PROJ_MAX_T and n <= PROJ_NMAX
+            and proj_stages(n, C, tmax, dtype.size)[0] > 0)
 
 
 def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
@@ -319,7 +323,7 @@ def _coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool):
     """mhc_dynamic_coeffs_proj: (h_pre, h_post, h_res, x_in (or [1]), mix, invr) of few tokens, phi in its dtype."""
     T, n, C = x3.shape
     M = n * n + 2 * n
-    stages, smem = proj_stages(n, cfg.tmax)
+    stages, smem = proj_stages(n, C, cfg.tmax, x3.dtype.size)
     return list(_launch("mhc_dynamic_coeffs_proj", _tag(x3.dtype), n, [x3, phi, b32, ap, apo, ar],
                         [(T, n), (T, n), (T, n, n), (T, C) if with_pre else (1,), (T, M), (T,)],
                         [F32, F32, F32, x3.dtype, F32, F32],
@@ -333,7 +337,7 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     phi_terms: the projection's bfloat16 terms of phi (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
-    if _uses_proj(T, n, cfg.tmax):
+    if _uses_proj(T, n, C, x3.dtype, cfg.tmax):
         return [*_coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre), b32]
     phi32 = phi.astype(F32)
     G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
@@ -392,7 +396,7 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     if (_uses_phi_split(tag, M) and not (with_pre and coeffs_pre_groups(T, n, C, x3.dtype))
-            and not _uses_proj(T, n, cfg.tmax)):
+            and not _uses_proj(T, n, C, x3.dtype, cfg.tmax)):
         b32, ap, apo, ar = _from_consts(outputs[6])  # the forward's phi_split copy (its header says why)
     # with_pre false: an unused input slot gets x3 itself (the kernels never read it then; a fresh
     # placeholder array would cost a launch)
