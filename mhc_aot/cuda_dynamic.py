@@ -106,10 +106,18 @@ CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); t
 CP_MIN_T: int | None = None
 # mhc_dynamic_coeffs_proj: for at most PROJ_MAX_T tokens (n <= PROJ_NMAX) a CTA per token projects its own
 # token, phi read in its own dtype: one launch for the coefficients (and x_in) instead of phi's cast,
-# phi_split, proj_tc and coeffs. Few tokens are host-bound (scripts/dynamic_host_probe.py: each kernel
-# costs the host ~14-20 us of async_eval on the H200), but every token reads all of phi from L2, so
-# it stops paying as T grows. PROJ_PV: the partial sums a thread keeps (its header).
-PROJ_MAX_T: int | None = 128
+# phi_split, proj_tc and coeffs. Few tokens are host-bound (scripts/dynamic_host_probe.py, H200, T = 32:
+# ~14-20 us of async_eval a kernel), but every CTA reads all of phi, and the kernel is slow at it: ncu,
+# H200, T = 32, n = 4, C = 4096, bfloat16 phi: 104 us, issue-bound (29.5 k instructions a thread, ~6x what
+# the products need: a 64-bit division a chunk among them). Same-run A/B on the H200 (gpu_dynamic_ab.py
+# --source mhc_dynamic_coeffs_proj partials=@PROJ_MAX_T=0, DynamicMHC, identity F, medians of 3 rounds,
+# us, this kernel / the three-kernel path): bfloat16 phi, forward (32, 4, 4096) 119.0 / 128.7, (32, 2,
+# 4096) 85.3 / 125.4, (32, 4, 1024) 84.4 / 123.5, (128, 4, 4096) 136.9 / 125.3; forward + backward (32, 4,
+# 4096) 204.6 / 243.0, (128, 4, 4096) 207.3 / 258.9; a float32 phi (twice the bytes) forward (32, 4, 4096)
+# 193.2 / 122.0. So: 2-byte phi (PROJ_PHI_DTYPES; float16 not timed, the same bytes and instructions)
+# and T <= 32, where both passes measured faster.
+PROJ_MAX_T: int | None = 32
+PROJ_PHI_DTYPES = (mx.bfloat16, mx.float16)
 PROJ_NMAX, PROJ_PV, PROJ_STAGE_BYTES, PROJ_NST_MAX = 4, 8, THREADS * 4 * 16, 8  # its header: PV, U, NST_MAX
 
 
@@ -269,10 +277,10 @@ def proj_stages(n: int, C: int, tmax: int, itemsize: int) -> tuple[int, int]:
     return (stages, fixed + stages * PROJ_STAGE_BYTES) if stages >= 2 else (0, 0)
 
 
-def _uses_proj(T: int, n: int, C: int, dtype, tmax: int) -> bool:
-    """The coefficients by mhc_dynamic_coeffs_proj: few tokens, n <= PROJ_NMAX, the token and two ring
-    stages in shared memory."""
-    return (PROJ_MAX_T is not None and T <= PROJ_MAX_T and n <= PROJ_NMAX
+def _uses_proj(T: int, n: int, C: int, dtype, tmax: int, phi_dtype) -> bool:
+    """The coefficients by mhc_dynamic_coeffs_proj: few tokens, n <= PROJ_NMAX, phi in PROJ_PHI_DTYPES, the
+    token and two ring stages in shared memory."""
+    return (PROJ_MAX_T is not None and T <= PROJ_MAX_T and n <= PROJ_NMAX and phi_dtype in PROJ_PHI_DTYPES
             and proj_stages(n, C, tmax, dtype.size)[0] > 0)
 
 
@@ -337,7 +345,7 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     phi_terms: the projection's bfloat16 terms of phi (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
-    if _uses_proj(T, n, C, x3.dtype, cfg.tmax):
+    if _uses_proj(T, n, C, x3.dtype, cfg.tmax, phi.dtype):
         return [*_coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre), b32]
     phi32 = phi.astype(F32)
     G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
@@ -396,7 +404,7 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     if (_uses_phi_split(tag, M) and not (with_pre and coeffs_pre_groups(T, n, C, x3.dtype))
-            and not _uses_proj(T, n, C, x3.dtype, cfg.tmax)):
+            and not _uses_proj(T, n, C, x3.dtype, cfg.tmax, phi.dtype)):
         b32, ap, apo, ar = _from_consts(outputs[6])  # the forward's phi_split copy (its header says why)
     # with_pre false: an unused input slot gets x3 itself (the kernels never read it then; a fresh
     # placeholder array would cost a launch)
