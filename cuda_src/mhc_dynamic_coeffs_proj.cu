@@ -32,9 +32,10 @@ constexpr int PV = 8;  // sums a thread keeps at most (a 16-byte chunk of a 2-by
 // phi's 16-byte chunks stream through a private cp.async ring per thread: stage j holds the thread's
 // chunks j U .. j U + U - 1 and each thread reads back only what it copied, so no barrier orders them.
 // `nst` stages (the launcher's, as shared memory allows: 8 on a 227 KB GPU), (nst - 1) U chunks of every
-// thread in flight, 112 KB an SM at nst = 8: with 16-byte loads into registers, four in flight a
-// thread, the kernel waited on L2 latency (ncu, H200, T = 32, n = 4, C = 4096, bfloat16 phi: 88.6 us
-// for 786 KB of phi a CTA)
+// thread in flight, 112 KB an SM at nst = 8. It was meant to hide L2 latency and did not help: the kernel
+// is issue-bound (ncu, H200, T = 32, n = 4, C = 4096, bfloat16 phi: 103.7 us with the ring, 88.6 with
+// 16-byte loads into registers; 29.5 k instructions a thread, the index arithmetic below among them:
+// docs/HISTORY.md, session 29)
 constexpr int U = 4, NST_MAX = 8;
 
 // z[m] of the staged token xs (K values in shared memory) against phi [K, M] in chunks of V values of P.

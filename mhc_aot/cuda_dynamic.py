@@ -403,9 +403,8 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
-    if (_uses_phi_split(tag, M) and not (with_pre and coeffs_pre_groups(T, n, C, x3.dtype))
-            and not _uses_proj(T, n, C, x3.dtype, cfg.tmax, phi.dtype)):
-        b32, ap, apo, ar = _from_consts(outputs[6])  # the forward's phi_split copy (its header says why)
+    if outputs[6].shape[0] == 3 + M:  # the forward ran phi_split (else it passed b32 on): read its copy
+        b32, ap, apo, ar = _from_consts(outputs[6])  # (phi_split's header says why)
     # with_pre false: an unused input slot gets x3 itself (the kernels never read it then; a fresh
     # placeholder array would cost a launch)
     g_in = dx_in.astype(x3.dtype) if with_pre else x3
