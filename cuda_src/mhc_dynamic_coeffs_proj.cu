@@ -7,113 +7,113 @@
 // token from L2: T x n C x M values, which is why this is for few tokens only (PROJ_MAX_T in
 // mhc_aot/cuda_dynamic.py).
 //
-// The projection: the token is staged in shared memory (its sum of squares taken on the way), then
-// thread r of the first `active` = (THREADS / cpr) cpr threads owns chunk slot r % cpr of every row
-// k = r / cpr, r / cpr + active / cpr, ... of phi, where a row's M values are cpr chunks of V (16-byte
-// loads: V = 4 float32 or 8 bfloat16 / float16 values when M % V == 0 and phi is 16-byte aligned, else
-// V = 1): consecutive threads read consecutive 16 bytes of phi (through a cp.async ring, see U and nst),
-// and each thread keeps V sums. Then z[m] sums the partial of every thread of slot m / V in thread order.
+// The projection: the token is staged in shared memory (its sum of squares taken on the way); a row of phi
+// is cpr chunks of V values (16-byte loads: V = 4 float32 or 8 bfloat16 / float16 values when M % V == 0
+// and phi is 16-byte aligned, else V = 1). Thread r of the first `active` = R cpr threads (R = THREADS /
+// cpr rows a sweep) owns chunk slot r % cpr of rows r / cpr, r / cpr + R, ...: its chunks are the flat
+// chunks r, r + active, ... of phi, so a warp's loads are consecutive 16 bytes and a thread's counters
+// advance by constant steps (no division in the loop). Each thread keeps V sums; then z[m] sums the
+// partials of the R threads of slot m / V, a warp per entry.
 // Grid (threads): (T * THREADS, 1, 1), block THREADS. Shared memory (dynamic): coeff floats (M + n n +
 // n + max(sinkhorn_floats(n, tmax, 2), 32 WARPS), rounded up to 4), then THREADS * PV floats of
-// partials, the token (n C values of MHC_DTYPE, rounded up to 16 bytes), then phi's ring (nst U THREADS
-// 16-byte chunks): proj_stages in mhc_aot/cuda_dynamic.py.
+// partials, then the token (n C values of MHC_DTYPE): proj_smem_bytes in mhc_aot/cuda_dynamic.py.
 // Inputs: x [T, n, C], phi [n C, M] (float32, bfloat16 or float16, phi_kind 0 / 1 / 2), b [M],
 // alpha_pre, alpha_post, alpha_res (float32 scalars). Outputs as mhc_dynamic_coeffs: h_pre [T, n],
 // h_post [T, n], h_res [T, n, n], x_in [T, C] (or [1] if !with_pre), mix [T, M], invr [T].
-#include <cuda_pipeline.h>
-
 #include "mhc_dynamic_coeffs.cuh"
-#include "mhc_dynamic_mma.cuh"
 
 using namespace mhc;
 
 namespace {
 constexpr int PV = 8;  // sums a thread keeps at most (a 16-byte chunk of a 2-byte phi)
-// phi's 16-byte chunks stream through a private cp.async ring per thread: stage j holds the thread's
-// chunks j U .. j U + U - 1 and each thread reads back only what it copied, so no barrier orders them.
-// `nst` stages (the launcher's, as shared memory allows: 8 on a 227 KB GPU), (nst - 1) U chunks of every
-// thread in flight, 112 KB an SM at nst = 8. It was meant to hide L2 latency and did not help: the kernel
-// is issue-bound (ncu, H200, T = 32, n = 4, C = 4096, bfloat16 phi: 103.7 us with the ring, 88.6 with
-// 16-byte loads into registers; 29.5 k instructions a thread, the index arithmetic below among them:
-// docs/HISTORY.md, session 29)
-constexpr int U = 4, NST_MAX = 8;
+// A thread's 16-byte loads come in groups of U, double-buffered: the next group in flight while this
+// one's products run. ncu, H200, n = 4, C = 4096, bfloat16 phi, us at T = 32 / 256 (512, 4, 2048):
+// U = 8 single-buffered 34.9 / 71.6 (43.1), U = 4 double-buffered 33.9 / 51.1 (45.1), U = 8 double
+// 26.6 / 59.0 (73.8; 124 registers: fewer CTAs an SM once T exceeds the SMs). Session 29's version
+// (a cp.async ring, 64-bit counters and a 64-bit division a chunk to find its row) took 104 us at
+// T = 32, issue-bound at 29.5 k instructions a thread against ~6.5 k now (docs/HISTORY.md)
+constexpr int U = 4;
 
 // z[m] of the staged token xs (K values in shared memory) against phi [K, M] in chunks of V values of P.
-// rot: the stage this CTA starts at (CTAs that walk phi in step would ask the same L2 lines at once).
+// rot: where this CTA starts in its threads' chunks (CTAs that walk phi in step ask the same L2 lines at
+// once). 32-bit counters: K cpr < 2^31 for any token that fits shared memory.
 template <int V, typename P>
 __device__ __forceinline__ void project(const T* xs, const P* __restrict__ phi, int K, int M, float* part,
-                                        uint4* ring, int nst, int rot, float* z) {
-  const int cpr = M / V, active = THREADS / cpr * cpr;
-  const int r = threadIdx.x, slot = r % cpr;
+                                        int rot, float* z) {
+  const int cpr = M / V, R = THREADS / cpr, active = R * cpr;
+  const int r = threadIdx.x, k0 = r / cpr, slot = r % cpr;
   float acc[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) acc[i] = 0.0f;
   if (r < active) {
     if constexpr (V == 1) {
-      const int rstep = active / cpr;
 #pragma unroll 4
-      for (int k = r / cpr; k < K; k += rstep) acc[0] += to_float(xs[k]) * to_float(phi[(size_t)k * M + slot]);
+      for (int k = k0; k < K; k += R) acc[0] += to_float(xs[k]) * to_float(phi[(size_t)k * M + slot]);
     } else {
-      // the thread's chunks: flat 16-byte chunk c = r + i active of phi (row c / cpr, slot r % cpr)
-      const long chunks = (long)K * cpr, mine = r < chunks ? (chunks - r + active - 1) / active : 0;
-      const int stages = (int)((mine + U - 1) / U);
-      // stage j's chunk u of thread r at ring[((j % nst) U + u) THREADS + r]: a warp's 16-byte reads of
-      // one u are consecutive, so they take no bank conflicts
-      uint4* my = ring + r;
-      // stage j is the thread's stage (j + rot) % stages (the same rotation for every thread of the CTA)
-      auto issue = [&](int j) {
-        if (j < stages) {
-          const int js = (j + rot) % stages;
+      const uint4* src = reinterpret_cast<const uint4*>(phi) + r;  // chunk i: src[i active], row k0 + i R
+      const T* xk = xs + k0;
+      const int mine = k0 < K ? (K - k0 + R - 1) / R : 0;
+      const int G = mine / U, g0 = G > 0 ? rot % G : 0;
+      auto first = [&](int g) { return (g + g0 < G ? g + g0 : g + g0 - G) * U; };
+      auto load = [&](uint4 (&c)[U], int g) {
 #pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const long i = (long)js * U + u;
-            if (i < mine)
-              __pipeline_memcpy_async(my + (size_t)((j % nst) * U + u) * THREADS,
-                                      reinterpret_cast<const uint4*>(phi) + r + i * active, 16);
-          }
-        }
-        __pipeline_commit();  // an empty group past the end keeps the wait's count
+        for (int u = 0; u < U; ++u) c[u] = __ldg(src + (first(g) + u) * active);
       };
-      for (int j = 0; j < nst - 1; ++j) issue(j);
-      for (int j = 0; j < stages; ++j) {
-        issue(j + nst - 1);
-        mma::wait_pending<0, NST_MAX - 1>(nst - 1);
-        const int js = (j + rot) % stages;
+      auto use = [&](const uint4 (&c)[U], int g) {
+        const int i0 = first(g);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const long i = (long)js * U + u;
-          if (i < mine) {
-            const float xv = to_float(xs[(r + i * active) / cpr]);
-            float p[V];
-            widen_vec<P>(my[(size_t)((j % nst) * U + u) * THREADS], p);
+          const float xv = to_float(xk[(i0 + u) * R]);
+          float p[V];
+          widen_vec<P>(c[u], p);
 #pragma unroll
-            for (int e = 0; e < V; ++e) acc[e] += xv * p[e];
-          }
+          for (int e = 0; e < V; ++e) acc[e] += xv * p[e];
         }
+      };
+      // two groups of U loads: the next group's in flight while this one's products run
+      uint4 c0[U], c1[U];
+      if (G > 0) load(c0, 0);
+      int g = 0;
+      for (; g + 1 < G; g += 2) {
+        load(c1, g + 1);
+        use(c0, g);
+        if (g + 2 < G) load(c0, g + 2);
+        use(c1, g + 1);
+      }
+      if (g < G) use(c0, g);
+      for (int i = G * U; i < mine; ++i) {
+        const float xv = to_float(xk[i * R]);
+        float p[V];
+        widen_vec<P>(__ldg(src + i * active), p);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[e] += xv * p[e];
       }
     }
   }
 #pragma unroll
   for (int i = 0; i < V; ++i) part[r * V + i] = r < active ? acc[i] : 0.0f;
   __syncthreads();
-  for (int m = threadIdx.x; m < M; m += THREADS) {
+  // z[m]: warp w sums entries w, w + WARPS, ..., its lanes over the R threads of slot m / V
+  const int lane = threadIdx.x & 31;
+  for (int m = threadIdx.x >> 5; m < M; m += dyn::WARPS) {
     const int s = m / V, i = m % V;
     float v = 0.0f;
-    for (int q = s; q < active; q += cpr) v += part[q * V + i];
-    z[m] = v;
+    for (int j = lane; j < R; j += 32) v += part[(s + j * cpr) * V + i];
+    v = warp_sum(v);
+    if (lane == 0) z[m] = v;
   }
   __syncthreads();
 }
 
 template <typename P>
-__device__ __forceinline__ void project_any(const T* xs, const void* phi, int K, int M, float* part, uint4* ring,
-                                            int nst, int rot, float* z) {
+__device__ __forceinline__ void project_any(const T* xs, const void* phi, int K, int M, float* part, int rot,
+                                            float* z) {
   const P* p = static_cast<const P*>(phi);
   constexpr int V = Vec<P>::N;
   if (M % V == 0 && (reinterpret_cast<uintptr_t>(phi) & 15) == 0)
-    project<V, P>(xs, p, K, M, part, ring, nst, rot, z);
+    project<V, P>(xs, p, K, M, part, rot, z);
   else
-    project<1, P>(xs, p, K, M, part, ring, nst, rot, z);
+    project<1, P>(xs, p, K, M, part, rot, z);
 }
 
 // token_coeffs's z for the CTA: the token staged in shared memory with its sum of squares, then the
@@ -122,10 +122,9 @@ __device__ __forceinline__ void project_any(const T* xs, const void* phi, int K,
 struct CtaProjection {
   const T* x;
   const void* phi;
-  int phi_kind, K, nst;
+  int phi_kind, K;
   float* part;  // THREADS * PV floats
   T* xs;        // K values
-  uint4* ring;  // nst * U * THREADS chunks
   __device__ __forceinline__ void operator()(float* mixs, float* hp, float* red, int t, int M, const float*,
                                              const float*, int, int) const {
     const T* xt = x + (size_t)t * K;
@@ -151,11 +150,11 @@ struct CtaProjection {
     if (threadIdx.x == 0) hp[0] = ss;
     const int rot = t * 7;
     if (phi_kind == 1)
-      project_any<bf16>(xs, phi, K, M, part, ring, nst, rot, mixs);
+      project_any<bf16>(xs, phi, K, M, part, rot, mixs);
     else if (phi_kind == 2)
-      project_any<f16>(xs, phi, K, M, part, ring, nst, rot, mixs);
+      project_any<f16>(xs, phi, K, M, part, rot, mixs);
     else
-      project_any<float>(xs, phi, K, M, part, ring, nst, rot, mixs);
+      project_any<float>(xs, phi, K, M, part, rot, mixs);
   }
 };
 }  // namespace
@@ -166,16 +165,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     float* __restrict__ h_pre, float* __restrict__ h_post, float* __restrict__ h_res, T* __restrict__ x_in,
     float* __restrict__ mix, float* __restrict__ invr_out,
     int n, int C, int Tn, int tmax, float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult,
-    int with_pre, int phi_kind, int nst) {
+    int with_pre, int phi_kind) {
   extern __shared__ float smem[];
   const int M = n * n + 2 * n;
   const int sk = dyn::sinkhorn_floats(n, tmax, 2);
   const int coeff = (M + n * n + n + (sk > 32 * dyn::WARPS ? sk : 32 * dyn::WARPS) + 3) / 4 * 4;
   float* part = smem + coeff;
   T* xs = reinterpret_cast<T*>(part + THREADS * PV);
-  uint4* ring = reinterpret_cast<uint4*>(reinterpret_cast<char*>(xs) + ((size_t)n * C * sizeof(T) + 15) / 16 * 16);
   const int t = blockIdx.x;
   dyn::token_coeffs(dyn::CtaGroup{}, smem, t, x, nullptr, nullptr, b, *alpha_pre, *alpha_post, *alpha_res, h_pre,
                     h_post, h_res, x_in, mix, invr_out, n, C, Tn, 0, tmax, rms_eps, pre_eps, sinkhorn_eps, post_mult,
-                    with_pre != 0, CtaProjection{x, phi, phi_kind, n * C, nst, part, xs, ring});
+                    with_pre != 0, CtaProjection{x, phi, phi_kind, n * C, part, xs});
 }

@@ -4,7 +4,7 @@
 that launch the backward kernels.
 
 Kernels per op (geometry mirrors each kernel's header comment; grids are given in threads):
-  mhc_coeffs    forward  few tokens (PROJ_MAX_T), n <= 4: coeffs_proj alone (a CTA per token projects it
+  mhc_coeffs    forward  few tokens (PROJ_*), n <= 4: coeffs_proj alone (a CTA per token projects it
                          itself, phi in its own dtype; the CTA mode below, with x_in), else
                          [phi_split: phi's bfloat16 terms in fragment order, once] -> proj_tc
                          (bfloat16 x, n <= 4: mma.sync, four-stage cp.async) or skinny
@@ -104,21 +104,23 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 12  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = None
-# mhc_dynamic_coeffs_proj: for at most PROJ_MAX_T tokens (n <= PROJ_NMAX) a CTA per token projects its own
-# token, phi read in its own dtype: one launch for the coefficients (and x_in) instead of phi's cast,
-# phi_split, proj_tc and coeffs. Few tokens are host-bound (scripts/dynamic_host_probe.py, H200, T = 32:
-# ~14-20 us of async_eval a kernel), but every CTA reads all of phi, and the kernel is slow at it: ncu,
-# H200, T = 32, n = 4, C = 4096, bfloat16 phi: 104 us, issue-bound (29.5 k instructions a thread, ~6x what
-# the products need: a 64-bit division a chunk among them). Same-run A/B on the H200 (gpu_dynamic_ab.py
-# --source mhc_dynamic_coeffs_proj partials=@PROJ_MAX_T=0, DynamicMHC, identity F, medians of 3 rounds,
-# us, this kernel / the three-kernel path): bfloat16 phi, forward (32, 4, 4096) 119.0 / 128.7, (32, 2,
-# 4096) 85.3 / 125.4, (32, 4, 1024) 84.4 / 123.5, (128, 4, 4096) 136.9 / 125.3; forward + backward (32, 4,
-# 4096) 204.6 / 243.0, (128, 4, 4096) 207.3 / 258.9; a float32 phi (twice the bytes) forward (32, 4, 4096)
-# 193.2 / 122.0. So: 2-byte phi (PROJ_PHI_DTYPES; float16 not timed, the same bytes and instructions)
-# and T <= 32, where both passes measured faster.
-PROJ_MAX_T: int | None = 32
-PROJ_PHI_DTYPES = (mx.bfloat16, mx.float16)
-PROJ_NMAX, PROJ_PV, PROJ_STAGE_BYTES, PROJ_NST_MAX = 4, 8, THREADS * 4 * 16, 8  # its header: PV, U, NST_MAX
+# mhc_dynamic_coeffs_proj: for few tokens (n <= PROJ_NMAX) a CTA per token projects its own token, phi read
+# in its own dtype: one launch for the coefficients (and x_in) instead of phi's cast, phi_split, proj_tc and
+# coeffs. Few tokens are host-bound (scripts/dynamic_host_probe.py, H200, T = 32: ~14-20 us of async_eval
+# a kernel), but every CTA reads all of phi from L2, so the rule bounds those bytes, T n C M itemsize: ncu,
+# H200, n = 4, C = 4096, bfloat16 phi, the kernel takes ~34 us at T = 32 and ~51 at T = 256. Same-run A/B on
+# the H200, session 30 (gpu_dynamic_ab.py --source mhc_dynamic_coeffs_proj proj=@PROJ_MAX_T=100000,
+# PROJ_PHI_BYTES=1000000000000 partials=@PROJ_MAX_T=0, DynamicMHC forward, identity F, medians of 3 rounds,
+# us, this kernel / the three-kernel path): bfloat16 phi (T, n, C) (32, 4, 4096) 57.8 / 78.9, (256, 4,
+# 4096) 60.7 / 84.5, (1024, 4, 1024) 65.8 / 75.1 [201 MB of phi each at most], (512, 4, 4096) 83.7 / 76.2,
+# (1024, 4, 2048) 106.9 / 77.8 [402 MB]; float32 phi (32, 4, 4096) 62.3 / 84.8, (128, 4, 4096) 55.2 / 73.7
+# [201 MB], (256, 4, 4096) 79.0 / 75.8 [402 MB]. So: at most 201 MB (PROJ_PHI_BYTES) and T <= 1024 (the
+# most tokens timed). The host's speed moves these medians by tens of us from one machine to the next,
+# and near the bound the order with them: the same A/B on a slower host read 95.2 / 132.2 at (512, 4,
+# 4096), where the extra launches of the three-kernel path cost more; the bound is the faster host's.
+PROJ_MAX_T: int | None = 1024
+PROJ_PHI_BYTES = 256 * 4 * 4096 * 24 * 2  # phi's bytes read from L2 by all CTAs together, T n C M itemsize
+PROJ_NMAX, PROJ_PV = 4, 8  # its header: PV
 
 
 _launch = cuda._launch
@@ -268,20 +270,19 @@ def _lane_grid(T: int, lanes: int, threads: int = LANES_THREADS) -> tuple[int, i
     return (_cdiv(T * per_token, threads) * threads, 1, 1)
 
 
-def proj_stages(n: int, C: int, tmax: int, itemsize: int) -> tuple[int, int]:
-    """(stages of mhc_dynamic_coeffs_proj's cp.async ring, its shared memory in bytes): the CTA mode's
-    floats (rounded up to 16 bytes), the threads' partial sums, the token (n C values, rounded up to 16
-    bytes), then as many ring stages as fit (at most PROJ_NST_MAX; fewer than 2: (0, 0), not that kernel)."""
-    fixed = 4 * (-(-coeffs_cta_floats(n, tmax) // 4) * 4 + THREADS * PROJ_PV) + -(-n * C * itemsize // 16) * 16
-    stages = min(PROJ_NST_MAX, (device.max_shared_memory_per_block() - fixed) // PROJ_STAGE_BYTES)
-    return (stages, fixed + stages * PROJ_STAGE_BYTES) if stages >= 2 else (0, 0)
+def proj_smem_bytes(n: int, C: int, tmax: int, itemsize: int) -> int:
+    """mhc_dynamic_coeffs_proj's shared memory in bytes: the CTA mode's floats (rounded up to 16 bytes), the
+    threads' partial sums and the token (n C values); 0 where that exceeds a CTA's (not that kernel)."""
+    need = 4 * (-(-coeffs_cta_floats(n, tmax) // 4) * 4 + THREADS * PROJ_PV) + n * C * itemsize
+    return need if need <= device.max_shared_memory_per_block() else 0
 
 
 def _uses_proj(T: int, n: int, C: int, dtype, tmax: int, phi_dtype) -> bool:
-    """The coefficients by mhc_dynamic_coeffs_proj: few tokens, n <= PROJ_NMAX, phi in PROJ_PHI_DTYPES, the
-    token and two ring stages in shared memory."""
-    return (PROJ_MAX_T is not None and T <= PROJ_MAX_T and n <= PROJ_NMAX and phi_dtype in PROJ_PHI_DTYPES
-            and proj_stages(n, C, tmax, dtype.size)[0] > 0)
+    """The coefficients by mhc_dynamic_coeffs_proj: few tokens (at most PROJ_MAX_T, and phi read from L2 by
+    every CTA at most PROJ_PHI_BYTES), n <= PROJ_NMAX, the token in shared memory."""
+    M = n * n + 2 * n
+    return (PROJ_MAX_T is not None and T <= PROJ_MAX_T and T * n * C * M * phi_dtype.size <= PROJ_PHI_BYTES
+            and n <= PROJ_NMAX and proj_smem_bytes(n, C, tmax, dtype.size) > 0)
 
 
 def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
@@ -331,12 +332,12 @@ def _coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool):
     """mhc_dynamic_coeffs_proj: (h_pre, h_post, h_res, x_in (or [1]), mix, invr) of few tokens, phi in its dtype."""
     T, n, C = x3.shape
     M = n * n + 2 * n
-    stages, smem = proj_stages(n, C, cfg.tmax, x3.dtype.size)
+    smem = proj_smem_bytes(n, C, cfg.tmax, x3.dtype.size)
     return list(_launch("mhc_dynamic_coeffs_proj", _tag(x3.dtype), n, [x3, phi, b32, ap, apo, ar],
                         [(T, n), (T, n), (T, n, n), (T, C) if with_pre else (1,), (T, M), (T,)],
                         [F32, F32, F32, x3.dtype, F32, F32],
                         [n, C, T, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre),
-                         PHI_KINDS[phi.dtype], stages], (T * THREADS, 1, 1), smem // 4))
+                         PHI_KINDS[phi.dtype]], (T * THREADS, 1, 1), -(-smem // 4)))
 
 
 def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int = 3):

@@ -20,6 +20,12 @@ larger than many differences worth measuring, so all run inside one process.
                                    # a DEFINE and the launch constant it changes
 
 Prints one line per (config, path): the sorted medians of the rounds (us).
+
+A variant compiled here is not timed like the shipped binary it replaces: on the H200 (session 30)
+mhc_dynamic_coeffs_proj's own source compiled here read ~18 us slower a forward than the shipped build
+of it (110.7 vs 92.6 at (32, 4, 4096); the GPU times within 5 us under ncu). Compare variants against a
+control compiled here from the tree's source (`ctl=:`: an empty PATH and no DEFINE), not
+against the shipped path.
 """
 
 from __future__ import annotations

@@ -318,7 +318,7 @@ def test_gpu_few_tokens(monkeypatch, B, n, C, dtype_name, phi_dtype, proj):
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", 10 ** 6 if proj else None)
-    monkeypatch.setattr(cuda_dynamic, "PROJ_PHI_DTYPES", (mx.float32, mx.bfloat16, mx.float16))
+    monkeypatch.setattr(cuda_dynamic, "PROJ_PHI_BYTES", 10 ** 15)
     _check_forward("cuda", B, n, C, dtype_name, phi_dtype=phi_dtype)
     _check_gradients("cuda", B, n, C, dtype_name, phi_dtype=phi_dtype)
 
@@ -764,14 +764,14 @@ def _forward_coeff_kernels(launched) -> set[str]:
 def test_emulated_cuda_coeffs_proj(emulated_cuda, copy_timing, monkeypatch, B, n, C, dtype_name, phi_dtype):
     """mhc_dynamic_coeffs_proj (few tokens: a CTA projects its own token, phi read in its own dtype; one
     launch for the coefficients and x_in), forward and every gradient (dphi in phi's dtype) against the
-    float64 port: phi rows in 16-byte chunks (M = 24, 8) through the cp.async ring (C = 520: ~13 stages a
-    thread, the ring wrapped) and element by element (M = 15, 3), tokens staged by 16-byte vectors and
-    element by element (C = 17, 33, 9), each phi dtype (the kernel reads all three; the dispatch gives
-    it 2-byte ones). Its forward is the only coefficient kernel launched."""
+    float64 port: phi rows in 16-byte chunks (M = 24, 8) in double-buffered groups of four loads, each
+    CTA starting at its own group (C = 520: 6 to 12 groups a thread and a ragged tail) and element by
+    element (M = 15, 3), tokens staged by 16-byte vectors and element by element (C = 17, 33, 9), each
+    phi dtype. Its forward is the only coefficient kernel launched."""
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", 10 ** 6)
-    monkeypatch.setattr(cuda_dynamic, "PROJ_PHI_DTYPES", (mx.float32, mx.bfloat16, mx.float16))
+    monkeypatch.setattr(cuda_dynamic, "PROJ_PHI_BYTES", 10 ** 15)
     _check_forward("cuda", B, n, C, dtype_name, phi_dtype=phi_dtype)
     tag = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype_name]
     assert _forward_coeff_kernels(emulated_cuda.launched) == {f"mhc_dynamic_coeffs_proj_{tag}_n4"}, \
@@ -781,18 +781,22 @@ def test_emulated_cuda_coeffs_proj(emulated_cuda, copy_timing, monkeypatch, B, n
 
 def test_coeffs_proj_rule():
     """mhc_dynamic_coeffs_proj takes the coefficients only where it measured faster (cuda_dynamic's
-    PROJ_* comment): at most PROJ_MAX_T tokens, n <= 4, a 2-byte phi, the token and two ring stages in
-    shared memory."""
+    PROJ_* comment): at most PROJ_MAX_T tokens whose CTAs read at most PROJ_PHI_BYTES of phi together
+    (T n C M bytes: twice the tokens with a 2-byte phi as with float32), n <= 4, the token in shared
+    memory."""
     from mhc_aot import cuda_dynamic as cd
 
     bf, f32 = mx.bfloat16, mx.float32
     assert cd._uses_proj(32, 4, 4096, bf, 20, bf) and cd._uses_proj(1, 1, 8, f32, 20, mx.float16)
-    assert not cd._uses_proj(cd.PROJ_MAX_T + 1, 4, 4096, bf, 20, bf)
-    assert not cd._uses_proj(32, 4, 4096, bf, 20, f32)  # a float32 phi: twice the bytes, slower
+    assert cd._uses_proj(256, 4, 4096, bf, 20, bf) and not cd._uses_proj(257, 4, 4096, bf, 20, bf)
+    assert cd._uses_proj(128, 4, 4096, bf, 20, f32) and not cd._uses_proj(129, 4, 4096, bf, 20, f32)
+    assert cd._uses_proj(1024, 4, 1024, bf, 20, bf) and not cd._uses_proj(1024, 4, 2048, bf, 20, bf)
+    assert not cd._uses_proj(cd.PROJ_MAX_T + 1, 1, 8, bf, 20, bf)  # few bytes, but past PROJ_MAX_T
     assert not cd._uses_proj(32, 5, 64, bf, 20, bf)
-    # a token too large for shared memory with two ring stages
+    # a token too large for shared memory (the partials and coefficients come on top of it)
     big_C = cd.device.max_shared_memory_per_block() // (4 * 4)
-    assert cd.proj_stages(4, big_C, 20, 4) == (0, 0) and not cd._uses_proj(32, 4, big_C, f32, 20, bf)
+    assert cd.proj_smem_bytes(4, big_C, 20, 4) == 0 and not cd._uses_proj(1, 4, big_C, f32, 20, bf)
+    assert cd.proj_smem_bytes(4, 4096, 20, 2) > 4 * 4096 * 2
 
 
 def test_emulated_cuda_coeffs_without_pre_config_and_layer(emulated_cuda):
