@@ -4,8 +4,8 @@
 // path (phi_split, proj_tc, coeffs, and a cast of a bfloat16 phi to float32 before them) costs the host
 // a launch each (scripts/dynamic_host_probe.py, H200, T = 32, n = 4, C = 4096: ~14-20 us of async_eval
 // per kernel) while its GPU work is ~10 us. Here phi is read in its own dtype (phi_kind), once per
-// token from L2: T x n C x M values, which is why this is for few tokens only (PROJ_MAX_T in
-// mhc_aot/cuda_dynamic.py).
+// token from L2: T x n C x M values, which is why this is for few tokens only (PROJ_MAX_T and
+// PROJ_PHI_BYTES in mhc_aot/cuda_dynamic.py).
 //
 // The projection: the token is staged in shared memory (its sum of squares taken on the way); a row of phi
 // is cpr chunks of V values (16-byte loads: V = 4 float32 or 8 bfloat16 / float16 values when M % V == 0
