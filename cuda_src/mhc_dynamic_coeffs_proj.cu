@@ -59,16 +59,17 @@ __device__ __forceinline__ void project(const T* xs, const P* __restrict__ phi, 
 #pragma unroll
         for (int u = 0; u < U; ++u) c[u] = __ldg(src + (first(g) + u) * active);
       };
+      auto fma_chunk = [&](const uint4& c, int i) {  // chunk i (row k0 + i R) times its x value
+        const float xv = to_float(xk[i * R]);
+        float p[V];
+        widen_vec<P>(c, p);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[e] += xv * p[e];
+      };
       auto use = [&](const uint4 (&c)[U], int g) {
         const int i0 = first(g);
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const float xv = to_float(xk[(i0 + u) * R]);
-          float p[V];
-          widen_vec<P>(c[u], p);
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[e] += xv * p[e];
-        }
+        for (int u = 0; u < U; ++u) fma_chunk(c[u], i0 + u);
       };
       // two groups of U loads: the next group's in flight while this one's products run
       uint4 c0[U], c1[U];
@@ -81,13 +82,7 @@ __device__ __forceinline__ void project(const T* xs, const P* __restrict__ phi, 
         use(c1, g + 1);
       }
       if (g < G) use(c0, g);
-      for (int i = G * U; i < mine; ++i) {
-        const float xv = to_float(xk[i * R]);
-        float p[V];
-        widen_vec<P>(__ldg(src + i * active), p);
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] += xv * p[e];
-      }
+      for (int i = G * U; i < mine; ++i) fma_chunk(__ldg(src + i * active), i);  // the ragged tail
     }
   }
 #pragma unroll

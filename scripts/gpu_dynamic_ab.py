@@ -21,11 +21,12 @@ larger than many differences worth measuring, so all run inside one process.
 
 Prints one line per (config, path): the sorted medians of the rounds (us).
 
-A variant compiled here is not timed like the shipped binary it replaces: on the H200 (session 30)
-mhc_dynamic_coeffs_proj's own source compiled here read ~18 us slower a forward than the shipped build
-of it (110.7 vs 92.6 at (32, 4, 4096); the GPU times within 5 us under ncu). Compare variants against a
-control compiled here from the tree's source (`ctl=:`: an empty PATH and no DEFINE), not
-against the shipped path.
+Variants are built as the wheel's binaries are (its nvcc flags, a compressed fatbin of the cubin:
+scripts/gpu_source_ab.compile_variant). Until session 31 they were raw cubins, ~4x the bytes, and MLX
+hashes a kernel's whole binary on every launch, so a variant read slower than the shipped build of the
+same source wherever the host sets the pace (session 30: 110.7 vs 92.6 us a forward at (32, 4, 4096)
+for mhc_dynamic_coeffs_proj, GPU times within 5 us under ncu). A control compiled here from the tree's
+source (`ctl=:`) still guards against anything else that differs.
 """
 
 from __future__ import annotations

@@ -31,12 +31,20 @@ from mlx.utils import tree_flatten
 from mhc_aot import bench, cuda, device
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# A variant is built as the wheel's binaries are: the same nvcc flags (else it is other code), and as a
+# compressed fatbin of its cubin. MLX hashes a kernel's whole binary on every launch (README, Building),
+# so a raw cubin (4x the bytes) costs more host time per launch than the shipped binary: session 30's
+# "compiled-variant bias", ~17 us a forward at (32, 4, 4096) for mhc_dynamic_coeffs_proj's 124 KB cubin
+# against its 29 KB fatbin (session 31).
+from build_tools.cuda import FATBIN_FLAGS, NVCC_FLAGS, _toolkit_tool, find_nvcc  # noqa: E402
+
 SHAPES = "1024,32,2048 1024,16,4096 4096,16,1024 1024,32,3072"
 
 
 def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[int, tuple[str, bytes]] | None]:
-    """(label, {NMAX: (entry name, cubin)}) of one LABEL=[PATH][:DEFINE...] for this GPU's
-    architecture; (label, None) for LABEL= (the shipped binaries)."""
+    """(label, {NMAX: (entry name, binary: a compressed fatbin of the cubin)}) of one
+    LABEL=[PATH][:DEFINE...] for this GPU's architecture; (label, None) for LABEL= (the shipped binaries)."""
     label, _, rest = spec.partition("=")
     if not rest:
         return label, None
@@ -45,6 +53,8 @@ def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[
     arch = f"sm_{device.mlx_arch_number()}"
     if "mhc_tma.cuh" in Path(path).read_text():  # TMA's tensormap.replace: the arch-specific target (sm_90a)
         arch += "a"
+    nvcc = find_nvcc() or "nvcc"
+    fatbinary = _toolkit_tool(nvcc, "fatbinary")
     bins = {}
     for nmax in nmaxes:
         name = re.sub(r"\W", "_", f"{source}_n{nmax}_ab_{label}")
@@ -52,14 +62,19 @@ def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[
             out = Path(tmp) / "k.cubin"
             # a DEFINE is passed as -DDEFINE, a word starting with "-" as the nvcc flag it is (-lineinfo)
             flags = [d if d.startswith("-") else f"-D{d}" for d in defines if d]
-            cmd = ["nvcc", "-O3", "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas=-v", f"-DMHC_NAME={name}",
+            cmd = [nvcc, *NVCC_FLAGS, f"-arch={arch}", "-cubin", "-Xptxas=-v", f"-DMHC_NAME={name}",
                    "-DMHC_DTYPE=bf16", f"-DMHC_NMAX={nmax}", f"-I{ROOT / 'cuda_src'}", *flags, path, "-o", str(out)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 sys.exit(f"{label}: nvcc failed:\n{r.stderr[-3000:]}")
             regs = [ln.split("info    : ")[-1] for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
             print(f"BUILD {label} n{nmax}: {'; '.join(regs)}", flush=True)
-            bins[nmax] = name, out.read_bytes()
+            fat = Path(tmp) / "k.fatbin"
+            r = subprocess.run([fatbinary, f"--create={fat}", f"--image3=kind=elf,sm={arch[3:]},file={out}",
+                                *FATBIN_FLAGS], capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"{label}: fatbinary failed:\n{r.stderr[-3000:]}")
+            bins[nmax] = name, fat.read_bytes()
     return label, bins
 
 
