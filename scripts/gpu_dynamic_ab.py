@@ -21,12 +21,9 @@ larger than many differences worth measuring, so all run inside one process.
 
 Prints one line per (config, path): the sorted medians of the rounds (us).
 
-Variants are built as the wheel's binaries are (its nvcc flags, a compressed fatbin of the cubin:
-scripts/gpu_source_ab.compile_variant). Until session 31 they were raw cubins, ~4x the bytes, and MLX
-hashes a kernel's whole binary on every launch, so a variant read slower than the shipped build of the
-same source wherever the host sets the pace (session 30: 110.7 vs 92.6 us a forward at (32, 4, 4096)
-for mhc_dynamic_coeffs_proj, GPU times within 5 us under ncu). A control compiled here from the tree's
-source (`ctl=:`) still guards against anything else that differs.
+Variants are built as the wheel's binaries are (scripts/gpu_source_ab.compile_variant says why: until
+session 31 raw cubins timed slower than the shipped fatbins of the same source where the host sets the
+pace). A control compiled here from the tree's source (`ctl=:`) still guards against anything else.
 """
 
 from __future__ import annotations

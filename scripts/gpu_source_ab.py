@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 # so a raw cubin (4x the bytes) costs more host time per launch than the shipped binary: session 30's
 # "compiled-variant bias", ~17 us a forward at (32, 4, 4096) for mhc_dynamic_coeffs_proj's 124 KB cubin
 # against its 29 KB fatbin (session 31).
-from build_tools.cuda import FATBIN_FLAGS, NVCC_FLAGS, _toolkit_tool, find_nvcc  # noqa: E402
+from build_tools.cuda import NVCC_FLAGS, _fatbin, _toolkit_tool, find_nvcc  # noqa: E402
 
 SHAPES = "1024,32,2048 1024,16,4096 4096,16,1024 1024,32,3072"
 
@@ -70,10 +70,7 @@ def compile_variant(source: str, spec: str, nmaxes=(16, 32)) -> tuple[str, dict[
             regs = [ln.split("info    : ")[-1] for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
             print(f"BUILD {label} n{nmax}: {'; '.join(regs)}", flush=True)
             fat = Path(tmp) / "k.fatbin"
-            r = subprocess.run([fatbinary, f"--create={fat}", f"--image3=kind=elf,sm={arch[3:]},file={out}",
-                                *FATBIN_FLAGS], capture_output=True, text=True)
-            if r.returncode:
-                sys.exit(f"{label}: fatbinary failed:\n{r.stderr[-3000:]}")
+            _fatbin(fatbinary, out, "elf", arch[3:], fat)  # the build's own step (raises with fatbinary's output)
             bins[nmax] = name, fat.read_bytes()
     return label, bins
 
