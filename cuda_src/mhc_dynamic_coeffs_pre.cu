@@ -47,7 +47,8 @@
 // mhc_dynamic_coeffs), part [G NSLOT S TT RL] float32 (scratch: the partials of a group's last NSLOT
 // tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh). MHC_GRID_RESIDENT: the
 // CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
-// (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix.
+// (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix;
+// with MHC_CP_TRACE_X two of them time the first x_in warp's h_pre loads and x_in instead.
 #include "mhc_dynamic_common.cuh"
 #include "mhc_dynamic_mma.cuh"
 #include "mhc_tma.cuh"
@@ -319,9 +320,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           }
         }
       }
+#ifndef MHC_CP_TRACE_X
       if (tid == 0) TRACE(i, 7);
+#endif
       workers_sync();  // ksum written
+#ifndef MHC_CP_TRACE_X
       if (tid == 0) TRACE(i, 9);
+#endif
       // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
       // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) by the
       // x_in warps before the first issued tile i - NSLOT + RING <= i, which landed before this iteration.
@@ -376,6 +381,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       float hp[NS];
 #pragma unroll
       for (int j = 0; j < NS; ++j) hp[j] = j < n && t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
+#ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
+      asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
+      if (warp == XWARP && lane == 0) TRACE(ix, 7);
+#endif
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
       unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
 #ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
@@ -416,6 +425,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           }
         }
       }
+#endif
+#ifdef MHC_CP_TRACE_X
+      if (warp == XWARP && lane == 0) TRACE(ix, 9);
 #endif
       named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp's reads of the buffer are done
       if (warp == XWARP && lane == 0 && ix + RING < ntile) issue_tile(ix + RING);

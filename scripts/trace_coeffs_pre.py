@@ -3,6 +3,8 @@ its mix output; outputs otherwise wrong): per event, the median over CTAs and ti
 relative to the iteration's first barrier (event 6: tile i landed, the workers past their barrier).
 
   python scripts/trace_coeffs_pre.py [T n C] [DEFINE ...] [VARIANT.cu] [@LAUNCH_CONSTANT=VALUE ...]
+  python scripts/trace_coeffs_pre.py 8192 4 4096 MHC_PHI_TERMS=1 MHC_CP_TRACE_X   # the x_in warps' tile split
+                                   into h_pre's loads and x_in (events 7 and 9)
 """
 import sys
 from pathlib import Path
@@ -42,7 +44,10 @@ if G * S * 64 * 10 > mix.size or ntile > 64:
     sys.exit(f"T={T} n={n} C={C}: the trace needs mix to hold {G * S * 640} stamps (it holds {mix.size}) and at "
              f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
-names = {7: "product + x_in done (before barrier)", 9: "after the barrier",
+# (MHC_CP_TRACE_X: events 7 and 9 time the first x_in warp instead of the workers)
+xin_trace = "MHC_CP_TRACE_X" in defs
+names = {7: "x_in warp: h_pre loaded" if xin_trace else "workers: product done (before barrier)",
+         9: "x_in warp: x_in formed (before barrier)" if xin_trace else "workers: after the barrier",
          0: "partials, handoff, DRAM refill issued", 1: "x_in warp: tile done, refill issued",
          2: "coefficient warp: own partials synced", 3: "coefficient warp: all S projected",
          4: "coefficient warp: published", 5: "coefficient warp: h_res done"}
@@ -58,7 +63,7 @@ for e, name in names.items():
     print(f"{e} {name:38s} after tile landed: p10 {np.percentile(r, 10) / 1e3:6.2f} "
           f"median {np.median(r) / 1e3:6.2f} p90 {np.percentile(r, 90) / 1e3:6.2f} us")
 pub = (((ev[:, 1:-1, 8] - ev[:, 1:-1, 6] + 2**31) % 2**32) - 2**31)
-print(f"8 x_in warp: the tile's h_pre in hand, after the tile landed: median {np.median(pub) / 1e3:.2f} us")
+print(f"8 x_in warp: the tile seen published, after the tile landed: median {np.median(pub) / 1e3:.2f} us")
 # the skew between a group's CTAs: for each tile, the spread of its landing (event 6, absolute stamps) over the
 # group's S CTAs, and where this CTA's landing falls after the group's first; every hand-over waits for the last
 # CTA of the group, so a tile's chain starts at the group's latest landing, not at this CTA's
@@ -83,12 +88,21 @@ ring = int(next((d.split("=")[1] for d in defs if d.startswith("MHC_CP_RING=")),
 fill = (((ev[:, ring:, 6] - ev[:, :-ring, 1] + 2**31) % 2**32) - 2**31)
 print(f"refill issued -> workers past its landing (RING = {ring}): p10 {np.percentile(fill, 10) / 1e3:.2f} "
       f"median {np.median(fill) / 1e3:.2f} p90 {np.percentile(fill, 90) / 1e3:.2f} us")
-# the coefficient warps (tiles w, w + 3, ...: CWARPS = 3): time from its own partials synced to h_res done, and the
+# the coefficient warps (tiles w, w + CWARPS, ...): time from its own partials synced to h_res done, and the
 # gap from its previous tile's h_res to this tile's handoff (> 0: the warp waited for the workers)
 wrap = lambda d: ((d + 2**31) % 2**32) - 2**31  # noqa: E731
-busy = wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 2])
-gap = wrap(ev[:, 3:-1, 2] - ev[:, :-4, 5])
+cw = int(next((d.split("=")[1] for d in defs if d.startswith("MHC_CP_CWARPS=")), 3))  # a variant's coefficient warps
+busy = wrap(ev[:, cw + 1:-1, 5] - ev[:, cw + 1:-1, 2])
+gap = wrap(ev[:, cw:-1, 2] - ev[:, :-1 - cw, 5])  # (the warp's previous tile: i - CWARPS)
 print(f"coefficient warp per tile: handoff -> h_res median {np.median(busy) / 1e3:.2f} us "
       f"(projected wait {np.median(wrap(ev[:, 4:-1, 3] - ev[:, 4:-1, 2])) / 1e3:.2f}, to published "
       f"{np.median(wrap(ev[:, 4:-1, 4] - ev[:, 4:-1, 3])) / 1e3:.2f}, Sinkhorn {np.median(wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 4])) / 1e3:.2f}); "
       f"idle before the handoff median {np.median(gap) / 1e3:.2f} us")
+# the first x_in warp: from its previous tile's refill issued (event 1) to this tile seen published (event 8) it
+# waits on the group's coefficient warps; from there to this tile's refill issued it works (h_pre's loads, x_in,
+# the x_in warps' barrier). Mostly waiting: the hand-over chain sets the pace; mostly working: the x_in warps do
+xwait = wrap(ev[:, 1:-1, 8] - ev[:, :-2, 1])
+xwork = wrap(ev[:, 1:-1, 1] - ev[:, 1:-1, 8])
+print(f"x_in warp per tile: waiting for publication median {np.median(xwait) / 1e3:.2f} us (p90 "
+      f"{np.percentile(xwait, 90) / 1e3:.2f}), h_pre + x_in + barrier median {np.median(xwork) / 1e3:.2f} us (p90 "
+      f"{np.percentile(xwork, 90) / 1e3:.2f})")
