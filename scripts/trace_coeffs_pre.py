@@ -43,6 +43,15 @@ ntile = -(-T // cuda_dynamic.CP_TT) // G
 if G * S * 64 * 10 > mix.size or ntile > 64:
     sys.exit(f"T={T} n={n} C={C}: the trace needs mix to hold {G * S * 640} stamps (it holds {mix.size}) and at "
              f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
+# stamps are the low 32 bits of globaltimer (ns): differences taken modulo 2^32, signed
+wrap = lambda d: ((d + 2**31) % 2**32) - 2**31  # noqa: E731
+
+
+def define(name: str, default: int) -> int:
+    """A define's value as given on the command line (a variant's MHC_CP_RING=4), else the kernel's default."""
+    return int(next((d.split("=")[1] for d in defs if d.startswith(name + "=")), default))
+
+
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
 # (MHC_CP_TRACE_X: events 7 and 9 time the first x_in warp instead of the workers)
 xin_trace = "MHC_CP_TRACE_X" in defs
@@ -59,16 +68,16 @@ print(f"iteration (tile landed -> next tile landed) median {np.median(it) / 1e3:
 span = (ref[:, -1] - ref[:, 0]) / 1e3
 print(f"first to last tile per CTA: median {np.median(span):.1f} us")
 for e, name in names.items():
-    r = (((ev[:, :, e] - ref + 2**31) % 2**32) - 2**31)[:, 6:-1]
+    r = wrap(ev[:, :, e] - ref)[:, 6:-1]
     print(f"{e} {name:38s} after tile landed: p10 {np.percentile(r, 10) / 1e3:6.2f} "
           f"median {np.median(r) / 1e3:6.2f} p90 {np.percentile(r, 90) / 1e3:6.2f} us")
-pub = (((ev[:, 1:-1, 8] - ev[:, 1:-1, 6] + 2**31) % 2**32) - 2**31)
+pub = wrap(ev[:, 1:-1, 8] - ev[:, 1:-1, 6])
 print(f"8 x_in warp: the tile seen published, after the tile landed: median {np.median(pub) / 1e3:.2f} us")
 # the skew between a group's CTAs: for each tile, the spread of its landing (event 6, absolute stamps) over the
 # group's S CTAs, and where this CTA's landing falls after the group's first; every hand-over waits for the last
 # CTA of the group, so a tile's chain starts at the group's latest landing, not at this CTA's
 land = ev[:, :, 6].reshape(G, S, ntile)
-rel = (((land - land[:, :1] + 2**31) % 2**32) - 2**31)  # vs CTA 0 of the group: wraps once in ~4.3 s
+rel = wrap(land - land[:, :1])  # vs CTA 0 of the group: wraps once in ~4.3 s
 spread = (rel.max(axis=1) - rel.min(axis=1))[:, 6:-1]
 late = (rel - rel.min(axis=1, keepdims=True))[:, :, 6:-1]
 last = rel.argmax(axis=1)[:, 6:-1]  # [G, tiles]: the group's last CTA to land each tile
@@ -84,14 +93,13 @@ share = [np.bincount(row, minlength=S).max() / row.size for row in last]
 print("most frequent last CTA per group (split index: share of the group's tiles): "
       + ", ".join(f"{t}: {100 * f:.0f}%" for t, f in zip(top, share)))
 # a ring buffer's refill: tile i + RING issued by the x_in warp (event 1 of tile i) -> the workers past its wait
-ring = int(next((d.split("=")[1] for d in defs if d.startswith("MHC_CP_RING=")), 6))
-fill = (((ev[:, ring:, 6] - ev[:, :-ring, 1] + 2**31) % 2**32) - 2**31)
+ring = define("MHC_CP_RING", 6)
+fill = wrap(ev[:, ring:, 6] - ev[:, :-ring, 1])
 print(f"refill issued -> workers past its landing (RING = {ring}): p10 {np.percentile(fill, 10) / 1e3:.2f} "
       f"median {np.median(fill) / 1e3:.2f} p90 {np.percentile(fill, 90) / 1e3:.2f} us")
 # the coefficient warps (tiles w, w + CWARPS, ...): time from its own partials synced to h_res done, and the
 # gap from its previous tile's h_res to this tile's handoff (> 0: the warp waited for the workers)
-wrap = lambda d: ((d + 2**31) % 2**32) - 2**31  # noqa: E731
-cw = int(next((d.split("=")[1] for d in defs if d.startswith("MHC_CP_CWARPS=")), 3))  # a variant's coefficient warps
+cw = define("MHC_CP_CWARPS", 3)  # a variant's coefficient warps
 busy = wrap(ev[:, cw + 1:-1, 5] - ev[:, cw + 1:-1, 2])
 gap = wrap(ev[:, cw:-1, 2] - ev[:, :-1 - cw, 5])  # (the warp's previous tile: i - CWARPS)
 print(f"coefficient warp per tile: handoff -> h_res median {np.median(busy) / 1e3:.2f} us "
