@@ -11,7 +11,7 @@
 // Inputs: x [T, n, C], mix [T, M], invr [T], b [M], alpha_pre, alpha_post, alpha_res (float32
 // scalars), dh_pre [T, n], dh_post [T, n], dh_res [T, n, n], dx_in [T, C] (or any array if !has_pre),
 // dots [T, n] (or any array: see lanes).
-// Two modes (`lanes`), as mhc_dynamic_coeffs:
+// Three modes (`lanes`), as mhc_dynamic_coeffs:
 //   0: one CTA per token, the stream dots sum_c dx_in[c] x[j, c] computed here.
 //      Grid (threads): (T * THREADS, 1, 1), block THREADS. Shared memory: 2 M + n n + n +
 //      sinkhorn_floats(n, tmax, tmax + 1) + WARPS * max(NMAX, 1) + max(NMAX, 1) floats.
@@ -20,10 +20,12 @@
 //      own `slice` (odd) of shared memory: 2 M + n n + n + sinkhorn_floats(n, tmax, tmax + 1)
 //      floats. Grid (threads): (ceil(T lanes / blockDim) * blockDim, 1, 1); shared memory:
 //      blockDim / lanes * slice floats.
-//   lanes < 0: the register mode (variants with 0 < NMAX <= dyn::REG_N, n <= NMAX): a thread per
-//      token, its matrices in registers, only the Sinkhorn history in its `slice` (odd) of shared
-//      memory: sinkhorn_floats(NMAX, tmax, tmax + 1) floats, laid out for n = NMAX. Grid (threads):
-//      (ceil(T / blockDim) * blockDim, 1, 1); shared memory: blockDim * slice floats.
+//   lanes = ELEMS (-2): the element mode (n <= dyn::LANE_N): a half-warp per token, a lane per matrix
+//      element (dyn::sinkhorn_forward_lanes_k with the history, dyn::sinkhorn_backward_lanes), the
+//      history in the half-warp's `slice` (odd): sinkhorn_floats(n, tmax, tmax + 1) floats. The chain
+//      of ~4 tmax phases that a thread per token ran alone (the register mode until session 33, ~2
+//      warps an SM) is shared by 16 lanes, and 16x the warps hide each other. Grid (threads):
+//      (ceil(16 T / blockDim) * blockDim, 1, 1); shared memory: blockDim / 16 * slice floats.
 #include "mhc_dynamic_common.cuh"
 
 using namespace mhc;
@@ -92,69 +94,76 @@ __device__ __forceinline__ void token_coeffs_bwd(
   }
 }
 
-// Token t's backward by one thread (n <= N = NMAX <= dyn::REG_N): the values of token_coeffs_bwd
-// in lane mode, the same operations in the same order; `hist` is this thread's shared slice.
-template <int N>
-__device__ __forceinline__ void token_coeffs_bwd_regs(
-    float* hist, int t, const float* __restrict__ mix, const float* __restrict__ invr_in, const float* __restrict__ b,
-    float a_pre, float a_post, float a_res, const float* __restrict__ dh_pre, const float* __restrict__ dh_post,
-    const float* __restrict__ dh_res, const float* __restrict__ dots_in, float* __restrict__ dz,
-    float* __restrict__ factor, float* __restrict__ rows, int n, int C, int tmax, float sinkhorn_eps,
-    float post_mult, int has_pre) {
-  const int M = n * n + 2 * n;
+constexpr int ELEMS = -2;  // `lanes` of the element mode (mhc_aot/cuda_dynamic.py)
+
+// Token t's backward by a half-warp, a lane per matrix element (n <= dyn::LANE_N): lane l16 < n also
+// takes pre / post entry l16. The values of token_coeffs_bwd up to rounding: the Sinkhorn's dot products
+// add lane products (see dyn::sinkhorn_backward_lanes) and the four serial sums are butterfly sums over
+// the half-warp (a fixed order: deterministic). `valid`: t < T; a half-warp past the end runs
+// on token T - 1 (its warp's shuffles need every lane) and writes nothing.
+__device__ __forceinline__ void token_coeffs_bwd_elems(
+    float* hist, int t, bool valid, int lane, const float* __restrict__ mix, const float* __restrict__ invr_in,
+    const float* __restrict__ b, float a_pre, float a_post, float a_res, const float* __restrict__ dh_pre,
+    const float* __restrict__ dh_post, const float* __restrict__ dh_res, const float* __restrict__ dots_in,
+    float* __restrict__ dz, float* __restrict__ factor, float* __restrict__ rows, int n, int C, int tmax,
+    float sinkhorn_eps, float post_mult, int has_pre) {
+  const int M = n * n + 2 * n, l16 = lane % 16;
+  const bool elem = l16 < n * n, act = l16 < n;
   const float* mt = mix + (size_t)t * M;
-  float mpre[N], mpost[N], mres[N][N], dlpre[N], dlpost[N], L[N][N], G[N][N];
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    if (i >= n) continue;
-    mpre[i] = mt[i];
-    mpost[i] = mt[n + i];
-    const float dot = has_pre ? dots_in[(size_t)t * n + i] : 0.0f;
-    float s = sigmoid(mpre[i] * a_pre + b[i]);
-    dlpre[i] = (dh_pre[(size_t)t * n + i] + dot) * (s * (1.0f - s));
-    s = sigmoid(mpost[i] * a_post + b[n + i]);
-    dlpost[i] = dh_post[(size_t)t * n + i] * (post_mult * s * (1.0f - s));
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      if (j >= n) continue;
-      mres[i][j] = mt[2 * n + i * n + j];
-      L[i][j] = mres[i][j] * a_res + b[2 * n + i * n + j];
-      G[i][j] = dh_res[(size_t)t * n * n + i * n + j];
-    }
+  float mpre = 0.0f, mpost = 0.0f, dlpre = 0.0f, dlpost = 0.0f;
+  if (act) {
+    mpre = mt[l16];
+    mpost = mt[n + l16];
+    const float dot = has_pre ? dots_in[(size_t)t * n + l16] : 0.0f;
+    float s = sigmoid(mpre * a_pre + b[l16]);
+    dlpre = (dh_pre[(size_t)t * n + l16] + dot) * (s * (1.0f - s));
+    s = sigmoid(mpost * a_post + b[n + l16]);
+    dlpost = dh_post[(size_t)t * n + l16] * (post_mult * s * (1.0f - s));
   }
-  const dyn::SinkhornSmem sk{hist, N, tmax, tmax + 1};
+  const float mres = elem ? mt[2 * n + l16] : 0.0f;
+  const float L[1] = {elem ? mres * a_res + b[2 * n + l16] : 0.0f};
+  float G = elem ? dh_res[(size_t)t * n * n + l16] : 0.0f;
+  const dyn::SinkhornSmem sk{hist, n, tmax, tmax + 1};
   {
-    float P[N][N];
-    dyn::sinkhorn_forward_regs<N>(L, P, n, tmax, sinkhorn_eps, &sk);
+    float P[1];
+    dyn::sinkhorn_forward_lanes_k<1>(L, P, n, tmax, sinkhorn_eps, lane, elem ? &sk : nullptr);
   }
-  dyn::sinkhorn_backward_regs<N>(G, n, sk, sinkhorn_eps);  // G = dlogits of h_res
+  __syncwarp();  // the half-warp's row and column sums are in
+  G = dyn::sinkhorn_backward_lanes(G, n, sk, sinkhorn_eps, lane);  // dlogits of h_res
+  if (!elem) G = 0.0f;
 
   const float invr = invr_in[t];
   float* dzt = dz + (size_t)t * M;
   float* rt = rows + (size_t)t * (M + 3);
-  float gs = 0.0f, sp = 0.0f, so = 0.0f, sr = 0.0f;  // serial sums in token_coeffs_bwd's order
-  auto put = [&](int m, float dl, float a, float mv, float& seg) {  // entry m of the M coefficients
-    dzt[m] = dl * a * invr;
-    rt[m] = dl;
-    gs += dl * a * mv;
-    seg += dl * mv;
-  };
+  if (valid) {
+    if (act) {
+      dzt[l16] = dlpre * a_pre * invr;
+      rt[l16] = dlpre;
+      dzt[n + l16] = dlpost * a_post * invr;
+      rt[n + l16] = dlpost;
+    }
+    if (elem) {
+      dzt[2 * n + l16] = G * a_res * invr;
+      rt[2 * n + l16] = G;
+    }
+  }
+  // sum(dl a mix) over the M entries, and sum(dl mix) over each segment (zeros from idle lanes)
+  float gs = dlpre * a_pre * mpre + dlpost * a_post * mpost + G * a_res * mres;
+  float sp = dlpre * mpre, so = dlpost * mpost, sr = G * mres;
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-    if (i < n) put(i, dlpre[i], a_pre, mpre[i], sp);
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-    if (i < n) put(n + i, dlpost[i], a_post, mpost[i], so);
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-      if (i < n && j < n) put(2 * n + i * n + j, G[i][j], a_res, mres[i][j], sr);
-  gs = gs / invr;
-  factor[t] = (-gs * invr * invr * invr) / (float)(n * C);
-  rt[M] = sp;
-  rt[M + 1] = so;
-  rt[M + 2] = sr;
+  for (int o = 8; o > 0; o >>= 1) {
+    gs += __shfl_xor_sync(0xffffffffu, gs, o);
+    sp += __shfl_xor_sync(0xffffffffu, sp, o);
+    so += __shfl_xor_sync(0xffffffffu, so, o);
+    sr += __shfl_xor_sync(0xffffffffu, sr, o);
+  }
+  if (valid && l16 == 0) {
+    gs = gs / invr;
+    factor[t] = (-gs * invr * invr * invr) / (float)(n * C);
+    rt[M] = sp;
+    rt[M + 1] = so;
+    rt[M + 2] = sr;
+  }
 }
 }  // namespace
 
@@ -167,15 +176,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     int n, int C, int Tn, int tmax, float sinkhorn_eps, float post_mult, int has_pre, int lanes, int slice) {
   extern __shared__ float smem[];
   const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-  if (lanes < 0) {  // the register mode: passed only to variants with 0 < NMAX <= dyn::REG_N
-    if constexpr (NMAX > 0 && NMAX <= dyn::REG_N) {
-      const int t = blockIdx.x * blockDim.x + threadIdx.x;
-      if (t < Tn)
-        token_coeffs_bwd_regs<NMAX>(smem + (size_t)threadIdx.x * slice, t, mix, invr_in, b, a_pre, a_post, a_res, dh_pre,
-                                    dh_post, dh_res, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps, post_mult,
-                                    has_pre);
-      return;
-    }
+  if (lanes == ELEMS) {
+    const int lane = threadIdx.x % 32, t16 = (blockIdx.x * blockDim.x + threadIdx.x) / 16;
+    if ((blockIdx.x * blockDim.x + threadIdx.x) / 32 * 2 >= Tn) return;  // both half-warps past the end
+    token_coeffs_bwd_elems(smem + (size_t)(threadIdx.x / 16) * slice, min(t16, Tn - 1), t16 < Tn, lane, mix, invr_in, b,
+                           a_pre, a_post, a_res, dh_pre, dh_post, dh_res, dots, dz, factor, rows, n, C, tmax,
+                           sinkhorn_eps, post_mult, has_pre);
+    return;
   }
   if (lanes) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;

@@ -24,7 +24,7 @@
 //      own tokens (r = s, s + S, ... of the tile; a lane per sum), the RMS scale, h_pre and h_post,
 //      writes them and mix, and arrives on the tile's `published` counter; then, batched over a few of
 //      its tiles, h_res by the Sinkhorn (a lane per matrix element, shuffles, Liger's order and
-//      divisions as the register mode) from mix as written, off every other warp's path;
+//      divisions: dyn::sinkhorn_forward_lanes_k) from mix as written, off every other warp's path;
 //   3. (XWARPS x_in warps, their own loop) once the tile is published: x_in of its columns from the
 //      tile in its ring buffer and h_pre (each warp TT / XWARPS of the tokens), then, once all are done,
 //      the buffer's refill. Session 22 (H200, T = 8192, n = 4, C = 4096): the workers forming x_in

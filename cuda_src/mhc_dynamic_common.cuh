@@ -138,7 +138,7 @@ __device__ __forceinline__ void split_bf16x3(float v, bf16& hi, bf16& mid, bf16&
 // Every division of the Sinkhorn (forward and backward) is div.full.f32, as in Liger: Triton lowers
 // a float32 `/` to it (an approximation within 2 ulp, no slow path). The IEEE `/` that stood here
 // put a branchy division on each step of the per-token serial chain (ncu, H100, T = 8192, n = 4:
-// the register mode still took 49 us forward, 95 us backward).
+// a thread per token, the register mode then, still took 49 us forward, 95 us backward).
 __device__ __forceinline__ float sk_div(float a, float b) {
 #ifdef MHC_EMULATED
   return a / b;
@@ -281,95 +281,24 @@ __device__ __forceinline__ void sinkhorn_backward(float* G, SinkhornSmem s, floa
   g.sync();
 }
 
-// ---------------------------------------------------------------- the same Sinkhorn, in registers
-// A thread per token for n <= N = NMAX <= REG_N (compile-time N; rows and columns >= n are skipped):
-// the matrix lives in registers, so the serial chain of ~2 tmax phases no longer waits on a
-// shared-memory round trip and a barrier per phase (ncu, H100, T = 8192, n = 4: lane groups of 4
-// took 64 us forward and 84 us backward; this mode 49-51 and 76: still one serial chain per
-// thread at ~2 warps per SM; the forward now takes a lane per element, sinkhorn_forward_lanes below).
-// The operations and order are those of sinkhorn_forward / sinkhorn_backward above. `hist` (the
-// backward's recompute) receives the history in SinkhornSmem's layout, with n = N.
-constexpr int REG_N = 4;
-
-// One normalisation of P in registers: rows (ROWS) or columns divided by their sum + eps, each
-// sum in index order; the sums go to `sums` (n floats) unless it is null.
-template <bool ROWS, int N>
-__device__ __forceinline__ void normalise_regs(float (&P)[N][N], int n, float eps, float* sums) {
-#pragma unroll
-  for (int a = 0; a < N; ++a) {
-    if (a >= n) continue;
-    float s = 0.0f;
-#pragma unroll
-    for (int b = 0; b < N; ++b)
-      if (b < n) s += ROWS ? P[a][b] : P[b][a];
-    if (sums) sums[a] = s;
-#pragma unroll
-    for (int b = 0; b < N; ++b) {
-      if (b >= n) continue;
-      float& v = ROWS ? P[a][b] : P[b][a];
-      v = sk_div(v, s + eps);
-    }
-  }
-}
-
-template <int N>
-__device__ __forceinline__ void sinkhorn_forward_regs(const float (&L)[N][N], float (&P)[N][N], int n, int tmax,
-                                                      float eps, const SinkhornSmem* hist) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) {  // row softmax (max-subtracted), then + eps
-    if (i >= n) continue;
-    float mx = L[i][0];
-#pragma unroll
-    for (int j = 1; j < N; ++j)
-      if (j < n) mx = fmaxf(mx, L[i][j]);
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      if (j >= n) continue;
-      P[i][j] = expf(L[i][j] - mx);
-      sum += P[i][j];
-    }
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      if (j >= n) continue;
-      const float p = sk_div(P[i][j], sum);
-      if (hist) hist->H(0)[i * N + j] = p;
-      P[i][j] = p + eps;
-    }
-  }
-  normalise_regs<false>(P, n, eps, hist ? hist->cs(0) : nullptr);  // first column normalisation
-  auto keep = [&](int t) {  // mat_t -> H(1 + t)
-    if (!hist) return;
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-#pragma unroll
-      for (int j = 0; j < N; ++j)
-        if (i < n && j < n) hist->H(1 + t)[i * N + j] = P[i][j];
-  };
-  keep(0);
-#pragma unroll 1
-  for (int t = 1; t < tmax; ++t) {
-    normalise_regs<true>(P, n, eps, hist ? hist->rs(t) : nullptr);
-    normalise_regs<false>(P, n, eps, hist ? hist->cs(t) : nullptr);
-    keep(t);
-  }
-}
-
 // ---------------------------------------------------------------- the same Sinkhorn, a lane per element
 // A half-warp per token for n <= LANE_N: lane l16 = lane % 16 holds element (l16 / n, l16 % n) of the
 // logits L and returns that element of h_res (lanes >= n n carry values nobody reads). A row's or a
 // column's n values are gathered by independent shuffles issued back to back and folded in index
-// order: the operations and order of sinkhorn_forward_regs, so the same results. Every lane of the
-// warp calls it (full-mask shuffles). The chain a token waits on is ~2 tmax short shuffle-and-divide
-// phases spread over 16 threads, so 16x the warps of the register mode hide each other's latency.
+// order: each element's operations and their order are those of sinkhorn_forward's, so the same
+// results. Every lane of the warp calls it (full-mask shuffles). The chain a token waits on is ~2 tmax
+// short shuffle-and-divide phases spread over 16 threads, so 16x the warps of a thread per token (the
+// register mode until session 33) hide each other's latency.
 constexpr int LANE_N = 4;
 
 // K tokens a lane (K independent chains interleaved: a latency-bound chain issues K times the work in
 // about the same time; the one-read kernel batches its tokens' h_res so). Each token's operations and
-// their order are those of K = 1.
+// their order are those of K = 1. `hist` (K = 1, the backward's recompute, null elsewhere): the history
+// in SinkhornSmem's layout (n n per slot): each lane its element of H(0) .. H(tmax), the lanes of column
+// 0 the row sums rs(t), the lanes of row 0 the column sums cs(t); pass it only for lanes l16 < n n.
 template <int K>
 __device__ __forceinline__ void sinkhorn_forward_lanes_k(const float (&L)[K], float (&P)[K], int n, int tmax, float eps,
-                                                         int lane) {
+                                                         int lane, const SinkhornSmem* hist = nullptr) {
   const int l16 = lane % 16, ii = l16 / n, jj = l16 % n;
   // out[u] = op-fold of the n values of val[u]'s row (or column) through this lane, in index order
   auto fold = [&](const float (&val)[K], bool row, auto op, float (&out)[K]) {
@@ -394,20 +323,61 @@ __device__ __forceinline__ void sinkhorn_forward_lanes_k(const float (&L)[K], fl
 #pragma unroll
   for (int u = 0; u < K; ++u) ex[u] = expf(L[u] - f[u]);
   fold(ex, true, add, f);
+  const int l16n = ii * n + jj;  // this lane's slot in a history matrix
 #pragma unroll
-  for (int u = 0; u < K; ++u) P[u] = sk_div(ex[u], f[u]) + eps;  // row softmax, then + eps
+  for (int u = 0; u < K; ++u) {
+    const float p = sk_div(ex[u], f[u]);  // row softmax, then + eps
+    if (K == 1 && hist) hist->H(0)[l16n] = p;
+    P[u] = p + eps;
+  }
   fold(P, false, add, f);
+  if (K == 1 && hist && ii == 0) hist->cs(0)[jj] = f[0];
 #pragma unroll
   for (int u = 0; u < K; ++u) P[u] = sk_div(P[u], f[u] + eps);   // first column normalisation
+  if (K == 1 && hist) hist->H(1)[l16n] = P[0];
 #pragma unroll 1
   for (int it = 1; it < tmax; ++it) {
     fold(P, true, add, f);
+    if (K == 1 && hist && jj == 0) hist->rs(it)[ii] = f[0];
 #pragma unroll
     for (int u = 0; u < K; ++u) P[u] = sk_div(P[u], f[u] + eps);
     fold(P, false, add, f);
+    if (K == 1 && hist && ii == 0) hist->cs(it)[jj] = f[0];
 #pragma unroll
     for (int u = 0; u < K; ++u) P[u] = sk_div(P[u], f[u] + eps);
+    if (K == 1 && hist) hist->H(1 + it)[l16n] = P[0];
   }
+}
+
+// The backward of sinkhorn_forward_lanes_k<1> with `hist` (the half-warp's history, complete: a
+// __syncwarp after the forward), a lane per element: g = dL/dh_res of this lane's element on entry,
+// dL/dlogits on exit. The steps of sinkhorn_backward; each dot product of a row or column is the n
+// lane products gathered by shuffles and added in index order (a product, then an add: a contracted
+// multiply-add chain may round differently). Every lane of the warp calls it.
+__device__ __forceinline__ float sinkhorn_backward_lanes(float g, int n, const SinkhornSmem& s, float eps, int lane) {
+  // lanes l16 >= n n stand in for element 0 (their results are never read): their history reads stay in
+  // the token's slice
+  const int l16 = lane % 16, at = l16 < n * n ? l16 : 0, ii = at / n, jj = at % n;
+  auto dot = [&](float v, bool row) {  // sum of v over this lane's row (or column), in index order
+    float got[LANE_N];
+#pragma unroll
+    for (int k = 0; k < LANE_N; ++k)
+      got[k] = __shfl_sync(0xffffffffu, v, row ? ii * n + min(k, n - 1) : min(k, n - 1) * n + jj, 16);
+    float r = got[0];
+#pragma unroll
+    for (int k = 1; k < LANE_N; ++k)
+      if (k < n) r += got[k];
+    return r;
+  };
+#pragma unroll 1
+  for (int t = s.tmax - 1; t >= 1; --t) {
+    const float mat = s.H(1 + t)[at], cst = s.cs(t)[jj] + eps;
+    g = sk_div(g - dot(g * mat, false), cst);                  // step t's column normalisation
+    g = sk_div(g - dot(g * (mat * cst), true), s.rs(t)[ii] + eps);  // then its rows
+  }
+  g = sk_div(g - dot(g * s.H(1)[at], false), s.cs(0)[jj] + eps);  // the first column normalisation
+  const float p = s.H(0)[at];
+  return p * (g - dot(g * p, true));  // the row softmax
 }
 
 __device__ __forceinline__ float sinkhorn_forward_lanes(float L, int n, int tmax, float eps, int lane) {
@@ -415,54 +385,6 @@ __device__ __forceinline__ float sinkhorn_forward_lanes(float L, int n, int tmax
   float p[1];
   sinkhorn_forward_lanes_k<1>(l, p, n, tmax, eps, lane);
   return p[0];
-}
-
-// The backward of one normalisation on G in registers: ROWS (rows) or columns divided by their
-// sums + eps; out(i, j) is that normalisation's output.
-template <bool ROWS, int N, typename Out>
-__device__ __forceinline__ void undo_regs(float (&G)[N][N], int n, Out out, const float* sums, float eps) {
-#pragma unroll
-  for (int a = 0; a < N; ++a) {
-    if (a >= n) continue;
-    const float denom = sums[a] + eps;
-    float dot = 0.0f;
-#pragma unroll
-    for (int b = 0; b < N; ++b)
-      if (b < n) dot += ROWS ? G[a][b] * out(a, b) : G[b][a] * out(b, a);
-#pragma unroll
-    for (int b = 0; b < N; ++b) {
-      if (b >= n) continue;
-      float& g = ROWS ? G[a][b] : G[b][a];
-      g = sk_div(g - dot, denom);
-    }
-  }
-}
-
-// Backward after sinkhorn_forward_regs with `hist`: G holds dL/dh_res on entry, dL/dlogits on exit.
-template <int N>
-__device__ __forceinline__ void sinkhorn_backward_regs(float (&G)[N][N], int n, const SinkhornSmem& s, float eps) {
-#pragma unroll 1
-  for (int t = s.tmax - 1; t >= 1; --t) {
-    const float* mat = s.H(1 + t);
-    const float* cst = s.cs(t);
-    // step t's column normalisation (output mat), then its rows (output mat * (cst + eps))
-    undo_regs<false>(G, n, [&](int i, int j) { return mat[i * N + j]; }, cst, eps);
-    undo_regs<true>(G, n, [&](int i, int j) { return mat[i * N + j] * (cst[j] + eps); }, s.rs(t), eps);
-  }
-  const float* first = s.H(1);  // the first column normalisation
-  undo_regs<false>(G, n, [&](int i, int j) { return first[i * N + j]; }, s.cs(0), eps);
-  const float* p = s.H(0);
-#pragma unroll
-  for (int i = 0; i < N; ++i) {  // the row softmax
-    if (i >= n) continue;
-    float dot = 0.0f;
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-      if (j < n) dot += G[i][j] * p[i * N + j];
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-      if (j < n) G[i][j] = p[i * N + j] * (G[i][j] - dot);
-  }
 }
 
 }  // namespace dyn

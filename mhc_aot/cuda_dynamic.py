@@ -14,8 +14,8 @@ Kernels per op (geometry mirrors each kernel's header comment; grids are given i
                             (n <= 8), from LANES_MIN_T tokens (then x_in by pre), else by a CTA
                             (with x_in)
                 backward [pre_bwd without dx: the dots dx_in . x, lane mode only]
-                         -> coeffs_bwd (sigmoid and Sinkhorn backward; a thread per token with its
-                            matrices in registers (n <= REG_N), a lane group or a CTA)
+                         -> coeffs_bwd (sigmoid and Sinkhorn backward; a half-warp per token with
+                            a lane per matrix element (n <= ELEMS_MAX_N), a lane group or a CTA)
                          -> dx (token-tiled dz @ phi^T + RMS term + h_pre dx_in [+ post_res's dx])
                          -> dphi_tc (bfloat16 x, n <= 4: tensor cores) or skinny (dphi = x^T dz,
                             tokens split S ways) -> colsum (dphi unless S = 1, db, dalpha: one launch)
@@ -39,7 +39,7 @@ import functools
 import mlx.core as mx
 
 from . import cuda, device, tma
-from .kernel_ops import compiled_call, dtype_tag, single
+from .kernel_ops import compiled_call, dtype_tag, scalars_of, single
 
 F32 = mx.float32
 THREADS = cuda.THREADS  # cuda_src/mhc_common.cuh
@@ -68,12 +68,6 @@ POST_RES_BWD_CHUNK = 8  # cuda_src/mhc_dynamic_post_res_bwd.cu
 # counts at small T. (ncu, H100, T = 8192, one thread per token: forward 80 us, backward 128 us at
 # 3% occupancy, serial-latency bound; CTA per token: 311 / 621 us holding x behind barriers.)
 LANES_MAX_N, LANES_MIN_T, LANES_THREADS = 8, 1024, 128
-# Register mode of the backward (lanes = REGS, on a variant with 0 < NMAX <= REG_N, so n <= 4, from
-# LANES_MIN_T tokens): a thread per token with its matrices in registers, only the Sinkhorn history
-# in shared memory, ~2 KB per token at tmax = 20. CTAs of one warp: a serial chain per thread, so the
-# tokens spread over as many SMs as there are warps (three per SM). (ncu, H100, T = 8192, n = 4: lane
-# groups of four took 84 us, this mode 76: still latency-bound, see mhc_dynamic_common.cuh.)
-REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::REG_N)
 # Element mode of the forward (lanes = ELEMS, n <= ELEMS_MAX_N = dyn::LANE_N, from LANES_MIN_T tokens):
 # a half-warp per token, a lane per matrix element, ELEMS_THREADS per CTA (cuda_src/mhc_dynamic_coeffs.cu).
 # (Same-run A/B, H200, DynamicMHC forward: 372.5 vs 381.3 us at T = 8192, n = 4, C = 4096, 94.0 vs
@@ -90,6 +84,14 @@ REG_N, REGS, REGS_THREADS = 4, -1, 32  # cuda_src/mhc_dynamic_common.cuh (dyn::R
 # header; same-run A/B, H200, forward at (8192, 4, 4096): 342.9 vs 356.4 us, ncu 11.2-11.6 us vs ~26;
 # forward + backward 1231.7 vs 1238.4; within noise at T = 32 and 1024; docs/HISTORY.md, session 19).
 ELEMS, ELEMS_MAX_N, ELEMS_THREADS = -2, 4, 1024
+# The backward's element mode (the same rule: n <= ELEMS_MAX_N, from LANES_MIN_T tokens): a half-warp per
+# token, its Sinkhorn history (~2 KB at n = 4, tmax = 20) in shared memory, ELEMS_BWD_THREADS per CTA
+# (16 tokens: 32 KB, seven CTAs an SM). It replaced a register mode (a thread per token, its matrices in
+# registers: one serial chain of ~4 tmax phases per thread at ~2 warps an SM; ncu, H200, T = 8192, n = 4:
+# 52 us). Same-run A/B, H200, DynamicMHC forward + backward, bfloat16, sorted medians of 5 rounds:
+# 1192.2 vs 1220.2 us at (8192, 4, 4096), 371.8 vs 408.1 at (4096, 4, 2048), 1280.7 vs 1328.5 at
+# (16384, 4, 2048), 704.2 vs 709.0 at (8192, 2, 4096) (docs/HISTORY.md, session 33).
+ELEMS_BWD_THREADS = 256
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
 # from CP_MIN_T tokens, on sm_90 (its sm_90a cubin: TMA) with C % 8 == 0 (TMA's 16-byte row strides)): a
@@ -236,12 +238,9 @@ def _colsums(a: mx.array, b: mx.array | None = None) -> list[mx.array]:
 
 # ---------------------------------------------------------------- mhc_coeffs (+ pre)
 def _lanes(n: int, T: int, nmax: int) -> int:
-    """Lanes per token of the lane mode, 0 for one CTA per token, REGS for the register mode (a
-    variant of compile-time 0 < nmax <= REG_N)."""
+    """Lanes per token of the lane mode (a lane group), 0 for one CTA per token."""
     if n > LANES_MAX_N or T < LANES_MIN_T:
         return 0
-    if 0 < nmax <= REG_N:
-        return REGS
     return _group_lanes(n)
 
 
@@ -257,17 +256,16 @@ def _lane_slice(lanes: int, floats: int) -> int | None:
     return slice_ if lanes and _fits(LANES_THREADS // lanes * slice_) else None
 
 
-def _regs_slice(floats: int) -> int | None:
-    """Shared floats per token of the backward's register mode (odd, as _lane_slice), or None when
-    REGS_THREADS of them do not fit one CTA (a very long tmax: then the CTA mode)."""
-    slice_ = floats | 1
-    return slice_ if _fits(REGS_THREADS * slice_) else None
+def _elems_bwd_slice(n: int, tmax: int) -> int | None:
+    """Shared floats per token (a half-warp) of the backward's element mode: its Sinkhorn history (odd,
+    as _lane_slice), or None when ELEMS_BWD_THREADS / 16 of them do not fit one CTA (a very long tmax)."""
+    slice_ = sinkhorn_floats(n, tmax, tmax + 1) | 1
+    return slice_ if _fits(ELEMS_BWD_THREADS // 16 * slice_) else None
 
 
 def _lane_grid(T: int, lanes: int, threads: int = LANES_THREADS) -> tuple[int, int, int]:
-    """Grid (threads) of a lane-mode launch: `lanes` threads per token (REGS: one), `threads` per CTA."""
-    per_token = 1 if lanes == REGS else lanes
-    return (_cdiv(T * per_token, threads) * threads, 1, 1)
+    """Grid (threads) of a lane-mode launch: `lanes` threads per token, `threads` per CTA."""
+    return (_cdiv(T * lanes, threads) * threads, 1, 1)
 
 
 def proj_smem_bytes(n: int, C: int, tmax: int, itemsize: int) -> int:
@@ -358,7 +356,7 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
     nmax = _nmax("mhc_dynamic_coeffs", tag, n)
     lanes = _lanes(n, T, nmax)
-    if lanes:  # the forward has no register mode: a lane per matrix element, else lane groups
+    if lanes:  # a lane per matrix element (n <= ELEMS_MAX_N), else lane groups
         lanes = ELEMS if n <= ELEMS_MAX_N else _group_lanes(n)
     slice_ = 0 if lanes == ELEMS else _lane_slice(lanes, floats)  # registers: no shared memory
     fused_pre = with_pre and slice_ is None  # a CTA per token computes x_in itself
@@ -395,6 +393,7 @@ def _pre_bwd(x3, h_pre, g, want_dx: bool):
 
 def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     x3, phi, b32, ap, apo, ar = primals
+    alphas = (ap, apo, ar)  # their cotangents take these shapes (ap ... may become views of consts below)
     phi32 = phi.astype(F32)
     primals = (x3, phi32, b32, ap, apo, ar)
     # alias: the layer's mhc_post_res read x through this op's last output (x itself), so that
@@ -412,14 +411,16 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     inputs = [x3, mix, invr, b32, ap, apo, ar, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
     nmax = _nmax("mhc_dynamic_coeffs_bwd", tag, n)
     lanes = _lanes(n, T, nmax)
-    # register mode: only the Sinkhorn history (laid out for n = nmax) in each thread's slice
-    slice_ = (_regs_slice(sinkhorn_floats(nmax, cfg.tmax, cfg.tmax + 1)) if lanes == REGS else
+    if lanes and n <= ELEMS_MAX_N and _elems_bwd_slice(n, cfg.tmax) is not None:
+        lanes = ELEMS
+    # element mode: only the Sinkhorn history in each half-warp's slice
+    slice_ = (_elems_bwd_slice(n, cfg.tmax) if lanes == ELEMS else
               _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1)))
     if slice_ is not None:
         dots = _pre_bwd(x3, h_pre, g_in, want_dx=False)[1] if with_pre else mix  # mix: an unused slot
-        threads = REGS_THREADS if lanes == REGS else LANES_THREADS
-        per_cta = threads if lanes == REGS else threads // lanes  # tokens per CTA
-        mode, geometry = [lanes, slice_], (_lane_grid(T, lanes, threads), per_cta * slice_, threads)
+        per_token, threads = (16, ELEMS_BWD_THREADS) if lanes == ELEMS else (lanes, LANES_THREADS)
+        mode = [lanes, slice_]
+        geometry = (_lane_grid(T, per_token, threads), threads // per_token * slice_, threads)
     else:
         smem = _coeffs_bwd_smem(n, cfg.tmax, nmax)
         if not _fits(smem):
@@ -442,7 +443,7 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     else:
         dphi, sums = _colsums(part.reshape(S, K * M), rows)
         dphi = dphi.reshape(K, M)
-    return dx.reshape(T, n, C), dphi.astype(phi.dtype), sums[:M], sums[M], sums[M + 1], sums[M + 2]
+    return dx.reshape(T, n, C), dphi.astype(phi.dtype), sums[:M], *scalars_of(sums, M, alphas)
 
 
 @functools.lru_cache(maxsize=None)

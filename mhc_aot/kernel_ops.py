@@ -46,6 +46,13 @@ def single(arrays):
     return arrays[0] if isinstance(arrays, (list, tuple)) else arrays
 
 
+def scalars_of(v: mx.array, start: int, like) -> list[mx.array]:
+    """v[start + i] in the shape of like[i] (a scalar's cotangent), as slices of v: an integer index
+    is a Gather kernel each (three of them ~11 us of the dynamic layer's backward, H200), a slice is
+    a view."""
+    return [v[start + i:start + i + 1].reshape(a.shape) for i, a in enumerate(like)]
+
+
 def dtype_tag(dtype: mx.Dtype) -> str:
     """f32 / f16 / bf16: the MHC_DTYPE of a variant (the dispatch rules' tags)."""
     return manifest.DTYPE_TAGS[str(dtype).split(".")[-1]]

@@ -24,7 +24,7 @@ import functools
 import mlx.core as mx
 
 from . import metal
-from .kernel_ops import compiled_call, dtype_tag, single
+from .kernel_ops import compiled_call, dtype_tag, scalars_of, single
 
 F32 = mx.float32
 THREADS = metal.THREADS
@@ -103,7 +103,7 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
     if with_pre:  # the pre-aggregation's own x-gradient
         dx = dx + (h_pre[:, :, None] * g_in.astype(F32)[:, None, :]).reshape(T, K)
     sums = mx.sum(rows, axis=0)
-    return (dx.astype(x3.dtype).reshape(T, n, C), xk.T @ dz, sums[:M], sums[M], sums[M + 1], sums[M + 2])
+    return (dx.astype(x3.dtype).reshape(T, n, C), xk.T @ dz, sums[:M], *scalars_of(sums, M, (ap, apo, ar)))
 
 
 def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, strategy: str = "fused",

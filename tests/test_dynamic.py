@@ -453,6 +453,23 @@ def test_alpha_shape_1_and_phi_dtypes(backend):
         assert g[0].dtype == phi_dt and g[1].shape == (1,)
 
 
+def test_alpha_cotangents_are_slices(tmp_path):
+    """The kernels' backward hands the alphas' gradients out of one column-sum array as slices in the
+    alphas' shapes: an integer index would add a Gather kernel (a launch) per alpha."""
+    from mhc_aot.kernel_ops import scalars_of
+
+    sums = mx.arange(10, dtype=mx.float32) * 3
+    like = (mx.array(1.0), mx.array([2.0]), mx.zeros((1, 1)))
+    got = scalars_of(sums, 6, like)
+    dot = tmp_path / "g.dot"
+    mx.export_to_dot(str(dot), *got)  # (before anything evaluates them: the graph, not its values)
+    assert "Slice" in dot.read_text() and "Gather" not in dot.read_text()
+    mx.export_to_dot(str(dot), sums[6])  # the control: what the test would catch
+    assert "Gather" in dot.read_text()
+    assert [g.shape for g in got] == [(), (1,), (1, 1)]
+    assert [g.item() for g in got] == [18.0, 21.0, 24.0]
+
+
 # ---------------------------------------------------------------- the layer
 def _layer(n, C, seed, backend, dtype=mx.float32, **kw):
     mx.random.seed(seed)
@@ -652,18 +669,17 @@ def _emulator():
     return emu
 
 
-@pytest.fixture(params=["cta", "lanes", "regs"])
+@pytest.fixture(params=["cta", "lanes", "elems"])
 def emulated_cuda(_emulator, monkeypatch, request):
     """The emulated kernels, with the per-token coefficient math in each mode of
-    mhc_dynamic_coeffs(_bwd): one CTA per token, a lane group per token, or ("regs") a half-warp per
-    token with a lane per matrix element forward (n <= ELEMS_MAX_N) and a thread per token with its
-    matrices in registers backward (n <= REG_N; larger n then take lane groups) at any T here."""
+    mhc_dynamic_coeffs(_bwd): one CTA per token, a lane group per token, or ("elems") a half-warp per
+    token with a lane per matrix element, forward and backward (n <= ELEMS_MAX_N; larger n then take
+    lane groups) at any T here."""
     from mhc_aot import cuda, cuda_dynamic, kernel_ops, tma
 
     monkeypatch.setattr(cuda_dynamic, "LANES_MIN_T", 10 ** 9 if request.param == "cta" else 1)
     monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", None)  # test_emulated_cuda_coeffs_proj runs that kernel
     if request.param == "lanes":  # lane groups for every n <= LANES_MAX_N
-        monkeypatch.setattr(cuda_dynamic, "REG_N", 0)
         monkeypatch.setattr(cuda_dynamic, "ELEMS_MAX_N", 0)
     monkeypatch.setattr(kernel_ops, "COMPILE_FORWARD", False)  # numpy stand-in kernels cannot be traced
     monkeypatch.setattr(cuda_dynamic, "SK_JC", 8)  # a multiple of every vector width
@@ -682,13 +698,13 @@ def emulated_cuda(_emulator, monkeypatch, request):
     return _emulator
 
 
-@pytest.mark.parametrize("n,lanes", [(4, {"cta": (0, 0), "lanes": (4, 4), "regs": (-2, -1)}),
-                                     (3, {"cta": (0, 0), "lanes": (4, 4), "regs": (-2, -1)}),
-                                     (5, {"cta": (0, 0), "lanes": (8, 8), "regs": (8, 8)})])
+@pytest.mark.parametrize("n,lanes", [(4, {"cta": (0, 0), "lanes": (4, 4), "elems": (-2, -2)}),
+                                     (3, {"cta": (0, 0), "lanes": (4, 4), "elems": (-2, -2)}),
+                                     (5, {"cta": (0, 0), "lanes": (8, 8), "elems": (8, 8)})])
 def test_emulated_cuda_coeffs_mode_launched(emulated_cuda, n, lanes):
     """Each mode of the fixture really runs: the `lanes` scalar (second to last) of every
-    mhc_dynamic_coeffs launch (forward; -2 the element mode) and mhc_dynamic_coeffs_bwd launch
-    (backward; -1 the register mode), elements and registers for n <= 4 only."""
+    mhc_dynamic_coeffs launch (forward) and mhc_dynamic_coeffs_bwd launch (backward); -2 the element
+    mode, for n <= 4 only."""
     _check_gradients("cuda", 3, n, 8, "float32")
     launched = [(nm.startswith("mhc_dynamic_coeffs_bwd"), sc[-2]) for nm, sc in emulated_cuda.launched
                 if nm.startswith("mhc_dynamic_coeffs")]
@@ -843,7 +859,7 @@ def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
                                        (96, 2, 128, 1), (33, 4, 8, 3)],
                          ids=["two-groups", "one-group-14-tiles", "n3-half-box", "n1-ragged-split", "one-cta",
                               "c8-empty-box"])
-@pytest.mark.parametrize("emulated_cuda", ["regs"], indirect=True)  # the coefficient mode does not apply
+@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)  # the coefficient mode does not apply
 def test_emulated_cuda_coeffs_pre(emulated_cuda, copy_timing, monkeypatch, B, n, C, sms):
     """mhc_dynamic_coeffs_pre (coefficients + x_in, x read once) with its CTAs waiting on each other:
     groups of ceil(C / 128) CTAs, each walking more tiles than its shared buffers and partial slots
@@ -857,7 +873,7 @@ def test_emulated_cuda_coeffs_pre(emulated_cuda, copy_timing, monkeypatch, B, n,
 @pytest.mark.parametrize("B,n,C,sms,seed", [(420, 4, 200, 2, 1), (420, 4, 200, 2, 2), (100, 4, 256, 4, 3),
                                             (70, 3, 216, 6, 4)],
                          ids=["one-group-14-tiles-s1", "one-group-14-tiles-s2", "two-groups-s3", "n3-half-box-s4"])
-@pytest.mark.parametrize("emulated_cuda", ["regs"], indirect=True)
+@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
 def test_emulated_cuda_coeffs_pre_shuffled(emulated_cuda, monkeypatch, B, n, C, sms, seed):
     """The same with the threads resumed in a pseudo-random order each round (MHC_EMU_SHUFFLE): a warp
     that passes a wait early then acts before others that passed it late, which shows a missing
@@ -868,7 +884,7 @@ def test_emulated_cuda_coeffs_pre_shuffled(emulated_cuda, monkeypatch, B, n, C, 
 
 
 @pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6)], ids=["two-groups", "n3-half-box"])
-@pytest.mark.parametrize("emulated_cuda", ["regs"], indirect=True)
+@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
 def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n, C, sms):
     """A bfloat16 phi in mhc_dynamic_coeffs_pre: its one-term variant (`_t1`, phi is its own first
     term), forward and every gradient against the float64 port. The control: one term for a float32
