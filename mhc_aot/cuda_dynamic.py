@@ -237,7 +237,7 @@ def _colsums(a: mx.array, b: mx.array | None = None) -> list[mx.array]:
 
 
 # ---------------------------------------------------------------- mhc_coeffs (+ pre)
-def _lanes(n: int, T: int, nmax: int) -> int:
+def _lanes(n: int, T: int) -> int:
     """Lanes per token of the lane mode (a lane group), 0 for one CTA per token."""
     if n > LANES_MAX_N or T < LANES_MIN_T:
         return 0
@@ -354,8 +354,7 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     if consts is not None:
         b32, ap, apo, ar = _from_consts(consts)
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
-    nmax = _nmax("mhc_dynamic_coeffs", tag, n)
-    lanes = _lanes(n, T, nmax)
+    lanes = _lanes(n, T)
     if lanes:  # a lane per matrix element (n <= ELEMS_MAX_N), else lane groups
         lanes = ELEMS if n <= ELEMS_MAX_N else _group_lanes(n)
     slice_ = 0 if lanes == ELEMS else _lane_slice(lanes, floats)  # registers: no shared memory
@@ -409,8 +408,7 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     # placeholder array would cost a launch)
     g_in = dx_in.astype(x3.dtype) if with_pre else x3
     inputs = [x3, mix, invr, b32, ap, apo, ar, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
-    nmax = _nmax("mhc_dynamic_coeffs_bwd", tag, n)
-    lanes = _lanes(n, T, nmax)
+    lanes = _lanes(n, T)
     if lanes and n <= ELEMS_MAX_N and _elems_bwd_slice(n, cfg.tmax) is not None:
         lanes = ELEMS
     # element mode: only the Sinkhorn history in each half-warp's slice
@@ -422,7 +420,7 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
         mode = [lanes, slice_]
         geometry = (_lane_grid(T, per_token, threads), threads // per_token * slice_, threads)
     else:
-        smem = _coeffs_bwd_smem(n, cfg.tmax, nmax)
+        smem = _coeffs_bwd_smem(n, cfg.tmax, _nmax("mhc_dynamic_coeffs_bwd", tag, n))
         if not _fits(smem):
             from . import dynamic
 
