@@ -355,8 +355,8 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
         b32, ap, apo, ar = _from_consts(consts)
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
     lanes = _lanes(n, T)
-    if lanes:  # a lane per matrix element (n <= ELEMS_MAX_N), else lane groups
-        lanes = ELEMS if n <= ELEMS_MAX_N else _group_lanes(n)
+    if lanes and n <= ELEMS_MAX_N:  # a lane per matrix element, else the lane groups _lanes gave
+        lanes = ELEMS
     slice_ = 0 if lanes == ELEMS else _lane_slice(lanes, floats)  # registers: no shared memory
     fused_pre = with_pre and slice_ is None  # a CTA per token computes x_in itself
     if slice_ is None:
@@ -409,11 +409,12 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     g_in = dx_in.astype(x3.dtype) if with_pre else x3
     inputs = [x3, mix, invr, b32, ap, apo, ar, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
     lanes = _lanes(n, T)
-    if lanes and n <= ELEMS_MAX_N and _elems_bwd_slice(n, cfg.tmax) is not None:
-        lanes = ELEMS
-    # element mode: only the Sinkhorn history in each half-warp's slice
-    slice_ = (_elems_bwd_slice(n, cfg.tmax) if lanes == ELEMS else
-              _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1)))
+    # element mode (n <= ELEMS_MAX_N): only the Sinkhorn history in each half-warp's slice
+    elems = _elems_bwd_slice(n, cfg.tmax) if lanes and n <= ELEMS_MAX_N else None
+    if elems is not None:
+        lanes, slice_ = ELEMS, elems
+    else:
+        slice_ = _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1))
     if slice_ is not None:
         dots = _pre_bwd(x3, h_pre, g_in, want_dx=False)[1] if with_pre else mix  # mix: an unused slot
         per_token, threads = (16, ELEMS_BWD_THREADS) if lanes == ELEMS else (lanes, LANES_THREADS)
