@@ -11,6 +11,9 @@
 // Inputs: x [T, n, C], mix [T, M], invr [T], b [M], alpha_pre, alpha_post, alpha_res (float32
 // scalars), dh_pre [T, n], dh_post [T, n], dh_res [T, n, n], dx_in [T, C] (or any array if !has_pre),
 // dots [T, n] (or any array: see lanes).
+// has_dh_pre = 0 (mode 0 only): dh_pre is zero and not read. The layer discards h_pre, and MLX would
+// fill its zero cotangent in a launch of its own (~5 us and a launch a backward, H200, session 33); in
+// the lane modes the launcher passes the dots as dh_pre instead, with has_pre = 0.
 // Three modes (`lanes`), as mhc_dynamic_coeffs:
 //   0: one CTA per token, the stream dots sum_c dx_in[c] x[j, c] computed here.
 //      Grid (threads): (T * THREADS, 1, 1), block THREADS. Shared memory: 2 M + n n + n +
@@ -59,7 +62,7 @@ __device__ __forceinline__ void token_coeffs_bwd(
   }
   for (int j = g.rank; j < n; j += g.size) {
     float s = sigmoid(mixs[j] * a_pre + b[j]);
-    dl[j] = (dh_pre[(size_t)t * n + j] + dots[j]) * (s * (1.0f - s));
+    dl[j] = ((dh_pre ? dh_pre[(size_t)t * n + j] : 0.0f) + dots[j]) * (s * (1.0f - s));
     s = sigmoid(mixs[n + j] * a_post + b[n + j]);
     dl[n + j] = dh_post[(size_t)t * n + j] * (post_mult * s * (1.0f - s));
   }
@@ -173,7 +176,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const float* __restrict__ alpha_res, const float* __restrict__ dh_pre,
     const float* __restrict__ dh_post, const float* __restrict__ dh_res, const T* __restrict__ dx_in,
     const float* __restrict__ dots, float* __restrict__ dz, float* __restrict__ factor, float* __restrict__ rows,
-    int n, int C, int Tn, int tmax, float sinkhorn_eps, float post_mult, int has_pre, int lanes, int slice) {
+    int n, int C, int Tn, int tmax, float sinkhorn_eps, float post_mult, int has_pre, int has_dh_pre, int lanes,
+    int slice) {
   extern __shared__ float smem[];
   const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
   if (lanes == ELEMS) {
@@ -192,6 +196,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
                        sinkhorn_eps, post_mult, has_pre);
     return;
   }
-  token_coeffs_bwd(dyn::CtaGroup{}, smem, (int)blockIdx.x, x, mix, invr_in, b, a_pre, a_post, a_res, dh_pre,
-                   dh_post, dh_res, dx_in, dots, dz, factor, rows, n, C, tmax, sinkhorn_eps, post_mult, has_pre);
+  token_coeffs_bwd(dyn::CtaGroup{}, smem, (int)blockIdx.x, x, mix, invr_in, b, a_pre, a_post, a_res,
+                   has_dh_pre ? dh_pre : nullptr, dh_post, dh_res, dx_in, dots, dz, factor, rows, n, C, tmax,
+                   sinkhorn_eps, post_mult, has_pre);
 }

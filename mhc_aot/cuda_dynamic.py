@@ -152,6 +152,9 @@ def coeffs_cta_floats(n: int, tmax: int) -> int:
 
 
 # ---------------------------------------------------------------- shared building blocks
+PHI_KINDS = {mx.float32: 0, mx.bfloat16: 1, mx.float16: 2}  # phi_kind of the kernels that read phi as it is
+
+
 def _skinny(A: mx.array, B: mx.array, R: int, J: int, Mc: int, sr: int, sj: int, want_sq: bool, tag: str):
     """part [S, R, Mc] (and sq [S, R]) of sum_j A(r, j) B(j, m) over S splits of j: enough
     CTAs for ~4 per SM whatever R is."""
@@ -174,23 +177,23 @@ def _from_consts(consts: mx.array) -> tuple:
     return consts[3:], consts[0:1], consts[1:2], consts[2:3]
 
 
-def _projection(xk: mx.array, phi32: mx.array, params: tuple, T: int, K: int, M: int, tag: str, terms: int = 3):
+def _projection(xk: mx.array, phi: mx.array, params: tuple, T: int, K: int, M: int, tag: str, terms: int = 3):
     """part [S, T, M], sq [S, T], S of z = vec(x) @ phi (tensor cores for bfloat16 x and M <= 24,
-    n <= 4, with phi in `terms` bfloat16 terms (1 only where phi32 holds bfloat16 values), else the
+    n <= 4, with phi in `terms` bfloat16 terms (1 only for a bfloat16 phi), else the
     CUDA-core skinny kernel), and consts: phi_split's copy of params = (b, alpha_pre, alpha_post,
     alpha_res) on the tensor-core path (its header says why the coefficient kernels read that copy),
     else None."""
     if not _uses_phi_split(tag, M):
-        return (*_skinny(xk, phi32, T, K, M, K, 1, True, tag), None)
+        return (*_skinny(xk, phi.astype(F32), T, K, M, K, 1, True, tag), None)
     # phi's three bfloat16 terms in the MMAs' fragment order, once: every token tile reads the same chunks,
     # which each proj_tc CTA used to load and split itself (same-run A/B, H200, forward: 358.7 vs 369.7 us
     # at T = 8192, n = 4, C = 4096; 71.2 vs 74.8 at T = 32, 74.5 vs 77.9 at T = 1024; within noise at
     # (4096, 4, 2048) and (8192, 2, 4096); ncu: phi_split 3.3 us, proj_tc 88-90 vs 105)
     steps = _cdiv(K, TC_KC) * (TC_KC // 16)
     b32, ap, apo, ar = params
-    frag, consts = _launch("mhc_dynamic_phi_split", None, None, [phi32, b32, ap, apo, ar],
+    frag, consts = _launch("mhc_dynamic_phi_split", None, None, [phi, b32, ap, apo, ar],
                            [(steps * TC_STEP_U32 * terms,), (3 + M,)], [mx.uint32, F32],
-                           [K, M, steps, terms], (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
+                           [K, M, steps, terms, PHI_KINDS[phi.dtype]], (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
     tiles = _cdiv(T, TC_TB)
     smem = _tc_smem_bytes(terms)
     # as many K splits as keep every CTA resident at once: a partial second wave would double the time
@@ -323,7 +326,6 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: 
     return list(outs[:6])
 
 
-PHI_KINDS = {mx.float32: 0, mx.bfloat16: 1, mx.float16: 2}  # mhc_dynamic_coeffs_proj's phi_kind
 
 
 def _coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool):
@@ -346,11 +348,11 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     if _uses_proj(T, n, C, x3.dtype, cfg.tmax, phi.dtype):
         return [*_coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre), b32]
-    phi32 = phi.astype(F32)
     G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
     if G:
-        return [*_coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G, phi_terms=phi_terms), b32]
-    part, sq, S, consts = _projection(x3.reshape(T, K), phi32, (b32, ap, apo, ar), T, K, M, tag, phi_terms)
+        return [*_coeffs_pre(x3, phi.astype(F32), b32, ap, apo, ar, cfg, G, phi_terms=phi_terms), b32]
+    # phi as it is: phi_split reads its dtype (a bfloat16 phi's float32 copy was a launch a forward)
+    part, sq, S, consts = _projection(x3.reshape(T, K), phi, (b32, ap, apo, ar), T, K, M, tag, phi_terms)
     if consts is not None:
         b32, ap, apo, ar = _from_consts(consts)
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
@@ -407,7 +409,11 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
     # with_pre false: an unused input slot gets x3 itself (the kernels never read it then; a fresh
     # placeholder array would cost a launch)
     g_in = dx_in.astype(x3.dtype) if with_pre else x3
-    inputs = [x3, mix, invr, b32, ap, apo, ar, dh_pre.astype(F32), dh_post.astype(F32), dh_res.astype(F32), g_in]
+    # alias: the layer discards h_pre, so dh_pre is zero; not passed (MLX would fill it in a launch)
+    zero_dh_pre = alias and with_pre
+    inputs = [x3, mix, invr, b32, ap, apo, ar, mix if zero_dh_pre else dh_pre.astype(F32), dh_post.astype(F32),
+              dh_res.astype(F32), g_in]
+    has_pre, has_dh_pre = int(with_pre), int(not zero_dh_pre)
     lanes = _lanes(n, T)
     # element mode (n <= ELEMS_MAX_N): only the Sinkhorn history in each half-warp's slice
     elems = _elems_bwd_slice(n, cfg.tmax) if lanes and n <= ELEMS_MAX_N else None
@@ -417,6 +423,8 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
         slice_ = _lane_slice(lanes, 2 * M + n * n + n + sinkhorn_floats(n, cfg.tmax, cfg.tmax + 1))
     if slice_ is not None:
         dots = _pre_bwd(x3, h_pre, g_in, want_dx=False)[1] if with_pre else mix  # mix: an unused slot
+        if zero_dh_pre:  # the dots are then dl_pre's whole sum: read from dh_pre's slot, has_pre 0
+            inputs[7], dots, has_pre, has_dh_pre = dots, mix, 0, 1
         per_token, threads = (16, ELEMS_BWD_THREADS) if lanes == ELEMS else (lanes, LANES_THREADS)
         mode = [lanes, slice_]
         geometry = (_lane_grid(T, per_token, threads), threads // per_token * slice_, threads)
@@ -431,8 +439,10 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, alias: bool):
         dots, mode, geometry = mix, [0, 0], ((T * THREADS, 1, 1), smem, THREADS)  # the CTA computes the dots
     dz, factor, rows = _launch("mhc_dynamic_coeffs_bwd", tag, n, inputs + [dots], [(T, M), (T,), (T, M + 3)],
                                [F32, F32, F32], [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult,
-                                                 int(with_pre), *mode], *geometry)
+                                                 has_pre, has_dh_pre, *mode], *geometry)
     xk = x3.reshape(T, K)
+    # dx reads a float32 phi: a variant reading phi in its dtype (cuda_dynamic.PHI_KINDS, one branch per
+    # staged load) made the kernel ~30 us slower at (8192, 4, 4096) even when fed float32 (H200, session 34)
     (dx,) = _launch("mhc_dynamic_dx", tag, None, [xk, dz, phi32, factor, h_pre, g_in, xk if acc is None else acc],
                     [(T, K)], [x3.dtype], [T, K, M, C, n, int(with_pre), int(acc is not None)],
                     (_cdiv(K, DX_KB) * THREADS, _cdiv(T, DX_TT), 1))

@@ -763,6 +763,21 @@ def _one_term_on_float32_phi_fails(monkeypatch, B, n, C):
         _check_forward("cuda", B, n, C, "bfloat16")
 
 
+@pytest.mark.parametrize("phi_dtype,kind", [(mx.bfloat16, 1), (mx.float16, 2), (mx.float32, 0)])
+@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)  # the coefficient mode does not apply
+def test_emulated_cuda_phi_read_in_its_dtype(emulated_cuda, phi_dtype, kind):
+    """phi_split reads phi in its own dtype (its phi_kind, the last scalar): the forward makes no float32
+    copy of phi (a cast launch). A float16 phi in the tensor-core path takes the three-term split (not
+    exact in one bfloat16 term), forward and every gradient against the float64 port (16-byte and
+    element rows)."""
+    for B, n, C in ((3, 4, 40), (130, 4, 301)):
+        emulated_cuda.launched.clear()
+        _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=phi_dtype)
+        _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=phi_dtype)
+        kinds = {sc[-1] for nm, sc in emulated_cuda.launched if nm == "mhc_dynamic_phi_split"}
+        assert kinds == {kind}, kinds
+
+
 PROJ_CASES = [(3, 4, 40, "float32", mx.float32), (5, 4, 40, "bfloat16", mx.bfloat16), (4, 3, 17, "float32", mx.float16),
               (2, 2, 33, "bfloat16", mx.float32), ((2, 3), 1, 9, "float16", mx.bfloat16), (2, 4, 64, "float16", mx.float16),
               (2, 4, 520, "bfloat16", mx.float32)]
@@ -833,8 +848,11 @@ def test_emulated_cuda_layer_vs_liger64(emulated_cuda, B, n, C, dtype_name, f_dt
     coefficients op's alias output, so x's gradient from post_res is added by the dx kernel
     (16-byte path, several token tiles at T = 70; element path at C = 17 and, in bfloat16, C = 20);
     F in x's dtype runs the post_res kernels, F in float32 the portable post_res (Liger reads f in
-    its own dtype)."""
+    its own dtype). h_pre, which the layer discards, has a zero cotangent that is never passed: the
+    CTA mode does not read dh_pre (has_dh_pre 0), the lane modes read the dots in its slot (has_pre 0)."""
     _check_layer("cuda", B, n, C, dtype_name, f_dtype)
+    flags = {tuple(sc[-4:-2]) for nm, sc in emulated_cuda.launched if nm.startswith("mhc_dynamic_coeffs_bwd")}
+    assert flags == ({(1, 0)} if emulated_cuda.mode == "cta" else {(0, 1)}), flags
 
 
 def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
