@@ -193,7 +193,8 @@ def _projection(xk: mx.array, phi: mx.array, params: tuple, T: int, K: int, M: i
     b32, ap, apo, ar = params
     frag, consts = _launch("mhc_dynamic_phi_split", None, None, [phi, b32, ap, apo, ar],
                            [(steps * TC_STEP_U32 * terms,), (3 + M,)], [mx.uint32, F32],
-                           [K, M, steps, terms, PHI_KINDS[phi.dtype]], (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
+                           [K, M, steps, terms, PHI_KINDS[phi.dtype]],
+                           (_cdiv(steps * TC_STEP_SLOTS, THREADS) * THREADS, 1, 1))
     tiles = _cdiv(T, TC_TB)
     smem = _tc_smem_bytes(terms)
     # as many K splits as keep every CTA resident at once: a partial second wave would double the time
@@ -474,7 +475,8 @@ def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, st
            alias: bool = False):
     """(h_pre, h_post, h_res[, x_in][, x]) of x3 [T, n, C]; dynamic.Config cfg. alias (the layer):
     also return x itself, through which the layer's mhc_post_res must read x, so that post_res's
-    x-gradient reaches this op's backward and joins its dx in one kernel."""
+    x-gradient reaches this op's backward and joins its dx in one kernel; and the layer discards h_pre,
+    whose cotangent the backward then takes as zero (not passed: _coeffs_bwd)."""
     n = x3.shape[1]
     if not _fits(coeffs_cta_floats(n, cfg.tmax)):
         # the per-token Sinkhorn of a very large n does not fit one CTA's shared memory: MLX ops
