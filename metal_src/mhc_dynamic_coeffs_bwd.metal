@@ -33,6 +33,7 @@ struct Scalars {
   float sinkhorn_eps;
   float post_mult;
   int has_pre;
+  int has_dh_pre;  // 0: dh_pre is zero and not read (the layer discards h_pre: metal_dynamic.coeffs)
   int lanes;
   int slice;
 };
@@ -163,7 +164,7 @@ kernel void MHC_ENTRY(device const T* x [[buffer(0)]], device const float* mix [
   if (s.has_pre) stream_dots<NMAX>(x + size_t(t) * n * C, dx_in + size_t(t) * C, n, C, scratch, dts, tt);
   for (int j = int(tid); j < n; j += THREADS) {
     float sg_ = sigmoid(mixs[j] * a_pre + b[j]);
-    dl[j] = (dh_pre[size_t(t) * n + j] + dts[j]) * (sg_ * (1.0f - sg_));
+    dl[j] = ((s.has_dh_pre ? dh_pre[size_t(t) * n + j] : 0.0f) + dts[j]) * (sg_ * (1.0f - sg_));
     sg_ = sigmoid(mixs[n + j] * a_post + b[n + j]);
     dl[n + j] = dh_post[size_t(t) * n + j] * (s.post_mult * sg_ * (1.0f - sg_));
   }

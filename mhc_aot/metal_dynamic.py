@@ -58,14 +58,14 @@ def _coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _coeffs_fn(cfg, with_pre: bool):
+def _coeffs_fn(cfg, with_pre: bool, zero_dh_pre: bool = False):
     @mx.custom_function
     def f(x3, phi32, b32, ap, apo, ar):
         return tuple(_coeffs_fwd(x3, phi32, b32, ap, apo, ar, cfg, with_pre))
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
-        return _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre)
+        return _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre, zero_dh_pre)
 
     return f
 
@@ -76,12 +76,13 @@ def coeffs_bwd_floats(n: int, tmax: int, nmax: int) -> int:
     return 2 * M + n * n + n + (THREADS // 32) * nr + nr + (tmax + 1) * n * n + 2 * tmax * n
 
 
-def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
+def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool, zero_dh_pre: bool = False):
     """The coefficients' backward: the per-token math (the activations' and the Sinkhorn's derivatives,
     the stream dots of x_in's cotangent) by mhc_dynamic_coeffs_bwd, the products with x and phi as MLX
     float32 matmuls (dx = dz phi^T + factor x + h_pre dx_in, dphi = x^T dz), db and dalpha as column
     sums. Documented exit: a Sinkhorn history over the kernel's threadgroup pool (large n or tmax)
-    takes MLX's VJP of the portable graph."""
+    takes MLX's VJP of the portable graph. zero_dh_pre (the layer, which discards h_pre): h_pre's zero
+    cotangent is not passed (MLX would fill it in a launch); the kernel does not read that slot."""
     x3, phi32, b32, ap, apo, ar = primals
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, dtype_tag(x3.dtype)
@@ -90,13 +91,15 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
 
         return dynamic._portable_coeffs_vjp(primals, cotangents, cfg, with_pre)
     h_pre, mix, invr = outputs[0], outputs[4], outputs[5]
-    dh_pre, dh_post, dh_res = (c.astype(F32) for c in cotangents[:3])
+    dh_post, dh_res = (c.astype(F32) for c in cotangents[1:3])
+    dh_pre = mix if zero_dh_pre else cotangents[0].astype(F32)  # mix: an unread slot
     # with_pre false: x3 itself fills the unread dx_in slot, mix the unread dots slot (no placeholder op)
     g_in = cotangents[3].astype(x3.dtype) if with_pre else x3
     dz, factor, rows = metal._launch("mhc_dynamic_coeffs_bwd", tag, n,
                                      [x3, mix, invr, b32, ap, apo, ar, dh_pre, dh_post, dh_res, g_in, mix],
                                      [(T, M), (T,), (T, M + 3)], [F32, F32, F32],
-                                     [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre), 0, 0],
+                                     [n, C, T, cfg.tmax, cfg.sinkhorn_eps, cfg.post_mult, int(with_pre),
+                                      int(not zero_dh_pre), 0, 0],
                                      (T * THREADS, 1, 1))
     xk = x3.reshape(T, K).astype(F32)
     dx = dz @ phi32.T + factor[:, None] * xk
@@ -109,13 +112,14 @@ def _coeffs_bwd(primals, cotangents, outputs, cfg, with_pre: bool):
 def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, strategy: str = "fused",
            alias: bool = False):
     """(h_pre, h_post, h_res[, x_in][, x]) of x3 [T, n, C]; alias: x itself last (the layer's post_res
-    reads it; on Metal nothing joins the two x-gradients)."""
+    reads it; on Metal nothing joins the two x-gradients), and the layer discards h_pre, whose cotangent
+    the backward then takes as zero (cuda_dynamic.coeffs)."""
     n = x3.shape[1]
     if n > COEFFS_N_LIMIT:
         raise ValueError(f"mhc_coeffs with n={n} streams: the Metal coefficient kernel serves n <= {COEFFS_N_LIMIT} "
                          f"(its per-token matrices live in threadgroup memory); pass backend='portable'")
-    outs = compiled_call(_coeffs_fn(cfg, with_pre), x3, phi.astype(F32), b.astype(F32), alpha_pre.astype(F32),
-                         alpha_post.astype(F32), alpha_res.astype(F32))
+    outs = compiled_call(_coeffs_fn(cfg, with_pre, alias and with_pre), x3, phi.astype(F32), b.astype(F32),
+                         alpha_pre.astype(F32), alpha_post.astype(F32), alpha_res.astype(F32))
     picked = tuple(outs[:4]) if with_pre else tuple(outs[:3])
     return (*picked, x3) if alias else picked
 

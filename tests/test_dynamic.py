@@ -1042,10 +1042,22 @@ def test_emulated_metal_kernels_vs_liger64(emulated_metal, shape, dtype_name):
 @pytest.mark.parametrize("B,n,C,dtype_name,f_dtype", [((2, 3), 4, 32, "float32", mx.float32),
                                                       (5, 3, 17, "bfloat16", mx.bfloat16),
                                                       (6, 4, 20, "float16", mx.float16)])
-def test_emulated_metal_layer_vs_liger64(emulated_metal, B, n, C, dtype_name, f_dtype):
+def test_emulated_metal_layer_vs_liger64(emulated_metal, monkeypatch, B, n, C, dtype_name, f_dtype):
     """DynamicMHC on Metal, forward and every gradient: the coefficients with x_in fused and their
-    backward, the post-combine and its backward (F in x's dtype) as kernels."""
+    backward, the post-combine and its backward (F in x's dtype) as kernels. h_pre, which the layer
+    discards, has a zero cotangent that is never passed: the backward kernel gets has_dh_pre 0."""
+    from mhc_aot import metal
+
+    real, flags = metal._launch, []
+
+    def spy(source, *args):
+        if source == "mhc_dynamic_coeffs_bwd":
+            flags.append(args[5][7])  # the scalars' has_dh_pre
+        return real(source, *args)
+
+    monkeypatch.setattr(metal, "_launch", spy)
     _check_layer("metal", B, n, C, dtype_name, f_dtype)
+    assert flags == [0], flags
     assert _launched_sources(emulated_metal.launched) == {"mhc_dynamic_coeffs", "mhc_dynamic_coeffs_bwd",
                                                           "mhc_dynamic_post_res", "mhc_dynamic_post_res_bwd"}
 
