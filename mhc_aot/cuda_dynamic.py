@@ -107,8 +107,8 @@ CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = None
 # mhc_dynamic_coeffs_proj: for few tokens (n <= PROJ_NMAX) a CTA per token projects its own token, phi read
-# in its own dtype: one launch for the coefficients (and x_in) instead of phi's cast, phi_split, proj_tc and
-# coeffs. Few tokens are host-bound (scripts/dynamic_host_probe.py, H200, T = 32: ~14-20 us of async_eval
+# in its own dtype: one launch for the coefficients (and x_in) instead of phi_split, proj_tc and coeffs
+# (and, until session 34, phi's cast before them). Few tokens are host-bound (scripts/dynamic_host_probe.py, H200, T = 32: ~14-20 us of async_eval
 # a kernel), but every CTA reads all of phi from L2, so the rule bounds those bytes, T n C M itemsize: ncu,
 # H200, n = 4, C = 4096, bfloat16 phi, the kernel takes ~34 us at T = 32 and ~51 at T = 256. Same-run A/B on
 # the H200, session 30 (gpu_dynamic_ab.py --source mhc_dynamic_coeffs_proj proj=@PROJ_MAX_T=100000,
@@ -485,7 +485,8 @@ def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, st
         outs = dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
         return (*outs, x3) if alias else outs
     # a bfloat16 phi is exact in one bfloat16 term (its float32 copy holds the same values). phi goes in
-    # as it is: the few-token kernel reads it so, the others cast it to float32 inside the op
+    # as it is: the few-token kernel and phi_split read it so; skinny, dx and the one-read kernel get a
+    # float32 cast inside the op
     phi_terms = BF16_PHI_TERMS if phi.dtype == mx.bfloat16 else 3
     outs = compiled_call(_coeffs_fn(cfg, with_pre, alias, phi_terms), x3, phi, b.astype(F32),
                          alpha_pre.astype(F32), alpha_post.astype(F32), alpha_res.astype(F32))
