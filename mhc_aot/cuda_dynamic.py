@@ -108,18 +108,19 @@ CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); t
 CP_MIN_T: int | None = None
 # mhc_dynamic_coeffs_proj: for few tokens (n <= PROJ_NMAX) a CTA per token projects its own token, phi read
 # in its own dtype: one launch for the coefficients (and x_in) instead of phi_split, proj_tc and coeffs
-# (and, until session 34, phi's cast before them). Few tokens are host-bound (scripts/dynamic_host_probe.py, H200, T = 32: ~14-20 us of async_eval
-# a kernel), but every CTA reads all of phi from L2, so the rule bounds those bytes, T n C M itemsize: ncu,
-# H200, n = 4, C = 4096, bfloat16 phi, the kernel takes ~34 us at T = 32 and ~51 at T = 256. Same-run A/B on
-# the H200, session 30 (gpu_dynamic_ab.py --source mhc_dynamic_coeffs_proj proj=@PROJ_MAX_T=100000,
-# PROJ_PHI_BYTES=1000000000000 partials=@PROJ_MAX_T=0, DynamicMHC forward, identity F, medians of 3 rounds,
-# us, this kernel / the three-kernel path): bfloat16 phi (T, n, C) (32, 4, 4096) 57.8 / 78.9, (256, 4,
-# 4096) 60.7 / 84.5, (1024, 4, 1024) 65.8 / 75.1 [201 MB of phi each at most], (512, 4, 4096) 83.7 / 76.2,
-# (1024, 4, 2048) 106.9 / 77.8 [402 MB]; float32 phi (32, 4, 4096) 62.3 / 84.8, (128, 4, 4096) 55.2 / 73.7
-# [201 MB], (256, 4, 4096) 79.0 / 75.8 [402 MB]. So: at most 201 MB (PROJ_PHI_BYTES) and T <= 1024 (the
-# most tokens timed). The host's speed moves these medians by tens of us from one machine to the next,
-# and near the bound the order with them: the same A/B on a slower host read 95.2 / 132.2 at (512, 4,
-# 4096), where the extra launches of the three-kernel path cost more; the bound is the faster host's.
+# (and, until session 34, phi's cast before them). Few tokens are host-bound (scripts/dynamic_host_probe.py,
+# H200, T = 32: ~14-20 us of async_eval a kernel), but every CTA reads all of phi from L2, so the rule
+# bounds those bytes, T n C M itemsize: ncu, H200, n = 4, C = 4096, bfloat16 phi, the kernel takes ~34 us at
+# T = 32 and ~51 at T = 256. Same-run A/B on the H200, session 30 (gpu_dynamic_ab.py --source
+# mhc_dynamic_coeffs_proj proj=@PROJ_MAX_T=100000, PROJ_PHI_BYTES=1000000000000 partials=@PROJ_MAX_T=0,
+# DynamicMHC forward, identity F, medians of 3 rounds, us, this kernel / the three-kernel path): bfloat16
+# phi (T, n, C) (32, 4, 4096) 57.8 / 78.9, (256, 4, 4096) 60.7 / 84.5, (1024, 4, 1024) 65.8 / 75.1 [201 MB
+# of phi each at most], (512, 4, 4096) 83.7 / 76.2, (1024, 4, 2048) 106.9 / 77.8 [402 MB]; float32 phi (32,
+# 4, 4096) 62.3 / 84.8, (128, 4, 4096) 55.2 / 73.7 [201 MB], (256, 4, 4096) 79.0 / 75.8 [402 MB]. So: at
+# most 201 MB (PROJ_PHI_BYTES) and T <= 1024 (the most tokens timed). The host's speed moves these medians
+# by tens of us from one machine to the next, and near the bound the order with them: the same A/B on a
+# slower host read 95.2 / 132.2 at (512, 4, 4096), where the extra launches of the three-kernel path cost
+# more; the bound is the faster host's.
 PROJ_MAX_T: int | None = 1024
 PROJ_PHI_BYTES = 256 * 4 * 4096 * 24 * 2  # phi's bytes read from L2 by all CTAs together, T n C M itemsize
 PROJ_NMAX, PROJ_PV = 4, 8  # its header: PV
@@ -325,8 +326,6 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: 
                    [n, C, T, S, G, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult],
                    (G * S * CP_BLOCK, 1, 1), CP_SMEM_BYTES // 4, CP_BLOCK, terms=phi_terms)
     return list(outs[:6])
-
-
 
 
 def _coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool):
