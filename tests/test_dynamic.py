@@ -693,8 +693,9 @@ def emulated_cuda(_emulator, monkeypatch, request):
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dynamic, "_choose", lambda op, n, C, backend, T: (
         dispatch.Choice("cuda", "fused", None, "emulated") if backend == "cuda" else real_choose(op, n, C, backend, T)))
-    _emulator.mode, _emulator.launched = request.param, []
+    _emulator.mode, _emulator.launched, _emulator.grids = request.param, [], []
     _emulator.deferred_copies = False  # copy_timing sets it where a test asks
+    _emulator.shuffle_seed = None  # threads in order unless a test asks (a shuffled test's seed leaked on)
     return _emulator
 
 

@@ -98,7 +98,7 @@ def main() -> None:
         def call(cubin=cubin, ch=ch, P=P, smem=smem):
             return mx.fast.precompiled_cuda_kernel(
                 name="l2_lockstep", compiled_source=cubin, inputs=[x],
-                output_shapes=[(T, C), (4 * S * ch * 8,), (T // ch,)],
+                output_shapes=[(T, C), (4 * S * ch * 8,), (T // tt,)],
                 output_dtypes=[mx.bfloat16, mx.float32, mx.int32], scalars=[T, C], grid=(P * 256, 1, 1),
                 threadgroup=(256, 1, 1), shared_memory=smem, init_value=0.0, ensure_row_contiguous=True)[0]
 
