@@ -83,8 +83,8 @@ def main() -> None:
     t_read = median_us(lambda: mx.sum(x, axis=-1))
     t_pre = median_us(lambda: pre(x, h))
     dev = mx.device_info().get("device_name", "?")
-    print(f"PROBE {dev}, x {tuple(x.shape)} bfloat16: MLX read {t_read:.1f} us ({mb_read / t_read:.0f} GB/s), "
-          f"MLX pre {t_pre:.1f} us ({mb_pre / t_pre:.0f} GB/s), read + pre {t_read + t_pre:.1f}", flush=True)
+    print(f"PROBE {dev}, x {tuple(x.shape)} bfloat16: MLX read {t_read:.1f} us ({mb_read / t_read:.2f} TB/s), "
+          f"MLX pre {t_pre:.1f} us ({mb_pre / t_pre:.2f} TB/s), read + pre {t_read + t_pre:.1f}", flush=True)
     for cfg in args.configs:
         tt, cw, r, mode, hint, P = parse(cfg, args.ctas)
         S = C // cw
@@ -107,7 +107,7 @@ def main() -> None:
         t = median_us(call)
         mb = mb_pre if mode else mb_read
         print(f"PROBE {cfg}: chunk {ch} tokens ({ch * NS * C * 2 / 1e6:.1f} MB), {smem} B slots, {P} CTAs: "
-              f"{t:.1f} us ({mb / t:.0f} GB/s of {'pre' if mode else 'read'}'s bytes), x_in error / max {err:.1e}",
+              f"{t:.1f} us ({mb / t:.2f} TB/s of {'pre' if mode else 'read'}'s bytes), x_in error / max {err:.1e}",
               flush=True)
 
 
