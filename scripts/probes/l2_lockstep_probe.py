@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from tma_probe import median_us  # (scripts/probes/ is the script's own directory on sys.path)
 
 HERE = Path(__file__).resolve().parent
 NS = 4
@@ -41,19 +41,6 @@ def build(tt: int, cw: int, r: int, mode: int, hint: int) -> bytes:
         regs = [ln.strip() for ln in p.stderr.splitlines() if "registers" in ln]
         print(f"BUILD TT={tt} CW={cw} R={r} MODE={mode} HINT={hint}: {regs[-1] if regs else '?'}", flush=True)
         return out.read_bytes()
-
-
-def median_us(fn, rounds=5, calls=20) -> float:
-    mx.eval(fn())
-    meds = []
-    for _ in range(rounds):
-        mx.synchronize()
-        t0 = time.perf_counter()
-        outs = [fn() for _ in range(calls)]
-        mx.eval(outs)
-        mx.synchronize()
-        meds.append((time.perf_counter() - t0) / calls * 1e6)
-    return float(np.median(meds))
 
 
 def parse(cfg: str, ctas: int) -> tuple[int, int, int, int, int, int]:
