@@ -104,18 +104,6 @@ constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XW
 #define MHC_CP_XU 4
 #endif
 constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
-// MHC_CP_XH (session 37): the x_in warps form their tokens' h_pre themselves from the tile's partials
-// once it is projected (the S CTAs' partial blocks are in), the same sums in the same order as the
-// coefficient warps (so the same h_pre, bit for bit), instead of waiting for the coefficient warps to
-// publish it: session 32 measured a tile published ~7.5-8 us after landing against ~3.5-3.8 for its
-// partials, and the ring holds a tile until its x_in is done (by Little's law, its hold time sets
-// the rate). The coefficient warps then only form the outputs, off x_in's path; a ring refill waits
-// until the tile whose partial slot it will overwrite has been published (every CTA's coefficient
-// warps have read that slot).
-#ifndef MHC_CP_XH
-#define MHC_CP_XH 1
-#endif
-constexpr int XH_TOK = TT / XWARPS;  // an x_in warp's tokens of a tile
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
 // the first x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
@@ -140,7 +128,6 @@ static_assert(HANDOFF + HANDOFF_IDS <= 16 && RING < HANDOFF_IDS, "named barrier 
 static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 32,
               "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
 static_assert(XIN_DONE < 16, "named barrier ids");
-static_assert(!MHC_CP_XH || XH_TOK * NS <= 32, "XH: a lane per (token, stream) of an x_in warp's tokens");
 static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
@@ -384,40 +371,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     if (warp == XWARP && lane == 0) tma::acquire_map(gmap);
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
     const int sg = lane % CSEGS, c = c0 + 8 * sg;
-#if MHC_CP_XH
-    const float a_pre = *alpha_pre;
-    const int xr = lane / NS, xj = lane % NS;  // this lane's h_pre: token rx + xr, stream xj
-    const float xb_j = xj < n ? b[xj] : 0.0f;
-    for (int ix = 0; ix < ntile; ++ix) {
-      spin_until(projected + g + ix * G, S, ld_relaxed(projected + g + ix * G));
-      __syncwarp();
-      if (warp == XWARP && lane == 0) TRACE(ix, 8);
-      const int t0 = (g + ix * G) * TT;
-      // lane (xr, xj): z_xj and the sum of squares of token rx + xr over the S splits, in split order,
-      // then h_pre as the coefficient warps write it
-      float hpv = 0.0f;
-      {
-        const float* pr = slot_part(ix) + (size_t)(rx + xr) * RL;
-        const bool mine = xr < XH_TOK && xj < n;
-        float v = 0.0f, q2 = 0.0f;
-        for (int s0 = 0; s0 < S; s0 += 16) {
-          float a[16], e[16];
-#pragma unroll
-          for (int u = 0; u < 16; ++u) {
-            const bool ok = mine && s0 + u < S;
-            a[u] = ok ? __ldcg(pr + (size_t)(s0 + u) * TT * RL + xj) : 0.0f;
-            e[u] = ok ? __ldcg(pr + (size_t)(s0 + u) * TT * RL + MP) : 0.0f;
-          }
-#pragma unroll
-          for (int u = 0; u < 16; ++u) {
-            v += a[u];
-            q2 += e[u];
-          }
-        }
-        const float invr = rsqrtf(q2 / (float)(n * C) + rms_eps);
-        if (mine) hpv = sigmoid(v * invr * a_pre + xb_j) + pre_eps;
-      }
-#else
     int pub_ahead = ntile > 0 ? ld_relaxed(published + g) : 0;
     for (int ix = 0; ix < ntile; ++ix) {
       const int pub_seen = pub_ahead;
@@ -428,13 +381,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       float hp[NS];
 #pragma unroll
       for (int j = 0; j < NS; ++j) hp[j] = j < n && t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
-#endif
 #ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
-#if MHC_CP_XH
-      asm volatile("" ::"f"(hpv));  // (the partials' loads returned)
-#else
       asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
-#endif
       if (warp == XWARP && lane == 0) TRACE(ix, 7);
 #endif
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
@@ -450,11 +398,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           const int r = rx + 2 * (k0 + u) + lane / CSEGS;
 #pragma unroll
           for (int j = 0; j < NS; ++j) {
-#if MHC_CP_XH
-            hj[u][j] = __shfl_sync(0xffffffffu, hpv, (r - rx) * NS + j);
-#else
             hj[u][j] = __shfl_sync(0xffffffffu, hp[j], r);
-#endif
             if (j < n) w[u][j] = *reinterpret_cast<const uint4*>(at(xb, r, j, sg));
           }
         }
@@ -486,13 +430,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (warp == XWARP && lane == 0) TRACE(ix, 9);
 #endif
       named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp's reads of the buffer are done
-#if MHC_CP_XH
-      // tile ix + RING's partials go to the slot of tile ix + RING - NSLOT: its coefficients are out
-      if (warp == XWARP && lane == 0 && ix + RING < ntile && ix + RING >= NSLOT) {
-        const int* pw = published + g + (ix + RING - NSLOT) * G;
-        spin_until(pw, S, ld_relaxed(pw));
-      }
-#endif
       if (warp == XWARP && lane == 0 && ix + RING < ntile) issue_tile(ix + RING);
       if (warp == XWARP && lane == 0) TRACE(ix, 1);
     }
