@@ -154,7 +154,11 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(BLO
     tma::wait(bars + i % RING, (i / RING) & 1);  // tile i has landed and is visible
     // 1. this warp's k16 steps of the tile
     float acc[1][NT][4] = {}, sq[2] = {0.0f, 0.0f};  // sq: rows g4, g4 + 8
+#ifdef MHC_PC_SKIP_PRODUCT  // timing only (the MHC_PC_SKIP_* defines give wrong outputs by design)
+    if (false) {
+#else
     if (js < n) {
+#endif
 #pragma unroll
       for (int k = 0; k < KW; ++k) {
         uint32_t a[4];
@@ -183,15 +187,24 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(BLO
       mypart[tid] = v;
     }
     // 2. every rank's partial of tile i is visible after this
+#ifndef MHC_PC_SKIP_BARRIER
     __cluster_barrier_arrive();
     __cluster_barrier_wait();
+#else
+    __syncthreads();
+#endif
     // 3. token r's sums over the ranks, in rank order: h_pre as mhc_dynamic_coeffs forms it from one
     // split (zp = 0 + z, ss = 0 + sum of squares), and z and the sum of squares of this rank's tokens
     if (tid < TT) {
       const int r = tid, t = t0 + r;
       float z[NS] = {}, ss = 0.0f;
+#ifdef MHC_PC_SKIP_SUMS
+      for (int k = 0; k < 1; ++k) {
+        const float* pk = mypart + (size_t)r * RL;
+#else
       for (int k = 0; k < CLUSTER; ++k) {
         const float* pk = static_cast<const float*>(__cluster_map_shared_rank(mypart, k)) + (size_t)r * RL;
+#endif
         ss += pk[MP];
 #pragma unroll
         for (int j = 0; j < NS; ++j)
@@ -205,6 +218,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(BLO
       }
       if (r % CLUSTER == rank && t < Tn) sq_out[t] = ss;
     }
+#ifndef MHC_PC_SKIP_SUMS
     if (tid >= 32 && tid < 32 + TT * MP) {  // z of this rank's tokens: element (r, m), m < M
       const int e = tid - 32, r = e / MP, m = e % MP, t = t0 + r;
       if (m < M && r % CLUSTER == rank && t < Tn) {
@@ -214,9 +228,11 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(BLO
         part[(size_t)t * M + m] = v;
       }
     }
+#endif
     __syncthreads();  // hs is written
     // 4. x_in of the CTA's columns: item e = (token e / CSEGS, segment e % CSEGS), streams 0, 1, ... in
     // float32 (mhc_dynamic_pre's order and rounding)
+#ifndef MHC_PC_SKIP_XIN
 #pragma unroll
     for (int u = 0; u < XITEMS; ++u) {
       const int e = tid + u * BLOCK, r = e / CSEGS, sg = e % CSEGS, t = t0 + r, c = c0 + 8 * sg;
@@ -241,6 +257,7 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(BLO
         }
       }
     }
+#endif
     __syncthreads();  // the buffer is consumed (and hs and red free again)
     if (tid == 0 && i + RING < mine) issue_tile(i + RING);
   }

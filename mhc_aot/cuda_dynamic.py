@@ -407,7 +407,7 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     slice_ = 0 if lanes == ELEMS else _lane_slice(lanes, floats)  # registers: no shared memory
     fused_pre = with_pre and slice_ is None and x_in is None  # a CTA per token computes x_in itself
     if slice_ is None:
-        mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), coeffs_cta_floats(n, cfg.tmax), THREADS)
+        mode, geometry = [int(fused_pre), 0, 0], ((T * THREADS, 1, 1), coeffs_cta_floats(n, cfg.tmax), THREADS)
     elif lanes == ELEMS:
         mode, geometry = [0, ELEMS, 0], (_lane_grid(T, 16, ELEMS_THREADS), 3 + M, ELEMS_THREADS)  # the alphas and b
     else:

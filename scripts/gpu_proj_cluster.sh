@@ -8,6 +8,7 @@
 #        graphs off: `three` is the default dispatch there (proj_cluster + coeffs + post_res), `nocl` the
 #        three-kernel path (@PROJ_CLUSTER=), cl15 / cl14 fewer clusters in the grid
 #        graphs on (MLX's default, another process): the shipped three-kernel path
+#   STAGE=2: 1, then an A/B of variants each leaving a stage out (timing-only defines MHC_PC_SKIP_*)
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -17,11 +18,22 @@ bash scripts/gpu_check.sh build || exit 1
 echo "=== MLX_USE_CUDA_GRAPHS=0 pytest -m gpu -k 'proj_cluster or coeffs_pre or dynamic_layer' tests/test_dynamic.py ($(date +%T))"
 MLX_USE_CUDA_GRAPHS=0 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_dynamic.py \
   -k "proj_cluster" 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed|Error" | head -20
-if command -v ncu >/dev/null; then
+if [ "${STAGE:-1}" = 1 ] && command -v ncu >/dev/null; then
   echo "=== ncu, graphs off, (8192, 4, 4096), bfloat16 phi ($(date +%T))"
   MLX_USE_CUDA_GRAPHS=0 timeout 100 ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
     --csv python3 scripts/ncu_dynamic_probe.py 8192 4 4096 three 2>&1 | grep -E '^"[0-9]' \
     | awk -F'","' '{print $5, $(NF-2), $NF}' | tail -12
+fi
+if [ "${STAGE:-1}" = 2 ]; then  # where its time goes: timing-only defines, each leaving a stage out (wrong outputs)
+  echo "=== A/B forward, graphs off, phi bfloat16, stages left out ($(date +%T))"
+  c15=@PC_CLUSTERS=15
+  MLX_USE_CUDA_GRAPHS=0 timeout 300 python3 scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_cluster \
+    --phi-dtype bfloat16 --configs "${MHC_AB_CONFIGS:-8192:4:4096,16384:4:4096}" nocl=@PROJ_CLUSTER= "ctl=:$c15" \
+    "noxin=:MHC_PC_SKIP_XIN$c15" "nosums=:MHC_PC_SKIP_SUMS$c15" "nobar=:MHC_PC_SKIP_BARRIER:MHC_PC_SKIP_SUMS$c15" \
+    "noprod=:MHC_PC_SKIP_PRODUCT$c15" \
+    "stream=:MHC_PC_SKIP_XIN:MHC_PC_SKIP_SUMS:MHC_PC_SKIP_BARRIER:MHC_PC_SKIP_PRODUCT$c15" | grep -E "^AB|BUILD|rror"
+  echo "=== done ($(date +%T))"
+  exit 0
 fi
 configs=${MHC_AB_CONFIGS:-8192:4:4096,4096:4:4096,16384:4:4096,1024:4:4096}
 echo "=== A/B forward, graphs off, phi bfloat16 ($(date +%T))"
