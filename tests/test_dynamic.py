@@ -1038,7 +1038,7 @@ def _check_proj_cluster(B, n, C):
 
 @pytest.mark.parametrize("B,n,C,sms", [(40, 4, 4096, 16), (70, 3, 3592, 8), (17, 1, 4000, 24)],
                          ids=["two-clusters-ragged-tile", "n3-last-rank-partly-past-C", "n1-one-tile-each"])
-@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
+@pytest.mark.parametrize("emulated_cuda", ["elems", "cta"], indirect=True)  # cta: the coefficients' mode below 1024 tokens
 def test_emulated_cuda_proj_cluster(emulated_cuda, copy_timing, monkeypatch, B, n, C, sms):
     """mhc_dynamic_proj_cluster (the projection and x_in in one read of x; a cluster of 8 CTAs splits a
     token's columns and sums its partials through distributed shared memory) under the emulation: a
