@@ -137,7 +137,8 @@ PROJ_NMAX, PROJ_PV = 4, 8  # its header: PV
 PC_CLUSTER, PC_TT, PC_CW, PC_NMAX, PC_BLOCK, PC_SMEM_BYTES, PC_BOXC, PC_ARCH = 8, 16, 512, 4, 512, 226840, 64, 90
 PC_MIN_T = 1024
 PC_CLUSTERS: int | None = None
-PROJ_CLUSTER = True
+# Off: slower than the three kernels in this first version (a serial tile loop; docs/HISTORY.md, session 37)
+PROJ_CLUSTER = False
 
 _launch = cuda._launch
 _tag = dtype_tag

@@ -5,8 +5,8 @@
 #      layer's other GPU tests in that setting
 #   2. ncu of the forward's kernels at (8192, 4, 4096), bfloat16 phi, graphs off (times, DRAM bytes)
 #   3. same-run A/Bs of the DynamicMHC forward around an identity F, bfloat16 phi (sorted medians, us):
-#        graphs off: `three` is the default dispatch there (proj_cluster + coeffs + post_res), `nocl` the
-#        three-kernel path (@PROJ_CLUSTER=), cl15 / cl14 fewer clusters in the grid
+#        graphs off: `three` the three-kernel path (PROJ_CLUSTER is off by default since session 37),
+#        cl16 / cl15 / cl14 proj_cluster with 16 (as many as the SMs hold at one CTA an SM) / 15 / 14 clusters
 #        graphs on (MLX's default, another process): the shipped three-kernel path
 #   STAGE=2: 1, then an A/B of variants each leaving a stage out (timing-only defines MHC_PC_SKIP_*)
 set -uo pipefail
@@ -26,9 +26,9 @@ if [ "${STAGE:-1}" = 1 ] && command -v ncu >/dev/null; then
 fi
 if [ "${STAGE:-1}" = 2 ]; then  # where its time goes: timing-only defines, each leaving a stage out (wrong outputs)
   echo "=== A/B forward, graphs off, phi bfloat16, stages left out ($(date +%T))"
-  c15=@PC_CLUSTERS=15
+  c15=@PROJ_CLUSTER=1,PC_CLUSTERS=15
   MLX_USE_CUDA_GRAPHS=0 timeout 300 python3 scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_cluster \
-    --phi-dtype bfloat16 --configs "${MHC_AB_CONFIGS:-8192:4:4096,16384:4:4096}" nocl=@PROJ_CLUSTER= "ctl=:$c15" \
+    --phi-dtype bfloat16 --configs "${MHC_AB_CONFIGS:-8192:4:4096,16384:4:4096}" "ctl=:$c15" \
     "noxin=:MHC_PC_SKIP_XIN$c15" "nosums=:MHC_PC_SKIP_SUMS$c15" "nobar=:MHC_PC_SKIP_BARRIER:MHC_PC_SKIP_SUMS$c15" \
     "noprod=:MHC_PC_SKIP_PRODUCT$c15" \
     "stream=:MHC_PC_SKIP_XIN:MHC_PC_SKIP_SUMS:MHC_PC_SKIP_BARRIER:MHC_PC_SKIP_PRODUCT$c15" | grep -E "^AB|BUILD|rror"
@@ -38,7 +38,7 @@ fi
 configs=${MHC_AB_CONFIGS:-8192:4:4096,4096:4:4096,16384:4:4096,1024:4:4096}
 echo "=== A/B forward, graphs off, phi bfloat16 ($(date +%T))"
 MLX_USE_CUDA_GRAPHS=0 timeout 240 python3 scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_tc --phi-dtype bfloat16 \
-  --configs "$configs" nocl=@PROJ_CLUSTER= cl15=@PC_CLUSTERS=15 cl14=@PC_CLUSTERS=14 | grep -E "^AB|rror"
+  --configs "$configs" cl16=@PROJ_CLUSTER=1 cl15=@PROJ_CLUSTER=1,PC_CLUSTERS=15 cl14=@PROJ_CLUSTER=1,PC_CLUSTERS=14 | grep -E "^AB|rror"
 echo "=== A/B forward, graphs on, phi bfloat16 ($(date +%T))"
 timeout 100 python3 scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_tc --phi-dtype bfloat16 \
   --configs "$configs" | grep -E "^AB|rror"

@@ -997,6 +997,7 @@ def _proj_cluster_on(monkeypatch, sms: int | None = None):
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
+    monkeypatch.setattr(cuda_dynamic, "PROJ_CLUSTER", True)  # off by default (slower so far)
     monkeypatch.setattr(cuda_dynamic, "PC_MIN_T", 1)
     if sms is not None:
         monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: cuda_dynamic.PC_ARCH)
