@@ -83,7 +83,13 @@ __device__ __forceinline__ float sq_pair(uint32_t v) {
 }
 }  // namespace
 
-extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(BLOCK, 1) MHC_NAME(
+// MHC_PC_RUNTIME_CLUSTER (scripts/probes/cluster_graph): no compile-time cluster shape; the launch gives it
+#ifdef MHC_PC_RUNTIME_CLUSTER
+#define PC_CLUSTER_DIMS
+#else
+#define PC_CLUSTER_DIMS __cluster_dims__(CLUSTER, 1, 1)
+#endif
+extern "C" __global__ void PC_CLUSTER_DIMS __launch_bounds__(BLOCK, 1) MHC_NAME(
     const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const bf16* __restrict__ phi,
     const float* __restrict__ b, const float* __restrict__ alpha_pre, bf16* __restrict__ x_in,
     float* __restrict__ part, float* __restrict__ sq_out, uint32_t* maps, int n, int C, int Tn, float rms_eps,
