@@ -12,7 +12,7 @@ PYI=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 EXT=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 g++ -O2 -std=c++20 -shared -fPIC -fvisibility=hidden -Ifmt_stub -I"$NB/include" -I"$NB/ext/robin_map/include" -I"$PYI" \
   -I"$MLX/include" -I"$CUDA/include" cluster_graph.cpp "$NB/src/nb_combined.cpp" -L"$MLX/lib" -lmlx \
-  -Wl,-rpath,"$MLX/lib"  # the driver API (cu*) resolves through libmlx's own libcuda.so.1 -o "build/cluster_graph$EXT"
+  -Wl,-rpath,"$MLX/lib" -o "build/cluster_graph$EXT"  # the driver API (cu*) resolves through libmlx's libcuda.so.1
 nvcc -O3 -arch=sm_90 -cubin -DCOMPILE_TIME_CLUSTER kernels.cu -o build/kernels_ct.cubin
 nvcc -O3 -arch=sm_90 -cubin kernels.cu -o build/kernels_rt.cubin
 nvcc -O3 -std=c++17 --extra-device-vectorization -gencode=arch=compute_90a,code=sm_90a -cubin -I../../../cuda_src \
