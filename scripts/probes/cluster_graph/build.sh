@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the probe on the device (the CUDA MLX wheel installed, nanobind 2.15.0 installed: MLX's version,
-# so that mx.array is one type in both modules): the extension cluster_graph, kernels.cu's cubins, and
+# Builds the probe on the device (the CUDA MLX wheel installed, and nanobind 3.1.0: MLX 0.32.4's module
+# registers mx.array in nanobind's domain `mlx` under the internals key ..._a1_v22, which 3.x builds share;
+# with 2.15 (v21) or without NB_DOMAIN=mlx, mx.array is a foreign type here): the extension cluster_graph, kernels.cu's cubins, and
 # (for part D) mhc_dynamic_proj_cluster with its cluster shape given at launch. Output: build/.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,7 +11,7 @@ MLX=$(python3 -c "import mlx.core as mx, os; print(os.path.dirname(mx.__file__))
 CUDA=$(dirname "$(dirname "$(command -v nvcc)")")
 PYI=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 EXT=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-g++ -O2 -std=c++20 -shared -fPIC -fvisibility=hidden -Ifmt_stub -I"$NB/include" -I"$NB/ext/robin_map/include" -I"$PYI" \
+g++ -O2 -std=c++20 -shared -fPIC -fvisibility=hidden -DNB_DOMAIN=mlx -Ifmt_stub -I"$NB/include" -I"$NB/ext/robin_map/include" -I"$PYI" \
   -I"$MLX/include" -I"$CUDA/include" cluster_graph.cpp "$NB/src/nb_combined.cpp" -L"$MLX/lib" -lmlx \
   -Wl,-rpath,"$MLX/lib" -o "build/cluster_graph$EXT"  # the driver API (cu*) resolves through libmlx's libcuda.so.1
 nvcc -O3 -arch=sm_90 -cubin -DCOMPILE_TIME_CLUSTER kernels.cu -o build/kernels_ct.cubin

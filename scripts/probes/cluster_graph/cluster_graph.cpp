@@ -9,7 +9,8 @@
 // graph of one kernel node with the cluster shape set on that node (mode 1).
 // Python: cluster_graph.kernel(name, cubin, inputs, output_shapes, output_dtypes, iscalars, fscalars,
 // grid_blocks, block, cluster_x, smem, mode) -> list of arrays (scalars: the ints, then the floats).
-// Built on the device against the CUDA MLX wheel's headers and libmlx.so with nanobind 2.15.0 (MLX's): build.sh.
+// Built on the device against the CUDA MLX wheel's headers and libmlx.so with nanobind 3.1.0 in MLX's nanobind
+// domain (NB_DOMAIN=mlx), so mx.array is one type in both modules: build.sh (checked on the CPU build of MLX here).
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <nanobind/nanobind.h>
