@@ -110,7 +110,8 @@ def _dynamic_variants() -> list[KernelVariant]:
          # tiles moved by TMA (sm_90a)
          KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_pre", "fused", "bf16", 4, min_arch=90, arch_exact=True),
          KernelVariant("mhc_coeffs", "mhc_dynamic_coeffs_pre", "fused", "bf16", 4, min_arch=90, arch_exact=True,
-                       terms=1)]  # ... and bfloat16 phi
+                       terms=1),  # ... and bfloat16 phi
+         KernelVariant("mhc_coeffs", "mhc_dynamic_proj_cluster", "fused", "bf16", 4, min_arch=90, arch_exact=True)]
     for dt in DTYPES:
         for src in ("mhc_dynamic_skinny", "mhc_dynamic_dx"):
             v.append(KernelVariant("mhc_coeffs", src, "fused", dt, 0))

@@ -270,13 +270,20 @@ struct EmuCta {
   EmuBarrier cluster;
   std::vector<float> shfl;
   std::vector<uint64_t> xchg;  // per warp: 32 lanes x 8 words, for the warp-collective mma / ldmatrix
-  std::vector<std::vector<float>> dyn;  // dynamic shared memory per CTA
+  std::vector<std::vector<float>> dyn;  // dynamic shared memory per CTA (from its first 1024-byte boundary: emu_dyn_base)
   std::map<const void*, struct EmuMbar> mbars;  // mbarriers (mhc_tma.cuh) by their shared-memory address
   std::function<void()> body;
   int cta() const { return cur / threads; }
   int warp_index() const { return cta() * nwarps + (cur % threads) / 32; }  // of the running thread
 };
 inline EmuCta* emu_cta = nullptr;
+// A CTA's dynamic shared memory starts at the first 1024-byte boundary of its buffer, as on the GPU,
+// where it starts at one address in every CTA: a kernel that aligns its own buffers up from that start
+// (the 128-byte TMA swizzle's 1024 bytes) then finds them at one offset in every CTA of a cluster, which
+// distributed shared memory needs (__cluster_map_shared_rank keeps the offset).
+inline float* emu_dyn_base(std::vector<float>& v) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 1023) & ~uintptr_t(1023));
+}
 inline float* emu_dyn_smem = nullptr;  // the running thread's CTA's (read once, at kernel entry)
 inline emu_dim3 emu_block;
 
@@ -335,8 +342,8 @@ inline void __cluster_barrier_wait() {
   while (emu_cta->cluster.gen == emu_cta->fibers[emu_cta->cur].cluster_gen) emu_yield();
 }
 inline void* __cluster_map_shared_rank(const void* p, unsigned rank) {
-  const char* mine = reinterpret_cast<const char*>(emu_cta->dyn[emu_cta->cta()].data());
-  return reinterpret_cast<char*>(emu_cta->dyn[rank].data()) + (static_cast<const char*>(p) - mine);
+  const char* mine = reinterpret_cast<const char*>(emu_dyn_base(emu_cta->dyn[emu_cta->cta()]));
+  return reinterpret_cast<char*>(emu_dyn_base(emu_cta->dyn[rank])) + (static_cast<const char*>(p) - mine);
 }
 
 inline float __shfl_xor_sync(unsigned, float v, int o) {
@@ -542,7 +549,7 @@ inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, i
           cta.bar[k] = EmuBarrier{0, threads, 0};
           for (int id = 0; id < 16; ++id) cta.named[k * 16 + id] = EmuBarrier{0, 0, 0};
           for (int w = 0; w < nwarps; ++w) cta.warp[k * nwarps + w] = EmuBarrier{0, std::min(32, threads - 32 * w), 0};
-          cta.dyn[k].assign(smem_bytes / 4 + 64, NAN);  // poisoned: a read before a write shows
+          cta.dyn[k].assign(smem_bytes / 4 + 64 + 256, NAN);  // poisoned: a read before a write shows
         }
         cta.cluster = EmuBarrier{0, total, 0};
         for (int t = 0; t < total; ++t) {
@@ -579,7 +586,7 @@ inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, i
             cta.cur = t;
             threadIdx = {unsigned(t % threads), 0, 0};
             blockIdx = {unsigned(x0 + t / threads), unsigned(y), unsigned(z)};
-            emu_dyn_smem = cta.dyn[t / threads].data();
+            emu_dyn_smem = emu_dyn_base(cta.dyn[t / threads]);
             swapcontext(&cta.sched, &cta.fibers[t].ctx);
             live += !cta.fibers[t].done;
           }

@@ -126,6 +126,20 @@ PROJ_PHI_BYTES = 256 * 4 * 4096 * 24 * 2  # phi's bytes read from L2 by all CTAs
 PROJ_NMAX, PROJ_PV = 4, 8  # its header: PV
 
 
+# mhc_dynamic_proj_cluster: the projection and x_in with x read from DRAM once, in thread block clusters of
+# PC_CLUSTER CTAs that split a token's columns (PC_CW of each stream a CTA) and sum their partials through
+# distributed shared memory; then mhc_dynamic_coeffs forms the coefficients from its sums (one split).
+# bfloat16 x and phi (one term), n <= PC_NMAX, (PC_CLUSTER - 1) PC_CW < C <= PC_CLUSTER PC_CW (a whole
+# cluster's columns used), C % 8 == 0, from PC_MIN_T tokens, sm_90 (its sm_90a cubin: TMA, clusters), and
+# only where MLX launches kernels directly (MLX_USE_CUDA_GRAPHS=0): MLX 0.32.4's graph cache does not
+# key a kernel node by a compile-time cluster shape (mhc_aot/dispatch.py, strategy `cluster`). PC_CLUSTERS:
+# clusters in the grid (None: as many as the SMs hold, one CTA an SM); PROJ_CLUSTER: the rule's knob.
+PC_CLUSTER, PC_TT, PC_CW, PC_NMAX, PC_BLOCK, PC_SMEM_BYTES, PC_BOXC, PC_ARCH = 8, 16, 512, 4, 512, 226840, 64, 90
+PC_MIN_T = 1024
+PC_CLUSTERS: int | None = None
+# Off: slower than the three kernels in this first version (a serial tile loop; docs/HISTORY.md, session 37)
+PROJ_CLUSTER = False
+
 _launch = cuda._launch
 _tag = dtype_tag
 
@@ -302,6 +316,33 @@ def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
     return min(_cdiv(T, CP_TT), resident // S)
 
 
+def proj_cluster_clusters(T: int, n: int, C: int, dtype, phi_dtype) -> int:
+    """Clusters of mhc_dynamic_proj_cluster's grid for x [T, n, C] (0: not that kernel; its rule above)."""
+    from .dispatch import cuda_graphs
+
+    if not PROJ_CLUSTER or cuda_graphs() or dtype != mx.bfloat16 or phi_dtype != mx.bfloat16:
+        return 0
+    if n > PC_NMAX or C % 8 or not (PC_CLUSTER - 1) * PC_CW < C <= PC_CLUSTER * PC_CW or T < PC_MIN_T:
+        return 0
+    if device.mlx_arch_number() != PC_ARCH or device.max_shared_memory_per_block() < PC_SMEM_BYTES:
+        return 0
+    clusters = PC_CLUSTERS or max(1, device.resident_ctas_per_sm(cuda.launch_smem(PC_SMEM_BYTES))
+                                  * device.sm_count() // PC_CLUSTER)
+    return min(_cdiv(T, PC_TT), clusters)
+
+
+def _proj_cluster(x3, phi, b32, ap, cfg, clusters: int):
+    """mhc_dynamic_proj_cluster: (x_in [T, C], part [1, T, M], sq [1, T]), x read once."""
+    T, n, C = x3.shape
+    M = n * n + 2 * n
+    tmpl = tma.template("bf16", (C, T, n), (n * C * 2, C * 2), (PC_BOXC, PC_TT, n), 128)
+    P = clusters * PC_CLUSTER
+    outs = _launch("mhc_dynamic_proj_cluster", "bf16", n, [x3, tmpl, phi, b32, ap],
+                   [(T, C), (1, T, M), (1, T), (P * 32,)], [x3.dtype, F32, F32, mx.uint32],
+                   [n, C, T, cfg.rms_eps, cfg.pre_eps], (P * PC_BLOCK, 1, 1), PC_SMEM_BYTES // 4, PC_BLOCK)
+    return outs[0], outs[1], outs[2]
+
+
 def coeffs_pre_sync_len(T: int) -> int:
     """int32 counters of mhc_dynamic_coeffs_pre: ticket, done, then projected and published per tile."""
     return 2 + 2 * _cdiv(T, CP_TT)
@@ -351,8 +392,13 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
     if G:
         return [*_coeffs_pre(x3, phi.astype(F32), b32, ap, apo, ar, cfg, G, phi_terms=phi_terms), b32]
-    # phi as it is: phi_split reads its dtype (a bfloat16 phi's float32 copy was a launch a forward)
-    part, sq, S, consts = _projection(x3.reshape(T, K), phi, (b32, ap, apo, ar), T, K, M, tag, phi_terms)
+    P = proj_cluster_clusters(T, n, C, x3.dtype, phi.dtype) if with_pre else 0
+    x_in = None
+    if P:  # the projection and x_in in one read of x; the coefficients from its sums below
+        x_in, part, sq = _proj_cluster(x3, phi, b32, ap, cfg, P)
+        S, consts = 1, None
+    else:  # phi as it is: phi_split reads its dtype (a bfloat16 phi's float32 copy was a launch a forward)
+        part, sq, S, consts = _projection(x3.reshape(T, K), phi, (b32, ap, apo, ar), T, K, M, tag, phi_terms)
     if consts is not None:
         b32, ap, apo, ar = _from_consts(consts)
     floats = M + n * n + n + sinkhorn_floats(n, cfg.tmax, 2)
@@ -360,9 +406,9 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     if lanes and n <= ELEMS_MAX_N:  # a lane per matrix element, else the lane groups _lanes gave
         lanes = ELEMS
     slice_ = 0 if lanes == ELEMS else _lane_slice(lanes, floats)  # registers: no shared memory
-    fused_pre = with_pre and slice_ is None  # a CTA per token computes x_in itself
+    fused_pre = with_pre and slice_ is None and x_in is None  # a CTA per token computes x_in itself
     if slice_ is None:
-        mode, geometry = [int(with_pre), 0, 0], ((T * THREADS, 1, 1), coeffs_cta_floats(n, cfg.tmax), THREADS)
+        mode, geometry = [int(fused_pre), 0, 0], ((T * THREADS, 1, 1), coeffs_cta_floats(n, cfg.tmax), THREADS)
     elif lanes == ELEMS:
         mode, geometry = [0, ELEMS, 0], (_lane_grid(T, 16, ELEMS_THREADS), 3 + M, ELEMS_THREADS)  # the alphas and b
     else:
@@ -373,7 +419,7 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
                         [n, C, T, S, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult, *mode],
                         *geometry))
     if with_pre and not fused_pre:
-        outs[3] = _pre_fwd(x3, outs[0])
+        outs[3] = _pre_fwd(x3, outs[0]) if x_in is None else x_in
     # consts for the backward (b32, unread there, where no phi_split ran: see _coeffs_bwd)
     return outs + [b32 if consts is None else consts]
 

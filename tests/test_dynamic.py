@@ -991,6 +991,84 @@ def test_gpu_coeffs_pre_shared_sync(monkeypatch):
         assert not np.array(sync).any(), f"launch {seed} left its counters set"
 
 
+def _proj_cluster_on(monkeypatch, sms: int | None = None):
+    """mhc_dynamic_proj_cluster's rule switched on for a test: CUDA graphs off (its one condition that a
+    device cannot give), from one token; with `sms`, an emulated sm_90 of that many SMs."""
+    from mhc_aot import cuda_dynamic
+
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
+    monkeypatch.setattr(cuda_dynamic, "PROJ_CLUSTER", True)  # off by default (slower so far)
+    monkeypatch.setattr(cuda_dynamic, "PC_MIN_T", 1)
+    if sms is not None:
+        monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: cuda_dynamic.PC_ARCH)
+        monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
+        monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
+        monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: sms)
+    return cuda_dynamic
+
+
+def test_proj_cluster_rule(monkeypatch):
+    """mhc_dynamic_proj_cluster only where MLX launches kernels directly (its graph cache would launch
+    later kernels in clusters), for bfloat16 x and phi, n <= 4 and a whole cluster's columns; its grid
+    as many clusters as the SMs hold, at most one per tile."""
+    cuda_dynamic = _proj_cluster_on(monkeypatch, sms=132)
+    bf = mx.bfloat16
+    assert cuda_dynamic.proj_cluster_clusters(8192, 4, 4096, bf, bf) == 16
+    assert cuda_dynamic.proj_cluster_clusters(40, 4, 4096, bf, bf) == 3  # 16-token tiles
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "1")
+    assert cuda_dynamic.proj_cluster_clusters(8192, 4, 4096, bf, bf) == 0
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
+    for args in [(8192, 4, 4096, bf, mx.float32), (8192, 4, 4096, mx.float16, mx.float16), (8192, 5, 4096, bf, bf),
+                 (8192, 4, 2048, bf, bf), (8192, 4, 4104, bf, bf), (8192, 4, 4092, bf, bf)]:
+        assert cuda_dynamic.proj_cluster_clusters(*args) == 0, args
+    monkeypatch.setattr(cuda_dynamic, "PROJ_CLUSTER", False)
+    assert cuda_dynamic.proj_cluster_clusters(8192, 4, 4096, bf, bf) == 0
+
+
+def _check_proj_cluster(B, n, C):
+    """The forward with mhc_dynamic_proj_cluster against the float64 port (_check_forward), and its x_in
+    equal, bit for bit, to mhc_pre's on the h_pre it returns (both sum the same floats in one order)."""
+    _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
+    seed = seed_of("fwd", "cuda", B, n, C, "bfloat16")
+    x = _x((B, n, C), "bfloat16", seed)
+    params = _params(n, C, seed, phi_dtype=mx.bfloat16)
+    h_pre, _, _, x_in = _run(ops.mhc_coeffs_pre, x, *params, **CFG, backend="cuda")
+    again = _run(ops.mhc_pre, x, h_pre, backend="cuda")
+    assert mx.array_equal(x_in, again).item(), f"B={B} n={n} C={C}: x_in differs from mhc_pre(x, h_pre)"
+
+
+@pytest.mark.parametrize("B,n,C,sms", [(40, 4, 4096, 16), (70, 3, 3592, 8), (17, 1, 4000, 24)],
+                         ids=["two-clusters-ragged-tile", "n3-last-rank-partly-past-C", "n1-one-tile-each"])
+@pytest.mark.parametrize("emulated_cuda", ["elems", "cta"], indirect=True)  # cta: the coefficients' mode below 1024 tokens
+def test_emulated_cuda_proj_cluster(emulated_cuda, copy_timing, monkeypatch, B, n, C, sms):
+    """mhc_dynamic_proj_cluster (the projection and x_in in one read of x; a cluster of 8 CTAs splits a
+    token's columns and sums its partials through distributed shared memory) under the emulation: a
+    cluster walking two or three tiles (a ragged last one), the last rank's columns partly past C, n < 4;
+    TMA copies landing at issue and at their wait."""
+    _proj_cluster_on(monkeypatch, sms)
+    _check_proj_cluster(B, n, C)
+    names = [nm for nm, _ in emulated_cuda.launched]
+    # mhc_coeffs_pre, the first op checked: this kernel, then the coefficients from its sums (no proj_tc, no pre)
+    assert names[:2] == ["mhc_dynamic_proj_cluster_bf16_n4", "mhc_dynamic_coeffs_bf16_n4"], names
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+@pytest.mark.skipif(dispatch.cuda_graphs(), reason="mhc_dynamic_proj_cluster runs only with MLX_USE_CUDA_GRAPHS=0 "
+                    "(MLX's graph cache would launch later kernels of this process in clusters)")
+@pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (1000, 4, 4096), (300, 3, 3592), (33, 1, 4000)])
+def test_gpu_proj_cluster(monkeypatch, B, n, C):
+    """mhc_dynamic_proj_cluster on the GPU (sm_90, graphs off): forward against the float64 port, x_in
+    equal to mhc_pre's on its h_pre, gradients through it at the smaller shapes."""
+    cuda_dynamic = _proj_cluster_on(monkeypatch)
+    if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.PC_ARCH:
+        pytest.skip(f"mhc_dynamic_proj_cluster is built for sm_{cuda_dynamic.PC_ARCH}a only")
+    assert cuda_dynamic.proj_cluster_clusters(B, n, C, mx.bfloat16, mx.bfloat16) > 0
+    _check_proj_cluster(B, n, C)
+    if B * C <= 1000 * 4096:
+        _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
+
+
 # ---------------------------------------------------------------- Metal, emulated on the CPU
 # The Metal kernels of dynamic mHC (metal_src/mhc_dynamic_*.metal: the coefficients forward, pre,
 # post_res and their backward) run under the CPU emulation of tests/metal_emulation.py through

@@ -49,8 +49,8 @@ needs_clang = pytest.mark.skipif(bm.find_clang() is None,
 # test_every_cuda_kernel_has_a_metal_twin / test_headers_are_parallel.
 PENDING_DYNAMIC = ("mhc_dynamic_skinny", "mhc_dynamic_dx",
                    "mhc_dynamic_colsum", "mhc_dynamic_phi_split", "mhc_dynamic_proj_tc", "mhc_dynamic_dphi_tc",
-                   "mhc_dynamic_coeffs_pre", "mhc_dynamic_coeffs_proj")
-# mhc_tma.cuh: Hopper's TMA (sm_90a), used by mhc_dynamic_coeffs_pre only; a Metal port of that kernel
+                   "mhc_dynamic_coeffs_pre", "mhc_dynamic_coeffs_proj", "mhc_dynamic_proj_cluster")
+# mhc_tma.cuh: Hopper's TMA (sm_90a), used by mhc_dynamic_coeffs_pre and _proj_cluster only; a Metal port of those
 # would stream its tiles otherwise. mhc_dynamic_coeffs.cuh: the per-token math that the CUDA kernels
 # mhc_dynamic_coeffs and mhc_dynamic_coeffs_proj share; metal_src/mhc_dynamic_coeffs.metal holds its
 # own copy until a Metal twin of the second kernel needs it shared
