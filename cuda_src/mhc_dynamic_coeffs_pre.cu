@@ -189,11 +189,6 @@ __device__ __forceinline__ unsigned gtimer() {
 #define TRACE(i, ev)
 #endif
 
-// the squares of a register's two bfloat16 summed in float32
-__device__ __forceinline__ float sq_pair(uint32_t v) {
-  const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xffff0000u);
-  return lo * lo + hi * hi;
-}
 
 extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const float* __restrict__ phi, const float* __restrict__ b,
@@ -301,8 +296,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
             mma::mma_terms<NT, TERMS>(acc[mt], a, bq[k]);
             // sums of squares of the lane's eight values on the CUDA cores, idle while the MMAs run (the
             // diagonal of x x^T on tensor cores, as mhc_dynamic_proj_tc, cost two MMAs of eleven)
-            sq[mt][0] += sq_pair(a[0]) + sq_pair(a[2]);  // row g
-            sq[mt][1] += sq_pair(a[1]) + sq_pair(a[3]);  // row g + 8
+            sq[mt][0] += mma::sq_pair(a[0]) + mma::sq_pair(a[2]);  // row g
+            sq[mt][1] += mma::sq_pair(a[1]) + mma::sq_pair(a[3]);  // row g + 8
           }
         float* rows = ksum + (size_t)(js * 2 + kh) * TT * RL;
         mma::store_tiles<2, NT>(acc, rows, RL, lane);
@@ -408,21 +403,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           float xa[8] = {};
 #pragma unroll
           for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
-            if (j < n) {
-              const bf16* xv = reinterpret_cast<const bf16*>(&w[u][j]);
-#pragma unroll
-              for (int v = 0; v < 8; ++v) xa[v] += to_float(xv[v]) * hj[u][j];
-            }
-          if (t < Tn && c < C) {
-            bf16* out = x_in + (size_t)t * C + c;
-            if (vec && c + 8 <= C) {
-              store_vec(out, xa);
-            } else {
-#pragma unroll
-              for (int v = 0; v < 8; ++v)
-                if (c + v < C) out[v] = from_float<bf16>(xa[v]);
-            }
-          }
+            if (j < n) dyn::fma8_bf16(xa, w[u][j], hj[u][j]);
+          if (t < Tn && c < C) dyn::store8_bf16(x_in + (size_t)t * C + c, xa, c, C, vec);
         }
       }
 #endif

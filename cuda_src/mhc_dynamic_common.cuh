@@ -387,5 +387,24 @@ __device__ __forceinline__ float sinkhorn_forward_lanes(float L, int n, int tmax
   return p[0];
 }
 
+// x_in of the one-read kernels (mhc_dynamic_coeffs_pre, mhc_dynamic_proj_cluster): xa[v] += x[v] h for
+// the eight bfloat16 of one 16-byte piece of a stream, in float32 (mhc_dynamic_pre's order: call it for
+// streams 0, 1, ...), then the eight sums stored once rounded at columns c .. c + 7 of a row of C: one
+// 16-byte store where the row allows (vec: x_in 16-byte aligned), else element stores up to C.
+__device__ __forceinline__ void fma8_bf16(float (&xa)[8], const uint4& w, float h) {
+  const bf16* xv = reinterpret_cast<const bf16*>(&w);
+#pragma unroll
+  for (int v = 0; v < 8; ++v) xa[v] += to_float(xv[v]) * h;
+}
+__device__ __forceinline__ void store8_bf16(bf16* out, const float (&xa)[8], int c, int C, bool vec) {
+  if (vec && c + 8 <= C) {
+    store_vec(out, xa);
+  } else {
+#pragma unroll
+    for (int v = 0; v < 8; ++v)
+      if (c + v < C) out[v] = from_float<bf16>(xa[v]);
+  }
+}
+
 }  // namespace dyn
 }  // namespace mhc

@@ -48,6 +48,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 }
 #endif
 
+// The squares of a register's two bfloat16 (an A fragment's pair), summed in float32: the one-read
+// kernels' sums of squares on the CUDA cores from the A fragments of their product.
+__device__ __forceinline__ float sq_pair(uint32_t v) {
+  const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xffff0000u);
+  return lo * lo + hi * hi;
+}
+
 // Two bfloat16 in one register, lo in the low half (the lower row / column index).
 __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
   uint16_t l, h;

@@ -75,12 +75,6 @@ static_assert(RING != 3 || SMEM_BYTES == 226840, "keep PC_SMEM_BYTES in mhc_aot/
 __device__ __forceinline__ uint32_t tile_at(int r, int j, int sg) {
   return tma::swizzle128(((sg >> 3) * NS + j) * TT + r, sg & 7);
 }
-
-// the squares of a register's two bfloat16 summed in float32
-__device__ __forceinline__ float sq_pair(uint32_t v) {
-  const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xffff0000u);
-  return lo * lo + hi * hi;
-}
 }  // namespace
 
 // MHC_PC_RUNTIME_CLUSTER (scripts/probes/cluster_graph): no compile-time cluster shape; the launch gives it
@@ -170,8 +164,8 @@ extern "C" __global__ void PC_CLUSTER_DIMS __launch_bounds__(BLOCK, 1) MHC_NAME(
         uint32_t a[4];
         mma::ldmatrix_x4<false>(a, xb + tile_at(lane % 16, js, 2 * (kq * KW + k) + lane / 16));
         mma::mma_terms<NT, 1>(acc[0], a, bq[k]);
-        sq[0] += sq_pair(a[0]) + sq_pair(a[2]);
-        sq[1] += sq_pair(a[1]) + sq_pair(a[3]);
+        sq[0] += mma::sq_pair(a[0]) + mma::sq_pair(a[2]);
+        sq[1] += mma::sq_pair(a[1]) + mma::sq_pair(a[3]);
       }
     }
     float* wsum = red + (size_t)warp * TT * RL;
@@ -245,23 +239,8 @@ extern "C" __global__ void PC_CLUSTER_DIMS __launch_bounds__(BLOCK, 1) MHC_NAME(
       float xa[8] = {};
 #pragma unroll
       for (int j = 0; j < NS; ++j)
-        if (j < n) {
-          const uint4 w = *reinterpret_cast<const uint4*>(xb + tile_at(r, j, sg));
-          const float hj = hs[r * NS + j];
-          const bf16* xv = reinterpret_cast<const bf16*>(&w);
-#pragma unroll
-          for (int v = 0; v < 8; ++v) xa[v] += to_float(xv[v]) * hj;
-        }
-      if (t < Tn && c < C) {
-        bf16* out = x_in + (size_t)t * C + c;
-        if (vec && c + 8 <= C) {
-          store_vec(out, xa);
-        } else {
-#pragma unroll
-          for (int v = 0; v < 8; ++v)
-            if (c + v < C) out[v] = from_float<bf16>(xa[v]);
-        }
-      }
+        if (j < n) dyn::fma8_bf16(xa, *reinterpret_cast<const uint4*>(xb + tile_at(r, j, sg)), hs[r * NS + j]);
+      if (t < Tn && c < C) dyn::store8_bf16(x_in + (size_t)t * C + c, xa, c, C, vec);
     }
 #endif
     __syncthreads();  // the buffer is consumed (and hs and red free again)
