@@ -10,6 +10,11 @@ the same place, a few times:
   D  (after C's check) mhc_dynamic_proj_cluster through mode 1 in the DynamicMHC forward, graphs on:
      outputs against the three-kernel path, then a same-run timing against it
   python scripts/probes/cluster_graph/probe.py [A B C D]    (after build.sh; each part a child process)
+On the device (nothing can be downloaded there; session 37's one call, with .devwheels2 and .probewheels carried):
+  pip download nanobind==3.1.0 --no-deps -d .probewheels                  (here, once; .probewheels/ is untracked)
+  source .devwheels2/stage2.sh; pip install --no-index --no-deps .probewheels/*.whl
+  bash scripts/probes/cluster_graph/build.sh; python3 scripts/probes/cluster_graph/probe.py A B C
+  MHC_VALIDATE=0 bash scripts/gpu_check.sh build; python3 scripts/probes/cluster_graph/probe.py D
 """
 from __future__ import annotations
 
