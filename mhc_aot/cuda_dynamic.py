@@ -38,7 +38,7 @@ import functools
 
 import mlx.core as mx
 
-from . import cuda, device, tma
+from . import cuda, device, dispatch, tma
 from .kernel_ops import compiled_call, dtype_tag, scalars_of, single
 
 F32 = mx.float32
@@ -316,11 +316,16 @@ def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
     return min(_cdiv(T, CP_TT), resident // S)
 
 
+def _x_tile_map(T: int, n: int, C: int, box_cols: int, box_tokens: int) -> mx.array:
+    """The TMA map template of bfloat16 x [T, n, C] for the one-read kernels: x as (C, T, n) in boxes of
+    box_cols columns x box_tokens tokens x n streams, 128-byte swizzle: a box lands as n x box_tokens lines
+    of 128 bytes, a stream's tokens consecutive (the kernels' ldmatrix rows)."""
+    return tma.template("bf16", (C, T, n), (n * C * 2, C * 2), (box_cols, box_tokens, n), 128)
+
+
 def proj_cluster_clusters(T: int, n: int, C: int, dtype, phi_dtype) -> int:
     """Clusters of mhc_dynamic_proj_cluster's grid for x [T, n, C] (0: not that kernel; its rule above)."""
-    from .dispatch import cuda_graphs
-
-    if not PROJ_CLUSTER or cuda_graphs() or dtype != mx.bfloat16 or phi_dtype != mx.bfloat16:
+    if not PROJ_CLUSTER or dispatch.cuda_graphs() or dtype != mx.bfloat16 or phi_dtype != mx.bfloat16:
         return 0
     if n > PC_NMAX or C % 8 or not (PC_CLUSTER - 1) * PC_CW < C <= PC_CLUSTER * PC_CW or T < PC_MIN_T:
         return 0
@@ -335,7 +340,7 @@ def _proj_cluster(x3, phi, b32, ap, cfg, clusters: int):
     """mhc_dynamic_proj_cluster: (x_in [T, C], part [1, T, M], sq [1, T]), x read once."""
     T, n, C = x3.shape
     M = n * n + 2 * n
-    tmpl = tma.template("bf16", (C, T, n), (n * C * 2, C * 2), (PC_BOXC, PC_TT, n), 128)
+    tmpl = _x_tile_map(T, n, C, PC_BOXC, PC_TT)
     P = clusters * PC_CLUSTER
     outs = _launch("mhc_dynamic_proj_cluster", "bf16", n, [x3, tmpl, phi, b32, ap],
                    [(T, C), (1, T, M), (1, T), (P * 32,)], [x3.dtype, F32, F32, mx.uint32],
@@ -357,9 +362,7 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: 
     # its counters, zeroed (the kernel zeroes them again when it ends)
     if sync is None:
         sync = mx.zeros((coeffs_pre_sync_len(T),), mx.int32)
-    # x as (C, T, n) with boxes of CP_BOXC columns x CP_TT tokens x n streams: a box lands as n x CP_TT
-    # lines of 128 bytes, a stream's tokens consecutive (the kernel's ldmatrix rows)
-    tmpl = tma.template("bf16", (C, T, n), (n * C * 2, C * 2), (CP_BOXC, CP_TT, n), 128)
+    tmpl = _x_tile_map(T, n, C, CP_BOXC, CP_TT)
     outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, tmpl, phi32, b32, ap, apo, ar, sync],
                    [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (G * CP_NSLOT * CP_TT * CP_RL * S,),
                     (G * S * 32,)],

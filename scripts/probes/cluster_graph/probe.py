@@ -77,7 +77,7 @@ def part_d() -> None:
     def proj_cluster(x3, phi, b32, ap, cfg, clusters):  # as cuda_dynamic._proj_cluster, through mode 1
         T, n, C = x3.shape
         M = n * n + 2 * n
-        tmpl = cuda_dynamic.tma.template("bf16", (C, T, n), (n * C * 2, C * 2), (64, 16, n), 128)
+        tmpl = cuda_dynamic._x_tile_map(T, n, C, cuda_dynamic.PC_BOXC, cuda_dynamic.PC_TT)
         P = clusters * 8
         outs = cluster_graph.kernel("proj_cluster_rt", cubin, [x3, tmpl, phi, b32, ap],
                                     [[T, C], [1, T, M], [1, T], [P * 32]], [x3.dtype, mx.float32, mx.float32, mx.uint32],
