@@ -20,8 +20,8 @@ Kernels per op (geometry mirrors each kernel's header comment; grids are given i
                          -> dphi_tc (bfloat16 x, n <= 4: tensor cores) or skinny (dphi = x^T dz,
                             tokens split S ways) -> colsum (dphi unless S = 1, db, dalpha: one launch)
                  [mhc_dynamic_coeffs_pre: projection + coefficients + x_in with x read from DRAM once,
-                  a persistent grid, tiles moved by TMA (sm_90a, C % 8 == 0); off in the dispatch
-                  unless CP_MIN_T is set]
+                  a persistent grid, tiles moved by TMA (sm_90a, C % 8 == 0); dispatched from
+                  CP_MIN_T tokens at the shapes of its rule (CP_SHAPES), else the three kernels above]
   mhc_pre       pre / pre_bwd (per token)
   mhc_post_res  post_res (x and f read once) / post_res_bwd (per token)
 DynamicMHC reads x in post_res through an alias output of mhc_coeffs (x itself, see coeffs), so
@@ -95,17 +95,22 @@ ELEMS_BWD_THREADS = 256
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
 # from CP_MIN_T tokens, on sm_90 (its sm_90a cubin: TMA) with C % 8 == 0 (TMA's 16-byte row strides)): a
-# persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles.
-# Off (None) by default: on the H200 it ties the three-kernel path at (8192, 4, 4096) and is slower
-# elsewhere (session 22, scripts/gpu_dynamic_ab.py, DynamicMHC forward, medians of 3 rounds: 341.3 vs
-# 344.3 us at (8192, 4, 4096), 253.0 vs 212.6 at (8192, 2, 4096), 120.8 vs 110.0 at (4096, 4, 2048),
-# 362.1 vs 345.4 at (16384, 4, 2048)). It reads x from DRAM once (ncu, its ring: 270 MB for x's 268) where the
-# three kernels read ~600 MB, which should count more on the H100 (lower bandwidth, same SM count),
-# but it has not been timed there: not a rule worth having yet (README, Results: the dynamic layer).
-# Tests and that script set CP_MIN_T to run it.
+# persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles. It reads x from DRAM once
+# (ncu, its ring: 270 MB for x's 268) where the three kernels read ~600 MB, but it is paced by its
+# hand-over (README, Results), not by DRAM: it pays where DRAM is slow next to the SMs. The rule
+# (CP_SHAPES): tokens of at least CP_MIN_K = n C values and C <= CP_MAX_C, where it was timed ahead.
+# Same-run A/B, session 38, H100 (scripts/gpu_dynamic_ab.py --phi-dtype bfloat16, DynamicMHC forward,
+# identity F, medians of 3 rounds, us, one-read / three kernels): (8192, 4, 4096) 403.7 / 451.6,
+# (16384, 4, 4096) 762.5 / 869.6, (2048, 4, 4096) 133.0 / 139.8, (1024, 4, 4096) 101.9 / 115.3; outside the
+# rule (8192, 4, 2048) 235.3 / 242.4 (spread 228-244), (4096, 4, 2048) 139.8 / 135.1. H200: 327.9 and
+# 335.6 / 337.8 and 337.4 at (8192, 4, 4096) in two A/Bs (session 28), ahead at T = 1024; slower at
+# (8192, 2, 4096) 253.0 / 212.6, (4096, 4, 2048) 120.8 / 110.0, (16384, 4, 2048) 362.1 / 345.4 (session 22).
+# Tests and the A/B scripts set CP_SHAPES = False (and CP_MIN_T) to run it at any shape.
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 12  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
-CP_MIN_T: int | None = None
+CP_MIN_T: int | None = 1024  # None: never
+CP_SHAPES = True
+CP_MIN_K, CP_MAX_C = 16384, 4096
 # mhc_dynamic_coeffs_proj: for few tokens (n <= PROJ_NMAX) a CTA per token projects its own token, phi read
 # in its own dtype: one launch for the coefficients (and x_in) instead of phi_split, proj_tc and coeffs
 # (and, until session 34, phi's cast before them). Few tokens are host-bound (scripts/dynamic_host_probe.py,
@@ -306,6 +311,8 @@ def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
     """Groups of mhc_dynamic_coeffs_pre's persistent grid for x [T, n, C] (0: not that kernel): one
     CTA per SM, so the groups of ceil(C / CP_CW) CTAs that the GPU holds at once, at most one per tile."""
     if CP_MIN_T is None or dtype != mx.bfloat16 or n > CP_NMAX or T < CP_MIN_T or C % 8:
+        return 0
+    if CP_SHAPES and not (n * C >= CP_MIN_K and C <= CP_MAX_C):
         return 0
     if device.mlx_arch_number() != CP_ARCH:  # its one cubin is sm_90a (TMA)
         return 0

@@ -74,7 +74,7 @@ def main() -> None:
             for label, min_t, bins in (paths if rnd % 2 == 0 else paths[::-1]):
                 for k, v in defaults.items():
                     setattr(cuda_dynamic, k, v)
-                cuda_dynamic.CP_MIN_T = min_t
+                cuda_dynamic.CP_MIN_T, cuda_dynamic.CP_SHAPES = min_t, False  # the one-read kernel at any shape
                 for k, v in knobs.get(label, {}).items():  # a knob's type from its default (CP_MIN_T: int)
                     setattr(cuda_dynamic, k, int(v) if defaults[k] is None else type(defaults[k])(v))
                 gpu_source_ab.use(args.source, bins, shipped)

@@ -26,7 +26,7 @@ if specs:
     gpu_source_ab.use(SOURCE, gpu_source_ab.compile_variant(SOURCE, specs[0], (4,))[1], cuda._binary)
 for src in lineinfo:  # each wraps the lookup before it
     gpu_source_ab.use(src, gpu_source_ab.compile_variant(src, "li=:-lineinfo", (4, 0))[1], cuda._binary)
-cuda_dynamic.CP_MIN_T = None if three else 1
+cuda_dynamic.CP_MIN_T, cuda_dynamic.CP_SHAPES = (None if three else 1), False  # any shape
 case = bench.Case("throughput", T, n, C, "bfloat16", False, layer="dynamic")
 runner = bench.make_runner("kernels", case, bench.make_inputs(case))
 for _ in range(3):

@@ -28,7 +28,7 @@ gpu_source_ab.use(SOURCE, gpu_source_ab.compile_variant(SOURCE, f"trace={path}:M
                   cuda._binary)
 for k, v in knobs.items():
     setattr(cuda_dynamic, k, int(v))
-cuda_dynamic.CP_MIN_T = 1
+cuda_dynamic.CP_MIN_T, cuda_dynamic.CP_SHAPES = 1, False  # any shape
 G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
 S = -(-C // cuda_dynamic.CP_CW)
 x = (mx.random.normal((T, n, C)) * 0.5).astype(mx.bfloat16)

@@ -919,6 +919,7 @@ def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dty
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    monkeypatch.setattr(cuda_dynamic, "CP_SHAPES", False)  # any shape, not only its rule's
     monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: cuda_dynamic.CP_ARCH)
     monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
     monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
@@ -930,13 +931,14 @@ def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dty
 
 
 def _coeffs_pre_on_gpu(monkeypatch):
-    """mhc_dynamic_coeffs_pre switched on (CP_MIN_T) for a GPU test, which skips off sm_90 (its one
+    """mhc_dynamic_coeffs_pre switched on at any shape (CP_MIN_T, CP_SHAPES) for a GPU test, which skips off sm_90 (its one
     cubin is sm_90a: TMA); returns mhc_aot.cuda_dynamic."""
     from mhc_aot import cuda_dynamic
 
     if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.CP_ARCH:
         pytest.skip(f"mhc_dynamic_coeffs_pre is built for sm_{cuda_dynamic.CP_ARCH}a only (TMA)")
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
+    monkeypatch.setattr(cuda_dynamic, "CP_SHAPES", False)
     return cuda_dynamic
 
 
@@ -945,8 +947,8 @@ def _coeffs_pre_on_gpu(monkeypatch):
 @pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 216), (2048, 2, 1000), (1, 1, 8),
                                    (33, 4, 136)])
 def test_gpu_coeffs_pre(monkeypatch, B, n, C):
-    """mhc_dynamic_coeffs_pre on the GPU (TMA: sm_90 only; off in the default dispatch unless
-    cuda_dynamic.CP_MIN_T is set), forward and every gradient (its mix, invr and h_pre feed the backward
+    """mhc_dynamic_coeffs_pre on the GPU (TMA: sm_90 only; here at any shape, not only its rule's),
+    forward and every gradient (its mix, invr and h_pre feed the backward
     kernels) against the Liger port; second boxes partly and wholly past C (C = 200, 136, 8)."""
     cuda_dynamic = _coeffs_pre_on_gpu(monkeypatch)
     assert cuda_dynamic.coeffs_pre_groups(B, n, C, mx.bfloat16) > 0
@@ -999,12 +1001,41 @@ def _proj_cluster_on(monkeypatch, sms: int | None = None):
     monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
     monkeypatch.setattr(cuda_dynamic, "PROJ_CLUSTER", True)  # off by default (slower so far)
     monkeypatch.setattr(cuda_dynamic, "PC_MIN_T", 1)
+    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", None)  # coeffs_pre's rule comes first where it holds
     if sms is not None:
         monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: cuda_dynamic.PC_ARCH)
         monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
         monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
         monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: sms)
     return cuda_dynamic
+
+
+def test_coeffs_pre_rule(monkeypatch):
+    """The default dispatch takes mhc_dynamic_coeffs_pre (x read once) from CP_MIN_T tokens for bfloat16
+    x, n <= 4, tokens of at least CP_MIN_K values and C <= CP_MAX_C on sm_90 (the shapes it was timed
+    ahead at), and not elsewhere; its grid the groups of 32 CTAs the SMs hold, at most one per tile."""
+    from mhc_aot import cuda_dynamic
+
+    monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: cuda_dynamic.CP_ARCH)
+    monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
+    monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
+    monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: 132)
+    bf = mx.bfloat16
+    assert cuda_dynamic.coeffs_pre_groups(8192, 4, 4096, bf) == 4  # 132 SMs // 32 CTAs a group
+    assert cuda_dynamic.coeffs_pre_groups(1024, 4, 4096, bf) == 4
+    assert cuda_dynamic.coeffs_pre_groups(16384, 4, 4096, bf) == 4
+    for args in [(1023, 4, 4096, bf), (8192, 4, 2048, bf), (8192, 2, 4096, bf), (8192, 4, 4104, bf),
+                 (8192, 4, 8192, bf), (8192, 5, 4096, bf), (8192, 4, 4096, mx.float16), (8192, 4, 4096, mx.float32),
+                 (8192, 4, 4092, bf)]:
+        assert cuda_dynamic.coeffs_pre_groups(*args) == 0, args
+    monkeypatch.setattr(cuda_dynamic, "CP_SHAPES", False)  # the tests' and A/B scripts' switch: any shape
+    assert cuda_dynamic.coeffs_pre_groups(8192, 4, 2048, bf) == 8
+    assert cuda_dynamic.coeffs_pre_groups(8192, 2, 4096, bf) == 4
+    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", None)
+    assert cuda_dynamic.coeffs_pre_groups(8192, 4, 4096, bf) == 0
+    monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: 100)  # its one cubin is sm_90a
+    monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1024)
+    assert cuda_dynamic.coeffs_pre_groups(8192, 4, 4096, bf) == 0
 
 
 def test_proj_cluster_rule(monkeypatch):
