@@ -98,13 +98,16 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # persistent grid of groups of ceil(C / CP_CW) CTAs walking CP_TT-token tiles. It reads x from DRAM once
 # (ncu, its ring: 270 MB for x's 268) where the three kernels read ~600 MB, but it is paced by its
 # hand-over (README, Results), not by DRAM: it pays where DRAM is slow next to the SMs. The rule
-# (CP_SHAPES): tokens of at least CP_MIN_K = n C values and C <= CP_MAX_C, where it was timed ahead.
+# (CP_SHAPES): tokens of at least CP_MIN_K = n C values, C <= CP_MAX_C and a bfloat16 phi (its one-term
+# products), where it was timed ahead. A float32 phi (three terms) tied on the H200 at (8192, 4, 4096)
+# (session 22, below) and is untimed on the H100 with this kernel: the three kernels until it is.
 # Same-run A/B, session 38, H100 (scripts/gpu_dynamic_ab.py --phi-dtype bfloat16, DynamicMHC forward,
 # identity F, medians of 3 rounds, us, one-read / three kernels): (8192, 4, 4096) 403.7 / 451.6,
 # (16384, 4, 4096) 762.5 / 869.6, (2048, 4, 4096) 133.0 / 139.8, (1024, 4, 4096) 101.9 / 115.3; outside the
-# rule (8192, 4, 2048) 235.3 / 242.4 (spread 228-244), (4096, 4, 2048) 139.8 / 135.1. H200: 327.9 and
-# 335.6 / 337.8 and 337.4 at (8192, 4, 4096) in two A/Bs (session 28), ahead at T = 1024; slower at
-# (8192, 2, 4096) 253.0 / 212.6, (4096, 4, 2048) 120.8 / 110.0, (16384, 4, 2048) 362.1 / 345.4 (session 22).
+# rule (8192, 4, 2048) 235.3 / 242.4 (spread 228-244), (4096, 4, 2048) 139.8 / 135.1. H200, (8192, 4, 4096):
+# 327.9 / 337.8 and 335.6 / 337.4 (session 28), 322.6-341.8 / 333.5-344.5 in session 32's calls but one
+# machine's 362.7-368.8 / 333.5, ahead at T = 1024; slower outside the rule: (8192, 2, 4096) 253.0 / 212.6,
+# (4096, 4, 2048) 120.8 / 110.0, (16384, 4, 2048) 362.1 / 345.4 (session 22, a float32 phi).
 # Tests and the A/B scripts set CP_SHAPES = False (and CP_MIN_T) to run it at any shape.
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 12  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
@@ -307,12 +310,12 @@ def _uses_proj(T: int, n: int, C: int, dtype, tmax: int, phi_dtype) -> bool:
             and n <= PROJ_NMAX and proj_smem_bytes(n, C, tmax, dtype.size) > 0)
 
 
-def coeffs_pre_groups(T: int, n: int, C: int, dtype) -> int:
+def coeffs_pre_groups(T: int, n: int, C: int, dtype, phi_dtype=mx.bfloat16) -> int:
     """Groups of mhc_dynamic_coeffs_pre's persistent grid for x [T, n, C] (0: not that kernel): one
     CTA per SM, so the groups of ceil(C / CP_CW) CTAs that the GPU holds at once, at most one per tile."""
     if CP_MIN_T is None or dtype != mx.bfloat16 or n > CP_NMAX or T < CP_MIN_T or C % 8:
         return 0
-    if CP_SHAPES and not (n * C >= CP_MIN_K and C <= CP_MAX_C):
+    if CP_SHAPES and not (n * C >= CP_MIN_K and C <= CP_MAX_C and phi_dtype == mx.bfloat16):
         return 0
     if device.mlx_arch_number() != CP_ARCH:  # its one cubin is sm_90a (TMA)
         return 0
@@ -399,7 +402,7 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
     if _uses_proj(T, n, C, x3.dtype, cfg.tmax, phi.dtype):
         return [*_coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre), b32]
-    G = coeffs_pre_groups(T, n, C, x3.dtype) if with_pre else 0
+    G = coeffs_pre_groups(T, n, C, x3.dtype, phi.dtype) if with_pre else 0
     if G:
         return [*_coeffs_pre(x3, phi.astype(F32), b32, ap, apo, ar, cfg, G, phi_terms=phi_terms), b32]
     P = proj_cluster_clusters(T, n, C, x3.dtype, phi.dtype) if with_pre else 0

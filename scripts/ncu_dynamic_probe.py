@@ -2,7 +2,7 @@
 mhc_dynamic_coeffs_pre in the dispatch, as built or as a variant compiled here (e.g. with -lineinfo).
 
   ncu -k regex:coeffs_pre python3 scripts/ncu_dynamic_probe.py [T n C] [LABEL=[PATH][:DEFINE|-FLAG...]]
-  ncu python3 scripts/ncu_dynamic_probe.py [T n C] three    # the dispatched path (no one-read kernel)
+  ncu python3 scripts/ncu_dynamic_probe.py [T n C] three    # the three-kernel path (no one-read kernel)
   ncu --import-source yes ... three lineinfo=mhc_dynamic_proj_tc,mhc_dynamic_coeffs   # those kernels
       compiled here with -lineinfo (NMAX 4 and 0; their names end in _ab_li), for ncu's source page
 """

@@ -1012,8 +1012,8 @@ def _proj_cluster_on(monkeypatch, sms: int | None = None):
 
 def test_coeffs_pre_rule(monkeypatch):
     """The default dispatch takes mhc_dynamic_coeffs_pre (x read once) from CP_MIN_T tokens for bfloat16
-    x, n <= 4, tokens of at least CP_MIN_K values and C <= CP_MAX_C on sm_90 (the shapes it was timed
-    ahead at), and not elsewhere; its grid the groups of 32 CTAs the SMs hold, at most one per tile."""
+    x and phi, n <= 4, tokens of at least CP_MIN_K values and C <= CP_MAX_C on sm_90 (where it was timed
+    ahead), and not elsewhere; its grid the groups of 32 CTAs the SMs hold, at most one per tile."""
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: cuda_dynamic.CP_ARCH)
@@ -1026,7 +1026,7 @@ def test_coeffs_pre_rule(monkeypatch):
     assert cuda_dynamic.coeffs_pre_groups(16384, 4, 4096, bf) == 4
     for args in [(1023, 4, 4096, bf), (8192, 4, 2048, bf), (8192, 2, 4096, bf), (8192, 4, 4104, bf),
                  (8192, 4, 8192, bf), (8192, 5, 4096, bf), (8192, 4, 4096, mx.float16), (8192, 4, 4096, mx.float32),
-                 (8192, 4, 4092, bf)]:
+                 (8192, 4, 4092, bf), (8192, 4, 4096, bf, mx.float32)]:
         assert cuda_dynamic.coeffs_pre_groups(*args) == 0, args
     monkeypatch.setattr(cuda_dynamic, "CP_SHAPES", False)  # the tests' and A/B scripts' switch: any shape
     assert cuda_dynamic.coeffs_pre_groups(8192, 4, 2048, bf) == 8

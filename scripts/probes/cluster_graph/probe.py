@@ -87,6 +87,7 @@ def part_d() -> None:
 
     def use(on: bool, clusters: int = 15):
         cuda_dynamic.PROJ_CLUSTER, cuda_dynamic.PC_CLUSTERS = on, clusters
+        cuda_dynamic.CP_MIN_T = None  # "three": the three kernels, not the one-read kernel's rule (session 38)
         kernel_ops._compiled.cache_clear()
         cuda_dynamic._coeffs_fn.cache_clear()
 
