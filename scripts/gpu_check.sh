@@ -9,7 +9,7 @@
 #     pydantic annotated-doc -d .devwheels2
 #   pip download --no-deps liger-kernel==0.8.5 -d .devwheels2   # torch and triton are there
 #   pip download --no-deps pytest-xdist==3.8.0 execnet==2.1.2 -d .devwheels2   # for the `alltests` stage
-# Stages (default all, in this order): build tests sweep bench dynamic profile; `alltests` and `ab` on request
+# Stages (default all, in this order): build tests sweep bench dynamic profile; `alltests`, `ab` and `dynamic_ab` on request
 # (`alltests`: the README's test command, every test file and not only `-m gpu`, in 14 pytest-xdist workers:
 # 437-490 s on the H200's 16 cores in session 26, 243 s in session 27; with `build` it fills a device call: `build alltests`;
 # with MLX_USE_CUDA_GRAPHS=0 in the environment the whole suite runs where `cluster` is dispatched: 269 s, session 27;
@@ -113,6 +113,17 @@ for s in $stages; do
       timeout 300 mhc bench --layer dynamic --mode throughput --config 8192:4:4096,4096:4:2048,32:4:4096 \
         $(flag "$pass") --compare "${MHC_DYNAMIC_COMPARE:-portable,liger}" || status=1
     done ;;
+  dynamic_ab)
+    stage dynamic_ab
+    # the evidence of the one-read forward's rule (mhc_aot/cuda_dynamic.py, CP_SHAPES): same-run A/Bs of
+    # mhc_dynamic_coeffs_pre against the three-kernel path, in and just outside the rule, both phi dtypes,
+    # then forward + backward (~40 s for six forward configs on the H100, session 38)
+    timeout 200 python3 scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 \
+      --configs 8192:4:4096,16384:4:4096,1024:4:4096,8192:4:2048,8192:2:4096,8192:4:8192 || status=1
+    timeout 150 python3 scripts/gpu_dynamic_ab.py --phi-dtype float32 --configs 8192:4:4096,16384:4:4096,1024:4:4096 \
+      || status=1
+    timeout 200 python3 scripts/gpu_dynamic_ab.py --backward --phi-dtype bfloat16 --configs 8192:4:4096,1024:4:4096 \
+      || status=1 ;;
   ab)
     stage ab
     # same-run A/B (scripts/gpu_strategy_ab.py): the rules with and without the forward's `ring`,
