@@ -45,7 +45,8 @@
 // [1], sync [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], published[tiles]).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
 // mhc_dynamic_coeffs), part [G NSLOT S TT RL] float32 (scratch: the partials of a group's last NSLOT
-// tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh). MHC_GRID_RESIDENT: the
+// tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh), consts [3 + M] (as
+// mhc_dynamic_phi_split's: alpha_pre, alpha_post, alpha_res, b, for the backward). MHC_GRID_RESIDENT: the
 // CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix;
 // with MHC_CP_TRACE_X two of them time the first x_in warp's h_pre loads and x_in instead.
@@ -194,7 +195,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const float* __restrict__ phi, const float* __restrict__ b,
     const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post, const float* __restrict__ alpha_res,
     const int* sync_in, float* h_pre, float* __restrict__ h_post, float* __restrict__ h_res, bf16* __restrict__ x_in,
-    float* __restrict__ mix, float* __restrict__ invr_out, float* part, uint32_t* maps, int n, int C, int Tn, int S, int G, int tmax,
+    float* __restrict__ mix, float* __restrict__ invr_out, float* part, uint32_t* maps, float* __restrict__ consts, int n,
+    int C, int Tn, int S, int G, int tmax,
     float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult) {
   extern __shared__ float smem[];
   // the buffers from the first 1024-byte boundary of shared memory (SMEM_BYTES has the slack)
@@ -217,6 +219,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     __trap();
   }
 #endif
+  // phi_split's consts (its header says why: the backward reads the alphas from MLX's small arrays
+  // otherwise, session 18), which the forward's other path gets from phi_split
+  if (blockIdx.x == 0 && tid < 3 + M)
+    consts[tid] = tid == 0 ? *alpha_pre : tid == 1 ? *alpha_post : tid == 2 ? *alpha_res : b[tid - 3];
   uint32_t* gmap = maps + (size_t)blockIdx.x * 32;  // this CTA's published tensor map
   if (warp == 0) tma::publish_map(gmap, tm, tmpl, x, lane);
   if (tid == 0) {

@@ -364,7 +364,8 @@ def coeffs_pre_sync_len(T: int) -> int:
 
 
 def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: int = 3):
-    """mhc_dynamic_coeffs_pre: (h_pre, h_post, h_res, x_in, mix, invr), x read once. sync: the kernel's
+    """mhc_dynamic_coeffs_pre: (h_pre, h_post, h_res, x_in, mix, invr, consts), x read once; consts as
+    phi_split's (the alphas and b in an ordinary array for the backward). sync: the kernel's
     zeroed counters (default: new zeros; a test passes one buffer to several launches). phi_terms: phi's
     bfloat16 terms in its products, as the projection's (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
@@ -375,11 +376,11 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: 
     tmpl = _x_tile_map(T, n, C, CP_BOXC, CP_TT)
     outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, tmpl, phi32, b32, ap, apo, ar, sync],
                    [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (G * CP_NSLOT * CP_TT * CP_RL * S,),
-                    (G * S * 32,)],
-                   [F32, F32, F32, x3.dtype, F32, F32, F32, mx.uint32],
+                    (G * S * 32,), (3 + M,)],
+                   [F32, F32, F32, x3.dtype, F32, F32, F32, mx.uint32, F32],
                    [n, C, T, S, G, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult],
                    (G * S * CP_BLOCK, 1, 1), CP_SMEM_BYTES // 4, CP_BLOCK, terms=phi_terms)
-    return list(outs[:6])
+    return list(outs[:6]) + [outs[8]]
 
 
 def _coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool):
@@ -404,7 +405,7 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
         return [*_coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre), b32]
     G = coeffs_pre_groups(T, n, C, x3.dtype, phi.dtype) if with_pre else 0
     if G:
-        return [*_coeffs_pre(x3, phi.astype(F32), b32, ap, apo, ar, cfg, G, phi_terms=phi_terms), b32]
+        return _coeffs_pre(x3, phi.astype(F32), b32, ap, apo, ar, cfg, G, phi_terms=phi_terms)
     P = proj_cluster_clusters(T, n, C, x3.dtype, phi.dtype) if with_pre else 0
     x_in = None
     if P:  # the projection and x_in in one read of x; the coefficients from its sums below

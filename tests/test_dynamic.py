@@ -928,6 +928,18 @@ def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dty
     names = [nm for nm, _ in emulated_cuda.launched]
     want = "mhc_dynamic_coeffs_pre_bf16_n4" + ("_t1" if phi_dtype == mx.bfloat16 else "")
     assert want in names, names
+    # its consts, as phi_split's: the backward reads the alphas and b from them (not MLX's small arrays)
+    seed = seed_of("consts", "cuda", B, n, C, "bfloat16")
+    x = _x((B, n, C), "bfloat16", seed)
+    phi, b, *alphas = _params(n, C, seed, phi_dtype=phi_dtype)
+    alphas = [a.reshape(1) for a in alphas]
+    G = cuda_dynamic.coeffs_pre_groups(B, n, C, mx.bfloat16, phi_dtype)
+    terms = 1 if phi_dtype == mx.bfloat16 else 3  # the variant the forward launched
+    with testing.poisoned_outputs():
+        consts = cuda_dynamic._coeffs_pre(x, phi.astype(mx.float32), b, *alphas, dynamic.Config(**CFG), G,
+                                          phi_terms=terms)[6]
+    want_consts = mx.concatenate([*alphas, b])
+    assert mx.array_equal(consts, want_consts).item(), (consts, want_consts)
 
 
 def _coeffs_pre_on_gpu(monkeypatch):
