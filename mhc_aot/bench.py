@@ -388,8 +388,14 @@ def _strategy_of(op: str, case: Case) -> str:
 def kernels_note(case: Case) -> str:
     """What backend='auto' runs for this case (dispatch's choice)."""
     if case.layer == "dynamic":
-        return f"{dispatch.device_backend()}:" + "/".join(
+        text = f"{dispatch.device_backend()}:" + "/".join(
             _strategy_of(op, case) for op in ("mhc_coeffs", "mhc_pre", "mhc_post_res"))
+        if dispatch.device_backend() == "cuda":  # the layer's coefficients and x_in: which kernels
+            from . import cuda_dynamic, dynamic
+
+            text += " (" + cuda_dynamic.coeffs_path(case.B, case.n, case.C, testing.DTYPES[case.dtype],
+                                                    testing.DTYPES[case.phi], dynamic.Config().tmax, True) + ")"
+        return text
     c = dispatch.choose("mhc_forward", case.n, case.C, "auto", B=case.B, dtype=case.dtype)
     text = f"{c.backend}:{c.strategy}"
     if case.backward:

@@ -395,18 +395,33 @@ def _coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool):
                          PHI_KINDS[phi.dtype]], (T * THREADS, 1, 1), -(-smem // 4)))
 
 
+def coeffs_path(T: int, n: int, C: int, dtype, phi_dtype, tmax: int, with_pre: bool) -> str:
+    """Which kernels form the coefficients (and x_in with_pre) of x [T, n, C], in the rules' order:
+    "few-token" (mhc_dynamic_coeffs_proj), "one-read" (mhc_dynamic_coeffs_pre), "cluster"
+    (mhc_dynamic_proj_cluster, then the coefficients), else "projection" (phi_split, proj_tc or the
+    skinny product, the coefficients, then pre with_pre: x read twice)."""
+    if _uses_proj(T, n, C, dtype, tmax, phi_dtype):
+        return "few-token"
+    if with_pre and coeffs_pre_groups(T, n, C, dtype, phi_dtype):
+        return "one-read"
+    if with_pre and proj_cluster_clusters(T, n, C, dtype, phi_dtype):
+        return "cluster"
+    return "projection"
+
+
 def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int = 3):
     """[h_pre, h_post, h_res, x_in (or [1]), mix, invr, consts]: consts as _projection returns it,
     b32 where it returned None. phi in its own dtype (float32 for every kernel but coeffs_proj);
     phi_terms: the projection's bfloat16 terms of phi (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
-    if _uses_proj(T, n, C, x3.dtype, cfg.tmax, phi.dtype):
+    path = coeffs_path(T, n, C, x3.dtype, phi.dtype, cfg.tmax, with_pre)
+    if path == "few-token":
         return [*_coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre), b32]
-    G = coeffs_pre_groups(T, n, C, x3.dtype, phi.dtype) if with_pre else 0
-    if G:
+    if path == "one-read":
+        G = coeffs_pre_groups(T, n, C, x3.dtype, phi.dtype)
         return _coeffs_pre(x3, phi.astype(F32), b32, ap, apo, ar, cfg, G, phi_terms=phi_terms)
-    P = proj_cluster_clusters(T, n, C, x3.dtype, phi.dtype) if with_pre else 0
+    P = proj_cluster_clusters(T, n, C, x3.dtype, phi.dtype) if path == "cluster" else 0
     x_in = None
     if P:  # the projection and x_in in one read of x; the coefficients from its sums below
         x_in, part, sq = _proj_cluster(x3, phi, b32, ap, cfg, P)

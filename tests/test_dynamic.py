@@ -1040,6 +1040,12 @@ def test_coeffs_pre_rule(monkeypatch):
                  (8192, 4, 8192, bf), (8192, 5, 4096, bf), (8192, 4, 4096, mx.float16), (8192, 4, 4096, mx.float32),
                  (8192, 4, 4092, bf), (8192, 4, 4096, bf, mx.float32)]:
         assert cuda_dynamic.coeffs_pre_groups(*args) == 0, args
+    # the path the layer's forward takes, as `mhc bench` reports it (few tokens: the few-token kernel first)
+    paths = {args: cuda_dynamic.coeffs_path(*args, 20, True) for args in
+             [(8192, 4, 4096, bf, bf), (1024, 4, 4096, bf, bf), (32, 4, 4096, bf, bf), (8192, 4, 2048, bf, bf),
+              (8192, 4, 4096, bf, mx.float32)]}
+    assert list(paths.values()) == ["one-read", "one-read", "few-token", "projection", "projection"], paths
+    assert cuda_dynamic.coeffs_path(8192, 4, 4096, bf, bf, 20, False) == "projection"  # mhc_coeffs: no x_in
     monkeypatch.setattr(cuda_dynamic, "CP_SHAPES", False)  # the tests' and A/B scripts' switch: any shape
     assert cuda_dynamic.coeffs_pre_groups(8192, 4, 2048, bf) == 8
     assert cuda_dynamic.coeffs_pre_groups(8192, 2, 4096, bf) == 4
