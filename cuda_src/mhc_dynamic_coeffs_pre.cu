@@ -41,7 +41,8 @@
 // named barrier 1.
 // Grid (threads): (G S BLOCK, 1, 1). Shared memory (dynamic): SMEM_BYTES.
 // Inputs: x [T, n, C] bfloat16, tmpl [32] uint32 (x's tensor-map template: mhc_aot/tma.py, dims
-// (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] float32, b [M], alpha_pre / _post / _res
+// (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] (float32, bfloat16 or float16: the scalar
+// phi_kind; read as it is, no float32 copy first), b [M], alpha_pre / _post / _res
 // [1], sync [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], published[tiles]).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
 // mhc_dynamic_coeffs), part [G NSLOT S TT RL] float32 (scratch: the partials of a group's last NSLOT
@@ -192,12 +193,12 @@ __device__ __forceinline__ unsigned gtimer() {
 
 
 extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
-    const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const float* __restrict__ phi, const float* __restrict__ b,
+    const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const void* __restrict__ phi, const float* __restrict__ b,
     const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post, const float* __restrict__ alpha_res,
     const int* sync_in, float* h_pre, float* __restrict__ h_post, float* __restrict__ h_res, bf16* __restrict__ x_in,
     float* __restrict__ mix, float* __restrict__ invr_out, float* part, uint32_t* maps, float* __restrict__ consts, int n,
     int C, int Tn, int S, int G, int tmax,
-    float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult) {
+    float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult, int phi_kind) {
   extern __shared__ float smem[];
   // the buffers from the first 1024-byte boundary of shared memory (SMEM_BYTES has the slack)
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
@@ -271,7 +272,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int c = r0 + (u & 1) + 8 * (u >> 1);
-          v[u] = (js < n && c < C && m < M) ? __ldg(phi + ((size_t)js * C + c) * M + m) : 0.0f;
+          v[u] = (js < n && c < C && m < M) ? dyn::phi_at(phi, phi_kind, ((size_t)js * C + c) * M + m) : 0.0f;
         }
         uint2 terms[3];
         mma::split_b_fragment(v, terms);

@@ -14,6 +14,14 @@ namespace dyn {
 
 constexpr int WARPS = THREADS / 32;
 
+// phi[i] in phi's own dtype (phi_kind, cuda_dynamic.PHI_KINDS: 0 float32, 1 bfloat16, 2 float16): the
+// kernels that read phi once read it as it is, so no float32 copy (a launch) comes before them
+__device__ __forceinline__ float phi_at(const void* phi, int phi_kind, size_t i) {
+  if (phi_kind == 1) return to_float(static_cast<const bf16*>(phi)[i]);
+  if (phi_kind == 2) return to_float(static_cast<const f16*>(phi)[i]);
+  return static_cast<const float*>(phi)[i];
+}
+
 // Sums R values over the CTA: out[q] (shared, R floats) = sum over threads of v[q]. `scratch`
 // holds WARPS * R floats. Starts and ends synchronised; every thread must call it.
 template <int R>

@@ -24,13 +24,6 @@ using namespace mhc;
 
 namespace {
 constexpr int NT = 3;  // n8 tiles: M <= 24 (mhc_dynamic_proj_tc)
-
-// phi[i] in phi's own dtype (phi_kind, cuda_dynamic.PHI_KINDS: 0 float32, 1 bfloat16, 2 float16)
-__device__ __forceinline__ float phi_at(const void* phi, int phi_kind, size_t i) {
-  if (phi_kind == 1) return to_float(static_cast<const bf16*>(phi)[i]);
-  if (phi_kind == 2) return to_float(static_cast<const f16*>(phi)[i]);
-  return static_cast<const float*>(phi)[i];
-}
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
@@ -46,7 +39,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int r = r0 + (j & 1) + 8 * (j >> 1);
-    v[j] = (m < M && r < K) ? phi_at(phi, phi_kind, (size_t)r * M + m) : 0.0f;
+    v[j] = (m < M && r < K) ? dyn::phi_at(phi, phi_kind, (size_t)r * M + m) : 0.0f;
   }
   uint2 split[3];
   mma::split_b_fragment(v, split);

@@ -363,9 +363,10 @@ def coeffs_pre_sync_len(T: int) -> int:
     return 2 + 2 * _cdiv(T, CP_TT)
 
 
-def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: int = 3):
+def _coeffs_pre(x3, phi, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: int = 3):
     """mhc_dynamic_coeffs_pre: (h_pre, h_post, h_res, x_in, mix, invr, consts), x read once; consts as
-    phi_split's (the alphas and b in an ordinary array for the backward). sync: the kernel's
+    phi_split's (the alphas and b in an ordinary array for the backward). phi in its own dtype (float32,
+    bfloat16 or float16: no float32 copy first). sync: the kernel's
     zeroed counters (default: new zeros; a test passes one buffer to several launches). phi_terms: phi's
     bfloat16 terms in its products, as the projection's (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
@@ -374,11 +375,12 @@ def _coeffs_pre(x3, phi32, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: 
     if sync is None:
         sync = mx.zeros((coeffs_pre_sync_len(T),), mx.int32)
     tmpl = _x_tile_map(T, n, C, CP_BOXC, CP_TT)
-    outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, tmpl, phi32, b32, ap, apo, ar, sync],
+    outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, tmpl, phi, b32, ap, apo, ar, sync],
                    [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (G * CP_NSLOT * CP_TT * CP_RL * S,),
                     (G * S * 32,), (3 + M,)],
                    [F32, F32, F32, x3.dtype, F32, F32, F32, mx.uint32, F32],
-                   [n, C, T, S, G, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult],
+                   [n, C, T, S, G, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult,
+                    PHI_KINDS[phi.dtype]],
                    (G * S * CP_BLOCK, 1, 1), CP_SMEM_BYTES // 4, CP_BLOCK, terms=phi_terms)
     return list(outs[:6]) + [outs[8]]
 
@@ -411,7 +413,7 @@ def coeffs_path(T: int, n: int, C: int, dtype, phi_dtype, tmax: int, with_pre: b
 
 def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int = 3):
     """[h_pre, h_post, h_res, x_in (or [1]), mix, invr, consts]: consts as _projection returns it,
-    b32 where it returned None. phi in its own dtype (float32 for every kernel but coeffs_proj);
+    b32 where it returned None. phi in its own dtype (coeffs_proj, coeffs_pre and phi_split read it so);
     phi_terms: the projection's bfloat16 terms of phi (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
@@ -420,7 +422,7 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
         return [*_coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre), b32]
     if path == "one-read":
         G = coeffs_pre_groups(T, n, C, x3.dtype, phi.dtype)
-        return _coeffs_pre(x3, phi.astype(F32), b32, ap, apo, ar, cfg, G, phi_terms=phi_terms)
+        return _coeffs_pre(x3, phi, b32, ap, apo, ar, cfg, G, phi_terms=phi_terms)
     P = proj_cluster_clusters(T, n, C, x3.dtype, phi.dtype) if path == "cluster" else 0
     x_in = None
     if P:  # the projection and x_in in one read of x; the coefficients from its sums below
@@ -559,7 +561,7 @@ def coeffs(x3, phi, b, alpha_pre, alpha_post, alpha_res, cfg, with_pre: bool, st
         outs = dynamic._portable_coeffs(cfg, with_pre)(x3, phi, b, alpha_pre, alpha_post, alpha_res)
         return (*outs, x3) if alias else outs
     # a bfloat16 phi is exact in one bfloat16 term (its float32 copy holds the same values). phi goes in
-    # as it is: the few-token kernel and phi_split read it so; skinny, dx and the one-read kernel get a
+    # as it is: the few-token kernel, the one-read kernel and phi_split read it so; skinny and dx get a
     # float32 cast inside the op
     phi_terms = BF16_PHI_TERMS if phi.dtype == mx.bfloat16 else 3
     outs = compiled_call(_coeffs_fn(cfg, with_pre, alias, phi_terms), x3, phi, b.astype(F32),

@@ -915,6 +915,14 @@ def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n,
     _one_term_on_float32_phi_fails(monkeypatch, B, n, C)
 
 
+@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
+def test_emulated_cuda_coeffs_pre_float16_phi(emulated_cuda, monkeypatch):
+    """A float16 phi read as it is by mhc_dynamic_coeffs_pre (its phi_kind, no float32 copy first), in the
+    three-term variant (float16 is not exact in one bfloat16 term), forward and every gradient."""
+    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, 100, 4, 256, 4, phi_dtype=mx.float16)
+    _check_gradients("cuda", 100, 4, 256, "bfloat16", phi_dtype=mx.float16)
+
+
 def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dtype=mx.float32):
     from mhc_aot import cuda_dynamic
 
@@ -936,8 +944,7 @@ def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dty
     G = cuda_dynamic.coeffs_pre_groups(B, n, C, mx.bfloat16, phi_dtype)
     terms = 1 if phi_dtype == mx.bfloat16 else 3  # the variant the forward launched
     with testing.poisoned_outputs():
-        consts = cuda_dynamic._coeffs_pre(x, phi.astype(mx.float32), b, *alphas, dynamic.Config(**CFG), G,
-                                          phi_terms=terms)[6]
+        consts = cuda_dynamic._coeffs_pre(x, phi, b, *alphas, dynamic.Config(**CFG), G, phi_terms=terms)[6]
     want_consts = mx.concatenate([*alphas, b])
     assert mx.array_equal(consts, want_consts).item(), (consts, want_consts)
 
