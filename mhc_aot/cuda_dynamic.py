@@ -100,8 +100,9 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # hand-over (README, Results), not by DRAM: it pays where DRAM is slow next to the SMs. The rule
 # (CP_SHAPES): tokens of at least CP_MIN_K = n C values, C <= CP_MAX_C and a bfloat16 phi (its one-term
 # products), where it was timed ahead: with n <= 4 that is n = 4, C = 4096 today (C = 2048 was mixed,
-# larger C untimed; the bounds widen with the next A/B, `gpu_check.sh dynamic_ab`). A float32 phi (three terms) tied on the H200 at (8192, 4, 4096)
-# (session 22, below) and is untimed on the H100 with this kernel: the three kernels until it is.
+# larger C untimed; the bounds widen with the next A/B, `gpu_check.sh dynamic_ab`). A float32 phi (three
+# terms) tied on the H200 at (8192, 4, 4096) (session 22, below) and is untimed on the H100 with this
+# kernel: the three kernels until it is.
 # Same-run A/B, session 38, H100 (scripts/gpu_dynamic_ab.py --phi-dtype bfloat16, DynamicMHC forward,
 # identity F, medians of 3 rounds, us, one-read / three kernels): (8192, 4, 4096) 403.7 / 451.6,
 # (16384, 4, 4096) 762.5 / 869.6, (2048, 4, 4096) 133.0 / 139.8, (1024, 4, 4096) 101.9 / 115.3; outside the
