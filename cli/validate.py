@@ -68,6 +68,7 @@ class Check:
     dtype: str
     strategy: str
     variant: str
+    phi: str = "float32"  # mhc_coeffs: phi's dtype (a bfloat16 phi takes the one-read kernel's rule)
 
     @property
     def name(self) -> str:
@@ -180,6 +181,9 @@ def variant_name(backend: str, op: str, strategy: str, dtype: str, n: int) -> st
         typed = any(r["dtype"] for r in rows if r["source"] == source)
         if typed and not any(r["source"] == source and r["dtype"] == tag for r in rows):
             continue  # built for other dtypes only (mhc_dynamic_proj_tc: bfloat16): not on this dtype's path
+        nmaxes = {r["nmax"] for r in rows if r["source"] == source}
+        if 0 not in nmaxes and n > max(nmaxes):
+            continue  # built for n <= its NMAX only, no generic kernel (mhc_dynamic_coeffs_pre: 4): not on n's path
         names.append(manifest.find(backend, source, tag if typed else None, n).name)
     return "+".join(names) or f"{backend}:{op}:{strategy}"
 
@@ -204,7 +208,38 @@ def plan(full: bool, dtypes: list[str]) -> list[Check]:
                             except manifest.KernelArtifactError as e:
                                 variant = f"missing ({e})"
                             checks.append(Check(backend, op, grad, B, n, C, dt, strategy, variant))
+                        if op == "mhc_coeffs" and device == "cuda":
+                            for B, C, phi, path in coeffs_path_shapes(n, dt, full, grad):
+                                strategy = _strategy(op, n, C, device, B, dt)
+                                variant = variant_name(backend, op, strategy, dt, n)
+                                checks.append(Check(backend, op, grad, B, n, C, dt, f"{strategy} ({path})", variant, phi))
     return checks
+
+
+# mhc_coeffs on CUDA forms the coefficients (and x_in) by one of several kernel paths chosen inside the op
+# (mhc_aot.cuda_dynamic.coeffs_path), beyond the rule's shapes (3 tokens: the few-token kernel): a shape
+# for each other path this GPU takes. The one-read kernel's rule wants a bfloat16 phi and T n C = 1024 x 4 x
+# 4096 at least: its gradients (float64 truth on the CPU) run with --full only.
+PATH_SHAPES = ((1100, 130, None), (1024, 4096, "bfloat16"))  # (B, C, phi: None for float32) at n = 4
+
+
+def coeffs_path_shapes(n: int, dtype: str, full: bool, grad: bool) -> list[tuple[int, int, str, str]]:
+    """(B, C, phi dtype, path) of mhc_coeffs checks for the CUDA coefficient paths other than the
+    few-token kernel's that this GPU takes for x of `dtype` at n (n = 4 only)."""
+    from mhc_aot import cuda_dynamic, dynamic
+
+    out = []
+    for B, C, phi in PATH_SHAPES if n == 4 else ():
+        phi = phi or "float32"
+        if phi != "float32" and phi != dtype:
+            continue  # a phi in x's dtype (bfloat16): that dtype's row only
+        path = cuda_dynamic.coeffs_path(B, n, C, testing.DTYPES[dtype], testing.DTYPES[phi],
+                                        dynamic.Config().tmax, True)
+        if path == "few-token" or (grad and B * C > 1100 * 130 and not full):
+            continue
+        if path not in {p for *_, p in out}:
+            out.append((B, C, phi, path))
+    return out
 
 
 # ---------------------------------------------------------------- float64 ground truth of the static ops
@@ -343,7 +378,7 @@ def _inputs(check: Check):
             ["x", "H_pre_raw", "H_post_raw", "H_res_raw", "rms_weight"]
     if check.op == "mhc_coeffs":
         Mc = n * n + 2 * n
-        phi = mx.random.normal((n * C, Mc), key=keys[1]) / math.sqrt(n * C)  # logits ~ N(0, 1)
+        phi = (mx.random.normal((n * C, Mc), key=keys[1]) / math.sqrt(n * C)).astype(testing.DTYPES[check.phi])
         b = 0.5 * mx.random.normal((Mc,), key=keys[2])
         alphas = [1.0 + 0.3 * mx.random.normal((), key=keys[3 + i]) for i in range(3)]
         return [x, phi, b, *alphas], ["x", "phi", "b", "alpha_pre", "alpha_post", "alpha_res"]
@@ -420,6 +455,8 @@ def run_check(check: Check) -> dict:
     which the dynamic test suite holds to a float64 port of Liger-Kernel."""
     row = {"variant": check.variant, "backend": check.backend, "op": check.name, "strategy": check.strategy,
            "shape": check.shape, "B": check.B, "n": check.n, "C": check.C, "dtype": check.dtype}
+    if check.op == "mhc_coeffs":
+        row["phi"] = check.phi
     dt = testing.DTYPES[check.dtype]
     tol = testing.tolerance(dt)
     factor = testing.BF16_REFERENCE_FACTOR

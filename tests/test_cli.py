@@ -239,6 +239,23 @@ def test_validate_variant_names_only_kernels_built_for_the_dtype():
     assert any(v.startswith("mhc_dynamic_coeffs_f32") for v in f32), f32
 
 
+def test_validate_variant_names_only_kernels_built_for_the_n():
+    """Above the NMAX of a family's kernels built without a generic one (the one-read and few-token
+    coefficient kernels: n <= 4), the names are the kernels that run for that n, not a missing kernel
+    (every n = 5 mhc_coeffs row of the CUDA plan read "missing (...)" until session 38)."""
+    from mhc_aot.cli import validate
+
+    rows = [r for r in validate._manifest_rows() if r["backend"] == "cuda" and r["op"] == "mhc_coeffs"]
+    if not rows:
+        pytest.skip("this build shipped no CUDA dynamic kernels (no nvcc)")
+    strategy = rows[0]["strategy"]
+    n4 = validate.variant_name("cuda", "mhc_coeffs", strategy, "bfloat16", 4).split("+")
+    n5 = validate.variant_name("cuda", "mhc_coeffs", strategy, "bfloat16", 5).split("+")
+    assert any(v.startswith("mhc_dynamic_coeffs_pre") for v in n4), n4
+    assert not any(v.startswith(("missing", "mhc_dynamic_coeffs_pre", "mhc_dynamic_coeffs_proj")) for v in n5), n5
+    assert "mhc_dynamic_coeffs_bf16" in n5, n5
+
+
 def test_validate_reference_error_over_token_orders(monkeypatch):
     """A gradient's bound rests on the float32 reference's worst error over distinct token orders:
     the orders are permutations, each undone on the gradients with a token axis, and they round the
@@ -316,6 +333,31 @@ def test_validate_shared_gradient_bound_rests_on_its_terms(monkeypatch):
     assert wrong["result"] == "FAIL" and wrong["checked"] == "dalpha_res", wrong
     monkeypatch.setattr(validate, "_term_magnitudes", lambda *a: {})
     assert row(0.5)["result"] == "FAIL"
+
+
+def test_validate_covers_each_cuda_coefficients_path(monkeypatch):
+    """On CUDA, mhc validate checks mhc_coeffs at a shape of every kernel path the op takes inside (not
+    only the rule's few-token shapes): the projection path, and on an sm_90 GPU with a bfloat16 x the
+    one-read kernel with a bfloat16 phi (its gradients with --full only); its checks carry that phi."""
+    from mhc_aot import cuda_dynamic
+    from mhc_aot.cli import validate
+
+    monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: cuda_dynamic.CP_ARCH)
+    monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
+    monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
+    monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: 132)
+    paths = lambda dt, full, grad: [(B, C, phi, p) for B, C, phi, p in validate.coeffs_path_shapes(4, dt, full, grad)]  # noqa: E731
+    assert paths("bfloat16", False, False) == [(1100, 130, "float32", "projection"),
+                                               (1024, 4096, "bfloat16", "one-read")]
+    assert paths("bfloat16", False, True) == [(1100, 130, "float32", "projection")]
+    assert paths("bfloat16", True, True)[-1] == (1024, 4096, "bfloat16", "one-read")
+    assert paths("float32", True, False) == [(1100, 130, "float32", "projection")]  # the one-read rule: bfloat16
+    assert validate.coeffs_path_shapes(8, "bfloat16", True, False) == []
+    monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: 100)  # no sm_90a: no one-read kernel
+    assert paths("bfloat16", True, True) == [(1100, 130, "float32", "projection")]
+    check = validate.Check("portable", "mhc_coeffs", False, 2, 4, 8, "bfloat16", "fused (one-read)", "x", "bfloat16")
+    args, names = validate._inputs(check)
+    assert names[1] == "phi" and args[1].dtype == mx.bfloat16
 
 
 def test_validate_names_a_broken_variant(monkeypatch):
