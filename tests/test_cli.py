@@ -223,18 +223,21 @@ def test_validate_quick(fmt):
         assert "portable path" in data and "is what is validated" in data
 
 
-def test_validate_variant_names_only_kernels_built_for_the_dtype():
-    """A kernel family whose sources are built for some dtypes only (the dynamic coefficients'
-    tensor-core projection: bfloat16) names, for another dtype, the kernels that run for it, not a
-    missing kernel with reinstall advice (every float32 and float16 mhc_coeffs row did until session 24)."""
+def _cuda_coeffs_names(dtype: str, n: int) -> list[str]:
+    """validate's variant names of the CUDA mhc_coeffs family for (dtype, n); skips without that build."""
     from mhc_aot.cli import validate
 
     rows = [r for r in validate._manifest_rows() if r["backend"] == "cuda" and r["op"] == "mhc_coeffs"]
     if not rows:
         pytest.skip("this build shipped no CUDA dynamic kernels (no nvcc)")
-    strategy = rows[0]["strategy"]
-    bf16 = validate.variant_name("cuda", "mhc_coeffs", strategy, "bfloat16", 4).split("+")
-    f32 = validate.variant_name("cuda", "mhc_coeffs", strategy, "float32", 4).split("+")
+    return validate.variant_name("cuda", "mhc_coeffs", rows[0]["strategy"], dtype, n).split("+")
+
+
+def test_validate_variant_names_only_kernels_built_for_the_dtype():
+    """A kernel family whose sources are built for some dtypes only (the dynamic coefficients'
+    tensor-core projection: bfloat16) names, for another dtype, the kernels that run for it, not a
+    missing kernel with reinstall advice (every float32 and float16 mhc_coeffs row did until session 24)."""
+    bf16, f32 = _cuda_coeffs_names("bfloat16", 4), _cuda_coeffs_names("float32", 4)
     assert "mhc_dynamic_proj_tc_bf16" in bf16 and not any("proj_tc" in v for v in f32), (bf16, f32)
     assert any(v.startswith("mhc_dynamic_coeffs_f32") for v in f32), f32
 
@@ -243,14 +246,7 @@ def test_validate_variant_names_only_kernels_built_for_the_n():
     """Above the NMAX of a family's kernels built without a generic one (the one-read and few-token
     coefficient kernels: n <= 4), the names are the kernels that run for that n, not a missing kernel
     (every n = 5 mhc_coeffs row of the CUDA plan read "missing (...)" until session 38)."""
-    from mhc_aot.cli import validate
-
-    rows = [r for r in validate._manifest_rows() if r["backend"] == "cuda" and r["op"] == "mhc_coeffs"]
-    if not rows:
-        pytest.skip("this build shipped no CUDA dynamic kernels (no nvcc)")
-    strategy = rows[0]["strategy"]
-    n4 = validate.variant_name("cuda", "mhc_coeffs", strategy, "bfloat16", 4).split("+")
-    n5 = validate.variant_name("cuda", "mhc_coeffs", strategy, "bfloat16", 5).split("+")
+    n4, n5 = _cuda_coeffs_names("bfloat16", 4), _cuda_coeffs_names("bfloat16", 5)
     assert any(v.startswith("mhc_dynamic_coeffs_pre") for v in n4), n4
     assert not any(v.startswith(("missing", "mhc_dynamic_coeffs_pre", "mhc_dynamic_coeffs_proj")) for v in n5), n5
     assert "mhc_dynamic_coeffs_bf16" in n5, n5
