@@ -220,7 +220,7 @@ def plan(full: bool, dtypes: list[str]) -> list[Check]:
 # (mhc_aot.cuda_dynamic.coeffs_path), beyond the rule's shapes (3 tokens: the few-token kernel): a shape
 # for each other path this GPU takes. The one-read kernel's rule wants a bfloat16 phi and T n C = 1024 x 4 x
 # 4096 at least: its gradients (float64 truth on the CPU) run with --full only.
-PATH_SHAPES = ((1100, 130, None), (1024, 4096, "bfloat16"))  # (B, C, phi: None for float32) at n = 4
+PATH_SHAPES = ((1100, 130, "float32", True), (1024, 4096, "bfloat16", False))  # (B, C, phi, grads in --quick), n = 4
 
 
 def coeffs_path_shapes(n: int, dtype: str, full: bool, grad: bool) -> list[tuple[int, int, str, str]]:
@@ -229,13 +229,12 @@ def coeffs_path_shapes(n: int, dtype: str, full: bool, grad: bool) -> list[tuple
     from mhc_aot import cuda_dynamic, dynamic
 
     out = []
-    for B, C, phi in PATH_SHAPES if n == 4 else ():
-        phi = phi or "float32"
+    for B, C, phi, quick_grads in PATH_SHAPES if n == 4 else ():
         if phi != "float32" and phi != dtype:
             continue  # a phi in x's dtype (bfloat16): that dtype's row only
         path = cuda_dynamic.coeffs_path(B, n, C, testing.DTYPES[dtype], testing.DTYPES[phi],
                                         dynamic.Config().tmax, True)
-        if path == "few-token" or (grad and B * C > 1100 * 130 and not full):
+        if path == "few-token" or (grad and not (full or quick_grads)):
             continue
         if path not in {p for *_, p in out}:
             out.append((B, C, phi, path))

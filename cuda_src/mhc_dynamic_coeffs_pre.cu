@@ -220,10 +220,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     __trap();
   }
 #endif
-  // phi_split's consts (its header says why: the backward reads the alphas from MLX's small arrays
-  // otherwise, session 18), which the forward's other path gets from phi_split
-  if (blockIdx.x == 0 && tid < 3 + M)
-    consts[tid] = tid == 0 ? *alpha_pre : tid == 1 ? *alpha_post : tid == 2 ? *alpha_res : b[tid - 3];
+  // phi_split's consts for the backward, which the forward's other path gets from phi_split
+  if (blockIdx.x == 0) dyn::write_consts(consts, tid, M, alpha_pre, alpha_post, alpha_res, b);
   uint32_t* gmap = maps + (size_t)blockIdx.x * 32;  // this CTA's published tensor map
   if (warp == 0) tma::publish_map(gmap, tm, tmpl, x, lane);
   if (tid == 0) {

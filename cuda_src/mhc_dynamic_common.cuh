@@ -22,6 +22,15 @@ __device__ __forceinline__ float phi_at(const void* phi, int phi_kind, size_t i)
   return static_cast<const float*>(phi)[i];
 }
 
+// consts[e] for e < 3 + M: [alpha_pre, alpha_post, alpha_res, b[0..M)], an ordinary device array that the
+// coefficient kernels and the backward read instead of the alphas' own arrays (mhc_dynamic_phi_split's
+// header says why); written by threads e of one CTA of phi_split or mhc_dynamic_coeffs_pre
+__device__ __forceinline__ void write_consts(float* __restrict__ consts, int e, int M,
+                                             const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post,
+                                             const float* __restrict__ alpha_res, const float* __restrict__ b) {
+  if (e < 3 + M) consts[e] = e == 0 ? *alpha_pre : e == 1 ? *alpha_post : e == 2 ? *alpha_res : b[e - 3];
+}
+
 // Sums R values over the CTA: out[q] (shared, R floats) = sum over threads of v[q]. `scratch`
 // holds WARPS * R floats. Starts and ends synchronised; every thread must call it.
 template <int R>

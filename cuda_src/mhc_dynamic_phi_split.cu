@@ -31,7 +31,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const float* __restrict__ alpha_post, const float* __restrict__ alpha_res, uint2* __restrict__ frag,
     float* __restrict__ consts, int K, int M, int steps, int terms, int phi_kind) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e < 3 + M) consts[e] = e == 0 ? *alpha_pre : e == 1 ? *alpha_post : e == 2 ? *alpha_res : b[e - 3];
+  dyn::write_consts(consts, e, M, alpha_pre, alpha_post, alpha_res, b);
   if (e >= steps * NT * 32) return;
   const int l = e % 32, nt = (e / 32) % NT, kk = e / (32 * NT);
   const int m = nt * 8 + l / 4, r0 = kk * 16 + 2 * (l % 4);

@@ -399,18 +399,23 @@ def _coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool):
                          PHI_KINDS[phi.dtype]], (T * THREADS, 1, 1), -(-smem // 4)))
 
 
+def _coeffs_route(T: int, n: int, C: int, dtype, phi_dtype, tmax: int, with_pre: bool) -> tuple[str, int]:
+    """(path, its grid's groups or clusters; 0 where it has none): coeffs_path, with the grid its rule gave."""
+    if _uses_proj(T, n, C, dtype, tmax, phi_dtype):
+        return "few-token", 0
+    G = coeffs_pre_groups(T, n, C, dtype, phi_dtype) if with_pre else 0
+    if G:
+        return "one-read", G
+    P = proj_cluster_clusters(T, n, C, dtype, phi_dtype) if with_pre else 0
+    return ("cluster", P) if P else ("projection", 0)
+
+
 def coeffs_path(T: int, n: int, C: int, dtype, phi_dtype, tmax: int, with_pre: bool) -> str:
     """Which kernels form the coefficients (and x_in with_pre) of x [T, n, C], in the rules' order:
     "few-token" (mhc_dynamic_coeffs_proj), "one-read" (mhc_dynamic_coeffs_pre), "cluster"
     (mhc_dynamic_proj_cluster, then the coefficients), else "projection" (phi_split, proj_tc or the
     skinny product, the coefficients, then pre with_pre: x read twice)."""
-    if _uses_proj(T, n, C, dtype, tmax, phi_dtype):
-        return "few-token"
-    if with_pre and coeffs_pre_groups(T, n, C, dtype, phi_dtype):
-        return "one-read"
-    if with_pre and proj_cluster_clusters(T, n, C, dtype, phi_dtype):
-        return "cluster"
-    return "projection"
+    return _coeffs_route(T, n, C, dtype, phi_dtype, tmax, with_pre)[0]
 
 
 def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int = 3):
@@ -419,16 +424,14 @@ def _coeffs_fwd(x3, phi, b32, ap, apo, ar, cfg, with_pre: bool, phi_terms: int =
     phi_terms: the projection's bfloat16 terms of phi (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     K, M, tag = n * C, n * n + 2 * n, _tag(x3.dtype)
-    path = coeffs_path(T, n, C, x3.dtype, phi.dtype, cfg.tmax, with_pre)
+    path, grid = _coeffs_route(T, n, C, x3.dtype, phi.dtype, cfg.tmax, with_pre)
     if path == "few-token":
         return [*_coeffs_proj(x3, phi, b32, ap, apo, ar, cfg, with_pre), b32]
     if path == "one-read":
-        G = coeffs_pre_groups(T, n, C, x3.dtype, phi.dtype)
-        return _coeffs_pre(x3, phi, b32, ap, apo, ar, cfg, G, phi_terms=phi_terms)
-    P = proj_cluster_clusters(T, n, C, x3.dtype, phi.dtype) if path == "cluster" else 0
+        return _coeffs_pre(x3, phi, b32, ap, apo, ar, cfg, grid, phi_terms=phi_terms)
     x_in = None
-    if P:  # the projection and x_in in one read of x; the coefficients from its sums below
-        x_in, part, sq = _proj_cluster(x3, phi, b32, ap, cfg, P)
+    if path == "cluster":  # the projection and x_in in one read of x; the coefficients from its sums below
+        x_in, part, sq = _proj_cluster(x3, phi, b32, ap, cfg, grid)
         S, consts = 1, None
     else:  # phi as it is: phi_split reads its dtype (a bfloat16 phi's float32 copy was a launch a forward)
         part, sq, S, consts = _projection(x3.reshape(T, K), phi, (b32, ap, apo, ar), T, K, M, tag, phi_terms)
