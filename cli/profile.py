@@ -28,9 +28,9 @@ from . import output
 from .options import BOpt, COpt, DtypeOpt, FormatOpt, ItersOpt, Layer, LayerOpt, NOpt, QuietOpt, WarmupOpt, parse_dtypes, parse_ints
 
 HELP = """Run the layer and write a Chrome/Perfetto trace (DIR/trace.json: one event per call of
-each stage: Sinkhorn alone, the forward, forward + backward; with --layer dynamic: coefficients
-+ x_in, post-res, the forward, forward + backward) timed between synchronisations, and print a
-summary table.
+each stage: Sinkhorn alone, the forward, forward + backward; with --layer dynamic: the
+coefficients with x_in, post-res, the forward, forward + backward) timed between synchronisations,
+and print a summary table.
 
 On CUDA, when Nsight Compute's `ncu` is on PATH, also profile the kernels of a child run into
 DIR/ncu_report.ncu-rep. On macOS with Xcode, also record a Metal System Trace (DIR/mhc.trace)

@@ -60,6 +60,23 @@ def test_help_has_examples(command):
     assert "Examples" in r.stdout and f"mhc {command}" in r.stdout
 
 
+@pytest.mark.parametrize("command", ["info", "bench", "validate", "profile"])
+def test_help_paragraphs_are_filled(command):
+    """Each paragraph of a command's help flows as prose at the terminal's width: on a wide terminal it
+    is one line, not broken where the source's docstring lines end (and no line of it turns into a
+    list item, as a line starting with "+" would in Markdown)."""
+    import importlib
+    import re
+
+    doc = importlib.import_module(f"mhc_aot.cli.{command}").HELP
+    r = _runner().invoke(app, [command, "--help"], env={"COLUMNS": "1000", "TERM": "dumb"})
+    assert r.exit_code == 0, r.output
+    lines = [re.sub(r"\s+", " ", ln).strip() for ln in r.stdout.splitlines()]
+    for para in doc.split("\n\n"):
+        words = re.sub(r"[`]", "", re.sub(r"\s+", " ", para)).strip()
+        assert words in lines, f"mhc {command} --help: paragraph not on one line: {words[:60]!r}"
+
+
 def test_root_help_lists_commands():
     r = invoke("--help")
     assert r.exit_code == 0
