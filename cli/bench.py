@@ -223,7 +223,7 @@ def bench_command(
     progress = None if quiet else Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=output.stderr_console(), transient=False)
-    steps = _ProgressSteps(progress, 1 + len(cases) * len(impls))
+    steps = _ProgressSteps(progress, 1 + (dispatch.device_backend() == "cpu") + len(cases) * len(impls))
     try:
         if progress is not None:
             progress.start()
@@ -247,6 +247,14 @@ def bench_command(
     if backend == "cpu":
         notes.append("kernels = backend='auto', which on MLX's CPU backend IS the portable path "
                      "(MLX has no custom-kernel primitive on CPU)")
+        gflops = meta.get("matmul_GFLOPs")
+        if gflops is not None:
+            T, K, M = bench.MATMUL_SHAPE
+            notes.append(f"MLX's float32 matmul: {gflops:.1f} GFLOP/s at [{T}, {K}] @ [{K}, {M}] (DynamicMHC's "
+                         "projection at T = 256)"
+                         + ("; that is the reference BLAS's speed, and every matmul of the portable path runs on "
+                            "it: README, \"MLX's CPU matmuls on Linux\", shows an OpenBLAS preload"
+                            if gflops < bench.SLOW_CPU_MATMUL_GFLOPS else ""))
     title = (f"mhc bench: {mode_name}{', dynamic layer' if layer == Layer.dynamic else ''}"
              f"{', forward+backward' if backward else ', forward'}")
     res = output.Result(title, result.rows, columns(comparisons, backward, layer == Layer.dynamic), meta=meta,

@@ -286,6 +286,24 @@ def measure_copy_bandwidth(nbytes: Optional[int] = None, iters: int = 10) -> flo
     return 2 * nbytes / (t.median_us * 1e-6) / 1e9
 
 
+# The shape of DynamicMHC's projection vec(x) @ phi at T = 256, n = 4, C = 1024.
+MATMUL_SHAPE = (256, 4096, 24)
+# GFLOP/s below which a CPU run's notes point to README's "MLX's CPU matmuls on Linux": the `mlx-cpu`
+# wheel's netlib reference BLAS measured ~5 on this project's 2-core machine, OpenBLAS ~145.
+SLOW_CPU_MATMUL_GFLOPS = 20.0
+
+
+def measure_matmul_gflops(iters: int = 10) -> float:
+    """GFLOP/s of a float32 [256, 4096] @ [4096, 24] (MATMUL_SHAPE), calls queued. On MLX's CPU
+    backend every matmul of the portable path goes through the BLAS MLX links, whose speed varies by
+    ~30x between builds (README, "MLX's CPU matmuls on Linux"), so a CPU run reports it."""
+    T, K, M = MATMUL_SHAPE
+    a, b = mx.random.normal((T, K)), mx.random.normal((K, M))
+    mx.eval(a, b)
+    t = time_runner(Runner("matmul", lambda: a @ b), "throughput", iters, 2, repeats=3)
+    return 2 * T * K * M / (t.median_us * 1e-6) / 1e9
+
+
 # ---------------------------------------------------------------- implementations
 @dataclass
 class Inputs:
@@ -590,7 +608,7 @@ class Run:
     meta: dict = field(default_factory=dict)
 
 
-def run_meta(copy_gbps: float, settings: Settings, compare) -> dict:
+def run_meta(copy_gbps: float, settings: Settings, compare, matmul_gflops: Optional[float] = None) -> dict:
     info = mx.device_info()
     return {
         "mlx": mx.__version__,
@@ -599,6 +617,8 @@ def run_meta(copy_gbps: float, settings: Settings, compare) -> dict:
         "device_name": info.get("device_name", ""),
         "architecture": info.get("architecture", ""),
         "copy_GBps": copy_gbps,
+        # MLX's float32 matmul rate (CPU runs only: measure_matmul_gflops)
+        "matmul_GFLOPs": matmul_gflops,
         # MLX_USE_CUDA_GRAPHS: how MLX launches every row's kernels (and whether `cluster` may run)
         "cuda_graphs": dispatch.cuda_graphs() if dispatch.device_backend() == "cuda" else None,
         "compare": list(compare),
@@ -607,7 +627,8 @@ def run_meta(copy_gbps: float, settings: Settings, compare) -> dict:
 
 
 def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
-        on_step: Optional[Callable[[str], None]] = None, copy_gbps: Optional[float] = None) -> Run:
+        on_step: Optional[Callable[[str], None]] = None, copy_gbps: Optional[float] = None,
+        matmul_gflops: Optional[float] = None) -> Run:
     """Time the kernels row and every comparison on every case. One row per (case, implementation);
     the kernels row carries `speedup_vs_<name>` = median(name) / median(kernels) for each comparison."""
     compare = [c for c in dict.fromkeys(compare) if c != "kernels"]
@@ -622,6 +643,9 @@ def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
     step = on_step or (lambda _msg: None)
     step("measuring copy bandwidth")
     copy_gbps = copy_gbps or measure_copy_bandwidth()
+    if dispatch.device_backend() == "cpu" and matmul_gflops is None:
+        step("measuring MLX's CPU matmul rate")
+        matmul_gflops = measure_matmul_gflops()
     result = Run()
     in_process = [i for i in impls if i not in CHILD_IMPLS]
     rows: dict[tuple[int, str], dict] = {}
@@ -657,7 +681,8 @@ def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
         for c in compare:
             case_rows[0][f"speedup_vs_{c}"] = rows[ci, c]["median_us"] / rows[ci, "kernels"]["median_us"]
         result.rows += case_rows
-    result.meta = run_meta(copy_gbps, settings or default_settings(cases[0].mode if cases else "latency"), compare)
+    result.meta = run_meta(copy_gbps, settings or default_settings(cases[0].mode if cases else "latency"), compare,
+                           matmul_gflops)
     return result
 
 

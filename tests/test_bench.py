@@ -10,7 +10,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mhc_aot import bench, peer_worker
+from mhc_aot import bench, dispatch, peer_worker
 
 
 def test_default_tables_are_the_seed_readme_tables():
@@ -85,6 +85,20 @@ def test_run_rows_and_speedups():
     for c in ("portable", "reference"):
         assert k[f"speedup_vs_{c}"] > 0
     assert res.meta["copy_GBps"] == 1.0 and res.meta["compare"] == ["portable", "reference"]
+
+
+def test_run_reports_cpu_matmul_rate():
+    """A CPU run measures MLX's float32 matmul rate (its BLAS sets the portable path's matmuls' speed);
+    a GPU run leaves it out; a rate passed in is kept."""
+    cases = bench.make_cases("latency", [(2, 4, 16)], ["float32"], backward=False)
+    settings = bench.Settings(iters=2, warmup=1, repeats=1)
+    res = bench.run(cases, [], settings, copy_gbps=1.0)
+    rate = res.meta["matmul_GFLOPs"]
+    if dispatch.device_backend() == "cpu":
+        assert rate is not None and rate > 0
+    else:
+        assert rate is None
+    assert bench.run(cases, [], settings, copy_gbps=1.0, matmul_gflops=7.5).meta["matmul_GFLOPs"] == 7.5
 
 
 def test_dynamic_layer_runs(monkeypatch):

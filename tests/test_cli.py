@@ -132,6 +132,19 @@ def test_info_fails_with_the_fix_when_kernels_are_corrupted(monkeypatch):
 
 
 # ---------------------------------------------------------------- bench
+@pytest.mark.skipif(not ON_CPU, reason="the matmul rate is measured on MLX's CPU backend only")
+@pytest.mark.parametrize("gflops,slow", [(3.0, True), (150.0, False)])
+def test_bench_cpu_matmul_note(monkeypatch, gflops, slow):
+    """On the CPU the table's notes give MLX's matmul rate, and point to the OpenBLAS preload only
+    when the rate is the reference BLAS's."""
+    monkeypatch.setattr(bench, "measure_matmul_gflops", lambda iters=10: gflops)
+    r = invoke("bench", *TINY, "--format", "table")
+    assert r.exit_code == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert f"MLX's float32 matmul: {gflops:.1f} GFLOP/s" in text
+    assert ("OpenBLAS preload" in text) == slow
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_bench_formats(fmt):
     r = invoke("bench", *TINY, "--format", fmt, "--compare", "reference")
