@@ -53,7 +53,9 @@ class OneLineErrors(TyperGroup):
         sys.exit(code)
 
 
-app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
+# Markdown mode: a help paragraph flows at the terminal's width (rich mode keeps the docstrings' line breaks)
+app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",
                   help="mhc-aot: Manifold-Constrained Hyper-Connections for MLX, kernels compiled ahead of time.")
 for _module in (info, bench, validate, profile):
     _module.register(app)

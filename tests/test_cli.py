@@ -8,9 +8,11 @@ Tiny shapes and --iters 3 --warmup 1 everywhere, so the file runs in well under 
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,9 +67,6 @@ def test_help_paragraphs_are_filled(command):
     """Each paragraph of a command's help flows as prose at the terminal's width: on a wide terminal it
     is one line, not broken where the source's docstring lines end (and no line of it turns into a
     list item, as a line starting with "+" would in Markdown)."""
-    import importlib
-    import re
-
     doc = importlib.import_module(f"mhc_aot.cli.{command}").HELP
     r = _runner().invoke(app, [command, "--help"], env={"COLUMNS": "1000", "TERM": "dumb"})
     assert r.exit_code == 0, r.output
