@@ -223,7 +223,7 @@ def bench_command(
     progress = None if quiet else Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=output.stderr_console(), transient=False)
-    steps = _ProgressSteps(progress, 1 + (dispatch.device_backend() == "cpu") + len(cases) * len(impls))
+    steps = _ProgressSteps(progress, 1 + bench.measures_matmul_rate() + len(cases) * len(impls))
     try:
         if progress is not None:
             progress.start()

@@ -293,6 +293,12 @@ MATMUL_SHAPE = (256, 4096, 24)
 SLOW_CPU_MATMUL_GFLOPS = 20.0
 
 
+def measures_matmul_rate() -> bool:
+    """Whether run() measures MLX's matmul rate (on MLX's CPU backend only, where its BLAS sets the
+    portable path's speed); the CLI's progress bar counts that step."""
+    return dispatch.device_backend() == "cpu"
+
+
 def measure_matmul_gflops(iters: int = 10) -> float:
     """GFLOP/s of a float32 [256, 4096] @ [4096, 24] (MATMUL_SHAPE), calls queued. On MLX's CPU
     backend every matmul of the portable path goes through the BLAS MLX links, whose speed varies by
@@ -643,7 +649,7 @@ def run(cases, compare=DEFAULT_COMPARE, settings: Optional[Settings] = None,
     step = on_step or (lambda _msg: None)
     step("measuring copy bandwidth")
     copy_gbps = copy_gbps or measure_copy_bandwidth()
-    if dispatch.device_backend() == "cpu" and matmul_gflops is None:
+    if measures_matmul_rate() and matmul_gflops is None:
         step("measuring MLX's CPU matmul rate")
         matmul_gflops = measure_matmul_gflops()
     result = Run()

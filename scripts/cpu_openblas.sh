@@ -31,10 +31,9 @@ void cblas_dgemm(I o, I ta, I tb, I m, I n, I k, double al, const double* a, I l
 }
 EOF
 gcc -O2 -shared -fPIC "$dir/forward.c" -o "$dir/libmlx_openblas.so" -L"$lib" -lscipy_openblas -Wl,-rpath,"$lib"
-matmul='import time, mlx.core as mx
-a, b = mx.random.normal((256, 4096)), mx.random.normal((4096, 24)); mx.eval(a @ b)
-t = time.perf_counter(); [mx.eval(a @ b) for _ in range(10)]; s = (time.perf_counter() - t) / 10
-print(f"float32 [256, 4096] @ [4096, 24]: {s * 1e6:.0f} us, {2 * 256 * 4096 * 24 / s / 1e9:.1f} GFLOP/s")'
+matmul='from mhc_aot import bench
+T, K, M = bench.MATMUL_SHAPE
+print(f"float32 [{T}, {K}] @ [{K}, {M}]: {bench.measure_matmul_gflops():.1f} GFLOP/s")'
 for pre in "" "$dir/libmlx_openblas.so"; do
   if [ -n "$pre" ]; then echo "=== LD_PRELOAD=libmlx_openblas.so (scipy-openblas32)"; else echo "=== as shipped"; fi
   LD_PRELOAD=$pre python3 -c "$matmul"
