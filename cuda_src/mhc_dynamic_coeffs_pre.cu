@@ -187,8 +187,13 @@ __device__ __forceinline__ unsigned gtimer() {
 }
 #define TRACE(i, ev) \
   do { if ((i) < 64) reinterpret_cast<unsigned*>(mix)[((size_t)ticket * 64 + (i)) * 10 + (ev)] = gtimer(); } while (0)
+// the launch's own stamps, after every CTA's tile stamps: [ticket][8] (entry, phi loaded, the workers' /
+// x_in warps' / first coefficient warp's loop done, past the last barrier)
+#define TRACE_CTA(k, t) \
+  do { reinterpret_cast<unsigned*>(mix)[(size_t)gridDim.x * 640 + (size_t)ticket * 8 + (k)] = (t); } while (0)
 #else
 #define TRACE(i, ev)
+#define TRACE_CTA(k, t)
 #endif
 
 
@@ -200,6 +205,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     int C, int Tn, int S, int G, int tmax,
     float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult, int phi_kind) {
   extern __shared__ float smem[];
+#ifdef MHC_CP_TRACE
+  const unsigned t_entry = gtimer();
+#endif
   // the buffers from the first 1024-byte boundary of shared memory (SMEM_BYTES has the slack)
   unsigned char* base = reinterpret_cast<unsigned char*>(smem);
   base += (1024u - (tma::smem_addr(base) & 1023u)) & 1023u;
@@ -231,6 +239,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   }
   __syncthreads();
   const int ticket = *ticket_s, g = ticket / S, s = ticket % S, c0 = s * CW;
+  if (tid == 0) TRACE_CTA(0, t_entry);
   const int ntile = g < tiles ? (tiles - g + G - 1) / G : 0;  // the group's tiles z = g + i G, i < ntile
   // [split][TT][RL]: a CTA's partials of a tile are one contiguous block (coalesced stores on the
   // workers' path; the coefficient warps' strided loads are off it)
@@ -280,6 +289,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           bq[k][nt][p][1] = terms[p].y;
         }
       }
+    if (tid == 0) TRACE_CTA(1, gtimer());
     for (int i = 0; i < ntile; ++i) {
       tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible
       workers_sync();                              // ksum free again (the partials of tile i - 1 read)
@@ -353,6 +363,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       named_arrive(handoff(i), WORKERS + 32);  // to the signaler: tile i's partials are written
       if (tid == 0) TRACE(i, 0);
     }
+    if (tid == 0) TRACE_CTA(2, gtimer());
   } else if (warp == SIGNALER) {
     // ---------------------------------------------------------------- the signaler
     for (int j = 0; j < ntile; ++j) {
@@ -489,9 +500,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       if (lane == 0) TRACE(i, 5);
     }
+    if (warp == COEFF0 && lane == 0) TRACE_CTA(4, gtimer());
   }
+  if (warp == XWARP && lane == 0) TRACE_CTA(3, gtimer());
 
   __syncthreads();
+  if (tid == 0) TRACE_CTA(5, gtimer());
   if (tid == 0) {
     __threadfence();
     if (atomicAdd(sync + 1, 1) == (int)gridDim.x - 1) {  // the last CTA: every wait is over

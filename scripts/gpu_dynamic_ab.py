@@ -18,6 +18,8 @@ larger than many differences worth measuring, so all run inside one process.
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_coeffs regs=@ELEMS_MAX_N=0   # a rule's knob
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_tc ns5=:MHC_TC_NS=5@TC_SMEM_BYTES=110592
                                    # a DEFINE and the launch constant it changes
+  python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 fresh=@CP_MIN_T=1024,tma.CACHE_ARRAYS=0
+                                   # a knob of a module cuda_dynamic imports (dotted)
 
 Prints one line per (config, path): the sorted medians of the rounds (us).
 
@@ -65,7 +67,14 @@ def main() -> None:
     for label, (src, _, _) in specs.items():
         bins = gpu_source_ab.compile_variant(args.source, f"{label}={src}", (4,) if one_read else (4, 0))[1] if src else None
         paths.append((label, 1024 if one_read and bins is not None else None, bins))
-    defaults = {k: getattr(cuda_dynamic, k) for kv in knobs.values() for k in kv}
+    def owner(name: str):  # (object, attribute) of a knob: cuda_dynamic's, or a dotted one (tma.CACHE_ARRAYS)
+        *path, attr = name.split(".")
+        obj = cuda_dynamic
+        for p in path:
+            obj = getattr(obj, p)
+        return obj, attr
+
+    defaults = {k: getattr(*owner(k)) for kv in knobs.values() for k in kv}
     configs = ([tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")] if args.configs
                else CONFIGS)
     for T, n, C in configs:
@@ -73,10 +82,10 @@ def main() -> None:
         for rnd in range(args.rounds):
             for label, min_t, bins in (paths if rnd % 2 == 0 else paths[::-1]):
                 for k, v in defaults.items():
-                    setattr(cuda_dynamic, k, v)
+                    setattr(*owner(k), v)
                 cuda_dynamic.CP_MIN_T, cuda_dynamic.CP_SHAPES = min_t, False  # the one-read kernel at any shape
                 for k, v in knobs.get(label, {}).items():  # a knob's type from its default (CP_MIN_T: int)
-                    setattr(cuda_dynamic, k, int(v) if defaults[k] is None else type(defaults[k])(v))
+                    setattr(*owner(k), int(v) if defaults[k] is None else type(defaults[k])(v))
                 gpu_source_ab.use(args.source, bins, shipped)
                 # the path is chosen when a graph is traced: no cached trace of another one replays
                 kernel_ops._compiled.cache_clear()

@@ -53,6 +53,9 @@ def define(name: str, default: int) -> int:
 
 
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
+# the launch's own stamps after them, [ticket][8]: entry, phi loaded, the workers' / x_in warps' / first
+# coefficient warp's loop done, past the last barrier (all relative to the earliest entry)
+cta = mix[G * S * 640: G * S * 648].reshape(G * S, 8).astype(np.int64)[:, :6]
 # (MHC_CP_TRACE_X: events 7 and 9 time the first x_in warp instead of the workers)
 xin_trace = "MHC_CP_TRACE_X" in defs
 names = {7: "x_in warp: h_pre loaded" if xin_trace else "workers: product done (before barrier)",
@@ -67,6 +70,16 @@ print(f"iteration (tile landed -> next tile landed) median {np.median(it) / 1e3:
       f"p10 {np.percentile(it, 10) / 1e3:.2f}, p90 {np.percentile(it, 90) / 1e3:.2f}")
 span = (ref[:, -1] - ref[:, 0]) / 1e3
 print(f"first to last tile per CTA: median {np.median(span):.1f} us")
+t_in = wrap(cta - cta[:, :1].min())
+kernel = t_in[:, 5].max() / 1e3
+print(f"launch: the last CTA past its last barrier {kernel:.1f} us after the first CTA's entry; CTA entries spread "
+      f"{t_in[:, 0].max() / 1e3:.2f} us; entry -> phi loaded median {np.median(t_in[:, 1] - t_in[:, 0]) / 1e3:.2f}, "
+      f"-> first tile landed median {np.median(wrap(ev[:, 0, 6] - cta[:, 0])) / 1e3:.2f} us")
+last = wrap(ev[np.arange(G * S), -1, 6] - cta[:, 0].min()) / 1e3
+print(f"last tile landed median {np.median(last):.1f} (max {last.max():.1f}); loops done (median, max): "
+      + ", ".join(f"{name} {np.median(t_in[:, k]) / 1e3:.1f}, {t_in[:, k].max() / 1e3:.1f}"
+                  for k, name in [(2, "workers"), (3, "x_in warps"), (4, "first coefficient warp"), (5, "last barrier")])
+      + " us after the first entry")
 for e, name in names.items():
     r = wrap(ev[:, :, e] - ref)[:, 6:-1]
     print(f"{e} {name:38s} after tile landed: p10 {np.percentile(r, 10) / 1e3:6.2f} "

@@ -1029,6 +1029,26 @@ def _proj_cluster_on(monkeypatch, sms: int | None = None):
     return cuda_dynamic
 
 
+def test_tma_template_is_one_array_per_map(monkeypatch):
+    """A TMA template is one array per map for the process, not a new one per launch: MLX 0.32.4 keeps an
+    array made from host data in CUDA managed memory, and a new one every launch page-faulted each
+    launch's first reads (session 41, H100: 68 us before the one-read kernel's first tile, 15.9 reused).
+    Another map (shape) is another array with its own bytes; CACHE_ARRAYS = 0 (the A/B's control) makes
+    a new array each time."""
+    from cuda_emulation import tensor_map
+    from mhc_aot import cuda_dynamic, tma
+
+    monkeypatch.setattr(tma, "encode", tensor_map)
+    a = cuda_dynamic._x_tile_map(8192, 4, 4096, cuda_dynamic.CP_BOXC, cuda_dynamic.CP_TT)
+    assert cuda_dynamic._x_tile_map(8192, 4, 4096, cuda_dynamic.CP_BOXC, cuda_dynamic.CP_TT) is a
+    b = cuda_dynamic._x_tile_map(1024, 4, 4096, cuda_dynamic.CP_BOXC, cuda_dynamic.CP_TT)
+    assert b is not a and a.shape == b.shape == (32,) and a.dtype == mx.uint32
+    assert not mx.array_equal(a, b).item()  # the map's dims differ (T)
+    monkeypatch.setattr(tma, "CACHE_ARRAYS", 0)
+    c = cuda_dynamic._x_tile_map(8192, 4, 4096, cuda_dynamic.CP_BOXC, cuda_dynamic.CP_TT)
+    assert c is not a and mx.array_equal(c, a).item()
+
+
 def test_coeffs_pre_rule(monkeypatch):
     """The default dispatch takes mhc_dynamic_coeffs_pre (x read once) from CP_MIN_T tokens for bfloat16
     x and phi, n <= 4, tokens of at least CP_MIN_K values and C <= CP_MAX_C on sm_90 (where it was timed
