@@ -58,17 +58,18 @@ def _template(dtype: str, dims: tuple, strides: tuple, box: tuple, swizzle: int,
     return np.frombuffer(encoder(dtype, dims, strides, box, swizzle), np.uint32).copy()
 
 
-# CACHE_ARRAYS = 0: a new array for every launch (the A/B's control: scripts/gpu_dynamic_ab.py @TMA_CACHE=0)
+# CACHE_ARRAYS = 0: a new array every launch (an A/B's control: scripts/gpu_dynamic_ab.py's tma.CACHE_ARRAYS=0)
 CACHE_ARRAYS = 1
 
 
 def template(dtype: str, dims: tuple, strides: tuple, box: tuple, swizzle: int) -> mx.array:
     """The uint32 [32] template of a tiled map (mhc_tma.cuh's publish_map writes its address): one array
     per map for the process. An array made from host data lives in CUDA managed memory in MLX 0.32.4
-    (its allocator takes unified memory for an allocation without a stream), written by the CPU: a new
-    one every launch made each launch's first reads of it page-fault before any CTA could start its
-    copies (session 41, H100: 68 us from entry to the first tile in mhc_dynamic_coeffs_pre's trace).
-    Reused, its page moves to the GPU once and stays (nothing writes it again)."""
+    (its allocator takes unified memory for an allocation without a stream), written by the CPU, so a new
+    one every launch page-faulted on each launch's first reads before any CTA could start its copies
+    (session 41, H100: 68 us from entry to the one-read kernel's first tile, 15.9 reused). The ops never
+    paid it (their mx.compile'd graphs keep the array they traced); a direct launch did (the trace tool,
+    tests, kernel_ops.COMPILE_FORWARD = False). Reused, its page moves to the GPU once and stays."""
     args = (dtype, tuple(dims), tuple(strides), tuple(box), swizzle, encode)
     return _template_array(*args) if CACHE_ARRAYS else mx.array(_template(*args))
 
