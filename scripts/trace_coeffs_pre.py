@@ -39,9 +39,9 @@ for _ in range(3):
     mx.eval(outs)
 mix = np.array(outs[4]).reshape(-1).view(np.uint32)
 ntile = -(-T // cuda_dynamic.CP_TT) // G
-# the kernel's TRACE: 10 stamps for each of a CTA's first 64 tiles, [ticket][tile][event], over mix [T, M]
-if G * S * 64 * 10 > mix.size or ntile > 64:
-    sys.exit(f"T={T} n={n} C={C}: the trace needs mix to hold {G * S * 640} stamps (it holds {mix.size}) and at "
+# the kernel's TRACE: 10 stamps for each of a CTA's first 64 tiles, [ticket][tile][event], over mix [T, M]; then 8 of the launch
+if G * S * 648 > mix.size or ntile > 64:
+    sys.exit(f"T={T} n={n} C={C}: the trace needs mix to hold {G * S * 648} stamps (it holds {mix.size}) and at "
              f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
 # stamps are the low 32 bits of globaltimer (ns): differences taken modulo 2^32, signed
 wrap = lambda d: ((d + 2**31) % 2**32) - 2**31  # noqa: E731

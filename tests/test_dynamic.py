@@ -1035,7 +1035,6 @@ def test_tma_template_is_one_array_per_map(monkeypatch):
     launch's first reads (session 41, H100: 68 us before the one-read kernel's first tile, 15.9 reused).
     Another map (shape) is another array with its own bytes; CACHE_ARRAYS = 0 (the A/B's control) makes
     a new array each time."""
-    from cuda_emulation import tensor_map
     from mhc_aot import cuda_dynamic, tma
 
     monkeypatch.setattr(tma, "encode", tensor_map)
