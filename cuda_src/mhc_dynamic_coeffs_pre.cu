@@ -431,6 +431,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (warp == XWARP && lane == 0 && ix + RING < ntile) issue_tile(ix + RING);
       if (warp == XWARP && lane == 0) TRACE(ix, 1);
     }
+    if (warp == XWARP && lane == 0) TRACE_CTA(3, gtimer());
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2
     const int h = lane / 16, l16 = lane % 16;
@@ -502,7 +503,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     }
     if (warp == COEFF0 && lane == 0) TRACE_CTA(4, gtimer());
   }
-  if (warp == XWARP && lane == 0) TRACE_CTA(3, gtimer());
 
   __syncthreads();
   if (tid == 0) TRACE_CTA(5, gtimer());

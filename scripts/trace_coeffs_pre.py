@@ -39,7 +39,8 @@ for _ in range(3):
     mx.eval(outs)
 mix = np.array(outs[4]).reshape(-1).view(np.uint32)
 ntile = -(-T // cuda_dynamic.CP_TT) // G
-# the kernel's TRACE: 10 stamps for each of a CTA's first 64 tiles, [ticket][tile][event], over mix [T, M]; then 8 of the launch
+# the kernel's TRACE: 10 stamps for each of a CTA's first 64 tiles, [ticket][tile][event], over mix [T, M],
+# then TRACE_CTA's 8 a CTA
 if G * S * 648 > mix.size or ntile > 64:
     sys.exit(f"T={T} n={n} C={C}: the trace needs mix to hold {G * S * 648} stamps (it holds {mix.size}) and at "
              f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
@@ -75,10 +76,10 @@ kernel = t_in[:, 5].max() / 1e3
 print(f"launch: the last CTA past its last barrier {kernel:.1f} us after the first CTA's entry; CTA entries spread "
       f"{t_in[:, 0].max() / 1e3:.2f} us; entry -> phi loaded median {np.median(t_in[:, 1] - t_in[:, 0]) / 1e3:.2f}, "
       f"-> first tile landed median {np.median(wrap(ev[:, 0, 6] - cta[:, 0])) / 1e3:.2f} us")
-last = wrap(ev[np.arange(G * S), -1, 6] - cta[:, 0].min()) / 1e3
+last = wrap(ev[:, -1, 6] - cta[:, 0].min()) / 1e3
+done = [(2, "workers"), (3, "x_in warps"), (4, "first coefficient warp"), (5, "last barrier")]
 print(f"last tile landed median {np.median(last):.1f} (max {last.max():.1f}); loops done (median, max): "
-      + ", ".join(f"{name} {np.median(t_in[:, k]) / 1e3:.1f}, {t_in[:, k].max() / 1e3:.1f}"
-                  for k, name in [(2, "workers"), (3, "x_in warps"), (4, "first coefficient warp"), (5, "last barrier")])
+      + ", ".join(f"{name} {np.median(t_in[:, k]) / 1e3:.1f}, {t_in[:, k].max() / 1e3:.1f}" for k, name in done)
       + " us after the first entry")
 for e, name in names.items():
     r = wrap(ev[:, :, e] - ref)[:, 6:-1]
