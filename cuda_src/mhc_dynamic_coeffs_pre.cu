@@ -60,6 +60,13 @@ using namespace mhc;
 #ifndef MHC_CP_RING
 #define MHC_CP_RING 6
 #endif
+// MHC_CP_PHI_FIRST: thread 0 issues tile 0, loads its phi fragments, and only then the other RING - 1
+// tiles (0: all RING tiles first). Session 41's trace: 15.8 us from a CTA's entry to phi loaded, though
+// tile 0 lands ~1 us after it is issued; the reading was that phi's loads queue behind all CTAs' first
+// tiles (24 MB of copies at T = 8192, C = 4096)
+#ifndef MHC_CP_PHI_FIRST
+#define MHC_CP_PHI_FIRST 0
+#endif
 
 namespace {
 constexpr int TT = 32;                     // tokens a tile (two m16 tiles)
@@ -261,9 +268,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (warp < WORKERS / 32) {
     // ---------------------------------------------------------------- workers: step 1
     if (tid == 0) tma::acquire_map(gmap);
-    // the first RING tiles' copies before phi's fragments load (those loads then overlap the copies)
+    // the first tiles' copies before phi's fragments load (those loads then overlap the copies)
+    constexpr int FIRST = MHC_CP_PHI_FIRST ? 1 : RING;
     if (tid == 0)
-      for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
+      for (int p = 0; p < FIRST && p < ntile; ++p) issue_tile(p);
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
     // TERMS bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
@@ -289,6 +297,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           bq[k][nt][p][1] = terms[p].y;
         }
       }
+    // thread 0's fragments are formed, so its phi loads have returned: the rest of the ring's tiles
+    if (tid == 0)
+      for (int p = FIRST; p < RING && p < ntile; ++p) issue_tile(p);
     if (tid == 0) TRACE_CTA(1, gtimer());
     for (int i = 0; i < ntile; ++i) {
       tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible

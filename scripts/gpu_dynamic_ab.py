@@ -21,7 +21,9 @@ larger than many differences worth measuring, so all run inside one process.
   python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 fresh=@CP_MIN_T=1024,tma.CACHE_ARRAYS=0
                                    # a knob of a module cuda_dynamic imports (dotted)
 
-Prints one line per (config, path): the sorted medians of the rounds (us).
+Prints one line per (config, path): the sorted medians of the rounds (us), after a `check` line of the
+path's largest output difference from the first path's (the three kernels: a bfloat16 output's rounding
+differs between paths, so expect ~1e-2 where x is O(1), not 0).
 
 Variants are built as the wheel's binaries are (scripts/gpu_source_ab.compile_variant says why: until
 session 31 raw cubins timed slower than the shipped fatbins of the same source where the host sets the
@@ -33,6 +35,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mhc_aot import bench, cuda, cuda_dynamic, kernel_ops
 
@@ -77,6 +82,7 @@ def main() -> None:
     defaults = {k: getattr(*owner(k)) for kv in knobs.values() for k in kv}
     configs = ([tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")] if args.configs
                else CONFIGS)
+    ref: dict[tuple, list] = {}
     for T, n, C in configs:
         res: dict[str, list[float]] = {label: [] for label, _, _ in paths}
         for rnd in range(args.rounds):
@@ -93,6 +99,11 @@ def main() -> None:
                 case = bench.Case("throughput", T, n, C, "bfloat16", args.backward, layer="dynamic",
                                   phi_dtype=args.phi_dtype)
                 runner = bench.make_runner("kernels", case, bench.make_inputs(case))
+                if rnd == 0:  # each path's outputs against the first path's (a variant that is wrong shows)
+                    out = [v.astype(mx.float32) for _, v in tree_flatten(runner.call())]
+                    want = ref.setdefault((T, n, C), out)
+                    err = max(mx.max(mx.abs(a - b)).item() for a, b in zip(out, want))
+                    print(f"check {T},{n},{C} {label:8s} max |out - {paths[0][0]}'s| = {err:.3g}", flush=True)
                 res[label].append(bench.time_runner(runner, "throughput", 30, 5, repeats=5).median_us)
         for label, medians in res.items():
             print(f"AB dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C} {label:8s} "
