@@ -60,13 +60,6 @@ using namespace mhc;
 #ifndef MHC_CP_RING
 #define MHC_CP_RING 6
 #endif
-// MHC_CP_PHI_FIRST: thread 0 issues tile 0, loads its phi fragments, and only then the other RING - 1
-// tiles (0: all RING tiles first). Session 41's trace: 15.8 us from a CTA's entry to phi loaded, though
-// tile 0 lands ~1 us after it is issued; the reading was that phi's loads queue behind all CTAs' first
-// tiles (24 MB of copies at T = 8192, C = 4096)
-#ifndef MHC_CP_PHI_FIRST
-#define MHC_CP_PHI_FIRST 0
-#endif
 
 namespace {
 constexpr int TT = 32;                     // tokens a tile (two m16 tiles)
@@ -87,6 +80,10 @@ constexpr int RING = MHC_CP_RING;
 #define MHC_PHI_TERMS 3
 #endif
 constexpr int TERMS = MHC_PHI_TERMS;
+#ifndef MHC_CP_PHI_KL
+#define MHC_CP_PHI_KL 4
+#endif
+constexpr int PHI_KL = MHC_CP_PHI_KL;  // k16 steps of phi's fragments loaded at a time (see the workers)
 static_assert(TERMS == 1 || TERMS == 3, "one bfloat16 term (a bfloat16 phi) or three (float32)");
 constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 #ifndef MHC_CP_SK_TILES
@@ -126,6 +123,7 @@ constexpr int X_BYTES = TT * NS * CW * 2;  // a tile buffer: [CW / BOXC][NS][TT]
 constexpr int TM_BYTES = 128;              // the CTA's tensor map, staged in shared memory
 constexpr int KSTEPS = CW / 16;            // k16 steps a stream
 constexpr int KH = KSTEPS / 2;             // k16 steps a worker warp: warp = (stream, half of the columns)
+static_assert(KH % PHI_KL == 0, "phi's fragments loaded in whole rounds");
 constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (stream, half) each
 // 1024 bytes of slack: the buffers start at the first 1024-byte boundary (the 128-byte swizzle's)
 constexpr int SMEM_BYTES = 1024 + RING * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 8 * RING + 16;
@@ -268,38 +266,53 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (warp < WORKERS / 32) {
     // ---------------------------------------------------------------- workers: step 1
     if (tid == 0) tma::acquire_map(gmap);
-    // the first tiles' copies before phi's fragments load (those loads then overlap the copies)
-    constexpr int FIRST = MHC_CP_PHI_FIRST ? 1 : RING;
+    // the first RING tiles' copies before phi's fragments load (those loads then overlap the copies)
     if (tid == 0)
-      for (int p = 0; p < FIRST && p < ntile; ++p) issue_tile(p);
+      for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
     // TERMS bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
     // use was a third of the kernel's instructions, ncu, session 15)
     const int js = warp >> 1, kh = warp & 1, g4 = lane / 4, q = lane % 4;
+    // KL k16 steps' values loaded at a time, unconditionally (index 0 where out of range, then zeroed),
+    // so a lane's KL NT 4 loads are in flight together: with each load and its conversion under its own
+    // bounds branch, a warp waited for one load before issuing the next (session 42's trace: 14.4 us
+    // from a CTA's entry to its phi loaded, against ~1 us for a tile's copy)
     uint32_t bq[KH][NT][TERMS][2];
+    auto load_phi = [&](const auto* p) {
 #pragma unroll
-    for (int k = 0; k < KH; ++k)
+      for (int k0 = 0; k0 < KH; k0 += PHI_KL) {
+        float v[PHI_KL][NT][4];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int m = nt * 8 + g4, r0 = c0 + (kh * KH + k) * 16 + 2 * q;
-        float v[4];
+        for (int k = 0; k < PHI_KL; ++k)
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int c = r0 + (u & 1) + 8 * (u >> 1);
-          v[u] = (js < n && c < C && m < M) ? dyn::phi_at(phi, phi_kind, ((size_t)js * C + c) * M + m) : 0.0f;
-        }
-        uint2 terms[3];
-        mma::split_b_fragment(v, terms);
+          for (int nt = 0; nt < NT; ++nt) {
+            const int m = nt * 8 + g4, r0 = c0 + (kh * KH + k0 + k) * 16 + 2 * q;
 #pragma unroll
-        for (int p = 0; p < TERMS; ++p) {  // one term: hi, which is phi itself when phi is bfloat16
-          bq[k][nt][p][0] = terms[p].x;
-          bq[k][nt][p][1] = terms[p].y;
-        }
+            for (int u = 0; u < 4; ++u) {
+              const int c = r0 + (u & 1) + 8 * (u >> 1);
+              const bool in = js < n && c < C && m < M;
+              const float w = to_float(p[in ? ((size_t)js * C + c) * M + m : 0]);
+              v[k][nt][u] = in ? w : 0.0f;
+            }
+          }
+#pragma unroll
+        for (int k = 0; k < PHI_KL; ++k)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            uint2 terms[3];
+            mma::split_b_fragment(v[k][nt], terms);
+#pragma unroll
+            for (int t = 0; t < TERMS; ++t) {  // one term: hi, which is phi itself when phi is bfloat16
+              bq[k0 + k][nt][t][0] = terms[t].x;
+              bq[k0 + k][nt][t][1] = terms[t].y;
+            }
+          }
       }
-    // thread 0's fragments are formed, so its phi loads have returned: the rest of the ring's tiles
-    if (tid == 0)
-      for (int p = FIRST; p < RING && p < ntile; ++p) issue_tile(p);
+    };
+    if (phi_kind == 1) load_phi(static_cast<const bf16*>(phi));  // (cuda_dynamic.PHI_KINDS, dyn::phi_at)
+    else if (phi_kind == 2) load_phi(static_cast<const f16*>(phi));
+    else load_phi(static_cast<const float*>(phi));
     if (tid == 0) TRACE_CTA(1, gtimer());
     for (int i = 0; i < ntile; ++i) {
       tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible

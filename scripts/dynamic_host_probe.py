@@ -4,6 +4,11 @@ layer and its parts as `mhc bench --layer dynamic` runs them (mx.compile'd, queu
 synchronise), and lists the primitives each compiled call replays.
 
   python scripts/dynamic_host_probe.py [--T 32] [--n 4] [--C 4096] [--rounds 3]
+  python scripts/dynamic_host_probe.py --after 8192:4:4096,4096:4:2048
+      # the layer's forward at T as `mhc bench` times it (throughput, its settings), fresh, then after
+      # the bench's rows (kernels, portable) of those configs in the same process, as issue 6's run
+      # orders them, and after each of: the garbage collector off, its objects frozen, MLX's buffer cache
+      # cleared, the ops' compiled-graph caches cleared; each with the host's share (replay, async_eval)
 
 Per case: us a call queued (median of batches), of which the replay of the compiled graph (the
 call itself) and mx.async_eval (the host's encoding and submission; what is left is waiting for the
@@ -77,13 +82,60 @@ def layer_case(T, n, C, dtype, phi_dtype, backend="auto"):
     return mx.compile(fn), (x, *values)
 
 
+def bench_us(T: int, n: int, C: int, impl: str = "kernels") -> float:
+    """The dynamic layer's forward median (us) as `mhc bench --layer dynamic --mode throughput` times it."""
+    case = bench.Case("throughput", T, n, C, "bfloat16", False, layer="dynamic")
+    s = bench.default_settings("throughput")
+    runner = bench.make_runner(impl, case, bench.make_inputs(case, bench.INPUT_SEED))
+    return bench.time_runner(runner, "throughput", s.iters, s.warmup, s.repeats).median_us
+
+
+def after(T: int, n: int, C: int, configs: str) -> None:
+    """Issue 6's T = 32 row is slower after the large configs than alone (README, Status): which host
+    state it is. Three bench-style medians per state, each line with the host's share of a call."""
+    import gc
+
+    from mhc_aot import kernel_ops
+
+    fn, args = layer_case(T, n, C, mx.bfloat16, mx.bfloat16)
+
+    def line(label: str) -> None:
+        ts = sorted(bench_us(T, n, C) for _ in range(3))
+        q, p, e = per_call(fn, args)
+        print(f"  {label:34s} bench {' '.join(f'{t:6.1f}' for t in ts)}   queued {q:6.1f} replay {p:5.1f} "
+              f"async_eval {e:5.1f}   gc objects {len(gc.get_objects())} cache {mx.get_cache_memory() / 1e6:.0f} MB",
+              flush=True)
+
+    print(f"T={T} n={n} C={C} bfloat16 x and phi, {mx.default_device()}: forward medians (us)")
+    line("fresh")
+    for cfg in configs.split(","):
+        Tb, nb, Cb = (int(v) for v in cfg.split(":"))
+        for impl in ("kernels", "portable"):
+            print(f"  ({Tb}, {nb}, {Cb}) {impl}: {bench_us(Tb, nb, Cb, impl):.1f}", flush=True)
+    line("after them")
+    gc.disable()
+    line("garbage collector off")
+    gc.enable()
+    gc.freeze()
+    line("gc.freeze()")
+    gc.unfreeze()
+    mx.clear_cache()
+    line("mx.clear_cache()")
+    kernel_ops._compiled.cache_clear()
+    line("ops' compiled graphs cleared")
+    line("again")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=32)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--C", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--after", default=None, help="T:n:C,...: time T after the bench's rows of these configs")
     a = ap.parse_args()
+    if a.after:
+        return after(a.T, a.n, a.C, a.after)
     T, n, C, bf = a.T, a.n, a.C, mx.bfloat16
     M = n * n + 2 * n
     layer = bench.dynamic_layer(n, C, "auto", bf)
