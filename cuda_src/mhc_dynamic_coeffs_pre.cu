@@ -80,10 +80,6 @@ constexpr int RING = MHC_CP_RING;
 #define MHC_PHI_TERMS 3
 #endif
 constexpr int TERMS = MHC_PHI_TERMS;
-#ifndef MHC_CP_PHI_KL
-#define MHC_CP_PHI_KL 4
-#endif
-constexpr int PHI_KL = MHC_CP_PHI_KL;  // k16 steps of phi's fragments loaded at a time (see the workers)
 static_assert(TERMS == 1 || TERMS == 3, "one bfloat16 term (a bfloat16 phi) or three (float32)");
 constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
 #ifndef MHC_CP_SK_TILES
@@ -123,7 +119,6 @@ constexpr int X_BYTES = TT * NS * CW * 2;  // a tile buffer: [CW / BOXC][NS][TT]
 constexpr int TM_BYTES = 128;              // the CTA's tensor map, staged in shared memory
 constexpr int KSTEPS = CW / 16;            // k16 steps a stream
 constexpr int KH = KSTEPS / 2;             // k16 steps a worker warp: warp = (stream, half of the columns)
-static_assert(KH % PHI_KL == 0, "phi's fragments loaded in whole rounds");
 constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (stream, half) each
 // 1024 bytes of slack: the buffers start at the first 1024-byte boundary (the 128-byte swizzle's)
 constexpr int SMEM_BYTES = 1024 + RING * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 8 * RING + 16;
@@ -274,41 +269,39 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // TERMS bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
     // use was a third of the kernel's instructions, ncu, session 15)
     const int js = warp >> 1, kh = warp & 1, g4 = lane / 4, q = lane % 4;
-    // KL k16 steps' values loaded at a time, unconditionally (index 0 where out of range, then zeroed),
-    // so a lane's KL NT 4 loads are in flight together: with each load and its conversion under its own
-    // bounds branch, a warp waited for one load before issuing the next (session 42's trace: 14.4 us
-    // from a CTA's entry to its phi loaded, against ~1 us for a tile's copy)
+    // Every value of the lane loaded before any is split, unconditionally (index 0 where out of range,
+    // then zeroed): the loads go out together, with no bounds branch between them. Session 42, same-run
+    // A/B against the loads under a branch each (gpu_phi_loads_ab.sh): 401.6 against 406.3 us at T = 8192
+    // (bfloat16 phi), 412.3 against 418.5 (float32). The ~16 us from a CTA's entry to its phi loaded
+    // stayed (16.2 against 16.8): that is the ring's first fill, 24 MB at DRAM's rate, not phi.
     uint32_t bq[KH][NT][TERMS][2];
     auto load_phi = [&](const auto* p) {
+      float v[KH][NT][4];
 #pragma unroll
-      for (int k0 = 0; k0 < KH; k0 += PHI_KL) {
-        float v[PHI_KL][NT][4];
+      for (int k = 0; k < KH; ++k)
 #pragma unroll
-        for (int k = 0; k < PHI_KL; ++k)
+        for (int nt = 0; nt < NT; ++nt) {
+          const int m = nt * 8 + g4, r0 = c0 + (kh * KH + k) * 16 + 2 * q;
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const int m = nt * 8 + g4, r0 = c0 + (kh * KH + k0 + k) * 16 + 2 * q;
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-              const int c = r0 + (u & 1) + 8 * (u >> 1);
-              const bool in = js < n && c < C && m < M;
-              const float w = to_float(p[in ? ((size_t)js * C + c) * M + m : 0]);
-              v[k][nt][u] = in ? w : 0.0f;
-            }
+          for (int u = 0; u < 4; ++u) {
+            const int c = r0 + (u & 1) + 8 * (u >> 1);
+            const bool in = js < n && c < C && m < M;
+            const float w = to_float(p[in ? ((size_t)js * C + c) * M + m : 0]);
+            v[k][nt][u] = in ? w : 0.0f;
           }
+        }
 #pragma unroll
-        for (int k = 0; k < PHI_KL; ++k)
+      for (int k = 0; k < KH; ++k)
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            uint2 terms[3];
-            mma::split_b_fragment(v[k][nt], terms);
+        for (int nt = 0; nt < NT; ++nt) {
+          uint2 terms[3];
+          mma::split_b_fragment(v[k][nt], terms);
 #pragma unroll
-            for (int t = 0; t < TERMS; ++t) {  // one term: hi, which is phi itself when phi is bfloat16
-              bq[k0 + k][nt][t][0] = terms[t].x;
-              bq[k0 + k][nt][t][1] = terms[t].y;
-            }
+          for (int t = 0; t < TERMS; ++t) {  // one term: hi, which is phi itself when phi is bfloat16
+            bq[k][nt][t][0] = terms[t].x;
+            bq[k][nt][t][1] = terms[t].y;
           }
-      }
+        }
     };
     if (phi_kind == 1) load_phi(static_cast<const bf16*>(phi));  // (cuda_dynamic.PHI_KINDS, dyn::phi_at)
     else if (phi_kind == 2) load_phi(static_cast<const f16*>(phi));
