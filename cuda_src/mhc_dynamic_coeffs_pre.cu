@@ -270,10 +270,11 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // use was a third of the kernel's instructions, ncu, session 15)
     const int js = warp >> 1, kh = warp & 1, g4 = lane / 4, q = lane % 4;
     // Every value of the lane loaded before any is split, unconditionally (index 0 where out of range,
-    // then zeroed): the loads go out together, with no bounds branch between them. Session 42, same-run
-    // A/B against the loads under a branch each (gpu_phi_loads_ab.sh): 401.6 against 406.3 us at T = 8192
-    // (bfloat16 phi), 412.3 against 418.5 (float32). The ~16 us from a CTA's entry to its phi loaded
-    // stayed (16.2 against 16.8): that is the ring's first fill, 24 MB at DRAM's rate, not phi.
+    // then zeroed): the loads go out together, with no bounds branch between them. Session 42, two
+    // same-run A/Bs against a bounds branch around each load (scripts/gpu_phi_loads_ab.sh), forward at
+    // T = 8192: float32 phi 412.3 / 411.7 us against 418.5 / 416.6; bfloat16 phi within the spread
+    // (401.6 / 405.3 against 406.3 / 405.0). The ~16 us from a CTA's entry to its phi loaded stayed
+    // (16.2 against 16.8): thread 0 issues the ring's first fill first, 24 MB for 128 CTAs at DRAM's rate.
     uint32_t bq[KH][NT][TERMS][2];
     auto load_phi = [&](const auto* p) {
       float v[KH][NT][4];
