@@ -3,7 +3,7 @@
 # call, after `bash .devwheels1/stage1.sh`; then, with .devwheels2 carried (session 42's OLD.cu:
 # `git show 875683a:cuda_src/mhc_dynamic_coeffs_pre.cu > ab_old_coeffs_pre.cu`, untracked):
 #   export OUT; source .devwheels2/stage2.sh >/dev/null 2>&1; bash scripts/gpu_phi_loads_ab.sh [OLD.cu]
-#   1. build; the dynamic layer's GPU tests
+#   1. build; the dynamic layer's GPU tests (SKIP_TESTS=1: not run, for a repeat on a warm machine)
 #   2. traces of the new kernel and, given OLD.cu (the kernel before), the old (entry -> phi loaded)
 #   3. same-run A/B of the DynamicMHC forward, identity F (sorted medians, us): the three kernels, the
 #      one-read kernel as built, and `old` (OLD.cu, compiled here); bfloat16 phi at
