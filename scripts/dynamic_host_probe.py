@@ -8,7 +8,8 @@ synchronise), and lists the primitives each compiled call replays.
       # the layer's forward at T as `mhc bench` times it (throughput, its settings), fresh, then after
       # the bench's rows (kernels, portable) of those configs in the same process, as issue 6's run
       # orders them, and after each of: the garbage collector off, its objects frozen, MLX's buffer cache
-      # cleared, the ops' compiled-graph caches cleared; each with the host's share (replay, async_eval)
+      # cleared, the ops' compiled-graph caches cleared; each with the host's share (replay, async_eval);
+      # --impls kernels (or portable): only those rows before; none: no rows (the control)
 
 Per case: us a call queued (median of batches), of which the replay of the compiled graph (the
 call itself) and mx.async_eval (the host's encoding and submission; what is left is waiting for the
@@ -90,7 +91,7 @@ def bench_us(T: int, n: int, C: int, impl: str = "kernels") -> float:
     return bench.time_runner(runner, "throughput", s.iters, s.warmup, s.repeats).median_us
 
 
-def after(T: int, n: int, C: int, configs: str) -> None:
+def after(T: int, n: int, C: int, configs: str, impls=("kernels", "portable")) -> None:
     """Issue 6's T = 32 row is slower after the large configs than alone (README, Status): which host
     state it is. Three bench-style medians per state, each line with the host's share of a call."""
     import gc
@@ -110,7 +111,7 @@ def after(T: int, n: int, C: int, configs: str) -> None:
     line("fresh")
     for cfg in configs.split(","):
         Tb, nb, Cb = (int(v) for v in cfg.split(":"))
-        for impl in ("kernels", "portable"):
+        for impl in impls:
             print(f"  ({Tb}, {nb}, {Cb}) {impl}: {bench_us(Tb, nb, Cb, impl):.1f}", flush=True)
     line("after them")
     gc.disable()
@@ -133,9 +134,10 @@ def main() -> None:
     ap.add_argument("--C", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--after", default=None, help="T:n:C,...: time T after the bench's rows of these configs")
+    ap.add_argument("--impls", default="kernels,portable", help="--after's rows (default kernels,portable)")
     a = ap.parse_args()
     if a.after:
-        return after(a.T, a.n, a.C, a.after)
+        return after(a.T, a.n, a.C, a.after, [i for i in a.impls.split(",") if i != "none"])
     T, n, C, bf = a.T, a.n, a.C, mx.bfloat16
     M = n * n + 2 * n
     layer = bench.dynamic_layer(n, C, "auto", bf)
