@@ -304,9 +304,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           }
         }
     };
-    if (phi_kind == 1) load_phi(static_cast<const bf16*>(phi));  // (cuda_dynamic.PHI_KINDS, dyn::phi_at)
-    else if (phi_kind == 2) load_phi(static_cast<const f16*>(phi));
-    else load_phi(static_cast<const float*>(phi));
+    dyn::with_phi(phi, phi_kind, load_phi);
     if (tid == 0) TRACE_CTA(1, gtimer());
     for (int i = 0; i < ntile; ++i) {
       tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible

@@ -14,12 +14,17 @@ namespace dyn {
 
 constexpr int WARPS = THREADS / 32;
 
-// phi[i] in phi's own dtype (phi_kind, cuda_dynamic.PHI_KINDS: 0 float32, 1 bfloat16, 2 float16): the
-// kernels that read phi once read it as it is, so no float32 copy (a launch) comes before them
+// f(phi as a pointer to its own dtype) (phi_kind, cuda_dynamic.PHI_KINDS: 0 float32, 1 bfloat16, 2
+// float16): the kernels that read phi once read it as it is, so no float32 copy (a launch) comes before them
+template <typename F>
+__device__ __forceinline__ auto with_phi(const void* phi, int phi_kind, F&& f) {
+  if (phi_kind == 1) return f(static_cast<const bf16*>(phi));
+  if (phi_kind == 2) return f(static_cast<const f16*>(phi));
+  return f(static_cast<const float*>(phi));
+}
+// phi[i] as a float
 __device__ __forceinline__ float phi_at(const void* phi, int phi_kind, size_t i) {
-  if (phi_kind == 1) return to_float(static_cast<const bf16*>(phi)[i]);
-  if (phi_kind == 2) return to_float(static_cast<const f16*>(phi)[i]);
-  return static_cast<const float*>(phi)[i];
+  return with_phi(phi, phi_kind, [&](const auto* p) { return to_float(p[i]); });
 }
 
 // consts[e] for e < 3 + M: [alpha_pre, alpha_post, alpha_res, b[0..M)], an ordinary device array that the
