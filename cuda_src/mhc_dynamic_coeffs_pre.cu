@@ -271,7 +271,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const int js = warp >> 1, kh = warp & 1, g4 = lane / 4, q = lane % 4;
     // Every value of the lane loaded before any is split, unconditionally (index 0 where out of range,
     // then zeroed): the loads go out together, with no bounds branch between them. Session 42, two
-    // same-run A/Bs against a bounds branch around each load (scripts/gpu_phi_loads_ab.sh), forward at
+    // same-run A/Bs against a bounds branch around each load (scripts/gpu_coeffs_pre_ab.sh), forward at
     // T = 8192: float32 phi 412.3 / 411.7 us against 418.5 / 416.6; bfloat16 phi within the spread
     // (401.6 / 405.3 against 406.3 / 405.0). The ~16 us from a CTA's entry to its phi loaded stayed
     // (16.2 against 16.8): thread 0 issues the ring's first fill first, 24 MB for 128 CTAs at DRAM's rate.
@@ -398,6 +398,22 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     if (warp == XWARP && lane == 0) tma::acquire_map(gmap);
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
     const int sg = lane % CSEGS, c = c0 + 8 * sg;
+    // The loop reads every stream without a predicate: with the runtime `j < n` a lane's 16 loads cost
+    // ~64 register moves a tile (ncu, session 32: 537 instructions a warp a tile). A stream j >= n is
+    // weighed by -0.0, which adds exactly nothing to a finite sum (+0 + -0 is +0), and its lines must
+    // then hold finite values: a box lands as n x TT lines and TMA never writes the streams past n, so
+    // this warp zeroes those lines of its own tokens in every buffer, once.
+    if (n < NS) {
+      constexpr int LINES = TT / XWARPS;  // this warp's tokens: rows rx .. rx + LINES - 1 of a stream
+      const int pad = RING * 2 * (NS - n) * LINES * 8;  // 16-byte chunks
+      for (int e = lane; e < pad; e += 32) {
+        const int chunk = e % 8, r = rx + e / 8 % LINES, j = n + e / (8 * LINES) % (NS - n);
+        const int box = e / (8 * LINES * (NS - n)) % 2, k = e / (8 * LINES * (NS - n) * 2);
+        *reinterpret_cast<uint4*>(ring + (size_t)k * X_BYTES + ((box * NS + j) * TT + r) * 128 + chunk * 16) =
+            make_uint4(0u, 0u, 0u, 0u);
+      }
+      __syncwarp();
+    }
     int pub_ahead = ntile > 0 ? ld_relaxed(published + g) : 0;
     for (int ix = 0; ix < ntile; ++ix) {
       const int pub_seen = pub_ahead;
@@ -407,7 +423,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       const int t0 = (g + ix * G) * TT;
       float hp[NS];
 #pragma unroll
-      for (int j = 0; j < NS; ++j) hp[j] = j < n && t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
+      for (int j = 0; j < NS; ++j) hp[j] = j >= n ? -0.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
 #ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
       asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
       if (warp == XWARP && lane == 0) TRACE(ix, 7);
@@ -426,7 +442,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
           for (int j = 0; j < NS; ++j) {
             hj[u][j] = __shfl_sync(0xffffffffu, hp[j], r);
-            if (j < n) w[u][j] = *reinterpret_cast<const uint4*>(at(xb, r, j, sg));
+            w[u][j] = *reinterpret_cast<const uint4*>(at(xb, r, j, sg));
           }
         }
 #pragma unroll
@@ -434,8 +450,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           const int t = t0 + rx + 2 * (k0 + u) + lane / CSEGS;
           float xa[8] = {};
 #pragma unroll
-          for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre)
-            if (j < n) dyn::fma8_bf16(xa, w[u][j], hj[u][j]);
+          for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre); j >= n adds -0
+            dyn::fma8_bf16(xa, w[u][j], hj[u][j]);
           if (t < Tn && c < C) dyn::store8_bf16(x_in + (size_t)t * C + c, xa, c, C, vec);
         }
       }
