@@ -51,6 +51,10 @@
 // CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix;
 // with MHC_CP_TRACE_X two of them time the first x_in warp's h_pre loads and x_in instead.
+// MHC_CP_SKIP_EXCHANGE, _XIN, _PRODUCT (timing only, wrong outputs): no coefficients (h_pre 1, the x_in
+// warps wait only for their own CTA's workers), no x_in, no products. Session 43, H100, T = 8192, n = 4,
+// C = 4096, trace's launch span: all three skipped (the TMA ring alone) 99.1 us, x read at ~2.8 TB/s;
+// the exchange alone skipped 133.7 us; the kernel 172-179 us: the exchange costs ~40-45 us of it.
 #include "mhc_dynamic_common.cuh"
 #include "mhc_dynamic_mma.cuh"
 #include "mhc_tma.cuh"
@@ -113,6 +117,11 @@ constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in fligh
 constexpr int HANDOFF = 2, HANDOFF_IDS = 13;
 constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warps are done with a tile
 __device__ __forceinline__ int handoff(int i) { return HANDOFF + i % HANDOFF_IDS; }
+#ifdef MHC_CP_SKIP_EXCHANGE  // timing only: the x_in warps, not the signaler, take the workers' handoff
+constexpr int HANDOFF_COUNT = WORKERS + 32 * XWARPS;
+#else
+constexpr int HANDOFF_COUNT = WORKERS + 32;
+#endif
 constexpr int CSEGS = CW / 8;              // 16-byte segments of a stream's columns
 constexpr int BOXC = 64;                   // a TMA box's columns: one 128-byte swizzled line a (token, stream)
 constexpr int X_BYTES = TT * NS * CW * 2;  // a tile buffer: [CW / BOXC][NS][TT] lines of 128 bytes
@@ -376,14 +385,18 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           dst[e] = v;
         }
       }
-      named_arrive(handoff(i), WORKERS + 32);  // to the signaler: tile i's partials are written
+      named_arrive(handoff(i), HANDOFF_COUNT);  // to the signaler: tile i's partials are written
       if (tid == 0) TRACE(i, 0);
     }
     if (tid == 0) TRACE_CTA(2, gtimer());
   } else if (warp == SIGNALER) {
     // ---------------------------------------------------------------- the signaler
+#ifdef MHC_CP_SKIP_EXCHANGE
+    for (int j = ntile; j < ntile; ++j) {
+#else
     for (int j = 0; j < ntile; ++j) {
-      named_sync(handoff(j), WORKERS + 32);
+#endif
+      named_sync(handoff(j), HANDOFF_COUNT);
       if (lane == 0) signal(projected + g + j * G);
     }
   } else if (warp < XWARP + XWARPS) {
@@ -418,12 +431,20 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     for (int ix = 0; ix < ntile; ++ix) {
       const int pub_seen = pub_ahead;
       if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
+#ifdef MHC_CP_SKIP_EXCHANGE  // timing only (trace_coeffs_pre.py): h_pre 1, only this CTA's workers waited for
+      named_sync(handoff(ix), HANDOFF_COUNT);  // (they have read the buffer: its refill is safe)
+#else
       spin_until(published + g + ix * G, S, pub_seen);
+#endif
       if (warp == XWARP && lane == 0) TRACE(ix, 8);
       const int t0 = (g + ix * G) * TT;
       float hp[NS];
 #pragma unroll
       for (int j = 0; j < NS; ++j) hp[j] = j >= n ? -0.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
+#ifdef MHC_CP_SKIP_EXCHANGE
+#pragma unroll
+      for (int j = 0; j < NS; ++j) hp[j] = j >= n ? -0.0f : 1.0f;
+#endif
 #ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
       asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
       if (warp == XWARP && lane == 0) TRACE(ix, 7);
@@ -468,7 +489,11 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // ---------------------------------------------------------------- coefficient warps: step 2
     const int h = lane / 16, l16 = lane % 16;
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
+#ifdef MHC_CP_SKIP_EXCHANGE  // (no coefficients: the x_in warps wait for none)
+    for (int i = ntile; i < ntile; i += CWARPS) {
+#else
     for (int i = warp - COEFF0; i < ntile; i += CWARPS) {
+#endif
       const int z = g + i * G, t0 = z * TT;
       if (lane == 0) TRACE(i, 2);
       // this CTA has tokens r = s, s + S, ... of the tile
