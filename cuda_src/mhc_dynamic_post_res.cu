@@ -10,20 +10,21 @@
 
 using namespace mhc;
 
+// Tokens last to first (MHC_PR_REVERSE, 0 for an A/B): the forward's coefficients + x_in (or pre) read x
+// and wrote x_in last for the last tokens, which may still be in L2 when this launch starts, and the
+// tokens this launch reads and writes last are those the next forward (or layer) reads first. Session 43,
+// H100, same-run A/Bs of the DynamicMHC forward, identity F, medians: 396.6 / 398.1 vs 400.8 / 400.3 us at
+// (8192, 4, 4096), 126.2 / 129.7 vs 132.6 / 138.2 at (4096, 4, 2048).
+#ifndef MHC_PR_REVERSE
+#define MHC_PR_REVERSE 1
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const T* __restrict__ x, const T* __restrict__ f, const float* __restrict__ h_post,
     const float* __restrict__ h_res, T* __restrict__ out, int n, int C) {
   extern __shared__ float smem[];
   float* hr = smem;        // n n
   float* hpo = hr + n * n; // n
-  // The last token first (MHC_PR_REVERSE, 0 for an A/B): the forward's coefficients + x_in (or pre) read
-  // x and wrote x_in last for the last tokens, which may still be in L2 when this launch starts, and
-  // the tokens this launch reads and writes last are those the next forward (or layer) reads first.
-  // Session 43, H100, same-run A/Bs of the DynamicMHC forward, identity F, medians: 396.6 / 398.1 vs
-  // 400.8 / 400.3 us at (8192, 4, 4096), 126.2 / 129.7 vs 132.6 / 138.2 at (4096, 4, 2048).
-#ifndef MHC_PR_REVERSE
-#define MHC_PR_REVERSE 1
-#endif
   const int t = MHC_PR_REVERSE ? gridDim.x - 1 - blockIdx.x : blockIdx.x, tid = threadIdx.x;
   constexpr int V = Vec<T>::N;
   const int v = blockIdx.y * THREADS + tid;
