@@ -117,11 +117,13 @@ constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in fligh
 constexpr int HANDOFF = 2, HANDOFF_IDS = 13;
 constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warps are done with a tile
 __device__ __forceinline__ int handoff(int i) { return HANDOFF + i % HANDOFF_IDS; }
-#ifdef MHC_CP_SKIP_EXCHANGE  // timing only: the x_in warps, not the signaler, take the workers' handoff
-constexpr int HANDOFF_COUNT = WORKERS + 32 * XWARPS;
+#ifdef MHC_CP_SKIP_EXCHANGE  // timing only (the header): no coefficients, no signals
+constexpr bool EXCHANGE = false;
 #else
-constexpr int HANDOFF_COUNT = WORKERS + 32;
+constexpr bool EXCHANGE = true;
 #endif
+// the workers' handoff is taken by the signaler, or without the exchange by the x_in warps
+constexpr int HANDOFF_COUNT = WORKERS + (EXCHANGE ? 32 : 32 * XWARPS);
 constexpr int CSEGS = CW / 8;              // 16-byte segments of a stream's columns
 constexpr int BOXC = 64;                   // a TMA box's columns: one 128-byte swizzled line a (token, stream)
 constexpr int X_BYTES = TT * NS * CW * 2;  // a tile buffer: [CW / BOXC][NS][TT] lines of 128 bytes
@@ -391,11 +393,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     if (tid == 0) TRACE_CTA(2, gtimer());
   } else if (warp == SIGNALER) {
     // ---------------------------------------------------------------- the signaler
-#ifdef MHC_CP_SKIP_EXCHANGE
-    for (int j = ntile; j < ntile; ++j) {
-#else
-    for (int j = 0; j < ntile; ++j) {
-#endif
+    for (int j = 0; j < (EXCHANGE ? ntile : 0); ++j) {
       named_sync(handoff(j), HANDOFF_COUNT);
       if (lane == 0) signal(projected + g + j * G);
     }
@@ -418,7 +416,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // this warp zeroes those lines of its own tokens in every buffer, once.
     if (n < NS) {
       constexpr int LINES = TT / XWARPS;  // this warp's tokens: rows rx .. rx + LINES - 1 of a stream
-      const int pad = RING * 2 * (NS - n) * LINES * 8;  // 16-byte chunks
+      const int pad = RING * 2 * (NS - n) * LINES * 8;  // 16-byte chunks of whole lines (the swizzle moves none out)
       for (int e = lane; e < pad; e += 32) {
         const int chunk = e % 8, r = rx + e / 8 % LINES, j = n + e / (8 * LINES) % (NS - n);
         const int box = e / (8 * LINES * (NS - n)) % 2, k = e / (8 * LINES * (NS - n) * 2);
@@ -431,20 +429,16 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     for (int ix = 0; ix < ntile; ++ix) {
       const int pub_seen = pub_ahead;
       if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
-#ifdef MHC_CP_SKIP_EXCHANGE  // timing only (trace_coeffs_pre.py): h_pre 1, only this CTA's workers waited for
-      named_sync(handoff(ix), HANDOFF_COUNT);  // (they have read the buffer: its refill is safe)
-#else
-      spin_until(published + g + ix * G, S, pub_seen);
-#endif
+      if (EXCHANGE)
+        spin_until(published + g + ix * G, S, pub_seen);
+      else  // only this CTA's workers waited for (they have read the buffer: its refill is safe); h_pre 1
+        named_sync(handoff(ix), HANDOFF_COUNT);
       if (warp == XWARP && lane == 0) TRACE(ix, 8);
       const int t0 = (g + ix * G) * TT;
       float hp[NS];
 #pragma unroll
-      for (int j = 0; j < NS; ++j) hp[j] = j >= n ? -0.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
-#ifdef MHC_CP_SKIP_EXCHANGE
-#pragma unroll
-      for (int j = 0; j < NS; ++j) hp[j] = j >= n ? -0.0f : 1.0f;
-#endif
+      for (int j = 0; j < NS; ++j)
+        hp[j] = j >= n ? -0.0f : !EXCHANGE ? 1.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
 #ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
       asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
       if (warp == XWARP && lane == 0) TRACE(ix, 7);
@@ -489,11 +483,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // ---------------------------------------------------------------- coefficient warps: step 2
     const int h = lane / 16, l16 = lane % 16;
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-#ifdef MHC_CP_SKIP_EXCHANGE  // (no coefficients: the x_in warps wait for none)
-    for (int i = ntile; i < ntile; i += CWARPS) {
-#else
-    for (int i = warp - COEFF0; i < ntile; i += CWARPS) {
-#endif
+    for (int i = warp - COEFF0; i < (EXCHANGE ? ntile : 0); i += CWARPS) {
       const int z = g + i * G, t0 = z * TT;
       if (lane == 0) TRACE(i, 2);
       // this CTA has tokens r = s, s + S, ... of the tile
