@@ -110,6 +110,15 @@ constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XW
 #define MHC_CP_XU 4
 #endif
 constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
+// MHC_CP_KEEP (timing knob, 0: off): the group's last KEEP tiles copied in, and their x_in stored, at L2
+// priority evict_last (post_res walks the tokens last to first: those are its first reads), the earlier
+// tiles at MHC_CP_EARLY (0 evict_first, 1 evict_normal)
+#ifndef MHC_CP_KEEP
+#define MHC_CP_KEEP 0
+#endif
+#ifndef MHC_CP_EARLY
+#define MHC_CP_EARLY 0
+#endif
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
 // the first x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
@@ -265,8 +274,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     unsigned char* dst = ring + (size_t)(i % RING) * X_BYTES;
     uint64_t* bar = dbar + i % RING;
     tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
-    tma::load_3d(dst, gmap, bar, c0, t0, 0);
-    tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
+    if (MHC_CP_KEEP > 0) {
+      const uint64_t pol = tma::policy_l2(i >= ntile - MHC_CP_KEEP ? 2 : MHC_CP_EARLY);
+      tma::load_3d_hint(dst, gmap, bar, c0, t0, 0, pol);
+      tma::load_3d_hint(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0, pol);
+    } else {
+      tma::load_3d(dst, gmap, bar, c0, t0, 0);
+      tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
+    }
   };
   auto at = [&](unsigned char* tile, int r, int j, int sg) { return tile + tile_at(r, j, sg); };
   if (warp < WORKERS / 32) {
@@ -445,6 +460,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #endif
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
       unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
+#if MHC_CP_KEEP > 0 && !defined(MHC_EMULATED)
+      const uint64_t xpol = tma::policy_l2(ix >= ntile - MHC_CP_KEEP ? 2 : MHC_CP_EARLY);
+#endif
 #ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
       // XU items a lane at once: their 4 XU loads in flight together (a warp's latency is hidden only by
       // its own independent work and the few other x_in warps)
@@ -467,6 +485,16 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
           for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre); j >= n adds -0
             dyn::fma8_bf16(xa, w[u][j], hj[u][j]);
+#if MHC_CP_KEEP > 0 && !defined(MHC_EMULATED)
+          if (t < Tn && c < C && vec && c + 8 <= C) {
+            uint4 raw;
+            bf16* e = reinterpret_cast<bf16*>(&raw);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) e[k] = from_float<bf16>(xa[k]);
+            asm volatile("st.global.L2::cache_hint.v4.b32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(x_in + (size_t)t * C + c),
+                         "r"(raw.x), "r"(raw.y), "r"(raw.z), "r"(raw.w), "l"(xpol) : "memory");
+          } else
+#endif
           if (t < Tn && c < C) dyn::store8_bf16(x_in + (size_t)t * C + c, xa, c, C, vec);
         }
       }

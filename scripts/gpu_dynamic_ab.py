@@ -19,6 +19,8 @@ larger than many differences worth measuring, so all run inside one process.
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_tc ns5=:MHC_TC_NS=5@TC_SMEM_BYTES=110592
                                    # a DEFINE and the launch constant it changes
   python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 fresh=@CP_MIN_T=1024,tma.CACHE_ARRAYS=0
+  python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 both=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+mhc_dynamic_post_res:MHC_PR_STORE_CS=1
+                                   # two kernels' variants together (after +: another source and its defines)
                                    # a knob of a module cuda_dynamic imports (dotted)
 
 Prints one line per (config, path): the sorted medians of the rounds (us), after a `check` line of the
@@ -66,12 +68,21 @@ def main() -> None:
     # LABEL=[PATH][:DEFINE...][@NAME=VALUE,...]: the variant's binaries (the shipped ones without PATH or
     # DEFINE) with attributes of mhc_aot.cuda_dynamic set (a rule's knob, or a launch constant such as
     # TC_SMEM_BYTES that a DEFINE changes)
-    specs = {v.partition("=")[0]: v.partition("=")[2].partition("@") for v in args.variants}
+    # ...[+SOURCE:DEFINE...]: another kernel's source compiled with those defines in the same variant
+    specs = {v.partition("=")[0]: v.partition("=")[2].split("+")[0].partition("@") for v in args.variants}
+    extras = {v.partition("=")[0]: [e.partition(":") for e in v.partition("=")[2].split("+")[1:]] for v in args.variants}
     knobs = {label: dict(kv.split("=") for kv in spec[2].split(",")) if spec[2] else {}
              for label, spec in specs.items()}
+
+    def nmaxes(source):
+        return (4,) if source == SOURCE else (4, 0)
+
     for label, (src, _, _) in specs.items():
-        bins = gpu_source_ab.compile_variant(args.source, f"{label}={src}", (4,) if one_read else (4, 0))[1] if src else None
-        paths.append((label, 1024 if one_read and bins is not None else None, bins))
+        bins = gpu_source_ab.compile_variant(args.source, f"{label}={src}", nmaxes(args.source))[1] if src else None
+        table = {args.source: bins} if bins is not None else {}
+        for other, _, defs in extras[label]:
+            table[other] = gpu_source_ab.compile_variant(other, f"{label}=:{defs}", nmaxes(other))[1]
+        paths.append((label, 1024 if one_read and bins is not None else None, table or None))
     def owner(name: str):  # (object, attribute) of a knob: cuda_dynamic's, or a dotted one (tma.CACHE_ARRAYS)
         *path, attr = name.split(".")
         obj = cuda_dynamic
@@ -92,7 +103,7 @@ def main() -> None:
                 cuda_dynamic.CP_MIN_T, cuda_dynamic.CP_SHAPES = min_t, False  # the one-read kernel at any shape
                 for k, v in knobs.get(label, {}).items():  # a knob's type from its default (CP_MIN_T: int)
                     setattr(*owner(k), int(v) if defaults[k] is None else type(defaults[k])(v))
-                gpu_source_ab.use(args.source, bins, shipped)
+                use_all(bins or {}, shipped)
                 # the path is chosen when a graph is traced: no cached trace of another one replays
                 kernel_ops._compiled.cache_clear()
                 cuda_dynamic._coeffs_fn.cache_clear()
@@ -109,6 +120,15 @@ def main() -> None:
             print(f"AB dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C} {label:8s} "
                   f"{' '.join(f'{m:7.1f}' for m in sorted(medians))}", flush=True)
     gpu_source_ab.use(args.source, None, shipped)
+
+
+def use_all(table: dict, shipped) -> None:
+    """cuda._binary serving {source: binaries} (gpu_source_ab.compile_variant's) and the shipped rest."""
+    def _binary(src, dtype, n, units=1, terms=3):
+        name, binary, nmax = shipped(src, dtype, n, units, terms)
+        return (*table[src][nmax], nmax) if src in table else (name, binary, nmax)
+
+    cuda._binary = _binary if table else shipped
 
 
 if __name__ == "__main__":
