@@ -11,8 +11,12 @@
 #   2. same-run A/B of the DynamicMHC forward, identity F, bfloat16 x and phi (sorted medians, us): the
 #      three kernels and the one-read path as built; compiled here: the one-read path (`ctl`), with x_out
 #      streamed (`st`), with x_out, x and f streamed (`stld`), coeffs_pre's last 8 tiles kept (`k8`, the
-#      earlier ones evict_first), both (`k4st`, `k8st`; `k8nst`: the earlier tiles evict_normal)
-#   3. ncu (no cache flush between launches): each launch's DRAM bytes as built and with k8st's knobs
+#      earlier ones evict_first), both (`k4st`, `k8st`, `k8stld`; `k8nst`: the earlier tiles evict_normal)
+#      MHC_CP_XL2 (`xl2`; `xl2r4`: 4 workers' buffers and 2 x_in buffers; `xl2st`: with x_out streamed):
+#      the ring's buffers split between the workers (refilled once the products are read) and the x_in
+#      warps (each published tile copied again from L2, where its first copy was kept at evict_last)
+#   3. ncu (no cache flush between launches): each launch's DRAM bytes as built, with k8st's knobs, and
+#      with MHC_CP_XL2 (whether x_in's second copy of x hits L2); a trace of MHC_CP_XL2
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -22,14 +26,21 @@ bash scripts/gpu_check.sh build > "$out/build.txt" 2>&1 || { tail -30 "$out/buil
 configs=${AB_CONFIGS:-8192:4:4096,16384:4:4096,4096:4:2048}
 pr=mhc_dynamic_post_res
 echo "=== A/B forward ($(date +%T))"
-timeout ${AB_TIMEOUT:-330} python3 scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 --rounds ${AB_ROUNDS:-5} --configs $configs \
+timeout ${AB_TIMEOUT:-240} python3 scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 --rounds ${AB_ROUNDS:-5} --configs $configs \
   ctl=:MHC_PHI_TERMS=1 st=:MHC_PHI_TERMS=1+$pr:MHC_PR_STORE_CS=1 stld=:MHC_PHI_TERMS=1+$pr:MHC_PR_STORE_CS=1:MHC_PR_LOAD_CS=1 \
   k8=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8 k4st=:MHC_PHI_TERMS=1:MHC_CP_KEEP=4+$pr:MHC_PR_STORE_CS=1 \
-  k8st=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+$pr:MHC_PR_STORE_CS=1 k8nst=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8:MHC_CP_EARLY=1+$pr:MHC_PR_STORE_CS=1
-for v in "" "k8=:MHC_CP_KEEP=8 also=$pr:MHC_PR_STORE_CS=1"; do
+  k8st=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+$pr:MHC_PR_STORE_CS=1 k8stld=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+$pr:MHC_PR_STORE_CS=1:MHC_PR_LOAD_CS=1 \
+  k8nst=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8:MHC_CP_EARLY=1+$pr:MHC_PR_STORE_CS=1
+echo "=== A/B forward, MHC_CP_XL2 ($(date +%T))"
+timeout ${AB_TIMEOUT:-200} python3 scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 --rounds ${AB_ROUNDS:-5} --configs $configs \
+  ctl=:MHC_PHI_TERMS=1 xl2=:MHC_PHI_TERMS=1:MHC_CP_XL2=1 xl2r4=:MHC_PHI_TERMS=1:MHC_CP_XL2=1:MHC_CP_XL2_RP=4 \
+  xl2st=:MHC_PHI_TERMS=1:MHC_CP_XL2=1+$pr:MHC_PR_STORE_CS=1
+for v in "" "k8=:MHC_CP_KEEP=8 also=$pr:MHC_PR_STORE_CS=1" "xl2=:MHC_CP_XL2=1"; do
   echo "=== ncu, DRAM bytes a launch, float32 phi: ${v:-as built} ($(date +%T))"
   timeout 120 ncu --cache-control none --clock-control none -k regex:"coeffs_pre|post_res" \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
     python3 scripts/ncu_dynamic_probe.py 8192 4 4096 $v 2>&1 | grep -E "mhc_|duration|dram__" | tail -12
 done
+echo "=== trace, MHC_CP_XL2 ($(date +%T))"
+timeout 60 python3 scripts/trace_coeffs_pre.py 8192 4 4096 MHC_PHI_TERMS=1 MHC_CP_XL2=1 2>&1 | grep -v "^BUILD"
 echo "=== done ($(date +%T))"
