@@ -8,13 +8,13 @@
 # keep those lines (coeffs_pre's MHC_CP_KEEP last tiles at evict_last, the earlier ones at MHC_CP_EARLY)
 # and stop x_out's writes from pushing them out (post_res's MHC_PR_STORE_CS, and MHC_PR_LOAD_CS for its reads).
 #   1. build
-#   2. same-run A/B of the DynamicMHC forward, identity F, bfloat16 x and phi (sorted medians, us): the
-#      three kernels and the one-read path as built; compiled here: the one-read path (`ctl`), with x_out
-#      streamed (`st`), with x_out, x and f streamed (`stld`), coeffs_pre's last 8 tiles kept (`k8`, the
-#      earlier ones evict_first), both (`k4st`, `k8st`, `k8stld`; `k8nst`: the earlier tiles evict_normal)
+#   2. same-run A/Bs of the DynamicMHC forward, identity F, bfloat16 x and phi (sorted medians, us): the
+#      three kernels and the one-read path as built; compiled here: the one-read path (`ctl`), and
 #      MHC_CP_XL2 (`xl2`; `xl2r4`: 4 workers' buffers and 2 x_in buffers; `xl2st`: with x_out streamed):
 #      the ring's buffers split between the workers (refilled once the products are read) and the x_in
-#      warps (each published tile copied again from L2, where its first copy was kept at evict_last)
+#      warps (each tile copied again from L2, where its first copy was kept at evict_last); then x_out
+#      streamed (`st`), x_out, x and f streamed (`stld`), coeffs_pre's last 8 tiles kept (`k8`, the earlier
+#      ones evict_first), both (`k8st`, `k8stld`)
 #   3. ncu (no cache flush between launches): each launch's DRAM bytes as built, with k8st's knobs, and
 #      with MHC_CP_XL2 (whether x_in's second copy of x hits L2); a trace of MHC_CP_XL2
 set -uo pipefail
@@ -23,21 +23,20 @@ mkdir -p "$out"
 exec > >(tee -a "$out/l2_policy_ab.txt") 2>&1
 export MHC_AOT_CUDA_ARCHS=${MHC_AOT_CUDA_ARCHS:-sm_90} MHC_AOT_BUILD_JOBS=${MHC_AOT_BUILD_JOBS:-16} MHC_VALIDATE=0
 bash scripts/gpu_check.sh build > "$out/build.txt" 2>&1 || { tail -30 "$out/build.txt"; exit 1; }
-configs=${AB_CONFIGS:-8192:4:4096,16384:4:4096,4096:4:2048}
+configs=${AB_CONFIGS:-8192:4:4096,4096:4:2048}
 pr=mhc_dynamic_post_res
-echo "=== A/B forward ($(date +%T))"
-timeout ${AB_TIMEOUT:-240} python3 scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 --rounds ${AB_ROUNDS:-5} --configs $configs \
-  ctl=:MHC_PHI_TERMS=1 st=:MHC_PHI_TERMS=1+$pr:MHC_PR_STORE_CS=1 stld=:MHC_PHI_TERMS=1+$pr:MHC_PR_STORE_CS=1:MHC_PR_LOAD_CS=1 \
-  k8=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8 k4st=:MHC_PHI_TERMS=1:MHC_CP_KEEP=4+$pr:MHC_PR_STORE_CS=1 \
-  k8st=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+$pr:MHC_PR_STORE_CS=1 k8stld=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+$pr:MHC_PR_STORE_CS=1:MHC_PR_LOAD_CS=1 \
-  k8nst=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8:MHC_CP_EARLY=1+$pr:MHC_PR_STORE_CS=1
 echo "=== A/B forward, MHC_CP_XL2 ($(date +%T))"
-timeout ${AB_TIMEOUT:-200} python3 scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 --rounds ${AB_ROUNDS:-5} --configs $configs \
+timeout ${AB_TIMEOUT:-150} python3 scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 --rounds ${AB_ROUNDS:-4} --configs $configs \
   ctl=:MHC_PHI_TERMS=1 xl2=:MHC_PHI_TERMS=1:MHC_CP_XL2=1 xl2r4=:MHC_PHI_TERMS=1:MHC_CP_XL2=1:MHC_CP_XL2_RP=4 \
   xl2st=:MHC_PHI_TERMS=1:MHC_CP_XL2=1+$pr:MHC_PR_STORE_CS=1
-for v in "" "k8=:MHC_CP_KEEP=8 also=$pr:MHC_PR_STORE_CS=1" "xl2=:MHC_CP_XL2=1"; do
+echo "=== A/B forward, L2 priorities ($(date +%T))"
+timeout ${AB_TIMEOUT:-150} python3 scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 --rounds ${AB_ROUNDS:-4} --configs $configs \
+  ctl=:MHC_PHI_TERMS=1 st=:MHC_PHI_TERMS=1+$pr:MHC_PR_STORE_CS=1 stld=:MHC_PHI_TERMS=1+$pr:MHC_PR_STORE_CS=1:MHC_PR_LOAD_CS=1 \
+  k8=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8 k8st=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+$pr:MHC_PR_STORE_CS=1 \
+  k8stld=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+$pr:MHC_PR_STORE_CS=1:MHC_PR_LOAD_CS=1
+for v in "xl2=:MHC_CP_XL2=1" "" "k8=:MHC_CP_KEEP=8 also=$pr:MHC_PR_STORE_CS=1"; do
   echo "=== ncu, DRAM bytes a launch, float32 phi: ${v:-as built} ($(date +%T))"
-  timeout 120 ncu --cache-control none --clock-control none -k regex:"coeffs_pre|post_res" \
+  timeout 90 ncu --cache-control none --clock-control none -k regex:"coeffs_pre|post_res" \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
     python3 scripts/ncu_dynamic_probe.py 8192 4 4096 $v 2>&1 | grep -E "mhc_|duration|dram__" | tail -12
 done
