@@ -17,6 +17,7 @@
 #      ones evict_first), both (`k8st`, `k8stld`)
 #   3. ncu (no cache flush between launches): each launch's DRAM bytes as built, with k8st's knobs, and
 #      with MHC_CP_XL2 (whether x_in's second copy of x hits L2); a trace of MHC_CP_XL2
+#   4. (XL2_TESTS=1, the default) the build with MHC_CP_XL2 on, and its GPU tests of the one-read kernel
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -42,4 +43,11 @@ for v in "xl2=:MHC_CP_XL2=1" "" "k8=:MHC_CP_KEEP=8 also=$pr:MHC_PR_STORE_CS=1"; 
 done
 echo "=== trace, MHC_CP_XL2 ($(date +%T))"
 timeout 60 python3 scripts/trace_coeffs_pre.py 8192 4 4096 MHC_PHI_TERMS=1 MHC_CP_XL2=1 2>&1 | grep -v "^BUILD"
+if [ "${XL2_TESTS:-1}" = 1 ]; then
+  echo "=== GPU tests of coeffs_pre with MHC_CP_XL2 built in ($(date +%T))"
+  sed -i 's/^#define MHC_CP_XL2 0$/#define MHC_CP_XL2 1/' cuda_src/mhc_dynamic_coeffs_pre.cu
+  bash scripts/gpu_check.sh build > "$out/build_xl2.txt" 2>&1 || { tail -30 "$out/build_xl2.txt"; exit 1; }
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_dynamic.py -k "coeffs_pre or dynamic_layer" 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | head
+  sed -i 's/^#define MHC_CP_XL2 1$/#define MHC_CP_XL2 0/' cuda_src/mhc_dynamic_coeffs_pre.cu
+fi
 echo "=== done ($(date +%T))"
