@@ -35,14 +35,16 @@ timeout ${AB_TIMEOUT:-150} python3 scripts/gpu_dynamic_ab.py --phi-dtype bfloat1
   ctl=:MHC_PHI_TERMS=1 st=:MHC_PHI_TERMS=1+$pr:MHC_PR_STORE_CS=1 stld=:MHC_PHI_TERMS=1+$pr:MHC_PR_STORE_CS=1:MHC_PR_LOAD_CS=1 \
   k8=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8 k8st=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+$pr:MHC_PR_STORE_CS=1 \
   k8stld=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+$pr:MHC_PR_STORE_CS=1:MHC_PR_LOAD_CS=1
-for v in "xl2=:MHC_CP_XL2=1" "" "k8=:MHC_CP_KEEP=8 also=$pr:MHC_PR_STORE_CS=1"; do
+ncu_variants=("xl2=:MHC_CP_XL2=1" "" "k8=:MHC_CP_KEEP=8 also=$pr:MHC_PR_STORE_CS=1")
+[ "${NCU_ALL:-1}" = 1 ] || ncu_variants=("xl2=:MHC_CP_XL2=1")
+for v in "${ncu_variants[@]}"; do
   echo "=== ncu, DRAM bytes a launch, float32 phi: ${v:-as built} ($(date +%T))"
   timeout 90 ncu --cache-control none --clock-control none -k regex:"coeffs_pre|post_res" \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
     python3 scripts/ncu_dynamic_probe.py 8192 4 4096 $v 2>&1 | grep -E "mhc_|duration|dram__" | tail -12
 done
 echo "=== trace, MHC_CP_XL2 ($(date +%T))"
-timeout 60 python3 scripts/trace_coeffs_pre.py 8192 4 4096 MHC_PHI_TERMS=1 MHC_CP_XL2=1 2>&1 | grep -v "^BUILD"
+[ "${TRACE:-1}" = 1 ] && timeout 60 python3 scripts/trace_coeffs_pre.py 8192 4 4096 MHC_PHI_TERMS=1 MHC_CP_XL2=1 2>&1 | grep -v "^BUILD"
 if [ "${XL2_TESTS:-1}" = 1 ]; then
   echo "=== GPU tests of coeffs_pre with MHC_CP_XL2 built in ($(date +%T))"
   sed -i 's/^#define MHC_CP_XL2 0$/#define MHC_CP_XL2 1/' cuda_src/mhc_dynamic_coeffs_pre.cu
