@@ -119,11 +119,13 @@ constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in fligh
 #ifndef MHC_CP_EARLY
 #define MHC_CP_EARLY 0
 #endif
-// MHC_CP_XL2 (knob, 0: off): the ring's first XL2_RP buffers take the tiles for the workers only (copied in at
-// L2 priority evict_last; refilled by worker thread 0 as soon as the products are read, so the chain is
-// landing -> products -> refill), and x_in is formed from the other RING - XL2_RP buffers, into which the
-// first x_in warp copies each published tile again, from L2 (evict_first). The workers then run ahead of
-// the exchange up to NSLOT tiles (thread 0 waits on the publication of the tile whose partial slot it reuses).
+// MHC_CP_XL2 (knob, 0: off; untimed, docs/HISTORY.md session 44): the ring's first XL2_RP buffers take the
+// tiles for the workers only (copied in at L2 priority evict_last; refilled by worker thread 0 as soon as
+// the products are read, so their chain is landing -> products -> refill), and x_in is formed from the other
+// RING - XL2_RP buffers, into which the first x_in warp copies each tile again from L2 (evict_first) once its
+// first copy landed and a buffer is free. The workers then run ahead of the exchange, up to NSLOT tiles:
+// thread 0 waits on the publication of the tile whose partial slot it reuses, which also keeps a handoff
+// id from being reused before the signaler synced it (NSLOT < HANDOFF_IDS).
 #ifndef MHC_CP_XL2
 #define MHC_CP_XL2 0
 #endif
@@ -166,6 +168,7 @@ static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 3
               "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
 static_assert(XIN_DONE < 16, "named barrier ids");
 static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
+static_assert(!XL2 || NSLOT < HANDOFF_IDS, "MHC_CP_XL2: the workers run at most NSLOT tiles ahead of the signaler");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
