@@ -298,12 +298,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     unsigned char* dst = ring + (size_t)(i % RP) * X_BYTES;
     uint64_t* bar = dbar + i % RP;
     tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
-    if (XL2) {
-      const uint64_t pol = tma::policy_l2(2);
-      tma::load_3d_hint(dst, gmap, bar, c0, t0, 0, pol);
-      tma::load_3d_hint(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0, pol);
-    } else if (MHC_CP_KEEP > 0) {
-      const uint64_t pol = tma::policy_l2(i >= ntile - MHC_CP_KEEP ? 2 : MHC_CP_EARLY);
+    if (XL2 || MHC_CP_KEEP > 0) {  // the knobs' L2 priority: evict_last (XL2, KEEP's last tiles) or EARLY
+      const uint64_t pol = tma::policy_l2(XL2 || i >= ntile - MHC_CP_KEEP ? 2 : MHC_CP_EARLY);
       tma::load_3d_hint(dst, gmap, bar, c0, t0, 0, pol);
       tma::load_3d_hint(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0, pol);
     } else {
