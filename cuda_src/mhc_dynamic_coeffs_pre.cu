@@ -133,17 +133,6 @@ constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in fligh
 #define MHC_CP_XL2_RP 3
 #endif
 constexpr bool XL2 = MHC_CP_XL2 != 0;
-// MHC_CP_XPRE (knob, 0: off; session 45): the x_in warps form their tokens' h_pre themselves from the tile's
-// partials once every split projected it (lane 4 rl + j: token rx + rl, stream j; the sums in the coefficient
-// warps' split order), and the CTA that owns a token writes its h_pre; the coefficient warps write the rest.
-// Off the buffers' chain then: the coefficient warps' sums, their publication (a fence and an atomic) and
-// the x_in warps' poll of it and load of h_pre. Workers reuse a partial slot only once its tile was published,
-// as with MHC_CP_XL2; the x_in warps of every CTA are past it then too (NSLOT >= 2 RING: a CTA at tile i
-// saw tile i - RING projected, so every CTA had tile i - RING landed, so its x_in warps were past i - 2 RING).
-#ifndef MHC_CP_XPRE
-#define MHC_CP_XPRE 0
-#endif
-constexpr bool XPRE = MHC_CP_XPRE != 0;
 constexpr int RP = XL2 ? MHC_CP_XL2_RP : RING;  // the workers' buffers: [0, RP)
 constexpr int XS = XL2 ? RING - RP : RING;      // the x_in warps' buffers: [RING - XS, RING)
 static_assert(!XL2 || (RP >= 1 && XS >= 1), "MHC_CP_XL2: buffers for both");
@@ -180,7 +169,6 @@ static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 3
 static_assert(XIN_DONE < 16, "named barrier ids");
 static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
 static_assert(!XL2 || NSLOT < HANDOFF_IDS, "MHC_CP_XL2: the workers run at most NSLOT tiles ahead of the signaler");
-static_assert(!XPRE || (!XL2 && NSLOT >= 2 * RING && TT / XWARPS * NS == 32), "MHC_CP_XPRE: a lane per (token, stream)");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
@@ -188,23 +176,6 @@ static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/
 // phase fall in eight bank groups)
 __device__ __forceinline__ uint32_t tile_at(int r, int j, int sg) {
   return tma::swizzle128(((sg >> 3) * NS + j) * TT + r, sg & 7);
-}
-// partial element pr[0] of a token summed over the S splits, in split order (every load of a round in
-// flight at once): the coefficient warps' sums, and with MHC_CP_XPRE the x_in warps' same bits
-__device__ __forceinline__ float sum_splits(const float* pr, int S) {
-  float v = 0.0f;
-  for (int s0 = 0; s0 < S; s0 += 32) {
-    float a[32];
-#pragma unroll
-    for (int u = 0; u < 32; ++u) a[u] = s0 + u < S ? __ldcg(pr + (size_t)(s0 + u) * TT * RL) : 0.0f;
-#pragma unroll
-    for (int u = 0; u < 32; ++u) v += a[u];
-  }
-  return v;
-}
-// h_pre of a pre logit's sum v (Eq. 7's sigmoid of the scaled logit, Liger's pre_eps)
-__device__ __forceinline__ float pre_of(float v, float invr, float a_pre, float b, float pre_eps) {
-  return sigmoid(v * invr * a_pre + b) + pre_eps;
 }
 }  // namespace
 
@@ -443,7 +414,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #ifndef MHC_CP_TRACE_X
       if (tid == 0) TRACE(i, 7);
 #endif
-#if MHC_CP_XL2 || MHC_CP_XPRE
+#if MHC_CP_XL2
       // slot i % NSLOT is free once its previous tile was published (every CTA's coefficient warps had
       // read its partials), which the x_in warps' refills no longer guarantee
       if (tid == 0 && i >= NSLOT) {
@@ -500,9 +471,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // of the next tile is read a tile ahead (a global load waits behind this SM's copies). (Session 22:
     // one x_in warp took 5.4 us a tile, the workers 1.54 without x_in.)
     const int xw = warp - XWARP, rx = xw * (TT / XWARPS);  // this warp's first token of a tile
-#if MHC_CP_XPRE
-    const float a_pre = *alpha_pre;
-#endif
     if (warp == XWARP && lane == 0) tma::acquire_map(gmap);
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
     const int sg = lane % CSEGS, c = c0 + 8 * sg;
@@ -522,9 +490,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       __syncwarp();
     }
-    // the tile is ready for x_in once published (h_pre written), or with MHC_CP_XPRE once projected
-    const int* ready = XPRE ? projected : published;
-    int pub_ahead = ntile > 0 ? ld_relaxed(ready + g) : 0;
+    int pub_ahead = ntile > 0 ? ld_relaxed(published + g) : 0;
 #if MHC_CP_XL2
     int staged = 0;  // the tiles copied into the x_in buffers so far (the first x_in warp's lane 0)
 #endif
@@ -543,35 +509,19 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
 #endif
       const int pub_seen = pub_ahead;
-      if (ix + 1 < ntile) pub_ahead = ld_relaxed(ready + g + (ix + 1) * G);
+      if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
       if (EXCHANGE)
-        spin_until(ready + g + ix * G, S, pub_seen);
+        spin_until(published + g + ix * G, S, pub_seen);
       else  // only this CTA's workers waited for (they have read the buffer: its refill is safe); h_pre 1
         named_sync(handoff(ix), HANDOFF_COUNT);
       if (warp == XWARP && lane == 0) TRACE(ix, 8);
       const int t0 = (g + ix * G) * TT;
-#if MHC_CP_XPRE
-      float hq;  // lane 4 rl + j: h_pre[j] of token rx + rl (the coefficient warps' sums and formula)
-      {
-        const int j = lane % NS, r = rx + lane / NS, t = t0 + r;
-        const float* pr = slot_part(ix) + (size_t)r * RL;
-        const float v = j < n ? sum_splits(pr + j, S) : 0.0f, q2 = sum_splits(pr + MP, S);
-        const float invr = rsqrtf(q2 / (float)(n * C) + rms_eps);
-        hq = j >= n ? -0.0f : !EXCHANGE ? 1.0f : t < Tn ? pre_of(v, invr, a_pre, b[j], pre_eps) : 0.0f;
-        if (EXCHANGE && j < n && t < Tn && r % S == s) h_pre[(size_t)t * n + j] = hq;  // its owner's, as step 2
-      }
-#else
       float hp[NS];
 #pragma unroll
       for (int j = 0; j < NS; ++j)
         hp[j] = j >= n ? -0.0f : !EXCHANGE ? 1.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
-#endif
 #ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
-#if MHC_CP_XPRE
-      asm volatile("" ::"f"(hq));  // (h_pre formed)
-#else
       asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
-#endif
       if (warp == XWARP && lane == 0) TRACE(ix, 7);
 #endif
 #if MHC_CP_XL2
@@ -596,11 +546,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           const int r = rx + 2 * (k0 + u) + lane / CSEGS;
 #pragma unroll
           for (int j = 0; j < NS; ++j) {
-#if MHC_CP_XPRE
-            hj[u][j] = __shfl_sync(0xffffffffu, hq, (r - rx) * NS + j);
-#else
             hj[u][j] = __shfl_sync(0xffffffffu, hp[j], r);
-#endif
             w[u][j] = *reinterpret_cast<const uint4*>(at(xb, r, j, sg));
           }
         }
@@ -651,16 +597,23 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         const int m = min(lane, RL - 1);  // lane m sums element m (z_m, m < M; the sum of squares at MP)
         for (int r = s; r < TT; r += S) {
           const int t = t0 + r;
-          const float v = sum_splits(src + (size_t)r * RL + m, S);
+          const float* pr = src + (size_t)r * RL + m;
+          float v = 0.0f;
+          for (int s0 = 0; s0 < S; s0 += 32) {  // every load of a round in flight at once; splits in order
+            float a[32];
+#pragma unroll
+            for (int u = 0; u < 32; ++u) a[u] = s0 + u < S ? __ldcg(pr + (size_t)(s0 + u) * TT * RL) : 0.0f;
+#pragma unroll
+            for (int u = 0; u < 32; ++u) v += a[u];
+          }
           const float invr = rsqrtf(__shfl_sync(0xffffffffu, v, MP) / (float)(n * C) + rms_eps);
           if (t < Tn) {
 #ifndef MHC_CP_TRACE
             if (lane < M) mix[(size_t)t * M + lane] = v * invr;
 #endif
             if (lane == MP) invr_out[t] = invr;
-            if (lane < n) {
-              if (!XPRE) h_pre[(size_t)t * n + lane] = pre_of(v, invr, a_pre, b[lane], pre_eps);
-            } else if (lane < 2 * n) h_post[(size_t)t * n + lane - n] = sigmoid(v * invr * a_post + b[lane]) * post_mult;
+            if (lane < n) h_pre[(size_t)t * n + lane] = sigmoid(v * invr * a_pre + b[lane]) + pre_eps;
+            else if (lane < 2 * n) h_post[(size_t)t * n + lane - n] = sigmoid(v * invr * a_post + b[lane]) * post_mult;
           }
         }
       }

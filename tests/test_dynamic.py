@@ -918,22 +918,6 @@ def test_emulated_cuda_coeffs_pre_xl2(emulated_cuda, monkeypatch, B, n, C, sms, 
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
 
-@pytest.mark.parametrize("B,n,C,sms,seed,copies", [(420, 4, 200, 2, None, True), (420, 4, 200, 2, 3, False),
-                                                   (70, 3, 216, 6, 4, True), (100, 4, 256, 4, 5, False)],
-                         ids=["one-group-14-tiles-at-wait", "one-group-14-tiles-s3", "n3-half-box-s4-at-wait",
-                              "two-groups-s5"])
-@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
-def test_emulated_cuda_coeffs_pre_xpre(emulated_cuda, monkeypatch, B, n, C, sms, seed, copies):
-    """mhc_dynamic_coeffs_pre's MHC_CP_XPRE knob (off in the shipped build; session 45): the x_in warps sum
-    their tokens' pre logits and sums of squares from the partials once the tile is projected and form
-    h_pre themselves, the token's owning CTA writing it (poisoned outputs: a token nobody writes fails);
-    the workers wait for a slot's earlier tile to be published before reusing it. Copies landing at their
-    wait and threads in a shuffled order, a ragged last tile (B = 420, 70, 100), n = 3, and two groups."""
-    emulated_cuda.extra_defines = ("MHC_CP_XPRE=1",)
-    emulated_cuda.shuffle_seed, emulated_cuda.deferred_copies = seed, copies
-    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
-
-
 @pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6)], ids=["two-groups", "n3-half-box"])
 @pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
 def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n, C, sms):
