@@ -110,32 +110,6 @@ constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XW
 #define MHC_CP_XU 4
 #endif
 constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
-// MHC_CP_KEEP (timing knob, 0: off): the group's last KEEP tiles copied in, and their x_in stored, at L2
-// priority evict_last (post_res walks the tokens last to first: those are its first reads), the earlier
-// tiles at MHC_CP_EARLY (0 evict_first, 1 evict_normal)
-#ifndef MHC_CP_KEEP
-#define MHC_CP_KEEP 0
-#endif
-#ifndef MHC_CP_EARLY
-#define MHC_CP_EARLY 0
-#endif
-// MHC_CP_XL2 (knob, 0: off; untimed, docs/HISTORY.md session 44): the ring's first XL2_RP buffers take the
-// tiles for the workers only (copied in at L2 priority evict_last; refilled by worker thread 0 as soon as
-// the products are read, so their chain is landing -> products -> refill), and x_in is formed from the other
-// RING - XL2_RP buffers, into which the first x_in warp copies each tile again from L2 (evict_first) once its
-// first copy landed and a buffer is free. The workers then run ahead of the exchange, up to NSLOT tiles:
-// thread 0 waits on the publication of the tile whose partial slot it reuses, which also keeps a handoff
-// id from being reused before the signaler synced it (NSLOT < HANDOFF_IDS).
-#ifndef MHC_CP_XL2
-#define MHC_CP_XL2 0
-#endif
-#ifndef MHC_CP_XL2_RP
-#define MHC_CP_XL2_RP 3
-#endif
-constexpr bool XL2 = MHC_CP_XL2 != 0;
-constexpr int RP = XL2 ? MHC_CP_XL2_RP : RING;  // the workers' buffers: [0, RP)
-constexpr int XS = XL2 ? RING - RP : RING;      // the x_in warps' buffers: [RING - XS, RING)
-static_assert(!XL2 || (RP >= 1 && XS >= 1), "MHC_CP_XL2: buffers for both");
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
 // the first x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
@@ -168,7 +142,6 @@ static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 3
               "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
 static_assert(XIN_DONE < 16, "named barrier ids");
 static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
-static_assert(!XL2 || NSLOT < HANDOFF_IDS, "MHC_CP_XL2: the workers run at most NSLOT tiles ahead of the signaler");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
@@ -254,9 +227,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   float* ksum = reinterpret_cast<float*>(base + RING * X_BYTES + TM_BYTES);  // [stream][half][TT][RL]
   uint64_t* bars = reinterpret_cast<uint64_t*>(ksum + SLICES * TT * RL);  // [RING] tiles
   int* ticket_s = reinterpret_cast<int*>(bars + RING);
-#if MHC_CP_XL2
-  volatile int* landed_s = ticket_s + 1;  // the tiles landed for the workers so far (worker thread 0's count)
-#endif
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 2;
@@ -275,9 +245,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (warp == 0) tma::publish_map(gmap, tm, tmpl, x, lane);
   if (tid == 0) {
     *ticket_s = atomicAdd(sync, 1);
-#if MHC_CP_XL2
-    ticket_s[1] = 0;
-#endif
     for (int k = 0; k < RING; ++k) tma::bar_init(bars + k, 1);  // the issuing thread's arrival
     tma::bar_init_fence();
   }
@@ -295,37 +262,19 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   uint64_t* dbar = bars;
   auto issue_tile = [&](int i) {  // tile i of the group: two boxes
     const int t0 = (g + i * G) * TT;
-    unsigned char* dst = ring + (size_t)(i % RP) * X_BYTES;
-    uint64_t* bar = dbar + i % RP;
+    unsigned char* dst = ring + (size_t)(i % RING) * X_BYTES;
+    uint64_t* bar = dbar + i % RING;
     tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
-    if (XL2 || MHC_CP_KEEP > 0) {  // the knobs' L2 priority: evict_last (XL2, KEEP's last tiles) or EARLY
-      const uint64_t pol = tma::policy_l2(XL2 || i >= ntile - MHC_CP_KEEP ? 2 : MHC_CP_EARLY);
-      tma::load_3d_hint(dst, gmap, bar, c0, t0, 0, pol);
-      tma::load_3d_hint(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0, pol);
-    } else {
-      tma::load_3d(dst, gmap, bar, c0, t0, 0);
-      tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
-    }
+    tma::load_3d(dst, gmap, bar, c0, t0, 0);
+    tma::load_3d(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0);
   };
-#if MHC_CP_XL2
-  // tile ix again, from L2, into x_in buffer RING - XS + ix % XS
-  auto issue_stage = [&](int ix) {
-    const int t0 = (g + ix * G) * TT;
-    unsigned char* dst = ring + (size_t)(RING - XS + ix % XS) * X_BYTES;
-    uint64_t* bar = dbar + RING - XS + ix % XS;
-    tma::expect_tx(bar, 2 * BOXC * TT * n * 2);
-    const uint64_t pol = tma::policy_l2(0);
-    tma::load_3d_hint(dst, gmap, bar, c0, t0, 0, pol);
-    tma::load_3d_hint(dst + NS * TT * 128, gmap, bar, c0 + BOXC, t0, 0, pol);
-  };
-#endif
   auto at = [&](unsigned char* tile, int r, int j, int sg) { return tile + tile_at(r, j, sg); };
   if (warp < WORKERS / 32) {
     // ---------------------------------------------------------------- workers: step 1
     if (tid == 0) tma::acquire_map(gmap);
     // the first RING tiles' copies before phi's fragments load (those loads then overlap the copies)
     if (tid == 0)
-      for (int p = 0; p < RP && p < ntile; ++p) issue_tile(p);
+      for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
     // TERMS bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
@@ -369,13 +318,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     dyn::with_phi(phi, phi_kind, load_phi);
     if (tid == 0) TRACE_CTA(1, gtimer());
     for (int i = 0; i < ntile; ++i) {
-      tma::wait(dbar + i % RP, (i / RP) & 1);  // tile i has landed and is visible
-#if MHC_CP_XL2
-      if (tid == 0) *landed_s = i + 1;
-#endif
-      workers_sync();                          // ksum free again (the partials of tile i - 1 read)
+      tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible
+      workers_sync();                              // ksum free again (the partials of tile i - 1 read)
       if (tid == 0) TRACE(i, 6);
-      unsigned char* xb = ring + (size_t)(i % RP) * X_BYTES;
+      unsigned char* xb = ring + (size_t)(i % RING) * X_BYTES;
 #ifdef MHC_CP_SKIP_PRODUCT  // timing only (scripts/trace_coeffs_pre.py): wrong coefficients
       const bool product = false;
 #else
@@ -414,18 +360,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #ifndef MHC_CP_TRACE_X
       if (tid == 0) TRACE(i, 7);
 #endif
-#if MHC_CP_XL2
-      // slot i % NSLOT is free once its previous tile was published (every CTA's coefficient warps had
-      // read its partials), which the x_in warps' refills no longer guarantee
-      if (tid == 0 && i >= NSLOT) {
-        const int* p = published + g + (i - NSLOT) * G;
-        spin_until(p, S, ld_relaxed(p));
-      }
-#endif
       workers_sync();  // ksum written
-#if MHC_CP_XL2
-      if (tid == 0 && i + RP < ntile) issue_tile(i + RP);  // every worker's reads of buffer i % RP are done
-#endif
 #ifndef MHC_CP_TRACE_X
       if (tid == 0) TRACE(i, 9);
 #endif
@@ -491,23 +426,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       __syncwarp();
     }
     int pub_ahead = ntile > 0 ? ld_relaxed(published + g) : 0;
-#if MHC_CP_XL2
-    int staged = 0;  // the tiles copied into the x_in buffers so far (the first x_in warp's lane 0)
-#endif
     for (int ix = 0; ix < ntile; ++ix) {
-#if MHC_CP_XL2
-      // the second copies of tiles ix .. ix + XS - 1 (their buffers are free: x_in of tile k - XS < ix is
-      // done), each once its first copy landed (so it is in L2); the x data needs no publication. Tile ix
-      // is waited for, a later one taken only if already landed (else at the next iteration)
-      if (warp == XWARP && lane == 0)
-        for (; staged < ntile && staged < ix + XS; ++staged) {
-          if (*landed_s <= staged) {
-            if (staged > ix) break;
-            while (*landed_s <= staged) spin_pause();
-          }
-          issue_stage(staged);
-        }
-#endif
       const int pub_seen = pub_ahead;
       if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
       if (EXCHANGE)
@@ -524,17 +443,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
       if (warp == XWARP && lane == 0) TRACE(ix, 7);
 #endif
-#if MHC_CP_XL2
-      const int xbuf = RING - XS + ix % XS;
-      tma::wait(dbar + xbuf, (ix / XS) & 1);  // (landed: visible to this warp too)
-      unsigned char* xb = ring + (size_t)xbuf * X_BYTES;
-#else
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
       unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
-#endif
-#if MHC_CP_KEEP > 0 && !defined(MHC_EMULATED)
-      const uint64_t xpol = tma::policy_l2(ix >= ntile - MHC_CP_KEEP ? 2 : MHC_CP_EARLY);
-#endif
 #ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
       // XU items a lane at once: their 4 XU loads in flight together (a warp's latency is hidden only by
       // its own independent work and the few other x_in warps)
@@ -557,16 +467,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
           for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre); j >= n adds -0
             dyn::fma8_bf16(xa, w[u][j], hj[u][j]);
-#if MHC_CP_KEEP > 0 && !defined(MHC_EMULATED)
-          if (t < Tn && c < C && vec && c + 8 <= C) {
-            uint4 raw;
-            bf16* e = reinterpret_cast<bf16*>(&raw);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) e[k] = from_float<bf16>(xa[k]);
-            asm volatile("st.global.L2::cache_hint.v4.b32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(x_in + (size_t)t * C + c),
-                         "r"(raw.x), "r"(raw.y), "r"(raw.z), "r"(raw.w), "l"(xpol) : "memory");
-          } else
-#endif
           if (t < Tn && c < C) dyn::store8_bf16(x_in + (size_t)t * C + c, xa, c, C, vec);
         }
       }
@@ -575,9 +475,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (warp == XWARP && lane == 0) TRACE(ix, 9);
 #endif
       named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp's reads of the buffer are done
-#if !MHC_CP_XL2
       if (warp == XWARP && lane == 0 && ix + RING < ntile) issue_tile(ix + RING);
-#endif
       if (warp == XWARP && lane == 0) TRACE(ix, 1);
     }
     if (warp == XWARP && lane == 0) TRACE_CTA(3, gtimer());

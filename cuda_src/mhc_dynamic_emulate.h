@@ -205,14 +205,6 @@ template <typename P>
 inline P __ldcg(const P* p) {
   return *p;
 }
-template <typename P>
-inline P __ldcs(const P* p) {
-  return *p;
-}
-template <typename P>
-inline void __stcs(P* p, P v) {
-  *p = v;
-}
 // Global atomics and fences: the fibers of a launch run on one OS thread, one at a time.
 inline int atomicAdd(int* p, int v) {
   const int old = *p;
@@ -508,10 +500,6 @@ inline void load_3d(void* dst, const uint32_t* gslot, uint64_t* bar, int c0, int
   emu_land(b);
 #endif
 }
-inline void load_3d_hint(void* dst, const uint32_t* gslot, uint64_t* bar, int c0, int c1, int c2, uint64_t) {
-  load_3d(dst, gslot, bar, c0, c1, c2);  // the L2 policy: nothing to emulate
-}
-inline uint64_t policy_l2(int priority) { return uint64_t(priority); }
 inline void wait(uint64_t* bar, uint32_t parity) {
   for (;;) {
     EmuMbar& b = emu_bar(bar);

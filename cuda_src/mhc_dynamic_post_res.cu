@@ -18,31 +18,6 @@ using namespace mhc;
 #ifndef MHC_PR_REVERSE
 #define MHC_PR_REVERSE 1
 #endif
-// timing knobs (0: off): x_out stored streaming (st.global.cs: evict first, so it does not push x and
-// x_in lines that are still to be read out of L2); x and f loaded streaming (ld.global.cs)
-#ifndef MHC_PR_STORE_CS
-#define MHC_PR_STORE_CS 0
-#endif
-#ifndef MHC_PR_LOAD_CS
-#define MHC_PR_LOAD_CS 0
-#endif
-template <typename E>
-__device__ __forceinline__ uint4 pr_load(const E* p) {
-  if (MHC_PR_LOAD_CS) return __ldcs(reinterpret_cast<const uint4*>(p));
-  return ldg_vec(p);
-}
-template <typename E>
-__device__ __forceinline__ void pr_store(E* p, const float (&v)[Vec<E>::N]) {
-  if (MHC_PR_STORE_CS) {
-    uint4 raw;
-    E* e = reinterpret_cast<E*>(&raw);
-#pragma unroll
-    for (int k = 0; k < Vec<E>::N; ++k) e[k] = from_float<E>(v[k]);
-    __stcs(reinterpret_cast<uint4*>(p), raw);
-  } else {
-    store_vec(p, v);
-  }
-}
 
 extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     const T* __restrict__ x, const T* __restrict__ f, const float* __restrict__ h_post,
@@ -65,10 +40,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
     if (vec_ok<T>(C, xt, ft, ot)) {
       if (v >= C / V) return;
       uint4 xr[NR];
-      const uint4 fr = pr_load(ft + v * V);
+      const uint4 fr = ldg_vec(ft + v * V);
 #pragma unroll
       for (int i = 0; i < NMAX; ++i)
-        if (i < n) xr[i] = pr_load(xt + (size_t)i * C + v * V);
+        if (i < n) xr[i] = ldg_vec(xt + (size_t)i * C + v * V);
       float w[NR][NR], hp[NR];
 #pragma unroll
       for (int o = 0; o < NMAX; ++o) {
@@ -93,7 +68,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) MHC_NAME(
               for (int e = 0; e < V; ++e) acc[e] += xv[i][e] * w[o][i];
             }
           }
-          pr_store(ot + (size_t)o * C + v * V, acc);
+          store_vec(ot + (size_t)o * C + v * V, acc);
         }
       }
       return;

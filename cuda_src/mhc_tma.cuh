@@ -60,25 +60,6 @@ __device__ __forceinline__ void load_3d(void* dst, const uint32_t* gslot, uint64
       ::"r"(smem_addr(dst)), "l"(gslot), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)) : "memory");
 }
 
-// load_3d with an L2 eviction priority for the box's lines (policy from policy_l2: timing knobs only).
-__device__ __forceinline__ void load_3d_hint(void* dst, const uint32_t* gslot, uint64_t* bar, int c0, int c1, int c2,
-                                             uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, %3, %4}], [%5], %6;"
-      ::"r"(smem_addr(dst)), "l"(gslot), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)), "l"(policy) : "memory");
-}
-// An L2 cache policy: 0 evict_first, 1 evict_normal, 2 evict_last, for every line it covers.
-__device__ __forceinline__ uint64_t policy_l2(int priority) {
-  uint64_t p;
-  if (priority == 2)
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
-  else if (priority == 1)
-    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
-  else
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-
 // Until the phase of bar with this parity has completed (its copies have landed and are visible).
 __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
   asm volatile(

@@ -19,7 +19,7 @@ larger than many differences worth measuring, so all run inside one process.
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_tc ns5=:MHC_TC_NS=5@TC_SMEM_BYTES=110592
                                    # a DEFINE and the launch constant it changes
   python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 fresh=@CP_MIN_T=1024,tma.CACHE_ARRAYS=0
-  python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 both=:MHC_PHI_TERMS=1:MHC_CP_KEEP=8+mhc_dynamic_post_res:MHC_PR_STORE_CS=1
+  python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 both=:MHC_PHI_TERMS=1:MHC_CP_XU=2+mhc_dynamic_post_res:MHC_PR_REVERSE=0
                                    # two kernels' variants together (after +: another source and its defines)
                                    # a knob of a module cuda_dynamic imports (dotted)
 

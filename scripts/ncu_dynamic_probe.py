@@ -5,7 +5,7 @@ mhc_dynamic_coeffs_pre in the dispatch, as built or as a variant compiled here (
   ncu python3 scripts/ncu_dynamic_probe.py [T n C] three    # the three-kernel path (no one-read kernel)
   ncu --import-source yes ... three lineinfo=mhc_dynamic_proj_tc,mhc_dynamic_coeffs   # those kernels
       compiled here with -lineinfo (NMAX 4 and 0; their names end in _ab_li), for ncu's source page
-  ncu ... also=mhc_dynamic_post_res:MHC_PR_STORE_CS=1   # another kernel compiled here with those defines
+  ncu ... also=mhc_dynamic_post_res:MHC_PR_REVERSE=0   # another kernel compiled here with those defines
 """
 import sys
 from pathlib import Path

@@ -902,22 +902,6 @@ def test_emulated_cuda_coeffs_pre_shuffled(emulated_cuda, monkeypatch, B, n, C, 
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
 
-@pytest.mark.parametrize("B,n,C,sms,seed,copies", [(420, 4, 200, 2, None, True), (420, 4, 200, 2, 1, False),
-                                                   (70, 3, 216, 6, 2, True)],
-                         ids=["one-group-14-tiles-at-wait", "one-group-14-tiles-s1", "n3-half-box-s2-at-wait"])
-@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
-def test_emulated_cuda_coeffs_pre_xl2(emulated_cuda, monkeypatch, B, n, C, sms, seed, copies):
-    """mhc_dynamic_coeffs_pre's MHC_CP_XL2 knob (off in the shipped build; session 44): the workers' own
-    buffers refilled once their products are read, x_in from a second copy of each tile in buffers of its
-    own (issued once the first copy landed, waited on before x_in), copies landing at their wait and
-    threads in a shuffled order. 14 tiles on one group run past the 12 partial slots, but no emulated
-    schedule puts the workers 12 tiles ahead of the coefficient warps: a mutant without the workers' wait
-    before reusing a slot passes too (session 44), so that wait rests on its argument in the kernel."""
-    emulated_cuda.extra_defines = ("MHC_CP_XL2=1",)
-    emulated_cuda.shuffle_seed, emulated_cuda.deferred_copies = seed, copies
-    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
-
-
 @pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6)], ids=["two-groups", "n3-half-box"])
 @pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
 def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n, C, sms):
