@@ -110,6 +110,16 @@ constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XW
 #define MHC_CP_XU 4
 #endif
 constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
+// MHC_CP_XREG (knob, 0: off; session 45): the x_in warps take their share of tile ix into registers as soon as
+// it lands (XU items a lane are the whole share), and the buffer is refilled once they and the workers have
+// read it, before ix is published: a buffer is then held from landing to its reads (~1 us), not to its x_in
+// (~13 us, session 45's trace), and the x_in warps' registers are a seventh tile in flight. The waits'
+// arguments shift by one tile: tile i's copy follows the sight of tile i - RING - 1 published (NSLOT and
+// HANDOFF_IDS > RING + 1).
+#ifndef MHC_CP_XREG
+#define MHC_CP_XREG 0
+#endif
+constexpr bool XREG = MHC_CP_XREG != 0;
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
 // the first x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
@@ -142,6 +152,8 @@ static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 3
               "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
 static_assert(XIN_DONE < 16, "named barrier ids");
 static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
+static_assert(!XREG || (NSLOT > RING + 1 && HANDOFF_IDS > RING + 1 && EXCHANGE && TT * CSEGS == 32 * XWARPS * XU),
+              "MHC_CP_XREG: a tile's copy one tile earlier; the lane's whole share in one round");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
@@ -227,6 +239,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   float* ksum = reinterpret_cast<float*>(base + RING * X_BYTES + TM_BYTES);  // [stream][half][TT][RL]
   uint64_t* bars = reinterpret_cast<uint64_t*>(ksum + SLICES * TT * RL);  // [RING] tiles
   int* ticket_s = reinterpret_cast<int*>(bars + RING);
+  volatile int* wdone_s = ticket_s + 1;  // MHC_CP_XREG: the tiles whose products are done (worker thread 0's count)
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 2;
@@ -245,6 +258,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (warp == 0) tma::publish_map(gmap, tm, tmpl, x, lane);
   if (tid == 0) {
     *ticket_s = atomicAdd(sync, 1);
+    if (XREG) *wdone_s = 0;
     for (int k = 0; k < RING; ++k) tma::bar_init(bars + k, 1);  // the issuing thread's arrival
     tma::bar_init_fence();
   }
@@ -361,6 +375,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (tid == 0) TRACE(i, 7);
 #endif
       workers_sync();  // ksum written
+      if (XREG && tid == 0) *wdone_s = i + 1;  // every worker's reads of the buffer are done
 #ifndef MHC_CP_TRACE_X
       if (tid == 0) TRACE(i, 9);
 #endif
@@ -426,6 +441,42 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       __syncwarp();
     }
     int pub_ahead = ntile > 0 ? ld_relaxed(published + g) : 0;
+#if MHC_CP_XREG
+    for (int ix = 0; ix < ntile; ++ix) {
+      tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too)
+      const unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
+      uint4 w[XU][NS];  // the lane's share of the tile: items rx + 2 u + lane / CSEGS, segment sg
+#pragma unroll
+      for (int u = 0; u < XU; ++u)
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+          w[u][j] = *reinterpret_cast<const uint4*>(xb + tile_at(rx + 2 * u + lane / CSEGS, j, sg));
+      named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp holds its share
+      if (warp == XWARP && lane == 0) {
+        while (*wdone_s <= ix) spin_pause();  // and the workers' products of it are done
+        if (ix + RING < ntile) issue_tile(ix + RING);
+        TRACE(ix, 1);
+      }
+      const int pub_seen = pub_ahead;
+      if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
+      spin_until(published + g + ix * G, S, pub_seen);
+      if (warp == XWARP && lane == 0) TRACE(ix, 8);
+      const int t0 = (g + ix * G) * TT;
+      float hp[NS];
+#pragma unroll
+      for (int j = 0; j < NS; ++j)
+        hp[j] = j >= n ? -0.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
+#pragma unroll
+      for (int u = 0; u < XU; ++u) {
+        const int r = rx + 2 * u + lane / CSEGS, t = t0 + r;
+        float xa[8] = {};
+#pragma unroll
+        for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre); j >= n adds -0
+          dyn::fma8_bf16(xa, w[u][j], __shfl_sync(0xffffffffu, hp[j], r));
+        if (t < Tn && c < C) dyn::store8_bf16(x_in + (size_t)t * C + c, xa, c, C, vec);
+      }
+    }
+#else
     for (int ix = 0; ix < ntile; ++ix) {
       const int pub_seen = pub_ahead;
       if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
@@ -478,6 +529,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (warp == XWARP && lane == 0 && ix + RING < ntile) issue_tile(ix + RING);
       if (warp == XWARP && lane == 0) TRACE(ix, 1);
     }
+#endif
     if (warp == XWARP && lane == 0) TRACE_CTA(3, gtimer());
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2
