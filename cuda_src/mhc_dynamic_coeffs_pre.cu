@@ -117,7 +117,7 @@ constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in fligh
 // arguments shift by one tile: tile i's copy follows the sight of tile i - RING - 1 published (NSLOT and
 // HANDOFF_IDS > RING + 1).
 #ifndef MHC_CP_XREG
-#define MHC_CP_XREG 0
+#define MHC_CP_XREG 1
 #endif
 constexpr bool XREG = MHC_CP_XREG != 0;
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
