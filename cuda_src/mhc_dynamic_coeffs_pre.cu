@@ -25,9 +25,10 @@
 //      writes them and mix, and arrives on the tile's `published` counter; then, batched over a few of
 //      its tiles, h_res by the Sinkhorn (a lane per matrix element, shuffles, Liger's order and
 //      divisions: dyn::sinkhorn_forward_lanes_k) from mix as written, off every other warp's path;
-//   3. (XWARPS x_in warps, their own loop) once the tile is published: x_in of its columns from the
-//      tile in its ring buffer and h_pre (each warp TT / XWARPS of the tokens), then, once all are done,
-//      the buffer's refill. Session 22 (H200, T = 8192, n = 4, C = 4096): the workers forming x_in
+//   3. (XWARPS x_in warps, their own loop) their share of the tile into registers once it lands, then,
+//      once they all have it and the workers have read it, the buffer's refill (MHC_CP_XREG); once the
+//      tile is published, x_in of its columns from those registers and h_pre (each warp TT / XWARPS of
+//      the tokens). Session 22 (H200, T = 8192, n = 4, C = 4096): the workers forming x_in
 //      between their products took 2.46 us a tile, 1.54 without it; one x_in warp took 5.4 us a tile,
 //      four take ~1.8 next to the workers' 2.08.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
@@ -110,20 +111,22 @@ constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XW
 #define MHC_CP_XU 4
 #endif
 constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
-// MHC_CP_XREG (knob, 0: off; session 45): the x_in warps take their share of tile ix into registers as soon as
-// it lands (XU items a lane are the whole share), and the buffer is refilled once they and the workers have
-// read it, before ix is published: a buffer is then held from landing to its reads (~1 us), not to its x_in
-// (~13 us, session 45's trace), and the x_in warps' registers are a seventh tile in flight. The waits'
-// arguments shift by one tile: tile i's copy follows the sight of tile i - RING - 1 published (NSLOT and
-// HANDOFF_IDS > RING + 1).
+// MHC_CP_XREG (1 since session 45; 0, the order before it, for an A/B): the x_in warps take their share of
+// tile ix into registers as soon as it lands (XU items a lane are the whole share), and its buffer is
+// refilled once they and the workers have read it, before ix is published. The buffer is then free once the
+// x_in warps are done with tile ix - 1 (they wait on its publication), not with ix: the registers are a
+// seventh tile in flight. H100, same-run A/B (docs/HISTORY.md, session 45; session 41 measured an earlier
+// form on the kernel before session 43's x_in loop): the tile's pace 2.14 -> 2.05 us, the forward at
+// T = 8192 within the spread, 16384 ~10 us and a float32 phi ~8 us faster. The waits' arguments shift by
+// one tile: tile i's copy follows the sight of tile i - RING - 1 published (NSLOT, HANDOFF_IDS > RING + 1).
 #ifndef MHC_CP_XREG
 #define MHC_CP_XREG 1
 #endif
 constexpr bool XREG = MHC_CP_XREG != 0;
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
-// the first x_in warp issued after tile i - RING was published, so this CTA's signaler had synced tile
-// i - RING: an id is reused only after its last tile was synced.
+// the first x_in warp issued after tile i - RING (MHC_CP_XREG: i - RING - 1) was published, so this CTA's
+// signaler had synced that tile: an id is reused only after its last tile was synced.
 constexpr int HANDOFF = 2, HANDOFF_IDS = 13;
 constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warps are done with a tile
 __device__ __forceinline__ int handoff(int i) { return HANDOFF + i % HANDOFF_IDS; }
@@ -272,7 +275,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 
   // Tile i lands in ring buffer i % RING and completes dbar[i % RING]'s (i / RING)-th phase. Thread 0
   // issues the first RING tiles; the first x_in warp issues tile ix + RING once every x_in warp's x_in
-  // of tile ix is done.
+  // of tile ix is done (MHC_CP_XREG: once they all hold their shares of ix and the workers have read it).
   uint64_t* dbar = bars;
   auto issue_tile = [&](int i) {  // tile i of the group: two boxes
     const int t0 = (g + i * G) * TT;
@@ -381,7 +384,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #endif
       // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
       // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) by the
-      // x_in warps before the first issued tile i - NSLOT + RING <= i, which landed before this iteration.
+      // x_in warps before the first issued tile i - NSLOT + RING <= i (MHC_CP_XREG: i - NSLOT + RING + 1
+      // <= i), which landed before this iteration.
       // (four floats a load and a store: a quarter of the instructions of one float each)
       float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
       const float4* src4 = reinterpret_cast<const float4*>(ksum);
