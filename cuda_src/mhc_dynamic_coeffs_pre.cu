@@ -53,7 +53,8 @@
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix;
 // with MHC_CP_TRACE_X two of them time the first x_in warp's h_pre loads and x_in instead.
 // MHC_CP_SKIP_EXCHANGE, _XIN, _PRODUCT (timing only, wrong outputs): no coefficients (h_pre 1, the x_in
-// warps wait only for their own CTA's workers), no x_in, no products. Session 43, H100, T = 8192, n = 4,
+// warps wait only for their own CTA's workers; with MHC_CP_XREG=0, the order it was written for), no x_in,
+// no products. Session 43, H100, T = 8192, n = 4,
 // C = 4096, trace's launch span: all three skipped (the TMA ring alone) 99.1 us, x read at ~2.8 TB/s;
 // the exchange alone skipped 133.7 us; the kernel 172-179 us: the exchange costs ~40-45 us of it.
 #include "mhc_dynamic_common.cuh"
@@ -470,6 +471,11 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
       for (int j = 0; j < NS; ++j)
         hp[j] = j >= n ? -0.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
+#ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
+      asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
+      if (warp == XWARP && lane == 0) TRACE(ix, 7);
+#endif
+#ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
 #pragma unroll
       for (int u = 0; u < XU; ++u) {
         const int r = rx + 2 * u + lane / CSEGS, t = t0 + r;
@@ -479,6 +485,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           dyn::fma8_bf16(xa, w[u][j], __shfl_sync(0xffffffffu, hp[j], r));
         if (t < Tn && c < C) dyn::store8_bf16(x_in + (size_t)t * C + c, xa, c, C, vec);
       }
+#endif
+#ifdef MHC_CP_TRACE_X
+      if (warp == XWARP && lane == 0) TRACE(ix, 9);
+#endif
     }
 #else
     for (int ix = 0; ix < ntile; ++ix) {
