@@ -26,7 +26,7 @@
 //      its tiles, h_res by the Sinkhorn (a lane per matrix element, shuffles, Liger's order and
 //      divisions: dyn::sinkhorn_forward_lanes_k) from mix as written, off every other warp's path;
 //   3. (XWARPS x_in warps, their own loop) their share of the tile into registers once it lands, then,
-//      once they all have it and the workers have read it, the buffer's refill (MHC_CP_XREG); once the
+//      once they all have it and the workers have read it, the buffer's refill; once the
 //      tile is published, x_in of its columns from those registers and h_pre (each warp TT / XWARPS of
 //      the tokens). Session 22 (H200, T = 8192, n = 4, C = 4096): the workers forming x_in
 //      between their products took 2.46 us a tile, 1.54 without it; one x_in warp took 5.4 us a tile,
@@ -53,8 +53,7 @@
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix;
 // with MHC_CP_TRACE_X two of them time the first x_in warp's h_pre loads and x_in instead.
 // MHC_CP_SKIP_EXCHANGE, _XIN, _PRODUCT (timing only, wrong outputs): no coefficients (h_pre 1, the x_in
-// warps wait only for their own CTA's workers; with MHC_CP_XREG=0, the order it was written for), no x_in,
-// no products. Session 43, H100, T = 8192, n = 4,
+// warps wait only for their own CTA's workers), no x_in, no products. Session 43, H100, T = 8192, n = 4,
 // C = 4096, trace's launch span: all three skipped (the TMA ring alone) 99.1 us, x read at ~2.8 TB/s;
 // the exchange alone skipped 133.7 us; the kernel 172-179 us: the exchange costs ~40-45 us of it.
 #include "mhc_dynamic_common.cuh"
@@ -112,24 +111,18 @@ constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XW
 #define MHC_CP_XU 4
 #endif
 constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
-// MHC_CP_XREG (1 since session 45; 0, the order before it, for an A/B): the x_in warps take their share of
-// tile ix into registers as soon as it lands (XU items a lane are the whole share), and its buffer is
-// refilled once they and the workers have read it, before ix is published. The buffer is then free once the
-// x_in warps are done with tile ix - 1 (they wait on its publication), not with ix: the registers are a
-// seventh tile in flight. H100, same-run A/B (docs/HISTORY.md, session 45; session 41 measured an earlier
-// form on the kernel before session 43's x_in loop): the tile's pace 2.14 -> 2.05 us, the forward at
-// T = 8192 within the spread, 16384 ~10 us and a float32 phi ~8 us faster. The waits' arguments shift by
-// one tile: tile i's copy follows the sight of tile i - RING - 1 published (NSLOT, HANDOFF_IDS > RING + 1).
-#ifndef MHC_CP_XREG
-#define MHC_CP_XREG 1
-#endif
-constexpr bool XREG = MHC_CP_XREG != 0;
+// The x_in warps take their share of tile ix into registers as soon as it lands (XU items a lane are the
+// whole share), and its buffer is refilled once they and the workers have read it, before ix is published:
+// the buffer is free once the x_in warps are done with tile ix - 1 (they wait on its publication), not
+// with ix, so the registers are a seventh tile in flight. H100, same-run A/B against refilling after x_in
+// (docs/HISTORY.md, session 45's register knob; the old order is 6b630c2's source): the tile's pace 2.14 ->
+// 2.05 us, the forward at T = 8192 within the spread, 16384 ~10 us and a float32 phi ~8 us faster.
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
-// the first x_in warp issued after tile i - RING (MHC_CP_XREG: i - RING - 1) was published, so this CTA's
-// signaler had synced that tile: an id is reused only after its last tile was synced.
+// the first x_in warp issued after tile i - RING - 1 was published (its registers hold tile i - RING), so
+// this CTA's signaler had synced that tile: an id is reused only after its last tile was synced.
 constexpr int HANDOFF = 2, HANDOFF_IDS = 13;
-constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warps are done with a tile
+constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warps hold their shares of a tile
 __device__ __forceinline__ int handoff(int i) { return HANDOFF + i % HANDOFF_IDS; }
 #ifdef MHC_CP_SKIP_EXCHANGE  // timing only (the header): no coefficients, no signals
 constexpr bool EXCHANGE = false;
@@ -155,9 +148,8 @@ static_assert(HANDOFF + HANDOFF_IDS <= 16 && RING < HANDOFF_IDS, "named barrier 
 static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 32,
               "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
 static_assert(XIN_DONE < 16, "named barrier ids");
-static_assert(NSLOT > RING, "a slot is rewritten only after its tile was seen published");
-static_assert(!XREG || (NSLOT > RING + 1 && HANDOFF_IDS > RING + 1 && EXCHANGE && TT * CSEGS == 32 * XWARPS * XU),
-              "MHC_CP_XREG: a tile's copy one tile earlier; the lane's whole share in one round");
+static_assert(NSLOT > RING + 1 && HANDOFF_IDS > RING + 1, "a slot or id is reused only after its tile was seen published");
+static_assert(TT * CSEGS == 32 * XWARPS * XU, "an x_in lane's whole share of a tile in registers at once");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
@@ -243,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   float* ksum = reinterpret_cast<float*>(base + RING * X_BYTES + TM_BYTES);  // [stream][half][TT][RL]
   uint64_t* bars = reinterpret_cast<uint64_t*>(ksum + SLICES * TT * RL);  // [RING] tiles
   int* ticket_s = reinterpret_cast<int*>(bars + RING);
-  volatile int* wdone_s = ticket_s + 1;  // MHC_CP_XREG: the tiles whose products are done (worker thread 0's count)
+  volatile int* wdone_s = ticket_s + 1;  // the tiles whose products are done (worker thread 0's count)
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 2;
@@ -262,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (warp == 0) tma::publish_map(gmap, tm, tmpl, x, lane);
   if (tid == 0) {
     *ticket_s = atomicAdd(sync, 1);
-    if (XREG) *wdone_s = 0;
+    *wdone_s = 0;
     for (int k = 0; k < RING; ++k) tma::bar_init(bars + k, 1);  // the issuing thread's arrival
     tma::bar_init_fence();
   }
@@ -275,8 +267,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
 
   // Tile i lands in ring buffer i % RING and completes dbar[i % RING]'s (i / RING)-th phase. Thread 0
-  // issues the first RING tiles; the first x_in warp issues tile ix + RING once every x_in warp's x_in
-  // of tile ix is done (MHC_CP_XREG: once they all hold their shares of ix and the workers have read it).
+  // issues the first RING tiles; the first x_in warp issues tile ix + RING once every x_in warp holds
+  // its share of tile ix and the workers have read it.
   uint64_t* dbar = bars;
   auto issue_tile = [&](int i) {  // tile i of the group: two boxes
     const int t0 = (g + i * G) * TT;
@@ -379,14 +371,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (tid == 0) TRACE(i, 7);
 #endif
       workers_sync();  // ksum written
-      if (XREG && tid == 0) *wdone_s = i + 1;  // every worker's reads of the buffer are done
+      if (tid == 0) *wdone_s = i + 1;  // every worker's reads of the buffer are done
 #ifndef MHC_CP_TRACE_X
       if (tid == 0) TRACE(i, 9);
 #endif
       // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
       // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) by the
-      // x_in warps before the first issued tile i - NSLOT + RING <= i (MHC_CP_XREG: i - NSLOT + RING + 1
-      // <= i), which landed before this iteration.
+      // x_in warps before the first issued tile i - NSLOT + RING + 1 <= i, which landed before this
+      // iteration.
       // (four floats a load and a store: a quarter of the instructions of one float each)
       float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
       const float4* src4 = reinterpret_cast<const float4*>(ksum);
@@ -419,12 +411,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     }
   } else if (warp < XWARP + XWARPS) {
     // ---------------------------------------------------------------- the x_in warps: step 3
-    // Tile ix once it is published: its h_pre (lane r holds token r's), then x_in = h_pre . x of its
-    // tokens' columns from the tile in its ring buffer (x_in warp xw: tokens xw TT / XWARPS ...; lane:
-    // segment lane % 16 of tokens 2 k + lane / 16; a load instruction reads four whole 128-byte lines),
-    // then, once every x_in warp is done with it, the buffer's refill with tile ix + RING. published[]
-    // of the next tile is read a tile ahead (a global load waits behind this SM's copies). (Session 22:
-    // one x_in warp took 5.4 us a tile, the workers 1.54 without x_in.)
+    // Tile ix once it lands: the warp's share into registers (x_in warp xw: tokens xw TT / XWARPS ...;
+    // lane: segment lane % 16 of tokens 2 k + lane / 16; a load instruction reads four whole 128-byte
+    // lines), then, once every x_in warp holds its share and the workers have read the tile, the buffer's
+    // refill with tile ix + RING; once the tile is published, its h_pre (lane r holds token r's) and
+    // x_in = h_pre . x from the registers. published[] of the next tile is read a tile ahead (a global load
+    // waits behind this SM's copies). (Session 22: one x_in warp took 5.4 us a tile, the workers 1.54
+    // without x_in.)
     const int xw = warp - XWARP, rx = xw * (TT / XWARPS);  // this warp's first token of a tile
     if (warp == XWARP && lane == 0) tma::acquire_map(gmap);
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
@@ -446,7 +439,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       __syncwarp();
     }
     int pub_ahead = ntile > 0 ? ld_relaxed(published + g) : 0;
-#if MHC_CP_XREG
     for (int ix = 0; ix < ntile; ++ix) {
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too)
       const unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
@@ -464,13 +456,16 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       const int pub_seen = pub_ahead;
       if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
-      spin_until(published + g + ix * G, S, pub_seen);
+      if (EXCHANGE)
+        spin_until(published + g + ix * G, S, pub_seen);
+      else  // only this CTA's workers waited for (timing only); h_pre 1
+        named_sync(handoff(ix), HANDOFF_COUNT);
       if (warp == XWARP && lane == 0) TRACE(ix, 8);
       const int t0 = (g + ix * G) * TT;
       float hp[NS];
 #pragma unroll
       for (int j = 0; j < NS; ++j)
-        hp[j] = j >= n ? -0.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
+        hp[j] = j >= n ? -0.0f : !EXCHANGE ? 1.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
 #ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
       asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
       if (warp == XWARP && lane == 0) TRACE(ix, 7);
@@ -490,60 +485,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (warp == XWARP && lane == 0) TRACE(ix, 9);
 #endif
     }
-#else
-    for (int ix = 0; ix < ntile; ++ix) {
-      const int pub_seen = pub_ahead;
-      if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
-      if (EXCHANGE)
-        spin_until(published + g + ix * G, S, pub_seen);
-      else  // only this CTA's workers waited for (they have read the buffer: its refill is safe); h_pre 1
-        named_sync(handoff(ix), HANDOFF_COUNT);
-      if (warp == XWARP && lane == 0) TRACE(ix, 8);
-      const int t0 = (g + ix * G) * TT;
-      float hp[NS];
-#pragma unroll
-      for (int j = 0; j < NS; ++j)
-        hp[j] = j >= n ? -0.0f : !EXCHANGE ? 1.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
-#ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
-      asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
-      if (warp == XWARP && lane == 0) TRACE(ix, 7);
-#endif
-      tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed at iteration ix: visible to this warp too)
-      unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
-#ifndef MHC_CP_SKIP_XIN  // timing only (scripts/trace_coeffs_pre.py): x_in unwritten
-      // XU items a lane at once: their 4 XU loads in flight together (a warp's latency is hidden only by
-      // its own independent work and the few other x_in warps)
-      for (int k0 = 0; k0 < TT * CSEGS / (32 * XWARPS); k0 += XU) {
-        uint4 w[XU][NS];
-        float hj[XU][NS];
-#pragma unroll
-        for (int u = 0; u < XU; ++u) {
-          const int r = rx + 2 * (k0 + u) + lane / CSEGS;
-#pragma unroll
-          for (int j = 0; j < NS; ++j) {
-            hj[u][j] = __shfl_sync(0xffffffffu, hp[j], r);
-            w[u][j] = *reinterpret_cast<const uint4*>(at(xb, r, j, sg));
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < XU; ++u) {
-          const int t = t0 + rx + 2 * (k0 + u) + lane / CSEGS;
-          float xa[8] = {};
-#pragma unroll
-          for (int j = 0; j < NS; ++j)  // Liger's order: streams 0, 1, ... (mhc_dynamic_pre); j >= n adds -0
-            dyn::fma8_bf16(xa, w[u][j], hj[u][j]);
-          if (t < Tn && c < C) dyn::store8_bf16(x_in + (size_t)t * C + c, xa, c, C, vec);
-        }
-      }
-#endif
-#ifdef MHC_CP_TRACE_X
-      if (warp == XWARP && lane == 0) TRACE(ix, 9);
-#endif
-      named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp's reads of the buffer are done
-      if (warp == XWARP && lane == 0 && ix + RING < ntile) issue_tile(ix + RING);
-      if (warp == XWARP && lane == 0) TRACE(ix, 1);
-    }
-#endif
     if (warp == XWARP && lane == 0) TRACE_CTA(3, gtimer());
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2

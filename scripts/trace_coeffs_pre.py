@@ -59,13 +59,10 @@ ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
 cta = mix[G * S * 640: G * S * 648].reshape(G * S, 8).astype(np.int64)[:, :6]
 # (MHC_CP_TRACE_X: events 7 and 9 time the first x_in warp instead of the workers)
 xin_trace = "MHC_CP_TRACE_X" in defs
-# MHC_CP_XREG (the kernel's default 1): event 1 is the refill, issued once the x_in warps hold their shares of
-# the tile, before they wait for its publication (event 8); 0: after its x_in
-xreg = define("MHC_CP_XREG", 1) != 0
 names = {7: "x_in warp: h_pre loaded" if xin_trace else "workers: product done (before barrier)",
          9: "x_in warp: x_in formed (before barrier)" if xin_trace else "workers: after the barrier",
          0: "partials, handoff, DRAM refill issued",
-         1: "x_in warp: share in registers, refill issued" if xreg else "x_in warp: tile done, refill issued",
+         1: "x_in warp: share in registers, refill issued",
          2: "coefficient warp: own partials synced", 3: "coefficient warp: all S projected",
          4: "coefficient warp: published", 5: "coefficient warp: h_res done"}
 ref = ev[:, :, 6]
@@ -124,14 +121,11 @@ print(f"coefficient warp per tile: handoff -> h_res median {np.median(busy) / 1e
       f"(projected wait {np.median(wrap(ev[:, 4:-1, 3] - ev[:, 4:-1, 2])) / 1e3:.2f}, to published "
       f"{np.median(wrap(ev[:, 4:-1, 4] - ev[:, 4:-1, 3])) / 1e3:.2f}, Sinkhorn {np.median(wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 4])) / 1e3:.2f}); "
       f"idle before the handoff median {np.median(gap) / 1e3:.2f} us")
-# the first x_in warp: from its previous tile's refill issued (event 1) to this tile seen published (event 8) it
-# waits on the group's coefficient warps; from there to this tile's refill issued it works (h_pre's loads, x_in,
-# the x_in warps' barrier). Mostly waiting: the hand-over chain sets the pace; mostly working: the x_in warps do
-# (MHC_CP_XREG: from this tile's refill to its publication seen it waits, holding the tile; from there to the
-# next tile's refill it works: h_pre's loads, x_in, the next share's loads and the barrier)
-xwait = wrap(ev[:, 1:-1, 8] - (ev[:, 1:-1, 1] if xreg else ev[:, :-2, 1]))
-xwork = wrap((ev[:, 2:, 1] if xreg else ev[:, 1:-1, 1]) - ev[:, 1:-1, 8])
-work = "h_pre + x_in, the next share + barrier" if xreg else "h_pre + x_in + barrier"
+# the first x_in warp: from this tile's refill issued (event 1: its share in registers) to the tile seen
+# published (event 8) it waits on the group's coefficient warps, holding the tile; from there to the next
+# tile's refill it works (h_pre's loads, x_in, the next share's loads, the x_in warps' barrier). Mostly waiting: the hand-over chain sets the pace; mostly working: the x_in warps do
+xwait = wrap(ev[:, 1:-1, 8] - ev[:, 1:-1, 1])
+xwork = wrap(ev[:, 2:, 1] - ev[:, 1:-1, 8])
 print(f"x_in warp per tile: waiting for publication median {np.median(xwait) / 1e3:.2f} us (p90 "
-      f"{np.percentile(xwait, 90) / 1e3:.2f}), {work} median {np.median(xwork) / 1e3:.2f} us (p90 "
+      f"{np.percentile(xwait, 90) / 1e3:.2f}), h_pre + x_in, the next share + barrier median {np.median(xwork) / 1e3:.2f} us (p90 "
       f"{np.percentile(xwork, 90) / 1e3:.2f})")

@@ -902,20 +902,6 @@ def test_emulated_cuda_coeffs_pre_shuffled(emulated_cuda, monkeypatch, B, n, C, 
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
 
-@pytest.mark.parametrize("B,n,C,sms,seed,copies", [(420, 4, 200, 2, 1, False), (70, 3, 216, 6, 2, True)],
-                         ids=["one-group-14-tiles-s1", "n3-half-box-s2-at-wait"])
-@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
-def test_emulated_cuda_coeffs_pre_xreg_off(emulated_cuda, monkeypatch, B, n, C, sms, seed, copies):
-    """mhc_dynamic_coeffs_pre with MHC_CP_XREG=0, the order before session 45 that the knob keeps for A/Bs:
-    the x_in warps read their share of a tile only once it is published, and refill its buffer after
-    x_in. (The shipped order, shares taken into registers at landing and the buffer refilled once they
-    and the workers have read it, runs in every other coeffs_pre test; a mutant of it without the wait
-    for the workers fails the shuffled s1 and s2 cases.)"""
-    emulated_cuda.extra_defines = ("MHC_CP_XREG=0",)
-    emulated_cuda.shuffle_seed, emulated_cuda.deferred_copies = seed, copies
-    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
-
-
 @pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6)], ids=["two-groups", "n3-half-box"])
 @pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
 def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n, C, sms):

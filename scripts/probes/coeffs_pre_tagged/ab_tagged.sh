@@ -2,7 +2,9 @@
 # Session 43's untimed variant of mhc_dynamic_coeffs_pre (the device budget ran out before its call): h_pre
 # handed to the x_in warps as tagged 64-bit words that the first x_in warp alone polls, then shares in
 # shared memory under an mbarrier (no fence, no `published` counter). docs/HISTORY.md, session 43, says why
-# and what an earlier version (all four x_in warps polling) measured. To time it, from a clean main:
+# and what an earlier version (all four x_in warps polling) measured. To time it, from a clean main (the
+# patch is against the kernel before session 45's register order, 6b630c2's):
+#   git checkout 6b630c2 -- cuda_src/mhc_dynamic_coeffs_pre.cu
 #   git apply scripts/probes/coeffs_pre_tagged/tagged_poller.patch   # MHC_CP_TAGGED on by default, its
 #                 # shared memory (CP_SMEM_BYTES 223952), the counters' buffer with the tagged words, tests
 #   then on the device, after `bash .devwheels1/stage1.sh` (carry .devwheels1), carrying .devwheels2:
