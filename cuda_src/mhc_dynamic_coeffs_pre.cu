@@ -165,7 +165,7 @@ __device__ __forceinline__ uint32_t tile_at(int r, int j, int sg) {
 #ifdef MHC_EMULATED
 __device__ __forceinline__ void named_sync(int id, int count) { emu_named_sync(id, count); }
 __device__ __forceinline__ void named_arrive(int id, int count) { emu_named_arrive(id, count); }
-__device__ __forceinline__ int ld_relaxed(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+__device__ __forceinline__ int ld_acquire(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 __device__ __forceinline__ void spin_pause() { emu_yield(); }
 #else
 __device__ __forceinline__ void named_sync(int id, int count) {
@@ -174,18 +174,26 @@ __device__ __forceinline__ void named_sync(int id, int count) {
 __device__ __forceinline__ void named_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
-// Counter reads are relaxed: what a waiter then reads (partials, h_pre) it reads from L2 (ld.cg),
-// after its own load of the counter returned; the writers published with __threadfence() before
-// their atomicAdd.
-__device__ __forceinline__ int ld_relaxed(const int* p) {
+// Counter reads acquire: the writers release (__threadfence() before their atomicAdd), and what a waiter
+// then reads (partials, h_pre: ld.cg) is ordered after the read that saw the count. Relaxed counter reads
+// were a data race: session 46's stress (scripts/gpu_coeffs_pre_stress.py, H100) found x_in formed from
+// h_pre as it was before the coefficient warps wrote it, in every launch with the spin's sleep taken out
+// (MHC_CP_SPIN_NS=0; none in 139 launches with it), and none in 142 with acquiring reads.
+__device__ __forceinline__ int ld_acquire(const int* p) {
   int v;
-  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
-__device__ __forceinline__ void spin_pause() { __nanosleep(32); }
+#ifndef MHC_CP_SPIN_NS  // a spin's sleep (ns); 0: polls back to back (a stress knob: see ld_acquire)
+#define MHC_CP_SPIN_NS 32
+#endif
+__device__ __forceinline__ void spin_pause() {
+  if (MHC_CP_SPIN_NS > 0) __nanosleep(MHC_CP_SPIN_NS);
+}
 #endif
 // *counter += 1 after every write this thread has seen (its own, and its barrier partners'). A
-// red.release.gpu instead measured the same (docs/HISTORY.md, session 14).
+// red.release.gpu instead measured the same (docs/HISTORY.md, session 14; again in session 46, with a
+// fence.acq_rel.gpu before a relaxed red as well).
 __device__ __forceinline__ void signal(int* counter) {
   __threadfence();
   atomicAdd(counter, 1);
@@ -194,7 +202,7 @@ __device__ __forceinline__ void workers_sync() { named_sync(1, WORKERS); }
 __device__ __forceinline__ void spin_until(const int* p, int target, int seen) {
   while (seen < target) {
     spin_pause();
-    seen = ld_relaxed(p);
+    seen = ld_acquire(p);
   }
 }
 
@@ -207,7 +215,7 @@ __device__ __forceinline__ unsigned gtimer() {
 #define TRACE(i, ev) \
   do { if ((i) < 64) reinterpret_cast<unsigned*>(mix)[((size_t)ticket * 64 + (i)) * 10 + (ev)] = gtimer(); } while (0)
 // the launch's own stamps, after every CTA's tile stamps: [ticket][8] (entry, phi loaded, the workers' /
-// x_in warps' / first coefficient warp's loop done, past the last barrier)
+// x_in warps' / first coefficient warp's loop done, past the last barrier; then the SM's id)
 #define TRACE_CTA(k, t) \
   do { reinterpret_cast<unsigned*>(mix)[(size_t)gridDim.x * 640 + (size_t)ticket * 8 + (k)] = (t); } while (0)
 #else
@@ -261,6 +269,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   __syncthreads();
   const int ticket = *ticket_s, g = ticket / S, s = ticket % S, c0 = s * CW;
   if (tid == 0) TRACE_CTA(0, t_entry);
+#ifdef MHC_CP_TRACE
+  if (tid == 0) {  // the CTA's SM (which SMs lag: scripts/trace_coeffs_pre.py's per-SM rates)
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    TRACE_CTA(6, sm);
+  }
+#endif
   const int ntile = g < tiles ? (tiles - g + G - 1) / G : 0;  // the group's tiles z = g + i G, i < ntile
   // [split][TT][RL]: a CTA's partials of a tile are one contiguous block (coalesced stores on the
   // workers' path; the coefficient warps' strided loads are off it)
@@ -438,7 +453,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       __syncwarp();
     }
-    int pub_ahead = ntile > 0 ? ld_relaxed(published + g) : 0;
+    int pub_ahead = ntile > 0 ? ld_acquire(published + g) : 0;
     for (int ix = 0; ix < ntile; ++ix) {
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too)
       const unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
@@ -455,7 +470,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         TRACE(ix, 1);
       }
       const int pub_seen = pub_ahead;
-      if (ix + 1 < ntile) pub_ahead = ld_relaxed(published + g + (ix + 1) * G);
+      if (ix + 1 < ntile) pub_ahead = ld_acquire(published + g + (ix + 1) * G);
       if (EXCHANGE)
         spin_until(published + g + ix * G, S, pub_seen);
       else  // only this CTA's workers waited for (timing only); h_pre 1
@@ -495,7 +510,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (lane == 0) TRACE(i, 2);
       // this CTA has tokens r = s, s + S, ... of the tile
       if (s < TT) {
-        if (lane == 0) spin_until(projected + z, S, ld_relaxed(projected + z));
+        if (lane == 0) spin_until(projected + z, S, ld_acquire(projected + z));
         if (lane == 0) TRACE(i, 3);
         __syncwarp();
         const float* src = slot_part(i);

@@ -5,7 +5,9 @@ relative to the iteration's first barrier (event 6: tile i landed, the workers p
   python scripts/trace_coeffs_pre.py [T n C] [DEFINE ...] [VARIANT.cu] [@LAUNCH_CONSTANT=VALUE ...]
   python scripts/trace_coeffs_pre.py 8192 4 4096 MHC_PHI_TERMS=1 MHC_CP_TRACE_X   # the x_in warps' tile split
                                    into h_pre's loads and x_in (events 7 and 9)
+  MHC_TRACE_SAVE=trace.npz python scripts/trace_coeffs_pre.py ...   # also the raw stamps and each CTA's SM
 """
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +59,9 @@ ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
 # the launch's own stamps after them, [ticket][8]: entry, phi loaded, the workers' / x_in warps' / first
 # coefficient warp's loop done, past the last barrier (all relative to the earliest entry)
 cta = mix[G * S * 640: G * S * 648].reshape(G * S, 8).astype(np.int64)[:, :6]
+smid = mix[G * S * 640: G * S * 648].reshape(G * S, 8).astype(np.int64)[:, 6]  # each CTA's SM
+if os.environ.get("MHC_TRACE_SAVE"):  # the raw stamps, for a look elsewhere (npz: ev, cta, smid, G, S)
+    np.savez(os.environ["MHC_TRACE_SAVE"], ev=ev, cta=cta, smid=smid, G=G, S=S)
 # (MHC_CP_TRACE_X: events 7 and 9 time the first x_in warp instead of the workers)
 xin_trace = "MHC_CP_TRACE_X" in defs
 names = {7: "x_in warp: h_pre loaded" if xin_trace else "workers: product done (before barrier)",
@@ -129,3 +134,10 @@ xwork = wrap(ev[:, 2:, 1] - ev[:, 1:-1, 8])
 print(f"x_in warp per tile: waiting for publication median {np.median(xwait) / 1e3:.2f} us (p90 "
       f"{np.percentile(xwait, 90) / 1e3:.2f}), h_pre + x_in, the next share + barrier median {np.median(xwork) / 1e3:.2f} us (p90 "
       f"{np.percentile(xwork, 90) / 1e3:.2f})")
+# per SM: a CTA's pace (first to last tile landed over its tiles) against its SM's id. In a group every CTA
+# waits for the last, so an SM that is slow on its own (its GPC's share of the crossbar, say) paces the group
+pace = span / max(ntile - 1, 1)
+order = np.argsort(pace)
+print(f"a CTA's pace (us a tile): fastest {pace[order[0]]:.2f} (SM {smid[order[0]]}), median {np.median(pace):.2f}, "
+      f"slowest {pace[order[-1]]:.2f} (SM {smid[order[-1]]}); the 8 slowest SMs: "
+      + ", ".join(str(v) for v in smid[order[-8:]]))

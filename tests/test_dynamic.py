@@ -1012,6 +1012,30 @@ def test_gpu_coeffs_pre_shared_sync(monkeypatch):
         assert not np.array(sync).any(), f"launch {seed} left its counters set"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+def test_gpu_coeffs_pre_polls_back_to_back(monkeypatch):
+    """mhc_dynamic_coeffs_pre compiled with its polls back to back (MHC_CP_SPIN_NS=0: no sleep between
+    counter reads) gives the shipped kernel's bits in every launch (scripts/gpu_coeffs_pre_stress.py: the
+    kernel sums in a fixed order, so any difference is a race). Session 46, H100: with relaxed counter
+    reads this variant formed x_in from h_pre as it was before the coefficient warps wrote it in 12 of 12
+    launches at both shapes; with acquiring reads (shipped) in none."""
+    import subprocess
+    import sys
+
+    _coeffs_pre_on_gpu(monkeypatch)
+    monkeypatch.syspath_prepend(str(ROOT))
+    from build_tools.cuda import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("no nvcc here to compile the variant")
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_coeffs_pre_stress.py"), "--launches", "6",
+                          "--configs", "8192:4:4096,4096:4:2048", "spin0=:MHC_PHI_TERMS=1:MHC_CP_SPIN_NS=0"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.stdout.count("0 of 6 launches differ") == 2, run.stdout[-4000:]
+
+
 def _proj_cluster_on(monkeypatch, sms: int | None = None):
     """mhc_dynamic_proj_cluster's rule switched on for a test: CUDA graphs off (its one condition that a
     device cannot give), from one token; with `sms`, an emulated sm_90 of that many SMs."""
