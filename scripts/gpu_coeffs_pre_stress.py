@@ -1,8 +1,10 @@
 """Repeated launches of mhc_dynamic_coeffs_pre, each output compared bit for bit with the first launch of
 the shipped kernel: the kernel sums in a fixed order, so every launch of every correct variant gives the same
 bits. A launch that differs is a race; the script names the outputs, tokens and tiles that differ (tile
-z = token // TT; the group's tile index i = z // G, group g = z % G). Session 46 found a variant without
-the spin's nanosleep (MHC_CP_SPIN_NS=0) giving a wrong forward in scripts/gpu_dynamic_ab.py's check.
+z = token // TT; the group's tile index i = z // G, group g = z % G). Session 46 (docs/HISTORY.md) found
+with it that the kernel's relaxed counter reads were a race: built without the spin's sleep
+(MHC_CP_SPIN_NS=0), every launch formed some tiles' x_in from h_pre before it was written; the reads now
+acquire, and tests/test_dynamic.py's test_gpu_coeffs_pre_polls_back_to_back runs that build through here.
 
   python scripts/gpu_coeffs_pre_stress.py [--launches N] [--configs T:n:C,...] [LABEL=[PATH][:DEFINE...] ...]
   python scripts/gpu_coeffs_pre_stress.py --launches 50 spin0=:MHC_PHI_TERMS=1:MHC_CP_SPIN_NS=0
@@ -78,7 +80,7 @@ def main() -> None:
                                  f" {splits[:4].tolist()}), NaN {np.isnan(u[neq]).mean():.2f} of them")
                     diff.append(f"{name}: {tok.size} tokens (first {tok[:4].tolist()}){where}, tiles z {z[:6].tolist()}"
                                 f" (i = z // G {sorted(set((z // G).tolist()))[:6]}, g {sorted(set((z % G).tolist()))}),"
-                                f" max |diff| {np.nanmax(np.abs(u - v)[neq]):.3g}")
+                                f" max |diff| {np.abs(u - v)[neq].max():.3g}")  # nan where one side is
                 if diff:
                     bad += 1
                     print(f"  {T},{n},{C} {label} launch {k}: " + "; ".join(diff), flush=True)
