@@ -95,9 +95,6 @@ constexpr int NSLOT = 12;                  // partial slots a group (slot i % NS
 #endif
 constexpr int SK_TILES = MHC_CP_SK_TILES;  // a coefficient warp's tiles whose h_res it forms together
 constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass (two half-warps: 2 SK_ILP a pass)
-#ifndef MHC_CP_COEFF_QUEUE  // 1: the coefficient warps take tiles from a queue (untimed: docs/HISTORY.md, session 46)
-#define MHC_CP_COEFF_QUEUE 0
-#endif
 #ifndef MHC_CP_CWARPS
 #define MHC_CP_CWARPS 3
 #endif
@@ -151,7 +148,6 @@ static_assert(HANDOFF + HANDOFF_IDS <= 16 && RING < HANDOFF_IDS, "named barrier 
 static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 32,
               "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
 static_assert(XIN_DONE < 16, "named barrier ids");
-static_assert(SK_TILES <= 32, "a lane per tile of a Sinkhorn batch (MHC_CP_COEFF_QUEUE)");
 static_assert(NSLOT > RING + 1 && HANDOFF_IDS > RING + 1, "a slot or id is reused only after its tile was seen published");
 static_assert(TT * CSEGS == 32 * XWARPS * XU, "an x_in lane's whole share of a tile in registers at once");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
@@ -248,9 +244,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   uint64_t* bars = reinterpret_cast<uint64_t*>(ksum + SLICES * TT * RL);  // [RING] tiles
   int* ticket_s = reinterpret_cast<int*>(bars + RING);
   volatile int* wdone_s = ticket_s + 1;  // the tiles whose products are done (worker thread 0's count)
-#if MHC_CP_COEFF_QUEUE
-  int* queue_s = ticket_s + 2;  // the coefficient warps' next tile
-#endif
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 2;
@@ -270,9 +263,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (tid == 0) {
     *ticket_s = atomicAdd(sync, 1);
     *wdone_s = 0;
-#if MHC_CP_COEFF_QUEUE
-    *queue_s = 0;
-#endif
     for (int k = 0; k < RING; ++k) tma::bar_init(bars + k, 1);  // the issuing thread's arrival
     tma::bar_init_fence();
   }
@@ -515,41 +505,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // ---------------------------------------------------------------- coefficient warps: step 2
     const int h = lane / 16, l16 = lane % 16;
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-#if MHC_CP_COEFF_QUEUE
-    // An experiment, untimed (docs/HISTORY.md, session 46): with tiles i = w, w + CWARPS, ... a warp's
-    // Sinkhorn batch (~6 us) holds back its next tile, and the three warps' batches fall on tiles 9, 10, 11
-    // (mod 12) together, so tiles 12-14 publish ~3-4 us late and every 12th tile lands late (the traces).
-    // Here a warp that is free takes the next tile from a queue in shared memory, and the warps' first
-    // batches are staggered (SK_TILES - w tiles). Lane k keeps the batch's k-th tile. The batch below is a
-    // copy of the shipped one (tiles from the lanes): whichever order loses on the device goes.
-    auto queue_batch = [&](int nb, int btile) {
-      const int per = (TT - s + S - 1) / S, ntok = per * nb;
-      const bool elem = l16 < n * n;
-      for (int e0 = 0; e0 < ntok; e0 += 2 * SK_ILP) {
-        float L[SK_ILP], P[SK_ILP];
-        int t[SK_ILP];
-#pragma unroll
-        for (int u = 0; u < SK_ILP; ++u) {
-          const int e = e0 + h * SK_ILP + u, r = s + (e % per) * S;
-          t[u] = (g + __shfl_sync(0xffffffffu, btile, e / per) * G) * TT + r;
-          if (e >= ntok || t[u] >= Tn) t[u] = -1;
-          L[u] = elem && t[u] >= 0 ? __ldcg(mix + (size_t)t[u] * M + 2 * n + l16) * a_res + b[2 * n + l16] : 0.0f;
-        }
-        dyn::sinkhorn_forward_lanes_k<SK_ILP>(L, P, n, tmax, sinkhorn_eps, lane);
-#pragma unroll
-        for (int u = 0; u < SK_ILP; ++u)
-          if (elem && t[u] >= 0) h_res[(size_t)t[u] * n * n + l16] = P[u];
-      }
-    };
-    int nb = 0, thr = max(1, SK_TILES - (warp - COEFF0)), btile = 0;
-    for (;;) {
-      int i = 0;
-      if (lane == 0) i = atomicAdd(queue_s, 1);
-      i = __shfl_sync(0xffffffffu, i, 0);
-      if (!EXCHANGE || i >= ntile) break;
-#else
     for (int i = warp - COEFF0; i < (EXCHANGE ? ntile : 0); i += CWARPS) {
-#endif
       const int z = g + i * G, t0 = z * TT;
       if (lane == 0) TRACE(i, 2);
       // this CTA has tokens r = s, s + S, ... of the tile
@@ -588,16 +544,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       // of this warp's tiles at once, SK_ILP a lane in each half-warp (nothing in this launch waits on
       // h_res, and a token's Sinkhorn is a latency-bound chain: session 22's trace had the coefficient
       // warps busy 7.8 us a tile, 4.4 of it one token's Sinkhorn, so they set the pace)
-#if MHC_CP_COEFF_QUEUE
-      if (lane == nb) btile = i;
-      if (++nb == thr) {
-        if (s < TT) queue_batch(nb, btile);
-        nb = 0;
-        thr = SK_TILES;
-      }
-      if (lane == 0) TRACE(i, 5);
-      continue;
-#endif
       const int own = (i - (warp - COEFF0)) / CWARPS;  // this warp's tiles before tile i
       if (s < TT && (own % SK_TILES == SK_TILES - 1 || i + CWARPS >= ntile)) {
         const int i0 = i - (own % SK_TILES) * CWARPS;             // the batch's first tile
@@ -624,9 +570,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       if (lane == 0) TRACE(i, 5);
     }
-#if MHC_CP_COEFF_QUEUE
-    if (s < TT && nb > 0) queue_batch(nb, btile);  // the last batch's tiles
-#endif
     if (warp == COEFF0 && lane == 0) TRACE_CTA(4, gtimer());
   }
 

@@ -58,8 +58,8 @@ def define(name: str, default: int) -> int:
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
 # the launch's own stamps after them, [ticket][8]: entry, phi loaded, the workers' / x_in warps' / first
 # coefficient warp's loop done, past the last barrier (all relative to the earliest entry)
-cta = mix[G * S * 640: G * S * 648].reshape(G * S, 8).astype(np.int64)[:, :6]
-smid = mix[G * S * 640: G * S * 648].reshape(G * S, 8).astype(np.int64)[:, 6]  # each CTA's SM
+stamps = mix[G * S * 640: G * S * 648].reshape(G * S, 8).astype(np.int64)
+cta, smid = stamps[:, :6], stamps[:, 6]  # (then each CTA's SM)
 if os.environ.get("MHC_TRACE_SAVE"):  # the raw stamps, for a look elsewhere (npz: ev, cta, smid, G, S)
     np.savez(os.environ["MHC_TRACE_SAVE"], ev=ev, cta=cta, smid=smid, G=G, S=S)
 # (MHC_CP_TRACE_X: events 7 and 9 time the first x_in warp instead of the workers)

@@ -51,7 +51,6 @@ class Emulator:
         self.launched, self.grids = [], []  # (entry name, scalars) and the grid of every launch
         self.deferred_copies = False  # True: cp.async copies land at their wait (mhc_dynamic_emulate.h)
         self.shuffle_seed = None  # an int: threads resumed in a pseudo-random order each round (MHC_EMU_SHUFFLE)
-        self.extra_defines = ()  # a test's knobs (NAME=VALUE) for every kernel it builds
 
     def binary(self, source, dtype, n, units=1, terms=3):  # mhc_aot.cuda._binary's lookup rule, without shipped files
         cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype and v.units == units
@@ -112,7 +111,6 @@ class Emulator:
         own = tuple(f"{k}={val}" for k, val in v.defines().items() if k not in ("MHC_NAME", "MHC_DTYPE", "MHC_NMAX"))
         if self.shuffle_seed is not None:
             own += (f"MHC_EMU_SHUFFLE={self.shuffle_seed}",)
-        own += tuple(self.extra_defines)
         key = (v.source, v.dtype or "f32", v.nmax, self.deferred_copies, own)
         if key not in self.libs:
             self.libs[key] = self.build(*key)

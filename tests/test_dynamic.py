@@ -902,22 +902,6 @@ def test_emulated_cuda_coeffs_pre_shuffled(emulated_cuda, monkeypatch, B, n, C, 
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
 
-@pytest.mark.parametrize("B,n,C,sms,seed", [(420, 4, 200, 2, None), (420, 4, 200, 2, 1), (420, 4, 200, 2, 2),
-                                            (100, 4, 256, 4, 3), (70, 3, 216, 6, None)],
-                         ids=["one-group-14-tiles", "one-group-14-tiles-s1", "one-group-14-tiles-s2", "two-groups-s3",
-                              "n3-half-box"])
-@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
-def test_emulated_cuda_coeffs_pre_queue(emulated_cuda, monkeypatch, B, n, C, sms, seed):
-    """mhc_dynamic_coeffs_pre built with MHC_CP_COEFF_QUEUE=1 (session 46's experiment, off in the shipped
-    build: its coefficient warps take tiles from a shared-memory queue, their first Sinkhorn batches
-    staggered, a batch's tiles kept a lane each): the same outputs and gradients, in order and with the
-    threads shuffled; 14 tiles a group leave batches of every size, and n = 3 at C = 216 (two splits) gives
-    16 tokens a tile a CTA, several Sinkhorn passes a batch."""
-    emulated_cuda.extra_defines = ("MHC_CP_COEFF_QUEUE=1",)
-    emulated_cuda.shuffle_seed = seed
-    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
-
-
 @pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6)], ids=["two-groups", "n3-half-box"])
 @pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
 def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n, C, sms):
