@@ -37,9 +37,9 @@
 // valid); the launcher passes them zeroed. Nothing accumulates with atomics: per-CTA partials summed
 // in a fixed order.
 //
-// Block: BLOCK = 8 worker warps + the signaler + XWARPS x_in warps + CWARPS coefficient warps (tiles i = w,
-// w + CWARPS, ... of the group, so CWARPS tiles' coefficients can be in flight). Workers synchronise on
-// named barrier 1.
+// Block: BLOCK = 8 worker warps + the signaler + XWARPS x_in warps + CWARPS coefficient warps (each takes
+// the group's next tile from a queue in shared memory when it is free, so CWARPS tiles' coefficients can
+// be in flight). Workers synchronise on named barrier 1.
 // Grid (threads): (G S BLOCK, 1, 1). Shared memory (dynamic): SMEM_BYTES.
 // Inputs: x [T, n, C] bfloat16, tmpl [32] uint32 (x's tensor-map template: mhc_aot/tma.py, dims
 // (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] (float32, bfloat16 or float16: the scalar
@@ -148,6 +148,7 @@ static_assert(HANDOFF + HANDOFF_IDS <= 16 && RING < HANDOFF_IDS, "named barrier 
 static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 32,
               "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
 static_assert(XIN_DONE < 16, "named barrier ids");
+static_assert(SK_TILES <= 32, "a lane per tile of a Sinkhorn batch");
 static_assert(NSLOT > RING + 1 && HANDOFF_IDS > RING + 1, "a slot or id is reused only after its tile was seen published");
 static_assert(TT * CSEGS == 32 * XWARPS * XU, "an x_in lane's whole share of a tile in registers at once");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
@@ -244,6 +245,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   uint64_t* bars = reinterpret_cast<uint64_t*>(ksum + SLICES * TT * RL);  // [RING] tiles
   int* ticket_s = reinterpret_cast<int*>(bars + RING);
   volatile int* wdone_s = ticket_s + 1;  // the tiles whose products are done (worker thread 0's count)
+  int* queue_s = ticket_s + 2;           // the coefficient warps' next tile
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 2;
@@ -263,6 +265,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (tid == 0) {
     *ticket_s = atomicAdd(sync, 1);
     *wdone_s = 0;
+    *queue_s = 0;
     for (int k = 0; k < RING; ++k) tma::bar_init(bars + k, 1);  // the issuing thread's arrival
     tma::bar_init_fence();
   }
@@ -503,9 +506,45 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     if (warp == XWARP && lane == 0) TRACE_CTA(3, gtimer());
   } else {
     // ---------------------------------------------------------------- coefficient warps: step 2
+    // A warp that is free takes the group's next tile from a queue in shared memory. With fixed tiles
+    // (i = w, w + CWARPS, ...) a warp's Sinkhorn batch (~6 us) held back its next tile, and the three
+    // warps' batches fell on tiles 9-11 (mod 12) together: tiles 12-14 published 3-4 us late and every
+    // 12th tile landed late (session 46's H200 trace). The first batches are staggered (SK_TILES - w
+    // tiles). Same-run A/B on the H100 (docs/HISTORY.md, session 47): the forward at T = 8192 ~6 us and at
+    // 16384 ~10 us faster.
     const int h = lane / 16, l16 = lane % 16;
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-    for (int i = warp - COEFF0; i < (EXCHANGE ? ntile : 0); i += CWARPS) {
+    // h_res after the publication (x_in needs only h_pre), batched: the tokens of the nb tiles whose
+    // indices lanes 0 .. nb - 1 hold, SK_ILP a lane in each half-warp (nothing in this launch waits on
+    // h_res, and a token's Sinkhorn is a latency-bound chain: session 22's trace had the coefficient
+    // warps busy 7.8 us a tile, 4.4 of it one token's Sinkhorn, so they set the pace)
+    auto sinkhorn_batch = [&](int nb, int btile) {
+      const int per = (TT - s + S - 1) / S, ntok = per * nb;  // tokens r = s, s + S, ... a tile
+      const bool elem = l16 < n * n;
+      for (int e0 = 0; e0 < ntok; e0 += 2 * SK_ILP) {
+        float L[SK_ILP], P[SK_ILP];
+        int t[SK_ILP];
+#pragma unroll
+        for (int u = 0; u < SK_ILP; ++u) {
+          const int e = e0 + h * SK_ILP + u, r = s + (e % per) * S;
+          t[u] = (g + __shfl_sync(0xffffffffu, btile, e / per) * G) * TT + r;
+          if (e >= ntok || t[u] >= Tn) t[u] = -1;
+          // (v_m invr) a_res + b_m, as the tile's loop had it: mix as written there (by this warp, a
+          // __syncwarp ago)
+          L[u] = elem && t[u] >= 0 ? __ldcg(mix + (size_t)t[u] * M + 2 * n + l16) * a_res + b[2 * n + l16] : 0.0f;
+        }
+        dyn::sinkhorn_forward_lanes_k<SK_ILP>(L, P, n, tmax, sinkhorn_eps, lane);  // Liger's Sinkhorn
+#pragma unroll
+        for (int u = 0; u < SK_ILP; ++u)
+          if (elem && t[u] >= 0) h_res[(size_t)t[u] * n * n + l16] = P[u];
+      }
+    };
+    int nb = 0, thr = max(1, SK_TILES - (warp - COEFF0)), btile = 0;
+    for (;;) {
+      int i = 0;
+      if (lane == 0) i = atomicAdd(queue_s, 1);
+      i = __shfl_sync(0xffffffffu, i, 0);
+      if (!EXCHANGE || i >= ntile) break;
       const int z = g + i * G, t0 = z * TT;
       if (lane == 0) TRACE(i, 2);
       // this CTA has tokens r = s, s + S, ... of the tile
@@ -540,36 +579,15 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       __syncwarp();
       if (lane == 0) signal(published + z);
       if (lane == 0) TRACE(i, 4);
-      // h_res after the publication (x_in needs only h_pre), batched: the tokens of SK_TILES
-      // of this warp's tiles at once, SK_ILP a lane in each half-warp (nothing in this launch waits on
-      // h_res, and a token's Sinkhorn is a latency-bound chain: session 22's trace had the coefficient
-      // warps busy 7.8 us a tile, 4.4 of it one token's Sinkhorn, so they set the pace)
-      const int own = (i - (warp - COEFF0)) / CWARPS;  // this warp's tiles before tile i
-      if (s < TT && (own % SK_TILES == SK_TILES - 1 || i + CWARPS >= ntile)) {
-        const int i0 = i - (own % SK_TILES) * CWARPS;             // the batch's first tile
-        const int per = (TT - s + S - 1) / S;                      // tokens r = s, s + S, ... a tile
-        const int ntok = per * ((i - i0) / CWARPS + 1);
-        const bool elem = l16 < n * n;
-        for (int e0 = 0; e0 < ntok; e0 += 2 * SK_ILP) {
-          float L[SK_ILP], P[SK_ILP];
-          int t[SK_ILP];
-#pragma unroll
-          for (int u = 0; u < SK_ILP; ++u) {
-            const int e = e0 + h * SK_ILP + u, r = s + (e % per) * S;
-            t[u] = (g + (i0 + (e / per) * CWARPS) * G) * TT + r;
-            if (e >= ntok || t[u] >= Tn) t[u] = -1;
-            // (v_m invr) a_res + b_m, as loop 1 would have it: mix as written there (by this warp, a
-            // __syncwarp ago)
-            L[u] = elem && t[u] >= 0 ? __ldcg(mix + (size_t)t[u] * M + 2 * n + l16) * a_res + b[2 * n + l16] : 0.0f;
-          }
-          dyn::sinkhorn_forward_lanes_k<SK_ILP>(L, P, n, tmax, sinkhorn_eps, lane);  // Liger's Sinkhorn
-#pragma unroll
-          for (int u = 0; u < SK_ILP; ++u)
-            if (elem && t[u] >= 0) h_res[(size_t)t[u] * n * n + l16] = P[u];
-        }
+      if (lane == nb) btile = i;  // lane k keeps the batch's k-th tile
+      if (++nb == thr) {
+        if (s < TT) sinkhorn_batch(nb, btile);
+        nb = 0;
+        thr = SK_TILES;
       }
       if (lane == 0) TRACE(i, 5);
     }
+    if (s < TT && nb > 0) sinkhorn_batch(nb, btile);  // the last batch's tiles
     if (warp == COEFF0 && lane == 0) TRACE_CTA(4, gtimer());
   }
 

@@ -885,7 +885,8 @@ def test_emulated_cuda_coeffs_pre(emulated_cuda, copy_timing, monkeypatch, B, n,
     (14 tiles, one group: a partial slot rewritten once every CTA has read its earlier tile), a ragged
     last split and token tile, a CTA whose second 64-column box is partly (C = 200, 216) or wholly
     (C = 136, 8) past C, and n < 4 (unused streams); TMA copies (the
-    emulated tensor map: 128-byte swizzle, zero fill) landing at issue and at their wait."""
+    emulated tensor map: 128-byte swizzle, zero fill) landing at issue and at their wait. The coefficient
+    warps take tiles from a queue, so 14 tiles leave Sinkhorn batches of every size."""
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
 
