@@ -17,18 +17,20 @@
 //   1. (workers, iteration i) multiplies its columns of the tile's tokens on tensor cores (as proj_tc:
 //      bfloat16 x exact, phi split in three bfloat16 terms, or one for a bfloat16 phi (MHC_PHI_TERMS);
 //      the sums of squares on the CUDA cores from the same A fragments): partial z and sum of squares
-//      of every token over its columns, written as one block to a global scratch slot; the signaler
-//      warp then arrives on the tile's `projected` counter (named-barrier handoff; a warp that does
-//      nothing else, so the signal never waits for a busy warp: session 21's trace);
-//   2. (coefficient warps, their own loop) once all S partials of the tile are in, sums those of its
-//      own tokens (r = s, s + S, ... of the tile; a lane per sum), the RMS scale, h_pre and h_post,
-//      writes them and mix, and arrives on the tile's `published` counter; then, batched over a few of
-//      its tiles, h_res by the Sinkhorn (a lane per matrix element, shuffles, Liger's order and
-//      divisions: dyn::sinkhorn_forward_lanes_k) from mix as written, off every other warp's path;
+//      of every token over its columns, stored as one block of tagged words in the group's partials
+//      mailbox; the signaler warp then adds one to the tile's `projected` counter (named-barrier
+//      handoff; a warp that does nothing else, so the signal never waits for a busy warp: session 21's
+//      trace);
+//   2. (coefficient warps, their own loop) once `projected` says all S partials of the tile are stored,
+//      sums those of its own tokens (r = s, s + S, ... of the tile; a lane per sum) as their tags show
+//      them in, the RMS scale, h_pre and h_post, writes them and mix, and h_pre again as tagged words
+//      in the group's h_pre mailbox; then, batched over a few of its tiles, h_res by the Sinkhorn (a
+//      lane per matrix element, shuffles, Liger's order and divisions: dyn::sinkhorn_forward_lanes_k)
+//      from mix as written, off every other warp's path;
 //   3. (XWARPS x_in warps, their own loop) their share of the tile into registers once it lands, then,
-//      once they all have it and the workers have read it, the buffer's refill; once the
-//      tile is published, x_in of its columns from those registers and h_pre (each warp TT / XWARPS of
-//      the tokens). Session 22 (H200, T = 8192, n = 4, C = 4096): the workers forming x_in
+//      once they all have it and the workers have read it, the buffer's refill; once the h_pre mailbox
+//      has the tile's tag on its tokens, x_in of its columns from those registers and h_pre (each warp
+//      TT / XWARPS of the tokens). Session 22 (H200, T = 8192, n = 4, C = 4096): the workers forming x_in
 //      between their products took 2.46 us a tile, 1.54 without it; one x_in warp took 5.4 us a tile,
 //      four take ~1.8 next to the workers' 2.08.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
@@ -36,6 +38,11 @@
 // running. The last CTA to finish zeroes the counters again (a buffer that two launches share stays
 // valid); the launcher passes them zeroed. Nothing accumulates with atomics: per-CTA partials summed
 // in a fixed order.
+// The hand-overs between CTAs carry no fences: a mailbox word is a value with the tag of the tile that
+// wrote it (tagged(): one 64-bit access), so what a reader sees with the right tag is that value
+// whatever the order writes reach it in, and a counter only says when to look. Each CTA zeroes its own
+// mailbox words first (the buffer may hold an earlier launch's), and releases them once to the group
+// (ready[g]), which the readers acquire before their first read.
 //
 // Block: BLOCK = 8 worker warps + the signaler + XWARPS x_in warps + CWARPS coefficient warps (each takes
 // the group's next tile from a queue in shared memory when it is free, so CWARPS tiles' coefficients can
@@ -44,14 +51,16 @@
 // Inputs: x [T, n, C] bfloat16, tmpl [32] uint32 (x's tensor-map template: mhc_aot/tma.py, dims
 // (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] (float32, bfloat16 or float16: the scalar
 // phi_kind; read as it is, no float32 copy first), b [M], alpha_pre / _post / _res
-// [1], sync [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], published[tiles]).
+// [1], sync [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], ready[G]; G <= tiles).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
-// mhc_dynamic_coeffs), part [G NSLOT S TT RL] float32 (scratch: the partials of a group's last NSLOT
-// tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh), consts [3 + M] (as
+// mhc_dynamic_coeffs), mbox (scratch, 64-bit words: the partials [G NSLOT S TT RL] and h_pre
+// [G NSLOT TT NS] of a group's last NSLOT tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh), consts [3 + M] (as
 // mhc_dynamic_phi_split's: alpha_pre, alpha_post, alpha_res, b, for the backward). MHC_GRID_RESIDENT: the
 // CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix;
 // with MHC_CP_TRACE_X two of them time the first x_in warp's h_pre loads and x_in instead.
+// MHC_CP_UNGATED (tests only: tests/test_dynamic.py's mailbox test): the coefficient warps read a tile's
+// partials without waiting on `projected`, by the tags alone.
 // MHC_CP_SKIP_EXCHANGE, _XIN, _PRODUCT (timing only, wrong outputs): no coefficients (h_pre 1, the x_in
 // warps wait only for their own CTA's workers), no x_in, no products. Session 43, H100, T = 8192, n = 4,
 // C = 4096, trace's launch span: all three skipped (the TMA ring alone) 99.1 us, x read at ~2.8 TB/s;
@@ -72,7 +81,7 @@ constexpr int CW = 128;                    // columns of each stream a CTA owns
 constexpr int NS = 4;                      // streams at most (M = n n + 2 n <= 24: three n8 tiles)
 constexpr int NT = 3, MP = 8 * NT, RL = MP + 1;  // a partial row: M values (zero-padded to MP), then the sum of squares
 // tile buffers, a ring: tile i lands in buffer i % RING, is multiplied at the workers' iteration i,
-// read again by the x_in warps once the tile is published, and the buffer then takes tile i + RING.
+// read again by the x_in warps once its h_pre is in, and the buffer then takes tile i + RING.
 // Session 22 measured why the tile stays in shared memory: the earlier copy back from L2, ~9 tiles
 // (~40 MB of the GPU's traffic) after the first read, missed L2 almost always (ncu, H200, T = 8192:
 // 534 MB read from DRAM for x's 268)
@@ -112,14 +121,14 @@ constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XW
 #endif
 constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
 // The x_in warps take their share of tile ix into registers as soon as it lands (XU items a lane are the
-// whole share), and its buffer is refilled once they and the workers have read it, before ix is published:
-// the buffer is free once the x_in warps are done with tile ix - 1 (they wait on its publication), not
+// whole share), and its buffer is refilled once they and the workers have read it, before ix's h_pre is in:
+// the buffer is free once the x_in warps are done with tile ix - 1 (they wait on its h_pre), not
 // with ix, so the registers are a seventh tile in flight. H100, same-run A/B against refilling after x_in
 // (docs/HISTORY.md, session 45's register knob; the old order is 6b630c2's source): the tile's pace 2.14 ->
 // 2.05 us, the forward at T = 8192 within the spread, 16384 ~10 us and a float32 phi ~8 us faster.
 // tile i's partials written -> the signaler warp (which does nothing else, so is never late) signals
 // `projected`: named barrier handoff(i). Workers arrive for tile i having waited for its copy, which
-// the first x_in warp issued after tile i - RING - 1 was published (its registers hold tile i - RING), so
+// the first x_in warp issued after tile i - RING - 1's x_in was formed (its registers hold tile i - RING), so
 // this CTA's signaler had synced that tile: an id is reused only after its last tile was synced.
 constexpr int HANDOFF = 2, HANDOFF_IDS = 13;
 constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warps hold their shares of a tile
@@ -149,7 +158,7 @@ static_assert(TT * CSEGS % (32 * XWARPS * XU) == 0 && 32 % CSEGS == 0 && TT <= 3
               "x_in: whole rounds of XU items a lane of each x_in warp; h_pre a lane per token");
 static_assert(XIN_DONE < 16, "named barrier ids");
 static_assert(SK_TILES <= 32, "a lane per tile of a Sinkhorn batch");
-static_assert(NSLOT > RING + 1 && HANDOFF_IDS > RING + 1, "a slot or id is reused only after its tile was seen published");
+static_assert(NSLOT > RING + 1 && HANDOFF_IDS > RING + 1, "a slot or id is reused only after its tile's h_pre was seen");
 static_assert(TT * CSEGS == 32 * XWARPS * XU, "an x_in lane's whole share of a tile in registers at once");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
@@ -163,10 +172,35 @@ __device__ __forceinline__ uint32_t tile_at(int r, int j, int sg) {
 
 #define MHC_GRID_RESIDENT 1
 
+// A mailbox word: a float's bits (low half) and the tag of the tile that wrote it (high half), stored and
+// loaded as one 64-bit access, so a reader that sees the tag it waits for sees that tile's value with it,
+// whatever order the writes reach it in: no fence before a signal and no counter between a value and its
+// reader. Session 47's same-run A/B (H100, T = 8192): the two fences of the counter hand-overs cost ~15
+// us a forward, and the x_in warps' h_pre load after their counter ~5 us more.
+__device__ __forceinline__ unsigned long long tagged(float v, unsigned tag) {
+  return (unsigned long long)tag << 32 | __float_as_uint(v);
+}
+__device__ __forceinline__ unsigned tag_of(unsigned long long w) { return (unsigned)(w >> 32); }
+__device__ __forceinline__ float value_of(unsigned long long w) { return __uint_as_float((unsigned)w); }
 #ifdef MHC_EMULATED
 __device__ __forceinline__ void named_sync(int id, int count) { emu_named_sync(id, count); }
 __device__ __forceinline__ void named_arrive(int id, int count) { emu_named_arrive(id, count); }
 __device__ __forceinline__ int ld_acquire(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+__device__ __forceinline__ int ld_relaxed(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+__device__ __forceinline__ unsigned long long ld_word(const unsigned long long* p) {
+  return *reinterpret_cast<const volatile unsigned long long*>(p);
+}
+__device__ __forceinline__ void ld_words2(const unsigned long long* p, unsigned long long& a, unsigned long long& b) {
+  a = ld_word(p);
+  b = ld_word(p + 1);
+}
+__device__ __forceinline__ void st_word(unsigned long long* p, unsigned long long v) {
+  *reinterpret_cast<volatile unsigned long long*>(p) = v;
+}
+__device__ __forceinline__ void st_words2(unsigned long long* p, unsigned long long a, unsigned long long b) {
+  st_word(p, a);
+  st_word(p + 1, b);
+}
 __device__ __forceinline__ void spin_pause() { emu_yield(); }
 #else
 __device__ __forceinline__ void named_sync(int id, int count) {
@@ -185,6 +219,29 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+// The counters the mailboxes' readers wait on before they read (a hint of when to look, not an order:
+// the tags check what was read)
+__device__ __forceinline__ int ld_relaxed(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+// mailbox words, morally strong (relaxed, gpu scope): a 64-bit access is single-copy atomic, and a
+// vector access is one of each of its 64-bit elements
+__device__ __forceinline__ unsigned long long ld_word(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void ld_words2(const unsigned long long* p, unsigned long long& a, unsigned long long& b) {
+  asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];\n" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+}
+__device__ __forceinline__ void st_word(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_words2(unsigned long long* p, unsigned long long a, unsigned long long b) {
+  asm volatile("st.relaxed.gpu.global.v2.b64 [%0], {%1, %2};\n" ::"l"(p), "l"(a), "l"(b) : "memory");
+}
 #ifndef MHC_CP_SPIN_NS  // a spin's sleep (ns); 0: polls back to back (a stress knob: see ld_acquire)
 #define MHC_CP_SPIN_NS 32
 #endif
@@ -192,13 +249,6 @@ __device__ __forceinline__ void spin_pause() {
   if (MHC_CP_SPIN_NS > 0) __nanosleep(MHC_CP_SPIN_NS);
 }
 #endif
-// *counter += 1 after every write this thread has seen (its own, and its barrier partners'). A
-// red.release.gpu instead measured the same (docs/HISTORY.md, session 14; again in session 46, with a
-// fence.acq_rel.gpu before a relaxed red as well).
-__device__ __forceinline__ void signal(int* counter) {
-  __threadfence();
-  atomicAdd(counter, 1);
-}
 __device__ __forceinline__ void workers_sync() { named_sync(1, WORKERS); }
 __device__ __forceinline__ void spin_until(const int* p, int target, int seen) {
   while (seen < target) {
@@ -229,7 +279,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     const bf16* __restrict__ x, const uint32_t* __restrict__ tmpl, const void* __restrict__ phi, const float* __restrict__ b,
     const float* __restrict__ alpha_pre, const float* __restrict__ alpha_post, const float* __restrict__ alpha_res,
     const int* sync_in, float* h_pre, float* __restrict__ h_post, float* __restrict__ h_res, bf16* __restrict__ x_in,
-    float* __restrict__ mix, float* __restrict__ invr_out, float* part, uint32_t* maps, float* __restrict__ consts, int n,
+    float* __restrict__ mix, float* __restrict__ invr_out, unsigned long long* mbox, uint32_t* maps, float* __restrict__ consts, int n,
     int C, int Tn, int S, int G, int tmax,
     float rms_eps, float pre_eps, float sinkhorn_eps, float post_mult, int phi_kind) {
   extern __shared__ float smem[];
@@ -249,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 2;
-  int* published = sync + 2 + tiles;
+  int* ready = sync + 2 + tiles;  // [G] (G <= tiles): the group's CTAs whose mailboxes are zeroed
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 #ifndef MHC_EMULATED
   if ((reinterpret_cast<uintptr_t>(x) & 15) != 0) {  // TMA reads from 16-byte aligned addresses only
@@ -280,9 +330,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   }
 #endif
   const int ntile = g < tiles ? (tiles - g + G - 1) / G : 0;  // the group's tiles z = g + i G, i < ntile
-  // [split][TT][RL]: a CTA's partials of a tile are one contiguous block (coalesced stores on the
-  // workers' path; the coefficient warps' strided loads are off it)
-  auto slot_part = [&](int i) { return part + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
+  // The mailboxes (tagged words, tag i + 1 for the group's tile i), slot i % NSLOT of the group:
+  // part_box [G][NSLOT][split][TT][RL], a CTA's partials of a tile one contiguous block (coalesced
+  // stores on the workers' path; the coefficient warps' strided loads are off it); hpre_box
+  // [G][NSLOT][TT][NS], the tile's h_pre
+  auto part_box = [&](int i) { return mbox + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
+  auto hpre_box = [&](int i) { return mbox + (size_t)G * NSLOT * TT * RL * S + (size_t)(g * NSLOT + i % NSLOT) * TT * NS; };
 
   // Tile i lands in ring buffer i % RING and completes dbar[i % RING]'s (i / RING)-th phase. Thread 0
   // issues the first RING tiles; the first x_in warp issues tile ix + RING once every x_in warp holds
@@ -303,6 +356,20 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // the first RING tiles' copies before phi's fragments load (those loads then overlap the copies)
     if (tid == 0)
       for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
+    // Zero the words this CTA will write in its group's mailboxes: the buffer may hold an earlier
+    // launch's words with the tags this one waits for. Its readers acquire ready[g] == S before their
+    // first read (the release: every worker's fence, the barrier of iteration 0, worker 0's add), and
+    // this CTA's own writes come after the barrier.
+    if (EXCHANGE) {
+      const int used = min(ntile, NSLOT);
+      for (int e = tid; e < used * TT * RL / 2; e += WORKERS)
+        st_words2(part_box(e / (TT * RL / 2)) + (size_t)s * TT * RL + 2 * (e % (TT * RL / 2)), 0ull, 0ull);
+      for (int e = tid; e < used * TT * NS; e += WORKERS) {
+        const int k = e / (TT * NS), r = e / NS % TT;
+        if (r % S == s) st_word(hpre_box(k) + e % (TT * NS), 0ull);
+      }
+      __threadfence();
+    }
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
     // TERMS bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
@@ -348,6 +415,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     for (int i = 0; i < ntile; ++i) {
       tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible
       workers_sync();                              // ksum free again (the partials of tile i - 1 read)
+      if (i == 0 && tid == 0 && EXCHANGE) atomicAdd(ready + g, 1);  // (the zeroing's release)
       if (tid == 0) TRACE(i, 6);
       unsigned char* xb = ring + (size_t)(i % RING) * X_BYTES;
 #ifdef MHC_CP_SKIP_PRODUCT  // timing only (scripts/trace_coeffs_pre.py): wrong coefficients
@@ -393,12 +461,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #ifndef MHC_CP_TRACE_X
       if (tid == 0) TRACE(i, 9);
 #endif
-      // the slices' sums, in (stream, half) order, into slot i % NSLOT. The slot's previous tile,
-      // i - NSLOT, was seen published (every CTA's coefficient warps had read its partials) by the
-      // x_in warps before the first issued tile i - NSLOT + RING + 1 <= i, which landed before this
-      // iteration.
-      // (four floats a load and a store: a quarter of the instructions of one float each)
-      float4* dst = reinterpret_cast<float4*>(slot_part(i) + (size_t)s * TT * RL);
+      // the slices' sums, in (stream, half) order, into mailbox slot i % NSLOT, tagged i + 1. The slot's
+      // previous tile, i - NSLOT, had every h_pre of it seen by the x_in warps (every CTA's coefficient
+      // warps had read its partials before they wrote h_pre) before the first issued tile
+      // i - NSLOT + RING + 1 <= i, which landed before this iteration.
+      // (four floats a load: a quarter of the instructions of one float each)
+      unsigned long long* dst = part_box(i) + (size_t)s * TT * RL;
+      const unsigned tag = i + 1;
       const float4* src4 = reinterpret_cast<const float4*>(ksum);
 #pragma unroll
       for (int k = 0; k < (TT * RL / 4 + WORKERS - 1) / WORKERS; ++k) {
@@ -414,28 +483,29 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
               v.z += w.z;
               v.w += w.w;
             }
-          dst[e] = v;
+          st_words2(dst + 4 * e, tagged(v.x, tag), tagged(v.y, tag));
+          st_words2(dst + 4 * e + 2, tagged(v.z, tag), tagged(v.w, tag));
         }
       }
-      named_arrive(handoff(i), HANDOFF_COUNT);  // to the signaler: tile i's partials are written
+      named_arrive(handoff(i), HANDOFF_COUNT);  // to the signaler: tile i's partials are stored
       if (tid == 0) TRACE(i, 0);
     }
     if (tid == 0) TRACE_CTA(2, gtimer());
   } else if (warp == SIGNALER) {
     // ---------------------------------------------------------------- the signaler
+    // projected[] tells the coefficient warps when to read a tile's partials; the tags say whether
+    // what they read is in (no fence first: session 47)
     for (int j = 0; j < (EXCHANGE ? ntile : 0); ++j) {
       named_sync(handoff(j), HANDOFF_COUNT);
-      if (lane == 0) signal(projected + g + j * G);
+      if (lane == 0) atomicAdd(projected + g + j * G, 1);
     }
   } else if (warp < XWARP + XWARPS) {
     // ---------------------------------------------------------------- the x_in warps: step 3
     // Tile ix once it lands: the warp's share into registers (x_in warp xw: tokens xw TT / XWARPS ...;
     // lane: segment lane % 16 of tokens 2 k + lane / 16; a load instruction reads four whole 128-byte
     // lines), then, once every x_in warp holds its share and the workers have read the tile, the buffer's
-    // refill with tile ix + RING; once the tile is published, its h_pre (lane r holds token r's) and
-    // x_in = h_pre . x from the registers. published[] of the next tile is read a tile ahead (a global load
-    // waits behind this SM's copies). (Session 22: one x_in warp took 5.4 us a tile, the workers 1.54
-    // without x_in.)
+    // refill with tile ix + RING; then its h_pre from the mailbox and x_in = h_pre . x from the registers.
+    // (Session 22: one x_in warp took 5.4 us a tile, the workers 1.54 without x_in.)
     const int xw = warp - XWARP, rx = xw * (TT / XWARPS);  // this warp's first token of a tile
     if (warp == XWARP && lane == 0) tma::acquire_map(gmap);
     const bool vec = (reinterpret_cast<uintptr_t>(x_in) & 15) == 0;  // C % 8 == 0 (the launcher's rule)
@@ -456,7 +526,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       __syncwarp();
     }
-    int pub_ahead = ntile > 0 ? ld_acquire(published + g) : 0;
+    if (EXCHANGE && ntile > 0) {  // the group's mailboxes zeroed (see the workers' zeroing)
+      if (lane == 0) spin_until(ready + g, S, ld_acquire(ready + g));
+      __syncwarp();
+    }
     for (int ix = 0; ix < ntile; ++ix) {
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too)
       const unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
@@ -472,18 +545,36 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         if (ix + RING < ntile) issue_tile(ix + RING);
         TRACE(ix, 1);
       }
-      const int pub_seen = pub_ahead;
-      if (ix + 1 < ntile) pub_ahead = ld_acquire(published + g + (ix + 1) * G);
-      if (EXCHANGE)
-        spin_until(published + g + ix * G, S, pub_seen);
-      else  // only this CTA's workers waited for (timing only); h_pre 1
-        named_sync(handoff(ix), HANDOFF_COUNT);
-      if (warp == XWARP && lane == 0) TRACE(ix, 8);
+      // h_pre of the warp's tokens (lane r holds token r's) from the mailbox, read until every word has
+      // the tile's tag: one round trip once they are in, where a counter and then h_pre were two
       const int t0 = (g + ix * G) * TT;
       float hp[NS];
 #pragma unroll
-      for (int j = 0; j < NS; ++j)
-        hp[j] = j >= n ? -0.0f : !EXCHANGE ? 1.0f : t0 + lane < Tn ? __ldcg(h_pre + (size_t)(t0 + lane) * n + j) : 0.0f;
+      for (int j = 0; j < NS; ++j) hp[j] = j >= n ? -0.0f : !EXCHANGE ? 1.0f : 0.0f;
+      if (EXCHANGE) {
+        const bool mine = lane >= rx && lane < rx + TT / XWARPS && t0 + lane < Tn;
+        const unsigned long long* box = hpre_box(ix) + (size_t)lane * NS;
+        const unsigned tag = ix + 1;
+        for (;;) {
+          bool in = true;
+          if (mine) {
+            unsigned long long wd[NS];
+#pragma unroll
+            for (int j = 0; j < NS; j += 2) ld_words2(box + j, wd[j], wd[j + 1]);
+#pragma unroll
+            for (int j = 0; j < NS; ++j)
+              if (j < n) {
+                in = in && tag_of(wd[j]) == tag;
+                hp[j] = value_of(wd[j]);
+              }
+          }
+          if (__all_sync(0xffffffffu, in)) break;
+          spin_pause();
+        }
+      } else {  // only this CTA's workers waited for (timing only); h_pre 1
+        named_sync(handoff(ix), HANDOFF_COUNT);
+      }
+      if (warp == XWARP && lane == 0) TRACE(ix, 8);
 #ifdef MHC_CP_TRACE_X  // timing only: events 7 and 9 time the first x_in warp's tile instead of the workers'
       asm volatile("" ::"f"(hp[0]), "f"(hp[1]), "f"(hp[2]), "f"(hp[3]));  // (h_pre's loads returned)
       if (warp == XWARP && lane == 0) TRACE(ix, 7);
@@ -539,6 +630,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           if (elem && t[u] >= 0) h_res[(size_t)t[u] * n * n + l16] = P[u];
       }
     };
+    if (EXCHANGE && s < TT && ntile > 0) {  // the group's mailboxes zeroed (see the workers' zeroing)
+      if (lane == 0) spin_until(ready + g, S, ld_acquire(ready + g));
+      __syncwarp();
+    }
     int nb = 0, thr = max(1, SK_TILES - (warp - COEFF0)), btile = 0;
     for (;;) {
       int i = 0;
@@ -549,35 +644,54 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       if (lane == 0) TRACE(i, 2);
       // this CTA has tokens r = s, s + S, ... of the tile
       if (s < TT) {
-        if (lane == 0) spin_until(projected + z, S, ld_acquire(projected + z));
+#ifndef MHC_CP_UNGATED  // (tests only: the readers go by the tags alone, from the first read)
+        if (lane == 0) {  // when to read: every split signalled the tile (relaxed: the tags check)
+          int seen = ld_relaxed(projected + z);
+          while (seen < S) {
+            spin_pause();
+            seen = ld_relaxed(projected + z);
+          }
+        }
+#endif
         if (lane == 0) TRACE(i, 3);
         __syncwarp();
-        const float* src = slot_part(i);
+        const unsigned long long* src = part_box(i);
+        const unsigned tag = i + 1;
         const int m = min(lane, RL - 1);  // lane m sums element m (z_m, m < M; the sum of squares at MP)
         for (int r = s; r < TT; r += S) {
           const int t = t0 + r;
-          const float* pr = src + (size_t)r * RL + m;
+          const unsigned long long* pr = src + (size_t)r * RL + m;
           float v = 0.0f;
           for (int s0 = 0; s0 < S; s0 += 32) {  // every load of a round in flight at once; splits in order
             float a[32];
+            for (;;) {  // until every split's word has the tile's tag (read again: one not in yet)
+              bool late = false;
 #pragma unroll
-            for (int u = 0; u < 32; ++u) a[u] = s0 + u < S ? __ldcg(pr + (size_t)(s0 + u) * TT * RL) : 0.0f;
+              for (int u = 0; u < 32; ++u) {
+                const unsigned long long w = s0 + u < S ? ld_word(pr + (size_t)(s0 + u) * TT * RL) : tagged(0.0f, tag);
+                a[u] = value_of(w);
+                late = late || tag_of(w) != tag;
+              }
+              if (!__any_sync(0xffffffffu, late)) break;
+              spin_pause();
+            }
 #pragma unroll
             for (int u = 0; u < 32; ++u) v += a[u];
           }
           const float invr = rsqrtf(__shfl_sync(0xffffffffu, v, MP) / (float)(n * C) + rms_eps);
+          const float hp = sigmoid(v * invr * a_pre + b[min(lane, M - 1)]) + pre_eps;
+          if (lane < n) st_word(hpre_box(i) + (size_t)r * NS + lane, tagged(hp, tag));  // to the x_in warps
           if (t < Tn) {
 #ifndef MHC_CP_TRACE
             if (lane < M) mix[(size_t)t * M + lane] = v * invr;
 #endif
             if (lane == MP) invr_out[t] = invr;
-            if (lane < n) h_pre[(size_t)t * n + lane] = sigmoid(v * invr * a_pre + b[lane]) + pre_eps;
+            if (lane < n) h_pre[(size_t)t * n + lane] = hp;
             else if (lane < 2 * n) h_post[(size_t)t * n + lane - n] = sigmoid(v * invr * a_post + b[lane]) * post_mult;
           }
         }
       }
-      __syncwarp();
-      if (lane == 0) signal(published + z);
+      __syncwarp();  // (mix as the Sinkhorn batch reads it)
       if (lane == 0) TRACE(i, 4);
       if (lane == nb) btile = i;  // lane k keeps the batch's k-th tile
       if (++nb == thr) {

@@ -213,6 +213,11 @@ inline int atomicAdd(int* p, int v) {
 }
 inline void __threadfence() {}
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  memcpy(&u, &f, 4);
+  return u;
+}
 inline float __uint_as_float(unsigned u) {
   float f;
   memcpy(&f, &u, 4);
@@ -366,6 +371,20 @@ inline float __shfl_sync(unsigned, float v, int src, int width = 32) {
   emu_wait(emu_cta->warp[w]);
   return r;
 }
+
+// Warp votes over the whole warp (every lane calls them, as the kernels do).
+inline int emu_vote(bool v, bool all) {
+  const int tid = int(threadIdx.x), w = emu_cta->warp_index();
+  float* buf = emu_cta->shfl.data() + 32 * w;
+  buf[tid % 32] = v ? 1.0f : 0.0f;
+  emu_wait(emu_cta->warp[w]);
+  int n = 0;
+  for (int l = 0; l < 32; ++l) n += buf[l] != 0.0f;
+  emu_wait(emu_cta->warp[w]);
+  return all ? n == 32 : n > 0;
+}
+inline int __all_sync(unsigned, int v) { return emu_vote(v != 0, true); }
+inline int __any_sync(unsigned, int v) { return emu_vote(v != 0, false); }
 
 // mhc_dynamic_mma.cuh's warp-collective tensor-core calls (mma.sync m16n8k16 bf16, ldmatrix x4), by
 // their PTX fragment layouts: every lane posts its registers (or row address) to the warp's

@@ -361,8 +361,15 @@ def _proj_cluster(x3, phi, b32, ap, cfg, clusters: int):
 
 
 def coeffs_pre_sync_len(T: int) -> int:
-    """int32 counters of mhc_dynamic_coeffs_pre: ticket, done, then projected and published per tile."""
+    """int32 counters of mhc_dynamic_coeffs_pre: ticket, done, projected per tile, then ready per group
+    (G <= tiles)."""
     return 2 + 2 * _cdiv(T, CP_TT)
+
+
+def coeffs_pre_mailbox_words(G: int, S: int) -> int:
+    """uint32 words of mhc_dynamic_coeffs_pre's mailboxes (scratch: 64-bit tagged words, each CTA zeroes
+    its own): every group's CP_NSLOT slots of partials [S, CP_TT, CP_RL] and of h_pre [CP_TT, CP_NMAX]."""
+    return 2 * G * CP_NSLOT * CP_TT * (S * CP_RL + CP_NMAX)
 
 
 def _coeffs_pre(x3, phi, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: int = 3):
@@ -378,9 +385,9 @@ def _coeffs_pre(x3, phi, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: in
         sync = mx.zeros((coeffs_pre_sync_len(T),), mx.int32)
     tmpl = _x_tile_map(T, n, C, CP_BOXC, CP_TT)
     outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, tmpl, phi, b32, ap, apo, ar, sync],
-                   [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (G * CP_NSLOT * CP_TT * CP_RL * S,),
+                   [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (coeffs_pre_mailbox_words(G, S),),
                     (G * S * 32,), (3 + M,)],
-                   [F32, F32, F32, x3.dtype, F32, F32, F32, mx.uint32, F32],
+                   [F32, F32, F32, x3.dtype, F32, F32, mx.uint32, mx.uint32, F32],
                    [n, C, T, S, G, cfg.tmax, cfg.rms_eps, cfg.pre_eps, cfg.sinkhorn_eps, cfg.post_mult,
                     PHI_KINDS[phi.dtype]],
                    (G * S * CP_BLOCK, 1, 1), CP_SMEM_BYTES // 4, CP_BLOCK, terms=phi_terms)

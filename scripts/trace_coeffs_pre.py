@@ -69,7 +69,7 @@ names = {7: "x_in warp: h_pre loaded" if xin_trace else "workers: product done (
          0: "partials, handoff, DRAM refill issued",
          1: "x_in warp: share in registers, refill issued",
          2: "coefficient warp: own partials synced", 3: "coefficient warp: all S projected",
-         4: "coefficient warp: published", 5: "coefficient warp: h_res done"}
+         4: "coefficient warp: h_pre stored", 5: "coefficient warp: h_res done"}
 ref = ev[:, :, 6]
 print(f"T={T} n={n} C={C} G={G} S={S} tiles/group={ntile}")
 it = np.diff(ref, axis=1)
@@ -92,7 +92,7 @@ for e, name in names.items():
     print(f"{e} {name:38s} after tile landed: p10 {np.percentile(r, 10) / 1e3:6.2f} "
           f"median {np.median(r) / 1e3:6.2f} p90 {np.percentile(r, 90) / 1e3:6.2f} us")
 pub = wrap(ev[:, 1:-1, 8] - ev[:, 1:-1, 6])
-print(f"8 x_in warp: the tile seen published, after the tile landed: median {np.median(pub) / 1e3:.2f} us")
+print(f"8 x_in warp: the tile's h_pre in, after the tile landed: median {np.median(pub) / 1e3:.2f} us")
 # the skew between a group's CTAs: for each tile, the spread of its landing (event 6, absolute stamps) over the
 # group's S CTAs, and where this CTA's landing falls after the group's first; every hand-over waits for the last
 # CTA of the group, so a tile's chain starts at the group's latest landing, not at this CTA's
@@ -123,7 +123,7 @@ cw = define("MHC_CP_CWARPS", 3)  # a variant's coefficient warps
 busy = wrap(ev[:, cw + 1:-1, 5] - ev[:, cw + 1:-1, 2])
 gap = wrap(ev[:, cw:-1, 2] - ev[:, :-1 - cw, 5])  # (the warp's previous tile: i - CWARPS)
 print(f"coefficient warp per tile: handoff -> h_res median {np.median(busy) / 1e3:.2f} us "
-      f"(projected wait {np.median(wrap(ev[:, 4:-1, 3] - ev[:, 4:-1, 2])) / 1e3:.2f}, to published "
+      f"(projected wait {np.median(wrap(ev[:, 4:-1, 3] - ev[:, 4:-1, 2])) / 1e3:.2f}, to h_pre stored "
       f"{np.median(wrap(ev[:, 4:-1, 4] - ev[:, 4:-1, 3])) / 1e3:.2f}, Sinkhorn {np.median(wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 4])) / 1e3:.2f}); "
       f"idle before the handoff median {np.median(gap) / 1e3:.2f} us")
 # the first x_in warp: from this tile's refill issued (event 1: its share in registers) to the tile seen

@@ -91,6 +91,8 @@ def emulated_cuda(_cuda_emulator, monkeypatch):
     _cuda_emulator.launched, _cuda_emulator.grids = [], []
     _cuda_emulator.deferred_copies = False  # copies land at issue unless a test asks otherwise
     _cuda_emulator.shuffle_seed = None  # threads in order unless a test asks otherwise
+    _cuda_emulator.extra_defines = ()  # the shipped sources' defaults unless a test asks otherwise
+    _cuda_emulator.u32_poison = {}
     return _cuda_emulator
 
 

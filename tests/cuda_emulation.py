@@ -51,6 +51,8 @@ class Emulator:
         self.launched, self.grids = [], []  # (entry name, scalars) and the grid of every launch
         self.deferred_copies = False  # True: cp.async copies land at their wait (mhc_dynamic_emulate.h)
         self.shuffle_seed = None  # an int: threads resumed in a pseudo-random order each round (MHC_EMU_SHUFFLE)
+        self.extra_defines = ()  # a test's defines (NAME=VALUE) for every kernel it builds
+        self.u32_poison = {}  # kernel source -> the value its uint32 outputs start as (default EMU_NAN's)
 
     def binary(self, source, dtype, n, units=1, terms=3):  # mhc_aot.cuda._binary's lookup rule, without shipped files
         cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype and v.units == units
@@ -111,6 +113,7 @@ class Emulator:
         own = tuple(f"{k}={val}" for k, val in v.defines().items() if k not in ("MHC_NAME", "MHC_DTYPE", "MHC_NMAX"))
         if self.shuffle_seed is not None:
             own += (f"MHC_EMU_SHUFFLE={self.shuffle_seed}",)
+        own += tuple(self.extra_defines)
         key = (v.source, v.dtype or "f32", v.nmax, self.deferred_copies, own)
         if key not in self.libs:
             self.libs[key] = self.build(*key)
@@ -125,9 +128,12 @@ class Emulator:
         self.grids.append(tuple(grid))
         ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
         outs = []
+        poison = dict(EMU_NAN)
+        if self.by_name[name].source in self.u32_poison:
+            poison[mx.uint32] = np.uint32(self.u32_poison[self.by_name[name].source])
         for shape, dt in zip(output_shapes, output_dtypes):
             o = np.empty(shape, EMU_NP[dt])
-            o.fill(EMU_NAN[dt])  # poisoned whatever init_value says: an unwritten element shows as NaN
+            o.fill(poison[dt])  # poisoned whatever init_value says: an unwritten element shows as NaN
             outs.append(o)
         arrays = ins + outs
         assert len(arrays) + len(scalars) == nparams, f"{name}: {len(arrays)} arrays + {len(scalars)} scalars"

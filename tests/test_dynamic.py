@@ -903,6 +903,23 @@ def test_emulated_cuda_coeffs_pre_shuffled(emulated_cuda, monkeypatch, B, n, C, 
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
 
+@pytest.mark.parametrize("B,n,C,sms,seed", [(420, 4, 200, 2, None), (420, 4, 200, 2, 5), (100, 4, 256, 4, 6),
+                                            (70, 3, 216, 6, None)],
+                         ids=["one-group-14-tiles", "one-group-14-tiles-s5", "two-groups-s6", "n3-half-box"])
+@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
+def test_emulated_cuda_coeffs_pre_mailbox_tags(emulated_cuda, monkeypatch, B, n, C, sms, seed):
+    """mhc_dynamic_coeffs_pre's hand-overs rest on its mailboxes' tags: built with MHC_CP_UNGATED (the
+    coefficient warps read a tile's partials without waiting on its `projected` counter, so they read
+    words not stored yet and go by the tags alone; the x_in warps always do), its scratch starting as
+    words with the first tile's tag (as an earlier launch could leave it): the same outputs, in order
+    and shuffled. A kernel that skipped its zeroing, or took a word without its
+    tag, would read the poison."""
+    emulated_cuda.extra_defines = ("MHC_CP_UNGATED=1",)
+    emulated_cuda.u32_poison = {"mhc_dynamic_coeffs_pre": 1}  # (each 64-bit word: value 1e-45, tag 1)
+    emulated_cuda.shuffle_seed = seed
+    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
+
+
 @pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6)], ids=["two-groups", "n3-half-box"])
 @pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
 def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n, C, sms):
