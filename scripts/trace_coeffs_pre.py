@@ -126,12 +126,12 @@ print(f"coefficient warp per tile: handoff -> h_res median {np.median(busy) / 1e
       f"(projected wait {np.median(wrap(ev[:, 4:-1, 3] - ev[:, 4:-1, 2])) / 1e3:.2f}, to h_pre stored "
       f"{np.median(wrap(ev[:, 4:-1, 4] - ev[:, 4:-1, 3])) / 1e3:.2f}, Sinkhorn {np.median(wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 4])) / 1e3:.2f}); "
       f"idle before the handoff median {np.median(gap) / 1e3:.2f} us")
-# the first x_in warp: from this tile's refill issued (event 1: its share in registers) to the tile seen
-# published (event 8) it waits on the group's coefficient warps, holding the tile; from there to the next
+# the first x_in warp: from this tile's refill issued (event 1: its share in registers) to the tile's
+# h_pre in (event 8) it waits on the group's coefficient warps, holding the tile; from there to the next
 # tile's refill it works (h_pre's loads, x_in, the next share's loads, the x_in warps' barrier). Mostly waiting: the hand-over chain sets the pace; mostly working: the x_in warps do
 xwait = wrap(ev[:, 1:-1, 8] - ev[:, 1:-1, 1])
 xwork = wrap(ev[:, 2:, 1] - ev[:, 1:-1, 8])
-print(f"x_in warp per tile: waiting for publication median {np.median(xwait) / 1e3:.2f} us (p90 "
+print(f"x_in warp per tile: waiting for h_pre median {np.median(xwait) / 1e3:.2f} us (p90 "
       f"{np.percentile(xwait, 90) / 1e3:.2f}), h_pre + x_in, the next share + barrier median {np.median(xwork) / 1e3:.2f} us (p90 "
       f"{np.percentile(xwork, 90) / 1e3:.2f})")
 # per SM: a CTA's pace (first to last tile landed over its tiles) against its SM's id. In a group every CTA
