@@ -358,8 +358,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     // Zero the words this CTA will write in its group's mailboxes: the buffer may hold an earlier
     // launch's words with the tags this one waits for. Its readers acquire ready[g] == S before their
-    // first read (the release: every worker's fence, the barrier of iteration 0, worker 0's add), and
-    // this CTA's own writes come after the barrier.
+    // first read; the signaler releases it once tile 0's partials are handed over (a fence there, after
+    // the workers' barrier arrival: a fence per worker here held the workers ~15 us behind the ring's
+    // first fill, ncu, session 47), and this CTA's own writes come after iteration 0's barrier.
     if (EXCHANGE) {
       const int used = min(ntile, NSLOT);
       for (int e = tid; e < used * TT * RL / 2; e += WORKERS)
@@ -368,7 +369,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         const int k = e / (TT * NS), r = e / NS % TT;
         if (r % S == s) st_word(hpre_box(k) + e % (TT * NS), 0ull);
       }
-      __threadfence();
     }
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
@@ -415,7 +415,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     for (int i = 0; i < ntile; ++i) {
       tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible
       workers_sync();                              // ksum free again (the partials of tile i - 1 read)
-      if (i == 0 && tid == 0 && EXCHANGE) atomicAdd(ready + g, 1);  // (the zeroing's release)
       if (tid == 0) TRACE(i, 6);
       unsigned char* xb = ring + (size_t)(i % RING) * X_BYTES;
 #ifdef MHC_CP_SKIP_PRODUCT  // timing only (scripts/trace_coeffs_pre.py): wrong coefficients
@@ -497,7 +496,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // what they read is in (no fence first: session 47)
     for (int j = 0; j < (EXCHANGE ? ntile : 0); ++j) {
       named_sync(handoff(j), HANDOFF_COUNT);
-      if (lane == 0) atomicAdd(projected + g + j * G, 1);
+      if (lane == 0) {
+        if (j == 0) {  // the workers' zeroing (before their arrival) released to the group
+          __threadfence();
+          atomicAdd(ready + g, 1);
+        }
+        atomicAdd(projected + g + j * G, 1);
+      }
     }
   } else if (warp < XWARP + XWARPS) {
     // ---------------------------------------------------------------- the x_in warps: step 3
