@@ -209,11 +209,11 @@ __device__ __forceinline__ void named_sync(int id, int count) {
 __device__ __forceinline__ void named_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
-// Counter reads acquire: the writers release (__threadfence() before their atomicAdd), and what a waiter
-// then reads (partials, h_pre: ld.cg) is ordered after the read that saw the count. Relaxed counter reads
-// were a data race: session 46's stress (scripts/gpu_coeffs_pre_stress.py, H100) found x_in formed from
-// h_pre as it was before the coefficient warps wrote it, in every launch with the spin's sleep taken out
-// (MHC_CP_SPIN_NS=0; none in 139 launches with it), and none in 142 with acquiring reads.
+// ready[g]'s reads acquire: its writer releases (__threadfence() before the atomicAdd), and the mailbox
+// reads after it must not see words from before the zeroing. (Session 46: the counters that guarded
+// plain data then were read relaxed, a data race: scripts/gpu_coeffs_pre_stress.py on the H100 found x_in
+// formed from h_pre before it was written, in every launch with the spin's sleep taken out,
+// MHC_CP_SPIN_NS=0.)
 __device__ __forceinline__ int ld_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -358,9 +358,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     // Zero the words this CTA will write in its group's mailboxes: the buffer may hold an earlier
     // launch's words with the tags this one waits for. Its readers acquire ready[g] == S before their
-    // first read; the signaler releases it once tile 0's partials are handed over (a fence there, after
-    // the workers' barrier arrival: a fence per worker here held the workers ~15 us behind the ring's
-    // first fill, ncu, session 47), and this CTA's own writes come after iteration 0's barrier.
+    // first read; the signaler releases it once tile 0's partials are handed over (one fence, after the
+    // workers' barrier arrival), and this CTA's own writes come after iteration 0's barrier. These
+    // stores queue before phi's loads: entry to phi loaded 19.8 us against 14.1 without them (session
+    // 47's traces, T = 8192; a fence in every worker here timed the same).
     if (EXCHANGE) {
       const int used = min(ntile, NSLOT);
       for (int e = tid; e < used * TT * RL / 2; e += WORKERS)
