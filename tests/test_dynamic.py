@@ -1037,7 +1037,8 @@ def test_gpu_coeffs_pre_polls_back_to_back(monkeypatch):
     counter reads) gives the shipped kernel's bits in every launch (scripts/gpu_coeffs_pre_stress.py: the
     kernel sums in a fixed order, so any difference is a race). Session 46, H100: with relaxed counter
     reads this variant formed x_in from h_pre as it was before the coefficient warps wrote it in 12 of 12
-    launches at both shapes; with acquiring reads (shipped) in none."""
+    launches at both shapes; with acquiring reads in none; session 47's tagged mailbox words (shipped):
+    none."""
     import subprocess
     import sys
 
