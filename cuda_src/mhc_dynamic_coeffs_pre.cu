@@ -250,11 +250,12 @@ __device__ __forceinline__ void spin_pause() {
 }
 #endif
 __device__ __forceinline__ void workers_sync() { named_sync(1, WORKERS); }
-__device__ __forceinline__ void spin_until(const int* p, int target, int seen) {
-  while (seen < target) {
+// Until *p reaches target, read acquiring (what is read after it is ordered after it) or relaxed (a
+// hint of when to look, where tags check what is read after)
+template <bool ACQUIRE = true>
+__device__ __forceinline__ void spin_until(const int* p, int target) {
+  for (int seen = ACQUIRE ? ld_acquire(p) : ld_relaxed(p); seen < target; seen = ACQUIRE ? ld_acquire(p) : ld_relaxed(p))
     spin_pause();
-    seen = ld_acquire(p);
-  }
 }
 
 #ifdef MHC_CP_TRACE  // timing only: globaltimer stamps over mix (scripts/trace_coeffs_pre.py)
@@ -336,6 +337,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   // [G][NSLOT][TT][NS], the tile's h_pre
   auto part_box = [&](int i) { return mbox + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
   auto hpre_box = [&](int i) { return mbox + (size_t)G * NSLOT * TT * RL * S + (size_t)(g * NSLOT + i % NSLOT) * TT * NS; };
+  // a mailbox reader's wait, once before its first read: every CTA of the group zeroed its words (see the
+  // workers' zeroing)
+  auto await_zeroed = [&] {
+    if (lane == 0) spin_until(ready + g, S);
+    __syncwarp();
+  };
 
   // Tile i lands in ring buffer i % RING and completes dbar[i % RING]'s (i / RING)-th phase. Thread 0
   // issues the first RING tiles; the first x_in warp issues tile ix + RING once every x_in warp holds
@@ -532,10 +539,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       __syncwarp();
     }
-    if (EXCHANGE && ntile > 0) {  // the group's mailboxes zeroed (see the workers' zeroing)
-      if (lane == 0) spin_until(ready + g, S, ld_acquire(ready + g));
-      __syncwarp();
-    }
+    if (EXCHANGE && ntile > 0) await_zeroed();
     for (int ix = 0; ix < ntile; ++ix) {
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too)
       const unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
@@ -636,10 +640,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           if (elem && t[u] >= 0) h_res[(size_t)t[u] * n * n + l16] = P[u];
       }
     };
-    if (EXCHANGE && s < TT && ntile > 0) {  // the group's mailboxes zeroed (see the workers' zeroing)
-      if (lane == 0) spin_until(ready + g, S, ld_acquire(ready + g));
-      __syncwarp();
-    }
+    if (EXCHANGE && s < TT && ntile > 0) await_zeroed();
     int nb = 0, thr = max(1, SK_TILES - (warp - COEFF0)), btile = 0;
     for (;;) {
       int i = 0;
@@ -651,13 +652,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       // this CTA has tokens r = s, s + S, ... of the tile
       if (s < TT) {
 #ifndef MHC_CP_UNGATED  // (tests only: the readers go by the tags alone, from the first read)
-        if (lane == 0) {  // when to read: every split signalled the tile (relaxed: the tags check)
-          int seen = ld_relaxed(projected + z);
-          while (seen < S) {
-            spin_pause();
-            seen = ld_relaxed(projected + z);
-          }
-        }
+        if (lane == 0) spin_until<false>(projected + z, S);  // when to read: every split signalled the tile
 #endif
         if (lane == 0) TRACE(i, 3);
         __syncwarp();

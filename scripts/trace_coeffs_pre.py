@@ -121,7 +121,7 @@ print(f"refill issued -> workers past its landing (RING = {ring}): p10 {np.perce
 # gap from its previous tile's h_res to this tile's handoff (> 0: the warp waited for the workers)
 cw = define("MHC_CP_CWARPS", 3)  # a variant's coefficient warps
 busy = wrap(ev[:, cw + 1:-1, 5] - ev[:, cw + 1:-1, 2])
-gap = wrap(ev[:, cw:-1, 2] - ev[:, :-1 - cw, 5])  # (the warp's previous tile: i - CWARPS)
+gap = wrap(ev[:, cw:-1, 2] - ev[:, :-1 - cw, 5])  # (tile i - CWARPS: with the queue, not always the same warp's)
 print(f"coefficient warp per tile: handoff -> h_res median {np.median(busy) / 1e3:.2f} us "
       f"(projected wait {np.median(wrap(ev[:, 4:-1, 3] - ev[:, 4:-1, 2])) / 1e3:.2f}, to h_pre stored "
       f"{np.median(wrap(ev[:, 4:-1, 4] - ev[:, 4:-1, 3])) / 1e3:.2f}, Sinkhorn {np.median(wrap(ev[:, 4:-1, 5] - ev[:, 4:-1, 4])) / 1e3:.2f}); "

@@ -133,7 +133,7 @@ class Emulator:
             poison[mx.uint32] = np.uint32(self.u32_poison[self.by_name[name].source])
         for shape, dt in zip(output_shapes, output_dtypes):
             o = np.empty(shape, EMU_NP[dt])
-            o.fill(poison[dt])  # poisoned whatever init_value says: an unwritten element shows as NaN
+            o.fill(poison[dt])  # poisoned whatever init_value says: an unwritten element shows as NaN (or a test's uint32 value)
             outs.append(o)
         arrays = ins + outs
         assert len(arrays) + len(scalars) == nparams, f"{name}: {len(arrays)} arrays + {len(scalars)} scalars"

@@ -912,8 +912,8 @@ def test_emulated_cuda_coeffs_pre_mailbox_tags(emulated_cuda, monkeypatch, B, n,
     coefficient warps read a tile's partials without waiting on its `projected` counter, so they read
     words not stored yet and go by the tags alone; the x_in warps always do), its scratch starting as
     words with the first tile's tag (as an earlier launch could leave it): the same outputs, in order
-    and shuffled. A kernel that skipped its zeroing, or took a word without its
-    tag, would read the poison."""
+    and shuffled. A kernel that skipped its zeroing, or took a word without its tag, would read the
+    poison."""
     emulated_cuda.extra_defines = ("MHC_CP_UNGATED=1",)
     emulated_cuda.u32_poison = {"mhc_dynamic_coeffs_pre": 1}  # (each 64-bit word: value 1e-45, tag 1)
     emulated_cuda.shuffle_seed = seed
