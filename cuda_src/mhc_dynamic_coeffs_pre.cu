@@ -95,7 +95,11 @@ constexpr int RING = MHC_CP_RING;
 #endif
 constexpr int TERMS = MHC_PHI_TERMS;
 static_assert(TERMS == 1 || TERMS == 3, "one bfloat16 term (a bfloat16 phi) or three (float32)");
-constexpr int NSLOT = 12;                  // partial slots a group (slot i % NSLOT: see the partials' writes)
+// partial and h_pre slots a group (slot i % NSLOT: see the partials' writes), the fewest the reuse allows
+// (NSLOT > RING + 1, below): each CTA zeroes its words of every slot used before its first tile, and
+// those stores queue ahead of phi's loads. Session 48, same-run A/B on the H100 against 12 slots, the
+// forward at T = 8192 374.4-383.5 against 379.1-384.3 us, at 16384 704.0-717.1 against 716.2-722.7.
+constexpr int NSLOT = 8;
 #ifndef MHC_CP_SK_TILES
 #define MHC_CP_SK_TILES 4
 #endif
@@ -162,6 +166,7 @@ static_assert(NSLOT > RING + 1 && HANDOFF_IDS > RING + 1, "a slot or id is reuse
 static_assert(TT * CSEGS == 32 * XWARPS * XU, "an x_in lane's whole share of a tile in registers at once");
 static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
+static_assert(NSLOT == 8, "keep CP_NSLOT in mhc_aot/cuda_dynamic.py equal (the mailboxes' size)");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
 // sg / 8's line (j, r), chunk sg % 8 swizzled (ldmatrix's eight rows and x_in's eight segments of a
 // phase fall in eight bank groups)

@@ -35,6 +35,7 @@ CTA's shared memory (forward: 2 n n + 2 tmax n floats, backward with its history
 from __future__ import annotations
 
 import functools
+import itertools
 
 import mlx.core as mx
 
@@ -111,7 +112,7 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # machine's 362.7-368.8 / 333.5, ahead at T = 1024; slower outside the rule: (8192, 2, 4096) 253.0 / 212.6,
 # (4096, 4, 2048) 120.8 / 110.0, (16384, 4, 2048) 362.1 / 345.4 (session 22, a float32 phi).
 # Tests and the A/B scripts set CP_SHAPES = False (and CP_MIN_T) to run it at any shape.
-CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 12  # its header
+CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 8  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = 1024  # None: never
 CP_SHAPES = True
@@ -360,6 +361,17 @@ def _proj_cluster(x3, phi, b32, ap, cfg, clusters: int):
     return outs[0], outs[1], outs[2]
 
 
+# Each launch of mhc_dynamic_coeffs_pre gets counters of its own. mx.compile merges equal zeros arrays of
+# one graph into one buffer, and MLX's CUDA graph orders kernels only by the arrays they write and read,
+# so two launches that read one zeroed buffer and nothing of each other's may run at once, their CTAs
+# taking tickets from one counter (session 48, H100: two independent launches in one compiled graph died
+# with an illegal instruction; test_gpu_coeffs_pre_two_launches_one_graph). So each launch traced pads
+# its buffer by a different count of words (the kernel reads the first coeffs_pre_sync_len): launches of
+# one graph share a buffer only if CP_SYNC_PAD launches were traced between them.
+CP_SYNC_PAD = 4096
+_sync_pads = itertools.count()
+
+
 def coeffs_pre_sync_len(T: int) -> int:
     """int32 counters of mhc_dynamic_coeffs_pre: ticket, done, projected per tile, then ready per group
     (G <= tiles)."""
@@ -380,9 +392,10 @@ def _coeffs_pre(x3, phi, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: in
     bfloat16 terms in its products, as the projection's (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     M, S = n * n + 2 * n, _cdiv(C, CP_CW)
-    # its counters, zeroed (the kernel zeroes them again when it ends)
+    # its counters, zeroed (the kernel zeroes them again when it ends), in a buffer no other launch of a
+    # compiled graph shares (CP_SYNC_PAD)
     if sync is None:
-        sync = mx.zeros((coeffs_pre_sync_len(T),), mx.int32)
+        sync = mx.zeros((coeffs_pre_sync_len(T) + next(_sync_pads) % CP_SYNC_PAD,), mx.int32)
     tmpl = _x_tile_map(T, n, C, CP_BOXC, CP_TT)
     outs = _launch("mhc_dynamic_coeffs_pre", "bf16", n, [x3, tmpl, phi, b32, ap, apo, ar, sync],
                    [(T, n), (T, n), (T, n, n), (T, C), (T, M), (T,), (coeffs_pre_mailbox_words(G, S),),

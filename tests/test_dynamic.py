@@ -1032,6 +1032,33 @@ def test_gpu_coeffs_pre_shared_sync(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+def test_gpu_coeffs_pre_two_launches_one_graph(monkeypatch):
+    """Two data-independent launches of mhc_dynamic_coeffs_pre in one mx.compile'd graph (two inputs of
+    one shape): each needs counters of its own. mx.compile merges equal zeros arrays into one buffer, and
+    MLX's CUDA graph orders kernels by their arrays only, so two launches that read one zeroed buffer and
+    nothing of each other's may run at once."""
+    _coeffs_pre_on_gpu(monkeypatch)
+    T, n, C = 4096, 4, 2048
+    phi, b, ap, apo, ar = _params(n, C, 0, phi_dtype=mx.bfloat16)
+
+    def one(x):
+        return ops.mhc_coeffs_pre(x, phi, b, ap, apo, ar, **CFG, backend="cuda")
+
+    both = mx.compile(lambda x1, x2: (one(x1), one(x2)))
+    for seed in (1, 3, 5):
+        xs = [_x((T, n, C), "bfloat16", seed + k) for k in range(2)]
+        mx.eval(xs)
+        got = both(*xs)
+        mx.eval(got)
+        for k in range(2):
+            want = one(xs[k])
+            mx.eval(want)
+            for name, g, w in zip(("h_pre", "h_post", "h_res", "x_in"), got[k], want):
+                assert mx.array_equal(g, w).item(), f"inputs {seed}: launch {k}'s {name} differs from its own launch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
 def test_gpu_coeffs_pre_polls_back_to_back(monkeypatch):
     """mhc_dynamic_coeffs_pre compiled with its polls back to back (MHC_CP_SPIN_NS=0: no sleep between
     counter reads) gives the shipped kernel's bits in every launch (scripts/gpu_coeffs_pre_stress.py: the
@@ -1089,6 +1116,34 @@ def test_tma_template_is_one_array_per_map(monkeypatch):
     monkeypatch.setattr(tma, "CACHE_ARRAYS", 0)
     c = cuda_dynamic._x_tile_map(8192, 4, 4096, cuda_dynamic.CP_BOXC, cuda_dynamic.CP_TT)
     assert c is not a and mx.array_equal(c, a).item()
+
+
+def test_coeffs_pre_sync_per_launch(monkeypatch):
+    """Two launches of mhc_dynamic_coeffs_pre traced into one mx.compile'd graph get counter buffers of
+    different lengths, each at least what the kernel reads, so the graph cannot merge them into one
+    buffer (mx.compile merges equal zeros arrays; the GPU test test_gpu_coeffs_pre_two_launches_one_graph
+    shows what sharing does). The launches are stand-ins that record their counter buffers."""
+    from mhc_aot import cuda_dynamic
+
+    seen = []
+
+    def launch(name, tag, n, inputs, shapes, dtypes, *rest, **kw):
+        seen.append(inputs[7].shape)
+        ticket = mx.sum(inputs[7]).astype(mx.float32)  # outputs that read the buffer, as the kernel does
+        return [mx.zeros(shape, dt) + ticket.astype(dt) for shape, dt in zip(shapes, dtypes)]
+
+    monkeypatch.setattr(cuda_dynamic, "_launch", launch)
+    monkeypatch.setattr(cuda_dynamic, "_x_tile_map", lambda *shape: mx.zeros((32,), mx.uint32))  # (needs libcuda)
+    T, n, C, G = 64, 4, 256, 1
+    phi, b, ap, apo, ar = _params(n, C, 0)
+    args = (phi, b, ap.reshape(1), apo.reshape(1), ar.reshape(1), dynamic.Config(**CFG), G)
+
+    def two(x1, x2):
+        return cuda_dynamic._coeffs_pre(x1, *args)[3], cuda_dynamic._coeffs_pre(x2, *args)[3]
+
+    mx.eval(mx.compile(two)(mx.zeros((T, n, C), mx.bfloat16), mx.ones((T, n, C), mx.bfloat16)))
+    assert len(seen) == 2 and seen[0] != seen[1], seen
+    assert min(s[0] for s in seen) >= cuda_dynamic.coeffs_pre_sync_len(T), seen
 
 
 def test_coeffs_pre_rule(monkeypatch):
