@@ -69,6 +69,8 @@
 #include "mhc_dynamic_mma.cuh"
 #include "mhc_tma.cuh"
 
+#include <type_traits>
+
 using namespace mhc;
 
 #ifndef MHC_CP_RING
@@ -271,10 +273,12 @@ __device__ __forceinline__ unsigned gtimer() {
 }
 #define TRACE(i, ev) \
   do { if ((i) < 64) reinterpret_cast<unsigned*>(mix)[((size_t)ticket * 64 + (i)) * 10 + (ev)] = gtimer(); } while (0)
-// the launch's own stamps, after every CTA's tile stamps: [ticket][8] (entry, phi loaded, the workers' /
-// x_in warps' / first coefficient warp's loop done, past the last barrier; then the SM's id)
+// the launch's own stamps, after every CTA's tile stamps: [ticket][16] (entry, phi loaded, the workers' /
+// x_in warps' / first coefficient warp's loop done, past the last barrier; then the SM's id; then the
+// startup: tile 0 landed (seen by the first x_in warp), and thread 0 past its map's acquire, the ring's
+// first copies issued, its zero stores issued, the ticket read)
 #define TRACE_CTA(k, t) \
-  do { reinterpret_cast<unsigned*>(mix)[(size_t)gridDim.x * 640 + (size_t)ticket * 8 + (k)] = (t); } while (0)
+  do { reinterpret_cast<unsigned*>(mix)[(size_t)gridDim.x * 640 + (size_t)ticket * 16 + (k)] = (t); } while (0)
 #else
 #define TRACE(i, ev)
 #define TRACE_CTA(k, t)
@@ -328,6 +332,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   __syncthreads();
   const int ticket = *ticket_s, g = ticket / S, s = ticket % S, c0 = s * CW;
   if (tid == 0) TRACE_CTA(0, t_entry);
+  if (tid == 0) TRACE_CTA(11, gtimer());
 #ifdef MHC_CP_TRACE
   if (tid == 0) {  // the CTA's SM (which SMs lag: scripts/trace_coeffs_pre.py's per-SM rates)
     unsigned sm;
@@ -365,37 +370,108 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   if (warp < WORKERS / 32) {
     // ---------------------------------------------------------------- workers: step 1
     if (tid == 0) tma::acquire_map(gmap);
+    if (tid == 0) TRACE_CTA(8, gtimer());
     // the first RING tiles' copies before phi's fragments load (those loads then overlap the copies)
     if (tid == 0)
       for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
+    if (tid == 0) TRACE_CTA(9, gtimer());
     // Zero the words this CTA will write in its group's mailboxes: the buffer may hold an earlier
     // launch's words with the tags this one waits for. Its readers acquire ready[g] == S before their
     // first read; the signaler releases it once tile 0's partials are handed over (one fence, after the
-    // workers' barrier arrival), and this CTA's own writes come after iteration 0's barrier. These
-    // stores queue before phi's loads: entry to phi loaded 19.8 us against 14.1 without them (session
-    // 47's traces, T = 8192; a fence in every worker here timed the same).
-    if (EXCHANGE) {
-      const int used = min(ntile, NSLOT);
-      for (int e = tid; e < used * TT * RL / 2; e += WORKERS)
-        st_words2(part_box(e / (TT * RL / 2)) + (size_t)s * TT * RL + 2 * (e % (TT * RL / 2)), 0ull, 0ull);
-      for (int e = tid; e < used * TT * NS; e += WORKERS) {
-        const int k = e / (TT * NS), r = e / NS % TT;
-        if (r % S == s) st_word(hpre_box(k) + e % (TT * NS), 0ull);
+    // workers' barrier arrival), and this CTA's own writes come after iteration 0's barrier. Called once
+    // phi's loads are out (below), so these stores do not queue in front of them.
+    auto zero_mailboxes = [&] {
+      if (EXCHANGE) {
+        const int used = min(ntile, NSLOT);
+        for (int e = tid; e < used * TT * RL / 2; e += WORKERS)
+          st_words2(part_box(e / (TT * RL / 2)) + (size_t)s * TT * RL + 2 * (e % (TT * RL / 2)), 0ull, 0ull);
+        for (int e = tid; e < used * TT * NS; e += WORKERS) {
+          const int k = e / (TT * NS), r = e / NS % TT;
+          if (r % S == s) st_word(hpre_box(k) + e % (TT * NS), 0ull);
+        }
       }
-    }
+      if (tid == 0) TRACE_CTA(10, gtimer());
+    };
     // phi's rows of this warp's stream js and k16 steps [kh KH, kh KH + KH) of the CTA's columns as B
     // fragments (rows 2q, 2q+1, 2q+8, 2q+9 of a step, column 8 nt + g), zeros past C and M, split into
     // TERMS bfloat16 terms once for the whole launch: registers, not shared memory (splitting at every
     // use was a third of the kernel's instructions, ncu, session 15)
     const int js = warp >> 1, kh = warp & 1, g4 = lane / 4, q = lane % 4;
-    // Every value of the lane loaded before any is split, unconditionally (index 0 where out of range,
-    // then zeroed): the loads go out together, with no bounds branch between them. Session 42, two
-    // same-run A/Bs against a bounds branch around each load (scripts/gpu_coeffs_pre_ab.sh), forward at
-    // T = 8192: float32 phi 412.3 / 411.7 us against 418.5 / 416.6; bfloat16 phi within the spread
-    // (401.6 / 405.3 against 406.3 / 405.0). The ~16 us from a CTA's entry to its phi loaded stayed
-    // (16.2 against 16.8): thread 0 issues the ring's first fill first, 24 MB for 128 CTAs at DRAM's rate.
+    // phi's rows of the CTA's columns are contiguous in phi (stream j: rows j C + c0 .. + CW, M values
+    // each), so the workers copy them into ksum (free until the first tile's products) with coalesced
+    // 16-byte loads, a few a thread, and each lane then picks its fragments' values from shared memory.
+    // Session 48's startup trace (H100, T = 8192): the lanes' own 48 two-byte gathers from global memory
+    // took ~15 us from issue to phi loaded, with nothing else in flight (a variant issuing them before the
+    // ring), and phi loaded at 18.4 us after entry set the first tile's products; staged, 16.1 us, and the
+    // forward ~2 us faster at T = 8192 and ~10 at 16384 (same-run A/B). Streams go in rounds of what ksum
+    // holds (all n at once for a 16-bit phi; two for float32). C % 8 == 0 and c0 % CW == 0 keep every
+    // stream's block 16-byte aligned when phi is (else element loads). The one-term build only: with three
+    // terms (float32 and float16 phi) it spilled 20 bytes in the tile loop and ran ~30 us slower at T =
+    // 8192, so that build keeps the lanes' own loads (load_phi_gathered).
     uint32_t bq[KH][NT][TERMS][2];
-    auto load_phi = [&](const auto* p) {
+    auto load_phi_staged = [&](const auto* p) {
+#pragma unroll
+      for (int k = 0; k < KH; ++k)  // a stream j >= n keeps zeros
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int t = 0; t < TERMS; ++t) bq[k][nt][t][0] = bq[k][nt][t][1] = 0u;
+      using P = std::remove_cv_t<std::remove_pointer_t<decltype(p)>>;
+      constexpr int ES = sizeof(P), ROUNDS = ES == 4 ? 2 : 1, SPR = NS / ROUNDS;  // streams a round
+      static_assert(SPR * CW * MP * ES <= SLICES * TT * RL * 4, "a round's rows fit ksum");
+      P* stage = reinterpret_cast<P*>(ksum);
+      const int rows = min(CW, C - c0), chunk16 = rows * M * ES / 16;  // 16-byte chunks of a stream's block
+      const bool vec = (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+#pragma unroll
+      for (int round = 0; round < ROUNDS; ++round) {
+        const int j0 = round * SPR, nj = max(0, min(SPR, n - j0));
+        if (vec) {  // cp.async: every copy of the thread in flight, no registers held
+          for (int e = tid; e < nj * chunk16; e += WORKERS) {
+            const int jl = e / chunk16, q16 = e - jl * chunk16;
+            __pipeline_memcpy_async(reinterpret_cast<uint4*>(stage + (size_t)jl * CW * M) + q16,
+                                    reinterpret_cast<const uint4*>(p + ((size_t)(j0 + jl) * C + c0) * M) + q16, 16);
+          }
+          __pipeline_commit();
+          if (j0 == 0) zero_mailboxes();
+          __pipeline_wait_prior(0);
+        } else {
+          if (j0 == 0) zero_mailboxes();
+          for (int e = tid; e < nj * rows * M; e += WORKERS) {
+            const int jl = e / (rows * M), r = e - jl * rows * M;
+            stage[(size_t)jl * CW * M + r] = p[((size_t)(j0 + jl) * C + c0) * M + r];
+          }
+        }
+        workers_sync();  // the round's rows staged
+        const int jl = js - j0;
+        if (jl >= 0 && jl < nj) {  // this warp's stream: its fragments (a stream j >= n keeps zeros)
+#pragma unroll
+          for (int k = 0; k < KH; ++k)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              const int m = nt * 8 + g4, r0 = (kh * KH + k) * 16 + 2 * q;  // r0: a row of the CTA's columns
+              float v[4];
+#pragma unroll
+              for (int u = 0; u < 4; ++u) {
+                const int r = r0 + (u & 1) + 8 * (u >> 1);
+                v[u] = r < rows && m < M ? to_float(stage[((size_t)jl * CW + r) * M + m]) : 0.0f;
+              }
+              uint2 terms[3];
+              mma::split_b_fragment(v, terms);
+#pragma unroll
+              for (int t = 0; t < TERMS; ++t) {  // one term: hi, which is phi itself when phi is bfloat16
+                bq[k][nt][t][0] = terms[t].x;
+                bq[k][nt][t][1] = terms[t].y;
+              }
+            }
+        }
+        workers_sync();  // ksum free again (the next round, or the first tile's partial sums)
+      }
+    };
+    // The three-term build: every value of the lane loaded before any is split, unconditionally (index 0
+    // where out of range, then zeroed), after the mailboxes' zeroing (below). Session 42, two same-run A/Bs against
+    // a bounds branch around each load, forward at T = 8192: float32 phi 412.3 / 411.7 us against 418.5 /
+    // 416.6.
+    auto load_phi_gathered = [&](const auto* p) {
       float v[KH][NT][4];
 #pragma unroll
       for (int k = 0; k < KH; ++k)
@@ -417,13 +493,18 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           uint2 terms[3];
           mma::split_b_fragment(v[k][nt], terms);
 #pragma unroll
-          for (int t = 0; t < TERMS; ++t) {  // one term: hi, which is phi itself when phi is bfloat16
+          for (int t = 0; t < TERMS; ++t) {
             bq[k][nt][t][0] = terms[t].x;
             bq[k][nt][t][1] = terms[t].y;
           }
         }
     };
-    dyn::with_phi(phi, phi_kind, load_phi);
+    if constexpr (TERMS == 1)
+      dyn::with_phi(phi, phi_kind, load_phi_staged);
+    else {
+      zero_mailboxes();
+      dyn::with_phi(phi, phi_kind, load_phi_gathered);
+    }
     if (tid == 0) TRACE_CTA(1, gtimer());
     for (int i = 0; i < ntile; ++i) {
       tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible
@@ -547,6 +628,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     if (EXCHANGE && ntile > 0) await_zeroed();
     for (int ix = 0; ix < ntile; ++ix) {
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too)
+      if (ix == 0 && warp == XWARP && lane == 0) TRACE_CTA(7, gtimer());
       const unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
       uint4 w[XU][NS];  // the lane's share of the tile: items rx + 2 u + lane / CSEGS, segment sg
 #pragma unroll

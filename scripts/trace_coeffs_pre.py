@@ -42,9 +42,9 @@ for _ in range(3):
 mix = np.array(outs[4]).reshape(-1).view(np.uint32)
 ntile = -(-T // cuda_dynamic.CP_TT) // G
 # the kernel's TRACE: 10 stamps for each of a CTA's first 64 tiles, [ticket][tile][event], over mix [T, M],
-# then TRACE_CTA's 8 a CTA
-if G * S * 648 > mix.size or ntile > 64:
-    sys.exit(f"T={T} n={n} C={C}: the trace needs mix to hold {G * S * 648} stamps (it holds {mix.size}) and at "
+# then TRACE_CTA's 16 a CTA
+if G * S * 656 > mix.size or ntile > 64:
+    sys.exit(f"T={T} n={n} C={C}: the trace needs mix to hold {G * S * 656} stamps (it holds {mix.size}) and at "
              f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
 # stamps are the low 32 bits of globaltimer (ns): differences taken modulo 2^32, signed
 wrap = lambda d: ((d + 2**31) % 2**32) - 2**31  # noqa: E731
@@ -56,12 +56,13 @@ def define(name: str, default: int) -> int:
 
 
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
-# the launch's own stamps after them, [ticket][8]: entry, phi loaded, the workers' / x_in warps' / first
-# coefficient warp's loop done, past the last barrier (all relative to the earliest entry)
-stamps = mix[G * S * 640: G * S * 648].reshape(G * S, 8).astype(np.int64)
+# the launch's own stamps after them, [ticket][16]: entry, phi loaded, the workers' / x_in warps' / first
+# coefficient warp's loop done, past the last barrier (all relative to the earliest entry); each CTA's SM;
+# the startup's stamps (below)
+stamps = mix[G * S * 640: G * S * 656].reshape(G * S, 16).astype(np.int64)
 cta, smid = stamps[:, :6], stamps[:, 6]  # (then each CTA's SM)
-if os.environ.get("MHC_TRACE_SAVE"):  # the raw stamps, for a look elsewhere (npz: ev, cta, smid, G, S)
-    np.savez(os.environ["MHC_TRACE_SAVE"], ev=ev, cta=cta, smid=smid, G=G, S=S)
+if os.environ.get("MHC_TRACE_SAVE"):  # the raw stamps, for a look elsewhere (npz: ev, cta, smid, G, S, stamps)
+    np.savez(os.environ["MHC_TRACE_SAVE"], ev=ev, cta=cta, smid=smid, G=G, S=S, stamps=stamps)
 # (MHC_CP_TRACE_X: events 7 and 9 time the first x_in warp instead of the workers)
 xin_trace = "MHC_CP_TRACE_X" in defs
 names = {7: "x_in warp: h_pre loaded" if xin_trace else "workers: product done (before barrier)",
@@ -82,6 +83,18 @@ kernel = t_in[:, 5].max() / 1e3
 print(f"launch: the last CTA past its last barrier {kernel:.1f} us after the first CTA's entry; CTA entries spread "
       f"{t_in[:, 0].max() / 1e3:.2f} us; entry -> phi loaded median {np.median(t_in[:, 1] - t_in[:, 0]) / 1e3:.2f}, "
       f"-> first tile landed median {np.median(wrap(ev[:, 0, 6] - cta[:, 0])) / 1e3:.2f} us")
+# the startup, each CTA's stamps after its own entry (median, p90): thread 0's ticket, map, ring issued, zero
+# stores issued; tile 0 landed (the first x_in warp); phi loaded; then tile 0's chain (its tile events)
+start = [(stamps[:, 11], "ticket read"), (stamps[:, 8], "map acquired"), (stamps[:, 9], "ring's copies issued"),
+         (stamps[:, 10], "zero stores issued"), (stamps[:, 7], "tile 0 landed (x_in warp)"),
+         (stamps[:, 1], "phi loaded"), (ev[:, 0, 6], "tile 0: workers past barrier"),
+         (ev[:, 0, 0], "tile 0: partials stored"), (ev[:, 0, 3], "tile 0: all S projected"),
+         (ev[:, 0, 4], "tile 0: h_pre stored"), (ev[:, 0, 1], "tile 0: refill (tile RING) issued"),
+         (ev[:, 0, 8], "tile 0: h_pre in (x_in warp)"), (ev[:, 1, 1], "tile 1: refill issued"),
+         (ev[:, 2, 1], "tile 2: refill issued")]
+print("startup after the CTA's entry (median / p90 us): " + "; ".join(
+    f"{name} {np.median(wrap(v - cta[:, 0])) / 1e3:.2f} / {np.percentile(wrap(v - cta[:, 0]), 90) / 1e3:.2f}"
+    for v, name in start))
 last = wrap(ev[:, -1, 6] - cta[:, 0].min()) / 1e3
 done = [(2, "workers"), (3, "x_in warps"), (4, "first coefficient warp"), (5, "last barrier")]
 print(f"last tile landed median {np.median(last):.1f} (max {last.max():.1f}); loops done (median, max): "
