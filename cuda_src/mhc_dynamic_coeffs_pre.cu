@@ -99,8 +99,9 @@ constexpr int TERMS = MHC_PHI_TERMS;
 static_assert(TERMS == 1 || TERMS == 3, "one bfloat16 term (a bfloat16 phi) or three (float32)");
 // partial and h_pre slots a group (slot i % NSLOT: see the partials' writes), the fewest the reuse allows
 // (NSLOT > RING + 1, below): each CTA zeroes its words of every slot used before its first tile, and
-// those stores queue ahead of phi's loads. Session 48, same-run A/B on the H100 against 12 slots, the
-// forward at T = 8192 374.4-383.5 against 379.1-384.3 us, at 16384 704.0-717.1 against 716.2-722.7.
+// those stores share the startup's memory traffic with phi's loads and the ring's first copies. Session
+// 48, same-run A/B on the H100 against 12 slots, the forward at T = 8192 374.4-383.5 against 379.1-384.3
+// us, at 16384 704.0-717.1 against 716.2-722.7.
 constexpr int NSLOT = 8;
 #ifndef MHC_CP_SK_TILES
 #define MHC_CP_SK_TILES 4
@@ -275,8 +276,8 @@ __device__ __forceinline__ unsigned gtimer() {
   do { if ((i) < 64) reinterpret_cast<unsigned*>(mix)[((size_t)ticket * 64 + (i)) * 10 + (ev)] = gtimer(); } while (0)
 // the launch's own stamps, after every CTA's tile stamps: [ticket][16] (entry, phi loaded, the workers' /
 // x_in warps' / first coefficient warp's loop done, past the last barrier; then the SM's id; then the
-// startup: tile 0 landed (seen by the first x_in warp), and thread 0 past its map's acquire, the ring's
-// first copies issued, its zero stores issued, the ticket read)
+// startup: the first x_in warp past tile 0's landing and the group's zeroing (ready[g]), and thread 0 past
+// its map's acquire, the ring's first copies issued, its zero stores issued, the ticket read)
 #define TRACE_CTA(k, t) \
   do { reinterpret_cast<unsigned*>(mix)[(size_t)gridDim.x * 640 + (size_t)ticket * 16 + (k)] = (t); } while (0)
 #else
@@ -378,8 +379,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // Zero the words this CTA will write in its group's mailboxes: the buffer may hold an earlier
     // launch's words with the tags this one waits for. Its readers acquire ready[g] == S before their
     // first read; the signaler releases it once tile 0's partials are handed over (one fence, after the
-    // workers' barrier arrival), and this CTA's own writes come after iteration 0's barrier. Called once
-    // phi's loads are out (below), so these stores do not queue in front of them.
+    // workers' barrier arrival), and this CTA's own writes come after iteration 0's barrier. The one-term
+    // build zeroes once phi's copies are out (below), so these stores do not queue in front of them; the
+    // three-term build before its loads.
     auto zero_mailboxes = [&] {
       if (EXCHANGE) {
         const int used = min(ntile, NSLOT);
@@ -468,9 +470,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
     };
     // The three-term build: every value of the lane loaded before any is split, unconditionally (index 0
-    // where out of range, then zeroed), after the mailboxes' zeroing (below). Session 42, two same-run A/Bs against
-    // a bounds branch around each load, forward at T = 8192: float32 phi 412.3 / 411.7 us against 418.5 /
-    // 416.6.
+    // where out of range, then zeroed), after the mailboxes' zeroing (below). Session 42, two same-run
+    // A/Bs against a bounds branch around each load, forward at T = 8192: float32 phi 412.3 / 411.7 us
+    // against 418.5 / 416.6.
     auto load_phi_gathered = [&](const auto* p) {
       float v[KH][NT][4];
 #pragma unroll

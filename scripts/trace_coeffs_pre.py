@@ -84,9 +84,10 @@ print(f"launch: the last CTA past its last barrier {kernel:.1f} us after the fir
       f"{t_in[:, 0].max() / 1e3:.2f} us; entry -> phi loaded median {np.median(t_in[:, 1] - t_in[:, 0]) / 1e3:.2f}, "
       f"-> first tile landed median {np.median(wrap(ev[:, 0, 6] - cta[:, 0])) / 1e3:.2f} us")
 # the startup, each CTA's stamps after its own entry (median, p90): thread 0's ticket, map, ring issued, zero
-# stores issued; tile 0 landed (the first x_in warp); phi loaded; then tile 0's chain (its tile events)
+# stores issued; the first x_in warp past tile 0's landing and the group's zeroing (ready[g]); phi loaded;
+# then tile 0's chain (its tile events)
 start = [(stamps[:, 11], "ticket read"), (stamps[:, 8], "map acquired"), (stamps[:, 9], "ring's copies issued"),
-         (stamps[:, 10], "zero stores issued"), (stamps[:, 7], "tile 0 landed (x_in warp)"),
+         (stamps[:, 10], "zero stores issued"), (stamps[:, 7], "x_in warp: tile 0 in, ready[g]"),
          (stamps[:, 1], "phi loaded"), (ev[:, 0, 6], "tile 0: workers past barrier"),
          (ev[:, 0, 0], "tile 0: partials stored"), (ev[:, 0, 3], "tile 0: all S projected"),
          (ev[:, 0, 4], "tile 0: h_pre stored"), (ev[:, 0, 1], "tile 0: refill (tile RING) issued"),
