@@ -93,6 +93,7 @@ def emulated_cuda(_cuda_emulator, monkeypatch):
     _cuda_emulator.shuffle_seed = None  # threads in order unless a test asks otherwise
     _cuda_emulator.extra_defines = ()  # the shipped sources' defaults unless a test asks otherwise
     _cuda_emulator.u32_poison = {}
+    _cuda_emulator.misaligned = {}
     return _cuda_emulator
 
 

@@ -53,6 +53,7 @@ class Emulator:
         self.shuffle_seed = None  # an int: threads resumed in a pseudo-random order each round (MHC_EMU_SHUFFLE)
         self.extra_defines = ()  # a test's defines (NAME=VALUE) for every kernel it builds
         self.u32_poison = {}  # kernel source -> the value its uint32 outputs start as (default EMU_NAN's)
+        self.misaligned = {}  # kernel source -> indices of inputs placed one element past a 16-byte boundary
 
     def binary(self, source, dtype, n, units=1, terms=3):  # mhc_aot.cuda._binary's lookup rule, without shipped files
         cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype and v.units == units
@@ -127,6 +128,12 @@ class Emulator:
         self.launched.append((name, list(scalars)))
         self.grids.append(tuple(grid))
         ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
+        for k in self.misaligned.get(self.by_name[name].source, ()):  # (an input that is a view at an offset)
+            buf = np.empty(ins[k].nbytes + 32, np.uint8)
+            off = -buf.ctypes.data % 16 + ins[k].itemsize
+            view = buf[off:off + ins[k].nbytes].view(ins[k].dtype).reshape(ins[k].shape)
+            view[...] = ins[k]
+            ins[k] = view
         outs = []
         poison = dict(EMU_NAN)
         if self.by_name[name].source in self.u32_poison:

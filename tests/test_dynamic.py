@@ -933,6 +933,16 @@ def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n,
     _one_term_on_float32_phi_fails(monkeypatch, B, n, C)
 
 
+@pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6)], ids=["two-groups", "n3-half-box"])
+@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
+def test_emulated_cuda_coeffs_pre_bfloat16_phi_unaligned(emulated_cuda, monkeypatch, B, n, C, sms):
+    """The one-term variant stages phi's rows in shared memory with 16-byte copies where phi is 16-byte
+    aligned, else element by element: here phi sits one element past a 16-byte boundary (as a view at an
+    offset would), so the element copies run; the forward against the float64 port."""
+    emulated_cuda.misaligned = {"mhc_dynamic_coeffs_pre": (2,)}  # phi, the kernel's third input
+    _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dtype=mx.bfloat16)
+
+
 @pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
 def test_emulated_cuda_coeffs_pre_float16_phi(emulated_cuda, monkeypatch):
     """A float16 phi read as it is by mhc_dynamic_coeffs_pre (its phi_kind, no float32 copy first), in the
