@@ -411,6 +411,15 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // terms (float32 and float16 phi) it spilled 20 bytes in the tile loop and ran ~30 us slower at T =
     // 8192, so that build keeps the lanes' own loads (load_phi_gathered).
     uint32_t bq[KH][NT][TERMS][2];
+    auto set_fragment = [&](int k, int nt, const float (&v)[4]) {  // v split into TERMS bfloat16 terms
+      uint2 terms[3];
+      mma::split_b_fragment(v, terms);
+#pragma unroll
+      for (int t = 0; t < TERMS; ++t) {  // one term: hi, which is phi itself when phi is bfloat16
+        bq[k][nt][t][0] = terms[t].x;
+        bq[k][nt][t][1] = terms[t].y;
+      }
+    };
     auto load_phi_staged = [&](const auto* p) {
 #pragma unroll
       for (int k = 0; k < KH; ++k)  // a stream j >= n keeps zeros
@@ -457,13 +466,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
                 const int r = r0 + (u & 1) + 8 * (u >> 1);
                 v[u] = r < rows && m < M ? to_float(stage[((size_t)jl * CW + r) * M + m]) : 0.0f;
               }
-              uint2 terms[3];
-              mma::split_b_fragment(v, terms);
-#pragma unroll
-              for (int t = 0; t < TERMS; ++t) {  // one term: hi, which is phi itself when phi is bfloat16
-                bq[k][nt][t][0] = terms[t].x;
-                bq[k][nt][t][1] = terms[t].y;
-              }
+              set_fragment(k, nt, v);
             }
         }
         workers_sync();  // ksum free again (the next round, or the first tile's partial sums)
@@ -491,15 +494,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
       for (int k = 0; k < KH; ++k)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint2 terms[3];
-          mma::split_b_fragment(v[k][nt], terms);
-#pragma unroll
-          for (int t = 0; t < TERMS; ++t) {
-            bq[k][nt][t][0] = terms[t].x;
-            bq[k][nt][t][1] = terms[t].y;
-          }
-        }
+        for (int nt = 0; nt < NT; ++nt) set_fragment(k, nt, v[k][nt]);
     };
     if constexpr (TERMS == 1)
       dyn::with_phi(phi, phi_kind, load_phi_staged);
