@@ -986,7 +986,15 @@ def _coeffs_pre_on_gpu(monkeypatch):
         pytest.skip(f"mhc_dynamic_coeffs_pre is built for sm_{cuda_dynamic.CP_ARCH}a only (TMA)")
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
     monkeypatch.setattr(cuda_dynamic, "CP_SHAPES", False)
+    # and the few-token kernel off, whose rule comes first: up to PROJ_MAX_T tokens it took these tests'
+    # small shapes instead (from session 29 to 49, unnoticed: the tests checked the rule, not the route)
+    monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", None)
     return cuda_dynamic
+
+
+def _assert_one_read(cuda_dynamic, B, n, C, phi_dtype=mx.float32):
+    path = cuda_dynamic.coeffs_path(B, n, C, mx.bfloat16, phi_dtype, CFG["tmax"], True)
+    assert path == "one-read", f"({B}, {n}, {C}) would run {path}, not mhc_dynamic_coeffs_pre"
 
 
 @pytest.mark.gpu
@@ -997,8 +1005,7 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
     """mhc_dynamic_coeffs_pre on the GPU (TMA: sm_90 only; here at any shape, not only its rule's),
     forward and every gradient (its mix, invr and h_pre feed the backward
     kernels) against the Liger port; second boxes partly and wholly past C (C = 200, 136, 8)."""
-    cuda_dynamic = _coeffs_pre_on_gpu(monkeypatch)
-    assert cuda_dynamic.coeffs_pre_groups(B, n, C, mx.bfloat16) > 0
+    _assert_one_read(_coeffs_pre_on_gpu(monkeypatch), B, n, C)
     _check_forward("cuda", B, n, C, "bfloat16")
     if B * C <= 2048 * 1000:
         _check_gradients("cuda", B, n, C, "bfloat16")
@@ -1009,10 +1016,31 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
 @pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 216)])
 def test_gpu_coeffs_pre_bfloat16_phi(monkeypatch, B, n, C):
     """mhc_dynamic_coeffs_pre's one-term variant (a bfloat16 phi) on the GPU against the float64 port."""
-    _coeffs_pre_on_gpu(monkeypatch)
+    _assert_one_read(_coeffs_pre_on_gpu(monkeypatch), B, n, C, mx.bfloat16)
     _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
     if B * C <= 2048 * 1000:
         _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
+@pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 216)])
+def test_gpu_coeffs_pre_bfloat16_phi_unaligned(monkeypatch, B, n, C):
+    """phi one element past a 16-byte boundary (a view into a longer array: MLX's Slice and Reshape share
+    the buffer) makes mhc_dynamic_coeffs_pre's one-term variant stage phi element by element instead of
+    with 16-byte copies. The same values, so the same bits as the aligned phi gives (checked against the
+    float64 port in test_gpu_coeffs_pre_bfloat16_phi), in every output."""
+    _assert_one_read(_coeffs_pre_on_gpu(monkeypatch), B, n, C, mx.bfloat16)
+    x = _x((B, n, C), "bfloat16", seed_of("unaligned", "cuda", B, n, C, "bfloat16"))
+    phi, b, ap, apo, ar = _params(n, C, 7, phi_dtype=mx.bfloat16)
+    longer = mx.concatenate([mx.zeros((1,), mx.bfloat16), phi.reshape(-1)])
+    mx.eval(longer)
+    shifted = longer[1:].reshape(phi.shape)
+    assert mx.array_equal(shifted, phi).item()
+    outs = [ops.mhc_coeffs_pre(x, p, b, ap, apo, ar, **CFG, backend="cuda") for p in (phi, shifted)]
+    mx.eval(outs)
+    for name, got, want in zip(("h_pre", "h_post", "h_res", "x_in"), outs[1], outs[0]):
+        assert mx.array_equal(got, want).item(), f"{name} differs with phi at an offset of one element"
 
 
 @pytest.mark.gpu
