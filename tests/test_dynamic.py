@@ -326,8 +326,16 @@ def test_gpu_few_tokens(monkeypatch, B, n, C, dtype_name, phi_dtype, proj):
 @pytest.mark.gpu
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
 @pytest.mark.parametrize("B,n,C", [(1000, 4, 4096), (300, 4, 301), (33, 2, 136)])
-def test_gpu_projection_bfloat16_phi(B, n, C):
-    """The projection's one-term variant (a bfloat16 phi) on the GPU against the float64 port."""
+def test_gpu_projection_bfloat16_phi(monkeypatch, B, n, C):
+    """The projection's one-term variant (a bfloat16 phi) on the GPU against the float64 port. The
+    few-token kernel off: its rule (T <= PROJ_MAX_T) comes first and took the two small shapes from
+    session 29 to 49."""
+    from mhc_aot import cuda_dynamic
+
+    monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", None)
+    for with_pre in (True, False):
+        path = cuda_dynamic.coeffs_path(B, n, C, mx.bfloat16, mx.bfloat16, CFG["tmax"], with_pre)
+        assert path == "projection", f"({B}, {n}, {C}) with_pre={with_pre} would run {path}"
     _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
     _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
 
@@ -863,8 +871,16 @@ def test_emulated_cuda_documented_exits(emulated_cuda, monkeypatch):
 
     n, tmax = 2, CFG["tmax"]
     fwd = cuda_dynamic.coeffs_cta_floats(n, tmax)
-    monkeypatch.setattr(cuda_dynamic, "_fits", lambda floats: floats <= fwd)  # the backward's history does not
+    monkeypatch.setattr(cuda_dynamic, "_fits", lambda floats: floats <= fwd)
+    # the backward's history does not fit: at n = 2 it needs fewer floats than the forward's CTA (whose
+    # partial sums' scratch is larger), so its size is raised past the limit (until session 49 only the
+    # limit was set, and the backward kernel ran)
+    monkeypatch.setattr(cuda_dynamic, "_coeffs_bwd_smem", lambda n, tmax, nmax: fwd + 1)
+    vjp, calls = dynamic._portable_coeffs_vjp, []
+    monkeypatch.setattr(dynamic, "_portable_coeffs_vjp", lambda *a: calls.append(a) or vjp(*a))
     _check_gradients("cuda", 3, n, 8, "float32")
+    assert calls, "the backward ran a kernel, not MLX's VJP of the portable graph"
+    assert not any(nm.startswith("mhc_dynamic_coeffs_bwd") for nm, _ in emulated_cuda.launched), emulated_cuda.launched
     monkeypatch.setattr(cuda_dynamic, "_fits", lambda floats: False)  # nor does the forward's Sinkhorn
     _check_gradients("cuda", 3, n, 8, "float32")
     x, f = _x((3, 2, 8), "bfloat16", 1), _x((3, 8), "float32", 2)
@@ -1129,6 +1145,7 @@ def _proj_cluster_on(monkeypatch, sms: int | None = None):
     monkeypatch.setattr(cuda_dynamic, "PROJ_CLUSTER", True)  # off by default (slower so far)
     monkeypatch.setattr(cuda_dynamic, "PC_MIN_T", 1)
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", None)  # coeffs_pre's rule comes first where it holds
+    monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", None)  # and the few-token kernel's before both
     if sms is not None:
         monkeypatch.setattr(cuda_dynamic.device, "mlx_arch_number", lambda: cuda_dynamic.PC_ARCH)
         monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
@@ -1274,7 +1291,8 @@ def test_gpu_proj_cluster(monkeypatch, B, n, C):
     cuda_dynamic = _proj_cluster_on(monkeypatch)
     if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.PC_ARCH:
         pytest.skip(f"mhc_dynamic_proj_cluster is built for sm_{cuda_dynamic.PC_ARCH}a only")
-    assert cuda_dynamic.proj_cluster_clusters(B, n, C, mx.bfloat16, mx.bfloat16) > 0
+    path = cuda_dynamic.coeffs_path(B, n, C, mx.bfloat16, mx.bfloat16, CFG["tmax"], True)
+    assert path == "cluster", f"({B}, {n}, {C}) would run {path}"  # (few-token at T <= 1024 until session 49)
     _check_proj_cluster(B, n, C)
     if B * C <= 1000 * 4096:
         _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
