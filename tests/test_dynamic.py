@@ -333,9 +333,7 @@ def test_gpu_projection_bfloat16_phi(monkeypatch, B, n, C):
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic, "PROJ_MAX_T", None)
-    for with_pre in (True, False):
-        path = cuda_dynamic.coeffs_path(B, n, C, mx.bfloat16, mx.bfloat16, CFG["tmax"], with_pre)
-        assert path == "projection", f"({B}, {n}, {C}) with_pre={with_pre} would run {path}"
+    _assert_route(cuda_dynamic, B, n, C, "projection", mx.bfloat16, with_pre=(True, False))
     _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
     _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
 
@@ -1008,9 +1006,12 @@ def _coeffs_pre_on_gpu(monkeypatch):
     return cuda_dynamic
 
 
-def _assert_one_read(cuda_dynamic, B, n, C, phi_dtype=mx.float32):
-    path = cuda_dynamic.coeffs_path(B, n, C, mx.bfloat16, phi_dtype, CFG["tmax"], True)
-    assert path == "one-read", f"({B}, {n}, {C}) would run {path}, not mhc_dynamic_coeffs_pre"
+def _assert_route(cuda_dynamic, B, n, C, want, phi_dtype=mx.float32, with_pre=(True,)):
+    """bfloat16 x [B, n, C]'s coefficients take path `want` (cuda_dynamic.coeffs_path), with and without x_in
+    as with_pre lists: a test of one kernel asserts its route, not only that kernel's own rule."""
+    for wp in with_pre:
+        path = cuda_dynamic.coeffs_path(B, n, C, mx.bfloat16, phi_dtype, CFG["tmax"], wp)
+        assert path == want, f"({B}, {n}, {C}) with_pre={wp} would run {path}, not {want}"
 
 
 @pytest.mark.gpu
@@ -1021,7 +1022,7 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
     """mhc_dynamic_coeffs_pre on the GPU (TMA: sm_90 only; here at any shape, not only its rule's),
     forward and every gradient (its mix, invr and h_pre feed the backward
     kernels) against the Liger port; second boxes partly and wholly past C (C = 200, 136, 8)."""
-    _assert_one_read(_coeffs_pre_on_gpu(monkeypatch), B, n, C)
+    _assert_route(_coeffs_pre_on_gpu(monkeypatch), B, n, C, "one-read")
     _check_forward("cuda", B, n, C, "bfloat16")
     if B * C <= 2048 * 1000:
         _check_gradients("cuda", B, n, C, "bfloat16")
@@ -1032,7 +1033,7 @@ def test_gpu_coeffs_pre(monkeypatch, B, n, C):
 @pytest.mark.parametrize("B,n,C", [(8192, 4, 4096), (300, 4, 200), (70, 3, 216)])
 def test_gpu_coeffs_pre_bfloat16_phi(monkeypatch, B, n, C):
     """mhc_dynamic_coeffs_pre's one-term variant (a bfloat16 phi) on the GPU against the float64 port."""
-    _assert_one_read(_coeffs_pre_on_gpu(monkeypatch), B, n, C, mx.bfloat16)
+    _assert_route(_coeffs_pre_on_gpu(monkeypatch), B, n, C, "one-read", mx.bfloat16)
     _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
     if B * C <= 2048 * 1000:
         _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
@@ -1046,7 +1047,7 @@ def test_gpu_coeffs_pre_bfloat16_phi_unaligned(monkeypatch, B, n, C):
     the buffer) makes mhc_dynamic_coeffs_pre's one-term variant stage phi element by element instead of
     with 16-byte copies. The same values, so the same bits as the aligned phi gives (checked against the
     float64 port in test_gpu_coeffs_pre_bfloat16_phi), in every output."""
-    _assert_one_read(_coeffs_pre_on_gpu(monkeypatch), B, n, C, mx.bfloat16)
+    _assert_route(_coeffs_pre_on_gpu(monkeypatch), B, n, C, "one-read", mx.bfloat16)
     x = _x((B, n, C), "bfloat16", seed_of("unaligned", "cuda", B, n, C, "bfloat16"))
     phi, b, ap, apo, ar = _params(n, C, 7, phi_dtype=mx.bfloat16)
     longer = mx.concatenate([mx.zeros((1,), mx.bfloat16), phi.reshape(-1)])
@@ -1291,8 +1292,7 @@ def test_gpu_proj_cluster(monkeypatch, B, n, C):
     cuda_dynamic = _proj_cluster_on(monkeypatch)
     if cuda_dynamic.device.mlx_arch_number() != cuda_dynamic.PC_ARCH:
         pytest.skip(f"mhc_dynamic_proj_cluster is built for sm_{cuda_dynamic.PC_ARCH}a only")
-    path = cuda_dynamic.coeffs_path(B, n, C, mx.bfloat16, mx.bfloat16, CFG["tmax"], True)
-    assert path == "cluster", f"({B}, {n}, {C}) would run {path}"  # (few-token at T <= 1024 until session 49)
+    _assert_route(cuda_dynamic, B, n, C, "cluster", mx.bfloat16)  # (few-token at T <= 1024 until session 49)
     _check_proj_cluster(B, n, C)
     if B * C <= 1000 * 4096:
         _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
