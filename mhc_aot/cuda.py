@@ -35,6 +35,11 @@ STEP_COLS = 16 * RING_THREADS // 32  # cuda_src/mhc_forward_ring.cu: a 16-column
 # its builds (build_tools/variants.py RING_UNITS): groups a warp streams as one slot, widest first
 RING_UNITS = (4, 2, 1)
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
+# The largest CTA each kernel source is launched with, where that is not THREADS (cuda_dynamic adds its
+# own): `_launch` holds every launch to it, and tests/test_shim.py checks each shipped cubin's
+# max_threads_per_block against it on the GPU, so a kernel built for fewer threads than a launcher asks
+# for fails a test instead of a launch.
+BLOCK_THREADS: dict[str, int] = {"mhc_forward_cluster": CLUSTER_THREADS, "mhc_forward_ring": RING_THREADS}
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
 
@@ -91,8 +96,16 @@ def _bucket_binary(binary: bytes, bucket: int) -> bytes:
     return binary + b"\0mhc-aot dynamic shared memory bucket %d\0" % bucket
 
 
+def block_threads(source: str) -> int:
+    """The most threads a CTA of `source` is launched with (BLOCK_THREADS, else THREADS)."""
+    return BLOCK_THREADS.get(source, THREADS)
+
+
 def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes, output_dtypes, scalars,
             grid, shared_floats: int = 0, threads: int = THREADS, units: int = 1, terms: int = 3):
+    if threads > block_threads(source):
+        raise AssertionError(f"{source} launched with {threads} threads a CTA, more than cuda.BLOCK_THREADS "
+                             f"says ({block_threads(source)}): raise its entry there (tests/test_shim.py checks it)")
     name, binary, _ = _binary(source, dtype, n, units, terms)
     scalars = [_f32(s) if isinstance(s, float) else s for s in scalars]
     smem = 4 * shared_floats
@@ -121,6 +134,7 @@ def _pad(n: int, nmax: int) -> int:
 # n <= SMALL_N: one warp per row, the matrix in registers (cuda_src/mhc_sinkhorn_common.cuh)
 SMALL_N = 32
 SMALL_THREADS = 32 * SMALL_N
+BLOCK_THREADS.update(mhc_sinkhorn_fwd=SMALL_THREADS, mhc_sinkhorn_bwd=SMALL_THREADS)
 TILE = SMALL_N * (SMALL_N + 1)
 LANE_N = 8  # n <= LANE_N: mhc_sinkhorn_bwd runs in one warp, a lane per row (its header)
 

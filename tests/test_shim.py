@@ -26,7 +26,7 @@ import mlx.core as mx
 import pytest
 
 import mhc_aot
-from mhc_aot import _shim, cuda, manifest
+from mhc_aot import _shim, cuda, cuda_dynamic, manifest  # noqa: F401 (cuda_dynamic: its BLOCK_THREADS entries)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -104,12 +104,23 @@ def test_cuda_check_cubin_loads_shipped_kernels():
             continue
         r = _shim.cuda_check_cubin(v.read(tag), v.name)
         assert r["ok"], f"{v.name} ({tag}): {r.get('error')}"
-        threads = cuda.CLUSTER_THREADS if v.row["strategy"] == "cluster" else cuda.THREADS  # as launched
-        assert r["registers"] > 0 and r["max_threads_per_block"] >= threads
+        threads = cuda.block_threads(v.row["source"])  # the largest CTA its launchers ask for
+        assert r["registers"] > 0 and r["max_threads_per_block"] >= threads, (v.name, r["max_threads_per_block"], threads)
         missing = _shim.cuda_check_cubin(v.read(tag), v.name + "_not_there")
         assert missing["ok"] is False and "cuModuleGetFunction" in missing["error"]
         checked += 1
     assert checked == len(rows)
+
+
+def test_block_threads_name_shipped_sources():
+    """cuda.BLOCK_THREADS (the largest CTA a source is launched with; the cubin check above holds every
+    shipped cubin to it) names kernel sources that exist, with the sizes the launchers pass: a renamed
+    source would drop its entry, and its launches would then fail `_launch`'s check."""
+    assert all((ROOT / "cuda_src" / f"{k}.cu").is_file() for k in cuda.BLOCK_THREADS), sorted(cuda.BLOCK_THREADS)
+    assert cuda.block_threads("mhc_dynamic_coeffs_pre") == cuda_dynamic.CP_BLOCK == 512
+    assert cuda.block_threads("mhc_forward_fused") == cuda.THREADS  # not in the table: THREADS
+    with pytest.raises(AssertionError, match="mhc_forward_fused launched with 512 threads"):
+        cuda._launch("mhc_forward_fused", "bf16", 4, [], [], [], [], (512, 1, 1), threads=512)
 
 
 @pytest.mark.gpu  # the device script's `pytest -m gpu` runs it where a driver exists
