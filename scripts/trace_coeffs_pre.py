@@ -155,3 +155,17 @@ order = np.argsort(pace)
 print(f"a CTA's pace (us a tile): fastest {pace[order[0]]:.2f} (SM {smid[order[0]]}), median {np.median(pace):.2f}, "
       f"slowest {pace[order[-1]]:.2f} (SM {smid[order[-1]]}); the 8 slowest SMs: "
       + ", ".join(str(v) for v in smid[order[-8:]]))
+# the startup's stragglers: tile 0's chain waits for the group's last CTA to store its partials (all S
+# projected), which session 50's H100 trace had ~7 µs after the median CTA's. For each group, that CTA's
+# split index, SM and startup stamps, after the group's first entry: whether its phi, its first tile or its
+# own entry came late
+first = cta[:, 0].reshape(G, S).min(axis=1)
+for g in range(G):
+    rows = np.arange(g * S, (g + 1) * S)
+    k = rows[np.argmax(wrap(ev[rows, 0, 0] - first[g]))]
+    at = lambda v: wrap(v - first[g]) / 1e3  # noqa: E731
+    print(f"group {g}: tile 0's last partials from split {k - g * S} (SM {smid[k]}) at {at(ev[k, 0, 0]):.2f} us "
+          f"(the group's median {np.median(at(ev[rows, 0, 0])):.2f}): its entry {at(cta[k, 0]):.2f}, ring issued "
+          f"{at(stamps[k, 9]):.2f}, zero stores issued {at(stamps[k, 10]):.2f}, phi loaded {at(stamps[k, 1]):.2f} "
+          f"(median {np.median(at(stamps[rows, 1])):.2f}), tile 0 landed {at(ev[k, 0, 6]):.2f} "
+          f"(median {np.median(at(ev[rows, 0, 6])):.2f})")
