@@ -156,7 +156,8 @@ print(f"a CTA's pace (us a tile): fastest {pace[order[0]]:.2f} (SM {smid[order[0
       f"slowest {pace[order[-1]]:.2f} (SM {smid[order[-1]]}); the 8 slowest SMs: "
       + ", ".join(str(v) for v in smid[order[-8:]]))
 # the startup's stragglers: tile 0's chain waits for the group's last CTA to store its partials (all S
-# projected), which session 50's H100 trace had ~7 µs after the median CTA's. For each group, that CTA's
+# projected): session 50's H100 traces had it 0.8-1.8 µs after the group's median with the shipped kernel,
+# ~7 µs with the ring's first fill issued a few tiles at a time (docs/HISTORY.md). For each group, that CTA's
 # split index, SM and startup stamps, after the group's first entry: whether its phi, its first tile or its
 # own entry came late
 first = cta[:, 0].reshape(G, S).min(axis=1)
