@@ -35,11 +35,6 @@ STEP_COLS = 16 * RING_THREADS // 32  # cuda_src/mhc_forward_ring.cu: a 16-column
 # its builds (build_tools/variants.py RING_UNITS): groups a warp streams as one slot, widest first
 RING_UNITS = (4, 2, 1)
 IB = 8  # rows per register tile for n > 8 (cuda_src/mhc_common.cuh)
-# The largest CTA each kernel source is launched with, where that is not THREADS (cuda_dynamic adds its
-# own): `_launch` holds every launch to it, and tests/test_shim.py checks each shipped cubin's
-# max_threads_per_block against it on the GPU, so a kernel built for fewer threads than a launcher asks
-# for fails a test instead of a launch.
-BLOCK_THREADS: dict[str, int] = {"mhc_forward_cluster": CLUSTER_THREADS, "mhc_forward_ring": RING_THREADS}
 SMEM_LIMIT = 227 * 1024  # Hopper opt-in maximum per CTA (Ampere and Ada allow less: device.py)
 F32 = mx.float32
 
@@ -134,7 +129,12 @@ def _pad(n: int, nmax: int) -> int:
 # n <= SMALL_N: one warp per row, the matrix in registers (cuda_src/mhc_sinkhorn_common.cuh)
 SMALL_N = 32
 SMALL_THREADS = 32 * SMALL_N
-BLOCK_THREADS.update(mhc_sinkhorn_fwd=SMALL_THREADS, mhc_sinkhorn_bwd=SMALL_THREADS)
+# The largest CTA each kernel source is launched with, where that is not THREADS (cuda_dynamic adds its
+# own): `_launch` holds every launch to it, and tests/test_shim.py checks each shipped cubin's
+# max_threads_per_block against it on the GPU, so a kernel built for fewer threads than a launcher asks
+# for fails a test instead of a launch.
+BLOCK_THREADS: dict[str, int] = {"mhc_forward_cluster": CLUSTER_THREADS, "mhc_forward_ring": RING_THREADS,
+                                 "mhc_sinkhorn_fwd": SMALL_THREADS, "mhc_sinkhorn_bwd": SMALL_THREADS}
 TILE = SMALL_N * (SMALL_N + 1)
 LANE_N = 8  # n <= LANE_N: mhc_sinkhorn_bwd runs in one warp, a lane per row (its header)
 

@@ -93,9 +93,6 @@ ELEMS, ELEMS_MAX_N, ELEMS_THREADS = -2, 4, 1024
 # 1192.2 vs 1220.2 us at (8192, 4, 4096), 371.8 vs 408.1 at (4096, 4, 2048), 1280.7 vs 1328.5 at
 # (16384, 4, 2048), 704.2 vs 709.0 at (8192, 2, 4096) (docs/HISTORY.md, session 33).
 ELEMS_BWD_THREADS = 256
-# (the launch sizes' table: the largest CTA of each source launched with more or fewer than THREADS)
-cuda.BLOCK_THREADS.update(mhc_dynamic_coeffs=max(THREADS, LANES_THREADS, ELEMS_THREADS),
-                          mhc_dynamic_coeffs_bwd=max(THREADS, LANES_THREADS, ELEMS_BWD_THREADS))
 COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # mhc_dynamic_coeffs_pre: coefficients + x_in reading x from DRAM once (bfloat16, n <= CP_NMAX, with x_in,
 # from CP_MIN_T tokens, on sm_90 (its sm_90a cubin: TMA) with C % 8 == 0 (TMA's 16-byte row strides)): a
@@ -116,7 +113,6 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # (4096, 4, 2048) 120.8 / 110.0, (16384, 4, 2048) 362.1 / 345.4 (session 22, a float32 phi).
 # Tests and the A/B scripts set CP_SHAPES = False (and CP_MIN_T) to run it at any shape.
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 8  # its header
-cuda.BLOCK_THREADS["mhc_dynamic_coeffs_pre"] = CP_BLOCK
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = 1024  # None: never
 CP_SHAPES = True
@@ -151,7 +147,10 @@ PROJ_NMAX, PROJ_PV = 4, 8  # its header: PV
 # clusters in the grid (None: as many as the SMs hold, one CTA an SM); PROJ_CLUSTER: the rule's knob.
 PC_CLUSTER, PC_TT, PC_CW, PC_NMAX, PC_BLOCK, PC_SMEM_BYTES, PC_BOXC, PC_ARCH = 8, 16, 512, 4, 512, 226840, 64, 90
 PC_MIN_T = 1024
-cuda.BLOCK_THREADS["mhc_dynamic_proj_cluster"] = PC_BLOCK
+# the launch sizes' table (cuda.BLOCK_THREADS): the largest CTA of each source here not launched with THREADS
+cuda.BLOCK_THREADS.update(mhc_dynamic_coeffs=max(THREADS, LANES_THREADS, ELEMS_THREADS),
+                          mhc_dynamic_coeffs_bwd=max(THREADS, LANES_THREADS, ELEMS_BWD_THREADS),
+                          mhc_dynamic_coeffs_pre=CP_BLOCK, mhc_dynamic_proj_cluster=PC_BLOCK)
 PC_CLUSTERS: int | None = None
 # Off: slower than the three kernels in this first version (a serial tile loop; docs/HISTORY.md, session 37)
 PROJ_CLUSTER = False
