@@ -454,7 +454,35 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         }
         workers_sync();  // the round's rows staged
         const int jl = js - j0;
-        if (jl >= 0 && jl < nj) {  // this warp's stream: its fragments (a stream j >= n keeps zeros)
+        bool picked = false;  // this warp's fragments taken by ldmatrix (below)
+        if constexpr (std::is_same_v<P, bf16> && TERMS == 1) {
+          // A bfloat16 phi is its own one term, and a stream's staged rows ([CW][M], 48 bytes each at M = 24)
+          // hold the B fragments as ldmatrix.trans reads them: lanes 8 m .. 8 m + 7 give rows 8 (m % 2) ..
+          // + 7 of the k16 step, at n8 tile m / 2 (the second call: tile 2, matrices 2 and 3 repeating 0 and
+          // 1). Eight ldmatrix a warp in place of 48 bounds-checked element picks (~1/20 of the startup's
+          // fragment code; 123 registers against 127). n = 4 and whole 128-column splits only (rows past C
+          // or M < 24 need the zeros the element path gives). Same-run A/B on the H100 (docs/HISTORY.md,
+          // session 51): the forward at T = 8192 367.6-374.5 against 370.3-383.2 us, at 16384 692.6-706.0
+          // against 705.3-724.5.
+          if (jl >= 0 && jl < nj && M == MP && rows == CW) {
+            const int mi = lane / 8, row0 = (mi & 1) * 8 + lane % 8;
+#pragma unroll
+            for (int k = 0; k < KH; ++k) {
+              const P* rowp = stage + ((size_t)jl * CW + (kh * KH + k) * 16 + row0) * MP;
+              uint32_t r[4];
+              mma::ldmatrix_x4<true>(r, rowp + (mi >> 1) * 8);  // n8 tiles 0 (matrices 0, 1) and 1 (2, 3)
+              bq[k][0][0][0] = r[0];
+              bq[k][0][0][1] = r[1];
+              bq[k][1][0][0] = r[2];
+              bq[k][1][0][1] = r[3];
+              mma::ldmatrix_x4<true>(r, rowp + 16);  // n8 tile 2
+              bq[k][2][0][0] = r[0];
+              bq[k][2][0][1] = r[1];
+            }
+            picked = true;
+          }
+        }
+        if (!picked && jl >= 0 && jl < nj) {  // this warp's stream: its fragments (a stream j >= n keeps zeros)
 #pragma unroll
           for (int k = 0; k < KH; ++k)
 #pragma unroll

@@ -934,12 +934,15 @@ def test_emulated_cuda_coeffs_pre_mailbox_tags(emulated_cuda, monkeypatch, B, n,
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms)
 
 
-@pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6)], ids=["two-groups", "n3-half-box"])
+@pytest.mark.parametrize("B,n,C,sms", [(100, 4, 256, 4), (70, 3, 216, 6), (420, 4, 200, 2)],
+                         ids=["two-groups", "n3-half-box", "n4-ragged-split"])
 @pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
 def test_emulated_cuda_coeffs_pre_bfloat16_phi(emulated_cuda, monkeypatch, B, n, C, sms):
     """A bfloat16 phi in mhc_dynamic_coeffs_pre: its one-term variant (`_t1`, phi is its own first
-    term), forward and every gradient against the float64 port. The control: one term for a float32
-    phi must fail the forward check, so the test tells the variants apart."""
+    term), forward and every gradient against the float64 port. n = 4 with whole 128-column splits takes
+    phi's fragments by ldmatrix, n = 3 and the ragged last split (C = 200: 72 columns) by element picks;
+    (420, 4, 200) has both in one launch. The control: one term for a float32 phi must fail the forward
+    check, so the test tells the variants apart."""
     _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dtype=mx.bfloat16)
     _check_gradients("cuda", B, n, C, "bfloat16", phi_dtype=mx.bfloat16)
     names = {nm for nm, _ in emulated_cuda.launched}
