@@ -244,11 +244,17 @@ __device__ __forceinline__ unsigned long long ld_word(const unsigned long long* 
 __device__ __forceinline__ void ld_words2(const unsigned long long* p, unsigned long long& a, unsigned long long& b) {
   asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];\n" : "=l"(a), "=l"(b) : "l"(p) : "memory");
 }
+// The stores keep their lines in L2 (evict_last): a slot is written again NSLOT tiles later, ~40 MB of the
+// kernel's traffic on, and at the default priority its lines were evicted in between and written back to
+// DRAM each time. Session 52, H100, ncu (no cache flush) at T = 8192, n = 4, C = 4096: the launch wrote 102-106
+// MB to DRAM for x_in's 67, 75.6 with the hint; same-run A/Bs of the forward (sorted medians): 372.6-384.0 against
+// 378.3-401.6 us at T = 8192, 690.1-707.9 against 708.6-736.6 at 16384. The loads stay plain: the hint on the
+// readers' polls too was slower (382.1-395.9 against 376.0-390.0 us at 8192).
 __device__ __forceinline__ void st_word(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
+  asm volatile("{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; st.relaxed.gpu.global.L2::cache_hint.b64 [%0], %1, pol; }\n" ::"l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ void st_words2(unsigned long long* p, unsigned long long a, unsigned long long b) {
-  asm volatile("st.relaxed.gpu.global.v2.b64 [%0], {%1, %2};\n" ::"l"(p), "l"(a), "l"(b) : "memory");
+  asm volatile("{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; st.relaxed.gpu.global.L2::cache_hint.v2.b64 [%0], {%1, %2}, pol; }\n" ::"l"(p), "l"(a), "l"(b) : "memory");
 }
 #ifndef MHC_CP_SPIN_NS  // a spin's sleep (ns); 0: polls back to back (a stress knob: see ld_acquire)
 #define MHC_CP_SPIN_NS 32
