@@ -18,6 +18,10 @@ larger than many differences worth measuring, so all run inside one process.
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_coeffs regs=@ELEMS_MAX_N=0   # a rule's knob
   python scripts/gpu_dynamic_ab.py --source mhc_dynamic_proj_tc ns5=:MHC_TC_NS=5@TC_SMEM_BYTES=110592
                                    # a DEFINE and the launch constant it changes
+  python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 --layers 8 --configs 8192:4:4096
+                                   # a stack of 8 layers a call, each with its own parameters and scratch
+                                   (what a model's L2 sees between launches: session 52's mailbox hint
+                                   leaves lines at evict_last after each launch); times are a call's
   python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 fresh=@CP_MIN_T=1024,tma.CACHE_ARRAYS=0
   python scripts/gpu_dynamic_ab.py --phi-dtype bfloat16 both=:MHC_PHI_TERMS=1:MHC_CP_XU=2+mhc_dynamic_post_res:MHC_PR_REVERSE=0
                                    # two kernels' variants together (after +: another source and its defines)
@@ -39,9 +43,9 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
-from mhc_aot import bench, cuda, cuda_dynamic, kernel_ops
+from mhc_aot import bench, cuda, cuda_dynamic, kernel_ops, testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_source_ab  # noqa: E402  (compile_variant, use)
@@ -60,6 +64,8 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help="T:n:C,... (default: the seven above)")
     ap.add_argument("--phi-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the layer's phi (bfloat16: Liger's benchmark, and the projection's one-term variant)")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="layers a call (each its own DynamicMHC, identity F, x through all of them)")
     args = ap.parse_args()
     shipped = cuda._binary
     # (label, CP_MIN_T, binaries): the three kernels, the one-read kernel as built, the variants
@@ -109,7 +115,9 @@ def main() -> None:
                 cuda_dynamic._coeffs_fn.cache_clear()
                 case = bench.Case("throughput", T, n, C, "bfloat16", args.backward, layer="dynamic",
                                   phi_dtype=args.phi_dtype)
-                runner = bench.make_runner("kernels", case, bench.make_inputs(case))
+                inputs = bench.make_inputs(case)
+                runner = (bench.make_runner("kernels", case, inputs) if args.layers == 1
+                          else stacked_runner(case, inputs, args.layers))
                 if rnd == 0:  # each path's outputs against the first path's (a variant that is wrong shows)
                     out = [v.astype(mx.float32) for _, v in tree_flatten(runner.call())]
                     want = ref.setdefault((T, n, C), out)
@@ -117,9 +125,32 @@ def main() -> None:
                     print(f"check {T},{n},{C} {label:8s} max |out - {paths[0][0]}'s| = {err:.3g}", flush=True)
                 res[label].append(bench.time_runner(runner, "throughput", 30, 5, repeats=5).median_us)
         for label, medians in res.items():
-            print(f"AB dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C} {label:8s} "
+            print(f"AB dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C}"
+                  f"{f' x{args.layers} layers' if args.layers > 1 else ''} {label:8s} "
                   f"{' '.join(f'{m:7.1f}' for m in sorted(medians))}", flush=True)
     gpu_source_ab.use(args.source, None, shipped)
+
+
+def stacked_runner(case: bench.Case, inp: bench.Inputs, layers: int) -> bench.Runner:
+    """`layers` DynamicMHC layers (identity F, as bench.dynamic_layer builds them) in one compiled call, x
+    through each in turn: each layer's launches get their own parameters and scratch, as in a model."""
+    stack = [bench.dynamic_layer(case.n, case.C, "auto", testing.DTYPES[case.phi]) for _ in range(layers)]
+    names = [[k for k, _ in tree_flatten(layer.trainable_parameters())] for layer in stack]
+    values = [v for layer in stack for _, v in tree_flatten(layer.trainable_parameters())]
+
+    def fn(x, *p):
+        at = 0
+        for layer, keys in zip(stack, names):
+            layer.update(tree_unflatten(list(zip(keys, p[at:at + len(keys)]))))  # parameters as traced inputs
+            at += len(keys)
+            x = layer(x)
+        return x
+
+    if case.backward:
+        vjp = mx.compile(lambda x, *p: mx.vjp(fn, [x, *p], [inp.dout]))
+        return bench.Runner("kernels", lambda: vjp(inp.x, *values), note=f"{layers} layers")
+    fwd = mx.compile(fn)
+    return bench.Runner("kernels", lambda: fwd(inp.x, *values), note=f"{layers} layers")
 
 
 def use_all(table: dict, shipped) -> None:
