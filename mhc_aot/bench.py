@@ -483,20 +483,27 @@ def dynamic_layer(n: int, C: int, backend: str = "auto", phi_dtype: mx.Dtype = m
     return layer
 
 
-def _dynamic_runner(name: str, case: Case, inp: Inputs) -> Runner:
+def _dynamic_runner(name: str, case: Case, inp: Inputs, layers: int = 1) -> Runner:
     """DynamicMHC around F = identity, so only the mHC machinery is timed; non-trivial b and alphas.
     Forward and forward + backward are mx.compile'd for every MLX implementation alike, as a model's
-    step would be (the layer's Python - checks, dispatch - then runs once per shape, not per call)."""
+    step would be (the layer's Python - checks, dispatch - then runs once per shape, not per call).
+    layers > 1 (scripts/gpu_dynamic_ab.py --layers): that many layers a call, x through each in turn,
+    each with its own parameters and scratch, as in a model."""
     backend = {"kernels": "auto", "portable": "portable", "reference": "reference"}[name]
-    layer = dynamic_layer(case.n, case.C, backend, testing.DTYPES[case.phi])
-    names, values = zip(*tree_flatten(layer.trainable_parameters()))
+    stack = [dynamic_layer(case.n, case.C, backend, testing.DTYPES[case.phi]) for _ in range(layers)]
+    names = [[k for k, _ in tree_flatten(layer.trainable_parameters())] for layer in stack]
+    values = [v for layer in stack for _, v in tree_flatten(layer.trainable_parameters())]
 
     def fn(x, *p):
-        layer.update(tree_unflatten(list(zip(names, p))))  # parameters as traced inputs
-        return layer(x)
+        at = 0
+        for layer, keys in zip(stack, names):
+            layer.update(tree_unflatten(list(zip(keys, p[at:at + len(keys)]))))  # parameters as traced inputs
+            at += len(keys)
+            x = layer(x)
+        return x
 
     note = (kernels_note(case) if name == "kernels" else f"{dispatch.device_backend()}:portable"
-            if name == "portable" else "reference")
+            if name == "portable" else "reference") + (f", {layers} layers a call" if layers > 1 else "")
     if case.backward:
         # the VJP with dout as the output's cotangent, as LigerMHC's torch.autograd.grad(out, leaves, G):
         # no loss is formed (a sum(out * dout) would add a pass over out and dout to MLX's rows only)

@@ -43,9 +43,9 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from mhc_aot import bench, cuda, cuda_dynamic, kernel_ops, testing
+from mhc_aot import bench, cuda, cuda_dynamic, kernel_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_source_ab  # noqa: E402  (compile_variant, use)
@@ -117,7 +117,7 @@ def main() -> None:
                                   phi_dtype=args.phi_dtype)
                 inputs = bench.make_inputs(case)
                 runner = (bench.make_runner("kernels", case, inputs) if args.layers == 1
-                          else stacked_runner(case, inputs, args.layers))
+                          else bench._dynamic_runner("kernels", case, inputs, args.layers))
                 if rnd == 0:  # each path's outputs against the first path's (a variant that is wrong shows)
                     out = [v.astype(mx.float32) for _, v in tree_flatten(runner.call())]
                     want = ref.setdefault((T, n, C), out)
@@ -129,28 +129,6 @@ def main() -> None:
                   f"{f' x{args.layers} layers' if args.layers > 1 else ''} {label:8s} "
                   f"{' '.join(f'{m:7.1f}' for m in sorted(medians))}", flush=True)
     gpu_source_ab.use(args.source, None, shipped)
-
-
-def stacked_runner(case: bench.Case, inp: bench.Inputs, layers: int) -> bench.Runner:
-    """`layers` DynamicMHC layers (identity F, as bench.dynamic_layer builds them) in one compiled call, x
-    through each in turn: each layer's launches get their own parameters and scratch, as in a model."""
-    stack = [bench.dynamic_layer(case.n, case.C, "auto", testing.DTYPES[case.phi]) for _ in range(layers)]
-    names = [[k for k, _ in tree_flatten(layer.trainable_parameters())] for layer in stack]
-    values = [v for layer in stack for _, v in tree_flatten(layer.trainable_parameters())]
-
-    def fn(x, *p):
-        at = 0
-        for layer, keys in zip(stack, names):
-            layer.update(tree_unflatten(list(zip(keys, p[at:at + len(keys)]))))  # parameters as traced inputs
-            at += len(keys)
-            x = layer(x)
-        return x
-
-    if case.backward:
-        vjp = mx.compile(lambda x, *p: mx.vjp(fn, [x, *p], [inp.dout]))
-        return bench.Runner("kernels", lambda: vjp(inp.x, *values), note=f"{layers} layers")
-    fwd = mx.compile(fn)
-    return bench.Runner("kernels", lambda: fwd(inp.x, *values), note=f"{layers} layers")
 
 
 def use_all(table: dict, shipped) -> None:
