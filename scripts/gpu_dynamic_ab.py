@@ -28,8 +28,9 @@ larger than many differences worth measuring, so all run inside one process.
                                    # a knob of a module cuda_dynamic imports (dotted)
 
 Prints one line per (config, path): the sorted medians of the rounds (us), after a `check` line of the
-path's largest output difference from the first path's (the three kernels: a bfloat16 output's rounding
-differs between paths, so expect ~1e-2 where x is O(1), not 0).
+path's largest output difference from the first path's, also as a fraction of that path's largest |value|
+(the three kernels: a bfloat16 output's rounding differs between paths, so expect ~1e-2 where x is O(1),
+not 0; with --layers the values grow layer by layer, so read the fraction).
 
 Variants are built as the wheel's binaries are (scripts/gpu_source_ab.compile_variant says why: until
 session 31 raw cubins timed slower than the shipped fatbins of the same source where the host sets the
@@ -122,7 +123,10 @@ def main() -> None:
                     out = [v.astype(mx.float32) for _, v in tree_flatten(runner.call())]
                     want = ref.setdefault((T, n, C), out)
                     err = max(mx.max(mx.abs(a - b)).item() for a, b in zip(out, want))
-                    print(f"check {T},{n},{C} {label:8s} max |out - {paths[0][0]}'s| = {err:.3g}", flush=True)
+                    # relative to the outputs' size too: a stack of identity-F layers grows x (~1e5 at 8)
+                    scale = max(mx.max(mx.abs(b)).item() for b in want)
+                    print(f"check {T},{n},{C} {label:8s} max |out - {paths[0][0]}'s| = {err:.3g}"
+                          f" ({err / scale if scale else 0.0:.3g} of its largest |value|)", flush=True)
                 res[label].append(bench.time_runner(runner, "throughput", 30, 5, repeats=5).median_us)
         for label, medians in res.items():
             print(f"AB dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C}"
