@@ -250,11 +250,14 @@ __device__ __forceinline__ void ld_words2(const unsigned long long* p, unsigned 
 // MB to DRAM for x_in's 67, 75.6 with the hint; same-run A/Bs of the forward (sorted medians): 372.6-384.0 against
 // 378.3-401.6 us at T = 8192, 690.1-707.9 against 708.6-736.6 at 16384. The loads stay plain: the hint on the
 // readers' polls too was slower (382.1-395.9 against 376.0-390.0 us at 8192).
+#define MHC_CP_EVICT_LAST "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "  // the policy both stores carry
 __device__ __forceinline__ void st_word(unsigned long long* p, unsigned long long v) {
-  asm volatile("{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; st.relaxed.gpu.global.L2::cache_hint.b64 [%0], %1, pol; }\n" ::"l"(p), "l"(v) : "memory");
+  asm volatile("{ .reg .b64 pol; " MHC_CP_EVICT_LAST "st.relaxed.gpu.global.L2::cache_hint.b64 [%0], %1, pol; }\n"
+               ::"l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ void st_words2(unsigned long long* p, unsigned long long a, unsigned long long b) {
-  asm volatile("{ .reg .b64 pol; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; st.relaxed.gpu.global.L2::cache_hint.v2.b64 [%0], {%1, %2}, pol; }\n" ::"l"(p), "l"(a), "l"(b) : "memory");
+  asm volatile("{ .reg .b64 pol; " MHC_CP_EVICT_LAST "st.relaxed.gpu.global.L2::cache_hint.v2.b64 [%0], {%1, %2}, pol; }\n"
+               ::"l"(p), "l"(a), "l"(b) : "memory");
 }
 #ifndef MHC_CP_SPIN_NS  // a spin's sleep (ns); 0: polls back to back (a stress knob: see ld_acquire)
 #define MHC_CP_SPIN_NS 32

@@ -428,16 +428,20 @@ def kernels_note(case: Case) -> str:
     return text
 
 
-def make_runner(name: str, case: Case, inp: Inputs) -> Runner:
+def make_runner(name: str, case: Case, inp: Inputs, layers: int = 1) -> Runner:
+    """layers: DynamicMHC layers a call, for the dynamic layer's MLX rows only (scripts/gpu_dynamic_ab.py)."""
     why = availability(name, case.layer)
     if why:
         raise BenchError(why)
+    if layers != 1 and (case.layer != "dynamic" or name == "liger"):
+        raise ValueError(f"layers: got {layers} for {name!r} on the {case.layer} layer; a stack of layers is "
+                         f"timed for the dynamic layer's MLX implementations only (pass layers=1)")
     if case.layer == "dynamic":
         if name == "liger":
             from .dynamic_bench import liger_runner
 
             return liger_runner(case)
-        return _dynamic_runner(name, case, inp)
+        return _dynamic_runner(name, case, inp, layers)
     if name in ("kernels", "portable"):
         backend = "auto" if name == "kernels" else "portable"
 

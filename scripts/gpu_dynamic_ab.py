@@ -116,9 +116,7 @@ def main() -> None:
                 cuda_dynamic._coeffs_fn.cache_clear()
                 case = bench.Case("throughput", T, n, C, "bfloat16", args.backward, layer="dynamic",
                                   phi_dtype=args.phi_dtype)
-                inputs = bench.make_inputs(case)
-                runner = (bench.make_runner("kernels", case, inputs) if args.layers == 1
-                          else bench._dynamic_runner("kernels", case, inputs, args.layers))
+                runner = bench.make_runner("kernels", case, bench.make_inputs(case), layers=args.layers)
                 if rnd == 0:  # each path's outputs against the first path's (a variant that is wrong shows)
                     out = [v.astype(mx.float32) for _, v in tree_flatten(runner.call())]
                     want = ref.setdefault((T, n, C), out)

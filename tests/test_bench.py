@@ -118,6 +118,30 @@ def test_dynamic_layer_runs(monkeypatch):
         bench.run(cases, ["seed"], bench.Settings(iters=1, warmup=0, repeats=1), copy_gbps=1.0)
 
 
+def test_dynamic_layer_stack(monkeypatch):
+    """make_runner(..., layers=L) (scripts/gpu_dynamic_ab.py --layers): L layers of their own, x through each
+    in turn, so its output is the layers called one after another; a stack is for the dynamic layer's MLX
+    rows only, and elsewhere a ValueError names the argument."""
+    built = []
+    real = bench.dynamic_layer
+    monkeypatch.setattr(bench, "dynamic_layer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    case = bench.make_cases("latency", [(3, 2, 8)], ["float32"], False, "dynamic")[0]
+    inp = bench.make_inputs(case)
+    runner = bench.make_runner("portable", case, inp, layers=3)
+    assert len(built) == 3 and len({id(layer) for layer in built}) == 3
+    saved = [layer.trainable_parameters() for layer in built]
+    out = runner.call()
+    want = inp.x
+    for layer, params in zip(built, saved):
+        layer.update(params)  # (the compiled call left its traced inputs in the modules)
+        want = layer(want)
+    assert mx.allclose(out, want, rtol=1e-5, atol=1e-5).item()
+    assert not mx.allclose(out, built[0](inp.x), rtol=1e-3, atol=1e-3).item()  # more than one layer ran
+    static = bench.make_cases("latency", [(3, 2, 8)], ["float32"], False)[0]
+    with pytest.raises(ValueError, match="layers: got 2"):
+        bench.make_runner("portable", static, bench.make_inputs(static), layers=2)
+
+
 # ---------------------------------------------------------------- peers in a child process
 FAKE_WORKER = """
 import json, sys
