@@ -35,9 +35,13 @@
 //      four take ~1.8 next to the workers' 2.08.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
 // order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
-// running. The last CTA to finish zeroes the counters again (a buffer that two launches share stays
-// valid); the launcher passes them zeroed. Nothing accumulates with atomics: per-CTA partials summed
-// in a fixed order.
+// running. The launcher passes the counters zeroed, and no CTA zeroes them again: a buffer that launches
+// share in sequence counts on, launch k's tickets being k G S .. k G S + G S - 1 and its waits counting to
+// S (k + 1) (the epoch k = ticket / (G S)). Until session 54 the last CTA to finish zeroed them (a fence and
+// an atomic at every CTA's end, then 2 + 2 tiles serial stores); same-run A/Bs on the H100 (DynamicMHC
+// forward, T = 8192, n = 4, C = 4096, sorted medians of 6-10 rounds): 360.6 against 365.1 us, 363.5 against
+// 369.0, 365.4 against 366.3; at 16384 679.2-680.5 against 682.7-685.5. Nothing accumulates with atomics:
+// per-CTA partials summed in a fixed order.
 // The hand-overs between CTAs carry no fences: a mailbox word is a value with the tag of the tile that
 // wrote it (tagged(): one 64-bit access), so what a reader sees with the right tag is that value
 // whatever the order writes reach it in, and a counter only says when to look. Each CTA zeroes its own
@@ -51,7 +55,7 @@
 // Inputs: x [T, n, C] bfloat16, tmpl [32] uint32 (x's tensor-map template: mhc_aot/tma.py, dims
 // (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] (float32, bfloat16 or float16: the scalar
 // phi_kind; read as it is, no float32 copy first), b [M], alpha_pre / _post / _res
-// [1], sync [2 + 2 tiles] int32 zeros (written: ticket, done, projected[tiles], ready[G]; G <= tiles).
+// [1], sync [1 + 2 tiles] int32 zeros (counted on, never zeroed: ticket, projected[tiles], ready[G]; G <= tiles).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
 // mhc_dynamic_coeffs), mbox (scratch, 64-bit words: the partials [G NSLOT S TT RL] and h_pre
 // [G NSLOT TT NS] of a group's last NSLOT tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh), consts [3 + M] (as
@@ -316,10 +320,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   int* ticket_s = reinterpret_cast<int*>(bars + RING);
   volatile int* wdone_s = ticket_s + 1;  // the tiles whose products are done (worker thread 0's count)
   int* queue_s = ticket_s + 2;           // the coefficient warps' next tile
-  int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher, zeroed again by the last CTA
+  int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher (or counted on by launches before, see above)
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
-  int* projected = sync + 2;
-  int* ready = sync + 2 + tiles;  // [G] (G <= tiles): the group's CTAs whose mailboxes are zeroed
+  int* projected = sync + 1;
+  int* ready = sync + 1 + tiles;  // [G] (G <= tiles): the group's CTAs whose mailboxes are zeroed
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 #ifndef MHC_EMULATED
   if ((reinterpret_cast<uintptr_t>(x) & 15) != 0) {  // TMA reads from 16-byte aligned addresses only
@@ -340,7 +344,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     tma::bar_init_fence();
   }
   __syncthreads();
-  const int ticket = *ticket_s, g = ticket / S, s = ticket % S, c0 = s * CW;
+  // the launch's epoch on a shared buffer (0 on the launcher's own zeros): every count it waits for is S more
+  // per launch before it
+  const int epoch = *ticket_s / (int)gridDim.x, ticket = *ticket_s % (int)gridDim.x;
+  const int g = ticket / S, s = ticket % S, c0 = s * CW, all_in = S * (epoch + 1);
   if (tid == 0) TRACE_CTA(0, t_entry);
   if (tid == 0) TRACE_CTA(11, gtimer());
 #ifdef MHC_CP_TRACE
@@ -360,7 +367,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   // a mailbox reader's wait, once before its first read: every CTA of the group zeroed its words (see the
   // workers' zeroing)
   auto await_zeroed = [&] {
-    if (lane == 0) spin_until(ready + g, S);
+    if (lane == 0) spin_until(ready + g, all_in);
     __syncwarp();
   };
 
@@ -386,8 +393,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     if (tid == 0) TRACE_CTA(9, gtimer());
     // Zero the words this CTA will write in its group's mailboxes: the buffer may hold an earlier
-    // launch's words with the tags this one waits for. Its readers acquire ready[g] == S before their
-    // first read; the signaler releases it once tile 0's partials are handed over (one fence, after the
+    // launch's words with the tags this one waits for. Its readers acquire ready[g] == all_in before
+    // their first read; the signaler releases it once tile 0's partials are handed over (one fence, after the
     // workers' barrier arrival), and this CTA's own writes come after iteration 0's barrier. The one-term
     // build zeroes once phi's copies are out (below), so these stores do not queue in front of them; the
     // three-term build before its loads.
@@ -773,7 +780,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       // this CTA has tokens r = s, s + S, ... of the tile
       if (s < TT) {
 #ifndef MHC_CP_UNGATED  // (tests only: the readers go by the tags alone, from the first read)
-        if (lane == 0) spin_until<false>(projected + z, S);  // when to read: every split signalled the tile
+        if (lane == 0) spin_until<false>(projected + z, all_in);  // when to read: every split signalled the tile
 #endif
         if (lane == 0) TRACE(i, 3);
         __syncwarp();
@@ -827,12 +834,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     if (warp == COEFF0 && lane == 0) TRACE_CTA(4, gtimer());
   }
 
+#ifdef MHC_CP_TRACE
   __syncthreads();
   if (tid == 0) TRACE_CTA(5, gtimer());
-  if (tid == 0) {
-    __threadfence();
-    if (atomicAdd(sync + 1, 1) == (int)gridDim.x - 1) {  // the last CTA: every wait is over
-      for (int e = 0; e < 2 + 2 * tiles; ++e) sync[e] = 0;
-    }
-  }
+#endif
 }

@@ -377,9 +377,10 @@ _sync_pads = itertools.count()
 
 
 def coeffs_pre_sync_len(T: int) -> int:
-    """int32 counters of mhc_dynamic_coeffs_pre: ticket, done, projected per tile, then ready per group
-    (G <= tiles)."""
-    return 2 + 2 * _cdiv(T, CP_TT)
+    """int32 counters of mhc_dynamic_coeffs_pre: ticket, projected per tile, then ready per group (G <= tiles).
+    Zeroed for a launch; the kernel leaves them counted on (launches that share the buffer in sequence go by
+    the ticket's epoch), never zeroed."""
+    return 1 + 2 * _cdiv(T, CP_TT)
 
 
 def coeffs_pre_mailbox_words(G: int, S: int) -> int:
@@ -396,8 +397,8 @@ def _coeffs_pre(x3, phi, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: in
     bfloat16 terms in its products, as the projection's (see BF16_PHI_TERMS)."""
     T, n, C = x3.shape
     M, S = n * n + 2 * n, _cdiv(C, CP_CW)
-    # its counters, zeroed (the kernel zeroes them again when it ends), in a buffer no other launch of a
-    # compiled graph shares (CP_SYNC_PAD)
+    # its counters, zeroed (the kernel counts on from them: coeffs_pre_sync_len), in a buffer no other
+    # launch of a compiled graph shares (CP_SYNC_PAD)
     if sync is None:
         sync = mx.zeros((coeffs_pre_sync_len(T) + next(_sync_pads) % CP_SYNC_PAD,), mx.int32)
     tmpl = _x_tile_map(T, n, C, CP_BOXC, CP_TT)

@@ -54,6 +54,9 @@ class Emulator:
         self.extra_defines = ()  # a test's defines (NAME=VALUE) for every kernel it builds
         self.u32_poison = {}  # kernel source -> the value its uint32 outputs start as (default EMU_NAN's)
         self.misaligned = {}  # kernel source -> indices of inputs placed one element past a 16-byte boundary
+        # kernel source -> its last launch's inputs as the kernel left them (a GPU kernel may write an input in
+        # place, as mhc_dynamic_coeffs_pre counts on its counters; here inputs are copies)
+        self.inputs_after = {}
 
     def binary(self, source, dtype, n, units=1, terms=3):  # mhc_aot.cuda._binary's lookup rule, without shipped files
         cands = [v for v in self.variants.VARIANTS if v.source == source and v.dtype == dtype and v.units == units
@@ -149,5 +152,6 @@ class Emulator:
         scal = (ctypes.c_double * nparams)(*[0.0] * len(arrays), *[float(s) for s in scalars])
         # MLX launches ceil(grid / threadgroup) CTAs (mhc_backward_reduce's grid is its column count)
         lib.emu_run(ptrs, scal, -(-grid[0] // threadgroup[0]), grid[1], grid[2], threadgroup[0], int(shared_memory))
+        self.inputs_after[self.by_name[name].source] = ins
         return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)
                 for o, dt in zip(outs, output_dtypes)]

@@ -968,7 +968,19 @@ def test_emulated_cuda_coeffs_pre_float16_phi(emulated_cuda, monkeypatch):
     _check_gradients("cuda", 100, 4, 256, "bfloat16", phi_dtype=mx.float16)
 
 
-def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dtype=mx.float32):
+@pytest.mark.parametrize("emulated_cuda", ["elems"], indirect=True)
+def test_emulated_cuda_coeffs_pre_shared_sync(emulated_cuda, monkeypatch):
+    """Launches on one counter buffer in sequence (the GPU test's check, on two groups of two CTAs, four
+    tiles): each gives what it gives on fresh zeros, and the counters count on by one launch's counts."""
+    emulated_cuda.u32_poison = {"mhc_dynamic_coeffs_pre": 1}  # scratch words as tile 0's: read only once zeroed
+    emulated_cuda.shuffle_seed = 7
+    _check_coeffs_pre_shared_sync(_coeffs_pre_emulated(monkeypatch, 4), 100, 4, 256, (1, 2, 3),
+                                  left=lambda: emulated_cuda.inputs_after["mhc_dynamic_coeffs_pre"][7].copy())
+
+
+def _coeffs_pre_emulated(monkeypatch, sms):
+    """mhc_dynamic_coeffs_pre switched on at any shape under the emulation, on `sms` emulated SMs; returns
+    mhc_aot.cuda_dynamic."""
     from mhc_aot import cuda_dynamic
 
     monkeypatch.setattr(cuda_dynamic, "CP_MIN_T", 1)
@@ -977,6 +989,11 @@ def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dty
     monkeypatch.setattr(cuda_dynamic.device, "max_shared_memory_per_block", lambda: cuda_dynamic.cuda.SMEM_LIMIT)
     monkeypatch.setattr(cuda_dynamic.device, "resident_ctas_per_sm", lambda shared_bytes: 1)
     monkeypatch.setattr(cuda_dynamic.device, "sm_count", lambda: sms)
+    return cuda_dynamic
+
+
+def _check_coeffs_pre_emulated(emulated_cuda, monkeypatch, B, n, C, sms, phi_dtype=mx.float32):
+    cuda_dynamic = _coeffs_pre_emulated(monkeypatch, sms)
     _check_forward("cuda", B, n, C, "bfloat16", phi_dtype=phi_dtype)
     names = [nm for nm, _ in emulated_cuda.launched]
     want = "mhc_dynamic_coeffs_pre_bf16_n4" + ("_t1" if phi_dtype == mx.bfloat16 else "")
@@ -1066,26 +1083,38 @@ def test_gpu_coeffs_pre_bfloat16_phi_unaligned(monkeypatch, B, n, C):
 @pytest.mark.gpu
 @pytest.mark.skipif(not mx.cuda.is_available(), reason="MLX reports no cuda device")
 def test_gpu_coeffs_pre_shared_sync(monkeypatch):
-    """Launches of mhc_dynamic_coeffs_pre on one sync buffer (as when mx.compile merges two equal zeros
-    arrays of a graph): the last CTA of each launch zeroes the counters again, so the next launch
-    on new x gives exactly what it gives on a fresh buffer, and the buffer ends zeroed. 32 tiles a
-    group: the partial slots are reused within each launch too."""
+    """Launches of mhc_dynamic_coeffs_pre on one sync buffer in sequence (as when mx.compile merges two
+    equal zeros arrays of a graph): each launch counts on from the counters the one before left (its
+    tickets' epoch), so on new x it gives exactly what it gives on a fresh buffer, and after k launches
+    every counter reads k times its one-launch count. 32 tiles a group: the partial slots are reused
+    within each launch too."""
     cuda_dynamic = _coeffs_pre_on_gpu(monkeypatch)
-    T, n, C = 16384, 4, 1024
+    _check_coeffs_pre_shared_sync(cuda_dynamic, 16384, 4, 1024, (1, 2, 3))
+
+
+def _check_coeffs_pre_shared_sync(cuda_dynamic, T, n, C, seeds, left=None):
+    """left(): the counters a launch left (None: the shared buffer itself, which the GPU kernel writes in place;
+    the emulator's launches write a copy, which the next launch is then given)."""
     G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
     assert G > 0
+    S, tiles = -(-C // cuda_dynamic.CP_CW), -(-T // cuda_dynamic.CP_TT)
     sync = mx.zeros((cuda_dynamic.coeffs_pre_sync_len(T),), mx.int32)
     mx.eval(sync)
     phi, b, ap, apo, ar = _params(n, C, 0)
     args = (phi, b, ap.reshape(1), apo.reshape(1), ar.reshape(1), dynamic.Config(**CFG), G)
-    for seed in (1, 2, 3):
+    for k, seed in enumerate(seeds, 1):
         x = _x((T, n, C), "bfloat16", seed)
         shared = cuda_dynamic._coeffs_pre(x, *args, sync=sync)
         mx.eval(shared)
+        counts = np.array(sync) if left is None else left()
         fresh = cuda_dynamic._coeffs_pre(x, *args)
         for name, got, want in zip(("h_pre", "h_post", "h_res", "x_in", "mix", "invr"), shared, fresh):
-            assert mx.array_equal(got, want).item(), f"launch {seed} on the shared buffer: {name} differs"
-        assert not np.array(sync).any(), f"launch {seed} left its counters set"
+            assert mx.array_equal(got, want).item(), f"launch {k} on the shared buffer: {name} differs"
+        # tickets, then every tile's projected count (its group's S splits), then every group's ready count
+        want = np.concatenate([[k * G * S], np.full(tiles, k * S), np.full(G, k * S), np.zeros(tiles - G)])
+        assert (counts == want).all(), f"launch {k}: counters {counts.tolist()} != {want.tolist()}"
+        if left is not None:
+            sync = mx.array(counts)
 
 
 @pytest.mark.gpu
