@@ -39,9 +39,9 @@
 // share in sequence counts on, launch k's tickets being k G S .. k G S + G S - 1 and its waits counting to
 // S (k + 1) (the epoch k = ticket / (G S)). Until session 54 the last CTA to finish zeroed them (a fence and
 // an atomic at every CTA's end, then 2 + 2 tiles serial stores); same-run A/Bs on the H100 (DynamicMHC
-// forward, T = 8192, n = 4, C = 4096, sorted medians of 6-10 rounds): 360.6 against 365.1 us, 363.5 against
-// 369.0, 365.4 against 366.3; at 16384 679.2-680.5 against 682.7-685.5. Nothing accumulates with atomics:
-// per-CTA partials summed in a fixed order.
+// forward, n = 4, C = 4096, medians of 6-10 rounds, four A/Bs): at T = 8192 366.4 against 370.4 us, 363.5
+// against 369.0, 360.6 against 365.1, 365.4 against 366.3; at 16384 679.9 against 682.8, 680.5 against 685.5.
+// Nothing accumulates with atomics: per-CTA partials summed in a fixed order.
 // The hand-overs between CTAs carry no fences: a mailbox word is a value with the tag of the tile that
 // wrote it (tagged(): one 64-bit access), so what a reader sees with the right tag is that value
 // whatever the order writes reach it in, and a counter only says when to look. Each CTA zeroes its own
