@@ -1097,7 +1097,7 @@ def _check_coeffs_pre_shared_sync(cuda_dynamic, T, n, C, seeds, left=None):
     the emulator's launches write a copy, which the next launch is then given)."""
     G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
     assert G > 0
-    S, tiles = -(-C // cuda_dynamic.CP_CW), -(-T // cuda_dynamic.CP_TT)
+    S, tiles = cuda_dynamic._cdiv(C, cuda_dynamic.CP_CW), cuda_dynamic._cdiv(T, cuda_dynamic.CP_TT)
     sync = mx.zeros((cuda_dynamic.coeffs_pre_sync_len(T),), mx.int32)
     mx.eval(sync)
     phi, b, ap, apo, ar = _params(n, C, 0)
