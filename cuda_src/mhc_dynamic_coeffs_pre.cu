@@ -10,10 +10,10 @@
 // A persistent grid: G groups of S = ceil(C / CW) CTAs. CTA s of a group owns columns [s CW, s CW + CW)
 // of every stream: phi's rows j C + c for those columns (n x 128 x 24 floats) are read once and held
 // for the whole launch as split B fragments in the registers of the worker warps (warp = stream x half
-// of the columns), and the group walks token tiles z = g, g + G, g + 2 G, ... of TT tokens. Tile i of
-// the group (two TMA boxes of 64 columns x TT tokens x n streams, the 128-byte swizzle) lands in ring
-// buffer i % RING and stays there until its x_in is formed; then the buffer takes tile i + RING. Per
-// tile a CTA:
+// of the columns), and the group walks token tiles of TT tokens: z = g, g + G, ... for its first PREFIX
+// iterations, then the tiles it claims (see PREFIX). Tile i of the group (two TMA boxes of 64 columns x
+// TT tokens x n streams, the 128-byte swizzle) lands in ring buffer i % RING and stays there until its
+// x_in is formed; then the buffer takes tile i + RING. Per tile a CTA:
 //   1. (workers, iteration i) multiplies its columns of the tile's tokens on tensor cores (as proj_tc:
 //      bfloat16 x exact, phi split in three bfloat16 terms, or one for a bfloat16 phi (MHC_PHI_TERMS);
 //      the sums of squares on the CUDA cores from the same A fragments): partial z and sum of squares
@@ -35,9 +35,9 @@
 //      four take ~1.8 next to the workers' 2.08.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
 // order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
-// running. The launcher passes the counters zeroed, and no CTA zeroes them again: a buffer that launches
-// share in sequence counts on, launch k's tickets being k G S .. k G S + G S - 1 and its waits counting to
-// S (k + 1) (the epoch k = ticket / (G S)). Until session 54 the last CTA to finish zeroed them (a fence and
+// running (a claim waits on nothing). The launcher passes the counters zeroed, and no CTA zeroes them
+// again: a buffer that launches share in sequence counts on, launch k's tickets being k G S .. k G S + G S
+// - 1, its waits counting to S (k + 1) (the epoch k = ticket / (G S)) and its claims from k per_launch. Until session 54 the last CTA to finish zeroed them (a fence and
 // an atomic at every CTA's end, then 2 + 2 tiles serial stores); same-run A/Bs on the H100 (DynamicMHC
 // forward, n = 4, C = 4096, medians of 6-10 rounds, four A/Bs): at T = 8192 366.4 against 370.4 us, 363.5
 // against 369.0, 360.6 against 365.1, 365.4 against 366.3; at 16384 679.9 against 682.8, 680.5 against 685.5.
@@ -55,10 +55,11 @@
 // Inputs: x [T, n, C] bfloat16, tmpl [32] uint32 (x's tensor-map template: mhc_aot/tma.py, dims
 // (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] (float32, bfloat16 or float16: the scalar
 // phi_kind; read as it is, no float32 copy first), b [M], alpha_pre / _post / _res
-// [1], sync [1 + 2 tiles] int32 zeros (counted on, never zeroed: ticket, projected[tiles], ready[G]; G <= tiles).
+// [1], sync [2 + 2 tiles] int32 zeros (counted on, never zeroed: ticket, projected[tiles], ready[G] (G <= tiles),
+// claims).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
 // mhc_dynamic_coeffs), mbox (scratch, 64-bit words: the partials [G NSLOT S TT RL] and h_pre
-// [G NSLOT TT NS] of a group's last NSLOT tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh), consts [3 + M] (as
+// [G NSLOT TT NS] of a group's last NSLOT tiles, its claimed tiles [G TSLOT]), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh), consts [3 + M] (as
 // mhc_dynamic_phi_split's: alpha_pre, alpha_post, alpha_res, b, for the backward). MHC_GRID_RESIDENT: the
 // CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix;
@@ -827,8 +828,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // 16384 ~10 us faster.
     const int h = lane / 16, l16 = lane % 16;
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-    // h_res after the publication (x_in needs only h_pre), batched: the tokens of the nb tiles whose
-    // indices lanes 0 .. nb - 1 hold, SK_ILP a lane in each half-warp (nothing in this launch waits on
+    // h_res after the publication (x_in needs only h_pre), batched: the tokens of the nb tiles that lanes
+    // 0 .. nb - 1 hold, SK_ILP a lane in each half-warp (nothing in this launch waits on
     // h_res, and a token's Sinkhorn is a latency-bound chain: session 22's trace had the coefficient
     // warps busy 7.8 us a tile, 4.4 of it one token's Sinkhorn, so they set the pace)
     auto sinkhorn_batch = [&](int nb, int btile) {
