@@ -116,10 +116,10 @@ constexpr int NSLOT = 8;
 // With a static split the group of the slowest CTAs set the end: session 53's trace (H100, T = 8192) had
 // one group at 1.90 us a tile against 1.82-1.84 for the other three, done ~3.5 us after them. The group's
 // split-0 CTA claims iteration i's tile CLAIM_AHEAD iterations before any CTA of the group issues its copy
-// (at its x_in iteration i - PREFIX) and writes it, tagged i + 1, in the group's table (TSLOT words); each
-// CTA's issuer loads the word an iteration before it issues the copy, so the claim's round trips are off
-// the refill's path.
-constexpr int CLAIM_AHEAD = 3, PREFIX = RING + CLAIM_AHEAD, TSLOT = 16;
+// (at its x_in iteration i - PREFIX) and writes it, tagged i + 1, in the group's table (TSLOT words) an
+// iteration later, when the atomic's result is surely in; each CTA's issuer loads the word an iteration
+// before it issues the copy. So neither round trip holds the issuer up.
+constexpr int CLAIM_AHEAD = 4, PREFIX = RING + CLAIM_AHEAD, TSLOT = 16;
 // an iteration's tile (or the end) as the CTA's issuer published it to the CTA's other warps: [ZR] words
 constexpr int ZR = 16;
 #ifndef MHC_CP_SK_TILES
@@ -189,7 +189,7 @@ static_assert(TT * CSEGS == 32 * XWARPS * XU, "an x_in lane's whole share of a t
 static_assert(RING != 6 || SMEM_BYTES == 223552, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
 static_assert(SMEM_BYTES <= 223552, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 static_assert(NSLOT == 8, "keep CP_NSLOT in mhc_aot/cuda_dynamic.py equal (the mailboxes' size)");
-static_assert(PREFIX == 9 && TSLOT == 16, "keep CP_PREFIX and CP_TSLOT in mhc_aot/cuda_dynamic.py equal");
+static_assert(PREFIX == 10 && TSLOT == 16, "keep CP_PREFIX and CP_TSLOT in mhc_aot/cuda_dynamic.py equal");
 static_assert(TSLOT > PREFIX + 1 && ZR > RING + 2, "a table or z slot is rewritten only after its iteration's readers");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
 // sg / 8's line (j, r), chunk sg % 8 swizzled (ldmatrix's eight rows and x_in's eight segments of a
@@ -725,6 +725,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // group's end nothing more; a claimed iteration's table word, loaded an iteration ahead
     bool ended = nstatic < RING;  // (the first fill published the end)
     bool claiming = s == 0 && nstatic == PREFIX;
+    int claimed = 0;  // the claimer's last claim (the counter's value), written to the table an iteration later
     unsigned long long ahead = 0ull;
     for (int ix = 0;; ++ix) {
       const int zx = tile_of(ix);
@@ -758,13 +759,16 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           ended = z < 0;
         }
         TRACE(ix, 1);
-        if (claiming) {  // iteration ix + PREFIX's tile, for the whole group
+        if (claiming && ix > 0) {  // iteration ix - 1 + PREFIX's tile, for the whole group (-1: the end)
+          const int j = ix - 1 + PREFIX, z = PREFIX * G + claimed - epoch * per_launch;
+          st_word(table + j % TSLOT, (unsigned long long)(j + 1) << 32 | (unsigned)(z < tiles ? z : -1));
+          claiming = z < tiles;
+        }
+        if (claiming) {  // iteration ix + PREFIX's
 #ifdef MHC_CP_CLAIMS_SKEWED  // tests only: the groups past 0 claim once group 0 made its last claim (it takes them all)
           if (g > 0) spin_until<false>(claims, epoch * per_launch + per_launch - (G - 1));
 #endif
-          const int z = PREFIX * G + atomicAdd(claims, 1) - epoch * per_launch;
-          st_word(table + (ix + PREFIX) % TSLOT, (unsigned long long)(ix + PREFIX + 1) << 32 | (unsigned)(z < tiles ? z : -1));
-          claiming = z < tiles;
+          claimed = atomicAdd(claims, 1);
         }
         if (!ended && i + 1 >= PREFIX) ahead = ld_word(table + (i + 1) % TSLOT);  // the next refill's (in flight)
       }

@@ -113,7 +113,7 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # (4096, 4, 2048) 120.8 / 110.0, (16384, 4, 2048) 362.1 / 345.4 (session 22, a float32 phi).
 # Tests and the A/B scripts set CP_SHAPES = False (and CP_MIN_T) to run it at any shape.
 CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223552, 8  # its header
-CP_PREFIX, CP_TSLOT = 9, 16  # its header: a group's static iterations, its table of claimed tiles
+CP_PREFIX, CP_TSLOT = 10, 16  # its header: a group's static iterations, its table of claimed tiles
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = 1024  # None: never
 CP_SHAPES = True
