@@ -402,12 +402,18 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       spin_pause();
     }
   };
-  // the issuer's publication of iteration i (z < 0: the group has i iterations)
+  // The issuer's publication of iteration i (z < 0: the group has i iterations). The end also completes the
+  // phase of ring buffer i % RING that tile i would have (an arrival with no bytes), so the workers and the
+  // x_in warps wait for iteration i on the barrier alone, where the hardware parks them, and only then read
+  // whether it is a tile: spinning on shared memory while the issue was due took the SM's issue slots from
+  // the warps that set the pace.
   auto publish = [&](int i, int z) {
-    if (z >= 0)
+    if (z >= 0) {
       zpub_s[i % ZR] = (unsigned long long)(i + 1) << 32 | (unsigned)z;
-    else
+    } else {
       *zend_s = i;
+      tma::expect_tx(bars + i % RING, 0);
+    }
   };
   // a mailbox reader's wait, once before its first read: every CTA of the group zeroed its words (see the
   // workers' zeroing)
@@ -599,8 +605,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       dyn::with_phi(phi, phi_kind, load_phi_gathered);
     }
     if (tid == 0) TRACE_CTA(1, gtimer());
-    for (int i = 0; tile_of(i) >= 0; ++i) {
-      tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible
+    for (int i = 0;; ++i) {
+      tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible (or the group ended)
+      if (tile_of(i) < 0) {
+        if (EXCHANGE) named_arrive(handoff(i), HANDOFF_COUNT);  // (the signaler's end)
+        break;
+      }
       workers_sync();                              // ksum free again (the partials of tile i - 1 read)
       if (tid == 0) TRACE(i, 6);
       unsigned char* xb = ring + (size_t)(i % RING) * X_BYTES;
@@ -682,9 +692,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // projected[] tells the coefficient warps when to read a tile's partials; the tags say whether
     // what they read is in (no fence first: session 47)
     for (int j = 0; EXCHANGE; ++j) {
-      const int z = tile_of(j);
-      if (z < 0) break;
       named_sync(handoff(j), HANDOFF_COUNT);
+      const int z = tile_of(j);  // (published before the workers passed the tile's barrier)
+      if (z < 0) break;
       if (lane == 0) {
         if (j == 0) {  // the workers' zeroing (before their arrival) released to the group
           __threadfence();
@@ -728,9 +738,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     int claimed = 0;  // the claimer's last claim (the counter's value), written to the table an iteration later
     unsigned long long ahead = 0ull;
     for (int ix = 0;; ++ix) {
+      tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too; or the end)
       const int zx = tile_of(ix);
       if (zx < 0) break;
-      tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too)
       if (ix == 0 && warp == XWARP && lane == 0) TRACE_CTA(7, gtimer());
       const unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
       uint4 w[XU][NS];  // the lane's share of the tile: items rx + 2 u + lane / CSEGS, segment sg
