@@ -10,10 +10,10 @@
 // A persistent grid: G groups of S = ceil(C / CW) CTAs. CTA s of a group owns columns [s CW, s CW + CW)
 // of every stream: phi's rows j C + c for those columns (n x 128 x 24 floats) are read once and held
 // for the whole launch as split B fragments in the registers of the worker warps (warp = stream x half
-// of the columns), and the group walks token tiles of TT tokens: z = g, g + G, ... for its first PREFIX
-// iterations, then the tiles it claims (see PREFIX). Tile i of the group (two TMA boxes of 64 columns x
-// TT tokens x n streams, the 128-byte swizzle) lands in ring buffer i % RING and stays there until its
-// x_in is formed; then the buffer takes tile i + RING. Per tile a CTA:
+// of the columns), and the group walks token tiles z = g, g + G, g + 2 G, ... of TT tokens. Tile i of
+// the group (two TMA boxes of 64 columns x TT tokens x n streams, the 128-byte swizzle) lands in ring
+// buffer i % RING and stays there until its x_in is formed; then the buffer takes tile i + RING. Per
+// tile a CTA:
 //   1. (workers, iteration i) multiplies its columns of the tile's tokens on tensor cores (as proj_tc:
 //      bfloat16 x exact, phi split in three bfloat16 terms, or one for a bfloat16 phi (MHC_PHI_TERMS);
 //      the sums of squares on the CUDA cores from the same A fragments): partial z and sum of squares
@@ -35,9 +35,9 @@
 //      four take ~1.8 next to the workers' 2.08.
 // Deadlock-free whatever the hardware schedules: CTAs take their (group, split) from a ticket in start
 // order and wait only on CTAs of their own group, so the group of the lowest tickets is always wholly
-// running (a claim waits on nothing). The launcher passes the counters zeroed, and no CTA zeroes them
-// again: a buffer that launches share in sequence counts on, launch k's tickets being k G S .. k G S + G S
-// - 1, its waits counting to S (k + 1) (the epoch k = ticket / (G S)) and its claims from k per_launch. Until session 54 the last CTA to finish zeroed them (a fence and
+// running. The launcher passes the counters zeroed, and no CTA zeroes them again: a buffer that launches
+// share in sequence counts on, launch k's tickets being k G S .. k G S + G S - 1 and its waits counting to
+// S (k + 1) (the epoch k = ticket / (G S)). Until session 54 the last CTA to finish zeroed them (a fence and
 // an atomic at every CTA's end, then 2 + 2 tiles serial stores); same-run A/Bs on the H100 (DynamicMHC
 // forward, n = 4, C = 4096, medians of 6-10 rounds, four A/Bs): at T = 8192 366.4 against 370.4 us, 363.5
 // against 369.0, 360.6 against 365.1, 365.4 against 366.3; at 16384 679.9 against 682.8, 680.5 against 685.5.
@@ -55,18 +55,16 @@
 // Inputs: x [T, n, C] bfloat16, tmpl [32] uint32 (x's tensor-map template: mhc_aot/tma.py, dims
 // (C, T, n), box (64, TT, n), 128-byte swizzle), phi [n C, M] (float32, bfloat16 or float16: the scalar
 // phi_kind; read as it is, no float32 copy first), b [M], alpha_pre / _post / _res
-// [1], sync [2 + 2 tiles] int32 zeros (counted on, never zeroed: ticket, projected[tiles], ready[G] (G <= tiles),
-// claims).
+// [1], sync [1 + 2 tiles] int32 zeros (counted on, never zeroed: ticket, projected[tiles], ready[G]; G <= tiles).
 // Outputs: h_pre [T, n], h_post [T, n], h_res [T, n, n], x_in [T, C], mix [T, M], invr [T] (as
 // mhc_dynamic_coeffs), mbox (scratch, 64-bit words: the partials [G NSLOT S TT RL] and h_pre
-// [G NSLOT TT NS] of a group's last NSLOT tiles, its claimed tiles [G TSLOT]), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh), consts [3 + M] (as
+// [G NSLOT TT NS] of a group's last NSLOT tiles), maps [G S 32] uint32 (scratch: each CTA's tensor map, mhc_tma.cuh), consts [3 + M] (as
 // mhc_dynamic_phi_split's: alpha_pre, alpha_post, alpha_res, b, for the backward). MHC_GRID_RESIDENT: the
 // CPU emulation runs all CTAs of the launch together. MHC_CP_TRACE
 // (timing only, scripts/trace_coeffs_pre.py) writes globaltimer stamps of the workers' phases over mix;
 // with MHC_CP_TRACE_X two of them time the first x_in warp's h_pre loads and x_in instead.
 // MHC_CP_UNGATED (tests only: tests/test_dynamic.py's mailbox test): the coefficient warps read a tile's
 // partials without waiting on `projected`, by the tags alone.
-// MHC_CP_CLAIMS_SKEWED (tests only): group 0 claims every tile past the static ones (the others wait).
 // MHC_CP_SKIP_EXCHANGE, _XIN, _PRODUCT (timing only, wrong outputs): no coefficients (h_pre 1, the x_in
 // warps wait only for their own CTA's workers), no x_in, no products. Session 43, H100, T = 8192, n = 4,
 // C = 4096, trace's launch span: all three skipped (the TMA ring alone) 99.1 us, x read at ~2.8 TB/s;
@@ -75,7 +73,6 @@
 #include "mhc_dynamic_mma.cuh"
 #include "mhc_tma.cuh"
 
-#include <climits>
 #include <type_traits>
 
 using namespace mhc;
@@ -110,18 +107,6 @@ static_assert(TERMS == 1 || TERMS == 3, "one bfloat16 term (a bfloat16 phi) or t
 // 48, same-run A/B on the H100 against 12 slots, the forward at T = 8192 374.4-383.5 against 379.1-384.3
 // us, at 16384 704.0-717.1 against 716.2-722.7.
 constexpr int NSLOT = 8;
-// The groups' tiles: iterations i < PREFIX of group g take z = g + i G (the ring's first fill and the
-// refills that follow it); later ones take the tiles from PREFIX G on as the groups claim them from one
-// counter (claims), so a slower group takes fewer and the groups end within about a tile of each other.
-// With a static split the group of the slowest CTAs set the end: session 53's trace (H100, T = 8192) had
-// one group at 1.90 us a tile against 1.82-1.84 for the other three, done ~3.5 us after them. The group's
-// split-0 CTA claims iteration i's tile CLAIM_AHEAD iterations before any CTA of the group issues its copy
-// (at its x_in iteration i - PREFIX) and writes it, tagged i + 1, in the group's table (TSLOT words) an
-// iteration later, when the atomic's result is surely in; each CTA's issuer loads the word an iteration
-// before it issues the copy. So neither round trip holds the issuer up.
-constexpr int CLAIM_AHEAD = 4, PREFIX = RING + CLAIM_AHEAD, TSLOT = 16;
-// an iteration's tile (or the end) as the CTA's issuer published it to the CTA's other warps: [ZR] words
-constexpr int ZR = 16;
 #ifndef MHC_CP_SK_TILES
 #define MHC_CP_SK_TILES 4
 #endif
@@ -174,7 +159,7 @@ constexpr int KSTEPS = CW / 16;            // k16 steps a stream
 constexpr int KH = KSTEPS / 2;             // k16 steps a worker warp: warp = (stream, half of the columns)
 constexpr int SLICES = 2 * NS;             // partial sums in shared memory: a (stream, half) each
 // 1024 bytes of slack: the buffers start at the first 1024-byte boundary (the 128-byte swizzle's)
-constexpr int SMEM_BYTES = 1024 + RING * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 8 * RING + 8 * ZR + 16;
+constexpr int SMEM_BYTES = 1024 + RING * X_BYTES + TM_BYTES + SLICES * TT * RL * 4 + 8 * RING + 16;
 static_assert(WORKERS == 8 * 32 && NS * 2 == WORKERS / 32, "8 worker warps: a stream x half its columns each");
 static_assert(CW == 2 * BOXC && X_BYTES % 1024 == 0, "two boxes a tile; buffers keep 1024-byte alignment");
 static_assert(RL <= 32, "a lane per partial sum");
@@ -186,11 +171,9 @@ static_assert(XIN_DONE < 16, "named barrier ids");
 static_assert(SK_TILES <= 32, "a lane per tile of a Sinkhorn batch");
 static_assert(NSLOT > RING + 1 && HANDOFF_IDS > RING + 1, "a slot or id is reused only after its tile's h_pre was seen");
 static_assert(TT * CSEGS == 32 * XWARPS * XU, "an x_in lane's whole share of a tile in registers at once");
-static_assert(RING != 6 || SMEM_BYTES == 223552, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
-static_assert(SMEM_BYTES <= 223552, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
+static_assert(RING != 6 || SMEM_BYTES == 223424, "keep CP_SMEM_BYTES in mhc_aot/cuda_dynamic.py equal");
+static_assert(SMEM_BYTES <= 223424, "the launcher passes CP_SMEM_BYTES (mhc_aot/cuda_dynamic.py)");
 static_assert(NSLOT == 8, "keep CP_NSLOT in mhc_aot/cuda_dynamic.py equal (the mailboxes' size)");
-static_assert(PREFIX == 10 && TSLOT == 16, "keep CP_PREFIX and CP_TSLOT in mhc_aot/cuda_dynamic.py equal");
-static_assert(TSLOT > PREFIX + 1 && ZR > RING + 2, "a table or z slot is rewritten only after its iteration's readers");
 // byte offset of (token r, stream j, 8-column segment sg of the CTA's CW) in a tile buffer: box
 // sg / 8's line (j, r), chunk sg % 8 swizzled (ldmatrix's eight rows and x_in's eight segments of a
 // phase fall in eight bank groups)
@@ -334,17 +317,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   uint32_t* tm = reinterpret_cast<uint32_t*>(base + RING * X_BYTES);    // the tensor map, staged
   float* ksum = reinterpret_cast<float*>(base + RING * X_BYTES + TM_BYTES);  // [stream][half][TT][RL]
   uint64_t* bars = reinterpret_cast<uint64_t*>(ksum + SLICES * TT * RL);  // [RING] tiles
-  // [ZR]: iteration i's tile z as (i + 1) << 32 | z, once its copy is issued (the issuer's order)
-  volatile unsigned long long* zpub_s = reinterpret_cast<volatile unsigned long long*>(bars + RING);
-  int* ticket_s = reinterpret_cast<int*>(bars + RING + ZR);
+  int* ticket_s = reinterpret_cast<int*>(bars + RING);
   volatile int* wdone_s = ticket_s + 1;  // the tiles whose products are done (worker thread 0's count)
   int* queue_s = ticket_s + 2;           // the coefficient warps' next tile
-  volatile int* zend_s = ticket_s + 3;   // the group's iterations (its tiles), once the issuer knows
   int* sync = const_cast<int*>(sync_in);  // zeroed by the launcher (or counted on by launches before, see above)
   const int tiles = (Tn + TT - 1) / TT, M = n * n + 2 * n;
   int* projected = sync + 1;
   int* ready = sync + 1 + tiles;  // [G] (G <= tiles): the group's CTAs whose mailboxes are zeroed
-  int* claims = sync + 1 + 2 * tiles;  // the tiles from PREFIX G on, as the groups claim them
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 #ifndef MHC_EMULATED
   if ((reinterpret_cast<uintptr_t>(x) & 15) != 0) {  // TMA reads from 16-byte aligned addresses only
@@ -361,8 +340,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     *ticket_s = atomicAdd(sync, 1);
     *wdone_s = 0;
     *queue_s = 0;
-    *zend_s = INT_MAX;
-    for (int k = 0; k < ZR; ++k) zpub_s[k] = 0ull;
     for (int k = 0; k < RING; ++k) tma::bar_init(bars + k, 1);  // the issuing thread's arrival
     tma::bar_init_fence();
   }
@@ -380,41 +357,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     TRACE_CTA(6, sm);
   }
 #endif
-  // the group's static iterations (its tiles z = g + i G, i < nstatic); with all PREFIX of them it claims more
-  const int nstatic = g < tiles ? min(PREFIX, (tiles - g + G - 1) / G) : 0;
-  // claims a launch takes from the counter: every tile from PREFIX G on, and one past the end from each
-  // group that claims (those with all PREFIX static tiles); launches on a shared buffer count on by it
-  const int per_launch = max(0, tiles - PREFIX * G) + min(G, max(0, tiles - (PREFIX - 1) * G));
+  const int ntile = g < tiles ? (tiles - g + G - 1) / G : 0;  // the group's tiles z = g + i G, i < ntile
   // The mailboxes (tagged words, tag i + 1 for the group's tile i), slot i % NSLOT of the group:
   // part_box [G][NSLOT][split][TT][RL], a CTA's partials of a tile one contiguous block (coalesced
   // stores on the workers' path; the coefficient warps' strided loads are off it); hpre_box
   // [G][NSLOT][TT][NS], the tile's h_pre
   auto part_box = [&](int i) { return mbox + (size_t)(g * NSLOT + i % NSLOT) * TT * RL * S; };
   auto hpre_box = [&](int i) { return mbox + (size_t)G * NSLOT * TT * RL * S + (size_t)(g * NSLOT + i % NSLOT) * TT * NS; };
-  // the group's claimed tiles: [G][TSLOT] words, iteration i's at i % TSLOT, tagged i + 1 (z = -1: the end)
-  unsigned long long* table = mbox + (size_t)G * NSLOT * TT * (RL * S + NS) + (size_t)g * TSLOT;
-  // Iteration i's tile z, or -1 past the group's last: as the issuer published it (a spin on shared memory)
-  auto tile_of = [&](int i) {
-    for (;;) {
-      const unsigned long long w = zpub_s[i % ZR];
-      if ((unsigned)(w >> 32) == (unsigned)i + 1) return (int)(unsigned)w;
-      if (i >= *zend_s) return -1;
-      spin_pause();
-    }
-  };
-  // The issuer's publication of iteration i (z < 0: the group has i iterations). The end also completes the
-  // phase of ring buffer i % RING that tile i would have (an arrival with no bytes), so the workers and the
-  // x_in warps wait for iteration i on the barrier alone, where the hardware parks them, and only then read
-  // whether it is a tile: spinning on shared memory while the issue was due took the SM's issue slots from
-  // the warps that set the pace.
-  auto publish = [&](int i, int z) {
-    if (z >= 0) {
-      zpub_s[i % ZR] = (unsigned long long)(i + 1) << 32 | (unsigned)z;
-    } else {
-      *zend_s = i;
-      tma::expect_tx(bars + i % RING, 0);
-    }
-  };
   // a mailbox reader's wait, once before its first read: every CTA of the group zeroed its words (see the
   // workers' zeroing)
   auto await_zeroed = [&] {
@@ -426,8 +375,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
   // issues the first RING tiles; the first x_in warp issues tile ix + RING once every x_in warp holds
   // its share of tile ix and the workers have read it.
   uint64_t* dbar = bars;
-  auto issue_tile = [&](int i, int z) {  // the group's iteration i, tile z: two boxes
-    const int t0 = z * TT;
+  auto issue_tile = [&](int i) {  // tile i of the group: two boxes
+    const int t0 = (g + i * G) * TT;
     unsigned char* dst = ring + (size_t)(i % RING) * X_BYTES;
     uint64_t* bar = dbar + i % RING;
     tma::expect_tx(bar, 2 * BOXC * TT * n * 2);  // out-of-range elements (past T, C) count too
@@ -440,13 +389,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     if (tid == 0) tma::acquire_map(gmap);
     if (tid == 0) TRACE_CTA(8, gtimer());
     // the first RING tiles' copies before phi's fragments load (those loads then overlap the copies)
-    if (tid == 0) {
-      for (int p = 0; p < RING && p < nstatic; ++p) {
-        publish(p, g + p * G);
-        issue_tile(p, g + p * G);
-      }
-      if (nstatic < RING) publish(nstatic, -1);
-    }
+    if (tid == 0)
+      for (int p = 0; p < RING && p < ntile; ++p) issue_tile(p);
     if (tid == 0) TRACE_CTA(9, gtimer());
     // Zero the words this CTA will write in its group's mailboxes: the buffer may hold an earlier
     // launch's words with the tags this one waits for. Its readers acquire ready[g] == all_in before
@@ -456,15 +400,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // three-term build before its loads.
     auto zero_mailboxes = [&] {
       if (EXCHANGE) {
-        const int used = min(nstatic, NSLOT);  // (PREFIX > NSLOT: a group that claims uses them all)
+        const int used = min(ntile, NSLOT);
         for (int e = tid; e < used * TT * RL / 2; e += WORKERS)
           st_words2(part_box(e / (TT * RL / 2)) + (size_t)s * TT * RL + 2 * (e % (TT * RL / 2)), 0ull, 0ull);
         for (int e = tid; e < used * TT * NS; e += WORKERS) {
           const int k = e / (TT * NS), r = e / NS % TT;
           if (r % S == s) st_word(hpre_box(k) + e % (TT * NS), 0ull);
         }
-        if (s == 0 && nstatic == PREFIX)  // the claimer's table
-          for (int e = tid; e < TSLOT; e += WORKERS) st_word(table + e, 0ull);
       }
       if (tid == 0) TRACE_CTA(10, gtimer());
     };
@@ -605,12 +547,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       dyn::with_phi(phi, phi_kind, load_phi_gathered);
     }
     if (tid == 0) TRACE_CTA(1, gtimer());
-    for (int i = 0;; ++i) {
-      tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible (or the group ended)
-      if (tile_of(i) < 0) {
-        if (EXCHANGE) named_arrive(handoff(i), HANDOFF_COUNT);  // (the signaler's end)
-        break;
-      }
+    for (int i = 0; i < ntile; ++i) {
+      tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible
       workers_sync();                              // ksum free again (the partials of tile i - 1 read)
       if (tid == 0) TRACE(i, 6);
       unsigned char* xb = ring + (size_t)(i % RING) * X_BYTES;
@@ -691,16 +629,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // ---------------------------------------------------------------- the signaler
     // projected[] tells the coefficient warps when to read a tile's partials; the tags say whether
     // what they read is in (no fence first: session 47)
-    for (int j = 0; EXCHANGE; ++j) {
+    for (int j = 0; j < (EXCHANGE ? ntile : 0); ++j) {
       named_sync(handoff(j), HANDOFF_COUNT);
-      const int z = tile_of(j);  // (published before the workers passed the tile's barrier)
-      if (z < 0) break;
       if (lane == 0) {
         if (j == 0) {  // the workers' zeroing (before their arrival) released to the group
           __threadfence();
           atomicAdd(ready + g, 1);
         }
-        atomicAdd(projected + z, 1);
+        atomicAdd(projected + g + j * G, 1);
       }
     }
   } else if (warp < XWARP + XWARPS) {
@@ -730,17 +666,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       __syncwarp();
     }
-    if (EXCHANGE && nstatic > 0) await_zeroed();
-    // The issuer's state (the first x_in warp's lane 0): the refills are published in order, and past the
-    // group's end nothing more; a claimed iteration's table word, loaded an iteration ahead
-    bool ended = nstatic < RING;  // (the first fill published the end)
-    bool claiming = s == 0 && nstatic == PREFIX;
-    int claimed = 0;  // the claimer's last claim (the counter's value), written to the table an iteration later
-    unsigned long long ahead = 0ull;
-    for (int ix = 0;; ++ix) {
-      tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too; or the end)
-      const int zx = tile_of(ix);
-      if (zx < 0) break;
+    if (EXCHANGE && ntile > 0) await_zeroed();
+    for (int ix = 0; ix < ntile; ++ix) {
+      tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too)
       if (ix == 0 && warp == XWARP && lane == 0) TRACE_CTA(7, gtimer());
       const unsigned char* xb = ring + (size_t)(ix % RING) * X_BYTES;
       uint4 w[XU][NS];  // the lane's share of the tile: items rx + 2 u + lane / CSEGS, segment sg
@@ -752,39 +680,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       named_sync(XIN_DONE, 32 * XWARPS);  // every x_in warp holds its share
       if (warp == XWARP && lane == 0) {
         while (*wdone_s <= ix) spin_pause();  // and the workers' products of it are done
-        const int i = ix + RING;  // the refill's iteration
-        if (!ended) {
-          int z;
-          if (i < PREFIX) {
-            z = i < nstatic ? g + i * G : -1;
-          } else {  // claimed (nstatic == PREFIX): the word loaded an iteration ago, or again until it is in
-            while (tag_of(ahead) != (unsigned)i + 1) {
-              spin_pause();
-              ahead = ld_word(table + i % TSLOT);
-            }
-            z = (int)(unsigned)ahead;
-          }
-          publish(i, z);
-          if (z >= 0) issue_tile(i, z);
-          ended = z < 0;
-        }
+        if (ix + RING < ntile) issue_tile(ix + RING);
         TRACE(ix, 1);
-        if (claiming && ix > 0) {  // iteration ix - 1 + PREFIX's tile, for the whole group (-1: the end)
-          const int j = ix - 1 + PREFIX, z = PREFIX * G + claimed - epoch * per_launch;
-          st_word(table + j % TSLOT, (unsigned long long)(j + 1) << 32 | (unsigned)(z < tiles ? z : -1));
-          claiming = z < tiles;
-        }
-        if (claiming) {  // iteration ix + PREFIX's
-#ifdef MHC_CP_CLAIMS_SKEWED  // tests only: the groups past 0 claim once group 0 made its last claim (it takes them all)
-          if (g > 0) spin_until<false>(claims, epoch * per_launch + per_launch - (G - 1));
-#endif
-          claimed = atomicAdd(claims, 1);
-        }
-        if (!ended && i + 1 >= PREFIX) ahead = ld_word(table + (i + 1) % TSLOT);  // the next refill's (in flight)
       }
       // h_pre of the warp's tokens (lane r holds token r's) from the mailbox, read until every word has
       // the tile's tag: one round trip once they are in, where a counter and then h_pre were two
-      const int t0 = zx * TT;
+      const int t0 = (g + ix * G) * TT;
       float hp[NS];
 #pragma unroll
       for (int j = 0; j < NS; ++j) hp[j] = j >= n ? -0.0f : !EXCHANGE ? 1.0f : 0.0f;
@@ -842,8 +743,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     // 16384 ~10 us faster.
     const int h = lane / 16, l16 = lane % 16;
     const float a_pre = *alpha_pre, a_post = *alpha_post, a_res = *alpha_res;
-    // h_res after the publication (x_in needs only h_pre), batched: the tokens of the nb tiles that lanes
-    // 0 .. nb - 1 hold, SK_ILP a lane in each half-warp (nothing in this launch waits on
+    // h_res after the publication (x_in needs only h_pre), batched: the tokens of the nb tiles whose
+    // indices lanes 0 .. nb - 1 hold, SK_ILP a lane in each half-warp (nothing in this launch waits on
     // h_res, and a token's Sinkhorn is a latency-bound chain: session 22's trace had the coefficient
     // warps busy 7.8 us a tile, 4.4 of it one token's Sinkhorn, so they set the pace)
     auto sinkhorn_batch = [&](int nb, int btile) {
@@ -855,7 +756,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
 #pragma unroll
         for (int u = 0; u < SK_ILP; ++u) {
           const int e = e0 + h * SK_ILP + u, r = s + (e % per) * S;
-          t[u] = __shfl_sync(0xffffffffu, btile, e / per) * TT + r;
+          t[u] = (g + __shfl_sync(0xffffffffu, btile, e / per) * G) * TT + r;
           if (e >= ntok || t[u] >= Tn) t[u] = -1;
           // (v_m invr) a_res + b_m, as the tile's loop had it: mix as written there (by this warp, a
           // __syncwarp ago)
@@ -867,22 +768,17 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           if (elem && t[u] >= 0) h_res[(size_t)t[u] * n * n + l16] = P[u];
       }
     };
-    // (a CTA past the tile's tokens, s >= TT, has none of them: nothing to do)
-    if (EXCHANGE && s < TT && nstatic > 0) await_zeroed();
+    if (EXCHANGE && s < TT && ntile > 0) await_zeroed();
     int nb = 0, thr = max(1, SK_TILES - (warp - COEFF0)), btile = 0;
     for (;;) {
-      int i = 0, z = -1;
-      if (lane == 0) {
-        i = atomicAdd(queue_s, 1);
-        if (EXCHANGE && s < TT) z = tile_of(i);
-      }
+      int i = 0;
+      if (lane == 0) i = atomicAdd(queue_s, 1);
       i = __shfl_sync(0xffffffffu, i, 0);
-      z = __shfl_sync(0xffffffffu, z, 0);
-      if (z < 0) break;
-      const int t0 = z * TT;
+      if (!EXCHANGE || i >= ntile) break;
+      const int z = g + i * G, t0 = z * TT;
       if (lane == 0) TRACE(i, 2);
       // this CTA has tokens r = s, s + S, ... of the tile
-      {
+      if (s < TT) {
 #ifndef MHC_CP_UNGATED  // (tests only: the readers go by the tags alone, from the first read)
         if (lane == 0) spin_until<false>(projected + z, all_in);  // when to read: every split signalled the tile
 #endif
@@ -926,15 +822,15 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       }
       __syncwarp();  // (mix as the Sinkhorn batch reads it)
       if (lane == 0) TRACE(i, 4);
-      if (lane == nb) btile = z;  // lane k keeps the batch's k-th tile
+      if (lane == nb) btile = i;  // lane k keeps the batch's k-th tile
       if (++nb == thr) {
-        sinkhorn_batch(nb, btile);
+        if (s < TT) sinkhorn_batch(nb, btile);
         nb = 0;
         thr = SK_TILES;
       }
       if (lane == 0) TRACE(i, 5);
     }
-    if (nb > 0) sinkhorn_batch(nb, btile);  // the last batch's tiles
+    if (s < TT && nb > 0) sinkhorn_batch(nb, btile);  // the last batch's tiles
     if (warp == COEFF0 && lane == 0) TRACE_CTA(4, gtimer());
   }
 

@@ -112,8 +112,7 @@ COLSUM_CTA_ROWS = 64  # colsum: above this many rows, one CTA per column
 # machine's 362.7-368.8 / 333.5, ahead at T = 1024; slower outside the rule: (8192, 2, 4096) 253.0 / 212.6,
 # (4096, 4, 2048) 120.8 / 110.0, (16384, 4, 2048) 362.1 / 345.4 (session 22, a float32 phi).
 # Tests and the A/B scripts set CP_SHAPES = False (and CP_MIN_T) to run it at any shape.
-CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223552, 8  # its header
-CP_PREFIX, CP_TSLOT = 10, 16  # its header: a group's static iterations, its table of claimed tiles
+CP_TT, CP_CW, CP_RL, CP_NMAX, CP_BLOCK, CP_SMEM_BYTES, CP_NSLOT = 32, 128, 25, 4, 512, 223424, 8  # its header
 CP_BOXC, CP_ARCH = 64, 90  # its TMA boxes' columns (128-byte swizzled lines); the one arch its cubin runs on
 CP_MIN_T: int | None = 1024  # None: never
 CP_SHAPES = True
@@ -378,24 +377,16 @@ _sync_pads = itertools.count()
 
 
 def coeffs_pre_sync_len(T: int) -> int:
-    """int32 counters of mhc_dynamic_coeffs_pre: ticket, projected per tile, then ready per group (G <= tiles),
-    then the groups' claimed tiles. Zeroed for a launch; the kernel leaves them counted on (launches that share
-    the buffer in sequence go by the ticket's epoch), never zeroed."""
-    return 2 + 2 * _cdiv(T, CP_TT)
-
-
-def coeffs_pre_claims(T: int, G: int) -> int:
-    """The claims one launch of mhc_dynamic_coeffs_pre takes from its counter: every tile past the groups'
-    CP_PREFIX static ones, and one past the end from each group that claims (those with all CP_PREFIX)."""
-    tiles = _cdiv(T, CP_TT)
-    return max(0, tiles - CP_PREFIX * G) + min(G, max(0, tiles - (CP_PREFIX - 1) * G))
+    """int32 counters of mhc_dynamic_coeffs_pre: ticket, projected per tile, then ready per group (G <= tiles).
+    Zeroed for a launch; the kernel leaves them counted on (launches that share the buffer in sequence go by
+    the ticket's epoch), never zeroed."""
+    return 1 + 2 * _cdiv(T, CP_TT)
 
 
 def coeffs_pre_mailbox_words(G: int, S: int) -> int:
     """uint32 words of mhc_dynamic_coeffs_pre's mailboxes (scratch: 64-bit tagged words, each CTA zeroes
-    its own): every group's CP_NSLOT slots of partials [S, CP_TT, CP_RL] and of h_pre [CP_TT, CP_NMAX], then
-    its table of CP_TSLOT claimed tiles."""
-    return 2 * G * (CP_NSLOT * CP_TT * (S * CP_RL + CP_NMAX) + CP_TSLOT)
+    its own): every group's CP_NSLOT slots of partials [S, CP_TT, CP_RL] and of h_pre [CP_TT, CP_NMAX]."""
+    return 2 * G * CP_NSLOT * CP_TT * (S * CP_RL + CP_NMAX)
 
 
 def _coeffs_pre(x3, phi, b32, ap, apo, ar, cfg, G: int, sync=None, phi_terms: int = 3):
