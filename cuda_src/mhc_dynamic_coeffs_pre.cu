@@ -290,7 +290,8 @@ __device__ __forceinline__ unsigned gtimer() {
 // the launch's own stamps, after every CTA's tile stamps: [ticket][16] (entry, phi loaded, the workers' /
 // x_in warps' / first coefficient warp's loop done, past the last barrier; then the SM's id; then the
 // startup: the first x_in warp past tile 0's landing and the group's zeroing (ready[g]), and thread 0 past
-// its map's acquire, the ring's first copies issued, its zero stores issued, the ticket read)
+// its map's acquire, the ring's first copies issued, its zero stores issued, the ticket read; then the
+// signaler past tile 0's hand-over barrier, past its fence, and past its two atomics' issue)
 #define TRACE_CTA(k, t) \
   do { reinterpret_cast<unsigned*>(mix)[(size_t)gridDim.x * 640 + (size_t)ticket * 16 + (k)] = (t); } while (0)
 #else
@@ -633,10 +634,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       named_sync(handoff(j), HANDOFF_COUNT);
       if (lane == 0) {
         if (j == 0) {  // the workers' zeroing (before their arrival) released to the group
+          TRACE_CTA(12, gtimer());
           __threadfence();
+          TRACE_CTA(13, gtimer());
           atomicAdd(ready + g, 1);
         }
         atomicAdd(projected + g + j * G, 1);
+        if (j == 0) TRACE_CTA(14, gtimer());
       }
     }
   } else if (warp < XWARP + XWARPS) {
