@@ -25,6 +25,13 @@ path = next((a for a in sys.argv[1:] if a.endswith(".cu")), "")  # a variant's s
 knobs = dict(a[1:].split("=") for a in sys.argv[1:] if a.startswith("@"))  # launch constants, e.g. @CP_SMEM_BYTES=N
 defs = [a for a in sys.argv[1:] if not a.lstrip("-").isdigit() and a != path and not a.startswith("@")]
 T, n, C = (int(v) for v in (nums[:3] or (8192, 4, 4096)))
+
+
+def define(name: str, default: int) -> int:
+    """A define's value as given on the command line (a variant's MHC_CP_RING=4), else the kernel's default."""
+    return int(next((d.split("=")[1] for d in defs if d.startswith(name + "=")), default))
+
+
 SOURCE = "mhc_dynamic_coeffs_pre"
 gpu_source_ab.use(SOURCE, gpu_source_ab.compile_variant(SOURCE, f"trace={path}:MHC_CP_TRACE:" + ":".join(defs), (4,))[1],
                   cuda._binary)
@@ -34,10 +41,14 @@ cuda_dynamic.CP_MIN_T, cuda_dynamic.CP_SHAPES = 1, False  # any shape
 G = cuda_dynamic.coeffs_pre_groups(T, n, C, mx.bfloat16)
 S = -(-C // cuda_dynamic.CP_CW)
 x = (mx.random.normal((T, n, C)) * 0.5).astype(mx.bfloat16)
-phi = mx.random.normal((n * C, n * n + 2 * n)) * 0.01
+# phi in the dtype the dispatch gives this build: the one-term build serves a bfloat16 phi (BF16_PHI_TERMS), the
+# three-term one float32 (until session 57 the one-term traces ran a float32 phi: its rows staged in two rounds of
+# twice the bytes, a startup no user's launch has)
+terms = define("MHC_PHI_TERMS", 3)
+phi = (mx.random.normal((n * C, n * n + 2 * n)) * 0.01).astype(mx.bfloat16 if terms == 1 else mx.float32)
 b, a = mx.zeros((n * n + 2 * n,)), mx.array([1.0])
 for _ in range(3):
-    outs = cuda_dynamic._coeffs_pre(x, phi, b, a, a, a, Config(), G)
+    outs = cuda_dynamic._coeffs_pre(x, phi, b, a, a, a, Config(), G, phi_terms=terms)
     mx.eval(outs)
 mix = np.array(outs[4]).reshape(-1).view(np.uint32)
 ntile = -(-T // cuda_dynamic.CP_TT) // G
@@ -48,11 +59,6 @@ if G * S * 656 > mix.size or ntile > 64:
              f"most 64 tiles a group ({ntile}): choose a larger T or n, or fewer tokens per group")
 # stamps are the low 32 bits of globaltimer (ns): differences taken modulo 2^32, signed
 wrap = lambda d: ((d + 2**31) % 2**32) - 2**31  # noqa: E731
-
-
-def define(name: str, default: int) -> int:
-    """A define's value as given on the command line (a variant's MHC_CP_RING=4), else the kernel's default."""
-    return int(next((d.split("=")[1] for d in defs if d.startswith(name + "=")), default))
 
 
 ev = mix[: G * S * 64 * 10].reshape(G * S, 64, 10).astype(np.int64)[:, :ntile]
