@@ -8,10 +8,10 @@ records every kernel of the process, MLX's graph-launched ones included.
   python scripts/gpu_timeline.py 4096:4:2048 --backward
 
 The calls run as `mhc bench --layer dynamic` runs them (mx.compile'd, throughput mode: queued with
-mx.async_eval, one synchronise), after the bench's own timing of the same runner in the same process
-(printed first). Prints each kernel (start relative to the first, duration, gap before it), then per
-kernel name the median duration and gap, then the span a call. Writes the Chrome trace to
-$OUT/timeline_T_n_C.json (or ./).
+mx.async_eval, one synchronise), after `mhc bench`'s own timing of the same runner in the same process
+with its settings (bench.default_settings: on a GPU 7 batches of 50 calls; printed first). Prints each
+kernel (start relative to the first, duration, gap before it), then per kernel name the median duration
+and gap, then the span a call. Writes the Chrome trace to $OUT/timeline_T_n_C.json (or ./).
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ def main() -> None:
     T, n, C = (int(v) for v in args.config.split(":"))
     case = bench.Case("throughput", T, n, C, "bfloat16", args.backward, layer="dynamic", phi_dtype=args.phi_dtype)
     runner = bench.make_runner("kernels", case, bench.make_inputs(case), layers=args.layers)
-    timing = bench.time_runner(runner, "throughput", 30, 5, repeats=5)
-    print(f"bench timing (throughput, 30 calls x 5): median {timing.median_us:.1f} us a call", flush=True)
+    s = bench.default_settings("throughput")
+    timing = bench.time_runner(runner, "throughput", s.iters, s.warmup, s.repeats)
+    print(f"bench timing (throughput, {s.repeats} batches of {s.iters} calls): median {timing.median_us:.1f} us a call",
+          flush=True)
     torch.cuda.init()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         mx.synchronize()
@@ -62,15 +64,15 @@ def main() -> None:
                         key=lambda e: e["ts"])
     if not events:
         raise SystemExit("CUPTI recorded no kernels")
-    t0, end = events[0]["ts"], None
+    t0 = end = events[0]["ts"]  # end: the latest end of the kernels so far
     per_name: dict[str, list[tuple[float, float]]] = {}
     for e in events:
-        # a negative gap: the kernel started before the previous one ended (concurrent branches of a graph)
-        gap = e["ts"] - end if end is not None else 0.0
+        # a negative gap: the kernel started before an earlier one ended (concurrent branches of a graph)
+        gap = e["ts"] - end
         name = e["name"][:60]
         print(f"{e['ts'] - t0:10.1f}  dur {e['dur']:7.1f}  gap {gap:7.1f}  stream {e['args'].get('stream')}  {name}")
         per_name.setdefault(name, []).append((e["dur"], gap))
-        end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
+        end = max(end, e["ts"] + e["dur"])
     for name, v in per_name.items():
         print(f"per kernel: {name}: {len(v)} launches, duration median {statistics.median(d for d, _ in v):.1f} us, "
               f"gap before median {statistics.median(g for _, g in v):.1f} us")
