@@ -232,10 +232,11 @@ def check_all(jobs: int | None = None, log=print) -> list[tuple[KernelVariant, s
 
 # ------------------------------------------------------------------ CPU emulation (tests)
 # The kernels RUN on Linux too: each variant is compiled as C++ by g++ against the emulation
-# header metal_src/check/emulate/metal_stdlib (threads of a threadgroup are std::threads,
-# barriers and simdgroup reductions are emulated) and launched by a generated driver that binds
+# header metal_src/check/emulate/metal_stdlib (threads of a threadgroup are fibers of
+# tests/emu_fiber.h, barriers and simdgroup reductions are emulated) and launched by a generated driver that binds
 # buffers by index exactly as MLX does. Proves the algorithm and the indexing, not Metal.
 EMULATE = STAND_IN / "emulate"
+FIBER = SRC.parent / "tests" / "emu_fiber.h"  # the fibers, shared with the CUDA emulation
 _TG_ARRAY = re.compile(r"^(\s*)threadgroup(\s+\w+\s+\w+\s*\[[^\];]+\];)", re.M)  # kernel-scope arrays
 _ATTR_VALUES = {"thread_index_in_threadgroup": "tid", "thread_index_in_simdgroup": "tid % 32u",
                 "simdgroup_index_in_threadgroup": "tid / 32u", "threadgroup_position_in_grid": "tgid",
@@ -276,7 +277,7 @@ def build_emulation(v: KernelVariant, cache: Path) -> Path:
     """The emulation of one variant as a shared library (cached by content)."""
     src = emulation_source(v)
     h = hashlib.sha256(src.encode())
-    for f in [*sorted(SRC.glob("*.h")), EMULATE / "metal_stdlib"]:
+    for f in [*sorted(SRC.glob("*.h")), EMULATE / "metal_stdlib", FIBER]:
         h.update(f.read_bytes())
     h.update(repr(sorted(defines(v).items())).encode())
     so = cache / f"{v.name}-{h.hexdigest()[:16]}.so"
@@ -285,7 +286,7 @@ def build_emulation(v: KernelVariant, cache: Path) -> Path:
         cpp = so.with_suffix(f".{os.getpid()}.cpp")
         cpp.write_text(src)
         tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-isystem", str(EMULATE), "-I", str(SRC),
+        cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-isystem", str(EMULATE), "-I", str(SRC), "-I", str(FIBER.parent),
                *[f"-D{k}={val}" for k, val in defines(v).items()], "-x", "c++", str(cpp), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

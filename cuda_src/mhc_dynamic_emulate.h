@@ -22,7 +22,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <ucontext.h>
 
 #include <cmath>
 #include <deque>
@@ -30,6 +29,8 @@
 #include <map>
 #include <type_traits>
 #include <vector>
+
+#include "emu_fiber.h"  // tests/: the fibers (GPU threads) and the switch between them
 
 #define __global__
 #define __device__
@@ -223,50 +224,6 @@ inline float __uint_as_float(unsigned u) {
   memcpy(&f, &u, 4);
   return f;
 }
-
-// Switching between threads. swapcontext saves and restores the signal mask with a system call at
-// every switch, and a kernel with barriers switches millions of times a launch: on a VM whose system
-// calls trap to the hypervisor (CI's machine: a swapcontext round trip took 2.3 us, ~1.1 us a call)
-// that was most of the suite's time. On x86-64 ELF a switch saves the System V ABI's callee-saved
-// registers on the old stack and pops them off the new one (the kernels never change MXCSR or the
-// x87 control word, the rest of the preserved state); elsewhere, or with MHC_EMU_UCONTEXT, ucontext.
-#if defined(__x86_64__) && defined(__ELF__) && !defined(MHC_EMU_UCONTEXT)
-#define MHC_EMU_FAST_SWITCH 1
-extern "C" void mhc_emu_switch(void** save_sp, void* to_sp);  // saves into *save_sp, resumes to_sp
-asm(R"(
-  .text
-  .p2align 4
-  .globl mhc_emu_switch
-  .hidden mhc_emu_switch
-  .type mhc_emu_switch, @function
-mhc_emu_switch:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-  .size mhc_emu_switch, .-mhc_emu_switch
-)");
-struct EmuContext {
-  void* sp = nullptr;  // the saved stack pointer: six registers, then the address to resume at
-};
-inline void emu_switch(EmuContext& from, EmuContext& to) { mhc_emu_switch(&from.sp, to.sp); }
-#else
-struct EmuContext {
-  ucontext_t uc;
-};
-inline void emu_switch(EmuContext& from, EmuContext& to) { swapcontext(&from.uc, &to.uc); }
-#endif
 
 // One CTA: its threads are fibers run round-robin on one OS thread; a thread that waits at a
 // barrier yields until the barrier's generation moves on.
@@ -584,34 +541,14 @@ inline void emu_trampoline() {
   c->warp[c->warp_index()].drop();
   c->bar[c->cta()].drop();
   c->cluster.drop();
-}  // returns to uc_link (ucontext): the scheduler
+}
 
-#ifdef MHC_EMU_FAST_SWITCH
 // A fiber's first frame: runs the thread, then resumes the scheduler for good.
 [[noreturn]] inline void emu_fiber_entry() {
   emu_trampoline();
   EmuContext gone;
   emu_switch(gone, emu_cta->sched);
   __builtin_unreachable();
-}
-#endif
-
-// Makes `f` start at emu_fiber_entry on its own stack when the scheduler first switches to it.
-inline void emu_start_fiber(EmuFiber& f, EmuContext& sched) {
-#ifdef MHC_EMU_FAST_SWITCH
-  (void)sched;
-  void** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(f.stack.data()) + f.stack.size()) & ~uintptr_t(15));
-  *--sp = nullptr;  // emu_fiber_entry's return address (it never returns): entered with rsp % 16 == 8, as by a call
-  *--sp = reinterpret_cast<void*>(&emu_fiber_entry);  // where mhc_emu_switch's ret goes
-  for (int r = 0; r < 6; ++r) *--sp = nullptr;      // r15, r14, r13, r12, rbx, rbp: a zero rbp ends backtraces
-  f.ctx.sp = sp;
-#else
-  getcontext(&f.ctx.uc);
-  f.ctx.uc.uc_stack.ss_sp = f.stack.data();
-  f.ctx.uc.uc_stack.ss_size = f.stack.size();
-  f.ctx.uc.uc_link = &sched.uc;
-  makecontext(&f.ctx.uc, emu_trampoline, 0);
-#endif
 }
 
 // Runs body() as grid x threads: one CTA, or one cluster of `cluster` CTAs along x, at a time.
@@ -648,7 +585,7 @@ inline void emu_launch(int gx, int gy, int gz, int threads, size_t smem_bytes, i
           f.done = false;
           f.open.clear();  // a previous CTA's copies that no wait retired never land
           f.groups.clear();
-          emu_start_fiber(f, cta.sched);
+          emu_fiber_init(f.ctx, f.stack.data(), f.stack.size(), emu_fiber_entry);
         }
         // MHC_EMU_SHUFFLE=seed: each round resumes the threads in a new pseudo-random order (any order is
         // a schedule a GPU may run), so a thread that passes a wait early can act before others that

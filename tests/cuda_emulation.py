@@ -14,6 +14,7 @@ import numpy as np
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 CUDA_SRC = ROOT / "cuda_src"
+FIBER = ROOT / "tests" / "emu_fiber.h"  # the fibers of both emulations (mhc_dynamic_emulate.h includes it)
 # uint32: mhc_dynamic_phi_split's packed bfloat16 pairs, poisoned as two bfloat16 NaNs
 EMU_NP = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.uint32: np.uint32}
 EMU_NAN = {mx.float32: np.float32(np.nan), mx.float16: np.float16(np.nan), mx.bfloat16: np.uint16(0x7FC0),
@@ -86,7 +87,7 @@ class Emulator:
             '\nextern "C" void emu_run(void** ptrs, const double* scal, int gx, int gy, int gz, int threads, '
             'long smem) {\n'
             f"  emu_launch(gx, gy, gz, threads, (size_t)smem, {cluster}, [&] {{ MHC_NAME({', '.join(args)}); }});\n}}\n")
-        deps = "".join(h.read_text() for h in sorted([*CUDA_SRC.glob("*.cuh"), CUDA_SRC / "mhc_dynamic_emulate.h"]))
+        deps = "".join(h.read_text() for h in sorted([*CUDA_SRC.glob("*.cuh"), CUDA_SRC / "mhc_dynamic_emulate.h", FIBER]))
         key = hashlib.sha256(f"{body}{deps}{dtype}{nmax}{deferred}{defines}".encode()).hexdigest()[:16]
         so = self.cache / f"{source}_{dtype}_{nmax}{'_deferred' if deferred else ''}_{key}.so"
         if not so.exists():
@@ -97,7 +98,7 @@ class Emulator:
             cpp = so.with_suffix(f".{__import__('os').getpid()}.cpp")
             cpp.write_text(body)
             tmp = so.with_suffix(f".{__import__('os').getpid()}.tmp")
-            cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-I", str(inc), "-I", str(CUDA_SRC),
+            cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-I", str(inc), "-I", str(CUDA_SRC), "-I", str(FIBER.parent),
                    "-include", str(CUDA_SRC / "mhc_dynamic_emulate.h"), "-DMHC_NAME=emu_kernel",
                    f"-DMHC_DTYPE={dtype}", f"-DMHC_NMAX={nmax}", *(["-DMHC_EMU_DEFERRED_COPIES"] if deferred else []),
                    *[f"-D{d}" for d in defines],

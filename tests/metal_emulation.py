@@ -1,6 +1,6 @@
 """The Metal kernels of metal_src/ run on the CPU for tests without Apple hardware: each variant is
 compiled with g++ against metal_src/check/emulate/metal_stdlib (threads of a threadgroup are
-std::threads, threadgroup barriers and simdgroup reductions emulated) and launched by a stand-in
+fibers, threadgroup barriers and simdgroup reductions emulated) and launched by a stand-in
 for the preloaded mx.fast.metal_kernel that binds buffers in MLX's order. It proves the algorithm,
 the indexing and the launch geometry, NOT the Metal compiler, the preload into MLX, GPU memory
 ordering or timing. Used by test_metal_sources.py and test_dynamic.py.

@@ -277,7 +277,7 @@ def test_entry_names_are_mlx_kernel_names():
 
 # ---------------------------------------------------------------- the kernels RUN under CPU emulation
 # Without Apple hardware the Metal kernels still execute here: each variant is compiled with g++
-# against metal_src/check/emulate/metal_stdlib (threads of a threadgroup are std::threads,
+# against metal_src/check/emulate/metal_stdlib (threads of a threadgroup are fibers,
 # threadgroup barriers and simdgroup reductions emulated) and launched by a stand-in for
 # mx.fast.metal_kernel that binds buffers in MLX's order. The whole Metal path of mhc_aot.metal
 # (dispatch, launch geometry, scalars buffer, padding to 8 elements, custom VJPs) runs against the
