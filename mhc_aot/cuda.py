@@ -91,16 +91,20 @@ def _bucket_binary(binary: bytes, bucket: int) -> bytes:
     return binary + b"\0mhc-aot dynamic shared memory bucket %d\0" % bucket
 
 
-def block_threads(source: str) -> int:
-    """The most threads a CTA of `source` is launched with (BLOCK_THREADS, else THREADS)."""
-    return BLOCK_THREADS.get(source, THREADS)
+def block_threads(source: str, dtype: str | None = None) -> int:
+    """The most threads a CTA of `source` is launched with (BLOCK_THREADS, else THREADS): for a source
+    whose entry is per dtype tag, that dtype's, or the largest of them without one."""
+    entry = BLOCK_THREADS.get(source, THREADS)
+    if isinstance(entry, dict):
+        return entry[dtype] if dtype is not None else max(entry.values())
+    return entry
 
 
 def _launch(source: str, dtype: str | None, n: int | None, inputs, output_shapes, output_dtypes, scalars,
             grid, shared_floats: int = 0, threads: int = THREADS, units: int = 1, terms: int = 3):
-    if threads > block_threads(source):
-        raise AssertionError(f"{source} launched with {threads} threads a CTA, more than cuda.BLOCK_THREADS "
-                             f"says ({block_threads(source)}): raise its entry there (tests/test_shim.py checks it)")
+    if threads > block_threads(source, dtype):
+        raise AssertionError(f"{source} ({dtype}) launched with {threads} threads a CTA, more than cuda.BLOCK_THREADS "
+                             f"says ({block_threads(source, dtype)}): raise its entry there (tests/test_shim.py checks it)")
     name, binary, _ = _binary(source, dtype, n, units, terms)
     scalars = [_f32(s) if isinstance(s, float) else s for s in scalars]
     smem = 4 * shared_floats
@@ -132,8 +136,9 @@ SMALL_THREADS = 32 * SMALL_N
 # The largest CTA each kernel source is launched with, where that is not THREADS (cuda_dynamic adds its
 # own): `_launch` holds every launch to it, and tests/test_shim.py checks each shipped cubin's
 # max_threads_per_block against it on the GPU, so a kernel built for fewer threads than a launcher asks
-# for fails a test instead of a launch.
-BLOCK_THREADS: dict[str, int] = {"mhc_forward_cluster": CLUSTER_THREADS, "mhc_forward_ring": RING_THREADS,
+# for fails a test instead of a launch. An entry is a number, or one per dtype tag where the kernel's
+# __launch_bounds__ differ by dtype (mhc_forward_resident: its entry is set below RESIDENT_FWD_LIMITS).
+BLOCK_THREADS: dict[str, int | dict[str, int]] = {"mhc_forward_cluster": CLUSTER_THREADS, "mhc_forward_ring": RING_THREADS,
                                  "mhc_sinkhorn_fwd": SMALL_THREADS, "mhc_sinkhorn_bwd": SMALL_THREADS}
 TILE = SMALL_N * (SMALL_N + 1)
 LANE_N = 8  # n <= LANE_N: mhc_sinkhorn_bwd runs in one warp, a lane per row (its header)
@@ -256,6 +261,8 @@ def _fused_tc_ring_floats(dtype, n: int, C: int, nmax: int) -> int:
 # cuda_src/mhc_forward_resident.cu: per dtype tag, (most threads per CTA, registers per thread at
 # most) from its __launch_bounds__; a thread holds 8 / NMAX 16-byte vectors of every stream.
 RESIDENT_FWD_LIMITS = {"f32": (512, 64), "f16": (256, 80), "bf16": (256, 80)}
+# float32 launches 512 threads from C > 2048 (n <= 4): a single THREADS entry failed those launches
+BLOCK_THREADS["mhc_forward_resident"] = {tag: limit for tag, (limit, _) in RESIDENT_FWD_LIMITS.items()}
 RESIDENT_FWD_SMEM = 64 + 4 * 4 + 2 * 4  # floats: reduction halves, M, H_pre, H_post (NMAX <= 4)
 RESIDENT_BWD_CTAS = 2  # cuda_src/mhc_backward_resident.cu: __launch_bounds__(THREADS, 2)
 

@@ -388,9 +388,10 @@ def test_gpu_ring_forward(monkeypatch, B, n, C):
 
 # The resident strategy's CUDA kernels, emulated: the forward (Sinkhorn folded in: one launch) and
 # its backward (x and dout in shared memory, gradients in registers) with persistent CTAs capped at
-# two per SM on one SM, so a CTA walks several tokens; vector and scalar paths, n < NMAX, n = 1.
+# two per SM on one SM, so a CTA walks several tokens; vector and scalar paths, n < NMAX, n = 1, and
+# float32 at C = 4096, whose CTAs take 512 threads (more than THREADS: cuda.BLOCK_THREADS per dtype).
 EMU_RESIDENT = [(5, 4, 64, "bfloat16"), (6, 3, 33, "float32"), (7, 2, 40, "float16"), (3, 1, 7, "bfloat16"),
-                (3, 4, 4096, "bfloat16"), (5, 2, 130, "float32")]
+                (3, 4, 4096, "bfloat16"), (5, 2, 130, "float32"), (3, 4, 4096, "float32")]  # last: 512 threads
 
 
 @pytest.mark.parametrize("B,n,C,dtype_name", EMU_RESIDENT)

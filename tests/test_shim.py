@@ -104,7 +104,7 @@ def test_cuda_check_cubin_loads_shipped_kernels():
             continue
         r = _shim.cuda_check_cubin(v.read(tag), v.name)
         assert r["ok"], f"{v.name} ({tag}): {r.get('error')}"
-        threads = cuda.block_threads(v.row["source"])  # the largest CTA its launchers ask for
+        threads = cuda.block_threads(v.row["source"], v.row["dtype"])  # the largest CTA its launchers ask for
         assert r["registers"] > 0 and r["max_threads_per_block"] >= threads, (v.name, r["max_threads_per_block"], threads)
         missing = _shim.cuda_check_cubin(v.read(tag), v.name + "_not_there")
         assert missing["ok"] is False and "cuModuleGetFunction" in missing["error"]
@@ -119,7 +119,10 @@ def test_block_threads_name_shipped_sources():
     assert all((ROOT / "cuda_src" / f"{k}.cu").is_file() for k in cuda.BLOCK_THREADS), sorted(cuda.BLOCK_THREADS)
     assert cuda.block_threads("mhc_dynamic_coeffs_pre") == cuda_dynamic.CP_BLOCK == 512
     assert cuda.block_threads("mhc_forward_fused") == cuda.THREADS  # not in the table: THREADS
-    with pytest.raises(AssertionError, match="mhc_forward_fused launched with 512 threads"):
+    # per dtype where the kernel's launch bounds differ: float32 resident tokens take 512 threads
+    assert [cuda.block_threads("mhc_forward_resident", t) for t in ("f32", "f16", "bf16")] == [512, 256, 256]
+    assert cuda.block_threads("mhc_forward_resident") == 512
+    with pytest.raises(AssertionError, match=r"mhc_forward_fused \(bf16\) launched with 512 threads"):
         cuda._launch("mhc_forward_fused", "bf16", 4, [], [], [], [], (512, 1, 1), threads=512)
 
 
