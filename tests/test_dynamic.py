@@ -675,6 +675,25 @@ def _emulator():
     return emu
 
 
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64" or __import__("sys").platform != "linux",
+                    reason="the register-only fiber switch is x86-64 ELF's (tests/emu_fiber.h); ucontext elsewhere")
+def test_emulations_switch_threads_without_system_calls(_emulator, _metal_emulations):
+    """Both emulations' GPU threads are fibers that switch by tests/emu_fiber.h's mhc_emu_switch, with no
+    swapcontext (a signal-mask system call at every switch) and no OS threads: on CI's VM, where a system
+    call costs ~1.1 us, those made the test suite ~4x slower (docs/HISTORY.md, session 59)."""
+    import subprocess
+
+    def symbols(lib, *flags):
+        return subprocess.run(["nm", *flags, lib._name], capture_output=True, text=True, check=True).stdout
+
+    cuda_lib, _ = _emulator.build("mhc_dynamic_pre", "bf16", 4)
+    metal_lib = _metal_emulations("mhc_dynamic_pre", "bf16", 4).emulated.lib
+    for lib in (cuda_lib, metal_lib):
+        undefined = symbols(lib, "-D", "--undefined-only")
+        assert "mhc_emu_switch" in symbols(lib), lib._name
+        assert not any(f in undefined for f in ("swapcontext", "getcontext", "pthread_create")), (lib._name, undefined)
+
+
 @pytest.fixture(params=["cta", "lanes", "elems"])
 def emulated_cuda(_emulator, monkeypatch, request):
     """The emulated kernels, with the per-token coefficient math in each mode of
