@@ -286,7 +286,7 @@ def build_emulation(v: KernelVariant, cache: Path) -> Path:
         cpp = so.with_suffix(f".{os.getpid()}.cpp")
         cpp.write_text(src)
         tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-isystem", str(EMULATE), "-I", str(SRC), "-I", str(FIBER.parent),
+        cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-isystem", str(EMULATE), "-I", str(SRC), "-I", str(FIBER.parent),
                *[f"-D{k}={val}" for k, val in defines(v).items()], "-x", "c++", str(cpp), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
