@@ -546,9 +546,7 @@ inline void emu_trampoline() {
 // A fiber's first frame: runs the thread, then resumes the scheduler for good.
 [[noreturn]] inline void emu_fiber_entry() {
   emu_trampoline();
-  EmuContext gone;
-  emu_switch(gone, emu_cta->sched);
-  __builtin_unreachable();
+  emu_fiber_exit(emu_cta->sched);
 }
 
 // Runs body() as grid x threads: one CTA, or one cluster of `cluster` CTAs along x, at a time.

@@ -70,3 +70,10 @@ inline void emu_fiber_init(EmuContext& c, char* stack, size_t bytes, void (*entr
   makecontext(&c.uc, entry, 0);
 #endif
 }
+
+// Ends the running fiber: resumes `to`, never to come back (the fiber's stack may then be reused).
+[[noreturn]] inline void emu_fiber_exit(EmuContext& to) {
+  EmuContext gone;
+  emu_switch(gone, to);
+  __builtin_unreachable();
+}
