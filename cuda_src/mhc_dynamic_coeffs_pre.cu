@@ -124,26 +124,12 @@ constexpr int SK_ILP = MHC_CP_SK_ILP;      // tokens a lane in one Sinkhorn pass
 // warps: WORKERS / 32 workers, the signaler, XWARPS x_in warps, CWARPS coefficient warps. 512 threads
 // leave 128 registers a thread; the workers, with x_in elsewhere, fit (ptxas: 32 bytes of spills at
 // XU = 4, 4 at XU = 2)
-// MHC_CP_WORKER_SIGNAL: no signaler warp; worker thread 0 adds to `projected` past the workers' barrier
-// after their partial stores (the barrier the next iteration's start had), and the warp goes to the
-// coefficient warps (MHC_CP_CWARPS 4 at 512 threads). The counter carries no fence (the tags check what is
-// read), so the add is a fire-and-forget reduction that does not hold the workers.
-#ifndef MHC_CP_WORKER_SIGNAL
-#define MHC_CP_WORKER_SIGNAL 0
-#endif
-constexpr bool WORKER_SIGNAL = MHC_CP_WORKER_SIGNAL != 0;
-constexpr int WORKERS = 256, CWARPS = MHC_CP_CWARPS, XWARPS = MHC_CP_XWARPS, SIGNAL_WARPS = WORKER_SIGNAL ? 0 : 1;
-constexpr int BLOCK = WORKERS + 32 * SIGNAL_WARPS + 32 * XWARPS + 32 * CWARPS;
-constexpr int SIGNALER = WORKER_SIGNAL ? -1 : WORKERS / 32, XWARP = WORKERS / 32 + SIGNAL_WARPS, COEFF0 = XWARP + XWARPS;
+constexpr int WORKERS = 256, CWARPS = MHC_CP_CWARPS, XWARPS = MHC_CP_XWARPS;
+constexpr int BLOCK = WORKERS + 32 + 32 * XWARPS + 32 * CWARPS;
+constexpr int SIGNALER = WORKERS / 32, XWARP = SIGNALER + 1, COEFF0 = XWARP + XWARPS;
 #ifndef MHC_CP_XU
 #define MHC_CP_XU 4
 #endif
-// MHC_CP_XPREFETCH: an x_in warp loads the next tile's h_pre words once it has this tile's, so that when
-// h_pre is in by then its poll costs no round trip in the warp's loop
-#ifndef MHC_CP_XPREFETCH
-#define MHC_CP_XPREFETCH 0
-#endif
-constexpr bool XPREFETCH = MHC_CP_XPREFETCH != 0;
 constexpr int XU = MHC_CP_XU;  // x_in items a lane of an x_in warp has in flight
 // The x_in warps take their share of tile ix into registers as soon as it lands (XU items a lane are the
 // whole share), and its buffer is refilled once they and the workers have read it, before ix's h_pre is in:
@@ -160,7 +146,6 @@ constexpr int XIN_DONE = HANDOFF + HANDOFF_IDS;  // named barrier: the x_in warp
 __device__ __forceinline__ int handoff(int i) { return HANDOFF + i % HANDOFF_IDS; }
 #ifdef MHC_CP_SKIP_EXCHANGE  // timing only (the header): no coefficients, no signals
 constexpr bool EXCHANGE = false;
-static_assert(!WORKER_SIGNAL, "without the exchange the x_in warps take the workers' handoff");
 #else
 constexpr bool EXCHANGE = true;
 #endif
@@ -565,7 +550,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
     if (tid == 0) TRACE_CTA(1, gtimer());
     for (int i = 0; i < ntile; ++i) {
       tma::wait(dbar + i % RING, (i / RING) & 1);  // tile i has landed and is visible
-      if (!WORKER_SIGNAL) workers_sync();          // ksum free again (the partials of tile i - 1 read)
+      workers_sync();                              // ksum free again (the partials of tile i - 1 read)
       if (tid == 0) TRACE(i, 6);
       unsigned char* xb = ring + (size_t)(i % RING) * X_BYTES;
 #ifdef MHC_CP_SKIP_PRODUCT  // timing only (scripts/trace_coeffs_pre.py): wrong coefficients
@@ -637,21 +622,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
           st_words2(dst + 4 * e + 2, tagged(v.z, tag), tagged(v.w, tag));
         }
       }
-      if constexpr (WORKER_SIGNAL) {
-        workers_sync();  // every worker's partial stores issued (and ksum's reads done, for tile i + 1)
-        if (tid == 0) {
-          if (i == 0) {  // the workers' zeroing (before this barrier) released to the group, as the signaler did
-            TRACE_CTA(12, gtimer());
-            __threadfence();
-            TRACE_CTA(13, gtimer());
-            atomicAdd(ready + g, 1);
-          }
-          atomicAdd(projected + g + i * G, 1);
-          if (i == 0) TRACE_CTA(14, gtimer());
-        }
-      } else {
-        named_arrive(handoff(i), HANDOFF_COUNT);  // to the signaler: tile i's partials are stored
-      }
+      named_arrive(handoff(i), HANDOFF_COUNT);  // to the signaler: tile i's partials are stored
       if (tid == 0) TRACE(i, 0);
     }
     if (tid == 0) TRACE_CTA(2, gtimer());
@@ -700,7 +671,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
       __syncwarp();
     }
     if (EXCHANGE && ntile > 0) await_zeroed();
-    unsigned long long hpre_next[NS] = {};  // MHC_CP_XPREFETCH: the next tile's h_pre words, loaded early
     for (int ix = 0; ix < ntile; ++ix) {
       tma::wait(dbar + ix % RING, (ix / RING) & 1);  // (landed: visible to this warp too)
       if (ix == 0 && warp == XWARP && lane == 0) TRACE_CTA(7, gtimer());
@@ -727,17 +697,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
         const bool mine = lane >= rx && lane < rx + TT / XWARPS && t0 + lane < Tn;
         const unsigned long long* box = hpre_box(ix) + (size_t)lane * NS;
         const unsigned tag = ix + 1;
-        for (bool first = true;; first = false) {
+        for (;;) {
           bool in = true;
           if (mine) {
             unsigned long long wd[NS];
-            if (XPREFETCH && first) {  // the words loaded during the previous tile (tag 0 before tile 0's)
 #pragma unroll
-              for (int j = 0; j < NS; ++j) wd[j] = hpre_next[j];
-            } else {
-#pragma unroll
-              for (int j = 0; j < NS; j += 2) ld_words2(box + j, wd[j], wd[j + 1]);
-            }
+            for (int j = 0; j < NS; j += 2) ld_words2(box + j, wd[j], wd[j + 1]);
 #pragma unroll
             for (int j = 0; j < NS; ++j)
               if (j < n) {
@@ -746,14 +711,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK, 1) MHC_NAME(
               }
           }
           if (__all_sync(0xffffffffu, in)) break;
-          if (!(XPREFETCH && first)) spin_pause();
-        }
-        if (XPREFETCH && ix + 1 < ntile && lane >= rx && lane < rx + TT / XWARPS) {
-          // the next tile's words, in flight through this tile's x_in, barrier and loads; their tags say
-          // at the next tile whether they are in (else it reads again)
-          const unsigned long long* next = hpre_box(ix + 1) + (size_t)lane * NS;
-#pragma unroll
-          for (int j = 0; j < NS; j += 2) ld_words2(next + j, hpre_next[j], hpre_next[j + 1]);
+          spin_pause();
         }
       } else {  // only this CTA's workers waited for (timing only); h_pre 1
         named_sync(handoff(ix), HANDOFF_COUNT);
