@@ -12,6 +12,8 @@
 # Stages (default all, in this order): build tests sweep bench dynamic profile; `alltests`, `ab` and `dynamic_ab` on request
 # (`alltests`: the README's test command, every test file and not only `-m gpu`, in 14 pytest-xdist workers:
 # 437-490 s on the H200's 16 cores in session 26, 243 s in session 27; with `build` it fills a device call: `build alltests`;
+# on the H100 every file no longer fits its 500 s (session 59), so split the files over two calls with MHC_GPU_TESTS
+# (session 60: the static layer's four files, test_shim test_mhc_forward test_gradients test_layer, in 145 s);
 # with MLX_USE_CUDA_GRAPHS=0 in the environment the whole suite runs where `cluster` is dispatched: 269 s, session 27;
 # `ab`: scripts/gpu_strategy_ab.py, strategies with and without their rules, same run; then
 # scripts/gpu_source_ab.py: the ring forward as shipped against its unit widths compiled on the device).
