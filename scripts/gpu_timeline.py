@@ -6,12 +6,19 @@ records every kernel of the process, MLX's graph-launched ones included.
   python scripts/gpu_timeline.py                      # T = 8192, n = 4, C = 4096, 12 calls, one layer a call
   python scripts/gpu_timeline.py 8192:4:4096 --layers 8 --calls 3
   python scripts/gpu_timeline.py 4096:4:2048 --backward
+  python scripts/gpu_timeline.py --calls 50 --ns 10,50,200    # and what a batch's start and end cost
 
 The calls run as `mhc bench --layer dynamic` runs them (mx.compile'd, throughput mode: queued with
 mx.async_eval, one synchronise), after `mhc bench`'s own timing of the same runner in the same process
 with its settings (bench.default_settings: on a GPU 7 batches of 50 calls; printed first). Prints each
 kernel (start relative to the first, duration, gap before it), then per kernel name the median duration
-and gap, then the span a call. Writes the Chrome trace to $OUT/timeline_T_n_C.json (or ./).
+and gap, then the span a call, and the profiled batch's host side on the same clock: the GPU idle from the
+batch's start to its first kernel (the host making the first call) and from its last kernel to the end of its
+synchronise. Writes the Chrome trace to $OUT/timeline_T_n_C.json (or ./).
+
+--ns N1,N2,...: before profiling, time batches of each N calls (two rounds of --repeats batches, the bench's
+loop) and fit t(N) = a + N c between neighbours: c is a call's steady cost, a what a batch's start and end add
+(session 61, H100: c 357.5-358.2 µs, a ~360-390 µs, so a 50-call row carries ~7.5 µs a call of it).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 import mlx.core as mx
 
@@ -33,10 +41,12 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=12, help="queued calls profiled")
     ap.add_argument("--backward", action="store_true", help="forward + backward")
     ap.add_argument("--phi-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--ns", default="", help="batch lengths to time and fit, e.g. 10,50,200 (none by default)")
+    ap.add_argument("--repeats", type=int, default=5, help="batches a round for each of --ns")
     args = ap.parse_args()
     try:
         import torch
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile, record_function
     except ImportError as e:
         raise SystemExit(f"gpu_timeline.py needs PyTorch's profiler (CUPTI), which the device machine has: {e}")
     if not torch.cuda.is_available():
@@ -48,20 +58,24 @@ def main() -> None:
     timing = bench.time_runner(runner, "throughput", s.iters, s.warmup, s.repeats)
     print(f"bench timing (throughput, {s.repeats} batches of {s.iters} calls): median {timing.median_us:.1f} us a call",
           flush=True)
+    if args.ns:
+        fit_batches(runner, [int(v) for v in args.ns.split(",")], args.repeats)
     torch.cuda.init()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         mx.synchronize()
-        out = None
-        for _ in range(args.calls):
-            out = runner.call()
-            mx.async_eval(out)
-        mx.eval(out)
-        mx.synchronize()
+        with record_function("batch"):  # the bench's loop (bench.time_runner), its host side on CUPTI's clock
+            out = None
+            for _ in range(args.calls):
+                out = runner.call()
+                mx.async_eval(out)
+            mx.eval(out)
+            mx.synchronize()
     path = os.path.join(os.environ.get("OUT", "."), f"timeline_{T}_{n}_{C}.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
-        events = sorted((e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
-                        key=lambda e: e["ts"])
+        trace = json.load(f)["traceEvents"]
+    events = sorted((e for e in trace if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"])
+    batch = next((e for e in trace if e.get("name") == "batch" and e.get("cat") == "user_annotation"), None)
     if not events:
         raise SystemExit("CUPTI recorded no kernels")
     t0 = end = events[0]["ts"]  # end: the latest end of the kernels so far
@@ -79,6 +93,34 @@ def main() -> None:
     span = end - t0
     print(f"span {span:.1f} us over {args.calls} calls: {span / args.calls:.1f} us a call (first kernel's start to "
           f"last kernel's end)")
+    if batch is not None:  # the profiler slows the host, so these read above an unprofiled batch's
+        b1 = batch["ts"] + batch["dur"]
+        print(f"the batch (host, profiled): {batch['dur']:.1f} us, {batch['dur'] / args.calls:.1f} a call; the GPU idle "
+              f"{t0 - batch['ts']:.1f} us before its first kernel and {b1 - end:.1f} us after its last")
+
+
+def fit_batches(runner, ns: list[int], repeats: int) -> None:
+    """Batches of each N calls timed as bench.time_runner times them (two rounds, the lengths
+    alternating), then t(N) = a + N c fitted between neighbouring lengths."""
+    totals: dict[int, list[float]] = {}
+    for _ in range(2):
+        for N in ns:
+            for _ in range(repeats):
+                runner.synchronize()
+                t0 = time.perf_counter()
+                out = None
+                for _ in range(N):
+                    out = runner.call()
+                    runner.enqueue(out)
+                runner.evaluate(out)
+                runner.synchronize()
+                totals.setdefault(N, []).append((time.perf_counter() - t0) * 1e6)
+    med = {N: statistics.median(v) for N, v in totals.items()}
+    for N in ns:
+        print(f"batches of {N}: median {med[N]:.0f} us, {med[N] / N:.1f} us a call ({len(totals[N])} batches)")
+    for a, b in zip(ns, ns[1:]):
+        c = (med[b] - med[a]) / (b - a)
+        print(f"fit {a} -> {b} calls: {c:.1f} us a call, {med[a] - a * c:.0f} us a batch", flush=True)
 
 
 if __name__ == "__main__":
