@@ -88,8 +88,11 @@ def main() -> None:
         per_name.setdefault(name, []).append((e["dur"], gap))
         end = max(end, e["ts"] + e["dur"])
     for name, v in per_name.items():
-        print(f"per kernel: {name}: {len(v)} launches, duration median {statistics.median(d for d, _ in v):.1f} us, "
-              f"gap before median {statistics.median(g for _, g in v):.1f} us")
+        gaps = sorted(g for _, g in v)
+        # the largest gaps and durations too: a median hides a stall that a long batch pays now and then
+        print(f"per kernel: {name}: {len(v)} launches, duration median {statistics.median(d for d, _ in v):.1f} us "
+              f"(max {max(d for d, _ in v):.1f}), gap before median {statistics.median(gaps):.1f} us, sum {sum(gaps):.1f}, "
+              f"largest {', '.join(f'{g:.1f}' for g in gaps[-3:][::-1])}")
     span = end - t0
     print(f"span {span:.1f} us over {args.calls} calls: {span / args.calls:.1f} us a call (first kernel's start to "
           f"last kernel's end)")
