@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import mlx.core as mx
 
@@ -103,28 +102,19 @@ def main() -> None:
 
 
 def fit_batches(runner, ns: list[int], repeats: int) -> None:
-    """Batches of each N calls timed as bench.time_runner times them (two rounds, the lengths
+    """Batches of each N calls timed by bench.time_runner, the bench's own loop (two rounds, the lengths
     alternating), then t(N) = a + N c fitted between neighbouring lengths."""
     totals: dict[int, list[float]] = {}
     for _ in range(2):
         for N in ns:
-            for _ in range(repeats):
-                runner.synchronize()
-                t0 = time.perf_counter()
-                out = None
-                for _ in range(N):
-                    out = runner.call()
-                    runner.enqueue(out)
-                runner.evaluate(out)
-                runner.synchronize()
-                totals.setdefault(N, []).append((time.perf_counter() - t0) * 1e6)
+            timing = bench.time_runner(runner, "throughput", N, warmup=0, repeats=repeats)
+            totals.setdefault(N, []).extend(v * N * 1e6 for v in timing.samples_s)  # a batch's whole length
     med = {N: statistics.median(v) for N, v in totals.items()}
     for N in ns:
         print(f"batches of {N}: median {med[N]:.0f} us, {med[N] / N:.1f} us a call ({len(totals[N])} batches)")
     for a, b in zip(ns, ns[1:]):
         c = (med[b] - med[a]) / (b - a)
         print(f"fit {a} -> {b} calls: {c:.1f} us a call, {med[a] - a * c:.0f} us a batch", flush=True)
-
 
 if __name__ == "__main__":
     main()
