@@ -18,7 +18,8 @@ synchronise. Writes the Chrome trace to $OUT/timeline_T_n_C.json (or ./).
 
 --ns N1,N2,...: before profiling, time batches of each N calls (two rounds of --repeats batches, the bench's
 loop) and fit t(N) = a + N c between neighbours: c is a call's steady cost, a what a batch's start and end add
-(session 61, H100: c 357.5-358.2 µs, a ~360-390 µs, so a 50-call row carries ~7.5 µs a call of it).
+(session 61, H100, two processes: c 357.5-358.2 µs with a ~360-390 µs, and 366.0-370.2 with a ~370-580, the
+latter ~8-12 µs a call above the GPU time of the profiled batch).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def fit_batches(runner, ns: list[int], repeats: int) -> None:
     for a, b in zip(ns, ns[1:]):
         c = (med[b] - med[a]) / (b - a)
         print(f"fit {a} -> {b} calls: {c:.1f} us a call, {med[a] - a * c:.0f} us a batch", flush=True)
+
 
 if __name__ == "__main__":
     main()
