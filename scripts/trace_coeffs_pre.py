@@ -6,6 +6,9 @@ relative to the iteration's first barrier (event 6: tile i landed, the workers p
   python scripts/trace_coeffs_pre.py 8192 4 4096 MHC_PHI_TERMS=1 MHC_CP_TRACE_X   # the x_in warps' tile split
                                    into h_pre's loads and x_in (events 7 and 9)
   MHC_TRACE_SAVE=trace.npz python scripts/trace_coeffs_pre.py ...   # also the raw stamps and each CTA's SM
+  python scripts/trace_coeffs_pre.py 8192 4 4096 MHC_PHI_TERMS=1 --after-post-res   # each traced launch queued
+                                   right after a post_res over the same x, as in DynamicMHC's forward (in the layer
+                                   the launch starts with post_res's last writes in L2), not after a synchronise
 """
 import os
 import sys
@@ -15,7 +18,7 @@ import numpy as np
 import mlx.core as mx
 
 from mhc_aot import cuda, cuda_dynamic
-from mhc_aot.dynamic import Config
+from mhc_aot.dynamic import Config, mhc_post_res
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_source_ab  # noqa: E402
@@ -23,7 +26,9 @@ import gpu_source_ab  # noqa: E402
 nums = [a for a in sys.argv[1:] if a.lstrip("-").isdigit()]
 path = next((a for a in sys.argv[1:] if a.endswith(".cu")), "")  # a variant's source (default: the shipped one)
 knobs = dict(a[1:].split("=") for a in sys.argv[1:] if a.startswith("@"))  # launch constants, e.g. @CP_SMEM_BYTES=N
-defs = [a for a in sys.argv[1:] if not a.lstrip("-").isdigit() and a != path and not a.startswith("@")]
+after_post_res = "--after-post-res" in sys.argv[1:]
+defs = [a for a in sys.argv[1:] if not a.lstrip("-").isdigit() and a != path and not a.startswith("@")
+        and a != "--after-post-res"]
 T, n, C = (int(v) for v in (nums[:3] or (8192, 4, 4096)))
 
 
@@ -48,6 +53,10 @@ terms = define("MHC_PHI_TERMS", 3)
 phi = (mx.random.normal((n * C, n * n + 2 * n)) * 0.01).astype(mx.bfloat16 if terms == 1 else mx.float32)
 b, a = mx.zeros((n * n + 2 * n,)), mx.array([1.0])
 for _ in range(3):
+    if after_post_res:  # queued behind a post_res of the same x, as the layer's next forward is
+        prev = cuda_dynamic._coeffs_pre(x, phi, b, a, a, a, Config(), G, phi_terms=terms)
+        mx.eval(prev)
+        mx.async_eval(mhc_post_res(x, prev[3], prev[1], prev[2]))
     outs = cuda_dynamic._coeffs_pre(x, phi, b, a, a, a, Config(), G, phi_terms=terms)
     mx.eval(outs)
 mix = np.array(outs[4]).reshape(-1).view(np.uint32)
