@@ -52,11 +52,10 @@ x = (mx.random.normal((T, n, C)) * 0.5).astype(mx.bfloat16)
 terms = define("MHC_PHI_TERMS", 3)
 phi = (mx.random.normal((n * C, n * n + 2 * n)) * 0.01).astype(mx.bfloat16 if terms == 1 else mx.float32)
 b, a = mx.zeros((n * n + 2 * n,)), mx.array([1.0])
+outs = None
 for _ in range(3):
-    if after_post_res:  # queued behind a post_res of the same x, as the layer's next forward is
-        prev = cuda_dynamic._coeffs_pre(x, phi, b, a, a, a, Config(), G, phi_terms=terms)
-        mx.eval(prev)
-        mx.async_eval(mhc_post_res(x, prev[3], prev[1], prev[2]))
+    if after_post_res and outs is not None:  # queued behind a post_res of the same x, as the layer's next forward is
+        mx.async_eval(mhc_post_res(x, outs[3], outs[1], outs[2]))  # (the previous launch's x_in and coefficients)
     outs = cuda_dynamic._coeffs_pre(x, phi, b, a, a, a, Config(), G, phi_terms=terms)
     mx.eval(outs)
 mix = np.array(outs[4]).reshape(-1).view(np.uint32)
