@@ -32,6 +32,12 @@ path's largest output difference from the first path's, also as a fraction of th
 (the three kernels: a bfloat16 output's rounding differs between paths, so expect ~1e-2 where x is O(1),
 not 0; with --layers the values grow layer by layer, so read the fraction).
 
+--gpu-time N: after each wall-clock timing, N more calls queued under CUPTI (scripts/gpu_cupti.py; PyTorch then
+sits in this process): a `GPU` line per path gives the GPU time a call (first kernel's start to last kernel's
+end, over N, so MLX's gaps between calls count) sorted over the rounds, and each kernel's median duration
+(the median of the rounds'): the figure that moves by well under a µs between processes, where the
+wall-clock medians move by ~10.
+
 Variants are built as the wheel's binaries are (scripts/gpu_source_ab.compile_variant says why: until
 session 31 raw cubins timed slower than the shipped fatbins of the same source where the host sets the
 pace). A control compiled here from the tree's source (`ctl=:`) still guards against anything else.
@@ -40,6 +46,7 @@ pace). A control compiled here from the tree's source (`ctl=:`) still guards aga
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,6 +56,7 @@ from mlx.utils import tree_flatten
 from mhc_aot import bench, cuda, cuda_dynamic, kernel_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_cupti  # noqa: E402  (--gpu-time)
 import gpu_source_ab  # noqa: E402  (compile_variant, use)
 
 SOURCE = "mhc_dynamic_coeffs_pre"
@@ -67,7 +75,11 @@ def main() -> None:
                     help="the layer's phi (bfloat16: Liger's benchmark, and the projection's one-term variant)")
     ap.add_argument("--layers", type=int, default=1,
                     help="layers a call (each its own DynamicMHC, identity F, x through all of them)")
+    ap.add_argument("--gpu-time", type=int, default=0, metavar="N",
+                    help="also N calls a round under CUPTI: GPU time a call and kernel durations (device only)")
     args = ap.parse_args()
+    if args.gpu_time:
+        gpu_cupti.require()
     shipped = cuda._binary
     # (label, CP_MIN_T, binaries): the three kernels, the one-read kernel as built, the variants
     one_read = args.source == SOURCE
@@ -103,6 +115,7 @@ def main() -> None:
     ref: dict[tuple, list] = {}
     for T, n, C in configs:
         res: dict[str, list[float]] = {label: [] for label, _, _ in paths}
+        gpu: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in paths}
         for rnd in range(args.rounds):
             for label, min_t, bins in (paths if rnd % 2 == 0 else paths[::-1]):
                 for k, v in defaults.items():
@@ -126,10 +139,20 @@ def main() -> None:
                     print(f"check {T},{n},{C} {label:8s} max |out - {paths[0][0]}'s| = {err:.3g}"
                           f" ({err / scale if scale else 0.0:.3g} of its largest |value|)", flush=True)
                 res[label].append(bench.time_runner(runner, "throughput", 30, 5, repeats=5).median_us)
+                if args.gpu_time:
+                    events, _ = gpu_cupti.profile_batch(runner, args.gpu_time, gpu_cupti.trace_path(f"ab_{label}"))
+                    gpu[label].append(gpu_cupti.summary(events, args.gpu_time))
         for label, medians in res.items():
             print(f"AB dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C}"
                   f"{f' x{args.layers} layers' if args.layers > 1 else ''} {label:8s} "
                   f"{' '.join(f'{m:7.1f}' for m in sorted(medians))}", flush=True)
+        for label, rounds in gpu.items():
+            if rounds:
+                kernels = {k for r in rounds for k in r if k != "span"}
+                durs = "; ".join(f"{k} {statistics.median(r[k] for r in rounds if k in r):.1f}" for k in sorted(kernels))
+                spans = " ".join(f"{v:7.1f}" for v in sorted(r["span"] for r in rounds))
+                print(f"GPU dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C} {label:8s} a call {spans}; "
+                      f"kernel medians: {durs}", flush=True)
     gpu_source_ab.use(args.source, None, shipped)
 
 

@@ -1,7 +1,5 @@
 """The GPU timeline of queued DynamicMHC calls (device only): every kernel's start, duration and the gap
-before it, from CUPTI through PyTorch's profiler. The device machine has Nsight Compute but no Nsight
-Systems, and ncu serialises launches, so neither shows the gaps between a forward's kernels; CUPTI
-records every kernel of the process, MLX's graph-launched ones included.
+before it, from CUPTI through PyTorch's profiler (scripts/gpu_cupti.py says why CUPTI).
 
   python scripts/gpu_timeline.py                      # T = 8192, n = 4, C = 4096, 12 calls, one layer a call
   python scripts/gpu_timeline.py 8192:4:4096 --layers 8 --calls 3
@@ -25,13 +23,14 @@ latter ~8-12 µs a call above the GPU time of the profiled batch).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-
-import mlx.core as mx
+import sys
+from pathlib import Path
 
 from mhc_aot import bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_cupti  # noqa: E402  (CUPTI's events of a queued batch)
 
 
 def main() -> None:
@@ -44,13 +43,7 @@ def main() -> None:
     ap.add_argument("--ns", default="", help="batch lengths to time and fit, e.g. 10,50,200 (none by default)")
     ap.add_argument("--repeats", type=int, default=5, help="batches a round for each of --ns")
     args = ap.parse_args()
-    try:
-        import torch
-        from torch.profiler import ProfilerActivity, profile, record_function
-    except ImportError as e:
-        raise SystemExit(f"gpu_timeline.py needs PyTorch's profiler (CUPTI), which the device machine has: {e}")
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_timeline.py: PyTorch sees no CUDA device (CUPTI records only GPU kernels)")
+    gpu_cupti.require()
     T, n, C = (int(v) for v in args.config.split(":"))
     case = bench.Case("throughput", T, n, C, "bfloat16", args.backward, layer="dynamic", phi_dtype=args.phi_dtype)
     runner = bench.make_runner("kernels", case, bench.make_inputs(case), layers=args.layers)
@@ -60,40 +53,19 @@ def main() -> None:
           flush=True)
     if args.ns:
         fit_batches(runner, [int(v) for v in args.ns.split(",")], args.repeats)
-    torch.cuda.init()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        mx.synchronize()
-        with record_function("batch"):  # the bench's loop (bench.time_runner), its host side on CUPTI's clock
-            out = None
-            for _ in range(args.calls):
-                out = runner.call()
-                mx.async_eval(out)
-            mx.eval(out)
-            mx.synchronize()
-    path = os.path.join(os.environ.get("OUT", "."), f"timeline_{T}_{n}_{C}.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        trace = json.load(f)["traceEvents"]
-    events = sorted((e for e in trace if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"])
-    batch = next((e for e in trace if e.get("name") == "batch" and e.get("cat") == "user_annotation"), None)
-    if not events:
-        raise SystemExit("CUPTI recorded no kernels")
-    t0 = end = events[0]["ts"]  # end: the latest end of the kernels so far
-    per_name: dict[str, list[tuple[float, float]]] = {}
-    for e in events:
-        # a negative gap: the kernel started before an earlier one ended (concurrent branches of a graph)
-        gap = e["ts"] - end
-        name = e["name"][:60]
-        print(f"{e['ts'] - t0:10.1f}  dur {e['dur']:7.1f}  gap {gap:7.1f}  stream {e['args'].get('stream')}  {name}")
-        per_name.setdefault(name, []).append((e["dur"], gap))
-        end = max(end, e["ts"] + e["dur"])
-    for name, v in per_name.items():
+    events, batch = gpu_cupti.profile_batch(runner, args.calls, gpu_cupti.trace_path(f"timeline_{T}_{n}_{C}"))
+    t0 = events[0]["ts"]
+    for e, gap in gpu_cupti.launches(events):
+        print(f"{e['ts'] - t0:10.1f}  dur {e['dur']:7.1f}  gap {gap:7.1f}  stream {e['args'].get('stream')}  "
+              f"{e['name'][:60]}")
+    for name, v in gpu_cupti.per_kernel(events).items():
         gaps = sorted(g for _, g in v)
         # the largest gaps and durations too: a median hides a stall that a long batch pays now and then
         print(f"per kernel: {name}: {len(v)} launches, duration median {statistics.median(d for d, _ in v):.1f} us "
               f"(max {max(d for d, _ in v):.1f}), gap before median {statistics.median(gaps):.1f} us, sum {sum(gaps):.1f}, "
               f"largest {', '.join(f'{g:.1f}' for g in gaps[-3:][::-1])}")
-    span = end - t0
+    span = gpu_cupti.span(events)
+    end = t0 + span
     print(f"span {span:.1f} us over {args.calls} calls: {span / args.calls:.1f} us a call (first kernel's start to "
           f"last kernel's end)")
     if batch is not None:  # the profiler slows the host, so these read above an unprofiled batch's

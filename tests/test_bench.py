@@ -264,3 +264,31 @@ def test_backward_rows_time_the_vjp_with_dout_as_cotangent(name):
     assert len(grads) == 1 + len(bench.PARAM_NAMES)
     for g, w in zip(grads, want):
         assert g.shape == w.shape and mx.allclose(g, w, rtol=1e-3, atol=1e-4).item()
+
+
+def test_gpu_cupti_reads_a_batch_of_queued_calls():
+    """scripts/gpu_cupti.py (gpu_dynamic_ab.py --gpu-time, gpu_timeline.py) on a synthetic CUPTI trace: two
+    calls of a fill and two kernels, a host annotation and a memcpy; the GPU time a call spans the gaps, and a
+    kernel that overlaps the one before it (a graph's concurrent branch) has a negative gap, not a hidden one."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu_cupti.py"
+    spec = importlib.util.spec_from_file_location("gpu_cupti_under_test", path)
+    cupti = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cupti)
+    k = lambda name, ts, dur, cat="kernel": {"name": name, "ts": ts, "dur": dur, "cat": cat}  # noqa: E731
+    trace = [k("batch", 0.0, 900.0, "user_annotation"),
+             k("coeffs_pre", 12.0, 150.0), k("fill", 10.0, 2.0), k("post_res", 162.0, 200.0),
+             k("fill", 369.0, 2.0), k("coeffs_pre", 371.0, 148.0), k("post_res", 519.0, 198.0),
+             k("side", 500.0, 10.0, "gpu_memcpy")]
+    events = cupti.gpu_events(trace)
+    assert [e["name"] for e in events][:3] == ["fill", "coeffs_pre", "post_res"]  # by start, host range dropped
+    assert [g for _, g in cupti.launches(events)] == [0.0, 0.0, 0.0, 7.0, 0.0, -19.0, 0.0]
+    assert cupti.span(events) == 717.0 - 10.0
+    s = cupti.summary(events, calls=2)
+    assert s["span"] == 353.5
+    assert s["coeffs_pre"] == 149.0 and s["post_res"] == 199.0 and s["fill"] == 2.0 and s["side"] == 10.0
+    assert cupti.per_kernel(events)["post_res"] == [(200.0, 0.0), (198.0, 0.0)]
+    with pytest.raises(SystemExit, match="no GPU work"):
+        cupti.gpu_events([k("batch", 0.0, 1.0, "user_annotation")])
