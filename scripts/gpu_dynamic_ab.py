@@ -149,7 +149,8 @@ def main() -> None:
         for label, rounds in gpu.items():
             if rounds:
                 kernels = {k for r in rounds for k in r if k != "span"}
-                durs = "; ".join(f"{k} {statistics.median(r[k] for r in rounds if k in r):.1f}" for k in sorted(kernels))
+                durs = "; ".join(f"{k} {statistics.median(r[k] for r in rounds if k in r):.1f}"
+                                 for k in sorted(kernels))
                 spans = " ".join(f"{v:7.1f}" for v in sorted(r["span"] for r in rounds))
                 print(f"GPU dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C} {label:8s} a call {spans}; "
                       f"kernel medians: {durs}", flush=True)

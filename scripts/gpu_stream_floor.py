@@ -91,8 +91,10 @@ def main() -> None:
         if gpu[k]:
             g = statistics.median(r["span"] for r in gpu[k])
             kernels = sorted({name for r in gpu[k] for name in r if name != "span"})
-            durs = "; ".join(f"{name} {statistics.median(r[name] for r in gpu[k] if name in r):.1f}" for name in kernels)
-            print(f"{'':14s} GPU {g:8.1f} us a call, {traffic[k] / 1e6 / g:.2f} TB/s; kernel medians: {durs}", flush=True)
+            durs = "; ".join(f"{name} {statistics.median(r[name] for r in gpu[k] if name in r):.1f}"
+                             for name in kernels)
+            print(f"{'':14s} GPU {g:8.1f} us a call, {traffic[k] / 1e6 / g:.2f} TB/s; kernel medians: {durs}",
+                  flush=True)
 
 
 if __name__ == "__main__":
