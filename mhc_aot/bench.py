@@ -263,14 +263,20 @@ def time_runner(runner: Runner, mode: str, iters: int, warmup: int, repeats: int
         for _ in range(repeats):
             runner.synchronize()
             t0 = time.perf_counter()
-            out = None
-            for _ in range(iters):
-                out = runner.call()
-                runner.enqueue(out)
-            runner.evaluate(out)
-            runner.synchronize()
+            run_batch(runner, iters)
             samples.append((time.perf_counter() - t0) / iters)
     return Timing(samples)
+
+
+def run_batch(runner: Runner, iters: int) -> None:
+    """Throughput mode's batch: `iters` calls queued, the last one evaluated, then everything synchronised
+    (scripts/gpu_cupti.py profiles the same batch)."""
+    out = None
+    for _ in range(iters):
+        out = runner.call()
+        runner.enqueue(out)
+    runner.evaluate(out)
+    runner.synchronize()
 
 
 def measure_copy_bandwidth(nbytes: Optional[int] = None, iters: int = 10) -> float:

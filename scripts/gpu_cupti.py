@@ -33,10 +33,10 @@ def require() -> None:
 
 
 def profile_batch(runner, calls: int, path: str):
-    """Queue `calls` calls of a bench Runner as bench.time_runner's throughput loop does (mx.async_eval
-    each, then mx.eval of the last and mx.synchronize) under CUPTI. Writes the Chrome trace to `path`;
-    returns (GPU events sorted by start, the batch's host range on the same clock or None)."""
-    import mlx.core as mx
+    """Queue `calls` calls of a bench Runner as the bench's throughput mode does (bench.run_batch) under
+    CUPTI. Writes the Chrome trace to `path`; returns (GPU events sorted by start, the batch's host range on
+    the same clock or None)."""
+    from mhc_aot import bench
 
     require()
     import torch
@@ -44,14 +44,9 @@ def profile_batch(runner, calls: int, path: str):
 
     torch.cuda.init()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        mx.synchronize()
+        runner.synchronize()
         with record_function("batch"):
-            out = None
-            for _ in range(calls):
-                out = runner.call()
-                mx.async_eval(out)
-            mx.eval(out)
-            mx.synchronize()
+            bench.run_batch(runner, calls)
     prof.export_chrome_trace(path)
     with open(path) as f:
         trace = json.load(f)["traceEvents"]
