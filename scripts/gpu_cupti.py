@@ -92,6 +92,14 @@ def summary(events: list[dict], calls: int) -> dict[str, float]:
     return out
 
 
+def over_rounds(rounds: list[dict[str, float]]) -> tuple[list[float], str]:
+    """Rounds' summaries -> (their GPU times a call, sorted; "name median; ..." of each kernel's median duration
+    over the rounds), as the A/B scripts print them."""
+    kernels = sorted({k for r in rounds for k in r if k != "span"})
+    durs = "; ".join(f"{k} {statistics.median(r[k] for r in rounds if k in r):.1f}" for k in kernels)
+    return sorted(r["span"] for r in rounds), durs
+
+
 def trace_path(stem: str) -> str:
     """Where a script writes its Chrome trace: $OUT (the device tool's folder) or the working directory."""
     return os.path.join(os.environ.get("OUT", "."), f"{stem}.json")

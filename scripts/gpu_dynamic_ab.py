@@ -46,7 +46,6 @@ pace). A control compiled here from the tree's source (`ctl=:`) still guards aga
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -148,12 +147,9 @@ def main() -> None:
                   f"{' '.join(f'{m:7.1f}' for m in sorted(medians))}", flush=True)
         for label, rounds in gpu.items():
             if rounds:
-                kernels = {k for r in rounds for k in r if k != "span"}
-                durs = "; ".join(f"{k} {statistics.median(r[k] for r in rounds if k in r):.1f}"
-                                 for k in sorted(kernels))
-                spans = " ".join(f"{v:7.1f}" for v in sorted(r["span"] for r in rounds))
-                print(f"GPU dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C} {label:8s} a call {spans}; "
-                      f"kernel medians: {durs}", flush=True)
+                spans, durs = gpu_cupti.over_rounds(rounds)
+                print(f"GPU dynamic {'fwd+bwd' if args.backward else 'fwd'} {T},{n},{C} {label:8s} a call "
+                      f"{' '.join(f'{v:7.1f}' for v in spans)}; kernel medians: {durs}", flush=True)
     gpu_source_ab.use(args.source, None, shipped)
 
 

@@ -290,5 +290,7 @@ def test_gpu_cupti_reads_a_batch_of_queued_calls():
     assert s["span"] == 353.5
     assert s["coeffs_pre"] == 149.0 and s["post_res"] == 199.0 and s["fill"] == 2.0 and s["side"] == 10.0
     assert cupti.per_kernel(events)["post_res"] == [(200.0, 0.0), (198.0, 0.0)]
+    spans, durs = cupti.over_rounds([s, {**s, "span": 350.0, "coeffs_pre": 151.0}])  # two rounds' summaries
+    assert spans == [350.0, 353.5] and "coeffs_pre 150.0" in durs and "post_res 199.0" in durs
     with pytest.raises(SystemExit, match="no GPU work"):
         cupti.gpu_events([k("batch", 0.0, 1.0, "user_annotation")])
